@@ -1,0 +1,3 @@
+from incrementer.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""The one interface every database backend implements.
+
+A batch is a mapping of key -> delta cut from the coalescing buffer at a WAL sequence number.
+`apply_batch` applies it exactly once per (node_id, seq): the same transaction that adds the deltas
+records the node's `applied_seq`, and a batch at or below that number is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one `apply_batch` call did."""
+
+    applied: bool
+    """False when the batch was already applied (seq <= stored applied_seq) and was skipped."""
+    overflowed: dict[str, int] = field(default_factory=dict)
+    """Keys whose total would leave signed 64-bit; their deltas went to `counter_overflows`."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRead:
+    """A key's persisted value read in the same snapshot as this node's applied_seq."""
+
+    value: int | None
+    applied_seq: int
+
+
+class BackendError(Exception):
+    """The database failed or is unreachable: retry later, the batch is kept."""
+
+
+class Store(Protocol):
+    """A database backend. Implementations: SQLiteStore, PostgresStore."""
+
+    async def open(self) -> None:
+        """Connect eagerly so configuration problems show at start, not at the first flush."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the database answers."""
+
+    async def applied_seq(self, node_id: str) -> int:
+        """The highest batch seq applied for node_id, 0 if none."""
+
+    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+        """Add every delta and record applied_seq=seq in one transaction, unless seq <= applied_seq.
+
+        A key whose new total would leave signed 64-bit (or whose delta alone does) is not added to
+        `counters`; its delta is added to `counter_overflows` in the same transaction instead.
+        Raises BackendError on any database failure; nothing is applied then.
+        """
+
+    async def read(self, key: str, node_id: str) -> KeyRead:
+        """The persisted value of key (None if unknown) and node_id's applied_seq, one snapshot."""
+
+    async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
+        """Up to limit (key, value) pairs whose key starts with prefix, ordered by key."""
