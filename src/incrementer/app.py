@@ -1,0 +1,206 @@
+"""Routes: which handler answers a request. Handlers return response bytes (or an awaitable)."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from urllib.parse import unquote_to_bytes
+
+from incrementer.durability import AckGate
+from incrementer.flush import Flusher
+from incrementer.http import responses
+from incrementer.http.protocol import HttpConnection, Result
+from incrementer.ingest.intake import Intake, Overloaded
+from incrementer.ingest.validate import BadRequest, Validator
+from incrementer.metrics import Metrics
+from incrementer.store.base import BackendError, Store
+
+JSON = b"application/json"
+FORM = b"application/x-www-form-urlencoded"
+RETRY_AFTER = b"Retry-After: 1\r\n"
+COUNTERS = b"/counters/"
+READ_ATTEMPTS = 5
+
+
+def media_type(content_type: bytes) -> bytes:
+    return content_type.split(b";", 1)[0].strip().lower()
+
+
+class App:
+    def __init__(self, validator: Validator, intake: Intake, flusher: Flusher, store: Store,
+                 gate: AckGate, metrics: Metrics, node_id: str, lag_bound: float) -> None:
+        self.validator = validator
+        self.intake = intake
+        self.flusher = flusher
+        self.store = store
+        self.gate = gate
+        self.metrics = metrics
+        self.node_id = node_id
+        self.lag_bound = lag_bound
+        self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
+
+    def handle(self, conn: HttpConnection, method: bytes, url: bytes, content_type: bytes,
+               authorization: bytes, body: bytes, keep_alive: bool) -> Result:
+        if url == b"/increment" and method == b"POST":
+            return self.increment(conn, content_type, body, keep_alive)
+        path = url.split(b"?", 1)[0]
+        if path == b"/increment":
+            return self.allow(conn, method, b"POST", "increment", body, keep_alive,
+                              lambda: self.increment(conn, content_type, body, keep_alive))
+        if path == b"/increments":
+            return self.allow(conn, method, b"POST", "increments", body, keep_alive,
+                              lambda: self.increments(conn, content_type, body, keep_alive))
+        if path.startswith(COUNTERS):
+            return self.allow(conn, method, b"GET", "counters", body, keep_alive,
+                              lambda: self.counter(conn, path[len(COUNTERS):], keep_alive))
+        if path == b"/healthz":
+            return self.allow(conn, method, b"GET", "healthz", body, keep_alive,
+                              lambda: self.ok(conn, "healthz", {"status": "ok"}, keep_alive))
+        if path == b"/readyz":
+            return self.allow(conn, method, b"GET", "readyz", body, keep_alive,
+                              lambda: self.readyz(conn, keep_alive))
+        if path == b"/metrics":
+            return self.allow(conn, method, b"GET", "metrics", body, keep_alive,
+                              lambda: self.prometheus(conn, keep_alive))
+        if path == b"/openapi.json":
+            return self.allow(conn, method, b"GET", "openapi", body, keep_alive,
+                              lambda: self.document(conn, keep_alive))
+        return self.fail(conn, "unknown", BadRequest("not_found", "No such route.", 404),
+                         keep_alive)
+
+    def allow(self, conn: HttpConnection, method: bytes, allowed: bytes, route: str, body: bytes,
+              keep_alive: bool, handler: object) -> Result:
+        if method != allowed:
+            self.metrics.count_request(route, 405)
+            return responses.error(conn.clock, 405, "method_not_allowed",
+                                   f"Use {allowed.decode()} for this route.", not keep_alive,
+                                   b"Allow: " + allowed + b"\r\n")
+        assert callable(handler)
+        result: Result = handler()
+        return result
+
+    def fail(self, conn: HttpConnection, route: str, exc: BadRequest, keep_alive: bool,
+             headers: bytes = b"") -> bytes:
+        self.metrics.count_request(route, exc.status)
+        return responses.error(conn.clock, exc.status, exc.code, exc.detail, not keep_alive,
+                               headers)
+
+    def ok(self, conn: HttpConnection, route: str, payload: object, keep_alive: bool) -> bytes:
+        self.metrics.count_request(route, 200)
+        return responses.json(conn.clock, 200, payload, not keep_alive)
+
+    # ingest
+
+    def increment(self, conn: HttpConnection, content_type: bytes, body: bytes,
+                  keep_alive: bool) -> bytes:
+        try:
+            if content_type == JSON:
+                item = self.validator.json_one(body)
+            else:
+                kind = media_type(content_type)
+                if kind == JSON:
+                    item = self.validator.json_one(body)
+                elif kind == FORM:
+                    item = self.validator.form_one(body)
+                else:
+                    raise _unsupported(content_type)
+            self.intake.accept(item)
+        except BadRequest as exc:
+            self.metrics.count_rejected(exc.code)
+            return self.fail(conn, "increment", exc, keep_alive)
+        except Overloaded:
+            return self.shed(conn, "increment", keep_alive)
+        self.metrics.accepted_requests += 1
+        return conn.clock.accepted if keep_alive else conn.clock.accepted_close
+
+    def increments(self, conn: HttpConnection, content_type: bytes, body: bytes,
+                   keep_alive: bool) -> bytes:
+        try:
+            if media_type(content_type) != JSON:
+                raise _unsupported(content_type)
+            self.intake.accept_many(self.validator.json_many(body))
+        except BadRequest as exc:
+            self.metrics.count_rejected(exc.code)
+            return self.fail(conn, "increments", exc, keep_alive)
+        except Overloaded:
+            return self.shed(conn, "increments", keep_alive)
+        self.metrics.count_request("increments", 202)
+        return conn.clock.accepted if keep_alive else conn.clock.accepted_close
+
+    def shed(self, conn: HttpConnection, route: str, keep_alive: bool) -> bytes:
+        self.metrics.count_rejected("overloaded")
+        return self.fail(conn, route, BadRequest(
+            "overloaded", "Too many distinct keys are waiting to be flushed; retry shortly.", 503),
+            keep_alive, RETRY_AFTER)
+
+    # reads
+
+    def counter(self, conn: HttpConnection, raw_key: bytes, keep_alive: bool) -> Result:
+        try:
+            key = unquote_to_bytes(raw_key).decode("utf-8")
+            self.validator.check(key, 1)
+        except UnicodeDecodeError:
+            return self.fail(conn, "counters", BadRequest(
+                "invalid_key", "The key is not valid percent-encoded UTF-8."), keep_alive)
+        except BadRequest as exc:
+            return self.fail(conn, "counters", exc, keep_alive)
+        return self._read(conn, key, keep_alive)
+
+    async def _read(self, conn: HttpConnection, key: str, keep_alive: bool) -> bytes:
+        for _ in range(READ_ATTEMPTS):
+            commits = self.flusher.commits
+            try:
+                snapshot = await self.store.read(key, self.node_id)
+            except BackendError as exc:
+                return self.fail(conn, "counters", BadRequest(
+                    "database_unavailable", f"The database cannot be read: {exc}", 503),
+                    keep_alive, RETRY_AFTER)
+            # A batch that committed during the read may or may not be in the snapshot: re-read.
+            if self.flusher.commits == commits:
+                break
+        pending = self.flusher.pending_delta(key, snapshot.applied_seq)
+        if snapshot.value is None and not pending:
+            return self.fail(conn, "counters", BadRequest("not_found", "No such counter.", 404),
+                             keep_alive)
+        value = (snapshot.value or 0) + pending
+        return self.ok(conn, "counters", {"key": key, "value": value}, keep_alive)
+
+    # operations
+
+    def readyz(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        flusher = self.flusher
+        lag = flusher.oldest_pending_age(time.monotonic())
+        reasons = []
+        if flusher.db_error is not None:
+            reasons.append(f"database unavailable: {flusher.db_error}")
+        if lag > self.lag_bound:
+            reasons.append(f"oldest unflushed increment is {lag:.1f} s old "
+                           f"(bound {self.lag_bound:g} s)")
+        if self.gate.failed is not None:
+            reasons.append(self.gate.failed)
+        payload = {
+            "status": "not_ready" if reasons else "ready",
+            "reasons": reasons,
+            "lag_seconds": round(lag, 3),
+            "pending_keys": flusher.pending_keys(),
+            "overflowed_keys": {k: str(v) for k, v in flusher.overflowed.items()},
+        }
+        status = 503 if reasons else 200
+        self.metrics.count_request("readyz", status)
+        return responses.json(conn.clock, status, payload, not keep_alive)
+
+    def prometheus(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("metrics", 200)
+        return responses.build(conn.clock, 200, self.metrics.render(),
+                               b"text/plain; version=0.0.4; charset=utf-8", not keep_alive)
+
+    def document(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("openapi", 200)
+        return responses.build(conn.clock, 200, self.openapi, JSON, not keep_alive)
+
+
+def _unsupported(content_type: bytes) -> BadRequest:
+    shown = content_type.decode("latin-1")[:100] or "(none)"
+    return BadRequest("unsupported_media_type",
+                      f"Content-Type {shown!r} is not supported; send application/json or "
+                      "application/x-www-form-urlencoded.", 415)

@@ -1,0 +1,143 @@
+"""Command line: thin. Builds Settings and calls into the service, the migrator or the WAL."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from incrementer.config import (
+    DURABILITY_MODES,
+    ENV_PREFIX,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    Settings,
+)
+
+HELP = {
+    "host": "Address to bind.",
+    "port": "Port to bind; 0 picks a free one.",
+    "database_url": "sqlite:///PATH or postgresql://USER@HOST:PORT/DB.",
+    "migrate": "Apply pending schema migrations at start.",
+    "durability": "When to acknowledge: memory, wal (after write()), wal-fsync (after fsync).",
+    "data_dir": "Directory for the WAL segments, the node id and the lock file.",
+    "fsync_interval": "Seconds between WAL fsyncs in durability wal.",
+    "flush_interval": "Seconds between flushes (a flush also starts at --flush-max-keys).",
+    "flush_max_keys": "Flush early once this many distinct keys are dirty.",
+    "max_pending_keys": "Distinct unflushed keys before new keys get 503 + Retry-After.",
+    "max_key_bytes": "Longest key accepted, in UTF-8 bytes.",
+    "allow_negative": "Accept zero and negative values.",
+    "max_body_bytes": "Largest request body accepted (413 above).",
+    "max_header_bytes": "Largest request line plus headers accepted (431 above).",
+    "max_batch_items": "Most increments in one POST /increments.",
+    "max_connections": "Open connections before new ones are refused with 503.",
+    "idle_timeout": "Seconds a keep-alive connection may sit idle.",
+    "request_timeout": "Seconds a client has to send one whole request (slowloris guard).",
+    "shutdown_timeout": "Seconds to finish requests and the final flush on SIGTERM.",
+    "lag_bound": "Persistence lag above which /readyz answers 503.",
+    "log_format": "text or json.",
+    "log_level": "debug, info, warning or error.",
+}
+CHOICES = {"durability": DURABILITY_MODES, "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
+TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": str, "Durability": str}
+
+
+def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One flag per Settings field, each also read from INCREMENTER_<NAME>; defaults live in
+    Settings so a TOML file can sit between the environment and them."""
+    for field in reversed(fields(Settings)):
+        name = field.name
+        flag = name.replace("_", "-")
+        envvar = ENV_PREFIX + name.upper()
+        default = field.default
+        help_text = f"{HELP[name]} [default: {default}] [env: {envvar}]"
+        if field.type == "bool":
+            decl = f"--{flag}/--no-{flag}"
+            func = click.option(decl, name, default=None, envvar=envvar, help=help_text)(func)
+            continue
+        kind: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[str(field.type)]
+        func = click.option(f"--{flag}", name, type=kind, default=None, envvar=envvar,
+                            help=help_text)(func)
+    return func
+
+
+def build_settings(config: Path | None, values: dict[str, Any]) -> Settings:
+    try:
+        return Settings.build(values, config)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="incrementer")
+def main() -> None:
+    """incrementer: counter increments over HTTP, coalesced, logged, flushed exactly once."""
+
+
+@main.command()
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False),
+              envvar=ENV_PREFIX + "CONFIG", help="TOML file with settings (flags and env win).")
+@settings_options
+def serve(config: Path | None, **values: Any) -> None:
+    """Run the service."""
+    from incrementer import logs
+    from incrementer.datadir import DataDirError
+    from incrementer.ingest.wal import WalCorruptError
+    from incrementer.service import Service
+    from incrementer.store.base import BackendError
+
+    settings = build_settings(config, values)
+    logs.configure(settings.log_level, settings.log_format)
+    import uvloop
+
+    try:
+        uvloop.run(Service(settings).serve())
+    except (DataDirError, WalCorruptError, BackendError, OSError) as exc:
+        click.echo(f"incrementer: cannot start: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command("migrate")
+@click.option("--database-url", envvar=ENV_PREFIX + "DATABASE_URL",
+              default=Settings.database_url, show_default=True, help=HELP["database_url"])
+def migrate_command(database_url: str) -> None:
+    """Apply pending schema migrations."""
+    from incrementer.store.migrate import migrate
+
+    applied = migrate(database_url)
+    click.echo(f"applied {len(applied)} migrations" + (f": {', '.join(applied)}" if applied
+                                                        else " (schema up to date)"))
+
+
+@main.group()
+def wal() -> None:
+    """Inspect the write-ahead log."""
+
+
+@wal.command()
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+              envvar=ENV_PREFIX + "DATA_DIR", default=Settings.data_dir, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(data_dir: Path, as_json: bool) -> None:
+    """Segments, frames, increments and sequence range pending in the WAL."""
+    from incrementer.ingest.wal import summarize
+
+    summary = summarize(data_dir / "wal")
+    if as_json:
+        import msgspec
+
+        click.echo(msgspec.json.encode(summary).decode())
+        return
+    click.echo(f"WAL in {data_dir / 'wal'}: {len(summary.segments)} segments, "
+               f"{summary.frames} frames, {summary.records} increments, {summary.bytes} bytes, "
+               f"seq {summary.first_seq}..{summary.last_seq}")
+    for seg in summary.segments:
+        click.echo(f"  {seg.name}: {seg.bytes} bytes, seq {seg.first_seq}..{seg.last_seq}, "
+                   f"{seg.frames} frames, {seg.records} increments")
+

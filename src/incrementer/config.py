@@ -1,0 +1,135 @@
+"""One typed settings object, built from flags > env INCREMENTER_* > TOML file > defaults.
+
+Every option is declared once in OPTIONS; the CLI builds its flags from the same table, so a flag,
+its environment variable and its TOML key can never drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Durability = Literal["memory", "wal", "wal-fsync"]
+DURABILITY_MODES: tuple[Durability, ...] = ("memory", "wal", "wal-fsync")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_MODES = ("required", "off")
+ENV_PREFIX = "INCREMENTER_"
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the option and the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 3333
+    database_url: str = "sqlite:///incrementer.db"
+    migrate: bool = True
+    durability: Durability = "wal"
+    data_dir: Path = Path("incrementer-data")
+    fsync_interval: float = 1.0
+    flush_interval: float = 0.1
+    flush_max_keys: int = 20_000
+    max_pending_keys: int = 1_000_000
+    max_key_bytes: int = 256
+    allow_negative: bool = False
+    max_body_bytes: int = 1_048_576
+    max_header_bytes: int = 8192
+    max_batch_items: int = 10_000
+    max_connections: int = 10_000
+    idle_timeout: float = 60.0
+    request_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+    lag_bound: float = 10.0
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(self.port, "port", 0 <= self.port <= 65535, "must be between 0 and 65535")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            _check(self.host, "host", self.host == "localhost" or "." in self.host or
+                   self.host.isalnum(), "must be an IP address or host name")
+        _check(self.database_url, "database_url",
+               self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")),
+               "must be sqlite:///PATH or postgresql://...")
+        _check(self.durability, "durability", self.durability in DURABILITY_MODES,
+               f"must be one of {', '.join(DURABILITY_MODES)}")
+        for name in ("fsync_interval", "flush_interval", "idle_timeout", "request_timeout",
+                     "shutdown_timeout", "lag_bound"):
+            value = getattr(self, name)
+            _check(value, name, value > 0, "must be a positive number of seconds")
+        _check(self.flush_interval, "flush_interval", self.flush_interval < self.lag_bound,
+               f"must be below the lag bound ({self.lag_bound} s)")
+        for name in ("flush_max_keys", "max_pending_keys", "max_body_bytes", "max_header_bytes",
+                     "max_batch_items", "max_connections"):
+            value = getattr(self, name)
+            _check(value, name, value >= 1, "must be at least 1")
+        _check(self.max_key_bytes, "max_key_bytes", 1 <= self.max_key_bytes <= 65535,
+               "must be between 1 and 65535")
+        _check(self.max_pending_keys, "max_pending_keys",
+               self.max_pending_keys >= self.flush_max_keys,
+               f"must be at least flush_max_keys ({self.flush_max_keys})")
+        _check(self.log_format, "log_format", self.log_format in LOG_FORMATS,
+               f"must be one of {', '.join(LOG_FORMATS)}")
+        _check(self.log_level, "log_level", self.log_level in LOG_LEVELS,
+               f"must be one of {', '.join(LOG_LEVELS)}")
+
+    @classmethod
+    def build(cls, explicit: dict[str, Any], config_file: Path | None = None) -> Settings:
+        """Explicit values (flags and env, already resolved by the CLI) override the TOML file."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(load_toml(config_file))
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        return cls(**{k: coerce(k, v) for k, v in values.items()})
+
+
+def _check(value: object, name: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}: {why}")
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a TOML/CLI value into the field's type, with an error naming the option."""
+    kind = FIELD_TYPES.get(name)
+    if kind is None:
+        raise ConfigError(f"unknown option {name.replace('_', '-')!r}")
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            return int(value)
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError("expected true or false")
+        if kind == "Path":
+            return Path(value)
+        if kind in ("str", "Durability"):
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}: {exc}") from None
+    raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}: expected {kind}")
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = raw.get("incrementer", raw)
+    return {str(k).replace("-", "_"): v for k, v in table.items()}

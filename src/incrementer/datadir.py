@@ -1,0 +1,58 @@
+"""The node's data directory: an exclusive lock and a stable node id."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from pathlib import Path
+
+
+class DataDirError(Exception):
+    pass
+
+
+class DataDir:
+    """Holds `<dir>/LOCK` for the life of the process, so two nodes never share one WAL."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.wal_path = path / "wal"
+        self._lock_fd = -1
+        self.node_id = ""
+
+    def open(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DataDirError(f"cannot use data dir {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise DataDirError(
+                f"data dir {self.path} is locked by another incrementer process; give each "
+                "process its own --data-dir") from None
+        self.node_id = self._node_id()
+
+    def _node_id(self) -> str:
+        path = self.path / "node_id"
+        if path.exists():
+            node_id = path.read_text().strip()
+            if node_id:
+                return node_id
+        node_id = uuid.uuid4().hex
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(node_id + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return node_id
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1

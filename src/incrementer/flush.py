@@ -1,0 +1,174 @@
+"""The flush loop: cut the buffer at a WAL seq, apply the batch exactly once, retry until it lands.
+
+One batch is in flight at a time; increments arriving meanwhile keep coalescing in the buffer. A
+failed batch is retried unchanged (same seq, same deltas), so a commit whose acknowledgement was lost
+is recognised by the store and skipped rather than applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Protocol
+
+from incrementer.ingest.buffer import Batch, CoalescingBuffer
+from incrementer.ingest.intake import Intake
+from incrementer.metrics import Metrics
+from incrementer.store.base import BackendError, Store
+
+log = logging.getLogger("incrementer.flush")
+
+POLL = 0.01  # how often triggers are checked: cheap, and bounds the reaction time to 10 ms
+PING_EVERY = 1.0  # when idle, how often the database is pinged so readyz stays truthful
+MAX_BACKOFF = 5.0
+OVERFLOW_REPORT_LIMIT = 100
+
+
+class SeqLog(Protocol):
+    def seal(self) -> int: ...
+    def recycle(self, applied_seq: int) -> int: ...
+
+
+class Flusher:
+    def __init__(self, buffer: CoalescingBuffer, wal: SeqLog, store: Store, intake: Intake,
+                 node_id: str, flush_interval: float, flush_max_keys: int,
+                 metrics: Metrics) -> None:
+        self.buffer = buffer
+        self.wal = wal
+        self.store = store
+        self.intake = intake
+        self.node_id = node_id
+        self.flush_interval = flush_interval
+        self.flush_max_keys = flush_max_keys
+        self.metrics = metrics
+        self.inflight: Batch | None = None
+        self.commits = 0
+        self.db_error: str | None = None
+        self.overflowed: dict[str, int] = {}
+        self._stopping = False
+        self._deadline = float("inf")
+        self._last_contact = time.monotonic()
+
+    # state read by the HTTP side
+
+    def pending_delta(self, key: str, applied_seq: int) -> int:
+        """This node's unflushed delta for key, given a DB snapshot that saw applied_seq."""
+        delta = self.buffer.deltas.get(key, 0)
+        inflight = self.inflight
+        if inflight is not None and inflight.seq > applied_seq:
+            delta += inflight.deltas.get(key, 0)
+        return delta
+
+    def oldest_pending_age(self, now: float) -> float:
+        oldest = [b.oldest for b in (self.inflight,) if b is not None]
+        if self.buffer.deltas:
+            oldest.append(self.buffer.oldest)
+        return now - min(oldest) if oldest else 0.0
+
+    def pending_keys(self) -> int:
+        return len(self.buffer) + (len(self.inflight.deltas) if self.inflight else 0)
+
+    # the loop
+
+    async def run(self) -> None:
+        while True:
+            if self.inflight is not None:
+                if not await self._apply(self.inflight):
+                    return  # shutdown deadline passed with the database still failing
+                continue
+            buffer = self.buffer
+            if buffer.deltas and (self._stopping or len(buffer) >= self.flush_max_keys
+                                  or time.monotonic() - buffer.oldest >= self.flush_interval):
+                self._cut()
+                continue
+            if self._stopping:
+                return
+            if time.monotonic() - self._last_contact >= PING_EVERY:
+                await self._ping()
+            await asyncio.sleep(POLL)
+
+    def _cut(self) -> None:
+        seq = self.wal.seal()
+        self.inflight = self.buffer.swap(seq)
+        self.intake.key_budget = self.intake.max_pending_keys - len(self.inflight.deltas)
+
+    async def _apply(self, batch: Batch) -> bool:
+        backoff = 0.05
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                result = await self.store.apply_batch(self.node_id, batch.seq, batch.deltas)
+            except BackendError as exc:
+                failures += 1
+                self._failed(str(exc), failures)
+            except Exception as exc:  # a bug of ours: keep the batch, say so loudly, keep serving
+                failures += 1
+                log.exception("internal error applying batch seq=%d", batch.seq)
+                self._failed(f"internal error: {exc!r}", failures)
+            else:
+                self._committed(batch, result.applied, result.overflowed, started)
+                return True
+            if time.monotonic() + backoff > self._deadline:
+                return False
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _failed(self, reason: str, failures: int) -> None:
+        self.metrics.flush_failures += 1
+        self.db_error = reason
+        # First failure and then every 20th: an outage is visible without flooding the log.
+        if failures == 1 or failures % 20 == 0:
+            log.warning("flush failed (attempt %d), retrying with backoff: %s", failures, reason)
+
+    def _committed(self, batch: Batch, applied: bool, overflowed: dict[str, int],
+                   started: float) -> None:
+        now = time.monotonic()
+        if self.db_error is not None:
+            log.info("database reachable again, flushing resumed")
+        self.db_error = None
+        self._last_contact = now
+        self.inflight = None
+        self.commits += 1
+        self.intake.key_budget = self.intake.max_pending_keys
+        metrics = self.metrics
+        if applied:
+            metrics.flushes += 1
+            metrics.flushed_keys += len(batch.deltas) - len(overflowed)
+            metrics.flush_seconds.observe(now - started)
+            metrics.flush_keys.observe(len(batch.deltas))
+            metrics.lag_seconds.observe(now - batch.oldest)
+        else:
+            metrics.skipped_batches += 1
+            log.info("batch seq=%d was already applied; skipped (exactly-once)", batch.seq)
+        if overflowed:
+            metrics.overflowed_keys += len(overflowed)
+            for key, delta in overflowed.items():
+                log.error("counter %r would overflow 64 bits; delta %d kept in counter_overflows "
+                          "(batch seq=%d), other keys unaffected", key, delta, batch.seq)
+                if key in self.overflowed or len(self.overflowed) < OVERFLOW_REPORT_LIMIT:
+                    self.overflowed[key] = self.overflowed.get(key, 0) + delta
+        self.wal.recycle(batch.seq)
+
+    async def _ping(self) -> None:
+        self._last_contact = time.monotonic()
+        try:
+            await self.store.ping()
+        except BackendError as exc:
+            if self.db_error is None:
+                log.warning("database unreachable: %s", exc)
+            self.db_error = str(exc)
+        except Exception as exc:
+            log.exception("internal error pinging the database")
+            self.db_error = f"internal error: {exc!r}"
+        else:
+            if self.db_error is not None:
+                log.info("database reachable again")
+            self.db_error = None
+
+    def stop(self, deadline: float) -> None:
+        """Flush what is pending, then return from run(); give up retrying at deadline."""
+        self._stopping = True
+        self._deadline = deadline

@@ -1,0 +1,313 @@
+"""One HTTP/1.1 connection: httptools callbacks, keep-alive, pipelining in order, limits.
+
+Responses are not written straight to the socket. They are queued on the connection and handed to
+the AckGate, which releases them once the WAL frame covering this event-loop tick is as durable as
+the configured mode promises. Pipelined responses therefore leave in order and in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import httptools
+
+from incrementer.http import responses
+
+if TYPE_CHECKING:
+    from incrementer.http.server import HttpServer
+
+log = logging.getLogger("incrementer.http")
+
+# Requests parsed while an async handler runs wait here; past this many, stop reading the socket.
+MAX_QUEUED = 64
+
+
+class Reject(Exception):
+    """Raised inside parser callbacks to answer with an error and close the connection."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+# A handler returns the response bytes, or an awaitable of them for routes that need the database.
+Result = bytes | Awaitable[bytes]
+Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "authorization", "body", "body_bytes", "clock", "closing", "content_length",
+        "content_type", "draining", "expect", "handle", "header_bytes", "held", "last_active", "max_body",
+        "max_header", "out", "parser", "peer", "queue", "reading_paused", "request_started",
+        "server", "task", "transport", "url", "writing_paused",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.clock = server.clock
+        self.handle: Callable[..., Result] = server.handler.handle
+        self.max_body = server.max_body_bytes
+        self.max_header = server.max_header_bytes
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.out: list[bytes | None] = []  # None marks "close after what precedes"
+        self.held = False
+        self.closing = False
+        self.draining = False
+        self.task: asyncio.Future[bytes] | None = None
+        self.queue: deque[Queued] = deque()
+        self.reading_paused = False
+        self.writing_paused = False
+        self.last_active = self.clock.now
+        self.request_started = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.content_type = b""
+        self.authorization = b""
+        self.expect = b""
+        self.content_length = -1
+        self.body: list[bytes] = []
+        self.header_bytes = 0
+        self.body_bytes = 0
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            server.metrics.rejected_connections += 1
+            transport.write(responses.error(self.clock, 503, "too_many_connections",
+                                            "The server is at its connection limit.", close=True))
+            transport.close()
+            self.closing = True
+            return
+        server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_active = self.clock.now
+        try:
+            self.parser.feed_data(data)
+        except Reject as exc:
+            self._fail(exc.status, exc.code, exc.detail)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
+        except httptools.HttpParserError as exc:
+            self._fail(400, "malformed_http", f"Malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if not self.queue:
+            self._resume_reading()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self.request_started = self.clock.now
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.max_header:
+            raise Reject(414, "uri_too_long", f"Request line exceeds {self.max_header} bytes.")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.max_header:
+            raise Reject(431, "headers_too_large", f"Headers exceed {self.max_header} bytes.")
+        lower = name.lower()
+        if lower == b"content-type":
+            self.content_type = value
+        elif lower == b"content-length":
+            self.content_length = int(value) if value.isdigit() else -1
+        elif lower == b"authorization":
+            self.authorization = value
+        elif lower == b"expect":
+            self.expect = value
+
+    def on_headers_complete(self) -> None:
+        if self.content_length > self.max_body:
+            raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
+        if self.expect:
+            if self.expect.lower() != b"100-continue":
+                raise Reject(417, "expectation_failed", "Only 'Expect: 100-continue' is supported.")
+            self._emit(responses.CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > self.max_body:
+            raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.request_started = 0.0
+        parts = self.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        parser = self.parser
+        keep_alive: bool = parser.should_keep_alive()
+        if self.task is not None or self.queue:
+            self.queue.append((parser.get_method(), self.url, self.content_type,
+                               self.authorization, body, keep_alive))
+            if len(self.queue) >= MAX_QUEUED:
+                self._pause_reading()
+            return
+        self._dispatch(parser.get_method(), self.url, self.content_type, self.authorization,
+                       body, keep_alive)
+
+    # dispatch and output
+
+    def _dispatch(self, method: bytes, url: bytes, content_type: bytes, authorization: bytes,
+                  body: bytes, keep_alive: bool) -> None:
+        try:
+            result = self.handle(self, method, url, content_type, authorization, body, keep_alive)
+        except Exception:
+            log.exception("internal error handling %r %r", method, url)
+            result = responses.error(self.clock, 500, "internal_error",
+                                     "The server failed to handle this request.", close=True)
+            keep_alive = False
+        if type(result) is bytes:
+            self._emit(result)
+            if not keep_alive or self.draining:
+                self._close_after()
+            return
+        self.task = asyncio.ensure_future(result)
+        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive))
+
+    def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool) -> None:
+        self.task = None
+        if task.cancelled() or self.closing:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("internal error in async handler", exc_info=exc)
+            self._emit(responses.error(self.clock, 500, "internal_error",
+                                       "The server failed to handle this request.", close=True))
+            self._close_after()
+            return
+        self._emit(task.result())
+        if not keep_alive or self.draining:
+            self._close_after()
+            return
+        while self.queue and self.task is None and not self.closing:
+            self._dispatch(*self.queue.popleft())
+        if not self.queue and not self.writing_paused:
+            self._resume_reading()
+
+    def _emit(self, data: bytes) -> None:
+        self.out.append(data)
+        if not self.held:
+            self.held = True
+            self.server.gate.hold(self)
+
+    def _close_after(self) -> None:
+        self.closing = True
+        self.queue.clear()
+        self._pause_reading()
+        self._emit_marker()
+
+    def _emit_marker(self) -> None:
+        self.out.append(None)
+        if not self.held:
+            self.held = True
+            self.server.gate.hold(self)
+
+    def _fail(self, status: int, code: str, detail: str) -> None:
+        self.server.metrics.count_request("invalid", status)
+        self._emit(responses.error(self.clock, status, code, detail, close=True))
+        self._close_after()
+
+    def take_output(self) -> list[bytes | None]:
+        """Called by the AckGate at the end of a tick: the responses that may now be released."""
+        out = self.out
+        self.out = []
+        self.held = False
+        return out
+
+    def release(self, out: list[bytes | None]) -> None:
+        """Write released responses; a None marker closes the connection after them."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(out) == 1 and out[0] is not None:
+            transport.write(out[0])
+            return
+        data = b"".join(chunk for chunk in out if chunk is not None)
+        if data:
+            transport.write(data)
+        if None in out:
+            transport.close()
+
+    def abort(self) -> None:
+        """The WAL write failed: these responses cannot be promised, so the client gets none."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and not self.closing and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # lifecycle, driven by the server
+
+    def check_timeouts(self, now: float, idle_timeout: float, request_timeout: float) -> None:
+        if self.closing:
+            return
+        if self.request_started and now - self.request_started > request_timeout:
+            self._fail(408, "request_timeout", "The request was not completed in time.")
+        elif (not self.request_started and self.task is None and not self.out
+              and now - self.last_active > idle_timeout):
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def shutdown(self) -> None:
+        """Stop taking requests: close now if idle, else after the response in progress."""
+        if self.closing:
+            return
+        if self.task is None and not self.out and not self.request_started:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+        elif self.request_started or self.task is not None:
+            self.draining = True  # the request in progress gets its answer, then we close
+            self.queue.clear()
+            self._pause_reading()
+        else:
+            self._close_after()
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self.out and not self.request_started
+

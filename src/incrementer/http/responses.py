@@ -1,0 +1,57 @@
+"""Responses as bytes. The hot ones are pre-built and refreshed once a second with the Date."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from http import HTTPStatus
+
+import msgspec
+
+_encode = msgspec.json.encode
+
+
+def _status_line(status: int) -> bytes:
+    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
+
+
+_STATUS_LINES = {s.value: _status_line(s.value) for s in HTTPStatus if s.value >= 200}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+SERVER = b"Server: incrementer\r\n"
+
+
+class Clock:
+    """Coarse wall and monotonic time plus the Date header, refreshed by the server once a second."""
+
+    __slots__ = ("accepted", "accepted_close", "date", "now")
+
+    def __init__(self, now: float) -> None:
+        self.refresh(now)
+
+    def refresh(self, now: float) -> None:
+        self.now = now
+        self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        self.accepted = build(self, 202)
+        self.accepted_close = build(self, 202, close=True)
+
+
+def build(clock: Clock, status: int, body: bytes = b"", content_type: bytes = b"",
+          close: bool = False, headers: bytes = b"") -> bytes:
+    head = [_STATUS_LINES[status], SERVER, clock.date, headers]
+    if content_type:
+        head.append(b"Content-Type: " + content_type + b"\r\n")
+    head.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(body)
+    return b"".join(head)
+
+
+def json(clock: Clock, status: int, payload: object, close: bool = False,
+         headers: bytes = b"") -> bytes:
+    return build(clock, status, _encode(payload), b"application/json", close, headers)
+
+
+def error(clock: Clock, status: int, code: str, detail: str, close: bool = False,
+          headers: bytes = b"") -> bytes:
+    return json(clock, status, {"error": code, "detail": detail}, close, headers)

@@ -1,0 +1,82 @@
+"""The listening socket, the set of connections, the once-a-second clock and timeout sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from incrementer.http import responses
+from incrementer.http.protocol import HttpConnection, Result
+
+if TYPE_CHECKING:
+    from incrementer.config import Settings
+    from incrementer.durability import AckGate
+    from incrementer.metrics import Metrics
+
+log = logging.getLogger("incrementer.http")
+
+
+class Handler(Protocol):
+    def handle(self, conn: HttpConnection, method: bytes, url: bytes, content_type: bytes,
+               authorization: bytes, body: bytes, keep_alive: bool) -> Result: ...
+
+
+class HttpServer:
+    def __init__(self, handler: Handler, gate: AckGate, settings: Settings,
+                 metrics: Metrics) -> None:
+        self.handler = handler
+        self.gate = gate
+        self.metrics = metrics
+        self.clock = responses.Clock(time.monotonic())
+        self.connections: set[HttpConnection] = set()
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_connections = settings.max_connections
+        self.idle_timeout = settings.idle_timeout
+        self.request_timeout = settings.request_timeout
+        self._server: asyncio.Server | None = None
+        self._tick: asyncio.TimerHandle | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpConnection(self), host, port, backlog=4096, reuse_address=True)
+        for sock in self._server.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._tick = loop.call_later(1.0, self._on_tick)
+        bound = self._server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def _on_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tick = loop.call_later(1.0, self._on_tick)
+        now = time.monotonic()
+        self.clock.refresh(now)
+        for conn in list(self.connections):
+            conn.check_timeouts(now, self.idle_timeout, self.request_timeout)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout: float) -> int:
+        """Finish in-flight requests, close every connection; returns how many were cut off."""
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            for conn in list(self.connections):
+                conn.shutdown()
+        forced = len(self.connections)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._tick is not None:
+            self._tick.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+        return forced

@@ -1,0 +1,51 @@
+"""Accepting validated increments: memory budget, then WAL append, then the coalescing buffer."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from incrementer.ingest.buffer import CoalescingBuffer
+from incrementer.ingest.validate import Validated
+from incrementer.metrics import Metrics
+
+
+class Appender(Protocol):
+    def append(self, key: bytes, value: int) -> None: ...
+
+
+class Overloaded(Exception):
+    """Too many distinct unflushed keys: shed load (503 + Retry-After) instead of growing."""
+
+
+class Intake:
+    __slots__ = ("buffer", "key_budget", "max_pending_keys", "metrics", "wal")
+
+    def __init__(self, buffer: CoalescingBuffer, wal: Appender, max_pending_keys: int,
+                 metrics: Metrics) -> None:
+        self.buffer = buffer
+        self.wal = wal
+        self.max_pending_keys = max_pending_keys
+        self.key_budget = max_pending_keys
+        """Distinct keys the buffer may hold; the flusher lowers it by the batch in flight."""
+        self.metrics = metrics
+
+    def accept(self, item: Validated) -> None:
+        key_bytes, key, value = item
+        deltas = self.buffer.deltas
+        # A key already pending costs no memory, so only new keys are shed.
+        if len(deltas) >= self.key_budget and key not in deltas:
+            raise Overloaded
+        self.wal.append(key_bytes, value)
+        self.buffer.add(key, value)
+        self.metrics.accepted_increments += 1
+
+    def accept_many(self, items: list[Validated]) -> None:
+        """All or nothing: the budget is checked for the whole batch before anything is added."""
+        deltas = self.buffer.deltas
+        new_keys = {key for _, key, _ in items if key not in deltas}
+        if len(deltas) + len(new_keys) > self.key_budget:
+            raise Overloaded
+        for key_bytes, key, value in items:
+            self.wal.append(key_bytes, value)
+            self.buffer.add(key, value)
+        self.metrics.accepted_increments += len(items)

@@ -1,0 +1,125 @@
+"""Turn a request body into validated increments, or a BadRequest that says what is wrong.
+
+The success path is one msgspec decode plus a few comparisons; diagnosis work happens only on the
+error path.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from incrementer.store.base import INT64_MAX, INT64_MIN
+
+
+class Increment(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+    value: int
+
+
+class BadRequest(Exception):
+    """The client's fault: answered with a 4xx, nothing was changed."""
+
+    def __init__(self, code: str, detail: str, status: int = 400) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status
+
+
+# C0 and C1 controls and DEL: invisible in logs and dashboards, and a classic injection vector.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+_FIELD_AT = re.compile(r"at `\$(?:\[\d+\])?\.(\w+)`")
+
+# One validated increment: the key's UTF-8 bytes (what the WAL stores), the key, the value.
+Validated = tuple[bytes, str, int]
+
+
+class Validator:
+    """Validation rules of one service instance (key size, sign of values)."""
+
+    def __init__(self, max_key_bytes: int, allow_negative: bool, max_batch_items: int) -> None:
+        self.max_key_bytes = max_key_bytes
+        self.min_value = INT64_MIN if allow_negative else 1
+        self.max_batch_items = max_batch_items
+        self._decode_one = msgspec.json.Decoder(Increment).decode
+        self._decode_many = msgspec.json.Decoder(list[Increment]).decode
+
+    def json_one(self, body: bytes) -> Validated:
+        try:
+            inc = self._decode_one(body)
+        except msgspec.DecodeError as exc:
+            raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
+        except msgspec.ValidationError as exc:
+            raise _diagnose(exc) from None
+        return self.check(inc.key, inc.value)
+
+    def json_many(self, body: bytes) -> list[Validated]:
+        try:
+            items = self._decode_many(body)
+        except msgspec.DecodeError as exc:
+            raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
+        except msgspec.ValidationError as exc:
+            raise _diagnose(exc) from None
+        if not items:
+            raise BadRequest("empty_batch", "A batch must hold at least one increment.")
+        if len(items) > self.max_batch_items:
+            raise BadRequest("batch_too_large",
+                             f"A batch may hold at most {self.max_batch_items} increments.")
+        return [self.check(inc.key, inc.value, f"item {i}: ") for i, inc in enumerate(items)]
+
+    def form_one(self, body: bytes) -> Validated:
+        try:
+            pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True,
+                              strict_parsing=True, errors="strict", max_num_fields=3)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise BadRequest("malformed_form", f"Body is not a valid form: {exc}") from None
+        fields: dict[str, str] = {}
+        for name, text in pairs:
+            if name not in ("key", "value"):
+                raise BadRequest("unknown_field", f"Unknown form field {name!r}.")
+            if name in fields:
+                raise BadRequest("duplicate_field", f"Form field {name!r} appears twice.")
+            fields[name] = text
+        for name in ("key", "value"):
+            if name not in fields:
+                raise BadRequest("missing_field", f"Form field {name!r} is required.")
+        if not _INTEGER.fullmatch(fields["value"]):
+            raise BadRequest("invalid_value", "Field 'value' must be an integer.")
+        return self.check(fields["key"], int(fields["value"]))
+
+    def check(self, key: str, value: int, where: str = "") -> Validated:
+        if not key:
+            raise BadRequest("invalid_key", f"{where}Field 'key' must not be empty.")
+        if _CONTROL.search(key):
+            raise BadRequest("invalid_key", f"{where}Field 'key' must not contain control characters.")
+        try:
+            key_bytes = key.encode()
+        except UnicodeEncodeError:
+            raise BadRequest("invalid_key", f"{where}Field 'key' is not valid Unicode.") from None
+        if len(key_bytes) > self.max_key_bytes:
+            raise BadRequest("key_too_long",
+                             f"{where}Field 'key' exceeds {self.max_key_bytes} UTF-8 bytes.")
+        if not self.min_value <= value <= INT64_MAX:
+            if value < INT64_MIN or value > INT64_MAX:
+                raise BadRequest("value_out_of_range",
+                                 f"{where}Field 'value' must fit in a signed 64-bit integer.")
+            raise BadRequest("invalid_value", f"{where}Field 'value' must be a positive integer.")
+        return key_bytes, key, value
+
+
+def _diagnose(exc: msgspec.ValidationError) -> BadRequest:
+    message = str(exc)
+    field = _FIELD_AT.search(message)
+    if "missing required field" in message:
+        return BadRequest("missing_field", message)
+    if "unknown field" in message:
+        return BadRequest("unknown_field", message)
+    if field is not None and field.group(1) == "value":
+        return BadRequest("invalid_value", f"Field 'value' must be an integer: {message}")
+    if field is not None and field.group(1) == "key":
+        return BadRequest("invalid_key", f"Field 'key' must be a string: {message}")
+    return BadRequest("invalid_body", message)
