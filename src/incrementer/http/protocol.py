@@ -109,12 +109,20 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = self.clock.now
         try:
             self.parser.feed_data(data)
-        except Reject as exc:
-            self._fail(exc.status, exc.code, exc.detail)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
         except httptools.HttpParserError as exc:
-            self._fail(400, "malformed_http", f"Malformed HTTP request: {exc}")
+            if self.closing:
+                return  # bytes after a request that closes the connection: ignored
+            # httptools may wrap an exception raised in a callback: find our Reject behind it.
+            cause = exc if isinstance(exc, Reject) else exc.__cause__ or exc.__context__
+            if isinstance(cause, Reject):
+                self._fail(cause.status, cause.code, cause.detail)
+            elif isinstance(exc, httptools.HttpParserUpgrade):
+                self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
+            else:
+                self._fail(400, "malformed_http", f"Malformed HTTP request: {exc}")
+        except Reject as exc:
+            if not self.closing:
+                self._fail(exc.status, exc.code, exc.detail)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -167,6 +175,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.request_started = 0.0
+        if self.closing:
+            return  # pipelined after a request that closes the connection: never answered
         parts = self.body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parser = self.parser

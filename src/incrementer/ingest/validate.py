@@ -51,19 +51,19 @@ class Validator:
     def json_one(self, body: bytes) -> Validated:
         try:
             inc = self._decode_one(body)
+        except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
+            raise _diagnose(exc) from None
         except msgspec.DecodeError as exc:
             raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
-        except msgspec.ValidationError as exc:
-            raise _diagnose(exc) from None
         return self.check(inc.key, inc.value)
 
     def json_many(self, body: bytes) -> list[Validated]:
         try:
             items = self._decode_many(body)
+        except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
+            raise _diagnose(exc) from None
         except msgspec.DecodeError as exc:
             raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
-        except msgspec.ValidationError as exc:
-            raise _diagnose(exc) from None
         if not items:
             raise BadRequest("empty_batch", "A batch must hold at least one increment.")
         if len(items) > self.max_batch_items:

@@ -1,0 +1,316 @@
+"""Test helpers: the real service in-process or as a subprocess, and raw HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httptools
+
+from incrementer.config import Settings
+from incrementer.service import Service
+
+LISTEN = re.compile(r"listening on (http://\S+)")
+
+
+def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
+    base = Settings(port=0, database_url=database_url, data_dir=tmp_path / "data",
+                    flush_interval=0.05, log_level="warning")
+    return replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def run_service(settings: Settings) -> AsyncIterator[Service]:
+    """The real service on a free port inside this test's event loop; drained on exit."""
+    service = Service(settings)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+# --- a subprocess server, for signals, kill -9 and restarts -----------------------------------
+
+
+@dataclass
+class Spawned:
+    proc: subprocess.Popen[str]
+    url: str
+    log: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def read_log(self) -> str:
+        assert self.proc.stderr is not None
+        if self.proc.poll() is not None:
+            self.log.append(self.proc.stderr.read())
+        return "".join(self.log)
+
+
+def spawn(args: Iterable[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+          timeout: float = 30) -> Spawned:
+    """Start `incrementer serve ARGS` and wait for its 'listening on URL' line."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=cwd)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError(f"server exited ({proc.wait()}) before listening:\n"
+                                 + "".join(lines))
+        lines.append(line)
+        match = LISTEN.search(line)
+        if match:
+            spawned = Spawned(proc, match.group(1), lines)
+            _drain_in_background(spawned)
+            return spawned
+    proc.kill()
+    raise AssertionError("server did not start in time:\n" + "".join(lines))
+
+
+def _drain_in_background(spawned: Spawned) -> None:
+    import threading
+
+    def pump() -> None:
+        assert spawned.proc.stderr is not None
+        for line in spawned.proc.stderr:
+            spawned.log.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+@contextlib.contextmanager
+def spawned(args: Iterable[str], **kwargs: Any) -> Iterator[Spawned]:
+    server = spawn(args, **kwargs)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+# --- raw HTTP ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class _ResponseCollector:
+    def __init__(self) -> None:
+        self.done: list[Response] = []
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self._headers, self._body = {}, []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done.append(Response(self.parser.get_status_code(), self._headers,
+                                  b"".join(self._body)))
+
+
+async def exchange(url: str, data: bytes, responses: int, timeout: float = 10) -> list[Response]:
+    """Send raw bytes on one connection and read `responses` responses (or until close)."""
+    host, port = host_port(url)
+    reader, writer = await asyncio.open_connection(host, port)
+    collector = _ResponseCollector()
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            while len(collector.done) < responses:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                collector.parser.feed_data(chunk)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return collector.done
+
+
+def increment_request(key: str, value: int, close: bool = False) -> bytes:
+    body = b'{"key":%s,"value":%d}' % (_json_str(key), value)
+    return (b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n" % (len(body), b"Connection: close\r\n" if close
+                                               else b"")) + body
+
+
+def _json_str(text: str) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(text)
+
+
+@dataclass
+class LoadResult:
+    acked: dict[str, int] = field(default_factory=dict)
+    """Sum of values per key whose 202 the client received."""
+    in_flight: dict[str, int] = field(default_factory=dict)
+    """Sum of values per key sent without an answer (connection died)."""
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+async def load(url: str, items: list[tuple[str, int]], connections: int = 16,
+               pipeline: int = 32, stop_on_error: bool = True) -> LoadResult:
+    """Send increments over `connections` keep-alive connections, `pipeline` at a time each.
+
+    Records exactly which increments were acknowledged and which were sent but unanswered, so
+    durability tests can bound the database totals from both sides.
+    """
+    result = LoadResult()
+    chunks = [items[i::connections] for i in range(connections)]
+    await asyncio.gather(*(_one_connection(url, chunk, pipeline, result, stop_on_error)
+                           for chunk in chunks if chunk))
+    return result
+
+
+async def _one_connection(url: str, items: list[tuple[str, int]], pipeline: int,
+                          result: LoadResult, stop_on_error: bool) -> None:
+    host, port = host_port(url)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return  # nothing sent: neither acknowledged nor in flight
+    collector = _ResponseCollector()
+    try:
+        for start in range(0, len(items), pipeline):
+            window = items[start:start + pipeline]
+            writer.write(b"".join(increment_request(k, v) for k, v in window))
+            seen = len(collector.done)
+            try:
+                await writer.drain()
+                while len(collector.done) < seen + len(window):
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        raise ConnectionResetError
+                    collector.parser.feed_data(chunk)
+            except (OSError, httptools.HttpParserError):
+                answered = collector.done[seen:]
+                for (key, value), resp in zip(window, answered, strict=False):
+                    _record(result, key, value, resp.status)
+                for key, value in window[len(answered):]:
+                    result.in_flight[key] = result.in_flight.get(key, 0) + value
+                return
+            for (key, value), resp in zip(window, collector.done[seen:], strict=True):
+                _record(result, key, value, resp.status)
+                if stop_on_error and resp.status != 202:
+                    raise AssertionError(f"unexpected {resp.status}: {resp.body!r}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _record(result: LoadResult, key: str, value: int, status: int) -> None:
+    result.statuses[status] = result.statuses.get(status, 0) + 1
+    if status == 202:
+        result.acked[key] = result.acked.get(key, 0) + value
+
+
+def counter_path(key: str) -> str:
+    return "/counters/" + quote(key, safe="")
+
+
+async def wait_until(predicate: Any, timeout: float = 15, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
+    """Read counters straight from the database, bypassing the service."""
+    wanted = list(keys)
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+        try:
+            rows: dict[str, int] = {}
+            for i in range(0, len(wanted), 500):
+                part = wanted[i:i + 500]
+                marks = ",".join("?" * len(part))
+                rows.update(conn.execute(
+                    f"SELECT key, value FROM counters WHERE key IN ({marks})", part).fetchall())
+            return rows
+        finally:
+            conn.close()
+    import asyncpg
+
+    pg = await asyncpg.connect(database_url)
+    try:
+        records = await pg.fetch("SELECT key, value FROM counters WHERE key = ANY($1::text[])",
+                                 wanted)
+        return {r["key"]: r["value"] for r in records}
+    finally:
+        await pg.close()
+
+
+async def db_execute(database_url: str, sql: str, *args: Any) -> None:
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+        try:
+            conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    import asyncpg
+
+    pg = await asyncpg.connect(database_url)
+    try:
+        await pg.execute(sql, *args)
+    finally:
+        await pg.close()
