@@ -61,9 +61,8 @@ class Spawned:
         return self.proc.wait(timeout)
 
     def read_log(self) -> str:
-        assert self.proc.stderr is not None
         if self.proc.poll() is not None:
-            self.log.append(self.proc.stderr.read())
+            time.sleep(0.2)  # let the pump thread take the last lines
         return "".join(self.log)
 
 
@@ -80,6 +79,7 @@ def spawn(args: Iterable[str], env: dict[str, str] | None = None, cwd: Path | No
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
+            proc.stderr.close()
             raise AssertionError(f"server exited ({proc.wait()}) before listening:\n"
                                  + "".join(lines))
         lines.append(line)
@@ -97,8 +97,9 @@ def _drain_in_background(spawned: Spawned) -> None:
 
     def pump() -> None:
         assert spawned.proc.stderr is not None
-        for line in spawned.proc.stderr:
-            spawned.log.append(line)
+        with spawned.proc.stderr:
+            for line in spawned.proc.stderr:
+                spawned.log.append(line)
 
     threading.Thread(target=pump, daemon=True).start()
 

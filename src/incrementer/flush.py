@@ -13,6 +13,7 @@ import random
 import time
 from typing import Protocol
 
+from incrementer import faults
 from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
 from incrementer.metrics import Metrics
@@ -22,6 +23,7 @@ log = logging.getLogger("incrementer.flush")
 
 POLL = 0.01  # how often triggers are checked: cheap, and bounds the reaction time to 10 ms
 PING_EVERY = 1.0  # when idle, how often the database is pinged so readyz stays truthful
+PING_TIMEOUT = 5.0
 MAX_BACKOFF = 5.0
 OVERFLOW_REPORT_LIMIT = 100
 
@@ -150,13 +152,14 @@ class Flusher:
                           "(batch seq=%d), other keys unaffected", key, delta, batch.seq)
                 if key in self.overflowed or len(self.overflowed) < OVERFLOW_REPORT_LIMIT:
                     self.overflowed[key] = self.overflowed.get(key, 0) + delta
+        faults.after_commit(self.commits)
         self.wal.recycle(batch.seq)
 
     async def _ping(self) -> None:
         self._last_contact = time.monotonic()
         try:
-            await self.store.ping()
-        except BackendError as exc:
+            await asyncio.wait_for(self.store.ping(), PING_TIMEOUT)
+        except (BackendError, TimeoutError) as exc:
             if self.db_error is None:
                 log.warning("database unreachable: %s", exc)
             self.db_error = str(exc)

@@ -138,12 +138,12 @@ class Service:
                  self.metrics.flushes)
 
     async def serve(self) -> None:
-        try:
-            await self.start()
-            with capture_signals(self.request_stop):
+        with capture_signals(self.request_stop):
+            try:
+                await self.start()
                 await self.wait()
-        finally:
-            await self.stop()
+            finally:
+                await self.stop()
 
 
 @contextlib.contextmanager

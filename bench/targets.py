@@ -1,0 +1,187 @@
+"""The servers under load: each started as a child process on a free port, always stopped after.
+
+Every target runs in its own process group, so stopping it also stops whatever it spawned (nginx's
+worker). A target that does not come up in time, or exits early, raises TargetError with the tail of
+its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+LISTEN = re.compile(r"listening on (http://\S+)")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+NGINX_CONF = """\
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    # The services keep a connection open for any number of requests: so does the ceiling.
+    keepalive_requests 100000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 202; }}
+    }}
+}}
+"""
+
+
+class TargetError(Exception):
+    """A target did not start or stop as it should; the message carries its log tail."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server to load: nginx, incrementer in one durability mode, or the naive baseline."""
+
+    name: str
+    kind: str  # "nginx" | "incrementer" | "naive"
+    durability: str = ""
+
+    @property
+    def needs_database(self) -> bool:
+        return self.kind != "nginx"
+
+    @property
+    def accepted_metric(self) -> str | None:
+        """Counter of acknowledged increments in the target's /metrics, sampled every second."""
+        return {"incrementer": "incrementer_accepted_increments_total",
+                "naive": "naive_accepted_increments_total"}.get(self.kind)
+
+
+NGINX = Target("nginx", "nginx")
+INCREMENTER_MODES = [Target(f"incrementer-{mode}", "incrementer", mode)
+                     for mode in ("memory", "wal", "wal-fsync")]
+NAIVE = Target("naive", "naive")
+
+
+@dataclass
+class Running:
+    target: Target
+    proc: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[str], str | None]:
+    """The argv that starts `target`, and its URL when known up front (None: read from its log)."""
+    if target.kind == "nginx":
+        port = free_port()
+        (workdir / "nginx.conf").write_text(NGINX_CONF.format(tmp=workdir, port=port))
+        return (["nginx", "-p", str(workdir), "-e", str(workdir / "error.log"),
+                 "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
+                f"http://127.0.0.1:{port}")
+    if target.kind == "incrementer":
+        return ([sys.executable, "-m", "incrementer", "serve", "--port", "0",
+                 "--database-url", database_url, "--data-dir", str(workdir / "data"),
+                 "--durability", target.durability, "--log-level", "warning"], None)
+    if target.kind == "naive":
+        return ([sys.executable, str(BENCH / "naive.py"), "--port", "0",
+                 "--database-url", database_url], None)
+    raise ValueError(f"unknown target kind {target.kind!r}")
+
+
+@contextlib.asynccontextmanager
+async def running(target: Target, workdir: Path, database_url: str = "") -> AsyncIterator[Running]:
+    """Start `target`, wait until it answers, yield it; stop it (SIGTERM, then SIGKILL) after."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv, url = command_for(target, workdir, database_url)
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True, cwd=workdir)
+    server = Running(target, proc, url or "", log_path)
+    try:
+        server.url = await _wait_ready(server, url)
+        yield server
+    finally:
+        await stop(server)
+
+
+async def _wait_ready(server: Running, url: str | None) -> str:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.proc.returncode is not None:
+            raise TargetError(f"{server.target.name} exited with {server.proc.returncode} before "
+                              f"listening:\n{server.log_tail()}")
+        if url is None:
+            match = LISTEN.search(server.log_path.read_text(errors="replace"))
+            if match:
+                url = match.group(1)
+        if url is not None and await _accepts(url):
+            return url
+        await asyncio.sleep(0.05)
+    raise TargetError(f"{server.target.name} did not listen within {START_TIMEOUT:.0f} s:\n"
+                      f"{server.log_tail()}")
+
+
+async def _accepts(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def stop(server: Running, timeout: float = STOP_TIMEOUT) -> int | None:
+    """SIGTERM the process group (the service drains and flushes), SIGKILL it past `timeout`."""
+    proc = server.proc
+    if proc.returncode is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise TargetError(f"{server.target.name} did not stop within {timeout:.0f} s of "
+                              f"SIGTERM; killed:\n{server.log_tail()}") from None
+    # Whatever else is left in the group (nginx's worker, if the master died first).
+    _signal_group(proc.pid, signal.SIGKILL)
+    return proc.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

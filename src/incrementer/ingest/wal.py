@@ -1,0 +1,431 @@
+"""The write-ahead log: every accepted increment is on disk before it is acknowledged.
+
+Increments appended during one event-loop tick share one frame; `seal()` gives the frame the next
+seq, and the flusher cuts the coalescing buffer at that seq. The database records the applied seq
+in the same transaction as the batch, so on restart `replay(applied_seq)` returns exactly the
+increments the database has not seen. The frame format lives in `wal_reader`.
+
+Threads: everything runs on the event-loop thread except `sync()`, which may run in a worker
+thread at the same time as append/seal/write, and `recycle()`, which may too.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from incrementer.ingest.wal_reader import (
+    ENTRY,
+    HEADER,
+    MAGIC,
+    SEQ,
+    WalCorruptError,
+    WalSummary,
+    list_segments,
+    replay_segments,
+    scan_segment,
+    segment_name,
+    summarize,
+)
+
+__all__ = [
+    "MemorySequence",
+    "SequencedLog",
+    "WalCorruptError",
+    "WalLockedError",
+    "WalSummary",
+    "WriteAheadLog",
+    "summarize",
+]
+
+log = logging.getLogger("incrementer.wal")
+
+_pack_entry = ENTRY.pack
+_pack_seq = SEQ.pack
+_pack_header = HEADER.pack
+_crc32 = zlib.crc32
+_NEW_SEGMENT = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+
+
+class WalLockedError(Exception):
+    """Another WriteAheadLog (in this or another process) has the directory open."""
+
+
+class SequencedLog(Protocol):
+    """What the intake, flusher and ack gate use: met by WriteAheadLog and MemorySequence."""
+
+    @property
+    def last_seq(self) -> int: ...
+    @property
+    def written_bytes(self) -> int: ...
+    @property
+    def synced_bytes(self) -> int: ...
+    def append(self, key: bytes, value: int) -> None: ...
+    def seal(self) -> int: ...
+    def advance_to(self, seq: int) -> None: ...
+    def write(self) -> int: ...
+    def sync(self) -> None: ...
+    def recycle(self, applied_seq: int) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Segment:
+    path: Path
+    first_seq: int
+    last_seq: int
+    size: int
+
+
+class WriteAheadLog:
+    """Segment files of sealed frames in one directory, locked against a second writer."""
+
+    def __init__(
+        self, directory: Path, dir_fd: int, segments: list[_Segment], segment_bytes: int
+    ) -> None:
+        """Use WriteAheadLog.open(); this takes ownership of dir_fd and the recovered segments."""
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self._dir_fd = dir_fd
+        self._segments = segments
+        self._fd = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND) if segments else -1
+        self._next_seq = segments[-1].last_seq + 1 if segments else 1
+        self._frame = bytearray()  # entries of the open frame
+        self._pending = bytearray()  # sealed frames not yet written
+        self._pending_first_seq = 0
+        self._pending_last_seq = 0
+        self._new_segment_needed = False  # advance_to left a seq gap, which must fall between files
+        self._written_bytes = 0
+        self._synced_bytes = 0
+        # _lock guards the fields sync() and recycle() share with the loop thread: _fd,
+        # _rotated_fds, _segments, _dir_dirty, _closed. _sync_lock keeps one sync at a time, so
+        # a rotated fd is closed only by the sync that fdatasynced it.
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._rotated_fds: list[int] = []
+        self._dir_dirty = False
+        self._closed = False
+        self._sync_error: OSError | None = None
+
+    @classmethod
+    def open(cls, directory: Path, *, segment_bytes: int = 64 * 2**20) -> WriteAheadLog:
+        """Validate every segment, drop a torn tail, and return a log that appends after it."""
+        if segment_bytes < 1:
+            raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
+        if not directory.is_dir():
+            directory.mkdir(parents=True)
+            _fsync_dir(directory.parent)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WalLockedError(
+                    f"WAL directory {directory} is in use by another WriteAheadLog "
+                    "(is a second incrementer running on the same data directory?)"
+                ) from None
+            segments = _recover(directory, dir_fd)
+            return cls(directory, dir_fd, segments, segment_bytes)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def last_seq(self) -> int:
+        """seq of the last sealed frame, or the floor set by advance_to if that is higher."""
+        return self._next_seq - 1
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes handed to the OS since open."""
+        return self._written_bytes
+
+    @property
+    def synced_bytes(self) -> int:
+        """How much of written_bytes the last completed sync() made durable."""
+        return self._synced_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(segment.size for segment in self._segments)
+
+    def advance_to(self, seq: int) -> None:
+        """Make the next frame's seq greater than seq (the database's applied seq at start)."""
+        if seq < self._next_seq:
+            return
+        # Sealed frames keep their seqs; the gap after them must be a segment boundary, because
+        # inside a segment a gap is damage.
+        self._write_pending()
+        self._next_seq = seq + 1
+        if self._segments and self._segments[-1].size:
+            self._new_segment_needed = True
+
+    def replay(self, after_seq: int) -> Iterator[tuple[int, list[tuple[str, int]]]]:
+        """(seq, entries) of every written frame with seq > after_seq, oldest first, streamed."""
+        with self._lock:
+            segments = list(self._segments)
+        return replay_segments(segments, after_seq)
+
+    def append(self, key: bytes, value: int) -> None:
+        """Add one increment to the open frame. The hot path: no syscall, no check."""
+        frame = self._frame
+        frame += _pack_entry(len(key), value)
+        frame += key
+
+    def seal(self) -> int:
+        """Close the open frame, if it has entries, under the next seq; return last_seq."""
+        frame = self._frame
+        if frame:
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            crc = _crc32(frame, _crc32(_pack_seq(seq)))
+            self._pending += _pack_header(MAGIC, len(frame), seq, crc)
+            self._pending += frame
+            frame.clear()
+            if not self._pending_first_seq:
+                self._pending_first_seq = seq
+            self._pending_last_seq = seq
+        return self._next_seq - 1
+
+    def write(self) -> int:
+        """Seal, then hand every sealed frame to the OS; survives kill -9 once this returns."""
+        self.seal()
+        return self._write_pending()
+
+    def _write_pending(self) -> int:
+        pending = self._pending
+        if not pending:
+            return 0
+        if self._closed:
+            raise ValueError(f"WAL {self.directory} is closed")
+        if (
+            self._fd < 0
+            or self._new_segment_needed
+            or self._segments[-1].size >= self.segment_bytes
+        ):
+            self._start_segment(self._pending_first_seq)
+        fd, segment, total = self._fd, self._segments[-1], len(pending)
+        done = 0
+        try:
+            with memoryview(pending) as view:
+                while done < total:
+                    done += os.write(fd, view[done:])
+        except BaseException:
+            if done:
+                # A partial frame followed by later frames would read as damage on the next
+                # open; cut it off so a retry of this write starts at a frame boundary.
+                os.ftruncate(fd, segment.size)
+            raise
+        pending.clear()
+        segment.size += total
+        segment.last_seq = self._pending_last_seq
+        self._pending_first_seq = 0
+        self._written_bytes += total
+        return total
+
+    def _start_segment(self, first_seq: int) -> None:
+        path = self.directory / segment_name(first_seq)
+        fd = os.open(path, _NEW_SEGMENT, 0o644)
+        with self._lock:
+            if self._fd >= 0:
+                self._rotated_fds.append(self._fd)
+            self._fd = fd
+            self._segments.append(_Segment(path, first_seq, first_seq - 1, 0))
+            self._dir_dirty = True
+        self._new_segment_needed = False
+
+    def sync(self) -> None:
+        """fdatasync everything written so far. Safe in a worker thread alongside write()."""
+        with self._sync_lock:
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        if self._sync_error is not None:
+            raise OSError(
+                errno.EIO,
+                f"an earlier fdatasync in {self.directory} failed ({self._sync_error}); "
+                "what was written since cannot be promised durable",
+            )
+        with self._lock:
+            if self._closed:
+                return
+            target = self._written_bytes
+            rotated, self._rotated_fds = self._rotated_fds, []
+            fd = self._fd
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+        try:
+            for old_fd in rotated:
+                os.fdatasync(old_fd)
+            if fd >= 0:
+                os.fdatasync(fd)
+            if dir_dirty:
+                os.fsync(self._dir_fd)
+        except OSError as exc:
+            # After a failed fdatasync the kernel may have dropped the dirty pages and marked
+            # them clean, so a retry could succeed without the data: never report progress again.
+            self._sync_error = exc
+            raise
+        finally:
+            for old_fd in rotated:
+                os.close(old_fd)
+        self._synced_bytes = max(self._synced_bytes, target)
+
+    def recycle(self, applied_seq: int) -> int:
+        """Delete the segments whose every frame is <= applied_seq, never the active one.
+
+        The next sync() makes the deletions durable. Until then a crash can only bring back
+        fully applied segments, which replay skips and the next recycle deletes again.
+        """
+        with self._lock:
+            if self._closed:
+                return 0
+            doomed = [s for s in self._segments[:-1] if s.last_seq <= applied_seq]
+            if not doomed:
+                return 0
+            self._segments = [s for s in self._segments if s not in doomed]
+            self._dir_dirty = True
+        for segment in doomed:
+            segment.path.unlink(missing_ok=True)
+        return len(doomed)
+
+    def close(self) -> None:
+        """Write and sync everything, then release the files and the directory lock."""
+        if self._closed:
+            return
+        self.write()
+        with self._sync_lock:
+            self._sync_locked()
+            with self._lock:
+                self._closed = True
+                fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+            os.close(self._dir_fd)
+
+
+def _recover(directory: Path, dir_fd: int) -> list[_Segment]:
+    """Validate every segment; truncate a torn tail off the last one. Raise before changing any."""
+    found = list_segments(directory)
+    segments: list[_Segment] = []
+    for index, (name_seq, path) in enumerate(found):
+        is_last = index == len(found) - 1
+        scan = scan_segment(path, name_seq)
+        if scan.damage is not None and not (scan.tail_only and is_last):
+            where = "" if is_last else " in a segment that is not the last one"
+            raise WalCorruptError(
+                f"{scan.describe_damage()}{where}: this is not a torn final write. "
+                "The log was left untouched; inspect it with `incrementer wal inspect`."
+            )
+        if segments and scan.first_seq <= segments[-1].last_seq:
+            raise WalCorruptError(
+                f"{path}: starts at seq {scan.first_seq} (byte offset 0), not after seq "
+                f"{segments[-1].last_seq} where {segments[-1].path.name} ends. "
+                "The log was left untouched."
+            )
+        if not scan.frames and not is_last:
+            raise WalCorruptError(
+                f"{path}: no frames from byte offset 0, yet later segments exist. "
+                "The log was left untouched."
+            )
+        if scan.damage is not None:
+            log.warning(
+                "WAL torn tail dropped: %s; the %d frames before it are intact",
+                scan.describe_damage(),
+                scan.frames,
+            )
+            os.truncate(path, scan.valid_end)
+            _fsync_file(path)
+        if scan.frames:
+            segments.append(_Segment(path, scan.first_seq, scan.last_seq, scan.valid_end))
+        else:
+            # A last segment without frames (created, then the process died) would carry a name
+            # that may not match the seq of the next frame written: start that one afresh.
+            path.unlink()
+            os.fsync(dir_fd)
+    return segments
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemorySequence:
+    """WriteAheadLog's seq and seal without I/O, for `--durability memory`."""
+
+    def __init__(self) -> None:
+        self._next_seq = 1
+        self._dirty = False
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    written_bytes = 0
+    synced_bytes = 0
+    segment_count = 0
+    bytes_on_disk = 0
+
+    def append(self, key: bytes, value: int) -> None:
+        self._dirty = True
+
+    def seal(self) -> int:
+        if self._dirty:
+            self._dirty = False
+            self._next_seq += 1
+        return self._next_seq - 1
+
+    def advance_to(self, seq: int) -> None:
+        self._next_seq = max(self._next_seq, seq + 1)
+
+    def replay(self, after_seq: int) -> Iterator[tuple[int, list[tuple[str, int]]]]:
+        return iter(())
+
+    def write(self) -> int:
+        """Seal, as WriteAheadLog.write() does, so seqs advance alike in both modes; no I/O."""
+        self.seal()
+        return 0
+
+    def sync(self) -> None:
+        return None
+
+    def recycle(self, applied_seq: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,306 @@
+"""Reading the write-ahead log: the frame format, segment scanning, replay and `summarize`.
+
+A segment file `wal-<seq of its first frame, 20 digits>.log` holds frames whose seqs rise by one.
+Frame, little-endian: MAGIC b"IWAL" | u32 payload_len | u64 seq | u32 crc32(seq bytes + payload) |
+payload. Payload: repeated `u16 key_len | i64 value | key (UTF-8)`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+MAGIC = b"IWAL"
+HEADER = struct.Struct("<4sIQI")
+SEQ = struct.Struct("<Q")
+ENTRY = struct.Struct("<Hq")
+_SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+_ZERO_HEADER = bytes(HEADER.size)
+
+Buffer = bytes | mmap.mmap
+
+
+class WalCorruptError(Exception):
+    """The log is damaged in a way a torn final write cannot explain; nothing was modified."""
+
+
+def segment_name(first_seq: int) -> str:
+    return f"wal-{first_seq:020d}.log"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(first_seq, path) of every segment file in directory, oldest first; other files ignored."""
+    found = []
+    for path in directory.iterdir():
+        match = _SEGMENT_NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    found.sort()
+    return found
+
+
+def frame_at(buf: Buffer, offset: int) -> tuple[int, int] | str:
+    """(seq, end offset) of the valid frame starting at offset, or why there is none."""
+    size = len(buf)
+    if size - offset < HEADER.size:
+        return "incomplete frame header"
+    magic, length, seq, crc = HEADER.unpack_from(buf, offset)
+    if magic != MAGIC:
+        if buf[offset : offset + HEADER.size] == _ZERO_HEADER:
+            return "zeros instead of a frame"
+        return "bad magic"
+    start = offset + HEADER.size
+    end = start + length
+    if end > size:
+        return "incomplete payload"
+    if zlib.crc32(buf[start:end], zlib.crc32(SEQ.pack(seq))) != crc:
+        return "crc mismatch"
+    return seq, end
+
+
+def next_valid_frame(buf: Buffer, start: int) -> int | None:
+    """Offset of the first valid frame at or after start, found by its magic; None if none."""
+    pos = buf.find(MAGIC, start)
+    while pos != -1:
+        if not isinstance(frame_at(buf, pos), str):
+            return pos
+        pos = buf.find(MAGIC, pos + 1)
+    return None
+
+
+def decode_entries(payload: bytes) -> list[tuple[str, int]]:
+    """The (key, value) entries of one frame payload; ValueError if it is malformed."""
+    entries = []
+    unpack = ENTRY.unpack_from
+    offset, size = 0, len(payload)
+    try:
+        while offset < size:
+            key_len, value = unpack(payload, offset)
+            start = offset + ENTRY.size
+            offset = start + key_len
+            if offset > size:
+                raise ValueError(f"entry key runs past the payload end ({offset} > {size})")
+            entries.append((payload[start:offset].decode(), value))
+    except struct.error as exc:
+        raise ValueError(f"truncated entry at payload offset {offset}") from exc
+    return entries
+
+
+def count_entries(buf: Buffer, start: int, end: int) -> int:
+    """How many entries the payload buf[start:end] holds; ValueError if it is malformed."""
+    count = 0
+    unpack = ENTRY.unpack_from
+    offset = start
+    while offset < end:
+        if end - offset < ENTRY.size:
+            raise ValueError(f"truncated entry at byte offset {offset}")
+        key_len, _ = unpack(buf, offset)
+        offset += ENTRY.size + key_len
+        count += 1
+    if offset != end:
+        raise ValueError(f"entry key runs past the payload end at byte offset {end}")
+    return count
+
+
+@dataclass(slots=True)
+class SegmentScan:
+    """What one pass over a segment found: its good frames and the first damage, if any."""
+
+    path: Path
+    first_seq: int
+    """From the file name; the first frame's seq must equal it."""
+    size: int = 0
+    frames: int = 0
+    records: int = 0
+    last_seq: int = 0
+    """seq of the last good frame; first_seq - 1 when there is none."""
+    valid_end: int = 0
+    """Offset just past the last good frame."""
+    damage: str | None = None
+    """Why the bytes at damage_offset are not the next frame; None if the segment is clean."""
+    damage_offset: int = 0
+    tail_only: bool = True
+    """True when no valid frame follows the damage and the seqs were in order: a torn tail."""
+    resume_offset: int | None = None
+    """Offset of a valid frame found after the damage, which rules out a torn tail."""
+    problems: list[str] = field(default_factory=list)
+
+    def describe_damage(self) -> str:
+        where = f"{self.path}: {self.damage} at byte offset {self.damage_offset}"
+        if self.resume_offset is not None:
+            return f"{where}, yet a valid frame follows at byte offset {self.resume_offset}"
+        return f"{where} ({self.size - self.damage_offset} bytes to the end of the file)"
+
+
+def scan_segment(path: Path, first_seq: int, *, count_records: bool = False) -> SegmentScan:
+    """Validate every frame of one segment file without modifying it."""
+    scan = SegmentScan(path=path, first_seq=first_seq, last_seq=first_seq - 1)
+    with path.open("rb") as file:
+        scan.size = os.fstat(file.fileno()).st_size
+        if scan.size == 0:
+            return scan
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _scan_frames(buf, scan, count_records)
+    return scan
+
+
+def _scan_frames(buf: mmap.mmap, scan: SegmentScan, count_records: bool) -> None:
+    offset = 0
+    while offset < scan.size:
+        found = frame_at(buf, offset)
+        if isinstance(found, str):
+            scan.damage, scan.damage_offset = found, offset
+            scan.resume_offset = next_valid_frame(buf, offset + 1)
+            scan.tail_only = scan.resume_offset is None
+            return
+        seq, end = found
+        if seq != scan.last_seq + 1:
+            scan.damage = f"frame seq {seq} where seq {scan.last_seq + 1} was expected"
+            scan.damage_offset, scan.tail_only = offset, False
+            return
+        if count_records:
+            try:
+                scan.records += count_entries(buf, offset + HEADER.size, end)
+            except ValueError as exc:
+                scan.problems.append(f"{scan.path}: frame seq {seq}: malformed payload: {exc}")
+        scan.frames += 1
+        scan.last_seq = seq
+        scan.valid_end = offset = end
+
+
+class ReplaySegment(Protocol):
+    """A segment as the writer tracks it; last_seq may grow while replay runs."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def last_seq(self) -> int: ...
+
+
+def replay_segments(
+    segments: Iterable[ReplaySegment], after_seq: int
+) -> Iterator[tuple[int, list[tuple[str, int]]]]:
+    """(seq, entries) of every frame with seq > after_seq, one frame in memory at a time.
+
+    The frames after after_seq must be after_seq + 1, after_seq + 2, ...: a hole means increments
+    that the database has not applied are gone, and that is an error, not something to skip.
+    """
+    expected = after_seq + 1
+    for segment in segments:
+        if segment.last_seq <= after_seq:
+            continue
+        with segment.path.open("rb") as file:
+            offset = 0
+            while header := file.read(HEADER.size):
+                if len(header) < HEADER.size:
+                    raise _replay_error(segment.path, offset, "incomplete frame header")
+                magic, length, seq, crc = HEADER.unpack(header)
+                if magic != MAGIC:
+                    raise _replay_error(segment.path, offset, "bad magic")
+                if seq <= after_seq:
+                    file.seek(length, os.SEEK_CUR)
+                    offset += HEADER.size + length
+                    continue
+                payload = file.read(length)
+                if len(payload) < length:
+                    raise _replay_error(segment.path, offset, "incomplete payload")
+                if zlib.crc32(payload, zlib.crc32(SEQ.pack(seq))) != crc:
+                    raise _replay_error(segment.path, offset, "crc mismatch")
+                if seq != expected:
+                    raise _replay_error(
+                        segment.path,
+                        offset,
+                        f"frame seq {seq} where seq {expected} was expected: frames "
+                        f"{expected}..{seq - 1} are missing (a deleted segment, or a database "
+                        f"whose applied seq {after_seq} is behind this log)",
+                    )
+                try:
+                    entries = decode_entries(payload)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise _replay_error(segment.path, offset, f"malformed payload: {exc}") from exc
+                yield seq, entries
+                expected = seq + 1
+                offset += HEADER.size + length
+
+
+def _replay_error(path: Path, offset: int, reason: str) -> WalCorruptError:
+    return WalCorruptError(
+        f"{path}: {reason} at byte offset {offset} during replay; the log was left untouched"
+    )
+
+
+class SegmentSummary(NamedTuple):
+    name: str
+    bytes: int
+    first_seq: int
+    last_seq: int
+    frames: int
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class WalSummary:
+    """Figures for `incrementer wal inspect`."""
+
+    directory: Path
+    segments: list[SegmentSummary]
+    frames: int
+    records: int
+    bytes: int
+    first_seq: int
+    """seq of the oldest frame on disk, 0 if there is none."""
+    last_seq: int
+    torn_tail: str | None
+    """The damage WriteAheadLog.open would truncate off with a warning, if any."""
+    problems: list[str]
+    """Damage that would make WriteAheadLog.open raise WalCorruptError; empty when healthy."""
+
+
+def summarize(directory: Path) -> WalSummary:
+    """Read-only figures for every segment in directory; reports damage instead of raising."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"WAL directory {directory} does not exist")
+    found = list_segments(directory)
+    segments: list[SegmentSummary] = []
+    problems: list[str] = []
+    torn_tail: str | None = None
+    first_seq = last_seq = 0
+    for index, (name_seq, path) in enumerate(found):
+        scan = scan_segment(path, name_seq, count_records=True)
+        problems.extend(scan.problems)
+        is_last = index == len(found) - 1
+        if scan.damage is not None:
+            if scan.tail_only and is_last:
+                torn_tail = scan.describe_damage()
+            else:
+                problems.append(scan.describe_damage())
+        if scan.frames and last_seq and scan.first_seq <= last_seq:
+            problems.append(f"{path}: starts at seq {scan.first_seq}, not after seq {last_seq}")
+        if not scan.frames and not is_last:
+            problems.append(f"{path}: no frames, yet later segments exist")
+        if scan.frames:
+            first_seq = first_seq or scan.first_seq
+            last_seq = scan.last_seq
+        segments.append(
+            SegmentSummary(
+                path.name, scan.size, scan.first_seq, scan.last_seq, scan.frames, scan.records
+            )
+        )
+    return WalSummary(
+        directory=directory,
+        segments=segments,
+        frames=sum(s.frames for s in segments),
+        records=sum(s.records for s in segments),
+        bytes=sum(s.bytes for s in segments),
+        first_seq=first_seq,
+        last_seq=last_seq,
+        torn_tail=torn_tail,
+        problems=problems,
+    )

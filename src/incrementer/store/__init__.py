@@ -1,0 +1,98 @@
+"""Database backends behind one interface; pick one by URL.
+
+Backends are imported inside `open_store` so an SQLite deployment never loads asyncpg and a
+PostgreSQL one never touches sqlite3.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from incrementer.store.base import (
+    INT64_MAX,
+    INT64_MIN,
+    ApplyResult,
+    BackendError,
+    KeyRead,
+    Store,
+)
+
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "ApplyResult",
+    "BackendError",
+    "KeyRead",
+    "Store",
+    "open_store",
+    "parse_database_url",
+    "prefix_upper_bound",
+    "redact_url",
+]
+
+ACCEPTED_FORMS = (
+    "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+    "postgresql://user:password@host:port/dbname or postgres://..."
+)
+
+
+def parse_database_url(url: str) -> tuple[str, str]:
+    """("sqlite", filesystem path) or ("postgresql", asyncpg DSN); ValueError for anything else."""
+    if url.startswith("sqlite:///"):
+        # Everything after the third slash is the path, verbatim: no query string or percent
+        # decoding, so any filename the filesystem allows works as written.
+        path = url[len("sqlite:///") :]
+        if not path or path.endswith("/"):
+            raise ValueError(f"database URL {url!r} names no SQLite file; use {ACCEPTED_FORMS}")
+        if path == ":memory:":
+            # The writer and the reader are separate connections: each would see its own empty DB.
+            raise ValueError(
+                f"database URL {url!r}: in-memory SQLite is not supported, name a file; "
+                f"use {ACCEPTED_FORMS}"
+            )
+        return "sqlite", path
+    scheme = url.partition("://")[0].lower()
+    if scheme in ("postgresql", "postgres") and "://" in url:
+        return "postgresql", url
+    raise ValueError(f"unsupported database URL {redact_url(url)!r}; use {ACCEPTED_FORMS}")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if not password:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The bound such that `prefix <= key < bound` holds exactly for keys starting with prefix.
+
+    Code point order, which is how SQLite, CockroachDB and PostgreSQL's C/C.UTF-8 collations sort
+    text. None when no bound is needed (empty prefix, or nothing but U+10FFFF).
+    """
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    nxt = ord(stripped[-1]) + 1
+    if 0xD800 <= nxt <= 0xDFFF:
+        nxt = 0xE000  # surrogates cannot be stored as UTF-8 text
+    return stripped[:-1] + chr(nxt)
+
+
+def open_store(url: str) -> Store:
+    """The backend for url, not yet opened: call `await store.open()`."""
+    engine, target = parse_database_url(url)
+    if engine == "sqlite":
+        from incrementer.store.sqlite import SQLiteStore
+
+        return SQLiteStore(target)
+    from incrementer.store.postgres import PostgresStore
+
+    return PostgresStore(target)

@@ -1,0 +1,205 @@
+"""PostgreSQL backend on asyncpg.
+
+The SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB)
+accept: unnest, ON CONFLICT, FOR UPDATE, savepoints, no server-side functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import asyncpg
+
+from incrementer.store import prefix_upper_bound, redact_url
+from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, KeyRead
+
+# Anything that means "the database failed or is unreachable": the flusher keeps the batch and
+# retries. Other exceptions are bugs and propagate as they are.
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+# Only concurrent writers moving the same counters between the failed upsert and the overflow
+# query can need another round; give up well before that turns into a livelock.
+MAX_UPSERT_ROUNDS = 8
+
+ENSURE_NODE = (
+    "INSERT INTO incrementer_nodes (node_id, applied_seq, updated_at) VALUES ($1, 0, now())"
+    " ON CONFLICT (node_id) DO NOTHING"
+)
+# The row lock serializes concurrent flushes of one node (two processes sharing a node_id):
+# the second waits, then sees the first's seq and skips.
+LOCK_NODE = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1 FOR UPDATE"
+SET_APPLIED = "UPDATE incrementer_nodes SET applied_seq = $2, updated_at = now() WHERE node_id = $1"
+UPSERT_COUNTERS = (
+    "INSERT INTO counters (key, value, created_at, updated_at)"
+    " SELECT k, v, now(), now() FROM unnest($1::text[], $2::bigint[]) AS t(k, v)"
+    " ON CONFLICT (key) DO UPDATE"
+    " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
+)
+FIND_OVERFLOWS = (
+    "SELECT t.k FROM unnest($1::text[], $2::bigint[]) AS t(k, v)"
+    " JOIN counters AS c ON c.key = t.k"
+    f" WHERE c.value::numeric + t.v NOT BETWEEN {INT64_MIN} AND {INT64_MAX}"
+)
+INSERT_OVERFLOWS = (
+    "INSERT INTO counter_overflows (node_id, seq, key, delta, created_at)"
+    " SELECT $1, $2, k, d, now() FROM unnest($3::text[], $4::text[]) AS t(k, d)"
+)
+SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1"
+# One statement, so the value and applied_seq come from one snapshot.
+SELECT_READ = (
+    "SELECT (SELECT value FROM counters WHERE key = $1),"
+    " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2)"
+)
+# A key range rather than LIKE: a range uses the primary key index under any collation, while
+# PostgreSQL only turns LIKE 'p%' into an index range under the "C" collation. The range is exact
+# where text sorts by code point (C, C.UTF-8, CockroachDB); a linguistic collation would need the
+# key column declared COLLATE "C".
+LIST_FROM = "SELECT key, value FROM counters WHERE key >= $1 ORDER BY key LIMIT $2"
+LIST_RANGE = "SELECT key, value FROM counters WHERE key >= $1 AND key < $3 ORDER BY key LIMIT $2"
+
+
+class PostgresStore:
+    """The Store for one PostgreSQL database, over a small asyncpg pool."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 4,
+        connect_timeout: float = 10.0,
+        command_timeout: float | None = 60.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.close_timeout = close_timeout
+        self._where = redact_url(dsn)
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        """Create the pool and its first connection, so a wrong host or password fails here."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+                server_settings={"application_name": "incrementer"},
+            )
+        except (*DB_ERRORS, ValueError) as exc:
+            # ValueError: asyncpg's complaint about a malformed DSN.
+            raise BackendError(f"cannot connect to PostgreSQL at {self._where}: {exc}") from exc
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.close_timeout)
+        except TimeoutError:
+            pool.terminate()
+
+    async def ping(self) -> None:
+        with self._errors():
+            await self._require_pool().fetchval("SELECT 1")
+
+    async def applied_seq(self, node_id: str) -> int:
+        with self._errors():
+            applied = await self._require_pool().fetchval(SELECT_APPLIED, node_id)
+        return int(applied or 0)
+
+    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+        """See Store.apply_batch. If the caller is cancelled while COMMIT is in flight the batch
+        may be applied: retry it with the same seq, which makes the retry a no-op."""
+        if not 1 <= seq <= INT64_MAX:
+            raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
+        pool = self._require_pool()
+        # Every writer locks counter rows in key order, so concurrent flushes cannot deadlock.
+        pending: dict[str, int] = {}
+        overflowed: dict[str, int] = {}
+        for key in sorted(deltas):
+            delta = deltas[key]
+            if INT64_MIN <= delta <= INT64_MAX:
+                pending[key] = delta
+            else:
+                overflowed[key] = delta
+        with self._errors():
+            async with pool.acquire() as conn, conn.transaction():
+                # Make sure a row exists, so FOR UPDATE has something to lock on the first flush.
+                await conn.execute(ENSURE_NODE, node_id)
+                applied = await conn.fetchval(LOCK_NODE, node_id)
+                if seq <= applied:
+                    return ApplyResult(applied=False)
+                await self._upsert_isolating_overflows(conn, pending, overflowed)
+                if overflowed:
+                    await conn.execute(
+                        INSERT_OVERFLOWS,
+                        node_id,
+                        seq,
+                        list(overflowed),
+                        [str(d) for d in overflowed.values()],
+                    )
+                await conn.execute(SET_APPLIED, node_id, seq)
+        return ApplyResult(applied=True, overflowed=overflowed)
+
+    async def read(self, key: str, node_id: str) -> KeyRead:
+        with self._errors():
+            row = await self._require_pool().fetchrow(SELECT_READ, key, node_id)
+        value, applied = row[0], row[1]
+        return KeyRead(value=None if value is None else int(value), applied_seq=int(applied or 0))
+
+    async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        upper = prefix_upper_bound(prefix)
+        pool = self._require_pool()
+        with self._errors():
+            if upper is None:
+                rows = await pool.fetch(LIST_FROM, prefix, limit)
+            else:
+                rows = await pool.fetch(LIST_RANGE, prefix, limit, upper)
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def _upsert_isolating_overflows(
+        self, conn: Any, pending: dict[str, int], overflowed: dict[str, int]
+    ) -> None:
+        """Upsert pending; move keys whose total would leave int64 from pending to overflowed.
+
+        Overflow is rare, so the fast path is one statement and the check happens only after
+        PostgreSQL refuses: the savepoint keeps that refusal from aborting the whole batch.
+        """
+        for _ in range(MAX_UPSERT_ROUNDS):
+            if not pending:
+                return
+            keys, values = list(pending), list(pending.values())
+            try:
+                async with conn.transaction():
+                    await conn.execute(UPSERT_COUNTERS, keys, values)
+                return
+            except asyncpg.NumericValueOutOfRangeError:
+                for row in await conn.fetch(FIND_OVERFLOWS, keys, values):
+                    overflowed[row[0]] = pending.pop(row[0])
+        raise BackendError(
+            f"PostgreSQL at {self._where}: counters kept overflowing under concurrent writers "
+            f"after {MAX_UPSERT_ROUNDS} rounds; the batch will be retried"
+        )
+
+    def _require_pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore is not open")
+        return self._pool
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except DB_ERRORS as exc:
+            raise BackendError(f"PostgreSQL at {self._where}: {exc}") from exc

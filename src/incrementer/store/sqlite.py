@@ -1,0 +1,213 @@
+"""SQLite backend: stdlib sqlite3 kept off the event loop.
+
+One writer thread owns the only connection that writes, so flushes from this process queue up
+instead of contending for SQLite's single write lock; reads go through a second thread and
+connection, which WAL mode lets run alongside a write. Other processes on the same file serialize
+on `BEGIN IMMEDIATE` and wait up to busy_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from incrementer.store import prefix_upper_bound
+from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, KeyRead
+
+T = TypeVar("T")
+
+# Well under SQLite's bound-parameter limit (999 before 3.32), so any build accepts the IN list.
+READ_CHUNK = 500
+
+UPSERT_COUNTER = (
+    "INSERT INTO counters (key, value, created_at, updated_at)"
+    " VALUES (?, ?, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    " ON CONFLICT (key) DO UPDATE"
+    " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
+)
+INSERT_OVERFLOW = "INSERT INTO counter_overflows (node_id, seq, key, delta) VALUES (?, ?, ?, ?)"
+UPSERT_NODE = (
+    "INSERT INTO incrementer_nodes (node_id, applied_seq, updated_at)"
+    " VALUES (?, ?, CURRENT_TIMESTAMP)"
+    " ON CONFLICT (node_id) DO UPDATE"
+    " SET applied_seq = excluded.applied_seq, updated_at = excluded.updated_at"
+)
+SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?"
+# One statement, so the value and applied_seq come from one snapshot.
+SELECT_READ = (
+    "SELECT (SELECT value FROM counters WHERE key = ?),"
+    " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?)"
+)
+
+
+class SQLiteStore:
+    """The Store for one SQLite file."""
+
+    def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        # Each connection is only ever touched from its own executor's single thread.
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        try:
+            await self._on(self._writer, self._open_writer)
+            await self._on(self._reader, self._open_reader)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        # Closing is queued behind any in-flight work, so a running flush finishes first.
+        for executor, attr in ((self._writer, "_write_conn"), (self._reader, "_read_conn")):
+            if executor is None:
+                continue
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, self._close_conn, attr)
+            finally:
+                executor.shutdown(wait=False)
+        self._writer = self._reader = None
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchall())
+
+    async def applied_seq(self, node_id: str) -> int:
+        rows = await self._read(lambda conn: conn.execute(SELECT_APPLIED, (node_id,)).fetchall())
+        return int(rows[0][0]) if rows else 0
+
+    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+        """See Store.apply_batch. If the caller is cancelled the transaction still runs to its end,
+        so the batch may be applied: retry it with the same seq, which makes the retry a no-op."""
+        if not 1 <= seq <= INT64_MAX:
+            raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
+        if self._writer is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return await self._on(self._writer, partial(self._apply, node_id, seq, dict(deltas)))
+
+    async def read(self, key: str, node_id: str) -> KeyRead:
+        rows = await self._read(lambda conn: conn.execute(SELECT_READ, (key, node_id)).fetchall())
+        value, applied = rows[0]
+        return KeyRead(value=value, applied_seq=applied or 0)
+
+    async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        upper = prefix_upper_bound(prefix)
+        if upper is None:
+            sql = "SELECT key, value FROM counters WHERE key >= ? ORDER BY key LIMIT ?"
+            params: tuple[object, ...] = (prefix, limit)
+        else:
+            sql = "SELECT key, value FROM counters WHERE key >= ? AND key < ? ORDER BY key LIMIT ?"
+            params = (prefix, upper, limit)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [(str(k), int(v)) for k, v in rows]
+
+    # --- running on the executor threads -------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: the stdlib must not open transactions behind our back; apply
+        # issues BEGIN IMMEDIATE itself so the write lock is taken before anything is read.
+        # timeout= is SQLite's busy_timeout: wait that long for another process's write lock.
+        return sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+
+    def _open_writer(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        self._write_conn = conn
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+        if str(mode).lower() != "wal":
+            raise BackendError(f"SQLite {self.path}: cannot enable WAL mode (got {mode!r})")
+        # FULL fsyncs the WAL at every commit. NORMAL would survive a process crash but could lose
+        # the last flushes on power loss, while the flusher has already released their batch
+        # (and the WAL may be recycled): a committed flush must stay committed.
+        conn.execute("PRAGMA synchronous = FULL")
+
+    def _open_reader(self) -> None:
+        conn = self._connect()
+        self._read_conn = conn
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("SELECT 1").fetchall()
+
+    def _close_conn(self, attr: str) -> None:
+        conn: sqlite3.Connection | None = getattr(self, attr)
+        setattr(self, attr, None)
+        if conn is not None:
+            conn.close()
+
+    def _apply(self, node_id: str, seq: int, deltas: dict[str, int]) -> ApplyResult:
+        conn = self._write_conn
+        if conn is None:
+            raise RuntimeError("SQLiteStore is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(SELECT_APPLIED, (node_id,)).fetchall()
+            if rows and seq <= rows[0][0]:
+                conn.execute("ROLLBACK")
+                return ApplyResult(applied=False)
+            current = _current_values(conn, list(deltas))
+            upserts: list[tuple[str, int]] = []
+            overflowed: dict[str, int] = {}
+            for key, delta in deltas.items():
+                # The write lock is held, so `current` is exact until COMMIT. Deciding here is what
+                # keeps values integers: SQLite turns an overflowing integer sum into a REAL.
+                total = current.get(key, 0) + delta
+                if INT64_MIN <= delta <= INT64_MAX and INT64_MIN <= total <= INT64_MAX:
+                    upserts.append((key, delta))
+                else:
+                    overflowed[key] = delta
+            conn.executemany(UPSERT_COUNTER, upserts)
+            conn.executemany(
+                INSERT_OVERFLOW, [(node_id, seq, k, str(d)) for k, d in overflowed.items()]
+            )
+            conn.execute(UPSERT_NODE, (node_id, seq))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # The original error is the one worth reporting; a failed rollback adds nothing.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return ApplyResult(applied=True, overflowed=overflowed)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        # fetchall() in every query: a half-read cursor would pin its snapshot and starve the
+        # WAL checkpoint.
+        def run() -> T:
+            if self._read_conn is None:
+                raise RuntimeError("SQLiteStore is not open")
+            return query(self._read_conn)
+
+        if self._reader is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return await self._on(self._reader, run)
+
+    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn)
+        except sqlite3.Error as exc:
+            raise BackendError(f"SQLite {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise BackendError(f"SQLite {self.path}: {exc}") from exc
+
+
+def _current_values(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
+    current: dict[str, int] = {}
+    for start in range(0, len(keys), READ_CHUNK):
+        chunk = keys[start : start + READ_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT key, value FROM counters WHERE key IN ({marks})"
+        current.update(conn.execute(sql, chunk).fetchall())
+    return current

@@ -1,0 +1,215 @@
+"""Nothing acknowledged is lost, nothing is applied twice: kill -9, crash points, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sqlite3
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from incrementer.ingest.wal import summarize
+from proxy import proxy_to
+from support import (
+    LoadResult,
+    db_totals,
+    kill,
+    load,
+    run_service,
+    settings_for,
+    spawn,
+    spawned,
+    wait_until,
+)
+
+
+def violations(acked: dict[str, int], in_flight: dict[str, int],
+               totals: dict[str, int]) -> list[str]:
+    """Keys whose database total is below what was acknowledged, or above acknowledged plus
+    what was in flight (sent, never answered) at a crash."""
+    found = []
+    for key in acked.keys() | in_flight.keys() | totals.keys():
+        low = acked.get(key, 0)
+        high = low + in_flight.get(key, 0)
+        total = totals.get(key, 0)
+        if not low <= total <= high:
+            found.append(f"{key}: total {total} outside [{low}, {high}]")
+    return found
+
+
+def merge(into: LoadResult, part: LoadResult) -> None:
+    for mine, theirs in ((into.acked, part.acked), (into.in_flight, part.in_flight)):
+        for key, value in theirs.items():
+            mine[key] = mine.get(key, 0) + value
+
+
+def test_violations_catches_loss_and_duplicates() -> None:
+    """The checker itself flags both a lost and a doubled increment."""
+    assert violations({"a": 5}, {}, {"a": 5}) == []
+    assert violations({"a": 5}, {"a": 2}, {"a": 7}) == []
+    assert violations({"a": 5}, {}, {"a": 4})
+    assert violations({"a": 5}, {"a": 1}, {"a": 7})
+
+
+async def crash_rounds(tmp_path: Path, db_url: str, durability: str,
+                       rounds: int) -> tuple[LoadResult, dict[str, int]]:
+    """Run load, kill -9 mid-load, restart, repeat; then drain gracefully and read totals."""
+    prefix = uuid.uuid4().hex[:8]
+    keys = [f"{prefix}-{i}" for i in range(200)]
+    rng = random.Random(durability)
+    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
+            "--durability", durability, "--flush-interval", "3", "--log-level", "info"]
+    seen = LoadResult()
+    for _ in range(rounds):
+        server = spawn(args)
+        try:
+            items = [(rng.choice(keys), rng.randint(1, 9)) for _ in range(200_000)]
+            task = asyncio.create_task(load(server.url, items, connections=8, pipeline=32,
+                                            stop_on_error=False))
+            await asyncio.sleep(rng.uniform(0.6, 1.2))
+            kill(server.proc)
+            merge(seen, await task)
+        finally:
+            kill(server.proc)
+    with spawned(args) as server:
+        assert server.stop(signal.SIGTERM) == 0, server.read_log()
+    return seen, await db_totals(db_url, keys)
+
+
+@pytest.mark.parametrize("durability", ["wal", "wal-fsync"])
+async def test_kill9_under_load_loses_nothing(tmp_path: Path, db_url: str,
+                                              durability: str) -> None:
+    """Repeated kill -9 under load: every acknowledged increment lands exactly once."""
+    seen, totals = await crash_rounds(tmp_path, db_url, durability, rounds=3)
+    assert sum(seen.acked.values()) > 1000, "the load never got going"
+    assert violations(seen.acked, seen.in_flight, totals) == []
+
+
+async def test_kill9_in_memory_mode_loses_data(tmp_path: Path, sqlite_url: str) -> None:
+    """The same harness catches memory mode losing acknowledged increments on kill -9."""
+    seen, totals = await crash_rounds(tmp_path, sqlite_url, "memory", rounds=1)
+    assert sum(seen.acked.values()) > 1000
+    assert violations(seen.acked, seen.in_flight, totals) != []
+
+
+async def test_crash_after_commit_before_recycle_does_not_double_apply(
+        tmp_path: Path, db_url: str) -> None:
+    """A crash right after the commit replays the WAL, finds the batch applied, skips it."""
+    key = f"crash-{uuid.uuid4().hex[:8]}"
+    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
+            "--flush-interval", "0.05"]
+    server = spawn(args, env={"INCREMENTER_FAULT_CRASH_AFTER_COMMITS": "1"})
+    try:
+        result = await load(server.url, [(key, 1)] * 50, connections=1, pipeline=50)
+        assert server.proc.wait(15) == 137
+    finally:
+        kill(server.proc)
+    assert await db_totals(db_url, [key]) == {key: 50}
+    pending = summarize(tmp_path / "data" / "wal")
+    assert pending.records >= 50, "the crash should leave the applied records in the WAL"
+    with spawned(args) as server:
+        assert server.stop() == 0
+    assert "replayed" not in server.read_log()
+    assert result.acked == {key: 50}
+    assert await db_totals(db_url, [key]) == {key: 50}
+
+
+async def test_graceful_shutdown_loses_nothing_in_memory_mode(tmp_path: Path,
+                                                              db_url: str) -> None:
+    """SIGTERM under load: in-flight requests answered, final flush, exit 0, totals exact."""
+    prefix = uuid.uuid4().hex[:8]
+    keys = [f"{prefix}-{i}" for i in range(100)]
+    items = [(random.choice(keys), 1) for _ in range(100_000)]
+    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
+            "--durability", "memory", "--flush-interval", "5"]
+    server = spawn(args)
+    try:
+        task = asyncio.create_task(load(server.url, items, connections=8, pipeline=32,
+                                        stop_on_error=False))
+        await asyncio.sleep(0.8)
+        server.proc.send_signal(signal.SIGTERM)
+        seen = await task
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0
+    finally:
+        kill(server.proc)
+    assert sum(seen.acked.values()) > 1000
+    totals = await db_totals(db_url, keys)
+    assert violations(seen.acked, seen.in_flight, totals) == []
+    assert "stopped after" in server.read_log()
+
+
+async def test_database_outage_keeps_accepting_then_recovers(tmp_path: Path,
+                                                             pg_url: str) -> None:
+    """PostgreSQL unreachable: increments still accepted, readyz 503, then flushing resumes
+    by itself and every total is exact."""
+    prefix = uuid.uuid4().hex[:8]
+    keys = [f"{prefix}-{i}" for i in range(500)]
+    rng = random.Random(1)
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        settings = settings_for(tmp_path, via_proxy, flush_interval=0.05)
+        async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+            before = [(rng.choice(keys), 1) for _ in range(5000)]
+            seen = await load(svc.url, before)
+            await proxy.cut()
+            during = [(rng.choice(keys), 2) for _ in range(5000)]
+            merge(seen, await load(svc.url, during))
+            await wait_until(lambda: _ready_status(client, 503), timeout=10)
+            await asyncio.sleep(2)
+            assert svc.metrics.flush_failures > 0
+            await proxy.restore()
+            await wait_until(lambda: _ready_status(client, 200), timeout=15)
+            await wait_until(lambda: _totals_match(pg_url, seen.acked), timeout=15)
+    assert violations(seen.acked, {}, await db_totals(pg_url, keys)) == []
+
+
+async def test_sqlite_locked_then_released_recovers(tmp_path: Path, sqlite_url: str) -> None:
+    """SQLite write-locked by another process: flushes retry, then land exactly once."""
+    key = f"locked-{uuid.uuid4().hex[:8]}"
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        seen = await load(svc.url, [(key, 1)] * 2000)
+        await wait_until(lambda: svc.metrics.flush_failures > 0, timeout=20)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await wait_until(lambda: _totals_match(sqlite_url, seen.acked), timeout=20)
+    assert await db_totals(sqlite_url, [key]) == {key: 2000}
+
+
+async def test_overload_sheds_new_keys_with_503(tmp_path: Path, pg_url: str) -> None:
+    """Past --max-pending-keys, new keys get 503 + Retry-After; pending keys still count."""
+    prefix = uuid.uuid4().hex[:8]
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        settings = settings_for(tmp_path, via_proxy, max_pending_keys=100, flush_max_keys=50)
+        async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+            await proxy.cut()
+            statuses = []
+            for i in range(150):
+                resp = await client.post("/increment", json={"key": f"{prefix}-{i}", "value": 1})
+                statuses.append(resp.status_code)
+                if resp.status_code == 503:
+                    assert resp.headers["retry-after"] == "1"
+                    assert resp.json()["error"] == "overloaded"
+            assert statuses.count(202) == 100
+            assert statuses.count(503) == 50
+            # A key already waiting in the buffer costs no memory, so it is still accepted.
+            buffered = next(iter(svc.buffer.deltas))
+            again = await client.post("/increment", json={"key": buffered, "value": 1})
+            assert again.status_code == 202
+            assert svc.metrics.rejected["overloaded"] == 50
+            await proxy.restore()
+            expected = {f"{prefix}-{i}": 1 for i in range(100)}
+            expected[buffered] = 2
+            await wait_until(lambda: _totals_match(pg_url, expected), timeout=20)
+
+
+async def _ready_status(client: httpx.AsyncClient, status: int) -> bool:
+    return (await client.get("/readyz")).status_code == status
+
+
+async def _totals_match(db_url: str, expected: dict[str, int]) -> bool:
+    return await db_totals(db_url, expected) == expected

@@ -1,0 +1,456 @@
+"""The database layer against real SQLite files and a real PostgreSQL, engine by engine."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from incrementer.store import (
+    INT64_MAX,
+    INT64_MIN,
+    BackendError,
+    Store,
+    open_store,
+    parse_database_url,
+    prefix_upper_bound,
+)
+from incrementer.store.migrate import migrate
+from incrementer.store.postgres import PostgresStore
+from incrementer.store.sqlite import SQLiteStore
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    await asyncio.to_thread(migrate, db_url)
+    opened = open_store(db_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def fetch_direct(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run sql (with ? placeholders) on a connection of its own, bypassing the store."""
+    engine, target = parse_database_url(url)
+    if engine == "sqlite":
+        conn = sqlite3.connect(target)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+    numbers = itertools.count(1)
+    pg_sql = re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+    pg = await asyncpg.connect(target)
+    try:
+        return [tuple(r) for r in await pg.fetch(pg_sql, *args)]
+    finally:
+        await pg.close()
+
+
+async def test_apply_then_read_totals(store: Store) -> None:
+    """Deltas of successive batches add up, and read returns the persisted totals."""
+    node, a, b = uid(), uid(), uid()
+    assert (await store.apply_batch(node, 1, {a: 3, b: 1})).applied
+    assert (await store.apply_batch(node, 2, {a: 4})).applied
+    assert (await store.read(a, node)).value == 7
+    assert (await store.read(b, node)).value == 1
+
+
+async def test_same_seq_twice_is_skipped(store: Store) -> None:
+    """Re-applying the same (node, seq) is a no-op reported as applied=False."""
+    node, key = uid(), uid()
+    assert (await store.apply_batch(node, 1, {key: 5})).applied
+    again = await store.apply_batch(node, 1, {key: 5})
+    assert not again.applied
+    assert (await store.read(key, node)).value == 5
+
+
+async def test_lower_seq_is_skipped(store: Store) -> None:
+    """A batch below the node's applied_seq is skipped and leaves applied_seq alone."""
+    node, key = uid(), uid()
+    await store.apply_batch(node, 10, {key: 1})
+    assert not (await store.apply_batch(node, 9, {key: 100})).applied
+    read = await store.read(key, node)
+    assert (read.value, read.applied_seq) == (1, 10)
+
+
+async def test_nodes_are_independent(store: Store) -> None:
+    """Each node has its own applied_seq; the same seq from two nodes is applied twice."""
+    node_a, node_b, key = uid(), uid(), uid()
+    assert (await store.apply_batch(node_a, 5, {key: 1})).applied
+    assert (await store.apply_batch(node_b, 5, {key: 1})).applied
+    assert (await store.apply_batch(node_b, 1, {key: 1})).applied is False
+    assert await store.applied_seq(node_a) == 5
+    assert await store.applied_seq(node_b) == 5
+    assert (await store.read(key, node_a)).value == 2
+
+
+async def test_applied_seq_of_unknown_node_is_zero(store: Store) -> None:
+    """A node that never flushed has applied_seq 0."""
+    assert await store.applied_seq(uid()) == 0
+
+
+async def test_negative_deltas(store: Store) -> None:
+    """Negative deltas subtract and totals may go below zero."""
+    node, key = uid(), uid()
+    await store.apply_batch(node, 1, {key: 5})
+    await store.apply_batch(node, 2, {key: -8})
+    assert (await store.read(key, node)).value == -3
+
+
+@pytest.mark.parametrize(("start", "delta"), [(INT64_MAX - 5, 10), (INT64_MIN + 5, -10)])
+async def test_overflow_is_isolated(store: Store, db_url: str, start: int, delta: int) -> None:
+    """A total leaving int64 parks its delta in counter_overflows; the batch's other keys apply."""
+    node, edge, other = uid(), uid(), uid()
+    await store.apply_batch(node, 1, {edge: start})
+    result = await store.apply_batch(node, 2, {edge: delta, other: 7})
+    assert result.applied
+    assert result.overflowed == {edge: delta}
+    assert (await store.read(edge, node)).value == start
+    assert (await store.read(other, node)).value == 7
+    assert await store.applied_seq(node) == 2
+    parked = await fetch_direct(
+        db_url, "SELECT seq, delta FROM counter_overflows WHERE node_id = ? AND key = ?", node, edge
+    )
+    assert parked == [(2, str(delta))]
+    if db_url.startswith("sqlite"):
+        kind = await fetch_direct(db_url, "SELECT typeof(value) FROM counters WHERE key = ?", edge)
+        assert kind == [("integer",)]
+
+
+async def test_many_overflows_in_one_batch(store: Store) -> None:
+    """Several keys overflowing both ways in one batch are all parked; the rest all apply."""
+    node = uid()
+    high, low = [uid() for _ in range(3)], [uid() for _ in range(3)]
+    fine = [uid() for _ in range(100)]
+    await store.apply_batch(
+        node, 1, {**dict.fromkeys(high, INT64_MAX), **dict.fromkeys(low, INT64_MIN)}
+    )
+    batch = {**dict.fromkeys(high, 1), **dict.fromkeys(low, -1), **dict.fromkeys(fine, 2)}
+    result = await store.apply_batch(node, 2, batch)
+    assert result.overflowed == {**dict.fromkeys(high, 1), **dict.fromkeys(low, -1)}
+    assert [(await store.read(k, node)).value for k in high + low] == [INT64_MAX] * 3 + [
+        INT64_MIN
+    ] * 3
+    assert {(await store.read(k, node)).value for k in fine} == {2}
+
+
+async def test_delta_outside_int64_is_parked(store: Store, db_url: str) -> None:
+    """A delta that is itself outside int64 goes to counter_overflows with its exact digits."""
+    node, huge, tiny, other = uid(), uid(), uid(), uid()
+    result = await store.apply_batch(node, 1, {huge: 2**70, tiny: -(2**64), other: 1})
+    assert result.overflowed == {huge: 2**70, tiny: -(2**64)}
+    assert (await store.read(huge, node)).value is None
+    assert (await store.read(other, node)).value == 1
+    parked = await fetch_direct(
+        db_url, "SELECT key, delta FROM counter_overflows WHERE node_id = ? ORDER BY key", node
+    )
+    assert sorted(parked) == sorted([(huge, str(2**70)), (tiny, str(-(2**64)))])
+
+
+async def test_large_batch_is_exact(store: Store, db_url: str) -> None:
+    """A 50k-key batch lands exactly: every key once, with its own delta."""
+    node, prefix = uid(), uid()
+    deltas = {f"{prefix}:{i:05d}": i + 1 for i in range(50_000)}
+    assert (await store.apply_batch(node, 1, deltas)).applied
+    assert (await store.apply_batch(node, 2, deltas)).applied
+    rows = await fetch_direct(
+        db_url, "SELECT COUNT(*), SUM(value) FROM counters WHERE key >= ? AND key < ?",
+        prefix, prefix_upper_bound(prefix),
+    )  # fmt: skip
+    assert (int(rows[0][0]), int(rows[0][1])) == (50_000, 2 * sum(deltas.values()))
+
+
+async def test_read_unknown_key(store: Store) -> None:
+    """Reading a key never written gives value None."""
+    read = await store.read(uid(), uid())
+    assert (read.value, read.applied_seq) == (None, 0)
+
+
+async def test_read_returns_applied_seq(store: Store) -> None:
+    """read() reports the node's applied_seq alongside the value."""
+    node, key = uid(), uid()
+    await store.apply_batch(node, 42, {key: 1})
+    read = await store.read(key, node)
+    assert (read.value, read.applied_seq) == (1, 42)
+    assert (await store.read(uid(), node)).applied_seq == 42
+
+
+async def test_empty_batch_records_seq(store: Store) -> None:
+    """An empty batch still advances applied_seq, so its seq is never re-applied."""
+    node = uid()
+    assert (await store.apply_batch(node, 3, {})).applied
+    assert await store.applied_seq(node) == 3
+
+
+async def test_bad_seq_is_refused(store: Store) -> None:
+    """seq outside 1..INT64_MAX is a caller bug, refused before touching the database."""
+    for seq in (0, -1, INT64_MAX + 1):
+        with pytest.raises(ValueError, match="seq"):
+            await store.apply_batch(uid(), seq, {uid(): 1})
+
+
+async def test_list_keys_by_prefix(store: Store) -> None:
+    """list_keys returns keys starting with the prefix, ordered, limited; LIKE wildcards are
+    plain characters."""
+    base = uid()
+    node = uid()
+    keys = [f"{base}a%", f"{base}a_1", f"{base}ab", f"{base}a\U0010ffffz", f"{base}b", f"{base}"]
+    await store.apply_batch(node, 1, {k: n for n, k in enumerate(keys, 1)})
+    listed = await store.list_keys(f"{base}a", 100)
+    assert listed == sorted((k, n) for n, k in enumerate(keys, 1) if k.startswith(f"{base}a"))
+    assert await store.list_keys(f"{base}a%", 100) == [(f"{base}a%", 1)]
+    assert await store.list_keys(f"{base}a_", 100) == [(f"{base}a_1", 2)]
+    assert [k for k, _ in await store.list_keys(base, 2)] == sorted(keys)[:2]
+    assert await store.list_keys(uid(), 10) == []
+
+
+async def test_ping(store: Store) -> None:
+    """ping() succeeds on a live database."""
+    await store.ping()
+
+
+async def test_concurrent_writers_add_up(db_url: str) -> None:
+    """Two stores (as two processes would) flushing the same keys at once lose nothing."""
+    await asyncio.to_thread(migrate, db_url)
+    stores = [open_store(db_url), open_store(db_url)]
+    for s in stores:
+        await s.open()
+    try:
+        keys = [uid() for _ in range(200)]
+        nodes = [uid(), uid()]
+
+        async def flush(s: Store, node: str, reverse: bool) -> None:
+            for seq in range(1, 11):
+                order = reversed(keys) if reverse else keys
+                await s.apply_batch(node, seq, {k: 1 for k in order})
+
+        await asyncio.gather(flush(stores[0], nodes[0], False), flush(stores[1], nodes[1], True))
+        for key in keys[:5] + keys[-5:]:
+            assert (await stores[0].read(key, nodes[0])).value == 20
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_concurrent_flushes_of_one_batch_apply_once(db_url: str) -> None:
+    """The same (node, seq) sent at once by two stores is applied exactly once."""
+    await asyncio.to_thread(migrate, db_url)
+    stores = [open_store(db_url) for _ in range(3)]
+    for s in stores:
+        await s.open()
+    try:
+        node, key = uid(), uid()
+        results = await asyncio.gather(*(s.apply_batch(node, 1, {key: 1}) for s in stores))
+        assert sorted(r.applied for r in results) == [False, False, True]
+        assert (await stores[0].read(key, node)).value == 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_migrate_is_idempotent(db_url: str) -> None:
+    """A second migrate applies nothing and leaves the schema working."""
+    await asyncio.to_thread(migrate, db_url)
+    assert await asyncio.to_thread(migrate, db_url) == []
+
+
+@pytest.fixture
+def fresh_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """A database no migration has touched yet."""
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'fresh' / 'counters.db'}"
+        return
+    name = f"{db_url.rsplit('/', 1)[1]}_fresh_{uid()}"
+    asyncio.run(_pg_admin(db_url, f'CREATE DATABASE "{name}"'))
+    yield f"{db_url.rsplit('/', 1)[0]}/{name}"
+    asyncio.run(_pg_admin(db_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _pg_admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def test_concurrent_migrate_applies_once(fresh_db_url: str) -> None:
+    """Two processes migrating a fresh database at once: one applies, the other finds it done."""
+    code = (
+        "import json, sys; from incrementer.store.migrate import migrate; "
+        "print(json.dumps(migrate(sys.argv[1])))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-W", "error", "-c", code, fresh_db_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+    applied = sorted(json.loads(out) for out, _ in outputs)
+    assert applied == [[], ["0001.counters"]]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///relative/path.db", ("sqlite", "relative/path.db")),
+        ("sqlite:////abs/path.db", ("sqlite", "/abs/path.db")),
+        ("sqlite:///data/a b?c.db", ("sqlite", "data/a b?c.db")),
+        ("postgresql://u:p@h:5432/db", ("postgresql", "postgresql://u:p@h:5432/db")),
+        ("postgres://h/db", ("postgresql", "postgres://h/db")),
+    ],
+)
+def test_parse_database_url_accepts(url: str, expected: tuple[str, str]) -> None:
+    """Both SQLite path forms and both PostgreSQL schemes parse to (engine, target)."""
+    assert parse_database_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://h/db",
+        "sqlite://relative.db",
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "counters.db",
+        "",
+        "postgresql:/h/db",
+    ],
+)
+def test_parse_database_url_rejects(url: str) -> None:
+    """Anything else is a ValueError that names the URL and the accepted forms."""
+    with pytest.raises(ValueError, match="sqlite:///") as info:
+        parse_database_url(url)
+    assert repr(url) in str(info.value)
+
+
+def test_parse_rejection_hides_password() -> None:
+    """A rejected URL is echoed without its password."""
+    with pytest.raises(ValueError) as info:
+        parse_database_url("mysql://user:hunter2@h/db")
+    assert "hunter2" not in str(info.value)
+
+
+def test_open_store_picks_the_engine(tmp_path: Path) -> None:
+    """open_store maps each URL scheme to its backend."""
+    assert isinstance(open_store(f"sqlite:///{tmp_path}/x.db"), SQLiteStore)
+    assert isinstance(open_store("postgres://h/db"), PostgresStore)
+
+
+async def test_postgres_unreachable_fails_fast() -> None:
+    """open() of an unreachable PostgreSQL raises BackendError at once, without the password."""
+    store = open_store("postgresql://user:hunter2@127.0.0.1:1/db")
+    started = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        await store.open()
+    assert time.monotonic() - started < 5
+    assert "127.0.0.1:1" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_postgres_unknown_database_fails_fast(pg_url: str) -> None:
+    """open() of a database that does not exist raises BackendError naming it."""
+    store = open_store(f"{pg_url.rsplit('/', 1)[0]}/no_such_db_{uid()}")
+    with pytest.raises(BackendError, match="no_such_db"):
+        await store.open()
+
+
+def test_migrate_unreachable_names_url_without_password() -> None:
+    """migrate() of an unreachable PostgreSQL raises BackendError naming host but no password."""
+    with pytest.raises(BackendError, match=re.escape("127.0.0.1:1")) as info:
+        migrate("postgresql://user:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(info.value)
+
+
+async def test_postgres_connection_loss_is_a_backend_error(pg_url: str) -> None:
+    """A flush whose connection dies mid-transaction raises BackendError, applies nothing, and
+    its retry lands exactly once."""
+    await asyncio.to_thread(migrate, pg_url)
+    store = open_store(pg_url)
+    await store.open()
+    blocker = await asyncpg.connect(pg_url)
+    try:
+        node, key = uid(), uid()
+        await store.apply_batch(node, 1, {key: 1})
+        # Park the flush on the node row lock, then kill its connection while it waits.
+        blocker_tx = blocker.transaction()
+        await blocker_tx.start()
+        await blocker.execute("SELECT 1 FROM incrementer_nodes WHERE node_id = $1 FOR UPDATE", node)
+        flush = asyncio.create_task(store.apply_batch(node, 2, {key: 1}))
+        await asyncio.sleep(0.3)
+        await blocker.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'incrementer'"
+        )
+        with pytest.raises(BackendError):
+            await flush
+        await blocker_tx.rollback()
+        assert (await store.read(key, node)).value == 1
+        assert (await store.apply_batch(node, 2, {key: 1})).applied
+        assert (await store.read(key, node)).value == 2
+    finally:
+        await blocker.close()
+        await store.close()
+
+
+async def test_sqlite_locked_database_raises_backend_error(sqlite_url: str) -> None:
+    """A flush blocked past busy_timeout by another connection's lock raises BackendError, and
+    succeeds once the lock is gone."""
+    await asyncio.to_thread(migrate, sqlite_url)
+    path = parse_database_url(sqlite_url)[1]
+    store = SQLiteStore(path, busy_timeout=0.2)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(BackendError, match="locked"):
+            await store.apply_batch("n", 1, {"k": 1})
+        blocker.execute("ROLLBACK")
+        assert (await store.apply_batch("n", 1, {"k": 1})).applied
+        assert (await store.read("k", "n")).value == 1
+    finally:
+        blocker.close()
+        await store.close()
+
+
+async def test_sqlite_uses_wal(sqlite_url: str) -> None:
+    """The SQLite file is switched to WAL mode when the store opens."""
+    await asyncio.to_thread(migrate, sqlite_url)
+    store = open_store(sqlite_url)
+    await store.open()
+    try:
+        assert await fetch_direct(sqlite_url, "PRAGMA journal_mode") == [("wal",)]
+    finally:
+        await store.close()
+
+
+def test_prefix_upper_bound() -> None:
+    """The bound is the next string after every extension of the prefix, in code point order."""
+    assert prefix_upper_bound("") is None
+    assert prefix_upper_bound("ab") == "ac"
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+    assert prefix_upper_bound("\U0010ffff") is None
+    assert prefix_upper_bound("a\ud7ff") == "a\ue000"

@@ -1,0 +1,503 @@
+"""The write-ahead log on real files: round trips, seqs, rotation, recycling, recovery, inspect."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from incrementer.ingest.wal import (
+    MemorySequence,
+    WalCorruptError,
+    WalLockedError,
+    WriteAheadLog,
+    summarize,
+)
+from incrementer.ingest.wal_reader import HEADER, segment_name
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+Frame = list[tuple[str, int]]
+
+
+def write_frames(wal: WriteAheadLog, frames: list[Frame]) -> None:
+    """Append each frame's entries and write it as one frame."""
+    for entries in frames:
+        for key, value in entries:
+            wal.append(key.encode(), value)
+        wal.write()
+
+
+def replay_all(directory: Path, after_seq: int = 0) -> list[tuple[int, Frame]]:
+    with WriteAheadLog.open(directory) as wal:
+        return list(wal.replay(after_seq))
+
+
+def frame_offsets(path: Path) -> list[int]:
+    """Byte offset of every frame in a clean segment file."""
+    data, offsets, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        offsets.append(offset)
+        _, length, _, _ = HEADER.unpack_from(data, offset)
+        offset += HEADER.size + length
+    return offsets
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def segments(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("wal-*.log"))
+
+
+FRAMES: list[Frame] = [
+    [("a", 1), ("b", -2)],
+    [("ключ", 3), ("🔑", INT64_MAX), ("", INT64_MIN)],
+    [("x" * 300, 0), ("a", 5)],
+    [("last", 7)],
+]
+
+
+# --- round trips and seqs -------------------------------------------------------------------
+
+
+def test_round_trip_exact_entries(tmp_path: Path) -> None:
+    """Appended entries come back from replay exactly: unicode keys, negatives, int64 extremes."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES)
+        assert wal.last_seq == 4
+    assert replay_all(tmp_path) == list(enumerate(FRAMES, start=1))
+
+
+def test_longest_key_round_trips(tmp_path: Path) -> None:
+    """A key of 65535 bytes, the u16 maximum, survives a round trip."""
+    key = "k" * 65535
+    with WriteAheadLog.open(tmp_path) as wal:
+        wal.append(key.encode(), 1)
+    assert replay_all(tmp_path) == [(1, [(key, 1)])]
+
+
+def test_seal_groups_appends_into_one_frame(tmp_path: Path) -> None:
+    """Appends between two seals share a seq; a seal with nothing appended takes no seq."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.seal() == 0
+        wal.append(b"a", 1)
+        wal.append(b"a", 2)
+        assert wal.seal() == 1
+        assert wal.seal() == 1
+        assert wal.written_bytes == 0, "seal alone does no I/O"
+        wal.append(b"b", 3)
+        assert wal.write() > 0
+        assert wal.last_seq == 2
+    assert replay_all(tmp_path) == [(1, [("a", 1), ("a", 2)]), (2, [("b", 3)])]
+
+
+def test_write_counts_bytes_and_sync_catches_up(tmp_path: Path) -> None:
+    """write() returns the bytes handed to the OS; sync() brings synced_bytes up to them."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.write() == 0
+        wal.append(b"abc", 1)
+        written = wal.write()
+        assert written == HEADER.size + 10 + 3 == wal.written_bytes
+        assert wal.synced_bytes == 0
+        wal.sync()
+        assert wal.synced_bytes == written
+        assert wal.bytes_on_disk == written
+        assert wal.segment_count == 1
+
+
+def test_seq_continues_across_reopen(tmp_path: Path) -> None:
+    """A reopened log numbers its next frame right after the last one on disk."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES[:2])
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.last_seq == 2
+        write_frames(wal, FRAMES[2:])
+        assert wal.last_seq == 4
+    assert [seq for seq, _ in replay_all(tmp_path)] == [1, 2, 3, 4]
+    assert segments(tmp_path) == [segment_name(1)]
+
+
+def test_close_seals_and_writes_the_open_frame(tmp_path: Path) -> None:
+    """Entries appended but never written are on disk after close()."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        wal.append(b"k", 9)
+    assert replay_all(tmp_path) == [(1, [("k", 9)])]
+
+
+def test_advance_to_raises_the_floor_on_an_empty_log(tmp_path: Path) -> None:
+    """After advance_to(1000) on an empty log the next frame is seq 1001, in a file named so."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        wal.advance_to(1000)
+        assert wal.last_seq == 1000
+        assert wal.seal() == 1000
+        wal.append(b"k", 1)
+        wal.write()
+        wal.advance_to(5)  # lower than last_seq: no effect
+        assert wal.last_seq == 1001
+    assert segments(tmp_path) == [segment_name(1001)]
+    assert replay_all(tmp_path, 1000) == [(1001, [("k", 1)])]
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.last_seq == 1001
+
+
+def test_advance_to_past_written_frames_starts_a_new_segment(tmp_path: Path) -> None:
+    """A seq gap from advance_to falls between segments, so reopening does not call it damage."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES[:2])
+        wal.advance_to(10)
+        write_frames(wal, FRAMES[2:3])
+        assert wal.last_seq == 11
+    assert segments(tmp_path) == [segment_name(1), segment_name(11)]
+    assert replay_all(tmp_path, 10) == [(11, FRAMES[2])]
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.last_seq == 11
+        assert wal.recycle(10) == 1
+    assert segments(tmp_path) == [segment_name(11)]
+
+
+def test_replay_after_seq_skips_applied_frames(tmp_path: Path) -> None:
+    """replay(n) yields only frames after n; replay(last_seq) yields nothing."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES)
+    assert replay_all(tmp_path, 2) == [(3, FRAMES[2]), (4, FRAMES[3])]
+    assert replay_all(tmp_path, 4) == []
+    assert replay_all(tmp_path, 99) == []
+
+
+def test_replay_refuses_to_skip_missing_frames(tmp_path: Path) -> None:
+    """Frames missing above after_seq (a deleted segment) raise instead of replaying around them."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, [[("a", i)] for i in range(1, 6)])
+    (tmp_path / segment_name(3)).unlink()
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert [seq for seq, _ in wal.replay(3)] == [4, 5]
+        with pytest.raises(WalCorruptError, match=r"seq 4 where seq 3 was expected.*3\.\.3"):
+            list(wal.replay(1))
+
+
+def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
+    """Two writers on one directory would interleave frames, so the second open fails."""
+    with WriteAheadLog.open(tmp_path), pytest.raises(WalLockedError, match=str(tmp_path)):
+        WriteAheadLog.open(tmp_path)
+    WriteAheadLog.open(tmp_path).close()
+
+
+def test_open_creates_missing_directories(tmp_path: Path) -> None:
+    """open() creates the directory, parents included; an empty log has last_seq 0, no files."""
+    directory = tmp_path / "data" / "wal"
+    with WriteAheadLog.open(directory) as wal:
+        assert wal.last_seq == 0
+        assert wal.segment_count == 0
+    assert directory.is_dir()
+    assert segments(directory) == []
+
+
+# --- rotation and recycling -----------------------------------------------------------------
+
+
+def test_rotation_names_segments_by_first_seq_and_recycle_keeps_unapplied(tmp_path: Path) -> None:
+    """Segments rotate at segment_bytes; recycle deletes only fully applied, non-active ones."""
+    frames = [[(f"key{i}", i), ("other", -i)] for i in range(1, 21)]
+    with WriteAheadLog.open(tmp_path, segment_bytes=150) as wal:
+        write_frames(wal, frames)
+        names = segments(tmp_path)
+        assert len(names) == wal.segment_count > 3
+        assert wal.bytes_on_disk == sum(p.stat().st_size for p in tmp_path.glob("wal-*"))
+        firsts = [int(n[4:24]) for n in names]
+        assert firsts[0] == 1 and firsts == sorted(firsts)
+        second_first = firsts[1]
+        # applied up to one short of segment 1's end: nothing is deletable yet
+        assert wal.recycle(second_first - 2) == 0
+        assert wal.recycle(second_first - 1) == 1
+        assert segments(tmp_path) == names[1:]
+        assert [seq for seq, _ in wal.replay(second_first - 1)] == list(range(second_first, 21))
+        # everything applied: all but the active segment go
+        assert wal.recycle(20) == len(names) - 2
+        assert segments(tmp_path) == names[-1:]
+        write_frames(wal, [[("after", 1)]])
+    assert replay_all(tmp_path, 20) == [(21, [("after", 1)])]
+    assert replay_all(tmp_path, firsts[-1] - 1)[0][0] == firsts[-1]
+
+
+def test_recycle_never_deletes_the_active_segment(tmp_path: Path) -> None:
+    """Even when every frame is applied, the segment being appended to stays."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES)
+        assert wal.recycle(10**9) == 0
+    assert segments(tmp_path) == [segment_name(1)]
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.last_seq == 4
+
+
+# --- torn tails -----------------------------------------------------------------------------
+
+
+def _log_with_frames(directory: Path) -> Path:
+    with WriteAheadLog.open(directory) as wal:
+        write_frames(wal, FRAMES)
+    return directory / segment_name(1)
+
+
+def _tear_mid_header(path: Path) -> int:
+    offset = frame_offsets(path)[-1]
+    os.truncate(path, offset + 7)
+    return offset
+
+
+def _tear_mid_payload(path: Path) -> int:
+    os.truncate(path, path.stat().st_size - 2)
+    return frame_offsets(path)[-1]
+
+
+def _flip_last_payload_byte(path: Path) -> int:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+    return frame_offsets(path)[-1]
+
+
+@pytest.mark.parametrize(
+    "tear", [_tear_mid_header, _tear_mid_payload, _flip_last_payload_byte], ids=lambda f: f.__name__
+)
+def test_torn_last_frame_is_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tear: Callable[[Path], int]
+) -> None:
+    """A damaged last frame is cut off: frames before it replay, it does not, new appends work."""
+    path = _log_with_frames(tmp_path)
+    offset = tear(path)
+    size = path.stat().st_size
+    with (
+        caplog.at_level(logging.WARNING, logger="incrementer.wal"),
+        WriteAheadLog.open(tmp_path) as wal,
+    ):
+        assert wal.last_seq == 3
+        assert list(wal.replay(0)) == list(enumerate(FRAMES[:3], start=1))
+        write_frames(wal, [[("new", 1)]])
+    [record] = [r for r in caplog.records if r.name == "incrementer.wal"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert str(path) in message
+    assert f"byte offset {offset} " in message
+    assert f"({size - offset} bytes" in message
+    assert replay_all(tmp_path) == [*enumerate(FRAMES[:3], start=1), (4, [("new", 1)])]
+
+
+def test_zeros_after_the_last_frame_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Zeros up to EOF (space the file system extended but never filled) are truncated off."""
+    path = _log_with_frames(tmp_path)
+    clean_size = path.stat().st_size
+    with path.open("ab") as file:
+        file.write(bytes(4096))
+    with caplog.at_level(logging.WARNING, logger="incrementer.wal"):
+        assert replay_all(tmp_path) == list(enumerate(FRAMES, start=1))
+    assert "zeros" in caplog.text and f"byte offset {clean_size} (4096 bytes" in caplog.text
+    assert path.stat().st_size == clean_size
+
+
+def test_fully_torn_last_segment_is_removed_and_seq_resumes(tmp_path: Path) -> None:
+    """A last segment holding no whole frame goes away; the next frame takes the following seq."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, FRAMES)
+    last = tmp_path / segment_name(4)
+    os.truncate(last, 5)
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        assert wal.last_seq == 3
+        assert not last.exists()
+        write_frames(wal, [[("again", 2)]])
+    assert segments(tmp_path) == [segment_name(i) for i in (1, 2, 3, 4)]
+    assert replay_all(tmp_path)[-1] == (4, [("again", 2)])
+
+
+def test_empty_last_segment_is_removed(tmp_path: Path) -> None:
+    """A zero-byte last segment (created, then the process died) is dropped on open."""
+    _log_with_frames(tmp_path)
+    (tmp_path / segment_name(5)).touch()
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.last_seq == 4
+    assert segments(tmp_path) == [segment_name(1)]
+
+
+def test_every_truncation_point_replays_the_whole_frames_before_it(tmp_path: Path) -> None:
+    """Cutting the log at any byte replays exactly the frames wholly before the cut."""
+    path = _log_with_frames(tmp_path)
+    pristine = path.read_bytes()
+    ends = [*frame_offsets(path)[1:], len(pristine)]
+    for cut in range(len(pristine) + 1):
+        path.write_bytes(pristine[:cut])
+        whole = sum(end <= cut for end in ends)
+        assert replay_all(tmp_path) == list(enumerate(FRAMES[:whole], start=1)), cut
+
+
+def test_every_flipped_byte_is_refused_or_cut_never_replayed(tmp_path: Path) -> None:
+    """A flipped bit anywhere: open refuses (log unchanged) or, in the last frame, drops it."""
+    path = _log_with_frames(tmp_path)
+    pristine = path.read_bytes()
+    last = frame_offsets(path)[-1]
+    for position in range(len(pristine)):
+        damaged = bytearray(pristine)
+        damaged[position] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        if position < last:
+            with pytest.raises(WalCorruptError):
+                WriteAheadLog.open(tmp_path)
+            assert path.read_bytes() == damaged, position
+        else:
+            assert replay_all(tmp_path) == list(enumerate(FRAMES[:3], start=1)), position
+
+
+# --- damage that is not a torn tail ---------------------------------------------------------
+
+
+def _assert_refused(directory: Path, path: Path, offset: int) -> None:
+    before = snapshot(directory)
+    with pytest.raises(WalCorruptError) as raised:
+        WriteAheadLog.open(directory)
+    message = str(raised.value)
+    assert str(path) in message
+    assert f"byte offset {offset}" in message
+    assert "left untouched" in message
+    assert snapshot(directory) == before
+    with pytest.raises(WalCorruptError):  # not WalLockedError: the failed open let go of the lock
+        WriteAheadLog.open(directory)
+
+
+def test_flipped_byte_before_valid_frames_is_refused(tmp_path: Path) -> None:
+    """A bad crc followed by a valid frame is damage, not a tear: open raises, changes nothing."""
+    path = _log_with_frames(tmp_path)
+    offset = frame_offsets(path)[1]
+    data = bytearray(path.read_bytes())
+    data[offset + HEADER.size + 4] ^= 0x01
+    path.write_bytes(bytes(data))
+    _assert_refused(tmp_path, path, offset)
+
+
+def test_torn_non_last_segment_is_refused(tmp_path: Path) -> None:
+    """A tear in a segment with later segments after it raises, naming that segment."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, FRAMES)
+    second = tmp_path / segment_name(2)
+    os.truncate(second, second.stat().st_size - 1)
+    _assert_refused(tmp_path, second, 0)
+
+
+def test_seq_gap_inside_a_segment_is_refused(tmp_path: Path) -> None:
+    """A missing frame in the middle of a segment (valid crcs, wrong seq) raises."""
+    path = _log_with_frames(tmp_path)
+    offsets = frame_offsets(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: offsets[1]] + data[offsets[2] :])
+    _assert_refused(tmp_path, path, offsets[1])
+
+
+def test_overlapping_segments_are_refused(tmp_path: Path) -> None:
+    """A segment starting at or below the previous segment's last seq raises."""
+    _log_with_frames(tmp_path)
+    other = tmp_path / "other"
+    with WriteAheadLog.open(other) as wal:
+        wal.advance_to(2)
+        write_frames(wal, [[("dup", 1)]])
+    stray = tmp_path / segment_name(3)
+    stray.write_bytes((other / segment_name(3)).read_bytes())
+    _assert_refused(tmp_path, stray, 0)
+
+
+def test_segment_whose_name_disagrees_with_its_first_frame_is_refused(tmp_path: Path) -> None:
+    """A segment renamed away from its first frame's seq raises rather than renumbering."""
+    path = _log_with_frames(tmp_path)
+    renamed = path.rename(tmp_path / segment_name(7))
+    _assert_refused(tmp_path, renamed, 0)
+
+
+# --- summarize ------------------------------------------------------------------------------
+
+
+def test_summarize_figures(tmp_path: Path) -> None:
+    """summarize() counts segments, frames, records, bytes and seq range per segment and total."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, FRAMES)
+        wal.recycle(1)
+    summary = summarize(tmp_path)
+    assert [(s.name, s.first_seq, s.last_seq, s.frames, s.records) for s in summary.segments] == [
+        (segment_name(2), 2, 2, 1, 3),
+        (segment_name(3), 3, 3, 1, 2),
+        (segment_name(4), 4, 4, 1, 1),
+    ]
+    assert [s.bytes for s in summary.segments] == [
+        (tmp_path / s.name).stat().st_size for s in summary.segments
+    ]
+    assert (summary.frames, summary.records, summary.first_seq, summary.last_seq) == (3, 6, 2, 4)
+    assert summary.bytes == sum(s.bytes for s in summary.segments)
+    assert summary.torn_tail is None and summary.problems == []
+
+
+def test_summarize_reports_a_torn_tail_without_truncating(tmp_path: Path) -> None:
+    """summarize() describes a torn tail but leaves the file as it found it."""
+    path = _log_with_frames(tmp_path)
+    _tear_mid_payload(path)
+    before = snapshot(tmp_path)
+    summary = summarize(tmp_path)
+    assert summary.torn_tail is not None and str(path) in summary.torn_tail
+    assert summary.problems == []
+    assert (summary.frames, summary.last_seq) == (3, 3)
+    assert snapshot(tmp_path) == before
+
+
+def test_summarize_reports_damage_instead_of_raising(tmp_path: Path) -> None:
+    """summarize() lists damage that would make open() raise, and counts what it could read."""
+    path = _log_with_frames(tmp_path)
+    offset = frame_offsets(path)[1]
+    data = bytearray(path.read_bytes())
+    data[offset + HEADER.size] ^= 0x01
+    path.write_bytes(bytes(data))
+    summary = summarize(tmp_path)
+    assert summary.torn_tail is None
+    assert len(summary.problems) == 1 and f"byte offset {offset}" in summary.problems[0]
+    assert summary.frames == 1
+
+
+def test_summarize_empty_and_missing_directories(tmp_path: Path) -> None:
+    """An empty directory summarizes to zeros; a missing one is an error naming it."""
+    summary = summarize(tmp_path)
+    assert (summary.segments, summary.frames, summary.first_seq, summary.last_seq) == ([], 0, 0, 0)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        summarize(tmp_path / "nope")
+
+
+# --- MemorySequence -------------------------------------------------------------------------
+
+
+def test_memory_sequence_seals_like_the_log() -> None:
+    """MemorySequence gives a new seq per seal that follows appends, and none for empty seals."""
+    seq = MemorySequence()
+    assert seq.last_seq == 0
+    assert seq.seal() == 0
+    seq.append(b"a", 1)
+    seq.append(b"b", 2)
+    assert seq.seal() == 1
+    assert seq.seal() == 1
+    seq.advance_to(1000)
+    assert seq.seal() == 1000
+    seq.advance_to(10)
+    seq.append(b"a", 1)
+    assert seq.write() == 0, "write() seals, as WriteAheadLog.write() does, but writes nothing"
+    assert seq.last_seq == 1001
+
+
+def test_memory_sequence_io_is_a_no_op() -> None:
+    """write/sync/recycle/close/replay do nothing and report nothing to do."""
+    seq = MemorySequence()
+    seq.append(b"a", 1)
+    assert seq.write() == 0
+    seq.sync()
+    assert seq.recycle(10) == 0
+    assert list(seq.replay(0)) == []
+    assert seq.written_bytes == seq.synced_bytes == seq.bytes_on_disk == seq.segment_count == 0
+    seq.close()
+    assert seq.seal() == 1
