@@ -82,6 +82,7 @@ class Running:
     proc: asyncio.subprocess.Process
     url: str
     log_path: Path
+    exit_code: int | None = None
 
     @property
     def pid(self) -> int:
@@ -177,8 +178,7 @@ async def stop(server: Running, timeout: float = STOP_TIMEOUT) -> int | None:
             await proc.wait()
             raise TargetError(f"{server.target.name} did not stop within {timeout:.0f} s of "
                               f"SIGTERM; killed:\n{server.log_tail()}") from None
-    # Whatever else is left in the group (nginx's worker, if the master died first).
-    _signal_group(proc.pid, signal.SIGKILL)
+    server.exit_code = proc.returncode
     return proc.returncode
 
 

@@ -38,7 +38,7 @@ def pg_url() -> Iterator[str]:
     name = f"incrementer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         if IN_CI:
             pytest.fail(f"PostgreSQL is required when CI=true and is unreachable: {exc}")
         pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}")

@@ -62,8 +62,9 @@ async def proxy_to(url: str):  # type: ignore[no-untyped-def]
     parts = urlsplit(url)
     proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await proxy.start()
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else \
-        f"127.0.0.1:{proxy.port}"
+    netloc = (
+        f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+    )
     try:
         yield proxy, urlunsplit(parts._replace(netloc=netloc))
     finally:

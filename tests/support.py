@@ -25,8 +25,13 @@ LISTEN = re.compile(r"listening on (http://\S+)")
 
 
 def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
-    base = Settings(port=0, database_url=database_url, data_dir=tmp_path / "data",
-                    flush_interval=0.05, log_level="warning")
+    base = Settings(
+        port=0,
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        flush_interval=0.05,
+        log_level="warning",
+    )
     return replace(base, **overrides)
 
 
@@ -66,13 +71,22 @@ class Spawned:
         return "".join(self.log)
 
 
-def spawn(args: Iterable[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-          timeout: float = 30) -> Spawned:
+def spawn(
+    args: Iterable[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 30,
+) -> Spawned:
     """Start `incrementer serve ARGS` and wait for its 'listening on URL' line."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=cwd)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+    )
     assert proc.stderr is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -80,8 +94,9 @@ def spawn(args: Iterable[str], env: dict[str, str] | None = None, cwd: Path | No
         line = proc.stderr.readline()
         if not line:
             proc.stderr.close()
-            raise AssertionError(f"server exited ({proc.wait()}) before listening:\n"
-                                 + "".join(lines))
+            raise AssertionError(
+                f"server exited ({proc.wait()}) before listening:\n" + "".join(lines)
+            )
         lines.append(line)
         match = LISTEN.search(line)
         if match:
@@ -142,8 +157,9 @@ class _ResponseCollector:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self.done.append(Response(self.parser.get_status_code(), self._headers,
-                                  b"".join(self._body)))
+        self.done.append(
+            Response(self.parser.get_status_code(), self._headers, b"".join(self._body))
+        )
 
 
 async def exchange(url: str, data: bytes, responses: int, timeout: float = 10) -> list[Response]:
@@ -169,9 +185,10 @@ async def exchange(url: str, data: bytes, responses: int, timeout: float = 10) -
 
 def increment_request(key: str, value: int, close: bool = False) -> bytes:
     body = b'{"key":%s,"value":%d}' % (_json_str(key), value)
-    return (b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%s\r\n" % (len(body), b"Connection: close\r\n" if close
-                                               else b"")) + body
+    return (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n" % (len(body), b"Connection: close\r\n" if close else b"")
+    ) + body
 
 
 def _json_str(text: str) -> bytes:
@@ -189,8 +206,13 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def load(url: str, items: list[tuple[str, int]], connections: int = 16,
-               pipeline: int = 32, stop_on_error: bool = True) -> LoadResult:
+async def load(
+    url: str,
+    items: list[tuple[str, int]],
+    connections: int = 16,
+    pipeline: int = 32,
+    stop_on_error: bool = True,
+) -> LoadResult:
     """Send increments over `connections` keep-alive connections, `pipeline` at a time each.
 
     Records exactly which increments were acknowledged and which were sent but unanswered, so
@@ -198,13 +220,15 @@ async def load(url: str, items: list[tuple[str, int]], connections: int = 16,
     """
     result = LoadResult()
     chunks = [items[i::connections] for i in range(connections)]
-    await asyncio.gather(*(_one_connection(url, chunk, pipeline, result, stop_on_error)
-                           for chunk in chunks if chunk))
+    await asyncio.gather(
+        *(_one_connection(url, chunk, pipeline, result, stop_on_error) for chunk in chunks if chunk)
+    )
     return result
 
 
-async def _one_connection(url: str, items: list[tuple[str, int]], pipeline: int,
-                          result: LoadResult, stop_on_error: bool) -> None:
+async def _one_connection(
+    url: str, items: list[tuple[str, int]], pipeline: int, result: LoadResult, stop_on_error: bool
+) -> None:
     host, port = host_port(url)
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -213,7 +237,7 @@ async def _one_connection(url: str, items: list[tuple[str, int]], pipeline: int,
     collector = _ResponseCollector()
     try:
         for start in range(0, len(items), pipeline):
-            window = items[start:start + pipeline]
+            window = items[start : start + pipeline]
             writer.write(b"".join(increment_request(k, v) for k, v in window))
             seen = len(collector.done)
             try:
@@ -227,7 +251,7 @@ async def _one_connection(url: str, items: list[tuple[str, int]], pipeline: int,
                 answered = collector.done[seen:]
                 for (key, value), resp in zip(window, answered, strict=False):
                     _record(result, key, value, resp.status)
-                for key, value in window[len(answered):]:
+                for key, value in window[len(answered) :]:
                     result.in_flight[key] = result.in_flight.get(key, 0) + value
                 return
             for (key, value), resp in zip(window, collector.done[seen:], strict=True):
@@ -279,10 +303,13 @@ async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
         try:
             rows: dict[str, int] = {}
             for i in range(0, len(wanted), 500):
-                part = wanted[i:i + 500]
+                part = wanted[i : i + 500]
                 marks = ",".join("?" * len(part))
-                rows.update(conn.execute(
-                    f"SELECT key, value FROM counters WHERE key IN ({marks})", part).fetchall())
+                rows.update(
+                    conn.execute(
+                        f"SELECT key, value FROM counters WHERE key IN ({marks})", part
+                    ).fetchall()
+                )
             return rows
         finally:
             conn.close()
@@ -290,8 +317,9 @@ async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
 
     pg = await asyncpg.connect(database_url)
     try:
-        records = await pg.fetch("SELECT key, value FROM counters WHERE key = ANY($1::text[])",
-                                 wanted)
+        records = await pg.fetch(
+            "SELECT key, value FROM counters WHERE key = ANY($1::text[])", wanted
+        )
         return {r["key"]: r["value"] for r in records}
     finally:
         await pg.close()

@@ -7,8 +7,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
-
 from support import counter_path, db_execute, db_totals, load, run_service, settings_for, wait_until
 
 INT64_MAX = 2**63 - 1
@@ -21,8 +19,10 @@ def unique(prefix: str = "k") -> str:
 async def test_increment_then_read_then_persisted(tmp_path: Path, db_url: str) -> None:
     """A 202 increment is readable at once and reaches the database."""
     key = unique()
-    async with run_service(settings_for(tmp_path, db_url)) as svc, \
-            httpx.AsyncClient(base_url=svc.url) as client:
+    async with (
+        run_service(settings_for(tmp_path, db_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
         for value in (3, 4):
             resp = await client.post("/increment", json={"key": key, "value": value})
             assert resp.status_code == 202
@@ -41,8 +41,10 @@ async def _persisted(db_url: str, key: str, value: int) -> bool:
 async def test_form_body_accepted(tmp_path: Path, sqlite_url: str) -> None:
     """application/x-www-form-urlencoded bodies count like JSON ones."""
     key = "form key/é"
-    async with run_service(settings_for(tmp_path, sqlite_url)) as svc, \
-            httpx.AsyncClient(base_url=svc.url) as client:
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
         resp = await client.post("/increment", data={"key": key, "value": "5"})
         assert resp.status_code == 202
         assert (await client.get(counter_path(key))).json() == {"key": key, "value": 5}
@@ -51,14 +53,18 @@ async def test_form_body_accepted(tmp_path: Path, sqlite_url: str) -> None:
 async def test_batch_endpoint_is_all_or_nothing(tmp_path: Path, sqlite_url: str) -> None:
     """POST /increments applies every item, or none when one item is bad."""
     a, b = unique(), unique()
-    async with run_service(settings_for(tmp_path, sqlite_url)) as svc, \
-            httpx.AsyncClient(base_url=svc.url) as client:
-        resp = await client.post("/increments", json=[{"key": a, "value": 1},
-                                                      {"key": b, "value": 2},
-                                                      {"key": a, "value": 3}])
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        resp = await client.post(
+            "/increments",
+            json=[{"key": a, "value": 1}, {"key": b, "value": 2}, {"key": a, "value": 3}],
+        )
         assert resp.status_code == 202
-        bad = await client.post("/increments", json=[{"key": a, "value": 1},
-                                                     {"key": b, "value": 0}])
+        bad = await client.post(
+            "/increments", json=[{"key": a, "value": 1}, {"key": b, "value": 0}]
+        )
         assert bad.status_code == 400
         assert bad.json()["error"] == "invalid_value"
         assert (await client.get(counter_path(a))).json()["value"] == 4
@@ -86,7 +92,7 @@ BAD_BODIES = [
     ("application/json", b'{"key":"a","value":-1}', 400, "invalid_value"),
     ("application/json", b'{"key":"a","value":9223372036854775808}', 400, "value_out_of_range"),
     ("application/json", b'{"key":"\\ud800","value":1}', 400, "malformed_json"),
-    ("application/json", b'\xff\xfe', 400, "malformed_json"),
+    ("application/json", b"\xff\xfe", 400, "malformed_json"),
     ("application/json", ('{"key":"%s","value":1}' % ("x" * 257)).encode(), 400, "key_too_long"),
     ("application/json", ('{"key":"%s","value":1}' % ("é" * 129)).encode(), 400, "key_too_long"),
     ("application/x-www-form-urlencoded", b"key=a", 400, "missing_field"),
@@ -103,8 +109,10 @@ BAD_BODIES = [
 
 async def test_bad_input_rejected_and_changes_nothing(tmp_path: Path, db_url: str) -> None:
     """Every malformed body gets its 4xx and error code; no counter changes."""
-    async with run_service(settings_for(tmp_path, db_url)) as svc, \
-            httpx.AsyncClient(base_url=svc.url) as client:
+    async with (
+        run_service(settings_for(tmp_path, db_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
         for content_type, body, status, code in BAD_BODIES:
             headers = {"Content-Type": content_type} if content_type else {}
             resp = await client.post("/increment", content=body, headers=headers)
@@ -121,19 +129,24 @@ async def test_limits_and_options(tmp_path: Path, sqlite_url: str) -> None:
     """--max-key-bytes and --allow-negative change what is accepted."""
     settings = settings_for(tmp_path, sqlite_url, max_key_bytes=4, allow_negative=True)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
-        assert (await client.post("/increment", json={"key": "abcd", "value": -5})).status_code \
-            == 202
-        assert (await client.post("/increment", json={"key": "abcde", "value": 1})).status_code \
-            == 400
-        assert (await client.post("/increment", json={"key": "abcd", "value": 0})).status_code \
-            == 202
+        assert (
+            await client.post("/increment", json={"key": "abcd", "value": -5})
+        ).status_code == 202
+        assert (
+            await client.post("/increment", json={"key": "abcde", "value": 1})
+        ).status_code == 400
+        assert (
+            await client.post("/increment", json={"key": "abcd", "value": 0})
+        ).status_code == 202
         assert (await client.get("/counters/abcd")).json()["value"] == -5
 
 
 async def test_routes_methods_and_probes(tmp_path: Path, sqlite_url: str) -> None:
     """404 for unknown paths and keys, 405 with Allow for wrong methods, probes answer."""
-    async with run_service(settings_for(tmp_path, sqlite_url)) as svc, \
-            httpx.AsyncClient(base_url=svc.url) as client:
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
         assert (await client.get("/nope")).status_code == 404
         resp = await client.get("/increment")
         assert resp.status_code == 405
@@ -176,14 +189,15 @@ async def test_overflowing_key_is_isolated(tmp_path: Path, db_url: str) -> None:
     """A key whose total would overflow int64 is kept aside; the rest of its batch lands."""
     big, small = unique("big"), unique("small")
     await _migrate(db_url)
-    await db_execute(db_url, "INSERT INTO counters (key, value) VALUES ($1, $2)", big,
-                     INT64_MAX - 5)
-    async with run_service(settings_for(tmp_path, db_url)) as svc, \
-            httpx.AsyncClient(base_url=svc.url) as client:
-        assert (await client.post("/increment", json={"key": big, "value": 10})).status_code \
-            == 202
-        assert (await client.post("/increment", json={"key": small, "value": 1})).status_code \
-            == 202
+    await db_execute(
+        db_url, "INSERT INTO counters (key, value) VALUES ($1, $2)", big, INT64_MAX - 5
+    )
+    async with (
+        run_service(settings_for(tmp_path, db_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        assert (await client.post("/increment", json={"key": big, "value": 10})).status_code == 202
+        assert (await client.post("/increment", json={"key": small, "value": 1})).status_code == 202
         await wait_until(lambda: _persisted(db_url, small, 1))
         assert await db_totals(db_url, [big]) == {big: INT64_MAX - 5}
         ready = (await client.get("/readyz")).json()

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from incrementer.ingest.wal import summarize
 from proxy import proxy_to
 from support import (
     LoadResult,
@@ -26,9 +24,12 @@ from support import (
     wait_until,
 )
 
+from incrementer.ingest.wal import summarize
 
-def violations(acked: dict[str, int], in_flight: dict[str, int],
-               totals: dict[str, int]) -> list[str]:
+
+def violations(
+    acked: dict[str, int], in_flight: dict[str, int], totals: dict[str, int]
+) -> list[str]:
     """Keys whose database total is below what was acknowledged, or above acknowledged plus
     what was in flight (sent, never answered) at a crash."""
     found = []
@@ -55,21 +56,33 @@ def test_violations_catches_loss_and_duplicates() -> None:
     assert violations({"a": 5}, {"a": 1}, {"a": 7})
 
 
-async def crash_rounds(tmp_path: Path, db_url: str, durability: str,
-                       rounds: int) -> tuple[LoadResult, dict[str, int]]:
+async def crash_rounds(
+    tmp_path: Path, db_url: str, durability: str, rounds: int
+) -> tuple[LoadResult, dict[str, int]]:
     """Run load, kill -9 mid-load, restart, repeat; then drain gracefully and read totals."""
     prefix = uuid.uuid4().hex[:8]
     keys = [f"{prefix}-{i}" for i in range(200)]
     rng = random.Random(durability)
-    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
-            "--durability", durability, "--flush-interval", "3", "--log-level", "info"]
+    args = [
+        "--database-url",
+        db_url,
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--durability",
+        durability,
+        "--flush-interval",
+        "3",
+        "--log-level",
+        "info",
+    ]
     seen = LoadResult()
     for _ in range(rounds):
         server = spawn(args)
         try:
             items = [(rng.choice(keys), rng.randint(1, 9)) for _ in range(200_000)]
-            task = asyncio.create_task(load(server.url, items, connections=8, pipeline=32,
-                                            stop_on_error=False))
+            task = asyncio.create_task(
+                load(server.url, items, connections=8, pipeline=32, stop_on_error=False)
+            )
             await asyncio.sleep(rng.uniform(0.6, 1.2))
             kill(server.proc)
             merge(seen, await task)
@@ -81,8 +94,7 @@ async def crash_rounds(tmp_path: Path, db_url: str, durability: str,
 
 
 @pytest.mark.parametrize("durability", ["wal", "wal-fsync"])
-async def test_kill9_under_load_loses_nothing(tmp_path: Path, db_url: str,
-                                              durability: str) -> None:
+async def test_kill9_under_load_loses_nothing(tmp_path: Path, db_url: str, durability: str) -> None:
     """Repeated kill -9 under load: every acknowledged increment lands exactly once."""
     seen, totals = await crash_rounds(tmp_path, db_url, durability, rounds=3)
     assert sum(seen.acked.values()) > 1000, "the load never got going"
@@ -97,11 +109,18 @@ async def test_kill9_in_memory_mode_loses_data(tmp_path: Path, sqlite_url: str) 
 
 
 async def test_crash_after_commit_before_recycle_does_not_double_apply(
-        tmp_path: Path, db_url: str) -> None:
+    tmp_path: Path, db_url: str
+) -> None:
     """A crash right after the commit replays the WAL, finds the batch applied, skips it."""
     key = f"crash-{uuid.uuid4().hex[:8]}"
-    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
-            "--flush-interval", "0.05"]
+    args = [
+        "--database-url",
+        db_url,
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--flush-interval",
+        "0.05",
+    ]
     server = spawn(args, env={"INCREMENTER_FAULT_CRASH_AFTER_COMMITS": "1"})
     try:
         result = await load(server.url, [(key, 1)] * 50, connections=1, pipeline=50)
@@ -118,18 +137,26 @@ async def test_crash_after_commit_before_recycle_does_not_double_apply(
     assert await db_totals(db_url, [key]) == {key: 50}
 
 
-async def test_graceful_shutdown_loses_nothing_in_memory_mode(tmp_path: Path,
-                                                              db_url: str) -> None:
+async def test_graceful_shutdown_loses_nothing_in_memory_mode(tmp_path: Path, db_url: str) -> None:
     """SIGTERM under load: in-flight requests answered, final flush, exit 0, totals exact."""
     prefix = uuid.uuid4().hex[:8]
     keys = [f"{prefix}-{i}" for i in range(100)]
     items = [(random.choice(keys), 1) for _ in range(100_000)]
-    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
-            "--durability", "memory", "--flush-interval", "5"]
+    args = [
+        "--database-url",
+        db_url,
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--durability",
+        "memory",
+        "--flush-interval",
+        "5",
+    ]
     server = spawn(args)
     try:
-        task = asyncio.create_task(load(server.url, items, connections=8, pipeline=32,
-                                        stop_on_error=False))
+        task = asyncio.create_task(
+            load(server.url, items, connections=8, pipeline=32, stop_on_error=False)
+        )
         await asyncio.sleep(0.8)
         server.proc.send_signal(signal.SIGTERM)
         seen = await task
@@ -142,8 +169,7 @@ async def test_graceful_shutdown_loses_nothing_in_memory_mode(tmp_path: Path,
     assert "stopped after" in server.read_log()
 
 
-async def test_database_outage_keeps_accepting_then_recovers(tmp_path: Path,
-                                                             pg_url: str) -> None:
+async def test_database_outage_keeps_accepting_then_recovers(tmp_path: Path, pg_url: str) -> None:
     """PostgreSQL unreachable: increments still accepted, readyz 503, then flushing resumes
     by itself and every total is exact."""
     prefix = uuid.uuid4().hex[:8]

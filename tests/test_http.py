@@ -7,14 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-
 from support import exchange, host_port, increment_request, run_service, settings_for
 
 
 @pytest.fixture
 async def url(tmp_path: Path, sqlite_url: str):  # type: ignore[no-untyped-def]
-    settings = settings_for(tmp_path, sqlite_url, max_body_bytes=1024, max_header_bytes=2048,
-                            request_timeout=1.0, idle_timeout=2.0)
+    settings = settings_for(
+        tmp_path,
+        sqlite_url,
+        max_body_bytes=1024,
+        max_header_bytes=2048,
+        request_timeout=1.0,
+        idle_timeout=2.0,
+    )
     async with run_service(settings) as svc:
         yield svc.url
 
@@ -25,8 +30,14 @@ def get(path: str, extra: bytes = b"") -> bytes:
 
 async def test_pipelined_requests_answered_in_order(url: str) -> None:
     """Requests sent in one write, reads between writes, are answered in order."""
-    data = (increment_request("p", 1) + get("/counters/p") + increment_request("p", 2)
-            + get("/nope") + get("/counters/p") + get("/healthz"))
+    data = (
+        increment_request("p", 1)
+        + get("/counters/p")
+        + increment_request("p", 2)
+        + get("/nope")
+        + get("/counters/p")
+        + get("/healthz")
+    )
     responses = await exchange(url, data, 6)
     assert [r.status for r in responses] == [202, 200, 202, 404, 200, 200]
     assert json.loads(responses[1].body)["value"] == 1
@@ -36,10 +47,14 @@ async def test_pipelined_requests_answered_in_order(url: str) -> None:
 async def test_chunked_body(url: str) -> None:
     """Transfer-Encoding: chunked bodies are reassembled."""
     body = b'{"key":"chunked","value":7}'
-    data = (b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-            + b"%x\r\n%s\r\n" % (5, body[:5]) + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:])
-            + b"0\r\n\r\n" + get("/counters/chunked"))
+    data = (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (5, body[:5])
+        + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:])
+        + b"0\r\n\r\n"
+        + get("/counters/chunked")
+    )
     responses = await exchange(url, data, 2)
     assert [r.status for r in responses] == [202, 200]
     assert json.loads(responses[1].body)["value"] == 7
@@ -50,8 +65,10 @@ async def test_expect_100_continue(url: str) -> None:
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port)
     body = b'{"key":"expect","value":1}'
-    writer.write(b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                 b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    writer.write(
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert interim.startswith(b"HTTP/1.1 100 Continue")
     writer.write(body)
@@ -62,14 +79,18 @@ async def test_expect_100_continue(url: str) -> None:
 
 async def test_oversized_body_and_headers(url: str) -> None:
     """413 for a body over the limit (declared or chunked), 431 for huge headers; then close."""
-    declared = (b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 5000\r\n\r\n")
+    declared = (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\n\r\n"
+    )
     [resp] = await exchange(url, declared, 1)
     assert resp.status == 413
     assert resp.headers["connection"] == "close"
     chunk = b"x" * 800
-    chunked = (b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 3)
+    chunked = (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 3
+    )
     [resp] = await exchange(url, chunked, 1)
     assert resp.status == 413
     [resp] = await exchange(url, get("/healthz", b"X-Big: " + b"a" * 3000 + b"\r\n"), 1)
@@ -80,8 +101,12 @@ async def test_oversized_body_and_headers(url: str) -> None:
 
 async def test_garbage_bytes_get_400_and_others_are_served(url: str) -> None:
     """Garbage is answered with 400 and a close; a concurrent normal client is unaffected."""
-    for garbage in (b"\x00\x01\x02\xff\r\n\r\n", b"HELLO WORLD\r\n\r\n",
-                    b"GET / HTTP/9.9\r\n\r\n", b"POST /increment HTTP/1.1\r\nContent-Length: x\r\n\r\n"):
+    for garbage in (
+        b"\x00\x01\x02\xff\r\n\r\n",
+        b"HELLO WORLD\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST /increment HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    ):
         responses = await exchange(url, garbage, 1)
         assert [r.status for r in responses] == [400], garbage
     responses = await exchange(url, increment_request("after-garbage", 1) + get("/healthz"), 2)
@@ -126,6 +151,7 @@ async def test_connection_limit(tmp_path: Path, sqlite_url: str) -> None:
         reader, writer = held[0]
         writer.write(get("/healthz"))
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
-            b"HTTP/1.1 200")
+            b"HTTP/1.1 200"
+        )
         for _, w in held:
             w.close()

@@ -27,8 +27,17 @@ def media_type(content_type: bytes) -> bytes:
 
 
 class App:
-    def __init__(self, validator: Validator, intake: Intake, flusher: Flusher, store: Store,
-                 gate: AckGate, metrics: Metrics, node_id: str, lag_bound: float) -> None:
+    def __init__(
+        self,
+        validator: Validator,
+        intake: Intake,
+        flusher: Flusher,
+        store: Store,
+        gate: AckGate,
+        metrics: Metrics,
+        node_id: str,
+        lag_bound: float,
+    ) -> None:
         self.validator = validator
         self.intake = intake
         self.flusher = flusher
@@ -39,51 +48,129 @@ class App:
         self.lag_bound = lag_bound
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
 
-    def handle(self, conn: HttpConnection, method: bytes, url: bytes, content_type: bytes,
-               authorization: bytes, body: bytes, keep_alive: bool) -> Result:
+    def handle(
+        self,
+        conn: HttpConnection,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        body: bytes,
+        keep_alive: bool,
+    ) -> Result:
         if url == b"/increment" and method == b"POST":
             return self.increment(conn, content_type, body, keep_alive)
         path = url.split(b"?", 1)[0]
         if path == b"/increment":
-            return self.allow(conn, method, b"POST", "increment", body, keep_alive,
-                              lambda: self.increment(conn, content_type, body, keep_alive))
+            return self.allow(
+                conn,
+                method,
+                b"POST",
+                "increment",
+                body,
+                keep_alive,
+                lambda: self.increment(conn, content_type, body, keep_alive),
+            )
         if path == b"/increments":
-            return self.allow(conn, method, b"POST", "increments", body, keep_alive,
-                              lambda: self.increments(conn, content_type, body, keep_alive))
+            return self.allow(
+                conn,
+                method,
+                b"POST",
+                "increments",
+                body,
+                keep_alive,
+                lambda: self.increments(conn, content_type, body, keep_alive),
+            )
         if path.startswith(COUNTERS):
-            return self.allow(conn, method, b"GET", "counters", body, keep_alive,
-                              lambda: self.counter(conn, path[len(COUNTERS):], keep_alive))
+            return self.allow(
+                conn,
+                method,
+                b"GET",
+                "counters",
+                body,
+                keep_alive,
+                lambda: self.counter(conn, path[len(COUNTERS) :], keep_alive),
+            )
         if path == b"/healthz":
-            return self.allow(conn, method, b"GET", "healthz", body, keep_alive,
-                              lambda: self.ok(conn, "healthz", {"status": "ok"}, keep_alive))
+            return self.allow(
+                conn,
+                method,
+                b"GET",
+                "healthz",
+                body,
+                keep_alive,
+                lambda: self.ok(conn, "healthz", {"status": "ok"}, keep_alive),
+            )
         if path == b"/readyz":
-            return self.allow(conn, method, b"GET", "readyz", body, keep_alive,
-                              lambda: self.readyz(conn, keep_alive))
+            return self.allow(
+                conn,
+                method,
+                b"GET",
+                "readyz",
+                body,
+                keep_alive,
+                lambda: self.readyz(conn, keep_alive),
+            )
         if path == b"/metrics":
-            return self.allow(conn, method, b"GET", "metrics", body, keep_alive,
-                              lambda: self.prometheus(conn, keep_alive))
+            return self.allow(
+                conn,
+                method,
+                b"GET",
+                "metrics",
+                body,
+                keep_alive,
+                lambda: self.prometheus(conn, keep_alive),
+            )
         if path == b"/openapi.json":
-            return self.allow(conn, method, b"GET", "openapi", body, keep_alive,
-                              lambda: self.document(conn, keep_alive))
-        return self.fail(conn, "unknown", BadRequest("not_found", "No such route.", 404),
-                         keep_alive)
+            return self.allow(
+                conn,
+                method,
+                b"GET",
+                "openapi",
+                body,
+                keep_alive,
+                lambda: self.document(conn, keep_alive),
+            )
+        return self.fail(
+            conn, "unknown", BadRequest("not_found", "No such route.", 404), keep_alive
+        )
 
-    def allow(self, conn: HttpConnection, method: bytes, allowed: bytes, route: str, body: bytes,
-              keep_alive: bool, handler: object) -> Result:
+    def allow(
+        self,
+        conn: HttpConnection,
+        method: bytes,
+        allowed: bytes,
+        route: str,
+        body: bytes,
+        keep_alive: bool,
+        handler: object,
+    ) -> Result:
         if method != allowed:
             self.metrics.count_request(route, 405)
-            return responses.error(conn.clock, 405, "method_not_allowed",
-                                   f"Use {allowed.decode()} for this route.", not keep_alive,
-                                   b"Allow: " + allowed + b"\r\n")
+            return responses.error(
+                conn.clock,
+                405,
+                "method_not_allowed",
+                f"Use {allowed.decode()} for this route.",
+                not keep_alive,
+                b"Allow: " + allowed + b"\r\n",
+            )
         assert callable(handler)
         result: Result = handler()
         return result
 
-    def fail(self, conn: HttpConnection, route: str, exc: BadRequest, keep_alive: bool,
-             headers: bytes = b"") -> bytes:
+    def fail(
+        self,
+        conn: HttpConnection,
+        route: str,
+        exc: BadRequest,
+        keep_alive: bool,
+        headers: bytes = b"",
+    ) -> bytes:
         self.metrics.count_request(route, exc.status)
-        return responses.error(conn.clock, exc.status, exc.code, exc.detail, not keep_alive,
-                               headers)
+        return responses.error(
+            conn.clock, exc.status, exc.code, exc.detail, not keep_alive, headers
+        )
 
     def ok(self, conn: HttpConnection, route: str, payload: object, keep_alive: bool) -> bytes:
         self.metrics.count_request(route, 200)
@@ -91,8 +178,9 @@ class App:
 
     # ingest
 
-    def increment(self, conn: HttpConnection, content_type: bytes, body: bytes,
-                  keep_alive: bool) -> bytes:
+    def increment(
+        self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
+    ) -> bytes:
         try:
             if content_type == JSON:
                 item = self.validator.json_one(body)
@@ -113,8 +201,9 @@ class App:
         self.metrics.accepted_requests += 1
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
-    def increments(self, conn: HttpConnection, content_type: bytes, body: bytes,
-                   keep_alive: bool) -> bytes:
+    def increments(
+        self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
+    ) -> bytes:
         try:
             if media_type(content_type) != JSON:
                 raise _unsupported(content_type)
@@ -129,9 +218,17 @@ class App:
 
     def shed(self, conn: HttpConnection, route: str, keep_alive: bool) -> bytes:
         self.metrics.count_rejected("overloaded")
-        return self.fail(conn, route, BadRequest(
-            "overloaded", "Too many distinct keys are waiting to be flushed; retry shortly.", 503),
-            keep_alive, RETRY_AFTER)
+        return self.fail(
+            conn,
+            route,
+            BadRequest(
+                "overloaded",
+                "Too many distinct keys are waiting to be flushed; retry shortly.",
+                503,
+            ),
+            keep_alive,
+            RETRY_AFTER,
+        )
 
     # reads
 
@@ -140,8 +237,12 @@ class App:
             key = unquote_to_bytes(raw_key).decode("utf-8")
             self.validator.check(key, 1)
         except UnicodeDecodeError:
-            return self.fail(conn, "counters", BadRequest(
-                "invalid_key", "The key is not valid percent-encoded UTF-8."), keep_alive)
+            return self.fail(
+                conn,
+                "counters",
+                BadRequest("invalid_key", "The key is not valid percent-encoded UTF-8."),
+                keep_alive,
+            )
         except BadRequest as exc:
             return self.fail(conn, "counters", exc, keep_alive)
         return self._read(conn, key, keep_alive)
@@ -152,16 +253,21 @@ class App:
             try:
                 snapshot = await self.store.read(key, self.node_id)
             except BackendError as exc:
-                return self.fail(conn, "counters", BadRequest(
-                    "database_unavailable", f"The database cannot be read: {exc}", 503),
-                    keep_alive, RETRY_AFTER)
+                return self.fail(
+                    conn,
+                    "counters",
+                    BadRequest("database_unavailable", f"The database cannot be read: {exc}", 503),
+                    keep_alive,
+                    RETRY_AFTER,
+                )
             # A batch that committed during the read may or may not be in the snapshot: re-read.
             if self.flusher.commits == commits:
                 break
         pending = self.flusher.pending_delta(key, snapshot.applied_seq)
         if snapshot.value is None and not pending:
-            return self.fail(conn, "counters", BadRequest("not_found", "No such counter.", 404),
-                             keep_alive)
+            return self.fail(
+                conn, "counters", BadRequest("not_found", "No such counter.", 404), keep_alive
+            )
         value = (snapshot.value or 0) + pending
         return self.ok(conn, "counters", {"key": key, "value": value}, keep_alive)
 
@@ -174,8 +280,9 @@ class App:
         if flusher.db_error is not None:
             reasons.append(f"database unavailable: {flusher.db_error}")
         if lag > self.lag_bound:
-            reasons.append(f"oldest unflushed increment is {lag:.1f} s old "
-                           f"(bound {self.lag_bound:g} s)")
+            reasons.append(
+                f"oldest unflushed increment is {lag:.1f} s old (bound {self.lag_bound:g} s)"
+            )
         if self.gate.failed is not None:
             reasons.append(self.gate.failed)
         payload = {
@@ -191,8 +298,13 @@ class App:
 
     def prometheus(self, conn: HttpConnection, keep_alive: bool) -> bytes:
         self.metrics.count_request("metrics", 200)
-        return responses.build(conn.clock, 200, self.metrics.render(),
-                               b"text/plain; version=0.0.4; charset=utf-8", not keep_alive)
+        return responses.build(
+            conn.clock,
+            200,
+            self.metrics.render(),
+            b"text/plain; version=0.0.4; charset=utf-8",
+            not keep_alive,
+        )
 
     def document(self, conn: HttpConnection, keep_alive: bool) -> bytes:
         self.metrics.count_request("openapi", 200)
@@ -201,6 +313,9 @@ class App:
 
 def _unsupported(content_type: bytes) -> BadRequest:
     shown = content_type.decode("latin-1")[:100] or "(none)"
-    return BadRequest("unsupported_media_type",
-                      f"Content-Type {shown!r} is not supported; send application/json or "
-                      "application/x-www-form-urlencoded.", 415)
+    return BadRequest(
+        "unsupported_media_type",
+        f"Content-Type {shown!r} is not supported; send application/json or "
+        "application/x-www-form-urlencoded.",
+        415,
+    )

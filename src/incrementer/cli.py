@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -20,6 +19,7 @@ from incrementer.config import (
     Settings,
 )
 
+DEFAULTS = Settings()
 HELP = {
     "host": "Address to bind.",
     "port": "Port to bind; 0 picks a free one.",
@@ -62,8 +62,9 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
             func = click.option(decl, name, default=None, envvar=envvar, help=help_text)(func)
             continue
         kind: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[str(field.type)]
-        func = click.option(f"--{flag}", name, type=kind, default=None, envvar=envvar,
-                            help=help_text)(func)
+        func = click.option(
+            f"--{flag}", name, type=kind, default=None, envvar=envvar, help=help_text
+        )(func)
     return func
 
 
@@ -81,8 +82,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", type=click.Path(path_type=Path, dir_okay=False),
-              envvar=ENV_PREFIX + "CONFIG", help="TOML file with settings (flags and env win).")
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=ENV_PREFIX + "CONFIG",
+    help="TOML file with settings (flags and env win).",
+)
 @settings_options
 def serve(config: Path | None, **values: Any) -> None:
     """Run the service."""
@@ -104,15 +109,22 @@ def serve(config: Path | None, **values: Any) -> None:
 
 
 @main.command("migrate")
-@click.option("--database-url", envvar=ENV_PREFIX + "DATABASE_URL",
-              default=Settings.database_url, show_default=True, help=HELP["database_url"])
+@click.option(
+    "--database-url",
+    envvar=ENV_PREFIX + "DATABASE_URL",
+    default=DEFAULTS.database_url,
+    show_default=True,
+    help=HELP["database_url"],
+)
 def migrate_command(database_url: str) -> None:
     """Apply pending schema migrations."""
     from incrementer.store.migrate import migrate
 
     applied = migrate(database_url)
-    click.echo(f"applied {len(applied)} migrations" + (f": {', '.join(applied)}" if applied
-                                                        else " (schema up to date)"))
+    click.echo(
+        f"applied {len(applied)} migrations"
+        + (f": {', '.join(applied)}" if applied else " (schema up to date)")
+    )
 
 
 @main.group()
@@ -121,8 +133,13 @@ def wal() -> None:
 
 
 @wal.command()
-@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
-              envvar=ENV_PREFIX + "DATA_DIR", default=Settings.data_dir, show_default=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar=ENV_PREFIX + "DATA_DIR",
+    default=DEFAULTS.data_dir,
+    show_default=True,
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(data_dir: Path, as_json: bool) -> None:
     """Segments, frames, increments and sequence range pending in the WAL."""
@@ -134,10 +151,13 @@ def inspect(data_dir: Path, as_json: bool) -> None:
 
         click.echo(msgspec.json.encode(summary).decode())
         return
-    click.echo(f"WAL in {data_dir / 'wal'}: {len(summary.segments)} segments, "
-               f"{summary.frames} frames, {summary.records} increments, {summary.bytes} bytes, "
-               f"seq {summary.first_seq}..{summary.last_seq}")
+    click.echo(
+        f"WAL in {data_dir / 'wal'}: {len(summary.segments)} segments, "
+        f"{summary.frames} frames, {summary.records} increments, {summary.bytes} bytes, "
+        f"seq {summary.first_seq}..{summary.last_seq}"
+    )
     for seg in summary.segments:
-        click.echo(f"  {seg.name}: {seg.bytes} bytes, seq {seg.first_seq}..{seg.last_seq}, "
-                   f"{seg.frames} frames, {seg.records} increments")
-
+        click.echo(
+            f"  {seg.name}: {seg.bytes} bytes, seq {seg.first_seq}..{seg.last_seq}, "
+            f"{seg.frames} frames, {seg.records} increments"
+        )

@@ -54,32 +54,74 @@ class Settings:
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
-            _check(self.host, "host", self.host == "localhost" or "." in self.host or
-                   self.host.isalnum(), "must be an IP address or host name")
-        _check(self.database_url, "database_url",
-               self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")),
-               "must be sqlite:///PATH or postgresql://...")
-        _check(self.durability, "durability", self.durability in DURABILITY_MODES,
-               f"must be one of {', '.join(DURABILITY_MODES)}")
-        for name in ("fsync_interval", "flush_interval", "idle_timeout", "request_timeout",
-                     "shutdown_timeout", "lag_bound"):
+            _check(
+                self.host,
+                "host",
+                self.host == "localhost" or "." in self.host or self.host.isalnum(),
+                "must be an IP address or host name",
+            )
+        _check(
+            self.database_url,
+            "database_url",
+            self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")),
+            "must be sqlite:///PATH or postgresql://...",
+        )
+        _check(
+            self.durability,
+            "durability",
+            self.durability in DURABILITY_MODES,
+            f"must be one of {', '.join(DURABILITY_MODES)}",
+        )
+        for name in (
+            "fsync_interval",
+            "flush_interval",
+            "idle_timeout",
+            "request_timeout",
+            "shutdown_timeout",
+            "lag_bound",
+        ):
             value = getattr(self, name)
             _check(value, name, value > 0, "must be a positive number of seconds")
-        _check(self.flush_interval, "flush_interval", self.flush_interval < self.lag_bound,
-               f"must be below the lag bound ({self.lag_bound} s)")
-        for name in ("flush_max_keys", "max_pending_keys", "max_body_bytes", "max_header_bytes",
-                     "max_batch_items", "max_connections"):
+        _check(
+            self.flush_interval,
+            "flush_interval",
+            self.flush_interval < self.lag_bound,
+            f"must be below the lag bound ({self.lag_bound} s)",
+        )
+        for name in (
+            "flush_max_keys",
+            "max_pending_keys",
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_batch_items",
+            "max_connections",
+        ):
             value = getattr(self, name)
             _check(value, name, value >= 1, "must be at least 1")
-        _check(self.max_key_bytes, "max_key_bytes", 1 <= self.max_key_bytes <= 65535,
-               "must be between 1 and 65535")
-        _check(self.max_pending_keys, "max_pending_keys",
-               self.max_pending_keys >= self.flush_max_keys,
-               f"must be at least flush_max_keys ({self.flush_max_keys})")
-        _check(self.log_format, "log_format", self.log_format in LOG_FORMATS,
-               f"must be one of {', '.join(LOG_FORMATS)}")
-        _check(self.log_level, "log_level", self.log_level in LOG_LEVELS,
-               f"must be one of {', '.join(LOG_LEVELS)}")
+        _check(
+            self.max_key_bytes,
+            "max_key_bytes",
+            1 <= self.max_key_bytes <= 65535,
+            "must be between 1 and 65535",
+        )
+        _check(
+            self.max_pending_keys,
+            "max_pending_keys",
+            self.max_pending_keys >= self.flush_max_keys,
+            f"must be at least flush_max_keys ({self.flush_max_keys})",
+        )
+        _check(
+            self.log_format,
+            "log_format",
+            self.log_format in LOG_FORMATS,
+            f"must be one of {', '.join(LOG_FORMATS)}",
+        )
+        _check(
+            self.log_level,
+            "log_level",
+            self.log_level in LOG_LEVELS,
+            f"must be one of {', '.join(LOG_LEVELS)}",
+        )
 
     @classmethod
     def build(cls, explicit: dict[str, Any], config_file: Path | None = None) -> Settings:

@@ -34,7 +34,8 @@ class DataDir:
             self._lock_fd = -1
             raise DataDirError(
                 f"data dir {self.path} is locked by another incrementer process; give each "
-                "process its own --data-dir") from None
+                "process its own --data-dir"
+            ) from None
         self.node_id = self._node_id()
 
     def _node_id(self) -> str:

@@ -44,8 +44,14 @@ Group = list[tuple[Held, list[bytes | None]]]
 
 
 class AckGate:
-    def __init__(self, loop: asyncio.AbstractEventLoop, wal: Log, mode: Durability,
-                 fsync_interval: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        wal: Log,
+        mode: Durability,
+        fsync_interval: float,
+        metrics: Metrics,
+    ) -> None:
         self._loop = loop
         self._wal = wal
         self._mode = mode

@@ -34,9 +34,17 @@ class SeqLog(Protocol):
 
 
 class Flusher:
-    def __init__(self, buffer: CoalescingBuffer, wal: SeqLog, store: Store, intake: Intake,
-                 node_id: str, flush_interval: float, flush_max_keys: int,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self,
+        buffer: CoalescingBuffer,
+        wal: SeqLog,
+        store: Store,
+        intake: Intake,
+        node_id: str,
+        flush_interval: float,
+        flush_max_keys: int,
+        metrics: Metrics,
+    ) -> None:
         self.buffer = buffer
         self.wal = wal
         self.store = store
@@ -81,8 +89,11 @@ class Flusher:
                     return  # shutdown deadline passed with the database still failing
                 continue
             buffer = self.buffer
-            if buffer.deltas and (self._stopping or len(buffer) >= self.flush_max_keys
-                                  or time.monotonic() - buffer.oldest >= self.flush_interval):
+            if buffer.deltas and (
+                self._stopping
+                or len(buffer) >= self.flush_max_keys
+                or time.monotonic() - buffer.oldest >= self.flush_interval
+            ):
                 self._cut()
                 continue
             if self._stopping:
@@ -125,8 +136,9 @@ class Flusher:
         if failures == 1 or failures % 20 == 0:
             log.warning("flush failed (attempt %d), retrying with backoff: %s", failures, reason)
 
-    def _committed(self, batch: Batch, applied: bool, overflowed: dict[str, int],
-                   started: float) -> None:
+    def _committed(
+        self, batch: Batch, applied: bool, overflowed: dict[str, int], started: float
+    ) -> None:
         now = time.monotonic()
         if self.db_error is not None:
             log.info("database reachable again, flushing resumed")
@@ -148,8 +160,13 @@ class Flusher:
         if overflowed:
             metrics.overflowed_keys += len(overflowed)
             for key, delta in overflowed.items():
-                log.error("counter %r would overflow 64 bits; delta %d kept in counter_overflows "
-                          "(batch seq=%d), other keys unaffected", key, delta, batch.seq)
+                log.error(
+                    "counter %r would overflow 64 bits; delta %d kept in counter_overflows "
+                    "(batch seq=%d), other keys unaffected",
+                    key,
+                    delta,
+                    batch.seq,
+                )
                 if key in self.overflowed or len(self.overflowed) < OVERFLOW_REPORT_LIMIT:
                     self.overflowed[key] = self.overflowed.get(key, 0) + delta
         faults.after_commit(self.commits)

@@ -13,8 +13,23 @@ from prometheus_client.core import (
     Metric,
 )
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 SIZE_BUCKETS = (1, 10, 100, 1000, 5000, 10_000, 20_000, 50_000, 100_000, 500_000)
 
@@ -71,7 +86,7 @@ class Metrics:
         self.fsync_seconds = Histogram(LATENCY_BUCKETS)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
@@ -90,39 +105,57 @@ class Metrics:
         return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("incrementer_http_requests", "HTTP requests by route and "
-                                       "status.", labels=["route", "status"])
+        requests = CounterMetricFamily(
+            "incrementer_http_requests",
+            "HTTP requests by route and status.",
+            labels=["route", "status"],
+        )
         requests.add_metric(["increment", "202"], self.accepted_requests)
         for (route, status), count in sorted(self.requests.items()):
             requests.add_metric([route, str(status)], count)
         yield requests
-        rejected = CounterMetricFamily("incrementer_rejected_increments",
-                                       "Increments refused, by reason.", labels=["reason"])
+        rejected = CounterMetricFamily(
+            "incrementer_rejected_increments", "Increments refused, by reason.", labels=["reason"]
+        )
         for reason, count in sorted(self.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
         simple = {
-            "incrementer_accepted_increments": ("Increments accepted (acknowledged).",
-                                                self.accepted_increments),
-            "incrementer_rejected_connections": ("Connections refused at the connection limit.",
-                                                 self.rejected_connections),
+            "incrementer_accepted_increments": (
+                "Increments accepted (acknowledged).",
+                self.accepted_increments,
+            ),
+            "incrementer_rejected_connections": (
+                "Connections refused at the connection limit.",
+                self.rejected_connections,
+            ),
             "incrementer_flushes": ("Batches committed to the database.", self.flushes),
-            "incrementer_flush_failures": ("Flush attempts that failed (retried).",
-                                           self.flush_failures),
-            "incrementer_skipped_batches": ("Batches found already applied (exactly-once).",
-                                            self.skipped_batches),
+            "incrementer_flush_failures": (
+                "Flush attempts that failed (retried).",
+                self.flush_failures,
+            ),
+            "incrementer_skipped_batches": (
+                "Batches found already applied (exactly-once).",
+                self.skipped_batches,
+            ),
             "incrementer_flushed_keys": ("Key rows upserted.", self.flushed_keys),
-            "incrementer_overflowed_keys": ("Keys isolated because their total would overflow.",
-                                            self.overflowed_keys),
+            "incrementer_overflowed_keys": (
+                "Keys isolated because their total would overflow.",
+                self.overflowed_keys,
+            ),
         }
         for name, (doc, value) in simple.items():
             yield CounterMetricFamily(name, doc, value=value)
-        yield self.flush_seconds.family("incrementer_flush_duration_seconds",
-                                        "Time to apply one batch.")
+        yield self.flush_seconds.family(
+            "incrementer_flush_duration_seconds", "Time to apply one batch."
+        )
         yield self.flush_keys.family("incrementer_flush_keys", "Dirty keys per flush.")
-        yield self.lag_seconds.family("incrementer_persistence_lag_seconds",
-                                      "Age of the oldest increment of each batch at commit.")
-        yield self.fsync_seconds.family("incrementer_wal_fsync_duration_seconds",
-                                        "Time of one WAL fdatasync.")
+        yield self.lag_seconds.family(
+            "incrementer_persistence_lag_seconds",
+            "Age of the oldest increment of each batch at commit.",
+        )
+        yield self.fsync_seconds.family(
+            "incrementer_wal_fsync_duration_seconds", "Time of one WAL fdatasync."
+        )
         for name, (doc, read) in sorted(self.gauges.items()):
             yield GaugeMetricFamily(name, doc, value=read())

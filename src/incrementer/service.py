@@ -54,12 +54,28 @@ class Service:
         await self.store.open()
         wal = await self._open_wal(node_id)
         intake = Intake(self.buffer, wal, s.max_pending_keys, self.metrics)
-        self.flusher = Flusher(self.buffer, wal, self.store, intake, node_id, s.flush_interval,
-                               s.flush_max_keys, self.metrics)
+        self.flusher = Flusher(
+            self.buffer,
+            wal,
+            self.store,
+            intake,
+            node_id,
+            s.flush_interval,
+            s.flush_max_keys,
+            self.metrics,
+        )
         self.gate = AckGate(loop, wal, s.durability, s.fsync_interval, self.metrics)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
-        app = App(validator, intake, self.flusher, self.store, self.gate, self.metrics, node_id,
-                  s.lag_bound)
+        app = App(
+            validator,
+            intake,
+            self.flusher,
+            self.store,
+            self.gate,
+            self.metrics,
+            node_id,
+            s.lag_bound,
+        )
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self._register_gauges()
         self._flush_task = asyncio.create_task(self.flusher.run(), name="flusher")
@@ -67,8 +83,13 @@ class Service:
         host, port = await self.server.start(s.host, s.port)
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
-        log.info("listening on %s (node %s, durability %s, database %s)", self.url, node_id,
-                 s.durability, s.database_url.split("@")[-1])
+        log.info(
+            "listening on %s (node %s, durability %s, database %s)",
+            self.url,
+            node_id,
+            s.durability,
+            s.database_url.split("@")[-1],
+        )
 
     async def _open_wal(self, node_id: str) -> WriteAheadLog | MemorySequence:
         applied_seq = await self.store.applied_seq(node_id)
@@ -84,8 +105,12 @@ class Service:
                     self.buffer.add(key, value)
                 increments += len(entries)
             if frames:
-                log.info("replayed %d increments in %d WAL frames after seq %d", increments,
-                         frames, applied_seq)
+                log.info(
+                    "replayed %d increments in %d WAL frames after seq %d",
+                    increments,
+                    frames,
+                    applied_seq,
+                )
         wal.advance_to(applied_seq)
         self.wal = wal
         return wal
@@ -94,16 +119,26 @@ class Service:
         flusher, metrics = self.flusher, self.metrics
         assert flusher is not None and self.server is not None
         server = self.server
-        metrics.gauge("incrementer_pending_keys", "Distinct keys not yet flushed.",
-                      lambda: flusher.pending_keys())
-        metrics.gauge("incrementer_oldest_pending_seconds", "Age of the oldest unflushed "
-                      "increment.", lambda: flusher.oldest_pending_age(time.monotonic()))
-        metrics.gauge("incrementer_open_connections", "Open HTTP connections.",
-                      lambda: len(server.connections))
+        metrics.gauge(
+            "incrementer_pending_keys",
+            "Distinct keys not yet flushed.",
+            lambda: flusher.pending_keys(),
+        )
+        metrics.gauge(
+            "incrementer_oldest_pending_seconds",
+            "Age of the oldest unflushed increment.",
+            lambda: flusher.oldest_pending_age(time.monotonic()),
+        )
+        metrics.gauge(
+            "incrementer_open_connections",
+            "Open HTTP connections.",
+            lambda: len(server.connections),
+        )
         wal = self.wal
         if isinstance(wal, WriteAheadLog):
-            metrics.gauge("incrementer_wal_bytes", "Bytes in WAL segments on disk.",
-                          lambda: wal.bytes_on_disk)
+            metrics.gauge(
+                "incrementer_wal_bytes", "Bytes in WAL segments on disk.", lambda: wal.bytes_on_disk
+            )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -133,9 +168,12 @@ class Service:
             await asyncio.to_thread(self.wal.close)
         await self.store.close()
         self.data_dir.close()
-        log.info("stopped after %.2f s: %d increments accepted, %d flushes",
-                 time.monotonic() - started, self.metrics.accepted_increments,
-                 self.metrics.flushes)
+        log.info(
+            "stopped after %.2f s: %d increments accepted, %d flushes",
+            time.monotonic() - started,
+            self.metrics.accepted_increments,
+            self.metrics.flushes,
+        )
 
     async def serve(self) -> None:
         with capture_signals(self.request_stop):
@@ -157,8 +195,9 @@ def capture_signals(on_first: object) -> Iterator[None]:
         nonlocal received
         received += 1
         if received == 1:
-            log.info("received %s, draining (send again to force exit)",
-                     signal.Signals(signum).name)
+            log.info(
+                "received %s, draining (send again to force exit)", signal.Signals(signum).name
+            )
             on_first()
         else:
             log.warning("received %s again, exiting now", signal.Signals(signum).name)

@@ -43,10 +43,32 @@ Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
-        "authorization", "body", "body_bytes", "clock", "closing", "content_length",
-        "content_type", "draining", "expect", "handle", "header_bytes", "held", "last_active", "max_body",
-        "max_header", "out", "parser", "peer", "queue", "reading_paused", "request_started",
-        "server", "task", "transport", "url", "writing_paused",
+        "authorization",
+        "body",
+        "body_bytes",
+        "clock",
+        "closing",
+        "content_length",
+        "content_type",
+        "draining",
+        "expect",
+        "handle",
+        "header_bytes",
+        "held",
+        "last_active",
+        "max_body",
+        "max_header",
+        "out",
+        "parser",
+        "peer",
+        "queue",
+        "reading_paused",
+        "request_started",
+        "server",
+        "task",
+        "transport",
+        "url",
+        "writing_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -84,14 +106,21 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername")
+        peer = self.transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         server = self.server
         if len(server.connections) >= server.max_connections:
             server.metrics.rejected_connections += 1
-            transport.write(responses.error(self.clock, 503, "too_many_connections",
-                                            "The server is at its connection limit.", close=True))
-            transport.close()
+            self.transport.write(
+                responses.error(
+                    self.clock,
+                    503,
+                    "too_many_connections",
+                    "The server is at its connection limit.",
+                    close=True,
+                )
+            )
+            self.transport.close()
             self.closing = True
             return
         server.connections.add(self)
@@ -181,31 +210,52 @@ class HttpConnection(asyncio.Protocol):
         parser = self.parser
         keep_alive: bool = parser.should_keep_alive()
         if self.task is not None or self.queue:
-            self.queue.append((parser.get_method(), self.url, self.content_type,
-                               self.authorization, body, keep_alive))
+            self.queue.append(
+                (
+                    parser.get_method(),
+                    self.url,
+                    self.content_type,
+                    self.authorization,
+                    body,
+                    keep_alive,
+                )
+            )
             if len(self.queue) >= MAX_QUEUED:
                 self._pause_reading()
             return
-        self._dispatch(parser.get_method(), self.url, self.content_type, self.authorization,
-                       body, keep_alive)
+        self._dispatch(
+            parser.get_method(), self.url, self.content_type, self.authorization, body, keep_alive
+        )
 
     # dispatch and output
 
-    def _dispatch(self, method: bytes, url: bytes, content_type: bytes, authorization: bytes,
-                  body: bytes, keep_alive: bool) -> None:
+    def _dispatch(
+        self,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
         try:
             result = self.handle(self, method, url, content_type, authorization, body, keep_alive)
         except Exception:
             log.exception("internal error handling %r %r", method, url)
-            result = responses.error(self.clock, 500, "internal_error",
-                                     "The server failed to handle this request.", close=True)
+            result = responses.error(
+                self.clock,
+                500,
+                "internal_error",
+                "The server failed to handle this request.",
+                close=True,
+            )
             keep_alive = False
         if type(result) is bytes:
             self._emit(result)
             if not keep_alive or self.draining:
                 self._close_after()
             return
-        self.task = asyncio.ensure_future(result)
+        self.task = asyncio.ensure_future(cast(Awaitable[bytes], result))
         self.task.add_done_callback(lambda task: self._async_done(task, keep_alive))
 
     def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool) -> None:
@@ -215,8 +265,15 @@ class HttpConnection(asyncio.Protocol):
         exc = task.exception()
         if exc is not None:
             log.error("internal error in async handler", exc_info=exc)
-            self._emit(responses.error(self.clock, 500, "internal_error",
-                                       "The server failed to handle this request.", close=True))
+            self._emit(
+                responses.error(
+                    self.clock,
+                    500,
+                    "internal_error",
+                    "The server failed to handle this request.",
+                    close=True,
+                )
+            )
             self._close_after()
             return
         self._emit(task.result())
@@ -295,8 +352,12 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.request_started and now - self.request_started > request_timeout:
             self._fail(408, "request_timeout", "The request was not completed in time.")
-        elif (not self.request_started and self.task is None and not self.out
-              and now - self.last_active > idle_timeout):
+        elif (
+            not self.request_started
+            and self.task is None
+            and not self.out
+            and now - self.last_active > idle_timeout
+        ):
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
@@ -319,4 +380,3 @@ class HttpConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self.task is None and not self.out and not self.request_started
-

@@ -34,8 +34,14 @@ class Clock:
         self.accepted_close = build(self, 202, close=True)
 
 
-def build(clock: Clock, status: int, body: bytes = b"", content_type: bytes = b"",
-          close: bool = False, headers: bytes = b"") -> bytes:
+def build(
+    clock: Clock,
+    status: int,
+    body: bytes = b"",
+    content_type: bytes = b"",
+    close: bool = False,
+    headers: bytes = b"",
+) -> bytes:
     head = [_STATUS_LINES[status], SERVER, clock.date, headers]
     if content_type:
         head.append(b"Content-Type: " + content_type + b"\r\n")
@@ -47,11 +53,13 @@ def build(clock: Clock, status: int, body: bytes = b"", content_type: bytes = b"
     return b"".join(head)
 
 
-def json(clock: Clock, status: int, payload: object, close: bool = False,
-         headers: bytes = b"") -> bytes:
+def json(
+    clock: Clock, status: int, payload: object, close: bool = False, headers: bytes = b""
+) -> bytes:
     return build(clock, status, _encode(payload), b"application/json", close, headers)
 
 
-def error(clock: Clock, status: int, code: str, detail: str, close: bool = False,
-          headers: bytes = b"") -> bytes:
+def error(
+    clock: Clock, status: int, code: str, detail: str, close: bool = False, headers: bytes = b""
+) -> bytes:
     return json(clock, status, {"error": code, "detail": detail}, close, headers)

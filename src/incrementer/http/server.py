@@ -20,13 +20,22 @@ log = logging.getLogger("incrementer.http")
 
 
 class Handler(Protocol):
-    def handle(self, conn: HttpConnection, method: bytes, url: bytes, content_type: bytes,
-               authorization: bytes, body: bytes, keep_alive: bool) -> Result: ...
+    def handle(
+        self,
+        conn: HttpConnection,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        body: bytes,
+        keep_alive: bool,
+    ) -> Result: ...
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, gate: AckGate, settings: Settings,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self, handler: Handler, gate: AckGate, settings: Settings, metrics: Metrics
+    ) -> None:
         self.handler = handler
         self.gate = gate
         self.metrics = metrics
@@ -43,7 +52,8 @@ class HttpServer:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, backlog=4096, reuse_address=True)
+            lambda: HttpConnection(self), host, port, backlog=4096, reuse_address=True
+        )
         for sock in self._server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._tick = loop.call_later(1.0, self._on_tick)

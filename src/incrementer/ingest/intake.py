@@ -20,8 +20,9 @@ class Overloaded(Exception):
 class Intake:
     __slots__ = ("buffer", "key_budget", "max_pending_keys", "metrics", "wal")
 
-    def __init__(self, buffer: CoalescingBuffer, wal: Appender, max_pending_keys: int,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self, buffer: CoalescingBuffer, wal: Appender, max_pending_keys: int, metrics: Metrics
+    ) -> None:
         self.buffer = buffer
         self.wal = wal
         self.max_pending_keys = max_pending_keys

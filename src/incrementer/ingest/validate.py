@@ -67,14 +67,20 @@ class Validator:
         if not items:
             raise BadRequest("empty_batch", "A batch must hold at least one increment.")
         if len(items) > self.max_batch_items:
-            raise BadRequest("batch_too_large",
-                             f"A batch may hold at most {self.max_batch_items} increments.")
+            raise BadRequest(
+                "batch_too_large", f"A batch may hold at most {self.max_batch_items} increments."
+            )
         return [self.check(inc.key, inc.value, f"item {i}: ") for i, inc in enumerate(items)]
 
     def form_one(self, body: bytes) -> Validated:
         try:
-            pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True,
-                              strict_parsing=True, errors="strict", max_num_fields=3)
+            pairs = parse_qsl(
+                body.decode("ascii"),
+                keep_blank_values=True,
+                strict_parsing=True,
+                errors="strict",
+                max_num_fields=3,
+            )
         except (UnicodeDecodeError, ValueError) as exc:
             raise BadRequest("malformed_form", f"Body is not a valid form: {exc}") from None
         fields: dict[str, str] = {}
@@ -95,18 +101,23 @@ class Validator:
         if not key:
             raise BadRequest("invalid_key", f"{where}Field 'key' must not be empty.")
         if _CONTROL.search(key):
-            raise BadRequest("invalid_key", f"{where}Field 'key' must not contain control characters.")
+            raise BadRequest(
+                "invalid_key", f"{where}Field 'key' must not contain control characters."
+            )
         try:
             key_bytes = key.encode()
         except UnicodeEncodeError:
             raise BadRequest("invalid_key", f"{where}Field 'key' is not valid Unicode.") from None
         if len(key_bytes) > self.max_key_bytes:
-            raise BadRequest("key_too_long",
-                             f"{where}Field 'key' exceeds {self.max_key_bytes} UTF-8 bytes.")
+            raise BadRequest(
+                "key_too_long", f"{where}Field 'key' exceeds {self.max_key_bytes} UTF-8 bytes."
+            )
         if not self.min_value <= value <= INT64_MAX:
             if value < INT64_MIN or value > INT64_MAX:
-                raise BadRequest("value_out_of_range",
-                                 f"{where}Field 'value' must fit in a signed 64-bit integer.")
+                raise BadRequest(
+                    "value_out_of_range",
+                    f"{where}Field 'value' must fit in a signed 64-bit integer.",
+                )
             raise BadRequest("invalid_value", f"{where}Field 'value' must be a positive integer.")
         return key_bytes, key, value
 
