@@ -310,7 +310,7 @@ def test_concurrent_migrate_applies_once(fresh_db_url: str) -> None:
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
     applied = sorted(json.loads(out) for out, _ in outputs)
-    assert applied == [[], ["0001.counters"]]
+    assert applied == [[], ["0001.counters", "0002.api_keys"]]
 
 
 @pytest.mark.parametrize(

@@ -182,6 +182,7 @@ def test_replay_refuses_to_skip_missing_frames(tmp_path: Path) -> None:
 
 def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
     """Two writers on one directory would interleave frames, so the second open fails."""
+    assert issubclass(WalLockedError, OSError), "so `serve` reports it as a cannot-start error"
     with WriteAheadLog.open(tmp_path), pytest.raises(WalLockedError, match=str(tmp_path)):
         WriteAheadLog.open(tmp_path)
     WriteAheadLog.open(tmp_path).close()
@@ -460,6 +461,16 @@ def test_summarize_reports_damage_instead_of_raising(tmp_path: Path) -> None:
     assert summary.torn_tail is None
     assert len(summary.problems) == 1 and f"byte offset {offset}" in summary.problems[0]
     assert summary.frames == 1
+
+
+def test_summary_encodes_as_json(tmp_path: Path) -> None:
+    """`incrementer wal inspect --json` can encode a summary with msgspec as it is."""
+    import msgspec
+
+    _log_with_frames(tmp_path)
+    decoded = msgspec.json.decode(msgspec.json.encode(summarize(tmp_path)))
+    assert decoded["segments"] == [[segment_name(1), decoded["bytes"], 1, 4, 4, 8]]
+    assert (decoded["records"], decoded["torn_tail"], decoded["problems"]) == (8, None, [])
 
 
 def test_summarize_empty_and_missing_directories(tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from importlib import resources
 from urllib.parse import unquote_to_bytes
 
+from incrementer.auth import ClientLimiter, KeyRing
 from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
@@ -18,8 +20,25 @@ from incrementer.store.base import BackendError, Store
 JSON = b"application/json"
 FORM = b"application/x-www-form-urlencoded"
 RETRY_AFTER = b"Retry-After: 1\r\n"
+WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="incrementer"\r\n'
 COUNTERS = b"/counters/"
 READ_ATTEMPTS = 5
+
+
+# path -> (route name for metrics, allowed method, needs a key when auth is on)
+ROUTES = {
+    b"/increment": ("increment", b"POST", True),
+    b"/increments": ("increments", b"POST", True),
+    b"/metrics": ("metrics", b"GET", True),
+    b"/healthz": ("healthz", b"GET", False),
+    b"/readyz": ("readyz", b"GET", False),
+    b"/openapi.json": ("openapi", b"GET", False),
+}
+NOT_FOUND = BadRequest("not_found", "No such route.", 404)
+UNAUTHORIZED = BadRequest(
+    "unauthorized", "A valid API key is required: Authorization: Bearer <key>.", 401
+)
+RATE_LIMITED = BadRequest("rate_limited", "Rate limit exceeded; slow down.", 429)
 
 
 def media_type(content_type: bytes) -> bytes:
@@ -37,6 +56,8 @@ class App:
         metrics: Metrics,
         node_id: str,
         lag_bound: float,
+        keyring: KeyRing | None = None,
+        limiter: ClientLimiter | None = None,
     ) -> None:
         self.validator = validator
         self.intake = intake
@@ -46,6 +67,9 @@ class App:
         self.metrics = metrics
         self.node_id = node_id
         self.lag_bound = lag_bound
+        self.keyring = keyring
+        self.limiter = limiter
+        self.guarded = keyring is not None or limiter is not None
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
 
     def handle(
@@ -58,93 +82,20 @@ class App:
         body: bytes,
         keep_alive: bool,
     ) -> Result:
-        if url == b"/increment" and method == b"POST":
+        if url == b"/increment" and method == b"POST":  # the hot path, before any parsing
+            if self.guarded:
+                denied = self.guard(conn, authorization, "increment", keep_alive)
+                if denied is not None:
+                    return denied
             return self.increment(conn, content_type, body, keep_alive)
         path = url.split(b"?", 1)[0]
-        if path == b"/increment":
-            return self.allow(
-                conn,
-                method,
-                b"POST",
-                "increment",
-                body,
-                keep_alive,
-                lambda: self.increment(conn, content_type, body, keep_alive),
-            )
-        if path == b"/increments":
-            return self.allow(
-                conn,
-                method,
-                b"POST",
-                "increments",
-                body,
-                keep_alive,
-                lambda: self.increments(conn, content_type, body, keep_alive),
-            )
         if path.startswith(COUNTERS):
-            return self.allow(
-                conn,
-                method,
-                b"GET",
-                "counters",
-                body,
-                keep_alive,
-                lambda: self.counter(conn, path[len(COUNTERS) :], keep_alive),
-            )
-        if path == b"/healthz":
-            return self.allow(
-                conn,
-                method,
-                b"GET",
-                "healthz",
-                body,
-                keep_alive,
-                lambda: self.ok(conn, "healthz", {"status": "ok"}, keep_alive),
-            )
-        if path == b"/readyz":
-            return self.allow(
-                conn,
-                method,
-                b"GET",
-                "readyz",
-                body,
-                keep_alive,
-                lambda: self.readyz(conn, keep_alive),
-            )
-        if path == b"/metrics":
-            return self.allow(
-                conn,
-                method,
-                b"GET",
-                "metrics",
-                body,
-                keep_alive,
-                lambda: self.prometheus(conn, keep_alive),
-            )
-        if path == b"/openapi.json":
-            return self.allow(
-                conn,
-                method,
-                b"GET",
-                "openapi",
-                body,
-                keep_alive,
-                lambda: self.document(conn, keep_alive),
-            )
-        return self.fail(
-            conn, "unknown", BadRequest("not_found", "No such route.", 404), keep_alive
-        )
-
-    def allow(
-        self,
-        conn: HttpConnection,
-        method: bytes,
-        allowed: bytes,
-        route: str,
-        body: bytes,
-        keep_alive: bool,
-        handler: object,
-    ) -> Result:
+            route, allowed, protected = "counters", b"GET", True
+        else:
+            found = ROUTES.get(path)
+            if found is None:
+                return self.fail(conn, "unknown", NOT_FOUND, keep_alive)
+            route, allowed, protected = found
         if method != allowed:
             self.metrics.count_request(route, 405)
             return responses.error(
@@ -155,9 +106,44 @@ class App:
                 not keep_alive,
                 b"Allow: " + allowed + b"\r\n",
             )
-        assert callable(handler)
-        result: Result = handler()
-        return result
+        if protected and self.guarded:
+            denied = self.guard(conn, authorization, route, keep_alive)
+            if denied is not None:
+                return denied
+        if route == "increment":
+            return self.increment(conn, content_type, body, keep_alive)
+        if route == "increments":
+            return self.increments(conn, content_type, body, keep_alive)
+        if route == "counters":
+            return self.counter(conn, path[len(COUNTERS) :], keep_alive)
+        if route == "healthz":
+            return self.ok(conn, "healthz", {"status": "ok"}, keep_alive)
+        if route == "readyz":
+            return self.readyz(conn, keep_alive)
+        if route == "metrics":
+            return self.prometheus(conn, keep_alive)
+        return self.document(conn, keep_alive)
+
+    def guard(
+        self, conn: HttpConnection, authorization: bytes, route: str, keep_alive: bool
+    ) -> bytes | None:
+        """401 without a valid key (when keys are required), 429 over the rate limit."""
+        bucket = None
+        if self.keyring is not None:
+            principal = self.keyring.authenticate(authorization)
+            if principal is None:
+                self.metrics.count_rejected("unauthorized")
+                return self.fail(conn, route, UNAUTHORIZED, keep_alive, WWW_AUTHENTICATE)
+            bucket = principal.bucket
+        elif self.limiter is not None:
+            bucket = self.limiter.bucket(conn.peer, time.monotonic())
+        if bucket is not None:
+            wait = bucket.take(time.monotonic())
+            if wait:
+                self.metrics.count_rejected("rate_limited")
+                retry_after = b"Retry-After: %d\r\n" % math.ceil(wait)
+                return self.fail(conn, route, RATE_LIMITED, keep_alive, retry_after)
+        return None
 
     def fail(
         self,

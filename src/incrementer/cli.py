@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -11,6 +13,7 @@ from typing import Any
 import click
 
 from incrementer.config import (
+    AUTH_MODES,
     DURABILITY_MODES,
     ENV_PREFIX,
     LOG_FORMATS,
@@ -41,10 +44,20 @@ HELP = {
     "request_timeout": "Seconds a client has to send one whole request (slowloris guard).",
     "shutdown_timeout": "Seconds to finish requests and the final flush on SIGTERM.",
     "lag_bound": "Persistence lag above which /readyz answers 503.",
+    "auth": "API keys: required, off (loopback binds only), auto (off on loopback, else required).",
+    "insecure_no_auth": "Allow --auth off on a non-loopback bind (something in front authenticates).",
+    "auth_refresh": "Seconds between reloads of the API keys (a revoked key stops within this).",
+    "rate_limit": "Default requests/s per API key (per client IP with auth off); 0 = unlimited.",
+    "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
     "log_format": "text or json.",
     "log_level": "debug, info, warning or error.",
 }
-CHOICES = {"durability": DURABILITY_MODES, "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
+CHOICES = {
+    "auth": AUTH_MODES,
+    "durability": DURABILITY_MODES,
+    "log_format": LOG_FORMATS,
+    "log_level": LOG_LEVELS,
+}
 TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": str, "Durability": str}
 
 
@@ -149,7 +162,9 @@ def inspect(data_dir: Path, as_json: bool) -> None:
     if as_json:
         import msgspec
 
-        click.echo(msgspec.json.encode(summary).decode())
+        payload = dataclasses.asdict(summary)
+        payload["segments"] = [seg._asdict() for seg in summary.segments]
+        click.echo(msgspec.json.encode(payload).decode())
         return
     click.echo(
         f"WAL in {data_dir / 'wal'}: {len(summary.segments)} segments, "
@@ -161,3 +176,62 @@ def inspect(data_dir: Path, as_json: bool) -> None:
             f"  {seg.name}: {seg.bytes} bytes, seq {seg.first_seq}..{seg.last_seq}, "
             f"{seg.frames} frames, {seg.records} increments"
         )
+    if summary.torn_tail:
+        click.echo(f"torn tail (dropped at next start): {summary.torn_tail}")
+    for problem in summary.problems:
+        click.echo(f"PROBLEM: {problem}")
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (stored hashed in the service's database)."""
+
+
+database_url_option = click.option(
+    "--database-url",
+    envvar=ENV_PREFIX + "DATABASE_URL",
+    default=DEFAULTS.database_url,
+    show_default=True,
+    help=HELP["database_url"],
+)
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option(
+    "--rate", type=float, help="Requests per second for this key (default: --rate-limit)."
+)
+@click.option("--burst", type=int, help="Bucket size for this key (default: --rate-burst).")
+@database_url_option
+def keys_create(name: str, rate: float | None, burst: int | None, database_url: str) -> None:
+    """Create a key and print it once: only its hash is stored."""
+    from incrementer import keys as key_admin
+
+    key = asyncio.run(key_admin.create(database_url, name, rate, burst))
+    click.echo(key)
+    click.echo(f"created API key {name!r}; it is shown only now, store it safely", err=True)
+
+
+@keys.command("list")
+@database_url_option
+def keys_list(database_url: str) -> None:
+    """List keys (names, limits, dates; never secrets)."""
+    from incrementer import keys as key_admin
+
+    for key in asyncio.run(key_admin.listing(database_url)):
+        state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
+        limit = f"rate={key.rate if key.rate is not None else 'default'}"
+        limit += f" burst={key.burst if key.burst is not None else 'default'}"
+        click.echo(f"{key.name}\t{key.key_id}\t{state}\t{limit}\tcreated {key.created_at}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@database_url_option
+def keys_revoke(name: str, database_url: str) -> None:
+    """Revoke a key; every instance stops accepting it within --auth-refresh seconds."""
+    from incrementer import keys as key_admin
+
+    if not asyncio.run(key_admin.revoke(database_url, name)):
+        raise click.ClickException(f"no active API key named {name!r}")
+    click.echo(f"revoked API key {name!r}")

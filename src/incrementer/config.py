@@ -16,7 +16,7 @@ Durability = Literal["memory", "wal", "wal-fsync"]
 DURABILITY_MODES: tuple[Durability, ...] = ("memory", "wal", "wal-fsync")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-AUTH_MODES = ("required", "off")
+AUTH_MODES = ("auto", "required", "off")
 ENV_PREFIX = "INCREMENTER_"
 
 
@@ -46,6 +46,11 @@ class Settings:
     request_timeout: float = 10.0
     shutdown_timeout: float = 10.0
     lag_bound: float = 10.0
+    auth: str = "auto"
+    insecure_no_auth: bool = False
+    auth_refresh: float = 10.0
+    rate_limit: float = 0.0
+    rate_burst: int = 0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -111,6 +116,20 @@ class Settings:
             f"must be at least flush_max_keys ({self.flush_max_keys})",
         )
         _check(
+            self.auth, "auth", self.auth in AUTH_MODES, f"must be one of {', '.join(AUTH_MODES)}"
+        )
+        _check(
+            self.host,
+            "host",
+            self.auth != "off" or self.loopback or self.insecure_no_auth,
+            "--auth off would let anyone on the network change any counter; bind a loopback "
+            "address, use --auth required, or pass --insecure-no-auth if something in front "
+            "of this service already authenticates",
+        )
+        _check(self.auth_refresh, "auth_refresh", self.auth_refresh > 0, "must be positive")
+        _check(self.rate_limit, "rate_limit", self.rate_limit >= 0, "must be >= 0 (0 = no limit)")
+        _check(self.rate_burst, "rate_burst", self.rate_burst >= 0, "must be >= 0")
+        _check(
             self.log_format,
             "log_format",
             self.log_format in LOG_FORMATS,
@@ -122,6 +141,24 @@ class Settings:
             self.log_level in LOG_LEVELS,
             f"must be one of {', '.join(LOG_LEVELS)}",
         )
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def auth_required(self) -> bool:
+        """auto: keys are required unless the service is bound to loopback only."""
+        return self.auth == "required" or (self.auth == "auto" and not self.loopback)
+
+    @property
+    def default_burst(self) -> int:
+        return self.rate_burst or max(1, int(self.rate_limit))
 
     @classmethod
     def build(cls, explicit: dict[str, Any], config_file: Path | None = None) -> Settings:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 from incrementer.app import App
+from incrementer.auth import ClientLimiter, KeyRing
 from incrementer.config import Settings
 from incrementer.datadir import DataDir
 from incrementer.durability import AckGate
@@ -22,6 +23,7 @@ from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import MemorySequence, WriteAheadLog
 from incrementer.metrics import Metrics
 from incrementer.store import open_store
+from incrementer.store.base import BackendError
 from incrementer.store.migrate import migrate
 
 log = logging.getLogger("incrementer")
@@ -40,6 +42,7 @@ class Service:
         self.gate: AckGate | None = None
         self.url = ""
         self._flush_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -66,6 +69,7 @@ class Service:
         )
         self.gate = AckGate(loop, wal, s.durability, s.fsync_interval, self.metrics)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
+        keyring, limiter = await self._guards()
         app = App(
             validator,
             intake,
@@ -75,6 +79,8 @@ class Service:
             self.metrics,
             node_id,
             s.lag_bound,
+            keyring,
+            limiter,
         )
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self._register_gauges()
@@ -90,6 +96,47 @@ class Service:
             s.durability,
             s.database_url.split("@")[-1],
         )
+
+    async def _guards(self) -> tuple[KeyRing | None, ClientLimiter | None]:
+        s = self.settings
+        if not s.auth_required:
+            log.info("auth off: %s", "loopback bind" if s.loopback else "--insecure-no-auth")
+            if s.rate_limit > 0:
+                limiter = ClientLimiter(s.rate_limit, s.default_burst)
+                self._background.append(asyncio.create_task(self._prune(limiter)))
+                return None, limiter
+            return None, None
+        keyring = KeyRing(s.rate_limit, s.default_burst)
+        keys = await self.store.api_keys()
+        keyring.load(keys, time.monotonic())
+        if keys:
+            log.info("auth required: %d active API keys", len(keys))
+        else:
+            log.warning(
+                "auth required but no API keys exist: every request will get 401; "
+                "create one with `incrementer keys create NAME`"
+            )
+        self._background.append(asyncio.create_task(self._refresh_keys(keyring)))
+        return keyring, None
+
+    async def _refresh_keys(self, keyring: KeyRing) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.auth_refresh)
+            try:
+                keys = await self.store.api_keys()
+            except BackendError as exc:
+                if not failing:
+                    log.warning("cannot reload API keys, keeping the current set: %s", exc)
+                failing = True
+                continue
+            failing = False
+            keyring.load(keys, time.monotonic())
+
+    async def _prune(self, limiter: ClientLimiter) -> None:
+        while True:
+            await asyncio.sleep(60)
+            limiter.prune(time.monotonic())
 
     async def _open_wal(self, node_id: str) -> WriteAheadLog | MemorySequence:
         applied_seq = await self.store.applied_seq(node_id)
@@ -155,6 +202,8 @@ class Service:
             forced = await self.server.drain(s.shutdown_timeout)
             if forced:
                 log.warning("closed %d connections that did not finish in time", forced)
+        for task in self._background:
+            task.cancel()
         if self.gate is not None:
             await self.gate.close()
         if self.flusher is not None and self._flush_task is not None:

@@ -56,7 +56,7 @@ _crc32 = zlib.crc32
 _NEW_SEGMENT = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
 
-class WalLockedError(Exception):
+class WalLockedError(OSError):
     """Another WriteAheadLog (in this or another process) has the directory open."""
 
 

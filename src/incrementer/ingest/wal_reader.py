@@ -247,9 +247,8 @@ class SegmentSummary(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class WalSummary:
-    """Figures for `incrementer wal inspect`."""
+    """Figures for `incrementer wal inspect`; plain fields, so msgspec can encode it as JSON."""
 
-    directory: Path
     segments: list[SegmentSummary]
     frames: int
     records: int
@@ -294,7 +293,6 @@ def summarize(directory: Path) -> WalSummary:
             )
         )
     return WalSummary(
-        directory=directory,
         segments=segments,
         frames=sum(s.frames for s in segments),
         records=sum(s.records for s in segments),

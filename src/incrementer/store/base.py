@@ -33,6 +33,24 @@ class KeyRead:
     applied_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One row of api_keys. key_hash is the hex SHA-256 of the whole key; the key itself is
+    never stored."""
+
+    name: str
+    key_id: str
+    key_hash: str
+    rate: float | None = None
+    burst: int | None = None
+    created_at: str = ""
+    revoked_at: str | None = None
+
+
+class DuplicateKeyName(Exception):
+    """An API key with that name already exists."""
+
+
 class BackendError(Exception):
     """The database failed or is unreachable: retry later, the batch is kept."""
 
@@ -64,3 +82,12 @@ class Store(Protocol):
 
     async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
         """Up to limit (key, value) pairs whose key starts with prefix, ordered by key."""
+
+    async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        """API keys ordered by name; revoked ones only when asked."""
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        """Insert a key; DuplicateKeyName if the name is taken."""
+
+    async def revoke_api_key(self, name: str) -> bool:
+        """Mark a key revoked; False if there is no such unrevoked key."""

@@ -14,7 +14,15 @@ from typing import Any
 import asyncpg
 
 from incrementer.store import prefix_upper_bound, redact_url
-from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, KeyRead
+from incrementer.store.base import (
+    INT64_MAX,
+    INT64_MIN,
+    ApiKey,
+    ApplyResult,
+    BackendError,
+    DuplicateKeyName,
+    KeyRead,
+)
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
 # retries. Other exceptions are bugs and propagate as they are.
@@ -59,6 +67,17 @@ SELECT_READ = (
 # key column declared COLLATE "C".
 LIST_FROM = "SELECT key, value FROM counters WHERE key >= $1 ORDER BY key LIMIT $2"
 LIST_RANGE = "SELECT key, value FROM counters WHERE key >= $1 AND key < $3 ORDER BY key LIMIT $2"
+
+
+KEY_COLUMNS = "name, key_id, key_hash, rate, burst, created_at, revoked_at"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name"
+SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL ORDER BY name"
+INSERT_KEY = (
+    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst) VALUES ($1, $2, $3, $4, $5)"
+)
+REVOKE_KEY = (
+    "UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = $1 AND revoked_at IS NULL"
+)
 
 
 class PostgresStore:
@@ -167,6 +186,32 @@ class PostgresStore:
             else:
                 rows = await pool.fetch(LIST_RANGE, prefix, limit, upper)
         return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        with self._errors():
+            rows = await self._require_pool().fetch(
+                SELECT_KEYS if include_revoked else SELECT_KEYS_ACTIVE
+            )
+        return [
+            ApiKey(r[0], r[1], r[2], r[3], r[4], str(r[5]), None if r[6] is None else str(r[6]))
+            for r in rows
+        ]
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        try:
+            with self._errors():
+                await self._require_pool().execute(
+                    INSERT_KEY, key.name, key.key_id, key.key_hash, key.rate, key.burst
+                )
+        except BackendError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise DuplicateKeyName(key.name) from None
+            raise
+
+    async def revoke_api_key(self, name: str) -> bool:
+        with self._errors():
+            status = await self._require_pool().execute(REVOKE_KEY, name)
+        return bool(status == "UPDATE 1")
 
     async def _upsert_isolating_overflows(
         self, conn: Any, pending: dict[str, int], overflowed: dict[str, int]

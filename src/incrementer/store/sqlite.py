@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from incrementer.store import prefix_upper_bound
-from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, KeyRead
+from incrementer.store.base import (
+    INT64_MAX,
+    INT64_MIN,
+    ApiKey,
+    ApplyResult,
+    BackendError,
+    DuplicateKeyName,
+    KeyRead,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +51,15 @@ SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?"
 SELECT_READ = (
     "SELECT (SELECT value FROM counters WHERE key = ?),"
     " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?)"
+)
+
+
+KEY_COLUMNS = "name, key_id, key_hash, rate, burst, created_at, revoked_at"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name"
+SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL ORDER BY name"
+INSERT_KEY = "INSERT INTO api_keys (name, key_id, key_hash, rate, burst) VALUES (?, ?, ?, ?, ?)"
+REVOKE_KEY = (
+    "UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = ? AND revoked_at IS NULL"
 )
 
 
@@ -112,6 +129,38 @@ class SQLiteStore:
             params = (prefix, upper, limit)
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [(str(k), int(v)) for k, v in rows]
+
+    async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
+        sql = SELECT_KEYS if include_revoked else SELECT_KEYS_ACTIVE
+        rows = await self._read(lambda conn: conn.execute(sql).fetchall())
+        return [ApiKey(*row) for row in rows]
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        def insert() -> None:
+            conn = self._writer_conn()
+            try:
+                conn.execute(INSERT_KEY, (key.name, key.key_id, key.key_hash, key.rate, key.burst))
+            except sqlite3.IntegrityError:
+                raise DuplicateKeyName(key.name) from None
+
+        await self._on(self._require(self._writer), insert)
+
+    async def revoke_api_key(self, name: str) -> bool:
+        def revoke() -> bool:
+            return self._writer_conn().execute(REVOKE_KEY, (name,)).rowcount == 1
+
+        return await self._on(self._require(self._writer), revoke)
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self._write_conn is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return self._write_conn
+
+    @staticmethod
+    def _require(executor: ThreadPoolExecutor | None) -> ThreadPoolExecutor:
+        if executor is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return executor
 
     # --- running on the executor threads -------------------------------------------------------
 

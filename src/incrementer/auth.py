@@ -1,0 +1,127 @@
+"""API keys (Bearer) and token-bucket rate limits.
+
+A key looks like `ik_<key_id>.<secret>`. key_id is public and finds the row; the SHA-256 of the
+whole key is compared in constant time. Successful lookups are cached by the raw header bytes until
+the next reload, so the hot path pays one dict lookup per request, not a hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from incrementer.store.base import ApiKey
+
+KEY_PREFIX = b"ik_"
+CACHE_LIMIT = 10_000
+IP_BUCKET_LIMIT = 100_000
+
+
+def new_key() -> tuple[str, str, str]:
+    """A fresh key: (the key to hand out once, its key_id, the hex SHA-256 to store)."""
+    key_id = secrets.token_hex(6)
+    key = f"{KEY_PREFIX.decode()}{key_id}.{secrets.token_urlsafe(32)}"
+    return key, key_id, hashlib.sha256(key.encode()).hexdigest()
+
+
+class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """Spend one token: 0.0 if allowed, else the seconds until one is available."""
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens
+        return (1.0 - tokens) / self.rate
+
+
+@dataclass(slots=True)
+class Principal:
+    name: str
+    digest: bytes
+    bucket: TokenBucket | None
+
+
+class KeyRing:
+    """The active API keys of the database, reloaded every --auth-refresh seconds."""
+
+    def __init__(self, default_rate: float, default_burst: int) -> None:
+        self.default_rate = default_rate
+        self.default_burst = default_burst
+        self.by_id: dict[bytes, Principal] = {}
+        self.cache: dict[bytes, Principal] = {}
+
+    def load(self, keys: list[ApiKey], now: float) -> None:
+        """Replace the key set; buckets of keys that stay keep their state."""
+        old = {p.name: p for p in self.by_id.values()}
+        by_id: dict[bytes, Principal] = {}
+        for key in keys:
+            rate = key.rate if key.rate is not None else self.default_rate
+            burst = key.burst if key.burst is not None else self.default_burst
+            bucket = None
+            if rate > 0:
+                kept = old.get(key.name)
+                bucket = kept.bucket if kept is not None and kept.bucket is not None else None
+                if bucket is None or bucket.rate != rate or bucket.burst != max(burst, 1):
+                    bucket = TokenBucket(rate, max(burst, 1), now)
+            by_id[key.key_id.encode()] = Principal(key.name, bytes.fromhex(key.key_hash), bucket)
+        self.by_id = by_id
+        self.cache = {}  # a revoked key must stop working now, not when its cache entry ages
+
+    def authenticate(self, authorization: bytes) -> Principal | None:
+        principal = self.cache.get(authorization)
+        if principal is not None:
+            return principal
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None
+        token = token.strip()
+        if not token.startswith(KEY_PREFIX):
+            return None
+        key_id, dot, _ = token[len(KEY_PREFIX) :].partition(b".")
+        found = self.by_id.get(key_id) if dot else None
+        digest = hashlib.sha256(token).digest()
+        # Hash and compare even for an unknown key_id, so timing says nothing about which exist.
+        expected = found.digest if found is not None else bytes(32)
+        if not hmac.compare_digest(digest, expected) or found is None:
+            return None
+        if len(self.cache) >= CACHE_LIMIT:
+            self.cache.clear()
+        self.cache[authorization] = found
+        return found
+
+
+class ClientLimiter:
+    """Per client IP buckets, for when auth is off."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def bucket(self, ip: str, now: float) -> TokenBucket:
+        bucket = self.buckets.get(ip)
+        if bucket is None:
+            if len(self.buckets) >= IP_BUCKET_LIMIT:
+                self.prune(now)
+            bucket = self.buckets[ip] = TokenBucket(self.rate, self.burst, now)
+        return bucket
+
+    def prune(self, now: float) -> None:
+        """Forget clients whose bucket has refilled: they would start full anyway."""
+        self.buckets = {
+            ip: b for ip, b in self.buckets.items() if b.tokens + (now - b.stamp) * b.rate < b.burst
+        }

@@ -1,0 +1,191 @@
+"""API keys, the insecure-bind refusal, and token-bucket rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from support import run_service, settings_for, wait_until
+
+from incrementer.auth import KeyRing, TokenBucket, new_key
+from incrementer.config import ConfigError, Settings
+from incrementer.store import open_store
+from incrementer.store.base import ApiKey
+from incrementer.store.migrate import migrate
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "incrementer", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_auth_off_on_public_bind_is_refused() -> None:
+    """--auth off with a non-loopback host fails, naming the override flag."""
+    with pytest.raises(ConfigError, match="insecure-no-auth"):
+        Settings(host="0.0.0.0", auth="off")
+    Settings(host="0.0.0.0", auth="off", insecure_no_auth=True)
+    Settings(host="127.0.0.1", auth="off")
+    result = cli("serve", "--host", "0.0.0.0", "--auth", "off")
+    assert result.returncode == 2
+    assert "--insecure-no-auth" in result.stderr
+
+
+def test_auth_auto_requires_keys_off_loopback() -> None:
+    """The default (auto) needs keys on a public bind and not on loopback."""
+    assert Settings(host="0.0.0.0").auth_required
+    assert not Settings(host="127.0.0.1").auth_required
+    assert not Settings(host="::1").auth_required
+    assert Settings(host="127.0.0.1", auth="required").auth_required
+
+
+def test_keyring_uses_constant_time_compare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key checks go through hmac.compare_digest, for known and unknown key ids alike."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    key, key_id, key_hash = new_key()
+    ring = KeyRing(0, 0)
+    ring.load([ApiKey("a", key_id, key_hash)], 0.0)
+    assert ring.authenticate(b"Bearer " + key.encode()) is not None
+    assert ring.authenticate(b"Bearer " + key.encode()[:-1] + b"x") is None
+    assert ring.authenticate(b"Bearer ik_000000000000.nope") is None
+    assert len(calls) == 3
+
+
+def test_token_bucket_at_twice_its_rate_refuses_about_half() -> None:
+    """A client sending at 2x its rate for 10 s gets about half 429s (simulated clock)."""
+    bucket = TokenBucket(rate=50, burst=10, now=0.0)
+    allowed = sum(1 for i in range(1000) if bucket.take(i / 100) == 0.0)
+    assert 500 <= allowed <= 511  # 50/s for 10 s plus the initial burst of 10
+    wait = TokenBucket(rate=2, burst=1, now=0.0)
+    assert wait.take(0.0) == 0.0
+    assert wait.take(0.0) == pytest.approx(0.5)
+
+
+async def _add_key(
+    db_url: str, name: str, rate: float | None = None, burst: int | None = None
+) -> str:
+    await asyncio.to_thread(migrate, db_url)
+    key, key_id, key_hash = new_key()
+    store = open_store(db_url)
+    await store.open()
+    try:
+        await store.create_api_key(ApiKey(name, key_id, key_hash, rate, burst))
+    finally:
+        await store.close()
+    return key
+
+
+async def test_keys_required_lifecycle(tmp_path: Path, db_url: str) -> None:
+    """401 without or with a bad key, 202 with a good one, 401 once revoked and refreshed."""
+    key = await _add_key(db_url, f"client-{tmp_path.name}")
+    settings = settings_for(tmp_path, db_url, auth="required", auth_refresh=0.2)
+    body = {"key": "guarded", "value": 1}
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        missing = await client.post("/increment", json=body)
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.json()["error"] == "unauthorized"
+        wrong = await client.post(
+            "/increment", json=body, headers={"Authorization": "Bearer ik_x.y"}
+        )
+        assert wrong.status_code == 401
+        good = {"Authorization": f"Bearer {key}"}
+        assert (await client.post("/increment", json=body, headers=good)).status_code == 202
+        assert (await client.get("/counters/guarded")).status_code == 401
+        assert (await client.get("/counters/guarded", headers=good)).json()["value"] == 1
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers=good)).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        store = open_store(db_url)
+        await store.open()
+        try:
+            assert await store.revoke_api_key(f"client-{tmp_path.name}")
+        finally:
+            await store.close()
+
+        async def rejected() -> bool:
+            resp = await client.post("/increment", json=body, headers=good)
+            return resp.status_code == 401
+
+        await wait_until(rejected, timeout=5)
+        assert (await client.get("/counters/guarded", headers=good)).status_code == 401
+
+
+async def test_rate_limit_per_key(tmp_path: Path, sqlite_url: str) -> None:
+    """Past its burst a key gets 429 with Retry-After; other keys are unaffected."""
+    slow = await _add_key(sqlite_url, "slow", rate=1, burst=5)
+    other = await _add_key(sqlite_url, "other")
+    settings = settings_for(tmp_path, sqlite_url, auth="required")
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        statuses = []
+        for _ in range(20):
+            resp = await client.post(
+                "/increment",
+                json={"key": "r", "value": 1},
+                headers={"Authorization": f"Bearer {slow}"},
+            )
+            statuses.append(resp.status_code)
+            if resp.status_code == 429:
+                assert int(resp.headers["retry-after"]) >= 1
+                assert resp.json()["error"] == "rate_limited"
+        assert 5 <= statuses.count(202) <= 7
+        assert statuses.count(429) >= 13
+        resp = await client.post(
+            "/increment",
+            json={"key": "r", "value": 1},
+            headers={"Authorization": f"Bearer {other}"},
+        )
+        assert resp.status_code == 202
+        assert svc.metrics.rejected["rate_limited"] == statuses.count(429)
+        assert (
+            await client.get("/counters/r", headers={"Authorization": f"Bearer {other}"})
+        ).json()["value"] == statuses.count(202) + 1
+
+
+async def test_rate_limit_per_ip_when_auth_off(tmp_path: Path, sqlite_url: str) -> None:
+    """With auth off, --rate-limit applies per client address."""
+    settings = settings_for(tmp_path, sqlite_url, rate_limit=1, rate_burst=3)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        codes = [
+            (await client.post("/increment", json={"key": "ip", "value": 1})).status_code
+            for _ in range(10)
+        ]
+        assert 3 <= codes.count(202) <= 4
+        assert codes.count(429) >= 6
+
+
+def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
+    """keys create prints the key once; list never shows it; revoke marks it revoked."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    created = cli("keys", "create", "alice", "--rate", "100", "--database-url", url)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("ik_") and len(key) > 50
+    listed = cli("keys", "list", "--database-url", url)
+    assert "alice" in listed.stdout and "active" in listed.stdout
+    assert key.split(".")[1] not in listed.stdout
+    duplicate = cli("keys", "create", "alice", "--database-url", url)
+    assert duplicate.returncode != 0 and "already exists" in duplicate.stderr
+    assert cli("keys", "revoke", "alice", "--database-url", url).returncode == 0
+    assert "revoked" in cli("keys", "list", "--database-url", url).stdout
+    assert cli("keys", "revoke", "alice", "--database-url", url).returncode != 0
+
+
+def test_settings_replace_keeps_validation() -> None:
+    """Settings built by replace() are validated again (tests rely on it)."""
+    with pytest.raises(ConfigError, match="port"):
+        replace(Settings(), port=70000)
