@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import sys
@@ -19,9 +18,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from machine import which
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-LISTEN = re.compile(r"listening on (http://\S+)")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
@@ -66,13 +66,16 @@ class Target:
     @property
     def accepted_metric(self) -> str | None:
         """Counter of acknowledged increments in the target's /metrics, sampled every second."""
-        return {"incrementer": "incrementer_accepted_increments_total",
-                "naive": "naive_accepted_increments_total"}.get(self.kind)
+        return {
+            "incrementer": "incrementer_accepted_increments_total",
+            "naive": "naive_accepted_increments_total",
+        }.get(self.kind)
 
 
 NGINX = Target("nginx", "nginx")
-INCREMENTER_MODES = [Target(f"incrementer-{mode}", "incrementer", mode)
-                     for mode in ("memory", "wal", "wal-fsync")]
+INCREMENTER_MODES = [
+    Target(f"incrementer-{mode}", "incrementer", mode) for mode in ("memory", "wal", "wal-fsync")
+]
 NAIVE = Target("naive", "naive")
 
 
@@ -101,21 +104,62 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[str], str | None]:
-    """The argv that starts `target`, and its URL when known up front (None: read from its log)."""
+def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[str], str]:
+    """The argv that starts `target` on a free port, and the URL it will answer on.
+
+    The port is picked here rather than with --port 0 because the service announces its address
+    at log level info, and the benchmark runs it at warning, as production would.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     if target.kind == "nginx":
-        port = free_port()
         (workdir / "nginx.conf").write_text(NGINX_CONF.format(tmp=workdir, port=port))
-        return (["nginx", "-p", str(workdir), "-e", str(workdir / "error.log"),
-                 "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
-                f"http://127.0.0.1:{port}")
+        return (
+            [
+                which("nginx") or "nginx",
+                "-p",
+                str(workdir),
+                "-e",
+                str(workdir / "error.log"),
+                "-c",
+                str(workdir / "nginx.conf"),
+                "-g",
+                "daemon off;",
+            ],
+            url,
+        )
     if target.kind == "incrementer":
-        return ([sys.executable, "-m", "incrementer", "serve", "--port", "0",
-                 "--database-url", database_url, "--data-dir", str(workdir / "data"),
-                 "--durability", target.durability, "--log-level", "warning"], None)
+        return (
+            [
+                sys.executable,
+                "-m",
+                "incrementer",
+                "serve",
+                "--port",
+                str(port),
+                "--database-url",
+                database_url,
+                "--data-dir",
+                str(workdir / "data"),
+                "--durability",
+                target.durability,
+                "--log-level",
+                "warning",
+            ],
+            url,
+        )
     if target.kind == "naive":
-        return ([sys.executable, str(BENCH / "naive.py"), "--port", "0",
-                 "--database-url", database_url], None)
+        return (
+            [
+                sys.executable,
+                str(BENCH / "naive.py"),
+                "--port",
+                str(port),
+                "--database-url",
+                database_url,
+            ],
+            url,
+        )
     raise ValueError(f"unknown target kind {target.kind!r}")
 
 
@@ -127,31 +171,35 @@ async def running(target: Target, workdir: Path, database_url: str = "") -> Asyn
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, cwd=workdir)
-    server = Running(target, proc, url or "", log_path)
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=workdir,
+        )
+    server = Running(target, proc, url, log_path)
     try:
-        server.url = await _wait_ready(server, url)
+        await _wait_ready(server)
         yield server
     finally:
         await stop(server)
 
 
-async def _wait_ready(server: Running, url: str | None) -> str:
+async def _wait_ready(server: Running) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if server.proc.returncode is not None:
-            raise TargetError(f"{server.target.name} exited with {server.proc.returncode} before "
-                              f"listening:\n{server.log_tail()}")
-        if url is None:
-            match = LISTEN.search(server.log_path.read_text(errors="replace"))
-            if match:
-                url = match.group(1)
-        if url is not None and await _accepts(url):
-            return url
+            raise TargetError(
+                f"{server.target.name} exited with {server.proc.returncode} before "
+                f"listening:\n{server.log_tail()}"
+            )
+        if await _accepts(server.url):
+            return
         await asyncio.sleep(0.05)
-    raise TargetError(f"{server.target.name} did not listen within {START_TIMEOUT:.0f} s:\n"
-                      f"{server.log_tail()}")
+    raise TargetError(
+        f"{server.target.name} did not listen within {START_TIMEOUT:.0f} s:\n{server.log_tail()}"
+    )
 
 
 async def _accepts(url: str) -> bool:
@@ -176,8 +224,10 @@ async def stop(server: Running, timeout: float = STOP_TIMEOUT) -> int | None:
         except TimeoutError:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
-            raise TargetError(f"{server.target.name} did not stop within {timeout:.0f} s of "
-                              f"SIGTERM; killed:\n{server.log_tail()}") from None
+            raise TargetError(
+                f"{server.target.name} did not stop within {timeout:.0f} s of "
+                f"SIGTERM; killed:\n{server.log_tail()}"
+            ) from None
     server.exit_code = proc.returncode
     return proc.returncode
 

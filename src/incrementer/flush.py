@@ -170,7 +170,10 @@ class Flusher:
                 if key in self.overflowed or len(self.overflowed) < OVERFLOW_REPORT_LIMIT:
                     self.overflowed[key] = self.overflowed.get(key, 0) + delta
         faults.after_commit(self.commits)
-        self.wal.recycle(batch.seq)
+        try:
+            self.wal.recycle(batch.seq)
+        except OSError as exc:  # the segments stay; replay skips them and a later flush retries
+            log.warning("could not recycle WAL segments up to seq %d: %s", batch.seq, exc)
 
     async def _ping(self) -> None:
         self._last_contact = time.monotonic()
