@@ -343,3 +343,21 @@ async def db_execute(database_url: str, sql: str, *args: Any) -> None:
         await pg.execute(sql, *args)
     finally:
         await pg.close()
+
+
+async def load_until(
+    url: str, stop: asyncio.Event, keys: list[str], connections: int = 4, pipeline: int = 16
+) -> LoadResult:
+    """Keep sending increments of 1 to random keys until `stop` is set."""
+    import random
+
+    result = LoadResult()
+
+    async def one(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            items = [(rng.choice(keys), 1) for _ in range(pipeline * 8)]
+            await _one_connection(url, items, pipeline, result, stop_on_error=False)
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return result
