@@ -7,6 +7,8 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -253,3 +255,61 @@ async def _ready_status(client: httpx.AsyncClient, status: int) -> bool:
 
 async def _totals_match(db_url: str, expected: dict[str, int]) -> bool:
     return await db_totals(db_url, expected) == expected
+
+
+async def _crash_with_pending_wal(tmp_path: Path, db_url: str, key: str) -> tuple[list[str], Path]:
+    """Acknowledge 3 requests (3 WAL frames), then kill -9 before any flush."""
+    args = [
+        "--database-url",
+        db_url,
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--flush-interval",
+        "9",
+    ]
+    server = spawn(args)
+    try:
+        for value in (1, 2, 4):
+            result = await load(server.url, [(key, value)], connections=1, pipeline=1)
+            assert result.acked == {key: value}
+    finally:
+        kill(server.proc)
+    [segment] = sorted((tmp_path / "data" / "wal").glob("wal-*.log"))
+    return args, segment
+
+
+async def test_torn_wal_tail_is_cut_and_the_rest_replayed(tmp_path: Path, sqlite_url: str) -> None:
+    """Half a frame at the end of the WAL (a power cut mid-write) is dropped with a warning;
+    every acknowledged increment before it is replayed."""
+    key = "torn"
+    args, segment = await _crash_with_pending_wal(tmp_path, sqlite_url, key)
+    with segment.open("ab") as f:
+        f.write(b"IWAL\x40\x00\x00\x00\x09")  # a header promising 64 bytes that never came
+    with spawned(args) as server:
+        assert server.stop() == 0
+    log = server.read_log()
+    assert "replayed 3 increments" in log
+    assert "torn" in log.lower() or "truncat" in log.lower()
+    assert await db_totals(sqlite_url, [key]) == {key: 7}
+
+
+async def test_corrupt_wal_middle_stops_startup_naming_file_and_offset(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A damaged frame followed by good ones refuses to start, names file and offset, and
+    leaves the file untouched."""
+    args, segment = await _crash_with_pending_wal(tmp_path, sqlite_url, "corrupt")
+    data = bytearray(segment.read_bytes())
+    data[30] ^= 0xFF  # inside the first frame's payload; frames 2 and 3 follow intact
+    segment.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert str(segment) in proc.stderr
+    assert "offset" in proc.stderr
+    assert segment.read_bytes() == bytes(data)
+    assert await db_totals(sqlite_url, ["corrupt"]) == {}
