@@ -1,0 +1,106 @@
+"""Settings: precedence flag > env > TOML file > default, and errors that name the option."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from incrementer import cli
+from incrementer.config import ConfigError, Settings
+
+
+def resolved(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Run the real `serve` option parsing and capture the Settings it builds."""
+    captured: list[Settings] = []
+    monkeypatch.setattr(cli, "build_settings", _capture(captured))
+    result = CliRunner().invoke(cli.main, ["serve", *args], env=env)
+    assert captured, result.output
+    return captured[0]
+
+
+def _capture(into: list[Settings]):  # type: ignore[no-untyped-def]
+    real = cli.build_settings
+
+    def build(config: Path | None, values: dict[str, object]) -> Settings:
+        into.append(real(config, values))
+        raise SystemExit(0)
+
+    return build
+
+
+def test_precedence_flag_env_file_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag beats the environment, which beats the file, which beats the default."""
+    config = tmp_path / "incrementer.toml"
+    config.write_text(
+        'port = 4000\nflush_interval = 0.5\nmax-key-bytes = 64\nlog_level = "debug"\n'
+    )
+    env = {"INCREMENTER_FLUSH_INTERVAL": "0.25", "INCREMENTER_PORT": "4001"}
+    settings = resolved(["--config", str(config), "--port", "4002"], env, monkeypatch)
+    assert settings.port == 4002  # flag
+    assert settings.flush_interval == 0.25  # env over file
+    assert settings.max_key_bytes == 64  # file over default
+    assert settings.log_level == "debug"
+    assert settings.durability == "wal"  # default
+
+
+def test_bad_values_name_the_option(tmp_path: Path) -> None:
+    """Validation errors say which option and which value."""
+    with pytest.raises(ConfigError, match=r"invalid port=70000"):
+        Settings(port=70000)
+    with pytest.raises(ConfigError, match=r"invalid durability='fast'"):
+        Settings(durability="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"invalid database-url="):
+        Settings(database_url="mysql://x")
+    with pytest.raises(ConfigError, match=r"invalid flush-interval=.*lag bound"):
+        Settings(flush_interval=20)
+    with pytest.raises(ConfigError, match=r"unknown option 'colour'"):
+        Settings.build({}, _toml(tmp_path, "colour = 1\n"))
+
+
+def _toml(directory: Path, text: str) -> Path:
+    path = directory / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cli_reports_bad_config_as_usage_error(tmp_path: Path) -> None:
+    """A bad flag value exits 2 with the option named, before anything starts."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "incrementer", "serve", "--max-key-bytes", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "max-key-bytes=0" in proc.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = [")
+    proc = subprocess.run(
+        [sys.executable, "-m", "incrementer", "serve", "--config", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "not valid TOML" in proc.stderr
+
+
+def test_json_logs_and_default_sqlite_quickstart(tmp_path: Path) -> None:
+    """`incrementer serve` with no options works from an empty directory (embedded SQLite),
+    and --log-format json emits one JSON object per line."""
+    from support import spawned
+
+    with spawned(["--log-format", "json"], cwd=tmp_path) as server:
+        assert server.stop() == 0
+    lines = [json.loads(line) for line in server.read_log().splitlines() if line.strip()]
+    assert any("listening on http://127.0.0.1:" in line["message"] for line in lines)
+    assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
+    assert (tmp_path / "incrementer.db").exists()
+    assert (tmp_path / "incrementer-data" / "node_id").exists()
