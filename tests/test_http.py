@@ -155,3 +155,38 @@ async def test_connection_limit(tmp_path: Path, sqlite_url: str) -> None:
         )
         for _, w in held:
             w.close()
+
+
+async def test_head_absolute_form_and_missing_host(url: str) -> None:
+    """HEAD gets GET's headers without a body; absolute-form targets route; HTTP/1.1 without
+    Host is refused."""
+    data = (
+        b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET http://t/healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    host, port = host_port(url)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(data)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 15" in head
+    get_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert get_head.startswith(b"HTTP/1.1 200")  # the HEAD had no body before this
+    assert await asyncio.wait_for(reader.readexactly(15), 5) == b'{"status":"ok"}'
+    writer.close()
+    [resp] = await exchange(url, b"GET /healthz HTTP/1.1\r\n\r\n", 1)
+    assert resp.status == 400
+    assert json.loads(resp.body)["error"] == "missing_host"
+    [resp] = await exchange(url, b"GET /healthz HTTP/1.0\r\n\r\n", 1)
+    assert resp.status == 200
+
+
+async def test_upgrade_requests_answered_then_closed(url: str) -> None:
+    """An Upgrade request is answered as plain HTTP, CONNECT is refused, and both connections
+    close (what would follow is not HTTP)."""
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\n" + b"\x81\x85garbage-websocket-frame"
+    )
+    responses = await exchange(url, upgrade, 2)
+    assert [r.status for r in responses] == [200]
+    responses = await exchange(url, b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 2)
+    assert len(responses) == 1 and 400 <= responses[0].status < 500

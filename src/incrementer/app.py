@@ -89,6 +89,8 @@ class App:
                     return denied
             return self.increment(conn, content_type, body, keep_alive)
         path = url.split(b"?", 1)[0]
+        if path[:1] != b"/":
+            path = _origin_form(path)
         if path.startswith(COUNTERS):
             route, allowed, protected = "counters", b"GET", True
         else:
@@ -305,3 +307,11 @@ def _unsupported(content_type: bytes) -> BadRequest:
         "application/x-www-form-urlencoded.",
         415,
     )
+
+
+def _origin_form(target: bytes) -> bytes:
+    """`http://host/path` (absolute-form, RFC 9112 3.2.2) -> `/path`; anything else unchanged."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target
+    return b"/" + rest.partition(b"/")[2]

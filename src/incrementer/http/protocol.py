@@ -53,6 +53,7 @@ class HttpConnection(asyncio.Protocol):
         "draining",
         "expect",
         "handle",
+        "has_host",
         "header_bytes",
         "held",
         "last_active",
@@ -97,6 +98,7 @@ class HttpConnection(asyncio.Protocol):
         self.content_type = b""
         self.authorization = b""
         self.expect = b""
+        self.has_host = False
         self.content_length = -1
         self.body: list[bytes] = []
         self.header_bytes = 0
@@ -118,6 +120,7 @@ class HttpConnection(asyncio.Protocol):
                     "too_many_connections",
                     "The server is at its connection limit.",
                     close=True,
+                    headers=b"Retry-After: 1\r\n",
                 )
             )
             self.transport.close()
@@ -137,6 +140,15 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = self.clock.now
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # not a subclass of HttpParserError
+            # llhttp stops at an upgrade. A complete request was answered normally (ignoring
+            # Upgrade is allowed); what follows is not HTTP, so the connection ends either way.
+            if self.closing:
+                return
+            if self.request_started:
+                self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
+            else:
+                self._close_after()
         except httptools.HttpParserError as exc:
             if self.closing:
                 return  # bytes after a request that closes the connection: ignored
@@ -144,8 +156,6 @@ class HttpConnection(asyncio.Protocol):
             cause = exc if isinstance(exc, Reject) else exc.__cause__ or exc.__context__
             if isinstance(cause, Reject):
                 self._fail(cause.status, cause.code, cause.detail)
-            elif isinstance(exc, httptools.HttpParserUpgrade):
-                self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
             else:
                 self._fail(400, "malformed_http", f"Malformed HTTP request: {exc}")
         except Reject as exc:
@@ -186,8 +196,12 @@ class HttpConnection(asyncio.Protocol):
             self.authorization = value
         elif lower == b"expect":
             self.expect = value
+        elif lower == b"host":
+            self.has_host = True
 
     def on_headers_complete(self) -> None:
+        if not self.has_host and self.parser.get_http_version() == "1.1":
+            raise Reject(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
         if self.content_length > self.max_body:
             raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
         if self.expect:
@@ -238,6 +252,9 @@ class HttpConnection(asyncio.Protocol):
         body: bytes,
         keep_alive: bool,
     ) -> None:
+        head = method == b"HEAD"
+        if head:
+            method = b"GET"  # same headers as GET, no body
         try:
             result = self.handle(self, method, url, content_type, authorization, body, keep_alive)
         except Exception:
@@ -251,14 +268,14 @@ class HttpConnection(asyncio.Protocol):
             )
             keep_alive = False
         if type(result) is bytes:
-            self._emit(result)
+            self._emit(_without_body(result) if head else result)
             if not keep_alive or self.draining:
                 self._close_after()
             return
         self.task = asyncio.ensure_future(cast(Awaitable[bytes], result))
-        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive))
+        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive, head))
 
-    def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool) -> None:
+    def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool, head: bool) -> None:
         self.task = None
         if task.cancelled() or self.closing:
             return
@@ -276,7 +293,8 @@ class HttpConnection(asyncio.Protocol):
             )
             self._close_after()
             return
-        self._emit(task.result())
+        result = task.result()
+        self._emit(_without_body(result) if head else result)
         if not keep_alive or self.draining:
             self._close_after()
             return
@@ -380,3 +398,8 @@ class HttpConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self.task is None and not self.out and not self.request_started
+
+
+def _without_body(response: bytes) -> bytes:
+    """A HEAD answer: the GET response's status and headers (Content-Length included), no body."""
+    return response[: response.index(b"\r\n\r\n") + 4]

@@ -53,7 +53,7 @@ class Validator:
             inc = self._decode_one(body)
         except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
             raise _diagnose(exc) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string
             raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
         return self.check(inc.key, inc.value)
 
@@ -62,7 +62,7 @@ class Validator:
             items = self._decode_many(body)
         except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
             raise _diagnose(exc) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string
             raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
         if not items:
             raise BadRequest("empty_batch", "A batch must hold at least one increment.")
