@@ -22,6 +22,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("incrementer.http")
 
+# Header name -> the attribute that keeps its value ("" = not needed). Usual spellings are listed
+# so the hot path finds them without lowercasing; others fall back to name.lower().
+_WANTED = {
+    b"content-type": "content_type",
+    b"content-length": "content_length",
+    b"authorization": "authorization",
+    b"expect": "expect",
+    b"host": "host",
+}
+_IGNORED = (
+    b"user-agent",
+    b"accept",
+    b"accept-encoding",
+    b"connection",
+    b"transfer-encoding",
+    b"keep-alive",
+    b"cache-control",
+    b"accept-language",
+    b"x-forwarded-for",
+)
+HEADER_ATTRS: dict[bytes, str] = {}
+for _name, _attr in (*_WANTED.items(), *((n, "") for n in _IGNORED)):
+    HEADER_ATTRS[_name] = HEADER_ATTRS[_name.title()] = HEADER_ATTRS[_name.upper()] = _attr
+
 # Requests parsed while an async handler runs wait here; past this many, stop reading the socket.
 MAX_QUEUED = 64
 
@@ -45,7 +69,6 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "authorization",
         "body",
-        "body_bytes",
         "clock",
         "closing",
         "content_length",
@@ -53,9 +76,9 @@ class HttpConnection(asyncio.Protocol):
         "draining",
         "expect",
         "handle",
-        "has_host",
         "header_bytes",
         "held",
+        "host",
         "last_active",
         "max_body",
         "max_header",
@@ -90,19 +113,8 @@ class HttpConnection(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.last_active = self.clock.now
+        self.on_message_begin()
         self.request_started = 0.0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.url = b""
-        self.content_type = b""
-        self.authorization = b""
-        self.expect = b""
-        self.has_host = False
-        self.content_length = -1
-        self.body: list[bytes] = []
-        self.header_bytes = 0
-        self.body_bytes = 0
 
     # asyncio callbacks
 
@@ -174,7 +186,14 @@ class HttpConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._reset()
+        self.url = b""
+        self.content_type = b""
+        self.content_length = b""
+        self.authorization = b""
+        self.expect = b""
+        self.host = b""
+        self.body = b""
+        self.header_bytes = 0
         self.request_started = self.clock.now
 
     def on_url(self, url: bytes) -> None:
@@ -187,22 +206,19 @@ class HttpConnection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.max_header:
             raise Reject(431, "headers_too_large", f"Headers exceed {self.max_header} bytes.")
-        lower = name.lower()
-        if lower == b"content-type":
-            self.content_type = value
-        elif lower == b"content-length":
-            self.content_length = int(value) if value.isdigit() else -1
-        elif lower == b"authorization":
-            self.authorization = value
-        elif lower == b"expect":
-            self.expect = value
-        elif lower == b"host":
-            self.has_host = True
+        attr = HEADER_ATTRS.get(name)
+        if attr is None:  # a spelling not in the table: look it up case-insensitively
+            attr = HEADER_ATTRS.get(name.lower())
+            if attr is None:
+                return
+        if attr:
+            setattr(self, attr, value)
 
     def on_headers_complete(self) -> None:
-        if not self.has_host and self.parser.get_http_version() == "1.1":
+        if not self.host and self.parser.get_http_version() == "1.1":
             raise Reject(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
-        if self.content_length > self.max_body:
+        # llhttp has validated Content-Length; refusing here saves reading an oversized body.
+        if self.content_length and int(self.content_length) > self.max_body:
             raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
         if self.expect:
             if self.expect.lower() != b"100-continue":
@@ -210,17 +226,17 @@ class HttpConnection(asyncio.Protocol):
             self._emit(responses.CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        self.body_bytes += len(body)
-        if self.body_bytes > self.max_body:
+        if self.body:  # chunked, or a body split across reads
+            body = self.body + body
+        if len(body) > self.max_body:
             raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
-        self.body.append(body)
+        self.body = body
 
     def on_message_complete(self) -> None:
         self.request_started = 0.0
         if self.closing:
             return  # pipelined after a request that closes the connection: never answered
-        parts = self.body
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        body = self.body
         parser = self.parser
         keep_alive: bool = parser.should_keep_alive()
         if self.task is not None or self.queue:

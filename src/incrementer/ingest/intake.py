@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Protocol
 
 from incrementer.ingest.buffer import CoalescingBuffer
@@ -32,12 +33,17 @@ class Intake:
 
     def accept(self, item: Validated) -> None:
         key_bytes, key, value = item
-        deltas = self.buffer.deltas
+        buffer = self.buffer
+        deltas = buffer.deltas
         # A key already pending costs no memory, so only new keys are shed.
         if len(deltas) >= self.key_budget and key not in deltas:
             raise Overloaded
         self.wal.append(key_bytes, value)
-        self.buffer.add(key, value)
+        # CoalescingBuffer.add, inlined: this runs once per request.
+        if not deltas:
+            buffer.oldest = monotonic()
+        deltas[key] = deltas.get(key, 0) + value
+        buffer.increments += 1
         self.metrics.accepted_increments += 1
 
     def accept_many(self, items: list[Validated]) -> None:

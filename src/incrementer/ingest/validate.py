@@ -98,6 +98,17 @@ class Validator:
         return self.check(fields["key"], int(fields["value"]))
 
     def check(self, key: str, value: int, where: str = "") -> Validated:
+        # The common case in a few C calls: printable ASCII is exactly 0x20-0x7e, no controls.
+        if (
+            key.isascii()
+            and key.isprintable()
+            and 0 < len(key) <= self.max_key_bytes
+            and self.min_value <= value <= INT64_MAX
+        ):
+            return key.encode(), key, value
+        return self._check_slowly(key, value, where)
+
+    def _check_slowly(self, key: str, value: int, where: str) -> Validated:
         if not key:
             raise BadRequest("invalid_key", f"{where}Field 'key' must not be empty.")
         if _CONTROL.search(key):
