@@ -56,12 +56,12 @@ class Target:
     """One server to load: nginx, incrementer in one durability mode, or the naive baseline."""
 
     name: str
-    kind: str  # "nginx" | "incrementer" | "naive"
+    kind: str  # "nginx" | "lean" | "incrementer" | "naive"
     durability: str = ""
 
     @property
     def needs_database(self) -> bool:
-        return self.kind != "nginx"
+        return self.kind in ("incrementer", "naive")
 
     @property
     def accepted_metric(self) -> str | None:
@@ -73,6 +73,7 @@ class Target:
 
 
 NGINX = Target("nginx", "nginx")
+LEAN = Target("python-lean", "lean")
 INCREMENTER_MODES = [
     Target(f"incrementer-{mode}", "incrementer", mode) for mode in ("memory", "wal", "wal-fsync")
 ]
@@ -148,6 +149,8 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
             ],
             url,
         )
+    if target.kind == "lean":
+        return ([sys.executable, str(BENCH / "lean.py"), "--port", str(port)], url)
     if target.kind == "naive":
         return (
             [

@@ -217,8 +217,10 @@ class Service:
             await asyncio.to_thread(self.wal.close)
         await self.store.close()
         self.data_dir.close()
+        if not self.url:
+            return  # start-up failed; the caller reports why
         log.info(
-            "stopped after %.2f s: %d increments accepted, %d flushes",
+            "stopped after draining for %.2f s: %d increments accepted, %d flushes",
             time.monotonic() - started,
             self.metrics.accepted_increments,
             self.metrics.flushes,

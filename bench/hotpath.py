@@ -1,0 +1,180 @@
+"""The service's request path without sockets: CPU microseconds per request, steady and repeatable.
+
+    .venv/bin/python bench/hotpath.py [--durability wal] [--keys 10] [--per-tick 20]
+                                      [--requests 300000] [--profile] [--lean]
+
+wrk numbers on a shared 2-core machine move by 20% from run to run; this does not, so it is the
+tool for checking whether a change to the hot path helps. It starts the real Service (SQLite in a
+temporary directory, a long flush interval so no flush runs), opens 32 HttpConnection objects on
+fake transports, and feeds them raw POST /increment requests, --per-tick of them per event-loop
+tick (under wrk -c32 a tick handles about 20: see "increments per WAL write" in the benchmark
+report). What it measures is the service's own code, without the sockets and the loop's I/O:
+httptools callbacks, routing, validation, the WAL append (and in wal mode its write() per tick),
+the buffer, the ack gate and the response. --profile prints cProfile's top functions as well;
+--lean drives bench/lean.py's protocol the same way, for the floor of what Python can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from incrementer.config import Settings
+from incrementer.http.protocol import HttpConnection
+from incrementer.service import Service
+
+CONNECTIONS = 32
+REPEATS = 7  # report the best and the median: the noise of a shared machine only adds
+
+
+class FakeTransport:
+    """Just enough of asyncio.Transport for HttpConnection: counts what it is asked to write."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def request(key: str) -> bytes:
+    """The bytes wrk sends for one increment (same headers as bench/wrk/increments.lua)."""
+    body = b'{"key":"%s","value":1}' % key.encode()
+    return (
+        b"POST /increment HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+async def feed(
+    conns: list[Any], transports: list[FakeTransport], args: argparse.Namespace
+) -> list[float]:
+    """Feed the connections in ticks; CPU seconds per request of each of REPEATS rounds."""
+    rng = random.Random(42)
+    pool = [request(f"hot-{rng.randrange(args.keys)}") for _ in range(4096)]
+    ticks = args.requests // CONNECTIONS // REPEATS
+    per_tick = args.per_tick
+    profiler = cProfile.Profile() if args.profile else None
+    samples = []
+    i = 0
+    for _ in range(REPEATS):
+        started = time.process_time()
+        if profiler:
+            profiler.enable()
+        for _ in range(ticks):
+            for start in range(0, CONNECTIONS, per_tick):
+                for conn in conns[start : start + per_tick]:
+                    conn.data_received(pool[i & 4095])
+                    i += 1
+                await asyncio.sleep(0)  # the gate's end-of-tick commit runs here
+        if profiler:
+            profiler.disable()
+        samples.append((time.process_time() - started) / (ticks * CONNECTIONS))
+    answered = sum(t.written for t in transports)
+    if answered != i:
+        raise SystemExit(f"expected {i} responses, got {answered}")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return samples
+
+
+def connect(protocols: list[Any]) -> list[FakeTransport]:
+    transports = [FakeTransport() for _ in protocols]
+    for protocol, transport in zip(protocols, transports, strict=True):
+        protocol.connection_made(transport)
+    return transports
+
+
+async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
+    settings = replace(
+        Settings(),
+        port=0,
+        database_url=f"sqlite:///{tmp / 'counters.db'}",
+        data_dir=tmp / "data",
+        durability=args.durability,
+        flush_interval=3600.0,
+        lag_bound=7200.0,
+        flush_max_keys=1_000_000,
+        log_level="warning",
+    )
+    service = Service(settings)
+    await service.start()
+    server = service.server
+    assert server is not None
+    try:
+        conns = [HttpConnection(server) for _ in range(CONNECTIONS)]
+        return await feed(conns, connect(conns), args)
+    finally:
+        server.connections.clear()  # fake connections: nothing to drain
+        await service.stop()
+
+
+async def drive_lean(args: argparse.Namespace) -> list[float]:
+    """The same requests through bench/lean.py's protocol: the floor to compare with."""
+    from lean import LeanProtocol
+
+    conns = [LeanProtocol() for _ in range(CONNECTIONS)]
+    return await feed(conns, connect(conns), args)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench/hotpath.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--durability", default="wal", choices=("memory", "wal", "wal-fsync"))
+    parser.add_argument("--keys", type=int, default=10, help="distinct keys (10 or 100000)")
+    parser.add_argument("--requests", type=int, default=300_000)
+    parser.add_argument(
+        "--per-tick", type=int, default=20, help="requests handled per event-loop tick (1-32)"
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile instead of timing")
+    parser.add_argument(
+        "--lean", action="store_true", help="drive bench/lean.py's protocol instead: the floor"
+    )
+    args = parser.parse_args(argv)
+    import uvloop
+
+    if args.lean:
+        samples = uvloop.run(drive_lean(args))
+        what = "python-lean"
+    else:
+        with tempfile.TemporaryDirectory(prefix="incrementer-hotpath-") as tmp:
+            samples = uvloop.run(drive_service(args, Path(tmp)))
+        what = f"incrementer, durability {args.durability}"
+    best, median = min(samples), statistics.median(samples)
+    print(
+        f"{what}, {args.keys} keys, {args.per_tick} requests per tick: "
+        f"{1e6 * best:.2f} µs CPU per request (median of {REPEATS}: {1e6 * median:.2f}), "
+        f"{1 / best:,.0f} req/s of one core without the socket syscalls"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,225 @@
+"""One measured run: a target under one scenario, from a fresh start to a verified total.
+
+start (fresh database, fresh data dir) -> scrape /metrics -> wrk + 1 s sampler -> wait until the
+database holds everything the service accepted (the lag after load) -> scrape again -> SIGTERM ->
+check that the database total lies between what wrk saw acknowledged and what it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cpu
+import database
+import metrics
+from load import LoadError, LoadResult, run_wrk
+from targets import Running, Target, TargetError, running
+
+SEED = 42  # every target gets the same key sequence
+DRAIN_TIMEOUT = 15.0
+
+Progress = Callable[[str, float], None]
+"""progress(phase description, fraction of the load done)"""
+
+
+@dataclass
+class RunResult:
+    target: Target
+    scenario: str
+    prefix: str
+    round_number: int = 1
+    load_average: float = 0.0  # 1-minute load average at the start: how busy the machine was
+    load: LoadResult | None = None
+    lag_p50: float | None = None  # seconds, from the persistence-lag histogram
+    lag_p99: float | None = None
+    flushes: int = 0
+    flush_keys_per_second: float | None = None  # dirty keys upserted per second of flush time
+    lag_after_load: float | None = None  # seconds from the end of the load to a complete database
+    drained: bool | None = None  # the database caught up within DRAIN_TIMEOUT
+    accepted: int | None = None  # increments the service counted as accepted during the run
+    db_total: int | None = None  # sum of the run's keys after the service stopped
+    verified: bool | None = None  # None: nothing to verify (nginx)
+    timeline: metrics.Timeline = field(default_factory=metrics.Timeline)
+    # CPU seconds during the load (and, for the server and PostgreSQL, the drain after it)
+    cpu_server: cpu.CpuTimes | None = None
+    cpu_database: cpu.CpuTimes | None = None
+    cpu_wrk: cpu.CpuTimes | None = None
+    cpu_machine: cpu.MachineTimes | None = None  # whole machine, during the load only
+    increments_per_wal_frame: float | None = None  # one frame per event-loop tick that accepted
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.verified is not False
+
+    @property
+    def rps(self) -> float:
+        return self.load.rps if self.load else 0.0
+
+
+async def measure(
+    target: Target,
+    scenario: str,
+    run_id: str,
+    workdir: Path,
+    duration: float,
+    connections: int,
+    progress: Progress,
+    round_number: int = 1,
+) -> RunResult:
+    prefix = f"{run_id}-r{round_number}-{target.name}-{scenario}-"
+    result = RunResult(target, scenario, prefix, round_number, os.getloadavg()[0])
+    try:
+        if target.needs_database:
+            progress("creating database", 0.0)
+            async with database.fresh_database(target.name) as url:
+                await _run(result, target, scenario, workdir, duration, connections, progress, url)
+        else:
+            await _run(result, target, scenario, workdir, duration, connections, progress, "")
+    except (TargetError, LoadError, OSError, TimeoutError, *database.ERRORS) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.verified = False if target.needs_database else None
+    return result
+
+
+async def _run(
+    result: RunResult,
+    target: Target,
+    scenario: str,
+    workdir: Path,
+    duration: float,
+    connections: int,
+    progress: Progress,
+    url: str,
+) -> None:
+    progress(f"starting {target.name}", 0.0)
+    async with running(target, workdir, url) as server:
+        before = await metrics.scrape(server.url) if target.accepted_metric else {}
+        server_cpu = cpu.process_group(server.pid)
+        db_cpu = cpu.processes(await database.backend_pids(url)) if url else {}
+        wrk_cpu = cpu.children()
+        machine_cpu = cpu.machine()
+        stop_sampling = asyncio.Event()
+        sampler = None
+        if target.accepted_metric:
+            sampler = asyncio.create_task(
+                metrics.sample(server.url, target.accepted_metric, stop_sampling)
+            )
+        ticker = asyncio.create_task(_tick(progress, f"load on {target.name}", duration))
+        try:
+            result.load = await run_wrk(
+                server.url, scenario, result.prefix, SEED, duration, connections
+            )
+        finally:
+            ticker.cancel()
+            stop_sampling.set()
+            if sampler is not None:
+                result.timeline = await sampler
+        result.cpu_machine = cpu.machine() - machine_cpu
+        result.cpu_wrk = cpu.children() - wrk_cpu
+        if result.load.acked == 0:
+            raise LoadError(
+                f"no request was acknowledged; wrk said:\n{result.load.raw}\n"
+                f"server log:\n{server.log_tail()}"
+            )
+        _note_load_problems(result, result.load)
+        if target.needs_database:
+            progress(f"waiting for {target.name} to persist", 1.0)
+            await _drain(result, server, url)
+        result.cpu_server = cpu.process_group(server.pid) - server_cpu
+        if url:
+            result.cpu_database = cpu.since(db_cpu, cpu.processes(await database.backend_pids(url)))
+        if not target.needs_database:
+            return
+        after = await metrics.scrape(server.url)
+        _read_histograms(result, before, after)
+        progress(f"stopping {target.name}", 1.0)
+    if server.exit_code not in (0, None):
+        result.error = f"{target.name} exited with {server.exit_code} on SIGTERM"
+    if target.kind == "incrementer" and target.durability != "memory":
+        result.increments_per_wal_frame = await _wal_batching(workdir / "data")
+    result.db_total = await database.sum_by_prefix(url, result.prefix)
+    load = result.load
+    # Never less than acknowledged, never more than sent; and exactly what the service counted
+    # as accepted (wrk may stop before reading the answers to its last requests).
+    within = load.acked_value <= result.db_total <= load.sent_value
+    exact = result.accepted is None or result.db_total == result.accepted
+    result.verified = within and exact
+    if result.db_total < load.acked_value:
+        result.notes.append(f"LOST {load.acked_value - result.db_total} acknowledged increments")
+    elif result.db_total > load.sent_value:
+        result.notes.append(f"database holds {result.db_total - load.sent_value} more than sent")
+    if not exact:
+        result.notes.append(
+            f"database total {result.db_total} != {result.accepted} accepted by the service"
+        )
+
+
+async def _wal_batching(data_dir: Path) -> float | None:
+    """Increments per WAL frame: how many requests each write() (and fsync) covered."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "incrementer", "wal", "inspect", "--json", "--data-dir",
+        str(data_dir), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        summary = json.loads(out)
+        return summary["records"] / summary["frames"] if summary["frames"] else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _tick(progress: Progress, text: str, duration: float) -> None:
+    started = time.monotonic()
+    while True:
+        progress(text, min(1.0, (time.monotonic() - started) / duration))
+        await asyncio.sleep(0.25)
+
+
+async def _drain(result: RunResult, server: Running, url: str) -> None:
+    """Wait until the database sum equals what the service says it accepted during the run."""
+    metric = server.target.accepted_metric
+    assert metric is not None
+
+    async def accepted() -> int | None:
+        with contextlib.suppress(OSError, TimeoutError):
+            result.accepted = int((await metrics.scrape(server.url)).get(metric, 0.0))
+        return result.accepted
+
+    total, waited, matched = await database.wait_for_total(
+        url, result.prefix, accepted, DRAIN_TIMEOUT
+    )
+    result.lag_after_load = waited
+    result.drained = matched
+    if not matched:
+        result.notes.append(
+            f"database at {total} of {result.accepted} accepted after {DRAIN_TIMEOUT:.0f} s"
+        )
+
+
+def _read_histograms(result: RunResult, before: metrics.Samples, after: metrics.Samples) -> None:
+    lag = metrics.histogram_delta(before, after, metrics.LAG)
+    result.lag_p50 = metrics.quantile(lag, 0.50)
+    result.lag_p99 = metrics.quantile(lag, 0.99)
+    result.flushes = int(metrics.delta(before, after, metrics.FLUSH_KEYS + "_count"))
+    flush_seconds = metrics.delta(before, after, metrics.FLUSH_SECONDS + "_sum")
+    flush_keys = metrics.delta(before, after, metrics.FLUSH_KEYS + "_sum")
+    if flush_seconds > 0:
+        result.flush_keys_per_second = flush_keys / flush_seconds
+
+
+def _note_load_problems(result: RunResult, load: LoadResult) -> None:
+    if load.other_status:
+        result.notes.append(f"{load.other_status} responses were not 202")
+    if load.socket_errors:
+        kinds = ", ".join(f"{k} {v}" for k, v in load.errors.items() if v and k != "status")
+        result.notes.append(f"socket errors: {kinds}")

@@ -1,0 +1,248 @@
+"""Benchmark incrementer against the HTTP ceiling (nginx) and the naive design, and write a report.
+
+    .venv/bin/python bench/run.py [--duration 10] [--connections 32] [--rounds 1]
+                                  [--scenarios 10keys,100kkeys,batch] [--targets ...] [--quick]
+
+Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/lean.py, the Python floor),
+incrementer in each --durability mode, and naive (bench/naive.py, one upsert per request). For
+every scenario each target is started on a free port (PostgreSQL-backed ones on a database of their
+own), loaded with `wrk -t1 -cN` for the duration, checked (the database must hold every increment
+wrk saw acknowledged, no more than it sent, and exactly what the service counted) and stopped. The
+tables are printed and written to bench/results/<YYYY-MM-DD-HHMM>.md with a PNG of throughput and
+lag over time. See docs/performance.md for what the columns mean.
+
+Exit status: 0 when every run completed with verified totals (missed performance targets are
+reported, not failed: a benchmark is not a test), 1 when a run failed or lost increments, 2 when a
+tool or PostgreSQL is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import shutil
+import sys
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import database
+import machine
+import report
+from load import BATCH_SIZE, SCENARIOS
+from measure import RunResult, measure
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from targets import INCREMENTER_MODES, LEAN, NAIVE, NGINX, ROOT, Target
+
+ALL_TARGETS = [NGINX, LEAN, *INCREMENTER_MODES, NAIVE]
+NOT_IN_QUICK = (NAIVE.name, LEAN.name)
+QUICK_DURATION = 2.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description=__doc__.split("\n", 1)[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="Seconds of load per run (default 10, or 2 with --quick).",
+    )
+    parser.add_argument("--connections", type=int, default=32, help="wrk -c: open connections.")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"Comma-separated, from {', '.join(SCENARIOS)}.",
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(t.name for t in ALL_TARGETS),
+        help="Comma-separated target names.",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Repeat the whole plan; the report shows each target's median run (by req/s).",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke: 2-second runs, the first scenario only, no naive or python-lean.",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="Where the .md report and the .png plot go.",
+    )
+    args = parser.parse_args(argv)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown or not scenarios:
+        parser.error(
+            f"--scenarios: unknown {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(SCENARIOS)}"
+        )
+    by_name = {t.name: t for t in ALL_TARGETS}
+    names = [n for n in args.targets.split(",") if n]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        parser.error(
+            f"--targets: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(by_name)}"
+        )
+    args.scenario_list = scenarios[:1] if args.quick else scenarios
+    args.target_list = [by_name[n] for n in names if not (args.quick and n in NOT_IN_QUICK)]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.duration is None:
+        args.duration = QUICK_DURATION if args.quick else 10.0
+    return args
+
+
+def exact_command(argv: list[str]) -> str:
+    """The command as typed, with the environment that changes what is measured."""
+    python = Path(sys.executable)
+    shown_python = os.path.relpath(python, ROOT) if python.is_relative_to(ROOT) else str(python)
+    env = [
+        f"{k}={shlex.quote(os.environ[k])}"
+        for k in ("PYTHONOPTIMIZE", "BENCH_PG_ADMIN_URL")
+        if os.environ.get(k)
+    ]
+    return " ".join([*env, shown_python, "bench/run.py", *map(shlex.quote, argv)])
+
+
+def results_path(directory: Path, stamp: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path, n = directory / f"{stamp}.md", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stamp}-{n}.md"
+    return path
+
+
+async def run_all(
+    args: argparse.Namespace, console: Console, run_id: str, workroot: Path
+) -> list[RunResult]:
+    # Round after round, and within a scenario every target back to back, so that targets compared
+    # in one row of the report ran minutes apart at most on a machine whose speed drifts.
+    plan: list[tuple[int, str, Target]] = [
+        (n, s, t)
+        for n in range(1, args.rounds + 1)
+        for s in args.scenario_list
+        for t in args.target_list
+    ]
+    results: list[RunResult] = []
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description:<42}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        overall = progress.add_task("benchmark", total=len(plan))
+        current = progress.add_task("", total=100)
+        for round_number, scenario, target in plan:
+            progress.update(overall, description=f"{scenario} / {target.name}")
+            workdir = workroot / f"r{round_number}-{scenario}-{target.name}"
+
+            def on_progress(text: str, fraction: float) -> None:
+                progress.update(current, description=text, completed=round(fraction * 100))
+
+            result = await measure(
+                target,
+                scenario,
+                run_id,
+                workdir,
+                args.duration,
+                args.connections,
+                on_progress,
+                round_number,
+            )
+            results.append(result)
+            shutil.rmtree(workdir / "data", ignore_errors=True)  # WAL segments: large, not needed
+            progress.advance(overall)
+            console.print(_one_line(result))
+    return results
+
+
+def _one_line(r: RunResult) -> str:
+    head = f"r{r.round_number} {r.scenario:>9} {r.target.name:<22}"
+    if r.error:
+        return f"[red]{head} failed: {r.error.splitlines()[0]}[/red]"
+    verdict = {None: "", True: "totals verified", False: "[red]TOTALS WRONG[/red]"}[r.verified]
+    p99 = r.load.latency_ms["p99"] if r.load else 0.0
+    return f"{head} {r.rps:>10,.0f} req/s  p99 {p99:6.2f} ms  {verdict}"
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    # Wide enough for the table when the output goes to a file or CI log rather than a terminal.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
+    missing = machine.missing_tools()
+    if missing:
+        print(f"bench: missing {', '.join(missing)}.\n\n{machine.INSTALL_HINT}", file=sys.stderr)
+        return 2
+    try:
+        pg_version = asyncio.run(database.server_version())
+    except (OSError, TimeoutError) as exc:
+        print(
+            f"bench: PostgreSQL unreachable at {database.ADMIN_URL}: {exc}\n"
+            "Start it, or point BENCH_PG_ADMIN_URL at a database the benchmark may use to "
+            "create and drop databases.",
+            file=sys.stderr,
+        )
+        return 2
+    now = datetime.now()
+    stamp = now.strftime("%Y-%m-%d-%H%M")
+    run_id = "b" + uuid.uuid4().hex[:6]
+    workroot = ROOT / "bench" / ".work" / f"{stamp}-{run_id}"
+    machine_info = machine.describe(pg_version)
+    command = exact_command(argv)
+    console.print(
+        f"[bold]incrementer benchmark[/bold] {stamp}: "
+        f"{args.rounds * len(args.scenario_list) * len(args.target_list)} runs of "
+        f"{args.duration:g} s "
+        f"(logs in {os.path.relpath(workroot, ROOT)})"
+    )
+
+    every = asyncio.run(run_all(args, console, run_id, workroot))
+    results = report.representatives(every)
+
+    found = report.checks(results, every)
+    console.print(report.rich_table(results, every))
+    console.print(report.cpu_table(results))
+    console.print(report.checks_table(found))
+    md_path = results_path(args.results_dir, stamp)
+    png_path = report.plot(results, md_path.with_suffix(".png"))
+    settings = {
+        "Started": now.isoformat(timespec="seconds"),
+        "Load": f"wrk -t1 -c{args.connections} -d{args.duration:g}s, bench/wrk/increments.lua",
+        "Scenarios": ", ".join(args.scenario_list) + f" (batch: {BATCH_SIZE} increments/request)",
+        "Targets": ", ".join(t.name for t in args.target_list),
+        "Rounds": f"{args.rounds} (the tables show each target's median run by req/s)",
+        "Service": "incrementer serve with its defaults but --durability, on PostgreSQL; each run "
+        "on a fresh database and data dir",
+        "Asserts": "disabled (PYTHONOPTIMIZE)" if os.environ.get("PYTHONOPTIMIZE") else "on",
+    }
+    md_path.write_text(
+        report.markdown(stamp, command, machine_info, settings, results, every, found, png_path)
+    )
+    failed = [r for r in every if not r.ok]
+    if not failed:
+        shutil.rmtree(workroot, ignore_errors=True)
+    else:
+        console.print(f"[red]{len(failed)} run(s) failed[/red]; server logs kept in {workroot}")
+    print(f"report: {md_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
