@@ -190,3 +190,16 @@ async def test_upgrade_requests_answered_then_closed(url: str) -> None:
     assert [r.status for r in responses] == [200]
     responses = await exchange(url, b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 2)
     assert len(responses) == 1 and 400 <= responses[0].status < 500
+
+
+async def test_many_tiny_chunks_are_linear(url: str) -> None:
+    """A body sent as hundreds of one-byte chunks is reassembled exactly (and cheaply)."""
+    body = b'{"key":"tiny-chunks","value":3}'
+    chunks = b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(len(body)))
+    data = (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n" + get("/counters/tiny-chunks")
+    )
+    responses = await exchange(url, data, 2)
+    assert [r.status for r in responses] == [202, 200]
+    assert json.loads(responses[1].body)["value"] == 3

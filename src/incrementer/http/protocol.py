@@ -69,6 +69,7 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "authorization",
         "body",
+        "body_bytes",
         "clock",
         "closing",
         "content_length",
@@ -84,6 +85,7 @@ class HttpConnection(asyncio.Protocol):
         "max_header",
         "out",
         "parser",
+        "parts",
         "peer",
         "queue",
         "reading_paused",
@@ -193,6 +195,8 @@ class HttpConnection(asyncio.Protocol):
         self.expect = b""
         self.host = b""
         self.body = b""
+        self.parts: list[bytes] | None = None
+        self.body_bytes = 0
         self.header_bytes = 0
         self.request_started = self.clock.now
 
@@ -226,17 +230,22 @@ class HttpConnection(asyncio.Protocol):
             self._emit(responses.CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        if self.body:  # chunked, or a body split across reads
-            body = self.body + body
-        if len(body) > self.max_body:
+        size = self.body_bytes + len(body)
+        if size > self.max_body:
             raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
-        self.body = body
+        self.body_bytes = size
+        if not self.body:
+            self.body = body  # the usual case: one piece, kept without copying
+        elif self.parts is None:
+            self.parts = [self.body, body]  # chunked or split across reads: joined once, at end
+        else:
+            self.parts.append(body)
 
     def on_message_complete(self) -> None:
         self.request_started = 0.0
         if self.closing:
             return  # pipelined after a request that closes the connection: never answered
-        body = self.body
+        body = self.body if self.parts is None else b"".join(self.parts)
         parser = self.parser
         keep_alive: bool = parser.should_keep_alive()
         if self.task is not None or self.queue:
