@@ -14,31 +14,27 @@ class Batch:
     deltas: dict[str, int]
     oldest: float
     """monotonic() time of the oldest increment in the batch: the lag clock starts there."""
-    increments: int
 
 
 class CoalescingBuffer:
     """Sums increments per key. The event loop is single-threaded, so swap() is a clean cut."""
 
-    __slots__ = ("deltas", "increments", "oldest")
+    __slots__ = ("deltas", "oldest")
 
     def __init__(self) -> None:
         self.deltas: dict[str, int] = {}
         self.oldest = 0.0
-        self.increments = 0
 
     def add(self, key: str, value: int) -> None:
         deltas = self.deltas
         if not deltas:
             self.oldest = monotonic()
         deltas[key] = deltas.get(key, 0) + value
-        self.increments += 1
 
     def __len__(self) -> int:
         return len(self.deltas)
 
     def swap(self, seq: int) -> Batch:
-        batch = Batch(seq, self.deltas, self.oldest, self.increments)
+        batch = Batch(seq, self.deltas, self.oldest)
         self.deltas = {}
-        self.increments = 0
         return batch

@@ -43,16 +43,21 @@ class Intake:
         if not deltas:
             buffer.oldest = monotonic()
         deltas[key] = deltas.get(key, 0) + value
-        buffer.increments += 1
         self.metrics.accepted_increments += 1
 
     def accept_many(self, items: list[Validated]) -> None:
         """All or nothing: the budget is checked for the whole batch before anything is added."""
-        deltas = self.buffer.deltas
-        new_keys = {key for _, key, _ in items if key not in deltas}
-        if len(deltas) + len(new_keys) > self.key_budget:
-            raise Overloaded
+        buffer = self.buffer
+        deltas = buffer.deltas
+        if len(deltas) + len(items) > self.key_budget:  # only then count the keys that are new
+            new_keys = {key for _, key, _ in items if key not in deltas}
+            if len(deltas) + len(new_keys) > self.key_budget:
+                raise Overloaded
+        if not deltas:
+            buffer.oldest = monotonic()
+        append = self.wal.append
+        get = deltas.get
         for key_bytes, key, value in items:
-            self.wal.append(key_bytes, value)
-            self.buffer.add(key, value)
+            append(key_bytes, value)
+            deltas[key] = get(key, 0) + value
         self.metrics.accepted_increments += len(items)

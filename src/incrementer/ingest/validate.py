@@ -70,7 +70,14 @@ class Validator:
             raise BadRequest(
                 "batch_too_large", f"A batch may hold at most {self.max_batch_items} increments."
             )
-        return [self.check(inc.key, inc.value, f"item {i}: ") for i, inc in enumerate(items)]
+        check = self.check
+        try:
+            return [check(inc.key, inc.value) for inc in items]
+        except BadRequest:
+            pass  # find which item, for the message: only on the error path
+        for i, inc in enumerate(items):
+            check(inc.key, inc.value, f"item {i}: ")
+        raise AssertionError("unreachable: an item failed validation above")
 
     def form_one(self, body: bytes) -> Validated:
         try:

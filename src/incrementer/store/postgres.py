@@ -36,13 +36,18 @@ ENSURE_NODE = (
     "INSERT INTO incrementer_nodes (node_id, applied_seq, updated_at) VALUES ($1, 0, now())"
     " ON CONFLICT (node_id) DO NOTHING"
 )
-# The row lock serializes concurrent flushes of one node (two processes sharing a node_id):
-# the second waits, then sees the first's seq and skips.
-LOCK_NODE = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1 FOR UPDATE"
-SET_APPLIED = "UPDATE incrementer_nodes SET applied_seq = $2, updated_at = now() WHERE node_id = $1"
+# Claims the batch: one round trip that both checks and advances applied_seq. Its row lock
+# serializes concurrent flushes of one node (two processes sharing a node_id): the second waits,
+# re-reads the row, finds its seq no longer above applied_seq, and gets no row back (skip).
+CLAIM_SEQ = (
+    "UPDATE incrementer_nodes SET applied_seq = $2, updated_at = now()"
+    " WHERE node_id = $1 AND applied_seq < $2 RETURNING 1"
+)
+# ORDER BY k: every writer locks counter rows in key order, so concurrent flushes of different
+# nodes cannot deadlock; sorting in SQL is cheaper than in Python on the event loop.
 UPSERT_COUNTERS = (
     "INSERT INTO counters (key, value, created_at, updated_at)"
-    " SELECT k, v, now(), now() FROM unnest($1::text[], $2::bigint[]) AS t(k, v)"
+    " SELECT k, v, now(), now() FROM unnest($1::text[], $2::bigint[]) AS t(k, v) ORDER BY k"
     " ON CONFLICT (key) DO UPDATE"
     " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
 )
@@ -101,6 +106,7 @@ class PostgresStore:
         self.close_timeout = close_timeout
         self._where = redact_url(dsn)
         self._pool: Any = None
+        self._known_nodes: set[str] = set()  # node rows known to exist, so CLAIM_SEQ finds one
 
     async def open(self) -> None:
         """Create the pool and its first connection, so a wrong host or password fails here."""
@@ -137,37 +143,51 @@ class PostgresStore:
 
     async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
         """See Store.apply_batch. If the caller is cancelled while COMMIT is in flight the batch
-        may be applied: retry it with the same seq, which makes the retry a no-op."""
+        may be applied: retry it with the same seq, which makes the retry a no-op.
+
+        Round trips per flush: BEGIN, claim the seq, upsert, COMMIT (plus the overflow insert
+        when there is one). Overflow is rare, so it costs nothing until PostgreSQL refuses a
+        sum; then the transaction is retried without the offending keys.
+        """
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
         pool = self._require_pool()
-        # Every writer locks counter rows in key order, so concurrent flushes cannot deadlock.
-        pending: dict[str, int] = {}
+        pending = dict(deltas)
         overflowed: dict[str, int] = {}
-        for key in sorted(deltas):
-            delta = deltas[key]
-            if INT64_MIN <= delta <= INT64_MAX:
-                pending[key] = delta
-            else:
-                overflowed[key] = delta
+        values = pending.values()
+        if values and (min(values) < INT64_MIN or max(values) > INT64_MAX):
+            for key, delta in list(pending.items()):
+                if not INT64_MIN <= delta <= INT64_MAX:
+                    overflowed[key] = pending.pop(key)
         with self._errors():
-            async with pool.acquire() as conn, conn.transaction():
-                # Make sure a row exists, so FOR UPDATE has something to lock on the first flush.
-                await conn.execute(ENSURE_NODE, node_id)
-                applied = await conn.fetchval(LOCK_NODE, node_id)
-                if seq <= applied:
-                    return ApplyResult(applied=False)
-                await self._upsert_isolating_overflows(conn, pending, overflowed)
-                if overflowed:
-                    await conn.execute(
-                        INSERT_OVERFLOWS,
-                        node_id,
-                        seq,
-                        list(overflowed),
-                        [str(d) for d in overflowed.values()],
-                    )
-                await conn.execute(SET_APPLIED, node_id, seq)
-        return ApplyResult(applied=True, overflowed=overflowed)
+            async with pool.acquire() as conn:
+                if node_id not in self._known_nodes:
+                    await conn.execute(ENSURE_NODE, node_id)
+                    self._known_nodes.add(node_id)
+                for _ in range(MAX_UPSERT_ROUNDS):
+                    keys, values_list = list(pending), list(pending.values())
+                    try:
+                        async with conn.transaction():
+                            if not await self._claim(conn, node_id, seq):
+                                return ApplyResult(applied=False)
+                            if keys:
+                                await conn.execute(UPSERT_COUNTERS, keys, values_list)
+                            if overflowed:
+                                await conn.execute(
+                                    INSERT_OVERFLOWS,
+                                    node_id,
+                                    seq,
+                                    list(overflowed),
+                                    [str(d) for d in overflowed.values()],
+                                )
+                        return ApplyResult(applied=True, overflowed=overflowed)
+                    except asyncpg.NumericValueOutOfRangeError:
+                        for row in await conn.fetch(FIND_OVERFLOWS, keys, values_list):
+                            overflowed[row[0]] = pending.pop(row[0])
+        raise BackendError(
+            f"PostgreSQL at {self._where}: counters kept overflowing under concurrent writers "
+            f"after {MAX_UPSERT_ROUNDS} rounds; the batch will be retried"
+        )
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         with self._errors():
@@ -213,29 +233,15 @@ class PostgresStore:
             status = await self._require_pool().execute(REVOKE_KEY, name)
         return bool(status == "UPDATE 1")
 
-    async def _upsert_isolating_overflows(
-        self, conn: Any, pending: dict[str, int], overflowed: dict[str, int]
-    ) -> None:
-        """Upsert pending; move keys whose total would leave int64 from pending to overflowed.
-
-        Overflow is rare, so the fast path is one statement and the check happens only after
-        PostgreSQL refuses: the savepoint keeps that refusal from aborting the whole batch.
-        """
-        for _ in range(MAX_UPSERT_ROUNDS):
-            if not pending:
-                return
-            keys, values = list(pending), list(pending.values())
-            try:
-                async with conn.transaction():
-                    await conn.execute(UPSERT_COUNTERS, keys, values)
-                return
-            except asyncpg.NumericValueOutOfRangeError:
-                for row in await conn.fetch(FIND_OVERFLOWS, keys, values):
-                    overflowed[row[0]] = pending.pop(row[0])
-        raise BackendError(
-            f"PostgreSQL at {self._where}: counters kept overflowing under concurrent writers "
-            f"after {MAX_UPSERT_ROUNDS} rounds; the batch will be retried"
-        )
+    async def _claim(self, conn: Any, node_id: str, seq: int) -> bool:
+        """Advance applied_seq to seq; False if the batch is already applied."""
+        if await conn.fetchval(CLAIM_SEQ, node_id, seq) is not None:
+            return True
+        if await conn.fetchval(SELECT_APPLIED, node_id) is not None:
+            return False
+        # The node's row is gone (deleted by hand?): recreate it rather than skip the batch.
+        await conn.execute(ENSURE_NODE, node_id)
+        return await conn.fetchval(CLAIM_SEQ, node_id, seq) is not None
 
     def _require_pool(self) -> Any:
         if self._pool is None:
