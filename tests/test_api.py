@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from pathlib import Path
@@ -211,3 +212,22 @@ async def _migrate(db_url: str) -> None:
     from incrementer.store.migrate import migrate
 
     await asyncio.to_thread(migrate, db_url)
+
+
+async def test_two_instances_share_one_database(tmp_path: Path, db_url: str) -> None:
+    """Two nodes adding to the same keys of one database: totals are exact (deltas commute)."""
+    prefix = unique("shared")
+    keys = [f"{prefix}-{i}" for i in range(50)]
+    rng = random.Random(3)
+    first = [(rng.choice(keys), rng.randint(1, 5)) for _ in range(5000)]
+    second = [(rng.choice(keys), rng.randint(1, 5)) for _ in range(5000)]
+    expected: dict[str, int] = {}
+    for key, value in first + second:
+        expected[key] = expected.get(key, 0) + value
+    a = settings_for(tmp_path / "a", db_url)
+    b = settings_for(tmp_path / "b", db_url)
+    async with run_service(a) as one, run_service(b) as two:
+        assert one.data_dir.node_id != two.data_dir.node_id
+        results = await asyncio.gather(load(one.url, first), load(two.url, second))
+        assert sum(sum(r.acked.values()) for r in results) == sum(expected.values())
+        await wait_until(lambda: _all_persisted(db_url, expected), timeout=15)
