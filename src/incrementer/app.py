@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from importlib import resources
@@ -23,6 +24,7 @@ RETRY_AFTER = b"Retry-After: 1\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="incrementer"\r\n'
 COUNTERS = b"/counters/"
 READ_ATTEMPTS = 5
+READ_TIMEOUT = 5.0  # a read waiting on a dead database answers 503 rather than hanging
 
 
 # path -> (route name for metrics, allowed method, needs a key when auth is on)
@@ -239,12 +241,16 @@ class App:
         for _ in range(READ_ATTEMPTS):
             commits = self.flusher.commits
             try:
-                snapshot = await self.store.read(key, self.node_id)
-            except BackendError as exc:
+                snapshot = await asyncio.wait_for(self.store.read(key, self.node_id), READ_TIMEOUT)
+            except (BackendError, TimeoutError) as exc:
                 return self.fail(
                     conn,
                     "counters",
-                    BadRequest("database_unavailable", f"The database cannot be read: {exc}", 503),
+                    BadRequest(
+                        "database_unavailable",
+                        f"The database cannot be read: {exc or 'timed out'}",
+                        503,
+                    ),
                     keep_alive,
                     RETRY_AFTER,
                 )

@@ -395,12 +395,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.request_started and now - self.request_started > request_timeout:
             self._fail(408, "request_timeout", "The request was not completed in time.")
-        elif (
-            not self.request_started
-            and self.task is None
-            and not self.out
-            and now - self.last_active > idle_timeout
-        ):
+        elif self.idle and now - self.last_active > idle_timeout:
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
@@ -409,7 +404,7 @@ class HttpConnection(asyncio.Protocol):
         """Stop taking requests: close now if idle, else after the response in progress."""
         if self.closing:
             return
-        if self.task is None and not self.out and not self.request_started:
+        if self.idle:
             self.closing = True
             if self.transport is not None:
                 self.transport.close()
@@ -422,6 +417,7 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
+        """No request being received, handled or answered."""
         return self.task is None and not self.out and not self.request_started
 
 
