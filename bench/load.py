@@ -50,7 +50,13 @@ class LoadResult:
 
 
 def command(
-    url: str, scenario: str, prefix: str, seed: int, duration: float, connections: int
+    url: str,
+    scenario: str,
+    prefix: str,
+    seed: int,
+    duration: float,
+    connections: int,
+    api_key: str = "",
 ) -> list[str]:
     return [
         which("wrk") or "wrk",
@@ -67,13 +73,21 @@ def command(
         prefix,
         str(seed),
         str(BATCH_SIZE),
+        *([api_key] if api_key else []),
     ]
 
 
 async def run_wrk(
-    url: str, scenario: str, prefix: str, seed: int, duration: float, connections: int
+    url: str,
+    scenario: str,
+    prefix: str,
+    seed: int,
+    duration: float,
+    connections: int,
+    api_key: str = "",
 ) -> LoadResult:
-    argv = command(url, scenario, prefix, seed, duration, connections)
+    """Load `url` with wrk; with `api_key`, every request carries `Authorization: Bearer` it."""
+    argv = command(url, scenario, prefix, seed, duration, connections, api_key)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,

@@ -21,7 +21,7 @@ import cpu
 import database
 import metrics
 from load import LoadError, LoadResult, run_wrk
-from targets import Running, Target, TargetError, running
+from targets import Running, Target, TargetError, create_api_key, running
 
 SEED = 42  # every target gets the same key sequence
 DRAIN_TIMEOUT = 15.0
@@ -101,9 +101,13 @@ async def _run(
     progress: Progress,
     url: str,
 ) -> None:
+    api_key = ""
+    if target.auth:
+        progress("creating an API key", 0.0)
+        api_key = await create_api_key(url)
     progress(f"starting {target.name}", 0.0)
-    async with running(target, workdir, url) as server:
-        before = await metrics.scrape(server.url) if target.accepted_metric else {}
+    async with running(target, workdir, url, api_key) as server:
+        before = await metrics.scrape(server.url, api_key) if target.accepted_metric else {}
         server_cpu = cpu.process_group(server.pid)
         db_cpu = cpu.processes(await database.backend_pids(url)) if url else {}
         wrk_cpu = cpu.children()
@@ -112,12 +116,12 @@ async def _run(
         sampler = None
         if target.accepted_metric:
             sampler = asyncio.create_task(
-                metrics.sample(server.url, target.accepted_metric, stop_sampling)
+                metrics.sample(server.url, target.accepted_metric, stop_sampling, api_key=api_key)
             )
         ticker = asyncio.create_task(_tick(progress, f"load on {target.name}", duration))
         try:
             result.load = await run_wrk(
-                server.url, scenario, result.prefix, SEED, duration, connections
+                server.url, scenario, result.prefix, SEED, duration, connections, api_key
             )
         finally:
             ticker.cancel()
@@ -140,7 +144,7 @@ async def _run(
             result.cpu_database = cpu.since(db_cpu, cpu.processes(await database.backend_pids(url)))
         if not target.needs_database:
             return
-        after = await metrics.scrape(server.url)
+        after = await metrics.scrape(server.url, api_key)
         _read_histograms(result, before, after)
         progress(f"stopping {target.name}", 1.0)
     if server.exit_code not in (0, None):
@@ -192,7 +196,8 @@ async def _drain(result: RunResult, server: Running, url: str) -> None:
 
     async def accepted() -> int | None:
         with contextlib.suppress(OSError, TimeoutError):
-            result.accepted = int((await metrics.scrape(server.url)).get(metric, 0.0))
+            scraped = await metrics.scrape(server.url, server.api_key)
+            result.accepted = int(scraped.get(metric, 0.0))
         return result.accepted
 
     total, waited, matched = await database.wait_for_total(

@@ -18,14 +18,18 @@ Samples = dict[str, float]
 """Series as written in the exposition (`name{label="x"}`) -> value."""
 
 
-async def http_get(url: str, path: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
-    """One GET on its own connection (Connection: close): status and body."""
+async def http_get(
+    url: str, path: str, timeout: float = HTTP_TIMEOUT, api_key: str = ""
+) -> tuple[int, bytes]:
+    """One GET on its own connection (Connection: close): status and body. With `api_key`, it
+    sends `Authorization: Bearer` it (/metrics needs a key when the service runs with auth)."""
+    auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
         try:
             writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}Connection: close\r\n\r\n".encode()
             )
             raw = await reader.read(-1)
         finally:
@@ -48,8 +52,8 @@ def parse(text: str) -> Samples:
     return samples
 
 
-async def scrape(url: str) -> Samples:
-    status, body = await http_get(url, "/metrics")
+async def scrape(url: str, api_key: str = "") -> Samples:
+    status, body = await http_get(url, "/metrics", api_key=api_key)
     if status != 200:
         raise OSError(f"GET {url}/metrics answered {status}")
     return parse(body.decode())
@@ -107,14 +111,18 @@ class Timeline:
 
 
 async def sample(
-    url: str, accepted_metric: str, stop: asyncio.Event, interval: float = 1.0
+    url: str,
+    accepted_metric: str,
+    stop: asyncio.Event,
+    interval: float = 1.0,
+    api_key: str = "",
 ) -> Timeline:
     """Scrape every `interval` until `stop` is set; rates come from the accepted-counter deltas."""
     timeline = Timeline()
     started = last_time = time.monotonic()
     last: Samples | None = None
     with contextlib.suppress(OSError, TimeoutError, ValueError):
-        last = await scrape(url)
+        last = await scrape(url, api_key)
         last_time = time.monotonic()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -122,7 +130,7 @@ async def sample(
         if stop.is_set():
             break
         try:
-            samples = await scrape(url)
+            samples = await scrape(url, api_key)
         except (OSError, TimeoutError, ValueError):
             timeline.errors += 1  # the target is too busy to answer in time: a gap in the plot
             continue

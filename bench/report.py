@@ -7,12 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from flush import TARGET_KEYS_PER_SECOND, FlushResult
 from load import items_per_request
 from measure import RunResult
 from rich.table import Table
 
 NGINX, LEAN, NAIVE = "nginx", "python-lean", "naive"
 WAL, MEMORY = "incrementer-wal", "incrementer-memory"
+WAL_AUTH = "incrementer-wal-auth"
 COLUMNS = (
     "Scenario",
     "Target",
@@ -191,9 +193,12 @@ def rich_table(results: list[RunResult], every: list[RunResult]) -> Table:
 # issue 4 targets
 
 
-def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
+def checks(
+    results: list[RunResult], every: list[RunResult], flush: FlushResult | None = None
+) -> list[Check]:
     """The issue's targets: ratios as medians of same-round pairs, other figures from the median
-    runs, totals on every run of every round."""
+    runs, totals on every run of every round. Issue 5 wants them with auth on as well: the
+    throughput, latency and lag targets are checked for incrementer-wal-auth too."""
     found: list[Check] = []
 
     def add(
@@ -203,22 +208,27 @@ def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
             passed = value >= limit if at_least else value <= limit
             found.append(Check(what, goal, shown, passed))
 
-    for scenario, share, lag_limit in (("10keys", 0.9, 0.25), ("100kkeys", 0.75, 1.0)):
-        wal = _find(results, WAL, scenario)
+    for scenario, share, lag_limit, name in (
+        (scenario, share, lag_limit, name)
+        for scenario, share, lag_limit in (("10keys", 0.9, 0.25), ("100kkeys", 0.75, 1.0))
+        for name in (WAL, WAL_AUTH)
+    ):
+        wal = _find(results, name, scenario)
         if wal is None:
             continue
-        ratio = _paired(every, WAL, scenario, NGINX)
+        label = name.removeprefix("incrementer-")
+        ratio = _paired(every, name, scenario, NGINX)
         add(
-            f"{scenario}: wal throughput vs nginx",
+            f"{scenario}: {label} throughput vs nginx",
             f">= {share}x",
             ratio,
             share,
             True,
             _times(ratio),
         )
-        slower = _paired(every, WAL, scenario, NGINX, _p99)
+        slower = _paired(every, name, scenario, NGINX, _p99)
         add(
-            f"{scenario}: wal p99 latency vs nginx",
+            f"{scenario}: {label} p99 latency vs nginx",
             "<= 2x",
             slower,
             2.0,
@@ -226,15 +236,15 @@ def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
             f"{_times(slower)} ({_p99(wal):.2f} ms in the median run)",
         )
         add(
-            f"{scenario}: wal persistence lag p99",
+            f"{scenario}: {label} persistence lag p99",
             f"<= {_secs(lag_limit)}",
             wal.lag_p99,
             lag_limit,
             False,
             _secs(wal.lag_p99),
         )
-        naive = _paired(every, WAL, scenario, NAIVE)
-        add(f"{scenario}: wal vs naive", ">= 10x", naive, 10.0, True, _times(naive))
+        naive = _paired(every, name, scenario, NAIVE)
+        add(f"{scenario}: {label} vs naive", ">= 10x", naive, 10.0, True, _times(naive))
     for scenario in ("10keys", "100kkeys", "batch"):
         versus_memory = _paired(every, WAL, scenario, MEMORY)
         add(
@@ -256,6 +266,15 @@ def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
                 True,
                 f"{_num(wal.flush_keys_per_second)} keys/s",
             )
+    if flush is not None:
+        add(
+            "isolated flush throughput (bench/flush.py, median of the update batches)",
+            f">= {TARGET_KEYS_PER_SECOND:,} keys/s",
+            flush.median_update_rate,
+            TARGET_KEYS_PER_SECOND,
+            True,
+            f"{_num(flush.median_update_rate)} keys/s",
+        )
     checked = [r for r in every if r.target.needs_database]
     good = sum(1 for r in checked if r.ok and r.verified)
     if checked:
@@ -268,6 +287,55 @@ def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
             )
         )
     return found
+
+
+def auth_rows(results: list[RunResult], every: list[RunResult]) -> list[list[str]]:
+    """incrementer-wal-auth against incrementer-wal per scenario: what the guard rails cost."""
+    out = []
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        on, off = _find(results, WAL_AUTH, scenario), _find(results, WAL, scenario)
+        if on is None or off is None:
+            continue
+        per_on, per_off = _server_us(on), _server_us(off)
+        out.append(
+            [
+                scenario,
+                _num(off.rps),
+                _num(on.rps),
+                _times(_paired(every, WAL_AUTH, scenario, WAL)),
+                f"{_p99(off):.2f} / {_p99(on):.2f}",
+                "-" if per_on is None or per_off is None else f"{per_off:.1f} / {per_on:.1f}",
+            ]
+        )
+    return out
+
+
+AUTH_COLUMNS = (
+    "Scenario",
+    "wal req/s",
+    "wal-auth req/s",
+    "auth on / off",
+    "p99 ms off / on",
+    "server µs/req off / on",
+)
+
+
+def _server_us(r: RunResult) -> float | None:
+    if r.cpu_server is None or r.load is None or not r.load.requests:
+        return None
+    return (r.cpu_server.user + r.cpu_server.system) * 1e6 / r.load.requests
+
+
+def flush_lines(flush: FlushResult) -> list[str]:
+    lines = [f"- insert batch: {_num(flush.insert_rate)} keys/s ({flush.insert_seconds:.3f} s)"]
+    lines += [
+        f"- update batch {n}: {_num(rate)} keys/s ({secs:.3f} s)"
+        for n, (rate, secs) in enumerate(
+            zip(flush.update_rates, flush.update_seconds, strict=True), 1
+        )
+    ]
+    lines.append(f"- median of the update batches: {_num(flush.median_update_rate)} keys/s")
+    return lines
 
 
 def cpu_table(results: list[RunResult]) -> Table:
@@ -308,6 +376,7 @@ def markdown(
     every: list[RunResult],
     found: list[Check],
     plot: Path | None,
+    flush: FlushResult | None = None,
 ) -> str:
     """`results`: one run per scenario and target (the median); `every`: all rounds."""
     checked = [r for r in every if r.target.needs_database]
@@ -372,6 +441,8 @@ def markdown(
         "Increments per WAL write: WAL records / frames after the run, i.e. how many requests "
         "one event-loop tick's write() (and in wal-fsync one fdatasync) covered.",
         "",
+        *_auth_section(results, every),
+        *_flush_section(flush),
         "## Issue 4 targets",
         "",
         _md_table(
@@ -395,6 +466,38 @@ def markdown(
     if plot is not None:
         parts += ["## Over time", "", f"![throughput and lag over time]({plot.name})", ""]
     return "\n".join(parts)
+
+
+def _auth_section(results: list[RunResult], every: list[RunResult]) -> list[str]:
+    body = auth_rows(results, every)
+    if not body:
+        return []
+    return [
+        "### Auth on vs off (issue 5)",
+        "",
+        _md_table(AUTH_COLUMNS, body),
+        "",
+        "incrementer-wal-auth is incrementer-wal with `--auth required`: every request sends "
+        "`Authorization: Bearer <key>` of a key created with `incrementer keys create --rate "
+        "10000000 --burst 10000000`, so each request pays the key lookup and a token-bucket take "
+        "but is never refused. auth on / off: req/s ratio (median of the per-round ratios).",
+        "",
+    ]
+
+
+def _flush_section(flush: FlushResult | None) -> list[str]:
+    if flush is None:
+        return []
+    return [
+        "### Flush throughput in isolation",
+        "",
+        f"`bench/flush.py`: `PostgresStore.apply_batch` of {flush.keys:,} distinct keys on a "
+        "fresh, migrated database, nothing else on the event loop; the first batch inserts "
+        "every row, the next ones update them.",
+        "",
+        *flush_lines(flush),
+        "",
+    ]
 
 
 def _round_header(rounds: int) -> list[str]:

@@ -4,7 +4,9 @@
                                   [--scenarios 10keys,100kkeys,batch] [--targets ...] [--quick]
 
 Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/lean.py, the Python floor),
-incrementer in each --durability mode, and naive (bench/naive.py, one upsert per request). For
+incrementer in each --durability mode, incrementer-wal-auth (wal with --auth required and a
+never-refusing rate limit: the guard rails' cost), and naive (bench/naive.py, one upsert per
+request). Then, unless --quick, bench/flush.py times apply_batch of 100,000 keys in isolation. For
 every scenario each target is started on a free port (PostgreSQL-backed ones on a database of their
 own), loaded with `wrk -t1 -cN` for the duration, checked (the database must hold every increment
 wrk saw acknowledged, no more than it sent, and exactly what the service counted) and stopped. The
@@ -31,13 +33,14 @@ from pathlib import Path
 import database
 import machine
 import report
+from flush import FlushResult, measure_flush
 from load import BATCH_SIZE, SCENARIOS
 from measure import RunResult, measure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from targets import INCREMENTER_MODES, LEAN, NAIVE, NGINX, ROOT, Target
+from targets import INCREMENTER_AUTH, INCREMENTER_MODES, LEAN, NAIVE, NGINX, ROOT, Target
 
-ALL_TARGETS = [NGINX, LEAN, *INCREMENTER_MODES, NAIVE]
+ALL_TARGETS = [NGINX, LEAN, *INCREMENTER_MODES, INCREMENTER_AUTH, NAIVE]
 NOT_IN_QUICK = (NAIVE.name, LEAN.name)
 QUICK_DURATION = 2.0
 
@@ -74,7 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CI smoke: 2-second runs, the first scenario only, no naive or python-lean.",
+        help="CI smoke: 2-second runs, the first scenario only, no naive or python-lean, no "
+        "isolated flush measurement.",
     )
     parser.add_argument(
         "--results-dir",
@@ -215,8 +219,20 @@ def main(argv: list[str]) -> int:
 
     every = asyncio.run(run_all(args, console, run_id, workroot))
     results = report.representatives(every)
+    flush: FlushResult | None = None
+    flush_error = ""
+    if not args.quick:
+        console.print("isolated flush: apply_batch of 100,000 keys (bench/flush.py)")
+        try:
+            flush = asyncio.run(measure_flush())
+        except (OSError, TimeoutError, RuntimeError, *database.ERRORS) as exc:
+            flush_error = f"{type(exc).__name__}: {exc}"
+            console.print(f"[red]isolated flush failed: {flush_error}[/red]")
+        else:
+            for line in report.flush_lines(flush):
+                console.print(line)
 
-    found = report.checks(results, every)
+    found = report.checks(results, every, flush)
     console.print(report.rich_table(results, every))
     console.print(report.cpu_table(results))
     console.print(report.checks_table(found))
@@ -228,14 +244,19 @@ def main(argv: list[str]) -> int:
         "Scenarios": ", ".join(args.scenario_list) + f" (batch: {BATCH_SIZE} increments/request)",
         "Targets": ", ".join(t.name for t in args.target_list),
         "Rounds": f"{args.rounds} (the tables show each target's median run by req/s)",
-        "Service": "incrementer serve with its defaults but --durability, on PostgreSQL; each run "
-        "on a fresh database and data dir",
+        "Service": "incrementer serve with its defaults but --durability (and, for "
+        "incrementer-wal-auth, --auth required with an API key rated 10M requests/s), on "
+        "PostgreSQL; each run on a fresh database and data dir",
         "Asserts": "disabled (PYTHONOPTIMIZE)" if os.environ.get("PYTHONOPTIMIZE") else "on",
     }
     md_path.write_text(
-        report.markdown(stamp, command, machine_info, settings, results, every, found, png_path)
+        report.markdown(
+            stamp, command, machine_info, settings, results, every, found, png_path, flush
+        )
     )
-    failed = [r for r in every if not r.ok]
+    failed: list[object] = [r for r in every if not r.ok]
+    if flush_error:
+        failed.append(flush_error)
     if not failed:
         shutil.rmtree(workroot, ignore_errors=True)
     else:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+KEY_RATE = 10_000_000  # requests/s and burst of the auth variant's API key: never refuses
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -58,6 +59,7 @@ class Target:
     name: str
     kind: str  # "nginx" | "lean" | "incrementer" | "naive"
     durability: str = ""
+    auth: bool = False  # --auth required, with an API key created in the run's database
 
     @property
     def needs_database(self) -> bool:
@@ -77,6 +79,9 @@ LEAN = Target("python-lean", "lean")
 INCREMENTER_MODES = [
     Target(f"incrementer-{mode}", "incrementer", mode) for mode in ("memory", "wal", "wal-fsync")
 ]
+# Issue 5: the guard rails on. The key's rate limit is set so high that it never refuses, but
+# every request still pays the Bearer lookup and a token-bucket take.
+INCREMENTER_AUTH = Target("incrementer-wal-auth", "incrementer", "wal", auth=True)
 NAIVE = Target("naive", "naive")
 
 
@@ -86,6 +91,7 @@ class Running:
     proc: asyncio.subprocess.Process
     url: str
     log_path: Path
+    api_key: str = ""  # for /metrics when the target runs with --auth required
     exit_code: int | None = None
 
     @property
@@ -146,6 +152,7 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
                 target.durability,
                 "--log-level",
                 "warning",
+                *(["--auth", "required"] if target.auth else []),
             ],
             url,
         )
@@ -167,7 +174,9 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
 
 
 @contextlib.asynccontextmanager
-async def running(target: Target, workdir: Path, database_url: str = "") -> AsyncIterator[Running]:
+async def running(
+    target: Target, workdir: Path, database_url: str = "", api_key: str = ""
+) -> AsyncIterator[Running]:
     """Start `target`, wait until it answers, yield it; stop it (SIGTERM, then SIGKILL) after."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv, url = command_for(target, workdir, database_url)
@@ -181,12 +190,40 @@ async def running(target: Target, workdir: Path, database_url: str = "") -> Asyn
             start_new_session=True,
             cwd=workdir,
         )
-    server = Running(target, proc, url, log_path)
+    server = Running(target, proc, url, log_path, api_key)
     try:
         await _wait_ready(server)
         yield server
     finally:
         await stop(server)
+
+
+async def create_api_key(database_url: str, timeout: float = 60.0) -> str:
+    """Migrate the run's database and create an API key whose rate limit never refuses; return it.
+
+    `incrementer keys create` prints the key alone on stdout.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "incrementer", "keys", "create", "bench", "--rate", str(KEY_RATE),
+        "--burst", str(KEY_RATE), "--database-url", database_url,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise TargetError(
+            f"incrementer keys create did not finish within {timeout:.0f} s"
+        ) from None
+    key = out.decode(errors="replace").strip()
+    if proc.returncode != 0 or not key or len(key.split()) != 1:
+        raise TargetError(
+            f"incrementer keys create exited with {proc.returncode}:\n"
+            f"{err.decode(errors='replace')[-2000:]}"
+        )
+    return key
 
 
 async def _wait_ready(server: Running) -> None:

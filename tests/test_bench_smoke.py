@@ -65,4 +65,26 @@ def test_quick_benchmark_writes_a_report_with_verified_totals(tmp_path: Path) ->
     text = reports[0].read_text()
     assert "**Totals verified: yes**" in text, text
     assert "incrementer-wal" in text, text
+    assert "incrementer-wal-auth" in text, text  # issue 5: auth on, measured too
+    assert "Auth on vs off" in text, text
     assert reports[0].with_suffix(".png").is_file()
+
+
+def test_wrk_gets_the_api_key_only_for_the_auth_variant() -> None:
+    """The Lua script sends `Authorization: Bearer` only when given a key as its fifth argument."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import load
+        from targets import INCREMENTER_AUTH, INCREMENTER_MODES, command_for
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    plain = load.command("http://127.0.0.1:1", "10keys", "p-", 42, 1, 4)
+    keyed = load.command("http://127.0.0.1:1", "10keys", "p-", 42, 1, 4, "ik_x.y")
+    assert plain[-4:] == ["10keys", "p-", "42", str(load.BATCH_SIZE)]
+    assert keyed[-5:] == ["10keys", "p-", "42", str(load.BATCH_SIZE), "ik_x.y"]
+    wal = next(t for t in INCREMENTER_MODES if t.durability == "wal")
+    argv, _ = command_for(INCREMENTER_AUTH, Path("/nonexistent"), "postgresql://x/y")
+    assert argv[argv.index("--auth") + 1] == "required"
+    assert argv[argv.index("--durability") + 1] == wal.durability
+    assert "--auth" not in command_for(wal, Path("/nonexistent"), "postgresql://x/y")[0]

@@ -1,11 +1,12 @@
 -- wrk load script: POST JSON increments and count what was sent and what was acknowledged.
 --
--- Usage: wrk -t1 -c32 -d10 -s bench/wrk/increments.lua URL -- SCENARIO PREFIX SEED [BATCH]
+-- Usage: wrk -t1 -c32 -d10 -s bench/wrk/increments.lua URL -- SCENARIO PREFIX SEED [BATCH [KEY]]
 --   SCENARIO  10keys   POST /increment, cycling over PREFIX0 .. PREFIX9
 --             100kkeys POST /increment, keys drawn at random from PREFIX0 .. PREFIX99999
 --             batch    POST /increments, arrays of BATCH (default 50) random keys of the 100k
 --   PREFIX    prefix of every key, distinct per run, so the database totals can be summed
 --   SEED      math.randomseed, so a run is reproducible
+--   KEY       API key: every request carries "Authorization: Bearer KEY" (none when absent)
 --
 -- Every increment has value 1, so a request is worth 1 (or BATCH) whichever response answers it, and
 -- the database sum of a run's keys equals the number of increments the service accepted: the harness
@@ -37,6 +38,12 @@ local function configure(args)
   math.randomseed(seed)
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
+  local api_key = args[5]
+  if api_key and api_key ~= "" then
+    wrk.headers["Authorization"] = "Bearer " .. api_key
+  else
+    wrk.headers["Authorization"] = nil
+  end
   if scenario == "10keys" then
     path, value_per_request = "/increment", 1
     for i = 0, 9 do
