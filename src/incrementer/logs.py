@@ -32,3 +32,5 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # yoyo logs every migration step; our own line says which migrations were applied.
+    logging.getLogger("yoyo").setLevel(max(logging.WARNING, root.level))
