@@ -51,19 +51,15 @@ class Validator:
     def json_one(self, body: bytes) -> Validated:
         try:
             inc = self._decode_one(body)
-        except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
-            raise _diagnose(exc) from None
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string
-            raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise _decode_failure(exc) from None
         return self.check(inc.key, inc.value)
 
     def json_many(self, body: bytes) -> list[Validated]:
         try:
             items = self._decode_many(body)
-        except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
-            raise _diagnose(exc) from None
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string
-            raise BadRequest("malformed_json", f"Body is not valid JSON: {exc}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise _decode_failure(exc) from None
         if not items:
             raise BadRequest("empty_batch", "A batch must hold at least one increment.")
         if len(items) > self.max_batch_items:
@@ -138,6 +134,14 @@ class Validator:
                 )
             raise BadRequest("invalid_value", f"{where}Field 'value' must be a positive integer.")
         return key_bytes, key, value
+
+
+def _decode_failure(exc: Exception) -> BadRequest:
+    # ValidationError (well-formed JSON of the wrong shape) subclasses DecodeError; invalid UTF-8
+    # inside a string surfaces as UnicodeDecodeError.
+    if isinstance(exc, msgspec.ValidationError):
+        return _diagnose(exc)
+    return BadRequest("malformed_json", f"Body is not valid JSON: {exc}")
 
 
 def _diagnose(exc: msgspec.ValidationError) -> BadRequest:
