@@ -454,3 +454,18 @@ def test_prefix_upper_bound() -> None:
     assert prefix_upper_bound("a\U0010ffff") == "b"
     assert prefix_upper_bound("\U0010ffff") is None
     assert prefix_upper_bound("a\ud7ff") == "a\ue000"
+
+
+async def test_keys_with_separators_and_empty_keys_land_exactly(store: Store) -> None:
+    """Keys holding the unit separator, commas or nothing at all are stored exactly."""
+    node = uid()
+    odd = [f"{node}\x1fa", f"{node},b", f"{node}\x1f", "", f"{node}-plain"]
+    await store.apply_batch(node, 1, {k: i + 1 for i, k in enumerate(odd)})
+    await store.apply_batch(node, 2, {"": 10})
+    for i, key in enumerate(odd):
+        expected = i + 1 + (10 if key == "" else 0)
+        assert (await store.read(key, node)).value == expected
+    plain = {f"{node}-p{i}": i for i in range(1, 50)}
+    await store.apply_batch(node, 3, plain)
+    for key, value in plain.items():
+        assert (await store.read(key, node)).value == value

@@ -51,6 +51,19 @@ UPSERT_COUNTERS = (
     " ON CONFLICT (key) DO UPDATE"
     " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
 )
+# The same upsert with keys and values sent as two joined texts, split by PostgreSQL: asyncpg
+# encodes a text[] element by element on the event loop (~0.8 us a key, measured), a joined
+# string in one piece (~0.3 us). Keys never hold the separator (validation refuses control
+# characters); a batch that does anyway takes the array form.
+SEPARATOR = "\x1f"
+UPSERT_COUNTERS_JOINED = (
+    "INSERT INTO counters (key, value, created_at, updated_at)"
+    " SELECT k, v, now(), now()"
+    " FROM unnest(string_to_array($1, E'\\x1f'), string_to_array($2, ',')::bigint[]) AS t(k, v)"
+    " ORDER BY k"
+    " ON CONFLICT (key) DO UPDATE"
+    " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
+)
 FIND_OVERFLOWS = (
     "SELECT t.k FROM unnest($1::text[], $2::bigint[]) AS t(k, v)"
     " JOIN counters AS c ON c.key = t.k"
@@ -171,7 +184,7 @@ class PostgresStore:
                             if not await self._claim(conn, node_id, seq):
                                 return ApplyResult(applied=False)
                             if keys:
-                                await conn.execute(UPSERT_COUNTERS, keys, values_list)
+                                await _upsert(conn, keys, values_list)
                             if overflowed:
                                 await conn.execute(
                                     INSERT_OVERFLOWS,
@@ -254,3 +267,12 @@ class PostgresStore:
             yield
         except DB_ERRORS as exc:
             raise BackendError(f"PostgreSQL at {self._where}: {exc}") from exc
+
+
+async def _upsert(conn: Any, keys: list[str], values: list[int]) -> None:
+    joined = SEPARATOR.join(keys)
+    # One key gains nothing, and string_to_array('') would be an empty array, not {''}.
+    if len(keys) > 1 and joined.count(SEPARATOR) == len(keys) - 1:
+        await conn.execute(UPSERT_COUNTERS_JOINED, joined, ",".join(map(str, values)))
+    else:
+        await conn.execute(UPSERT_COUNTERS, keys, values)
