@@ -16,48 +16,15 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from incrementer.http import responses
+from incrementer.http.request import HEADER_ATTRS, Reject, without_body
 
 if TYPE_CHECKING:
     from incrementer.http.server import HttpServer
 
 log = logging.getLogger("incrementer.http")
 
-# Header name -> the attribute that keeps its value ("" = not needed). Usual spellings are listed
-# so the hot path finds them without lowercasing; others fall back to name.lower().
-_WANTED = {
-    b"content-type": "content_type",
-    b"content-length": "content_length",
-    b"authorization": "authorization",
-    b"expect": "expect",
-    b"host": "host",
-}
-_IGNORED = (
-    b"user-agent",
-    b"accept",
-    b"accept-encoding",
-    b"connection",
-    b"transfer-encoding",
-    b"keep-alive",
-    b"cache-control",
-    b"accept-language",
-    b"x-forwarded-for",
-)
-HEADER_ATTRS: dict[bytes, str] = {}
-for _name, _attr in (*_WANTED.items(), *((n, "") for n in _IGNORED)):
-    HEADER_ATTRS[_name] = HEADER_ATTRS[_name.title()] = HEADER_ATTRS[_name.upper()] = _attr
-
 # Requests parsed while an async handler runs wait here; past this many, stop reading the socket.
 MAX_QUEUED = 64
-
-
-class Reject(Exception):
-    """Raised inside parser callbacks to answer with an error and close the connection."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
 
 
 # A handler returns the response bytes, or an awaitable of them for routes that need the database.
@@ -293,7 +260,7 @@ class HttpConnection(asyncio.Protocol):
             )
             keep_alive = False
         if type(result) is bytes:
-            self._emit(_without_body(result) if head else result)
+            self._emit(without_body(result) if head else result)
             if not keep_alive or self.draining:
                 self._close_after()
             return
@@ -319,7 +286,7 @@ class HttpConnection(asyncio.Protocol):
             self._close_after()
             return
         result = task.result()
-        self._emit(_without_body(result) if head else result)
+        self._emit(without_body(result) if head else result)
         if not keep_alive or self.draining:
             self._close_after()
             return
@@ -419,8 +386,3 @@ class HttpConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """No request being received, handled or answered."""
         return self.task is None and not self.out and not self.request_started
-
-
-def _without_body(response: bytes) -> bytes:
-    """A HEAD answer: the GET response's status and headers (Content-Length included), no body."""
-    return response[: response.index(b"\r\n\r\n") + 4]
