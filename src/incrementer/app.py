@@ -101,15 +101,8 @@ class App:
                 return self.fail(conn, "unknown", NOT_FOUND, keep_alive)
             route, allowed, protected = found
         if method != allowed:
-            self.metrics.count_request(route, 405)
-            return responses.error(
-                conn.clock,
-                405,
-                "method_not_allowed",
-                f"Use {allowed.decode()} for this route.",
-                not keep_alive,
-                b"Allow: " + allowed + b"\r\n",
-            )
+            wrong = BadRequest("method_not_allowed", f"Use {allowed.decode()} for this route.", 405)
+            return self.fail(conn, route, wrong, keep_alive, b"Allow: " + allowed + b"\r\n")
         if protected and self.guarded:
             denied = self.guard(conn, authorization, route, keep_alive)
             if denied is not None:
@@ -133,6 +126,7 @@ class App:
     ) -> bytes | None:
         """401 without a valid key (when keys are required), 429 over the rate limit."""
         bucket = None
+        now = time.monotonic()
         if self.keyring is not None:
             principal = self.keyring.authenticate(authorization)
             if principal is None:
@@ -140,9 +134,9 @@ class App:
                 return self.fail(conn, route, UNAUTHORIZED, keep_alive, WWW_AUTHENTICATE)
             bucket = principal.bucket
         elif self.limiter is not None:
-            bucket = self.limiter.bucket(conn.peer, time.monotonic())
+            bucket = self.limiter.bucket(conn.peer, now)
         if bucket is not None:
-            wait = bucket.take(time.monotonic())
+            wait = bucket.take(now)
             if wait:
                 self.metrics.count_rejected("rate_limited")
                 retry_after = b"Retry-After: %d\r\n" % math.ceil(wait)

@@ -18,20 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from incrementer.config import Durability
+from incrementer.ingest.wal import SequencedLog
 from incrementer.metrics import Metrics
 
 log = logging.getLogger("incrementer.durability")
-
-
-class Log(Protocol):
-    """What the gate needs of the WAL (WriteAheadLog or MemorySequence)."""
-
-    def write(self) -> int: ...
-    def sync(self) -> None: ...
-    @property
-    def written_bytes(self) -> int: ...
-    @property
-    def synced_bytes(self) -> int: ...
 
 
 class Held(Protocol):
@@ -47,7 +37,7 @@ class AckGate:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        wal: Log,
+        wal: SequencedLog,
         mode: Durability,
         fsync_interval: float,
         metrics: Metrics,
@@ -115,21 +105,10 @@ class AckGate:
             self._start_sync()
 
     def _periodic_sync(self) -> None:
+        """Mode wal: the same fsync as wal-fsync's, with no responses waiting on it."""
         self._timer = self._loop.call_later(self._fsync_interval, self._periodic_sync)
-        if self._syncing or self._wal.synced_bytes >= self._wal.written_bytes:
-            return
-        self._syncing = True
-        started = time.perf_counter()
-        future = self._loop.run_in_executor(self._executor, self._wal.sync)
-        future.add_done_callback(lambda f: self._background_synced(f, started))
-
-    def _background_synced(self, future: asyncio.Future[None], started: float) -> None:
-        self._syncing = False
-        self._metrics.observe_fsync(time.perf_counter() - started)
-        exc = future.exception()
-        if exc is not None:
-            self.failed = f"WAL fsync failed: {exc}"
-            log.error("WAL fsync failed: %s", exc)
+        if not self._syncing and self._wal.synced_bytes < self._wal.written_bytes:
+            self._start_sync()
 
     def _wal_failed(self, what: str, exc: BaseException, conns: list[Held]) -> None:
         # The increments are in the buffer and will still be flushed, but the promise behind a

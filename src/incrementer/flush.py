@@ -11,11 +11,11 @@ import asyncio
 import logging
 import random
 import time
-from typing import Protocol
 
 from incrementer import faults
 from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
+from incrementer.ingest.wal import SequencedLog
 from incrementer.metrics import Metrics
 from incrementer.store.base import BackendError, Store
 
@@ -28,16 +28,11 @@ MAX_BACKOFF = 5.0
 OVERFLOW_REPORT_LIMIT = 100
 
 
-class SeqLog(Protocol):
-    def seal(self) -> int: ...
-    def recycle(self, applied_seq: int) -> int: ...
-
-
 class Flusher:
     def __init__(
         self,
         buffer: CoalescingBuffer,
-        wal: SeqLog,
+        wal: SequencedLog,
         store: Store,
         intake: Intake,
         node_id: str,

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from time import monotonic
-from typing import Protocol
 
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.validate import Validated
+from incrementer.ingest.wal import SequencedLog
 from incrementer.metrics import Metrics
-
-
-class Appender(Protocol):
-    def append(self, key: bytes, value: int) -> None: ...
 
 
 class Overloaded(Exception):
@@ -22,7 +18,7 @@ class Intake:
     __slots__ = ("buffer", "key_budget", "max_pending_keys", "metrics", "wal")
 
     def __init__(
-        self, buffer: CoalescingBuffer, wal: Appender, max_pending_keys: int, metrics: Metrics
+        self, buffer: CoalescingBuffer, wal: SequencedLog, max_pending_keys: int, metrics: Metrics
     ) -> None:
         self.buffer = buffer
         self.wal = wal
