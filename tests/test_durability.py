@@ -31,6 +31,14 @@ from support import (
 from incrementer.ingest.wal import summarize
 
 
+def serve_args(tmp_path: Path, db_url: str, **flags: str) -> list[str]:
+    """`incrementer serve` arguments for a subprocess with its own data dir under tmp_path."""
+    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
 def violations(
     acked: dict[str, int], in_flight: dict[str, int], totals: dict[str, int]
 ) -> list[str]:
@@ -67,18 +75,7 @@ async def crash_rounds(
     prefix = uuid.uuid4().hex[:8]
     keys = [f"{prefix}-{i}" for i in range(200)]
     rng = random.Random(durability)
-    args = [
-        "--database-url",
-        db_url,
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--durability",
-        durability,
-        "--flush-interval",
-        "3",
-        "--log-level",
-        "info",
-    ]
+    args = serve_args(tmp_path, db_url, durability=durability, flush_interval="3", log_level="info")
     seen = LoadResult()
     for _ in range(rounds):
         server = spawn(args)
@@ -117,14 +114,7 @@ async def test_crash_after_commit_before_recycle_does_not_double_apply(
 ) -> None:
     """A crash right after the commit replays the WAL, finds the batch applied, skips it."""
     key = f"crash-{uuid.uuid4().hex[:8]}"
-    args = [
-        "--database-url",
-        db_url,
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--flush-interval",
-        "0.05",
-    ]
+    args = serve_args(tmp_path, db_url, flush_interval="0.05")
     server = spawn(args, env={"INCREMENTER_FAULT_CRASH_AFTER_COMMITS": "1"})
     try:
         result = await load(server.url, [(key, 1)] * 50, connections=1, pipeline=50)
@@ -146,16 +136,7 @@ async def test_graceful_shutdown_loses_nothing_in_memory_mode(tmp_path: Path, db
     prefix = uuid.uuid4().hex[:8]
     keys = [f"{prefix}-{i}" for i in range(100)]
     items = [(random.choice(keys), 1) for _ in range(100_000)]
-    args = [
-        "--database-url",
-        db_url,
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--durability",
-        "memory",
-        "--flush-interval",
-        "5",
-    ]
+    args = serve_args(tmp_path, db_url, durability="memory", flush_interval="5")
     server = spawn(args)
     try:
         task = asyncio.create_task(
@@ -259,14 +240,7 @@ async def _totals_match(db_url: str, expected: dict[str, int]) -> bool:
 
 async def _crash_with_pending_wal(tmp_path: Path, db_url: str, key: str) -> tuple[list[str], Path]:
     """Acknowledge 3 requests (3 WAL frames), then kill -9 before any flush."""
-    args = [
-        "--database-url",
-        db_url,
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--flush-interval",
-        "9",
-    ]
+    args = serve_args(tmp_path, db_url, flush_interval="9")
     server = spawn(args)
     try:
         for value in (1, 2, 4):

@@ -67,10 +67,10 @@ class Flusher:
         return delta
 
     def oldest_pending_age(self, now: float) -> float:
-        oldest = [b.oldest for b in (self.inflight,) if b is not None]
+        oldest = self.inflight.oldest if self.inflight is not None else now
         if self.buffer.deltas:
-            oldest.append(self.buffer.oldest)
-        return now - min(oldest) if oldest else 0.0
+            oldest = min(oldest, self.buffer.oldest)
+        return now - oldest
 
     def pending_keys(self) -> int:
         return len(self.buffer) + (len(self.inflight.deltas) if self.inflight else 0)
