@@ -121,14 +121,18 @@ def serve(config: Path | None, **values: Any) -> None:
         sys.exit(2)
 
 
-@main.command("migrate")
-@click.option(
+# For the commands other than serve, which take only the database from Settings.
+database_url_option = click.option(
     "--database-url",
     envvar=ENV_PREFIX + "DATABASE_URL",
     default=DEFAULTS.database_url,
     show_default=True,
     help=HELP["database_url"],
 )
+
+
+@main.command("migrate")
+@database_url_option
 def migrate_command(database_url: str) -> None:
     """Apply pending schema migrations."""
     from incrementer.store.migrate import migrate
@@ -185,15 +189,6 @@ def inspect(data_dir: Path, as_json: bool) -> None:
 @main.group()
 def keys() -> None:
     """Create, list and revoke API keys (stored hashed in the service's database)."""
-
-
-database_url_option = click.option(
-    "--database-url",
-    envvar=ENV_PREFIX + "DATABASE_URL",
-    default=DEFAULTS.database_url,
-    show_default=True,
-    help=HELP["database_url"],
-)
 
 
 @keys.command("create")
