@@ -295,7 +295,8 @@ class HttpConnection(asyncio.Protocol):
         if not self.queue and not self.writing_paused:
             self._resume_reading()
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes | None) -> None:
+        """Queue a response (None: close after what precedes) for the gate to release."""
         self.out.append(data)
         if not self.held:
             self.held = True
@@ -305,13 +306,7 @@ class HttpConnection(asyncio.Protocol):
         self.closing = True
         self.queue.clear()
         self._pause_reading()
-        self._emit_marker()
-
-    def _emit_marker(self) -> None:
-        self.out.append(None)
-        if not self.held:
-            self.held = True
-            self.server.gate.hold(self)
+        self._emit(None)
 
     def _fail(self, status: int, code: str, detail: str) -> None:
         self.server.metrics.count_request("invalid", status)
