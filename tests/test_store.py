@@ -271,6 +271,18 @@ async def test_migrate_is_idempotent(db_url: str) -> None:
     assert await asyncio.to_thread(migrate, db_url) == []
 
 
+async def test_postgres_counters_are_set_up_for_hot_updates(pg_url: str) -> None:
+    """Migration 0003: the key column compares bytes ("C") and pages keep room for HOT updates."""
+    await asyncio.to_thread(migrate, pg_url)
+    rows = await fetch_direct(
+        pg_url,
+        "SELECT a.attcollation::regcollation::text, c.reloptions FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid"
+        " WHERE c.oid = 'counters'::regclass AND a.attname = 'key'",
+    )
+    assert rows == [('"C"', ["fillfactor=70"])]
+
+
 @pytest.fixture
 def fresh_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
     """A database no migration has touched yet."""
@@ -310,7 +322,7 @@ def test_concurrent_migrate_applies_once(fresh_db_url: str) -> None:
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
     applied = sorted(json.loads(out) for out, _ in outputs)
-    assert applied == [[], ["0001.counters", "0002.api_keys"]]
+    assert applied == [[], ["0001.counters", "0002.api_keys", "0003.counters-hot-updates"]]
 
 
 @pytest.mark.parametrize(

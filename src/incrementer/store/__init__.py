@@ -74,8 +74,8 @@ def redact_url(url: str) -> str:
 def prefix_upper_bound(prefix: str) -> str | None:
     """The bound such that `prefix <= key < bound` holds exactly for keys starting with prefix.
 
-    Code point order, which is how SQLite, CockroachDB and PostgreSQL's C/C.UTF-8 collations sort
-    text. None when no bound is needed (empty prefix, or nothing but U+10FFFF).
+    Code point order, which is how SQLite and the `counters.key` column on PostgreSQL (COLLATE
+    "C", migration 0003) sort text. None when no bound is needed (empty prefix, or nothing but U+10FFFF).
     """
     stripped = prefix.rstrip("\U0010ffff")
     if not stripped:

@@ -79,10 +79,9 @@ SELECT_READ = (
     "SELECT (SELECT value FROM counters WHERE key = $1),"
     " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2)"
 )
-# A key range rather than LIKE: a range uses the primary key index under any collation, while
-# PostgreSQL only turns LIKE 'p%' into an index range under the "C" collation. The range is exact
-# where text sorts by code point (C, C.UTF-8, CockroachDB); a linguistic collation would need the
-# key column declared COLLATE "C".
+# A key range rather than LIKE: the range needs no wildcard escaping and uses the primary key
+# index. It is exact because `key` is declared COLLATE "C" (migration 0003): code point order,
+# whatever the database's default collation.
 LIST_FROM = "SELECT key, value FROM counters WHERE key >= $1 ORDER BY key LIMIT $2"
 LIST_RANGE = "SELECT key, value FROM counters WHERE key >= $1 AND key < $3 ORDER BY key LIMIT $2"
 
