@@ -12,7 +12,7 @@ from incrementer.auth import ClientLimiter, KeyRing
 from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
-from incrementer.http.protocol import HttpConnection, Result
+from incrementer.http.protocol import FastPath, HttpConnection, Result
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.metrics import Metrics
@@ -73,6 +73,14 @@ class App:
         self.limiter = limiter
         self.guarded = keyring is not None or limiter is not None
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
+
+    def fast_path(self) -> FastPath | None:
+        """POST /increment with a JSON body, answered 202 by the connection itself when
+        Intake.accept_json takes it; anything else goes through handle(). None when keys or rate
+        limits are on: then every request passes the guard in handle()."""
+        if self.guarded:
+            return None
+        return FastPath(b"POST", b"/increment", JSON, self.intake.accept_json)
 
     def handle(
         self,

@@ -25,6 +25,7 @@ log = logging.getLogger("incrementer.durability")
 
 
 class Held(Protocol):
+    def release_output(self) -> None: ...
     def take_output(self) -> list[bytes | None]: ...
     def release(self, out: list[bytes | None]) -> None: ...
     def abort(self) -> None: ...
@@ -78,7 +79,7 @@ class AckGate:
                 return
         if self._mode != "wal-fsync":
             for conn in held:
-                conn.release(conn.take_output())
+                conn.release_output()
             return
         self._waiting.extend((conn, conn.take_output()) for conn in held)
         if not self._syncing:

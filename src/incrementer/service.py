@@ -56,7 +56,8 @@ class Service:
                 log.info("applied migrations: %s", ", ".join(applied))
         await self.store.open()
         wal = await self._open_wal(node_id)
-        intake = Intake(self.buffer, wal, s.max_pending_keys, self.metrics)
+        validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
+        intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics)
         self.flusher = Flusher(
             self.buffer,
             wal,
@@ -68,7 +69,6 @@ class Service:
             self.metrics,
         )
         self.gate = AckGate(loop, wal, s.durability, s.fsync_interval, self.metrics)
-        validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
         keyring, limiter = await self._guards()
         app = App(
             validator,

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import httptools
 
@@ -32,6 +32,17 @@ Result = bytes | Awaitable[bytes]
 Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
 
 
+class FastPath(NamedTuple):
+    """One exact request shape the connection answers by itself, without the handler: 202
+    Accepted when accept(body) returns True. False means nothing happened; the request then
+    goes to the handler like any other, which answers it (and says what was wrong)."""
+
+    method: bytes
+    url: bytes
+    content_type: bytes
+    accept: Callable[[bytes], bool]
+
+
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "authorization",
@@ -43,6 +54,10 @@ class HttpConnection(asyncio.Protocol):
         "content_type",
         "draining",
         "expect",
+        "fast_accept",
+        "fast_method",
+        "fast_type",
+        "fast_url",
         "handle",
         "header_bytes",
         "held",
@@ -68,6 +83,9 @@ class HttpConnection(asyncio.Protocol):
         self.server = server
         self.clock = server.clock
         self.handle: Callable[..., Result] = server.handler.handle
+        fast = server.fast_path
+        self.fast_accept = None if fast is None else fast.accept
+        self.fast_method, self.fast_url, self.fast_type = fast[:3] if fast else (b"", b"", b"")
         self.max_body = server.max_body_bytes
         self.max_header = server.max_header_bytes
         self.parser = httptools.HttpRequestParser(self)
@@ -212,8 +230,26 @@ class HttpConnection(asyncio.Protocol):
         self.request_started = 0.0
         if self.closing:
             return  # pipelined after a request that closes the connection: never answered
-        body = self.body if self.parts is None else b"".join(self.parts)
         parser = self.parser
+        if (
+            self.fast_accept is not None
+            and self.url == self.fast_url
+            and self.content_type == self.fast_type
+            and self.parts is None
+            and self.task is None
+            and not self.queue
+            and parser.get_method() == self.fast_method
+            and self.fast_accept(self.body)
+        ):
+            if parser.should_keep_alive():
+                self._emit(self.clock.accepted)
+                if self.draining:
+                    self._close_after()
+            else:
+                self._emit(self.clock.accepted_close)
+                self._close_after()
+            return
+        body = self.body if self.parts is None else b"".join(self.parts)
         keep_alive: bool = parser.should_keep_alive()
         if self.task is not None or self.queue:
             self.queue.append(
@@ -312,6 +348,18 @@ class HttpConnection(asyncio.Protocol):
         self.server.metrics.count_request("invalid", status)
         self._emit(responses.error(self.clock, status, code, detail, close=True))
         self._close_after()
+
+    def release_output(self) -> None:
+        """Called by the AckGate when what was queued this tick may leave at once."""
+        out = self.out
+        self.out = []
+        self.held = False
+        transport = self.transport
+        if len(out) == 1 and out[0] is not None and transport is not None:
+            if not transport.is_closing():
+                transport.write(out[0])
+            return
+        self.release(out)
 
     def take_output(self) -> list[bytes | None]:
         """Called by the AckGate at the end of a tick: the responses that may now be released."""

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from incrementer.http import responses
-from incrementer.http.protocol import HttpConnection, Result
+from incrementer.http.protocol import FastPath, HttpConnection, Result
 
 if TYPE_CHECKING:
     from incrementer.config import Settings
@@ -20,6 +20,7 @@ log = logging.getLogger("incrementer.http")
 
 
 class Handler(Protocol):
+    def fast_path(self) -> FastPath | None: ...
     def handle(
         self,
         conn: HttpConnection,
@@ -37,6 +38,7 @@ class HttpServer:
         self, handler: Handler, gate: AckGate, settings: Settings, metrics: Metrics
     ) -> None:
         self.handler = handler
+        self.fast_path = handler.fast_path()
         self.gate = gate
         self.metrics = metrics
         self.clock = responses.Clock(time.monotonic())
