@@ -14,7 +14,7 @@ import msgspec
 from incrementer.store.base import INT64_MAX, INT64_MIN
 
 
-class Increment(msgspec.Struct, forbid_unknown_fields=True):
+class Increment(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     key: str
     value: int
 
