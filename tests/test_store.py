@@ -28,7 +28,7 @@ from incrementer.store import (
     prefix_upper_bound,
 )
 from incrementer.store.migrate import migrate
-from incrementer.store.postgres import PostgresStore
+from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
 
 
@@ -481,3 +481,9 @@ async def test_keys_with_separators_and_empty_keys_land_exactly(store: Store) ->
     await store.apply_batch(node, 3, plain)
     for key, value in plain.items():
         assert (await store.read(key, node)).value == value
+    # PostgreSQL joins a large batch piece by piece: a separator in a later piece still counts.
+    big = {f"{node}-big{i}": 1 for i in range(ENCODE_PIECE + 10)}
+    big[f"{node}\x1flate"] = 7
+    await store.apply_batch(node, 4, big)
+    assert (await store.read(f"{node}\x1flate", node)).value == 7
+    assert (await store.read(f"{node}-big{ENCODE_PIECE + 9}", node)).value == 1

@@ -64,6 +64,9 @@ UPSERT_COUNTERS_JOINED = (
     " ON CONFLICT (key) DO UPDATE"
     " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
 )
+# A large flush joins its keys and values this many at a time and lets the event loop serve
+# requests in between: 100,000 keys in one go would hold the loop for ~10 ms.
+ENCODE_PIECE = 4096
 FIND_OVERFLOWS = (
     "SELECT t.k FROM unnest($1::text[], $2::bigint[]) AS t(k, v)"
     " JOIN counters AS c ON c.key = t.k"
@@ -178,12 +181,15 @@ class PostgresStore:
                     self._known_nodes.add(node_id)
                 for _ in range(MAX_UPSERT_ROUNDS):
                     keys, values_list = list(pending), list(pending.values())
+                    joined = await _joined(keys, values_list)  # before BEGIN: locks held less
                     try:
                         async with conn.transaction():
                             if not await self._claim(conn, node_id, seq):
                                 return ApplyResult(applied=False)
-                            if keys:
-                                await _upsert(conn, keys, values_list)
+                            if joined is not None:
+                                await conn.execute(UPSERT_COUNTERS_JOINED, *joined)
+                            elif keys:
+                                await conn.execute(UPSERT_COUNTERS, keys, values_list)
                             if overflowed:
                                 await conn.execute(
                                     INSERT_OVERFLOWS,
@@ -268,10 +274,21 @@ class PostgresStore:
             raise BackendError(f"PostgreSQL at {self._where}: {exc}") from exc
 
 
-async def _upsert(conn: Any, keys: list[str], values: list[int]) -> None:
-    joined = SEPARATOR.join(keys)
-    # One key gains nothing, and string_to_array('') would be an empty array, not {''}.
-    if len(keys) > 1 and joined.count(SEPARATOR) == len(keys) - 1:
-        await conn.execute(UPSERT_COUNTERS_JOINED, joined, ",".join(map(str, values)))
-    else:
-        await conn.execute(UPSERT_COUNTERS, keys, values)
+async def _joined(keys: list[str], values: list[int]) -> tuple[str, str] | None:
+    """The two texts of UPSERT_COUNTERS_JOINED, built ENCODE_PIECE keys at a time with the event
+    loop served in between; None when the arrays must be sent instead: fewer than two keys (one
+    gains nothing, and string_to_array('') is an empty array, not {''}), or a key holding the
+    separator."""
+    if len(keys) < 2:
+        return None
+    key_texts, value_texts = [], []
+    for start in range(0, len(keys), ENCODE_PIECE):
+        if start:
+            await asyncio.sleep(0)
+        piece = keys[start : start + ENCODE_PIECE]
+        text = SEPARATOR.join(piece)
+        if text.count(SEPARATOR) != len(piece) - 1:
+            return None
+        key_texts.append(text)
+        value_texts.append(",".join(map(str, values[start : start + ENCODE_PIECE])))
+    return SEPARATOR.join(key_texts), ",".join(value_texts)
