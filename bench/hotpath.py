@@ -1,7 +1,7 @@
 """The service's request path without sockets: CPU microseconds per request, steady and repeatable.
 
     .venv/bin/python bench/hotpath.py [--durability wal] [--keys 10] [--per-tick 20]
-                                      [--requests 300000] [--profile] [--lean]
+                                      [--requests 300000] [--profile] [--lean] [--auth]
 
 wrk numbers on a shared 2-core machine move by 20% from run to run; this does not, so it is the
 tool for checking whether a change to the hot path helps. It starts the real Service (SQLite in a
@@ -11,7 +11,9 @@ tick (under wrk -c32 a tick handles about 20: see "increments per WAL write" in 
 report). What it measures is the service's own code, without the sockets and the loop's I/O:
 httptools callbacks, routing, validation, the WAL append (and in wal mode its write() per tick),
 the buffer, the ack gate and the response. --profile prints cProfile's top functions as well;
---lean drives bench/lean.py's protocol the same way, for the floor of what Python can do.
+--lean drives bench/lean.py's protocol the same way, for the floor of what Python can do; --auth
+runs the service with --auth required and a key with a rate limit that never refuses, every
+request carrying it (as bench/run.py's incrementer-wal-auth does).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from incrementer import keys
 from incrementer.config import Settings
 from incrementer.http.protocol import HttpConnection
 from incrementer.service import Service
@@ -65,21 +68,22 @@ class FakeTransport:
         pass
 
 
-def request(key: str) -> bytes:
+def request(key: str, api_key: str) -> bytes:
     """The bytes wrk sends for one increment (same headers as bench/wrk/increments.lua)."""
     body = b'{"key":"%s","value":1}' % key.encode()
+    authorization = b"Authorization: Bearer %s\r\n" % api_key.encode() if api_key else b""
     return (
         b"POST /increment HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"%sContent-Length: %d\r\n\r\n%s" % (authorization, len(body), body)
     )
 
 
 async def feed(
-    conns: list[Any], transports: list[FakeTransport], args: argparse.Namespace
+    conns: list[Any], transports: list[FakeTransport], args: argparse.Namespace, api_key: str = ""
 ) -> list[float]:
     """Feed the connections in ticks; CPU seconds per request of each of REPEATS rounds."""
     rng = random.Random(42)
-    pool = [request(f"hot-{rng.randrange(args.keys)}") for _ in range(4096)]
+    pool = [request(f"hot-{rng.randrange(args.keys)}", api_key) for _ in range(4096)]
     ticks = args.requests // CONNECTIONS // REPEATS
     per_tick = args.per_tick
     profiler = cProfile.Profile() if args.profile else None
@@ -114,10 +118,15 @@ def connect(protocols: list[Any]) -> list[FakeTransport]:
 
 
 async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
+    database_url = f"sqlite:///{tmp / 'counters.db'}"
+    api_key = ""
+    if args.auth:
+        api_key = await keys.create(database_url, "hotpath", rate=1e9, burst=1_000_000_000)
     settings = replace(
         Settings(),
         port=0,
-        database_url=f"sqlite:///{tmp / 'counters.db'}",
+        auth="required" if args.auth else "auto",
+        database_url=database_url,
         data_dir=tmp / "data",
         durability=args.durability,
         flush_interval=3600.0,
@@ -131,7 +140,7 @@ async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
     assert server is not None
     try:
         conns = [HttpConnection(server) for _ in range(CONNECTIONS)]
-        return await feed(conns, connect(conns), args)
+        return await feed(conns, connect(conns), args, api_key)
     finally:
         server.connections.clear()  # fake connections: nothing to drain
         await service.stop()
@@ -157,6 +166,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--lean", action="store_true", help="drive bench/lean.py's protocol instead: the floor"
     )
+    parser.add_argument("--auth", action="store_true", help="--auth required, every request keyed")
     args = parser.parse_args(argv)
     import uvloop
 
@@ -166,7 +176,7 @@ def main(argv: list[str]) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="incrementer-hotpath-") as tmp:
             samples = uvloop.run(drive_service(args, Path(tmp)))
-        what = f"incrementer, durability {args.durability}"
+        what = f"incrementer, durability {args.durability}" + (", auth on" if args.auth else "")
     best, median = min(samples), statistics.median(samples)
     print(
         f"{what}, {args.keys} keys, {args.per_tick} requests per tick: "

@@ -156,6 +156,35 @@ async def test_rate_limit_per_key(tmp_path: Path, sqlite_url: str) -> None:
         ).json()["value"] == statuses.count(202) + 1
 
 
+@pytest.mark.parametrize("limit", ["key", "ip"])
+async def test_a_declined_request_is_charged_once(
+    tmp_path: Path, sqlite_url: str, limit: str
+) -> None:
+    """A bad body costs one token, not two: the fast path takes a token before it reads the
+    body and gives it back when it declines, then the general path charges and answers 400.
+    A burst of 3 (with no refill to speak of) answers exactly three requests."""
+    headers = {"Content-Type": "application/json"}
+    if limit == "key":
+        key = await _add_key(sqlite_url, "exact", rate=0.001, burst=3)
+        headers["Authorization"] = f"Bearer {key}"
+        settings = settings_for(tmp_path, sqlite_url, auth="required")
+    else:
+        settings = settings_for(tmp_path, sqlite_url, rate_limit=0.001, rate_burst=3)
+    good, bad = b'{"key":"once","value":1}', b'{"key":"once","value":0}'
+    async with (
+        run_service(settings) as svc,
+        httpx.AsyncClient(base_url=svc.url, headers=headers) as client,
+    ):
+        # The first request goes the general way (it caches the key / creates the IP's bucket);
+        # the rest are the fast path's to take or decline.
+        statuses = [
+            (await client.post("/increment", content=body)).status_code
+            for body in (good, bad, good, good)
+        ]
+        assert statuses == [202, 400, 202, 429]
+        assert svc.metrics.accepted_requests == 2
+
+
 async def test_rate_limit_per_ip_when_auth_off(tmp_path: Path, sqlite_url: str) -> None:
     """With auth off, --rate-limit applies per client address."""
     settings = settings_for(tmp_path, sqlite_url, rate_limit=1, rate_burst=3)

@@ -8,7 +8,7 @@ import time
 from importlib import resources
 from urllib.parse import unquote_to_bytes
 
-from incrementer.auth import ClientLimiter, KeyRing
+from incrementer.auth import ClientLimiter, KeyRing, TokenBucket
 from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
@@ -74,13 +74,38 @@ class App:
         self.guarded = keyring is not None or limiter is not None
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
 
-    def fast_path(self) -> FastPath | None:
-        """POST /increment with a JSON body, answered 202 by the connection itself when
-        Intake.accept_json takes it; anything else goes through handle(). None when keys or rate
-        limits are on: then every request passes the guard in handle()."""
-        if self.guarded:
-            return None
-        return FastPath(b"POST", b"/increment", JSON, self.intake.accept_json)
+    def fast_path(self) -> FastPath:
+        """POST /increment with a JSON body: answered 202 by the connection itself when
+        fast_increment takes it; anything else, and whatever it declines, goes through handle()."""
+        return FastPath(b"POST", b"/increment", JSON, self.fast_increment)
+
+    def fast_increment(self, conn: HttpConnection, body: bytes) -> bool:
+        """True: the increment was taken and the connection answers 202. False: nothing was
+        changed or spent, and handle() answers instead (and says what was wrong).
+
+        With guards on, only a key already in the keyring's cache (handle() authenticates and
+        caches on first sight) or a client IP that already has a bucket goes this way; a token
+        taken for a body that then fails is given back, so handle() charges it exactly once.
+        """
+        if not self.guarded:
+            return self.intake.accept_json(body)
+        bucket: TokenBucket | None
+        if self.keyring is not None:
+            principal = self.keyring.cache.get(conn.authorization)
+            if principal is None:
+                return False
+            bucket = principal.bucket
+        else:
+            bucket = self.limiter.buckets.get(conn.peer) if self.limiter is not None else None
+            if bucket is None:
+                return False
+        if bucket is not None and bucket.take(time.monotonic()):
+            return False  # refused: nothing spent; handle() answers 429
+        if self.intake.accept_json(body):
+            return True
+        if bucket is not None:
+            bucket.refund()
+        return False
 
     def handle(
         self,

@@ -47,6 +47,10 @@ class TokenBucket:
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
 
+    def refund(self) -> None:
+        """Give back the token of a successful take() whose request turned out not to count."""
+        self.tokens += 1.0
+
 
 @dataclass(slots=True)
 class Principal:

@@ -20,7 +20,10 @@ log = logging.getLogger("incrementer.http")
 
 
 class Handler(Protocol):
-    def fast_path(self) -> FastPath | None: ...
+    def fast_path(self) -> FastPath | None:
+        """One request shape the connections answer themselves (see FastPath), or None."""
+        ...
+
     def handle(
         self,
         conn: HttpConnection,
