@@ -33,9 +33,10 @@ Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
 
 
 class FastPath(NamedTuple):
-    """One exact request shape the connection answers by itself, without the handler: 202
-    Accepted when accept(body) returns True. False means nothing happened; the request then
-    goes to the handler like any other, which answers it (and says what was wrong)."""
+    """One exact request shape (method, URL, content type, body in one piece, nothing queued
+    before it) the connection answers by itself: 202 Accepted when accept(connection, body)
+    returns True. False means nothing happened; the request then goes to the handler like any
+    other, which answers it (and says what was wrong)."""
 
     method: bytes
     url: bytes
