@@ -32,6 +32,11 @@ HELP = {
     "data_dir": "Directory for the WAL segments, the node id and the lock file.",
     "fsync_interval": "Seconds between WAL fsyncs in durability wal.",
     "flush_interval": "Seconds between flushes (a flush also starts at --flush-max-keys).",
+    "flush_interval_max": (
+        "How far the flush interval stretches while flushes are slow (the database is the "
+        "bottleneck), so more increments share each row written; at most --flush-interval "
+        "keeps it fixed."
+    ),
     "flush_max_keys": "Flush early once this many distinct keys are dirty.",
     "max_pending_keys": "Distinct unflushed keys before new keys get 503 + Retry-After.",
     "max_key_bytes": "Longest key accepted, in UTF-8 bytes.",

@@ -34,6 +34,7 @@ class Settings:
     data_dir: Path = Path("incrementer-data")
     fsync_interval: float = 1.0
     flush_interval: float = 0.1
+    flush_interval_max: float = 0.5
     flush_max_keys: int = 20_000
     max_pending_keys: int = 1_000_000
     max_key_bytes: int = 256
@@ -80,6 +81,7 @@ class Settings:
         for name in (
             "fsync_interval",
             "flush_interval",
+            "flush_interval_max",
             "idle_timeout",
             "request_timeout",
             "shutdown_timeout",

@@ -22,6 +22,10 @@ from incrementer.store.base import BackendError, Store
 log = logging.getLogger("incrementer.flush")
 
 POLL = 0.01  # how often triggers are checked: cheap, and bounds the reaction time to 10 ms
+# The interval after a flush is at least this many times as long as that flush took (within
+# --flush-interval .. --flush-interval-max): a database that needs longer per flush gets fewer,
+# bigger ones, in which more increments coalesce into each row it writes.
+STRETCH = 4.0
 PING_EVERY = 1.0  # when idle, how often the database is pinged so readyz stays truthful
 PING_TIMEOUT = 5.0
 MAX_BACKOFF = 5.0
@@ -37,6 +41,7 @@ class Flusher:
         intake: Intake,
         node_id: str,
         flush_interval: float,
+        flush_interval_max: float,
         flush_max_keys: int,
         metrics: Metrics,
     ) -> None:
@@ -46,6 +51,9 @@ class Flusher:
         self.intake = intake
         self.node_id = node_id
         self.flush_interval = flush_interval
+        self.flush_interval_max = max(flush_interval, flush_interval_max)
+        self.interval = flush_interval
+        """The current interval: flush_interval, stretched while flushes are slow."""
         self.flush_max_keys = flush_max_keys
         self.metrics = metrics
         self.inflight: Batch | None = None
@@ -87,7 +95,7 @@ class Flusher:
             if buffer.deltas and (
                 self._stopping
                 or len(buffer) >= self.flush_max_keys
-                or time.monotonic() - buffer.oldest >= self.flush_interval
+                or time.monotonic() - buffer.oldest >= self.interval
             ):
                 self._cut()
                 continue
@@ -144,6 +152,7 @@ class Flusher:
         self.intake.key_budget = self.intake.max_pending_keys
         metrics = self.metrics
         if applied:
+            self.interval = stretched(self.flush_interval, self.flush_interval_max, now - started)
             metrics.flushes += 1
             metrics.flushed_keys += len(batch.deltas) - len(overflowed)
             metrics.flush_seconds.observe(now - started)
@@ -190,3 +199,8 @@ class Flusher:
         """Flush what is pending, then return from run(); give up retrying at deadline."""
         self._stopping = True
         self._deadline = deadline
+
+
+def stretched(base: float, ceiling: float, took: float) -> float:
+    """The interval before the next flush, given that the last one took `took` seconds."""
+    return min(ceiling, max(base, STRETCH * took))

@@ -65,6 +65,7 @@ class Service:
             intake,
             node_id,
             s.flush_interval,
+            s.flush_interval_max,
             s.flush_max_keys,
             self.metrics,
         )
