@@ -5,8 +5,9 @@
 
 Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/lean.py, the Python floor),
 incrementer in each --durability mode, incrementer-wal-auth (wal with --auth required and a
-never-refusing rate limit: the guard rails' cost), and naive (bench/naive.py, one upsert per
-request). Then, unless --quick, bench/flush.py times apply_batch of 100,000 keys in isolation. For
+never-refusing rate limit: the guard rails' cost), incrementer-wal-deferred (wal with no flush
+during the load: the service without PostgreSQL competing for the cores), and naive
+(bench/naive.py, one upsert per request). Then, unless --quick, bench/flush.py times apply_batch of 100,000 keys in isolation. For
 every scenario each target is started on a free port (PostgreSQL-backed ones on a database of their
 own), loaded with `wrk -t1 -cN` for the duration, checked (the database must hold every increment
 wrk saw acknowledged, no more than it sent, and exactly what the service counted) and stopped. The
@@ -38,10 +39,19 @@ from load import BATCH_SIZE, SCENARIOS
 from measure import RunResult, measure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from targets import INCREMENTER_AUTH, INCREMENTER_MODES, LEAN, NAIVE, NGINX, ROOT, Target
+from targets import (
+    INCREMENTER_AUTH,
+    INCREMENTER_DEFERRED,
+    INCREMENTER_MODES,
+    LEAN,
+    NAIVE,
+    NGINX,
+    ROOT,
+    Target,
+)
 
-ALL_TARGETS = [NGINX, LEAN, *INCREMENTER_MODES, INCREMENTER_AUTH, NAIVE]
-NOT_IN_QUICK = (NAIVE.name, LEAN.name)
+ALL_TARGETS = [NGINX, LEAN, *INCREMENTER_MODES, INCREMENTER_AUTH, INCREMENTER_DEFERRED, NAIVE]
+NOT_IN_QUICK = (NAIVE.name, LEAN.name, INCREMENTER_DEFERRED.name)
 QUICK_DURATION = 2.0
 
 
@@ -245,8 +255,9 @@ def main(argv: list[str]) -> int:
         "Targets": ", ".join(t.name for t in args.target_list),
         "Rounds": f"{args.rounds} (the tables show each target's median run by req/s)",
         "Service": "incrementer serve with its defaults but --durability (and, for "
-        "incrementer-wal-auth, --auth required with an API key rated 10M requests/s), on "
-        "PostgreSQL; each run on a fresh database and data dir",
+        "incrementer-wal-auth, --auth required with an API key rated 10M requests/s; for "
+        "incrementer-wal-deferred, " + " ".join(INCREMENTER_DEFERRED.flags) + ": no flush "
+        "during the load), on PostgreSQL; each run on a fresh database and data dir",
         "Asserts": "disabled (PYTHONOPTIMIZE)" if os.environ.get("PYTHONOPTIMIZE") else "on",
     }
     md_path.write_text(
