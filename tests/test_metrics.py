@@ -25,13 +25,19 @@ async def test_metrics_after_a_known_workload(tmp_path: Path, sqlite_url: str) -
         httpx.AsyncClient(base_url=svc.url) as client,
     ):
         await load(svc.url, [(f"m-{i % 7}", 2) for i in range(300)])
+        batch = [{"key": "m-b", "value": 1}] * 3
+        assert (await client.post("/increments", json=batch)).status_code == 202
         for _ in range(4):
             await client.post("/increment", json={"key": "m", "value": 1.5})
         await client.post("/increment", content=b"x", headers={"Content-Type": "text/plain"})
         await client.get("/nope")
         await wait_until(lambda: svc.flusher is not None and svc.flusher.pending_keys() == 0)
         found = samples((await client.get("/metrics")).text)
-    assert found[("incrementer_accepted_increments_total", ())] == 300
+    assert found[("incrementer_accepted_increments_total", ())] == 303
+    assert (
+        found[("incrementer_http_requests_total", (("route", "increments"), ("status", "202")))]
+        == 1
+    )
     assert (
         found[("incrementer_http_requests_total", (("route", "increment"), ("status", "202")))]
         == 300
@@ -53,6 +59,7 @@ async def test_metrics_after_a_known_workload(tmp_path: Path, sqlite_url: str) -
     assert found[("incrementer_flush_keys_count", ())] == flushes
     assert found[("incrementer_flushed_keys_total", ())] >= 7
     assert found[("incrementer_pending_keys", ())] == 0
+    assert 0.05 <= found[("incrementer_flush_interval_seconds", ())] <= 0.5
 
 
 async def test_slowloris_clients_do_not_starve_normal_ones(tmp_path: Path, sqlite_url: str) -> None:

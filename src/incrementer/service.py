@@ -178,6 +178,11 @@ class Service:
             lambda: flusher.oldest_pending_age(time.monotonic()),
         )
         metrics.gauge(
+            "incrementer_flush_interval_seconds",
+            "The current flush interval (--flush-interval, stretched while flushes are slow).",
+            lambda: flusher.interval,
+        )
+        metrics.gauge(
             "incrementer_open_connections",
             "Open HTTP connections.",
             lambda: len(server.connections),
