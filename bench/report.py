@@ -546,7 +546,7 @@ def plot(results: list[RunResult], path: Path) -> Path:
             t = r.timeline
             if t.seconds:
                 (line,) = rate_ax.plot(t.seconds, t.rate, marker=".", label=r.target.name)
-                if r.target.kind == "incrementer":
+                if r.target.kind == "incrementer" and not r.target.lagging:
                     mean = [float("nan") if v is None else v for v in t.lag_mean]
                     lag_ax.plot(
                         t.seconds,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.wal import (
-    MemorySequence,
     WalCorruptError,
     WalLockedError,
     WriteAheadLog,

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from incrementer.config import Durability
-from incrementer.ingest.wal import SequencedLog
+from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
 
 log = logging.getLogger("incrementer.durability")

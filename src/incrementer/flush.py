@@ -15,7 +15,7 @@ import time
 from incrementer import faults
 from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
-from incrementer.ingest.wal import SequencedLog
+from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
 from incrementer.store.base import BackendError, Store
 

@@ -19,8 +19,9 @@ from incrementer.flush import Flusher
 from incrementer.http.server import HttpServer
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.intake import Intake
+from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
-from incrementer.ingest.wal import MemorySequence, WriteAheadLog
+from incrementer.ingest.wal import WriteAheadLog
 from incrementer.metrics import Metrics
 from incrementer.store import open_store
 from incrementer.store.base import BackendError

@@ -5,8 +5,8 @@ from __future__ import annotations
 from time import monotonic
 
 from incrementer.ingest.buffer import CoalescingBuffer
+from incrementer.ingest.sequence import SequencedLog
 from incrementer.ingest.validate import Validated, Validator
-from incrementer.ingest.wal import SequencedLog
 from incrementer.metrics import Metrics
 from incrementer.store.base import INT64_MAX
 

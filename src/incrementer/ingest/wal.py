@@ -3,7 +3,8 @@
 Increments appended during one event-loop tick share one frame; `seal()` gives the frame the next
 seq, and the flusher cuts the coalescing buffer at that seq. The database records the applied seq
 in the same transaction as the batch, so on restart `replay(applied_seq)` returns exactly the
-increments the database has not seen. The frame format lives in `wal_reader`.
+increments the database has not seen. The frame format lives in `wal_reader`; the seq contract
+it meets (`SequencedLog`) and its memory-mode twin in `sequence`.
 
 Threads: everything runs on the event-loop thread except `sync()`, which may run in a worker
 thread at the same time as append/seal/write, and `recycle()`, which may too.
@@ -21,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from incrementer.ingest.wal_reader import (
     ENTRY,
@@ -38,8 +38,6 @@ from incrementer.ingest.wal_reader import (
 )
 
 __all__ = [
-    "MemorySequence",
-    "SequencedLog",
     "WalCorruptError",
     "WalLockedError",
     "WalSummary",
@@ -58,24 +56,6 @@ _NEW_SEGMENT = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
 class WalLockedError(OSError):
     """Another WriteAheadLog (in this or another process) has the directory open."""
-
-
-class SequencedLog(Protocol):
-    """What the intake, flusher and ack gate use: met by WriteAheadLog and MemorySequence."""
-
-    @property
-    def last_seq(self) -> int: ...
-    @property
-    def written_bytes(self) -> int: ...
-    @property
-    def synced_bytes(self) -> int: ...
-    def append(self, key: bytes, value: int) -> None: ...
-    def seal(self) -> int: ...
-    def advance_to(self, seq: int) -> None: ...
-    def write(self) -> int: ...
-    def sync(self) -> None: ...
-    def recycle(self, applied_seq: int) -> int: ...
-    def close(self) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -383,49 +363,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class MemorySequence:
-    """WriteAheadLog's seq and seal without I/O, for `--durability memory`."""
-
-    def __init__(self) -> None:
-        self._next_seq = 1
-        self._dirty = False
-
-    @property
-    def last_seq(self) -> int:
-        return self._next_seq - 1
-
-    written_bytes = 0
-    synced_bytes = 0
-    segment_count = 0
-    bytes_on_disk = 0
-
-    def append(self, key: bytes, value: int) -> None:
-        self._dirty = True
-
-    def seal(self) -> int:
-        if self._dirty:
-            self._dirty = False
-            self._next_seq += 1
-        return self._next_seq - 1
-
-    def advance_to(self, seq: int) -> None:
-        self._next_seq = max(self._next_seq, seq + 1)
-
-    def replay(self, after_seq: int) -> Iterator[tuple[int, list[tuple[str, int]]]]:
-        return iter(())
-
-    def write(self) -> int:
-        """Seal, as WriteAheadLog.write() does, so seqs advance alike in both modes; no I/O."""
-        self.seal()
-        return 0
-
-    def sync(self) -> None:
-        return None
-
-    def recycle(self, applied_seq: int) -> int:
-        return 0
-
-    def close(self) -> None:
-        return None

@@ -1,0 +1,75 @@
+"""The seq contract the intake, flusher and ack gate rely on, and its memory-mode implementation.
+
+A sequenced log hands out a seq per sealed frame (one event-loop tick's increments); the flusher
+cuts the buffer at a seq and the database records it as applied. WriteAheadLog (wal.py) meets the
+contract with files; MemorySequence meets it without I/O for `--durability memory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class SequencedLog(Protocol):
+    """What the intake, flusher and ack gate use: met by WriteAheadLog and MemorySequence."""
+
+    @property
+    def last_seq(self) -> int: ...
+    @property
+    def written_bytes(self) -> int: ...
+    @property
+    def synced_bytes(self) -> int: ...
+    def append(self, key: bytes, value: int) -> None: ...
+    def seal(self) -> int: ...
+    def advance_to(self, seq: int) -> None: ...
+    def write(self) -> int: ...
+    def sync(self) -> None: ...
+    def recycle(self, applied_seq: int) -> int: ...
+    def close(self) -> None: ...
+
+
+class MemorySequence:
+    """WriteAheadLog's seq and seal without I/O, for `--durability memory`."""
+
+    def __init__(self) -> None:
+        self._next_seq = 1
+        self._dirty = False
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    written_bytes = 0
+    synced_bytes = 0
+    segment_count = 0
+    bytes_on_disk = 0
+
+    def append(self, key: bytes, value: int) -> None:
+        self._dirty = True
+
+    def seal(self) -> int:
+        if self._dirty:
+            self._dirty = False
+            self._next_seq += 1
+        return self._next_seq - 1
+
+    def advance_to(self, seq: int) -> None:
+        self._next_seq = max(self._next_seq, seq + 1)
+
+    def replay(self, after_seq: int) -> Iterator[tuple[int, list[tuple[str, int]]]]:
+        return iter(())
+
+    def write(self) -> int:
+        """Seal, as WriteAheadLog.write() does, so seqs advance alike in both modes; no I/O."""
+        self.seal()
+        return 0
+
+    def sync(self) -> None:
+        return None
+
+    def recycle(self, applied_seq: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        return None
