@@ -34,8 +34,8 @@ HELP = {
     "flush_interval": "Seconds between flushes (a flush also starts at --flush-max-keys).",
     "flush_interval_max": (
         "How far the flush interval stretches while flushes are slow (the database is the "
-        "bottleneck), so more increments share each row written; at most --flush-interval "
-        "keeps it fixed."
+        "bottleneck), so more increments share each row written; a value no higher than "
+        "--flush-interval keeps the interval fixed."
     ),
     "flush_max_keys": "Flush early once this many distinct keys are dirty.",
     "max_pending_keys": "Distinct unflushed keys before new keys get 503 + Retry-After.",
