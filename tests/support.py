@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -361,3 +362,17 @@ async def load_until(
 
     await asyncio.gather(*(one(i) for i in range(connections)))
     return result
+
+
+class ErrorLog(logging.Handler):
+    """Every ERROR the process logs during a test: internal errors and transport failures."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def since(self, mark: int) -> list[str]:
+        return [f"{r.name}: {r.getMessage()}" for r in self.records[mark:]]

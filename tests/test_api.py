@@ -8,7 +8,19 @@ import uuid
 from pathlib import Path
 
 import httpx
-from support import counter_path, db_execute, db_totals, load, run_service, settings_for, wait_until
+import pytest
+from support import (
+    ErrorLog,
+    counter_path,
+    db_execute,
+    db_totals,
+    load,
+    run_service,
+    settings_for,
+    wait_until,
+)
+
+from incrementer.ingest.intake import Intake
 
 INT64_MAX = 2**63 - 1
 
@@ -231,3 +243,36 @@ async def test_two_instances_share_one_database(tmp_path: Path, db_url: str) -> 
         results = await asyncio.gather(load(one.url, first), load(two.url, second))
         assert sum(sum(r.acked.values()) for r in results) == sum(expected.values())
         await wait_until(lambda: _all_persisted(db_url, expected), timeout=15)
+
+
+@pytest.mark.parametrize("path", ["/increment", "/increments"])
+async def test_a_bug_answers_500_and_the_service_keeps_serving(
+    tmp_path: Path,
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    error_log: ErrorLog,
+    path: str,
+) -> None:
+    """An exception inside request handling (a bug, injected into the intake of the fast path
+    and of the batch route) is logged with its traceback and answered 500 with the connection
+    closed; the next request is served."""
+
+    def injected(*args: object) -> None:
+        raise RuntimeError("injected bug")
+
+    body: object = {"key": "bug", "value": 1}
+    if path == "/increments":
+        body = [body]
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        broken = "accept_json" if path == "/increment" else "accept_many"
+        monkeypatch.setattr(Intake, broken, injected)
+        resp = await client.post(path, json=body)
+        assert resp.status_code == 500
+        assert resp.json()["error"] == "internal_error"
+        assert resp.headers["connection"] == "close"
+        assert any(r.exc_info and "injected bug" in str(r.exc_info[1]) for r in error_log.records)
+        monkeypatch.undo()
+        assert (await client.post(path, json=body)).status_code == 202

@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import itertools
 import json
-import logging
 import re
 import socket
 import uuid
@@ -21,10 +20,9 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode
 
 import httptools
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from support import db_totals, host_port, run_service, settings_for, wait_until
+from support import ErrorLog, db_totals, host_port, run_service, settings_for, wait_until
 
 INT64_MAX = 2**63 - 1
 MAX_KEY_BYTES = 256
@@ -397,31 +395,6 @@ def assert_error_body(status: int, headers: dict[str, str], data: bytes) -> None
     payload = json.loads(data)
     assert set(payload) == {"error", "detail"}, payload
     assert isinstance(payload["error"], str) and isinstance(payload["detail"], str), payload
-
-
-class ErrorLog(logging.Handler):
-    """Every ERROR the process logs during a test: internal errors and transport failures."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def since(self, mark: int) -> list[str]:
-        return [f"{r.name}: {r.getMessage()}" for r in self.records[mark:]]
-
-
-@pytest.fixture
-def error_log() -> Iterator[ErrorLog]:
-    handler = ErrorLog()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
 
 
 # --- (a) bodies ------------------------------------------------------------------------------

@@ -255,16 +255,22 @@ class HttpConnection(asyncio.Protocol):
             and self.task is None
             and not self.queue
             and parser.get_method() == self.fast_method
-            and self.fast_accept(self, self.body)
         ):
-            if parser.should_keep_alive():
-                self._emit(self.clock.accepted)
-                if self.draining:
+            try:
+                taken = self.fast_accept(self, self.body)
+            except Exception as exc:
+                self._internal_error(exc, f"the fast path ({self.url!r})")
+                return
+            if taken:
+                if parser.should_keep_alive():
+                    self._emit(self.clock.accepted)
+                    if self.draining:
+                        self._close_after()
+                else:
+                    self._emit(self.clock.accepted_close)
                     self._close_after()
-            else:
-                self._emit(self.clock.accepted_close)
-                self._close_after()
-            return
+                return
+            # Declined: nothing happened, the general path below answers.
         body = self.body if self.parts is None else b"".join(self.parts)
         keep_alive: bool = parser.should_keep_alive()
         if self.task is not None or self.queue:
@@ -301,16 +307,9 @@ class HttpConnection(asyncio.Protocol):
             method = b"GET"  # same headers as GET, no body
         try:
             result = self.handle(self, method, url, content_type, authorization, body, keep_alive)
-        except Exception:
-            log.exception("internal error handling %r %r", method, url)
-            result = responses.error(
-                self.clock,
-                500,
-                "internal_error",
-                "The server failed to handle this request.",
-                close=True,
-            )
-            keep_alive = False
+        except Exception as exc:
+            self._internal_error(exc, f"{method!r} {url!r}", head)
+            return
         if type(result) is bytes:
             self._emit(without_body(result) if head else result)
             if not keep_alive or self.draining:
@@ -325,17 +324,7 @@ class HttpConnection(asyncio.Protocol):
             return
         exc = task.exception()
         if exc is not None:
-            log.error("internal error in async handler", exc_info=exc)
-            self._emit(
-                responses.error(
-                    self.clock,
-                    500,
-                    "internal_error",
-                    "The server failed to handle this request.",
-                    close=True,
-                )
-            )
-            self._close_after()
+            self._internal_error(exc, "an async handler", head)
             return
         result = task.result()
         self._emit(without_body(result) if head else result)
@@ -346,6 +335,16 @@ class HttpConnection(asyncio.Protocol):
             self._dispatch(*self.queue.popleft())
         if not self.queue and not self.writing_paused:
             self._resume_reading()
+
+    def _internal_error(self, exc: BaseException, what: str, head: bool = False) -> None:
+        """A bug of ours: logged with its traceback, a 500 for the client, the connection closed
+        (its state is unknown); the process keeps serving everyone else."""
+        log.error("internal error handling %s", what, exc_info=exc)
+        response = responses.error(
+            self.clock, 500, "internal_error", "The server failed to handle this request.", True
+        )
+        self._emit(without_body(response) if head else response)
+        self._close_after()
 
     def _emit(self, data: bytes | None) -> None:
         """Queue a response (None: close after what precedes) for the gate to release."""
