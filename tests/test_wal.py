@@ -484,6 +484,24 @@ def test_summarize_empty_and_missing_directories(tmp_path: Path) -> None:
 # --- MemorySequence -------------------------------------------------------------------------
 
 
+def test_append_many_writes_what_appends_write(tmp_path: Path) -> None:
+    """append_many of a batch leaves the same bytes on disk as one append per item."""
+    items = [(f"k{i}".encode(), f"k{i}", i - 3) for i in range(7)] + [
+        ("é".encode(), "é", 2**63 - 1)
+    ]
+    with WriteAheadLog.open(tmp_path / "one") as one:
+        for key_bytes, _, value in items:
+            one.append(key_bytes, value)
+        one.write()
+    with WriteAheadLog.open(tmp_path / "many") as many:
+        many.append_many(items)
+        many.append_many([])
+        many.write()
+    name = segment_name(1)
+    assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert replay_all(tmp_path / "many") == [(1, [(key, value) for _, key, value in items])]
+
+
 def test_memory_sequence_seals_like_the_log() -> None:
     """MemorySequence gives a new seq per seal that follows appends, and none for empty seals."""
     seq = MemorySequence()
@@ -499,6 +517,10 @@ def test_memory_sequence_seals_like_the_log() -> None:
     seq.append(b"a", 1)
     assert seq.write() == 0, "write() seals, as WriteAheadLog.write() does, but writes nothing"
     assert seq.last_seq == 1001
+    seq.append_many([])
+    assert seq.seal() == 1001
+    seq.append_many([(b"a", "a", 1)])
+    assert seq.seal() == 1002
 
 
 def test_memory_sequence_io_is_a_no_op() -> None:

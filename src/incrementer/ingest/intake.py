@@ -104,9 +104,8 @@ class Intake:
                 raise Overloaded
         if not deltas:
             buffer.oldest = monotonic()
-        append = self.wal.append
+        self.wal.append_many(items)
         get = deltas.get
-        for key_bytes, key, value in items:
-            append(key_bytes, value)
+        for _, key, value in items:
             deltas[key] = get(key, 0) + value
         self.metrics.accepted_batch_increments += len(items)

@@ -7,7 +7,7 @@ contract with files; MemorySequence meets it without I/O for `--durability memor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 
@@ -21,6 +21,7 @@ class SequencedLog(Protocol):
     @property
     def synced_bytes(self) -> int: ...
     def append(self, key: bytes, value: int) -> None: ...
+    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None: ...
     def seal(self) -> int: ...
     def advance_to(self, seq: int) -> None: ...
     def write(self) -> int: ...
@@ -47,6 +48,10 @@ class MemorySequence:
 
     def append(self, key: bytes, value: int) -> None:
         self._dirty = True
+
+    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
+        if items:
+            self._dirty = True
 
     def seal(self) -> int:
         if self._dirty:

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -175,6 +175,14 @@ class WriteAheadLog:
         frame = self._frame
         frame += _pack_entry(len(key), value)
         frame += key
+
+    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
+        """append(key bytes, value) of every (key bytes, key, value), in one call."""
+        frame = self._frame
+        pack = _pack_entry
+        for key, _, value in items:
+            frame += pack(len(key), value)
+            frame += key
 
     def seal(self) -> int:
         """Close the open frame, if it has entries, under the next seq; return last_seq."""
