@@ -87,8 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CI smoke: 2-second runs, the first scenario only, no naive or python-lean, no "
-        "isolated flush measurement.",
+        help="CI smoke: 2-second runs, the first scenario only, no naive, python-lean or "
+        "deferred target, no isolated flush measurement.",
     )
     parser.add_argument(
         "--results-dir",
