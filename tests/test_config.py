@@ -58,6 +58,9 @@ def test_bad_values_name_the_option(tmp_path: Path) -> None:
         Settings(database_url="mysql://x")
     with pytest.raises(ConfigError, match=r"invalid flush-interval=.*lag bound"):
         Settings(flush_interval=20)
+    with pytest.raises(ConfigError, match=r"invalid flush-interval-max=.*lag bound"):
+        Settings(lag_bound=0.4)  # the default --flush-interval-max (0.5 s) would exceed it
+    Settings(lag_bound=0.4, flush_interval_max=0.3)
     with pytest.raises(ConfigError, match=r"unknown option 'colour'"):
         Settings.build({}, _toml(tmp_path, "colour = 1\n"))
 

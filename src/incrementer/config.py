@@ -89,12 +89,14 @@ class Settings:
         ):
             value = getattr(self, name)
             _check(value, name, value > 0, "must be a positive number of seconds")
-        _check(
-            self.flush_interval,
-            "flush_interval",
-            self.flush_interval < self.lag_bound,
-            f"must be below the lag bound ({self.lag_bound} s)",
-        )
+        for name in ("flush_interval", "flush_interval_max"):
+            value = getattr(self, name)
+            _check(
+                value,
+                name,
+                value < self.lag_bound,
+                f"must be below the lag bound ({self.lag_bound} s)",
+            )
         for name in (
             "flush_max_keys",
             "max_pending_keys",
