@@ -88,7 +88,10 @@ class App:
         taken for a body that then fails is given back, so handle() charges it exactly once.
         """
         if not self.guarded:
-            return self.intake.accept_json(body)
+            if self.intake.accept_json(body):
+                self.metrics.accepted_requests += 1
+                return True
+            return False
         bucket: TokenBucket | None
         if self.keyring is not None:
             principal = self.keyring.cache.get(conn.authorization)
@@ -102,6 +105,7 @@ class App:
         if bucket is not None and bucket.take(time.monotonic()):
             return False  # refused: nothing spent; handle() answers 429
         if self.intake.accept_json(body):
+            self.metrics.accepted_requests += 1
             return True
         if bucket is not None:
             bucket.refund()

@@ -84,9 +84,7 @@ class HttpConnection(asyncio.Protocol):
         self.server = server
         self.clock = server.clock
         self.handle: Callable[..., Result] = server.handler.handle
-        fast = server.fast_path
-        self.fast_accept = None if fast is None else fast.accept
-        self.fast_method, self.fast_url, self.fast_type = fast[:3] if fast else (b"", b"", b"")
+        self.fast_method, self.fast_url, self.fast_type, self.fast_accept = server.fast_path
         self.max_body = server.max_body_bytes
         self.max_header = server.max_header_bytes
         self.parser = httptools.HttpRequestParser(self)
@@ -248,8 +246,7 @@ class HttpConnection(asyncio.Protocol):
             return  # pipelined after a request that closes the connection: never answered
         parser = self.parser
         if (
-            self.fast_accept is not None
-            and self.url == self.fast_url
+            self.url == self.fast_url
             and self.content_type == self.fast_type
             and self.parts is None
             and self.task is None
@@ -369,11 +366,6 @@ class HttpConnection(asyncio.Protocol):
         out = self.out
         self.out = []
         self.held = False
-        transport = self.transport
-        if len(out) == 1 and out[0] is not None and transport is not None:
-            if not transport.is_closing():
-                transport.write(out[0])
-            return
         self.release(out)
 
     def take_output(self) -> list[bytes | None]:

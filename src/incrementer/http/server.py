@@ -20,8 +20,8 @@ log = logging.getLogger("incrementer.http")
 
 
 class Handler(Protocol):
-    def fast_path(self) -> FastPath | None:
-        """One request shape the connections answer themselves (see FastPath), or None."""
+    def fast_path(self) -> FastPath:
+        """The one request shape the connections answer themselves (see FastPath)."""
         ...
 
     def handle(

@@ -69,16 +69,16 @@ class Intake:
         buffer = self.buffer
         deltas = buffer.deltas
         if key in deltas:
-            self.wal.append(key.encode(), value)
             deltas[key] += value
         elif len(deltas) < self.key_budget:
-            self.wal.append(key.encode(), value)
             if not deltas:
                 buffer.oldest = monotonic()
             deltas[key] = value
         else:
             return False
-        self.metrics.accepted_requests += 1
+        # After the buffer, unlike accept(): nothing runs in between on the one event-loop
+        # thread, and the frame is written before any response of this tick leaves.
+        self.wal.append(key.encode(), value)
         return True
 
     def accept(self, item: Validated) -> None:
