@@ -56,6 +56,13 @@ def test_bad_values_name_the_option(tmp_path: Path) -> None:
         Settings(durability="fast")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"invalid database-url="):
         Settings(database_url="mysql://x")
+    with pytest.raises(ConfigError, match=r"invalid database-url=.*in-memory"):
+        Settings(database_url="sqlite:///:memory:")
+    with pytest.raises(ConfigError, match=r"invalid database-url=.*names no SQLite file"):
+        Settings(database_url="sqlite:///")
+    with pytest.raises(ConfigError, match=r"invalid database-url='mysql://u:\*\*\*@h/d'"):
+        Settings(database_url="mysql://u:secret@h/d")  # the password is not echoed
+    Settings(database_url="POSTGRES://h/db")  # scheme case as open_store reads it
     with pytest.raises(ConfigError, match=r"invalid flush-interval=.*lag bound"):
         Settings(flush_interval=20)
     with pytest.raises(ConfigError, match=r"invalid flush-interval-max=.*lag bound"):

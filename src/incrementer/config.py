@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from incrementer.store import parse_database_url, redact_url
+
 Durability = Literal["memory", "wal", "wal-fsync"]
 DURABILITY_MODES: tuple[Durability, ...] = ("memory", "wal", "wal-fsync")
 LOG_FORMATS = ("text", "json")
@@ -66,12 +68,11 @@ class Settings:
                 self.host == "localhost" or "." in self.host or self.host.isalnum(),
                 "must be an IP address or host name",
             )
-        _check(
-            self.database_url,
-            "database_url",
-            self.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")),
-            "must be sqlite:///PATH or postgresql://...",
-        )
+        try:
+            parse_database_url(self.database_url)  # the same rule open_store applies later
+        except ValueError as exc:
+            shown = redact_url(self.database_url)
+            raise ConfigError(f"invalid database-url={shown!r}: {exc}") from None
         _check(
             self.durability,
             "durability",
