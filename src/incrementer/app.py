@@ -121,12 +121,6 @@ class App:
         body: bytes,
         keep_alive: bool,
     ) -> Result:
-        if url == b"/increment" and method == b"POST":  # the hot path, before any parsing
-            if self.guarded:
-                denied = self.guard(conn, authorization, "increment", keep_alive)
-                if denied is not None:
-                    return denied
-            return self.increment(conn, content_type, body, keep_alive)
         path = url.split(b"?", 1)[0]
         if path[:1] != b"/":
             path = _origin_form(path)
@@ -203,16 +197,13 @@ class App:
         self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
     ) -> bytes:
         try:
-            if content_type == JSON:
+            kind = media_type(content_type)
+            if kind == JSON:
                 item = self.validator.json_one(body)
+            elif kind == FORM:
+                item = self.validator.form_one(body)
             else:
-                kind = media_type(content_type)
-                if kind == JSON:
-                    item = self.validator.json_one(body)
-                elif kind == FORM:
-                    item = self.validator.form_one(body)
-                else:
-                    raise _unsupported(content_type)
+                raise _unsupported(content_type)
             self.intake.accept(item)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)

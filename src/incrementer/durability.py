@@ -95,7 +95,7 @@ class AckGate:
 
     def _synced(self, future: asyncio.Future[None], group: Group, started: float) -> None:
         self._syncing = False
-        self._metrics.observe_fsync(time.perf_counter() - started)
+        self._metrics.fsync_seconds.observe(time.perf_counter() - started)
         exc = future.exception()
         if exc is not None:
             self._wal_failed("fsync", exc, [conn for conn, _ in group])

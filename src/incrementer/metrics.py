@@ -55,18 +55,6 @@ class Histogram:
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding quantile q (for the readyz summary and benchmarks)."""
-        total = sum(self.counts)
-        if not total:
-            return 0.0
-        seen = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            seen += count
-            if seen >= q * total:
-                return bound
-        return float("inf")
-
 
 class Metrics:
     def __init__(self) -> None:
@@ -99,9 +87,6 @@ class Metrics:
 
     def count_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    def observe_fsync(self, seconds: float) -> None:
-        self.fsync_seconds.observe(seconds)
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (doc, read)

@@ -23,7 +23,7 @@ from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.metrics import Metrics
-from incrementer.store import open_store
+from incrementer.store import open_store, redact_url
 from incrementer.store.base import BackendError
 from incrementer.store.migrate import migrate
 
@@ -96,7 +96,7 @@ class Service:
             self.url,
             node_id,
             s.durability,
-            s.database_url.split("@")[-1],
+            redact_url(s.database_url),
         )
 
     async def _guards(self) -> tuple[KeyRing | None, ClientLimiter | None]:

@@ -363,10 +363,7 @@ class HttpConnection(asyncio.Protocol):
 
     def release_output(self) -> None:
         """Called by the AckGate when what was queued this tick may leave at once."""
-        out = self.out
-        self.out = []
-        self.held = False
-        self.release(out)
+        self.release(self.take_output())
 
     def take_output(self) -> list[bytes | None]:
         """Called by the AckGate at the end of a tick: the responses that may now be released."""

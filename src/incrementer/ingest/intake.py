@@ -82,17 +82,14 @@ class Intake:
         return True
 
     def accept(self, item: Validated) -> None:
+        """One validated increment (the general path of POST /increment)."""
         key_bytes, key, value = item
-        buffer = self.buffer
-        deltas = buffer.deltas
+        deltas = self.buffer.deltas
         # A key already pending costs no memory, so only new keys are shed.
         if len(deltas) >= self.key_budget and key not in deltas:
             raise Overloaded
         self.wal.append(key_bytes, value)
-        # CoalescingBuffer.add, inlined: this runs once per request.
-        if not deltas:
-            buffer.oldest = monotonic()
-        deltas[key] = deltas.get(key, 0) + value
+        self.buffer.add(key, value)
 
     def accept_many(self, items: list[Validated]) -> None:
         """All or nothing: the budget is checked for the whole batch before anything is added."""

@@ -7,7 +7,7 @@ contract with files; MemorySequence meets it without I/O for `--durability memor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -43,8 +43,6 @@ class MemorySequence:
 
     written_bytes = 0
     synced_bytes = 0
-    segment_count = 0
-    bytes_on_disk = 0
 
     def append(self, key: bytes, value: int) -> None:
         self._dirty = True
@@ -62,11 +60,9 @@ class MemorySequence:
     def advance_to(self, seq: int) -> None:
         self._next_seq = max(self._next_seq, seq + 1)
 
-    def replay(self, after_seq: int) -> Iterator[tuple[int, list[tuple[str, int]]]]:
-        return iter(())
-
     def write(self) -> int:
-        """Seal, as WriteAheadLog.write() does, so seqs advance alike in both modes; no I/O."""
+        """Seal, as WriteAheadLog.write() does; no I/O. (The ack gate does not call write() or
+        sync() in memory mode; the flusher's seal() at each cut is what advances the seq.)"""
         self.seal()
         return 0
 

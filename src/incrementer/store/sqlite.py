@@ -108,9 +108,9 @@ class SQLiteStore:
         so the batch may be applied: retry it with the same seq, which makes the retry a no-op."""
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
-        if self._writer is None:
-            raise RuntimeError("SQLiteStore is not open")
-        return await self._on(self._writer, partial(self._apply, node_id, seq, dict(deltas)))
+        # A copy: the writer thread works on it while the event loop goes on.
+        writer = self._require(self._writer)
+        return await self._on(writer, partial(self._apply, node_id, seq, dict(deltas)))
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         rows = await self._read(lambda conn: conn.execute(SELECT_READ, (key, node_id)).fetchall())
@@ -195,9 +195,7 @@ class SQLiteStore:
             conn.close()
 
     def _apply(self, node_id: str, seq: int, deltas: dict[str, int]) -> ApplyResult:
-        conn = self._write_conn
-        if conn is None:
-            raise RuntimeError("SQLiteStore is not open")
+        conn = self._writer_conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             rows = conn.execute(SELECT_APPLIED, (node_id,)).fetchall()
@@ -239,16 +237,12 @@ class SQLiteStore:
                 raise RuntimeError("SQLiteStore is not open")
             return query(self._read_conn)
 
-        if self._reader is None:
-            raise RuntimeError("SQLiteStore is not open")
-        return await self._on(self._reader, run)
+        return await self._on(self._require(self._reader), run)
 
     async def _on(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn)
-        except sqlite3.Error as exc:
-            raise BackendError(f"SQLite {self.path}: {exc}") from exc
-        except OSError as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise BackendError(f"SQLite {self.path}: {exc}") from exc
 
 

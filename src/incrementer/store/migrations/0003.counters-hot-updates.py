@@ -1,8 +1,8 @@
 """PostgreSQL only: make the flush's per-row upsert cheaper.
 
 - `key` COLLATE "C": primary-key lookups and the flush's ORDER BY compare bytes instead of calling
-  the locale's strcoll (PostgreSQL treats only "C"/"POSIX" that way, not C.UTF-8), and the prefix
-  range of GET /counters is exact whatever the database's default collation.
+  the locale's strcoll (PostgreSQL treats only "C"/"POSIX" that way, not C.UTF-8), and the key
+  range of Store.list_keys is exact whatever the database's default collation.
 - fillfactor 70: the free space on each page lets an update of `value`/`updated_at` (neither is
   indexed) stay on its page as a HOT update, with no new index entry.
 
