@@ -27,6 +27,20 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test stale compiled modules: the extension would run, not the edited source."""
+    import incrementer.service  # noqa: F401  (loads every compiled module)
+    from incrementer import build
+
+    stale = build.stale_extensions()
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(stale)}; "
+            "rebuild with `.venv/bin/pip install -e .` (./scripts/test does)",
+            returncode=2,
+        )
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Tests run on uvloop, the loop the service runs on in production."""
     import uvloop

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+from incrementer import build
 from incrementer.app import App
 from incrementer.auth import ClientLimiter, KeyRing
 from incrementer.config import Settings
@@ -92,11 +93,12 @@ class Service:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         log.info(
-            "listening on %s (node %s, durability %s, database %s)",
+            "listening on %s (node %s, durability %s, database %s, %s)",
             self.url,
             node_id,
             s.durability,
             redact_url(s.database_url),
+            "hot path compiled" if build.compiled() else "pure Python",
         )
 
     async def _guards(self) -> tuple[KeyRing | None, ClientLimiter | None]:

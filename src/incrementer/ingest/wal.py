@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from mypy_extensions import mypyc_attr
+
 from incrementer.ingest.wal_reader import (
     ENTRY,
     HEADER,
@@ -54,6 +56,7 @@ _crc32 = zlib.crc32
 _NEW_SEGMENT = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles this module; OSError is a builtin
 class WalLockedError(OSError):
     """Another WriteAheadLog (in this or another process) has the directory open."""
 

@@ -1,0 +1,34 @@
+"""Build hook: the request hot path is compiled with mypyc (part of mypy) into C extensions.
+
+The same modules stay importable as plain Python: set INCREMENTER_PURE_PYTHON=1 at install time
+to skip the compiler (no C compiler needed then; ~25% more CPU per request, docs/performance.md).
+Everything else about the package is declared in pyproject.toml.
+"""
+
+import os
+
+from setuptools import setup
+
+# The modules every POST /increment runs through, from the socket to the WAL and the buffer.
+# Not ingest/validate.py: mypyc drops the class keywords of msgspec.Struct subclasses
+# (forbid_unknown_fields), which test_bad_input_rejected_and_changes_nothing catches.
+HOT_PATH = [
+    "src/incrementer/app.py",
+    "src/incrementer/durability.py",
+    "src/incrementer/http/protocol.py",
+    "src/incrementer/http/request.py",
+    "src/incrementer/http/responses.py",
+    "src/incrementer/ingest/buffer.py",
+    "src/incrementer/ingest/intake.py",
+    "src/incrementer/ingest/wal.py",
+    "src/incrementer/metrics.py",
+]
+
+if os.environ.get("INCREMENTER_PURE_PYTHON") == "1":
+    ext_modules = []
+else:
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(HOT_PATH, opt_level="3", group_name="incrementer")
+
+setup(ext_modules=ext_modules)

@@ -1,0 +1,29 @@
+"""Which build of the hot path is running: compiled by mypyc (setup.py) or plain Python."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from incrementer.http import protocol
+
+
+def compiled() -> bool:
+    """True when the hot path runs as C extensions built by mypyc at install time."""
+    return not protocol.__file__.endswith(".py")
+
+
+def stale_extensions() -> list[str]:
+    """Loaded compiled modules whose source was edited after they were built: in an editable
+    install, Python imports the extension, so the code running is not the code on disk until
+    `pip install -e .` (./scripts/test does) compiles it again."""
+    stale = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None) or ""
+        if not name.startswith("incrementer") or file.endswith(".py") or not file:
+            continue
+        built = Path(file)
+        source = built.with_name(built.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            stale.append(name)
+    return sorted(stale)

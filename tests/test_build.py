@@ -1,0 +1,60 @@
+"""The build under test: the mypyc-compiled hot path by default, plain Python as the fallback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+from support import spawned
+
+import incrementer
+from incrementer import build
+
+SOURCE = Path(incrementer.__file__).parent
+
+
+@pytest.mark.skipif(
+    os.environ.get("INCREMENTER_PURE_PYTHON") == "1", reason="installed without the compiler"
+)
+def test_tests_run_against_the_compiled_hot_path() -> None:
+    """What `pip install .` ships is what these tests exercise (setup.py compiles it)."""
+    assert build.compiled()
+
+
+def test_a_source_edited_after_the_build_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = tmp_path / "hot.cpython-311-x86_64-linux-gnu.so"
+    source = tmp_path / "hot.py"
+    source.write_text("")
+    built.write_bytes(b"")
+    module = types.ModuleType("incrementer._hot")
+    module.__file__ = str(built)
+    monkeypatch.setitem(sys.modules, "incrementer._hot", module)
+    os.utime(source, (1_000, 1_000))
+    assert "incrementer._hot" not in build.stale_extensions()
+    os.utime(source, (2_000_000_000, 2_000_000_000))
+    assert "incrementer._hot" in build.stale_extensions()
+
+
+def test_the_pure_python_build_serves(tmp_path: Path) -> None:
+    """The same package without its extensions (INCREMENTER_PURE_PYTHON=1 at install) runs."""
+    pure = tmp_path / "pure"
+    shutil.copytree(SOURCE, pure / "incrementer", ignore=shutil.ignore_patterns("*.so"))
+    env = {"PYTHONPATH": str(pure)}
+    args = ["--database-url", f"sqlite:///{tmp_path / 'c.db'}", "--data-dir", str(tmp_path)]
+    with spawned(args, env=env, cwd=tmp_path) as server:
+        assert "pure Python" in server.read_log()
+        resp = httpx.post(f"{server.url}/increment", json={"key": "pure", "value": 2})
+        assert resp.status_code == 202
+        resp = httpx.post(f"{server.url}/increment", json={"key": "pure", "value": 2, "x": 1})
+        assert resp.status_code == 400
+        assert server.stop() == 0
+    with spawned(args, env=env, cwd=tmp_path) as server:
+        assert httpx.get(f"{server.url}/counters/pure").json()["value"] == 2
+        server.stop()
