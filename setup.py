@@ -20,6 +20,7 @@ HOT_PATH = [
     "src/incrementer/http/responses.py",
     "src/incrementer/ingest/buffer.py",
     "src/incrementer/ingest/intake.py",
+    "src/incrementer/ingest/sequence.py",
     "src/incrementer/ingest/wal.py",
     "src/incrementer/metrics.py",
 ]

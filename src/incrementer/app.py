@@ -12,7 +12,7 @@ from incrementer.auth import ClientLimiter, KeyRing, TokenBucket
 from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
-from incrementer.http.protocol import FastPath, HttpConnection, Result
+from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.metrics import Metrics
@@ -47,7 +47,7 @@ def media_type(content_type: bytes) -> bytes:
     return content_type.split(b";", 1)[0].strip().lower()
 
 
-class App:
+class App(Handler):
     def __init__(
         self,
         validator: Validator,
@@ -76,10 +76,10 @@ class App:
 
     def fast_path(self) -> FastPath:
         """POST /increment with a JSON body: answered 202 by the connection itself when
-        fast_increment takes it; anything else, and whatever it declines, goes through handle()."""
-        return FastPath(b"POST", b"/increment", JSON, self.fast_increment)
+        fast_accept takes it; anything else, and whatever it declines, goes through handle()."""
+        return FastPath(b"POST", b"/increment", JSON)
 
-    def fast_increment(self, conn: HttpConnection, body: bytes) -> bool:
+    def fast_accept(self, conn: HttpConnection, body: bytes) -> bool:
         """True: the increment was taken and the connection answers 202. False: nothing was
         changed or spent, and handle() answers instead (and says what was wrong).
 

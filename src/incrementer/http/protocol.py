@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import httptools
@@ -34,14 +34,40 @@ Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
 
 class FastPath(NamedTuple):
     """One exact request shape (method, URL, content type, body in one piece, nothing queued
-    before it) the connection answers by itself: 202 Accepted when accept(connection, body)
-    returns True. False means nothing happened; the request then goes to the handler like any
+    before it) the connection answers by itself: 202 Accepted when the handler's fast_accept
+    returns True. False means nothing happened; the request then goes to handle() like any
     other, which answers it (and says what was wrong)."""
 
     method: bytes
     url: bytes
     content_type: bytes
-    accept: Callable[[HttpConnection, bytes], bool]
+
+
+class Handler:
+    """What a connection calls; the app subclasses it. A base class rather than a Protocol, so
+    the compiled connection (setup.py) calls it through the method table."""
+
+    def fast_path(self) -> FastPath:
+        """The one request shape the connections answer themselves."""
+        raise NotImplementedError
+
+    def fast_accept(self, conn: HttpConnection, body: bytes) -> bool:
+        """A request of the fast path's shape: True if taken (the connection answers 202),
+        False if nothing was changed or spent (handle() answers instead)."""
+        raise NotImplementedError
+
+    def handle(
+        self,
+        conn: HttpConnection,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        body: bytes,
+        keep_alive: bool,
+    ) -> Result:
+        """Any other request: the response, or an awaitable of it."""
+        raise NotImplementedError
 
 
 class HttpConnection(asyncio.Protocol):
@@ -55,11 +81,10 @@ class HttpConnection(asyncio.Protocol):
         "content_type",
         "draining",
         "expect",
-        "fast_accept",
         "fast_method",
         "fast_type",
         "fast_url",
-        "handle",
+        "handler",
         "header_bytes",
         "held",
         "host",
@@ -83,8 +108,8 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.clock = server.clock
-        self.handle: Callable[..., Result] = server.handler.handle
-        self.fast_method, self.fast_url, self.fast_type, self.fast_accept = server.fast_path
+        self.handler = server.handler
+        self.fast_method, self.fast_url, self.fast_type = server.fast_path
         self.max_body = server.max_body_bytes
         self.max_header = server.max_header_bytes
         self.parser = httptools.HttpRequestParser(self)
@@ -254,7 +279,7 @@ class HttpConnection(asyncio.Protocol):
             and parser.get_method() == self.fast_method
         ):
             try:
-                taken = self.fast_accept(self, self.body)
+                taken = self.handler.fast_accept(self, self.body)
             except Exception as exc:
                 self._internal_error(exc, f"the fast path ({self.url!r})")
                 return
@@ -303,7 +328,9 @@ class HttpConnection(asyncio.Protocol):
         if head:
             method = b"GET"  # same headers as GET, no body
         try:
-            result = self.handle(self, method, url, content_type, authorization, body, keep_alive)
+            result = self.handler.handle(
+                self, method, url, content_type, authorization, body, keep_alive
+            )
         except Exception as exc:
             self._internal_error(exc, f"{method!r} {url!r}", head)
             return

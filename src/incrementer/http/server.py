@@ -6,10 +6,10 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from incrementer.http import responses
-from incrementer.http.protocol import FastPath, HttpConnection, Result
+from incrementer.http.protocol import Handler, HttpConnection
 
 if TYPE_CHECKING:
     from incrementer.config import Settings
@@ -17,23 +17,6 @@ if TYPE_CHECKING:
     from incrementer.metrics import Metrics
 
 log = logging.getLogger("incrementer.http")
-
-
-class Handler(Protocol):
-    def fast_path(self) -> FastPath:
-        """The one request shape the connections answer themselves (see FastPath)."""
-        ...
-
-    def handle(
-        self,
-        conn: HttpConnection,
-        method: bytes,
-        url: bytes,
-        content_type: bytes,
-        authorization: bytes,
-        body: bytes,
-        keep_alive: bool,
-    ) -> Result: ...
 
 
 class HttpServer:

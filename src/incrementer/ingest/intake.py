@@ -68,8 +68,9 @@ class Intake:
             return False
         buffer = self.buffer
         deltas = buffer.deltas
-        if key in deltas:
-            deltas[key] += value
+        pending = deltas.get(key)
+        if pending is not None:
+            deltas[key] = pending + value
         elif len(deltas) < self.key_budget:
             if not deltas:
                 buffer.oldest = monotonic()

@@ -8,29 +8,53 @@ contract with files; MemorySequence meets it without I/O for `--durability memor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 
-class SequencedLog(Protocol):
-    """What the intake, flusher and ack gate use: met by WriteAheadLog and MemorySequence."""
+class SequencedLog:
+    """What the intake, flusher and ack gate use: WriteAheadLog and MemorySequence subclass it.
+
+    A base class rather than a Protocol: the compiled intake (setup.py) then calls append()
+    through the class's method table instead of looking the method up by name per request.
+    """
 
     @property
-    def last_seq(self) -> int: ...
+    def last_seq(self) -> int:
+        raise NotImplementedError
+
     @property
-    def written_bytes(self) -> int: ...
+    def written_bytes(self) -> int:
+        raise NotImplementedError
+
     @property
-    def synced_bytes(self) -> int: ...
-    def append(self, key: bytes, value: int) -> None: ...
-    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None: ...
-    def seal(self) -> int: ...
-    def advance_to(self, seq: int) -> None: ...
-    def write(self) -> int: ...
-    def sync(self) -> None: ...
-    def recycle(self, applied_seq: int) -> int: ...
-    def close(self) -> None: ...
+    def synced_bytes(self) -> int:
+        raise NotImplementedError
+
+    def append(self, key: bytes, value: int) -> None:
+        raise NotImplementedError
+
+    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
+        raise NotImplementedError
+
+    def seal(self) -> int:
+        raise NotImplementedError
+
+    def advance_to(self, seq: int) -> None:
+        raise NotImplementedError
+
+    def write(self) -> int:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        raise NotImplementedError
+
+    def recycle(self, applied_seq: int) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-class MemorySequence:
+class MemorySequence(SequencedLog):
     """WriteAheadLog's seq and seal without I/O, for `--durability memory`."""
 
     def __init__(self) -> None:
@@ -41,8 +65,13 @@ class MemorySequence:
     def last_seq(self) -> int:
         return self._next_seq - 1
 
-    written_bytes = 0
-    synced_bytes = 0
+    @property
+    def written_bytes(self) -> int:
+        return 0
+
+    @property
+    def synced_bytes(self) -> int:
+        return 0
 
     def append(self, key: bytes, value: int) -> None:
         self._dirty = True

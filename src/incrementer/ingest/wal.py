@@ -25,6 +25,7 @@ from types import TracebackType
 
 from mypy_extensions import mypyc_attr
 
+from incrementer.ingest.sequence import SequencedLog
 from incrementer.ingest.wal_reader import (
     ENTRY,
     HEADER,
@@ -69,7 +70,7 @@ class _Segment:
     size: int
 
 
-class WriteAheadLog:
+class WriteAheadLog(SequencedLog):
     """Segment files of sealed frames in one directory, locked against a second writer."""
 
     def __init__(
