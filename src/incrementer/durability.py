@@ -15,23 +15,20 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from incrementer.config import Durability
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
 
+if TYPE_CHECKING:
+    # The connections the gate holds (release_output, take_output, release, abort). Named by
+    # their class, not a Protocol: the compiled gate then calls them through the method table.
+    from incrementer.http.protocol import HttpConnection as Held
+
 log = logging.getLogger("incrementer.durability")
 
-
-class Held(Protocol):
-    def release_output(self) -> None: ...
-    def take_output(self) -> list[bytes | None]: ...
-    def release(self, out: list[bytes | None]) -> None: ...
-    def abort(self) -> None: ...
-
-
-Group = list[tuple[Held, list[bytes | None]]]
+Group = list[tuple["Held", list[bytes | None]]]
 
 
 class AckGate:

@@ -19,6 +19,7 @@ class Intake:
     __slots__ = (
         "_decode",
         "_max_key_bytes",
+        "_max_value",
         "_min_value",
         "buffer",
         "key_budget",
@@ -44,6 +45,7 @@ class Intake:
         self._decode = validator.decode_one
         self._max_key_bytes = validator.max_key_bytes
         self._min_value = validator.min_value
+        self._max_value = INT64_MAX  # an attribute: the compiled check reads no module global
 
     def accept_json(self, body: bytes) -> bool:
         """POST /increment's whole success path in one call: decode, check, budget, WAL, buffer.
@@ -63,7 +65,7 @@ class Intake:
             key.isascii()
             and key.isprintable()
             and 0 < len(key) <= self._max_key_bytes
-            and self._min_value <= value <= INT64_MAX
+            and self._min_value <= value <= self._max_value
         ):
             return False
         buffer = self.buffer

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -50,11 +51,12 @@ __all__ = [
 
 log = logging.getLogger("incrementer.wal")
 
-_pack_entry = ENTRY.pack
-_pack_seq = SEQ.pack
-_pack_header = HEADER.pack
-_crc32 = zlib.crc32
-_NEW_SEGMENT = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+# Final: the compiled module (setup.py) keeps these in C statics, not in the module's dict.
+_pack_entry: Final = ENTRY.pack
+_pack_seq: Final = SEQ.pack
+_pack_header: Final = HEADER.pack
+_crc32: Final = zlib.crc32
+_NEW_SEGMENT: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
 
 @mypyc_attr(native_class=False)  # mypyc compiles this module; OSError is a builtin
