@@ -90,6 +90,7 @@ class HttpConnection(asyncio.Protocol):
         "host",
         "last_active",
         "max_body",
+        "max_body_digits",
         "max_header",
         "out",
         "parser",
@@ -111,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
         self.handler = server.handler
         self.fast_method, self.fast_url, self.fast_type = server.fast_path
         self.max_body = server.max_body_bytes
+        self.max_body_digits = len(str(self.max_body))
         self.max_header = server.max_header_bytes
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -246,7 +248,9 @@ class HttpConnection(asyncio.Protocol):
         if not self.host and self.parser.get_http_version() == "1.1":
             raise Reject(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
         # llhttp has validated Content-Length; refusing here saves reading an oversized body.
-        if self.content_length and int(self.content_length) > self.max_body:
+        # Most bodies have fewer digits than the limit: no int() for them.
+        length = self.content_length
+        if len(length) >= self.max_body_digits and int(length) > self.max_body:
             raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
         if self.expect:
             if self.expect.lower() != b"100-continue":

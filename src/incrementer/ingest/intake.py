@@ -57,14 +57,15 @@ class Intake:
         """
         try:
             inc = self._decode(body)
-        except ValueError:  # msgspec.DecodeError and UnicodeDecodeError
+            raw = inc.key.encode()
+        except ValueError:  # msgspec.DecodeError, UnicodeDecodeError, UnicodeEncodeError
             return False
         key = inc.key
         value = inc.value
         if not (
-            key.isascii()
-            and key.isprintable()
+            len(raw) == len(key)  # ASCII: any other character takes more than one byte
             and 0 < len(key) <= self._max_key_bytes
+            and key.isprintable()
             and self._min_value <= value <= self._max_value
         ):
             return False
@@ -81,7 +82,7 @@ class Intake:
             return False
         # After the buffer, unlike accept(): nothing runs in between on the one event-loop
         # thread, and the frame is written before any response of this tick leaves.
-        self.wal.append(key.encode(), value)
+        self.wal.append(raw, value)
         return True
 
     def accept(self, item: Validated) -> None:
