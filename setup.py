@@ -14,6 +14,7 @@ from setuptools import setup
 # (forbid_unknown_fields), which test_bad_input_rejected_and_changes_nothing catches.
 HOT_PATH = [
     "src/incrementer/app.py",
+    "src/incrementer/auth.py",
     "src/incrementer/durability.py",
     "src/incrementer/http/protocol.py",
     "src/incrementer/http/request.py",
