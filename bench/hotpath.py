@@ -10,9 +10,10 @@ fake transports, and feeds them raw POST /increment requests, --per-tick of them
 tick (under wrk -c32 a tick handles about 20: see "increments per WAL write" in the benchmark
 report). What it measures is the service's own code, without the sockets and the loop's I/O:
 httptools callbacks, routing, validation, the WAL append (and in wal mode its write() per tick),
-the buffer, the ack gate and the response. --profile prints cProfile's top functions as well;
---lean drives bench/lean.py's protocol the same way, for the floor of what Python can do; --auth
-runs the service with --auth required and a key with a rate limit that never refuses, every
+the buffer, the ack gate and the response. --profile prints cProfile's top functions as well
+(it sees only Python code: profile a pure-Python build, INCREMENTER_PURE_PYTHON=1, or use
+`perf record` on the compiled one); --lean drives bench/lean.py's protocol the same way, for the
+floor of what plain Python can do; --auth runs the service with --auth required and a key with a rate limit that never refuses, every
 request carrying it (as bench/run.py's incrementer-wal-auth does).
 """
 
@@ -31,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from incrementer import keys
+from incrementer import build, keys
 from incrementer.config import Settings
 from incrementer.http.protocol import HttpConnection
 from incrementer.service import Service
@@ -176,7 +177,10 @@ def main(argv: list[str]) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="incrementer-hotpath-") as tmp:
             samples = uvloop.run(drive_service(args, Path(tmp)))
-        what = f"incrementer, durability {args.durability}" + (", auth on" if args.auth else "")
+        what = (
+            f"incrementer ({'compiled' if build.compiled() else 'pure Python'}), "
+            f"durability {args.durability}" + (", auth on" if args.auth else "")
+        )
     best, median = min(samples), statistics.median(samples)
     print(
         f"{what}, {args.keys} keys, {args.per_tick} requests per tick: "
