@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ErrorLog
-
-PG_ADMIN_URL = os.environ.get("INCREMENTER_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI") == "true"
+from support import PG_ADMIN_URL, ErrorLog, skip_or_fail
 
 
 async def _admin(sql: str) -> None:
@@ -49,16 +46,21 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_admin_url() -> str:
+    """The PostgreSQL server's admin URL (INCREMENTER_TEST_PG), once it has answered."""
+    try:
+        asyncio.run(_admin("SELECT 1"))
+    except (TimeoutError, OSError) as exc:
+        skip_or_fail(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin_url: str) -> Iterator[str]:
     """URL of a PostgreSQL database created for this test run and dropped after it."""
     name = f"incrementer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (TimeoutError, OSError) as exc:
-        if IN_CI:
-            pytest.fail(f"PostgreSQL is required when CI=true and is unreachable: {exc}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    base = pg_admin_url.rsplit("/", 1)[0]
     yield f"{base}/{name}"
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

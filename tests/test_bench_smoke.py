@@ -2,57 +2,40 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get("INCREMENTER_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI") == "true"
 
 
 def _installed(tool: str) -> bool:
+    """On PATH, or in an sbin directory (Debian puts nginx in /usr/sbin)."""
     return shutil.which(tool) is not None or any(
         os.access(Path(d) / tool, os.X_OK) for d in ("/usr/sbin", "/usr/local/sbin")
     )
 
 
-def _skip_or_fail(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} (required when CI=true)")
-    pytest.skip(reason)
-
-
-async def _postgres_reachable() -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    await conn.close()
-
-
-def test_quick_benchmark_writes_a_report_with_verified_totals(tmp_path: Path) -> None:
+def test_quick_benchmark_writes_a_report_with_verified_totals(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
     """bench/run.py --quick loads every target, checks the database totals and writes a report."""
     missing = [tool for tool in ("wrk", "nginx") if not _installed(tool)]
     if missing:
-        _skip_or_fail(
+        skip_or_fail(
             f"benchmark tools missing: {', '.join(missing)}; "
             "install with: apt-get install -y wrk nginx-light"
         )
-    try:
-        asyncio.run(_postgres_reachable())
-    except (OSError, TimeoutError) as exc:
-        _skip_or_fail(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}")
 
     command = [sys.executable, "bench/run.py", "--quick", "--duration", "2"]
     done = subprocess.run(
         [*command, "--results-dir", str(tmp_path)],
         cwd=ROOT,
-        env={**os.environ, "BENCH_PG_ADMIN_URL": PG_ADMIN_URL},
+        env={**os.environ, "BENCH_PG_ADMIN_URL": pg_admin_url},
         capture_output=True,
         text=True,
         timeout=240,

@@ -59,7 +59,7 @@ _crc32: Final = zlib.crc32
 _NEW_SEGMENT: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
 
-@mypyc_attr(native_class=False)  # mypyc compiles this module; OSError is a builtin
+@mypyc_attr(native_class=False)  # compiled (setup.py): a native class cannot subclass OSError
 class WalLockedError(OSError):
     """Another WriteAheadLog (in this or another process) has the directory open."""
 
