@@ -87,23 +87,19 @@ class App(Handler):
         caches on first sight) or a client IP that already has a bucket goes this way; a token
         taken for a body that then fails is given back, so handle() charges it exactly once.
         """
-        if not self.guarded:
-            if self.intake.accept_json(body):
-                self.metrics.accepted_requests += 1
-                return True
-            return False
-        bucket: TokenBucket | None
-        if self.keyring is not None:
-            principal = self.keyring.cache.get(conn.authorization)
-            if principal is None:
-                return False
-            bucket = principal.bucket
-        else:
-            bucket = self.limiter.buckets.get(conn.peer) if self.limiter is not None else None
-            if bucket is None:
-                return False
-        if bucket is not None and bucket.take(time.monotonic()):
-            return False  # refused: nothing spent; handle() answers 429
+        bucket: TokenBucket | None = None
+        if self.guarded:
+            if self.keyring is not None:
+                principal = self.keyring.cache.get(conn.authorization)
+                if principal is None:
+                    return False
+                bucket = principal.bucket
+            else:
+                bucket = self.limiter.buckets.get(conn.peer) if self.limiter is not None else None
+                if bucket is None:
+                    return False
+            if bucket is not None and bucket.take(time.monotonic()):
+                return False  # refused: nothing spent; handle() answers 429
         if self.intake.accept_json(body):
             self.metrics.accepted_requests += 1
             return True

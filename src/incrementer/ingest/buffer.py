@@ -31,6 +31,15 @@ class CoalescingBuffer:
             self.oldest = monotonic()
         deltas[key] = deltas.get(key, 0) + value
 
+    def add_many(self, items: list[tuple[bytes, str, int]]) -> None:
+        """add(key, value) of every (key bytes, key, value), in one call."""
+        deltas = self.deltas
+        if not deltas and items:
+            self.oldest = monotonic()
+        get = deltas.get
+        for _, key, value in items:
+            deltas[key] = get(key, 0) + value
+
     def __len__(self) -> int:
         return len(self.deltas)
 

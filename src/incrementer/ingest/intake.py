@@ -97,16 +97,11 @@ class Intake:
 
     def accept_many(self, items: list[Validated]) -> None:
         """All or nothing: the budget is checked for the whole batch before anything is added."""
-        buffer = self.buffer
-        deltas = buffer.deltas
+        deltas = self.buffer.deltas
         if len(deltas) + len(items) > self.key_budget:  # only then count the keys that are new
             new_keys = {key for _, key, _ in items if key not in deltas}
             if len(deltas) + len(new_keys) > self.key_budget:
                 raise Overloaded
-        if not deltas:
-            buffer.oldest = monotonic()
         self.wal.append_many(items)
-        get = deltas.get
-        for _, key, value in items:
-            deltas[key] = get(key, 0) + value
+        self.buffer.add_many(items)
         self.metrics.accepted_batch_increments += len(items)

@@ -124,7 +124,6 @@ class PostgresStore:
         self.close_timeout = close_timeout
         self._where = redact_url(dsn)
         self._pool: Any = None
-        self._known_nodes: set[str] = set()  # node rows known to exist, so CLAIM_SEQ finds one
 
     async def open(self) -> None:
         """Create the pool and its first connection, so a wrong host or password fails here."""
@@ -179,9 +178,6 @@ class PostgresStore:
                     overflowed[key] = pending.pop(key)
         with self._errors():
             async with pool.acquire() as conn:
-                if node_id not in self._known_nodes:
-                    await conn.execute(ENSURE_NODE, node_id)
-                    self._known_nodes.add(node_id)
                 for _ in range(MAX_UPSERT_ROUNDS):
                     keys, values_list = list(pending), list(pending.values())
                     joined = await _joined(keys, values_list)  # before BEGIN: locks held less
@@ -255,12 +251,13 @@ class PostgresStore:
         return bool(status == "UPDATE 1")
 
     async def _claim(self, conn: Any, node_id: str, seq: int) -> bool:
-        """Advance applied_seq to seq; False if the batch is already applied."""
+        """Advance applied_seq to seq; False if the batch is already applied. One round trip
+        once the node's row exists; the first flush of a node (or one whose row was deleted by
+        hand) creates it."""
         if await conn.fetchval(CLAIM_SEQ, node_id, seq) is not None:
             return True
         if await conn.fetchval(SELECT_APPLIED, node_id) is not None:
             return False
-        # The node's row is gone (deleted by hand?): recreate it rather than skip the batch.
         await conn.execute(ENSURE_NODE, node_id)
         return await conn.fetchval(CLAIM_SEQ, node_id, seq) is not None
 

@@ -29,6 +29,7 @@ from incrementer.store.base import (
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # Well under SQLite's bound-parameter limit (999 before 3.32), so any build accepts the IN list.
 READ_CHUNK = 500
@@ -152,15 +153,14 @@ class SQLiteStore:
         return await self._on(self._require(self._writer), revoke)
 
     def _writer_conn(self) -> sqlite3.Connection:
-        if self._write_conn is None:
-            raise RuntimeError("SQLiteStore is not open")
-        return self._write_conn
+        return self._require(self._write_conn)
 
     @staticmethod
-    def _require(executor: ThreadPoolExecutor | None) -> ThreadPoolExecutor:
-        if executor is None:
+    def _require(part: R | None) -> R:
+        """An executor or connection that exists only while the store is open."""
+        if part is None:
             raise RuntimeError("SQLiteStore is not open")
-        return executor
+        return part
 
     # --- running on the executor threads -------------------------------------------------------
 
@@ -233,9 +233,7 @@ class SQLiteStore:
         # fetchall() in every query: a half-read cursor would pin its snapshot and starve the
         # WAL checkpoint.
         def run() -> T:
-            if self._read_conn is None:
-                raise RuntimeError("SQLiteStore is not open")
-            return query(self._read_conn)
+            return query(self._require(self._read_conn))
 
         return await self._on(self._require(self._reader), run)
 
