@@ -214,8 +214,47 @@ async def test_overflowing_key_is_isolated(tmp_path: Path, db_url: str) -> None:
         await wait_until(lambda: _persisted(db_url, small, 1))
         assert await db_totals(db_url, [big]) == {big: INT64_MAX - 5}
         ready = (await client.get("/readyz")).json()
-        assert ready["overflowed_keys"] == {big: "10"}
+        assert ready["overflowed_keys"] == 1
+        assert ready["details"]["overflowed_keys"] == {big: "10"}  # loopback bind, no keys
         assert svc.metrics.overflowed_keys == 1
+
+
+async def test_an_overflowed_counter_reads_the_same_before_and_after_its_flush(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A read shows the in-range value and the isolated excess, the same while the increments
+    are pending and once the flush has set them aside, also for a key whose first batch
+    overflowed (no row in counters)."""
+    near, fresh, plain = unique("near"), unique("fresh"), unique("plain")
+    await _migrate(db_url)
+    await db_execute(
+        db_url, "INSERT INTO counters (key, value) VALUES ($1, $2)", near, INT64_MAX - 5
+    )
+    settings = settings_for(tmp_path, db_url, flush_interval=2.0)
+    async with (
+        run_service(settings) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        batch = [
+            {"key": near, "value": 3},
+            {"key": near, "value": 4},
+            {"key": fresh, "value": INT64_MAX},
+            {"key": fresh, "value": INT64_MAX},
+            {"key": plain, "value": 2},
+        ]
+        assert (await client.post("/increments", json=batch)).status_code == 202
+        expected = {
+            near: {"key": near, "value": INT64_MAX - 5, "overflow": "7"},
+            fresh: {"key": fresh, "value": 0, "overflow": str(2 * INT64_MAX)},
+            plain: {"key": plain, "value": 2},
+        }
+        assert svc.flusher is not None and svc.flusher.buffer.deltas, "read before the flush"
+        before = {key: (await client.get(counter_path(key))).json() for key in expected}
+        assert before == expected
+        await wait_until(lambda: _persisted(db_url, plain, 2))
+        after = {key: (await client.get(counter_path(key))).json() for key in expected}
+        assert after == expected
+        assert await db_totals(db_url, expected) == {near: INT64_MAX - 5, plain: 2}
 
 
 async def _migrate(db_url: str) -> None:

@@ -60,6 +60,7 @@ class App(Handler):
         lag_bound: float,
         keyring: KeyRing | None = None,
         limiter: ClientLimiter | None = None,
+        open_details: bool = False,
     ) -> None:
         self.validator = validator
         self.intake = intake
@@ -72,6 +73,9 @@ class App(Handler):
         self.keyring = keyring
         self.limiter = limiter
         self.guarded = keyring is not None or limiter is not None
+        self.open_details = open_details
+        """Readiness details (error texts, overflowed key names) for any caller: only on a
+        loopback bind without keys. Otherwise they need a valid API key."""
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
 
     def fast_path(self) -> FastPath:
@@ -143,7 +147,7 @@ class App(Handler):
         if route == "healthz":
             return self.ok(conn, "healthz", {"status": "ok"}, keep_alive)
         if route == "readyz":
-            return self.readyz(conn, keep_alive)
+            return self.readyz(conn, authorization, keep_alive)
         if route == "metrics":
             return self.prometheus(conn, keep_alive)
         return self.document(conn, keep_alive)
@@ -275,35 +279,50 @@ class App(Handler):
             # A batch that committed during the read may or may not be in the snapshot: re-read.
             if self.flusher.commits == commits:
                 break
-        pending = self.flusher.pending_delta(key, snapshot.applied_seq)
-        if snapshot.value is None and not pending:
+        value, overflow, pending = self.flusher.project(
+            key, snapshot.applied_seq, snapshot.value or 0
+        )
+        overflow += snapshot.overflow
+        if snapshot.value is None and not pending and not overflow:
             return self.fail(
                 conn, "counters", BadRequest("not_found", "No such counter.", 404), keep_alive
             )
-        value = (snapshot.value or 0) + pending
-        return self.ok(conn, "counters", {"key": key, "value": value}, keep_alive)
+        payload: dict[str, object] = {"key": key, "value": value}
+        if overflow:
+            payload["overflow"] = str(overflow)  # may exceed 64 bits: exact decimal text
+        return self.ok(conn, "counters", payload, keep_alive)
 
     # operations
 
-    def readyz(self, conn: HttpConnection, keep_alive: bool) -> bytes:
-        flusher = self.flusher
-        lag = flusher.oldest_pending_age(time.monotonic())
-        reasons = []
+    def readyz(self, conn: HttpConnection, authorization: bytes, keep_alive: bool) -> bytes:
+        """Codes and ages for anyone (a load balancer); the why (database errors, which may name
+        hosts, and overflowed key names) only for a caller with a valid API key."""
+        flusher, gate = self.flusher, self.gate
+        now = time.monotonic()
+        lag = flusher.oldest_pending_age(now)
+        reasons: list[dict[str, object]] = []
         if flusher.db_error is not None:
-            reasons.append(f"database unavailable: {flusher.db_error}")
+            reasons.append(_reason("database_unavailable", now - flusher.db_failing_since))
         if lag > self.lag_bound:
-            reasons.append(
-                f"oldest unflushed increment is {lag:.1f} s old (bound {self.lag_bound:g} s)"
-            )
-        if self.gate.failed is not None:
-            reasons.append(self.gate.failed)
-        payload = {
+            reasons.append(_reason("lag_above_bound", lag))
+        if gate.failure:
+            reasons.append(_reason(gate.failure, now - gate.failed_since))
+        payload: dict[str, object] = {
             "status": "not_ready" if reasons else "ready",
             "reasons": reasons,
             "lag_seconds": round(lag, 3),
+            "lag_bound_seconds": self.lag_bound,
             "pending_keys": flusher.pending_keys(),
-            "overflowed_keys": {k: str(v) for k, v in flusher.overflowed.items()},
+            "overflowed_keys": len(flusher.overflowed),
         }
+        if self.open_details or (
+            self.keyring is not None and self.keyring.authenticate(authorization) is not None
+        ):
+            payload["details"] = {
+                "database_error": flusher.db_error,
+                "wal_error": gate.failure_detail or None,
+                "overflowed_keys": {k: str(v) for k, v in flusher.overflowed.items()},
+            }
         status = 503 if reasons else 200
         self.metrics.count_request("readyz", status)
         return responses.json(conn.clock, status, payload, not keep_alive)
@@ -321,6 +340,10 @@ class App(Handler):
     def document(self, conn: HttpConnection, keep_alive: bool) -> bytes:
         self.metrics.count_request("openapi", 200)
         return responses.build(conn.clock, 200, self.openapi, JSON, not keep_alive)
+
+
+def _reason(code: str, seconds: float) -> dict[str, object]:
+    return {"code": code, "for_seconds": round(seconds, 3)}
 
 
 def _unsupported(content_type: bytes) -> BadRequest:

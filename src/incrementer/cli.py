@@ -119,11 +119,14 @@ def serve(config: Path | None, **values: Any) -> None:
     logs.configure(settings.log_level, settings.log_format)
     import uvloop
 
+    service = Service(settings)
     try:
-        uvloop.run(Service(settings).serve())
+        uvloop.run(service.serve())
     except (DataDirError, WalCorruptError, BackendError, OSError) as exc:
         click.echo(f"incrementer: cannot start: {exc}", err=True)
         sys.exit(2)
+    if not service.clean:
+        sys.exit(1)  # the log says what was left unflushed (in the WAL, replayed at next start)
 
 
 # For the commands other than serve, which take only the database from Settings.

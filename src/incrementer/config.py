@@ -117,8 +117,10 @@ class Settings:
         _check(
             self.max_pending_keys,
             "max_pending_keys",
-            self.max_pending_keys >= self.flush_max_keys,
-            f"must be at least flush_max_keys ({self.flush_max_keys})",
+            self.max_pending_keys >= 2 * self.flush_max_keys,
+            f"must be at least twice flush-max-keys ({self.flush_max_keys}): while a batch of "
+            "up to flush-max-keys keys is being flushed, the buffer needs as much room again, "
+            "or new keys are refused with a healthy database",
         )
         _check(
             self.auth, "auth", self.auth in AUTH_MODES, f"must be one of {', '.join(AUTH_MODES)}"

@@ -7,6 +7,23 @@ of the tick the gate makes the tick's WAL frame as durable as the mode promises,
 - wal:       one write() of the tick's frame, then release; an fsync every --fsync-interval.
 - wal-fsync: one write(), then one fdatasync in a worker thread per group of ticks (group commit);
              responses wait for the fsync that covers them, ticks keep coalescing meanwhile.
+
+When the disk fails, a 202 still never lies and nothing unlogged is ever applied:
+
+- write() fails (ENOSPC, EIO): the tick's increments were never logged, so they are taken back
+  out of the buffer and each of their 202s becomes a 503 `wal_unavailable` with Retry-After; every
+  other response of the tick (reads, health, errors) leaves unchanged. Every later tick tries
+  again, and while the failure lasts a probe write once a second lets readiness recover by itself
+  even with no traffic.
+- fdatasync fails: the pages it covered may be lost even if a retry reports success (PostgreSQL's
+  "fsyncgate"), so the segment is abandoned (never synced or appended to again; the next frame
+  starts a new one) and what was written to it is made durable by the database instead: responses
+  waiting on it (wal-fsync) leave as 202 once the flush covering their seq has committed. In mode
+  wal those 202s had already left, as that mode promises survival of a process crash only; the
+  same commit makes them durable.
+
+`failure` names the failure for /readyz until a write (or fsync, or probe) succeeds again;
+`incrementer_wal_failures_total{operation}` counts them.
 """
 
 from __future__ import annotations
@@ -15,20 +32,30 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from incrementer.config import Durability
+from incrementer.http import responses
+from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
 
 if TYPE_CHECKING:
-    # The connections the gate holds (release_output, take_output, release, abort). Named by
+    # The connections the gate holds (release_output, take_output, release, clock). Named by
     # their class, not a Protocol: the compiled gate then calls them through the method table.
     from incrementer.http.protocol import HttpConnection as Held
 
 log = logging.getLogger("incrementer.durability")
 
-Group = list[tuple["Held", list[bytes | None]]]
+WRITE_FAILED: Final = "wal_write_failed"
+FSYNC_FAILED: Final = "wal_fsync_failed"
+PROBE_EVERY: Final = 1.0
+_ACCEPTED: Final = b"HTTP/1.1 202 "
+_CONNECTION: Final = b"\r\nConnection: "
+_RETRY_AFTER: Final = b"Retry-After: 1\r\n"
+
+Output = list[bytes | None]
+Group = list[tuple["Held", Output]]
 
 
 class AckGate:
@@ -36,12 +63,15 @@ class AckGate:
         self,
         loop: asyncio.AbstractEventLoop,
         wal: SequencedLog,
+        intake: Intake,
         mode: Durability,
         fsync_interval: float,
         metrics: Metrics,
+        committed_seq: int,
     ) -> None:
         self._loop = loop
         self._wal = wal
+        self._intake = intake
         self._mode = mode
         self._fsync_interval = fsync_interval
         self._metrics = metrics
@@ -49,10 +79,20 @@ class AckGate:
         self._scheduled = False
         self._waiting: Group = []  # written, waiting for the next fsync (wal-fsync)
         self._syncing = False
+        self._blocked: dict[Held, tuple[int, Output]] = {}
+        """Connections whose responses wait for the commit of a seq (after a failed fsync),
+        with every later response of theirs queued behind, in order."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-fsync")
         self._timer: asyncio.TimerHandle | None = None
-        self.failed: str | None = None
-        """Set when the WAL could not be written or synced: readyz reports it."""
+        self._probe: asyncio.TimerHandle | None = None
+        self._probing = False
+        self._refused = 0
+        self.committed_seq = committed_seq
+        """The highest seq the database has applied for this node."""
+        self.failure = ""
+        """WRITE_FAILED or FSYNC_FAILED while the WAL is failing, else empty: readyz reports it."""
+        self.failure_detail = ""
+        self.failed_since = 0.0
 
     def start(self) -> None:
         if self._mode == "wal":
@@ -64,16 +104,24 @@ class AckGate:
             self._scheduled = True
             self._loop.call_soon(self._commit)
 
+    def commit_now(self) -> None:
+        """Run this tick's commit now. The flusher calls it before a cut, so every increment in
+        the batch it cuts has been written, and every 202 still held is for an unwritten one."""
+        if self._scheduled:
+            self._commit()
+
     def _commit(self) -> None:
         self._scheduled = False
         held = self._held
         self._held = []
         if self._mode != "memory":
             try:
-                self._wal.write()
+                written = self._wal.write()
             except OSError as exc:
-                self._wal_failed("write", exc, held)
+                self._write_failed(exc, held)
                 return
+            if written and self.failure == WRITE_FAILED:
+                self._recovered("a write succeeded")
         if self._mode != "wal-fsync":
             for conn in held:
                 conn.release_output()
@@ -81,6 +129,30 @@ class AckGate:
         self._waiting.extend((conn, conn.take_output()) for conn in held)
         if not self._syncing:
             self._start_sync()
+
+    def _write_failed(self, exc: OSError, held: list[Held]) -> None:
+        entries = self._wal.discard_unwritten()
+        self._intake.retract(entries)
+        refused = 0
+        for conn in held:
+            out = conn.take_output()
+            for index, chunk in enumerate(out):
+                if chunk is not None and chunk.startswith(_ACCEPTED):
+                    out[index] = _unlogged(conn.clock, chunk)
+                    refused += 1
+            if self._mode == "wal-fsync":
+                self._waiting.append((conn, out))  # behind this connection's earlier responses
+            else:
+                conn.release(out)
+        if self._waiting and not self._syncing:
+            self._start_sync()
+        metrics = self._metrics
+        metrics.wal_failures["write"] += 1
+        metrics.retracted_increments += len(entries)
+        if entries:
+            metrics.count_rejected("wal_unavailable", len(entries))
+        self._refused += refused
+        self._fail(WRITE_FAILED, f"WAL write failed: {exc}", f"{refused} requests refused with 503")
 
     def _start_sync(self) -> None:
         group = self._waiting
@@ -94,13 +166,54 @@ class AckGate:
         self._syncing = False
         self._metrics.fsync_seconds.observe(time.perf_counter() - started)
         exc = future.exception()
-        if exc is not None:
-            self._wal_failed("fsync", exc, [conn for conn, _ in group])
+        if exc is None:
+            if self.failure == FSYNC_FAILED:
+                self._recovered("an fsync succeeded")
+            self._release(group)
         else:
-            for conn, out in group:
-                conn.release(out)
+            self._sync_failed(exc, group)
         if self._waiting:
             self._start_sync()
+
+    def _release(self, group: Group) -> None:
+        blocked = self._blocked
+        for conn, out in group:
+            if blocked and conn in blocked:
+                blocked[conn][1].extend(out)  # order: behind its responses waiting for a commit
+            else:
+                conn.release(out)
+
+    def _sync_failed(self, exc: BaseException, group: Group) -> None:
+        covered = self._wal.abandon_segment()
+        # Ticks written while this fsync ran went to the abandoned segment too: they wait as well.
+        waiting = group + self._waiting
+        self._waiting = []
+        blocked = self._blocked
+        for conn, out in waiting:
+            if conn in blocked:
+                seq, earlier = blocked[conn]
+                blocked[conn] = (max(seq, covered), earlier + out)
+            else:
+                blocked[conn] = (covered, out)
+        self._metrics.wal_failures["fsync"] += 1
+        self._fail(
+            FSYNC_FAILED,
+            f"WAL fsync failed: {exc}",
+            f"segment abandoned; {len(waiting)} connections wait for the database commit of "
+            f"seq {covered} instead",
+        )
+        self.committed(self.committed_seq)
+
+    def committed(self, seq: int) -> None:
+        """The database applied this node's batches up to seq: what waited for it may leave."""
+        if seq > self.committed_seq:
+            self.committed_seq = seq
+        if not self._blocked:
+            return
+        for conn, (needed, out) in list(self._blocked.items()):
+            if needed <= self.committed_seq:
+                del self._blocked[conn]
+                conn.release(out)
 
     def _periodic_sync(self) -> None:
         """Mode wal: the same fsync as wal-fsync's, with no responses waiting on it."""
@@ -108,21 +221,85 @@ class AckGate:
         if not self._syncing and self._wal.synced_bytes < self._wal.written_bytes:
             self._start_sync()
 
-    def _wal_failed(self, what: str, exc: BaseException, conns: list[Held]) -> None:
-        # The increments are in the buffer and will still be flushed, but the promise behind a
-        # 202 cannot be kept: the clients get no answer (in flight = maybe applied, never lost).
-        self.failed = f"WAL {what} failed: {exc}"
-        log.error("WAL %s failed, %d connections aborted: %s", what, len(conns), exc)
-        for conn in conns:
-            conn.take_output()
-            conn.abort()
+    # failure and recovery
 
-    async def close(self) -> None:
-        """Release what is held (final write + sync) and stop the periodic fsync."""
-        if self._timer is not None:
-            self._timer.cancel()
-        while self._scheduled or self._syncing or self._waiting:
+    def _fail(self, code: str, detail: str, consequence: str) -> None:
+        if not self.failure:
+            self.failed_since = time.monotonic()
+            log.error("%s; %s; probing once a second until it succeeds", detail, consequence)
+        self.failure = code
+        self.failure_detail = detail
+        if self._probe is None and not self._probing:
+            self._probe = self._loop.call_later(PROBE_EVERY, self._start_probe)
+
+    def _start_probe(self) -> None:
+        self._probe = None
+        if not self.failure:
+            return
+        self._probing = True
+        future = self._loop.run_in_executor(self._executor, self._wal.probe)
+        future.add_done_callback(self._probed)
+
+    def _probed(self, future: asyncio.Future[None]) -> None:
+        self._probing = False
+        if future.exception() is None:
+            if self.failure:
+                self._recovered("a probe write succeeded")
+        elif self.failure:
+            self._probe = self._loop.call_later(PROBE_EVERY, self._start_probe)
+
+    def _recovered(self, how: str) -> None:
+        log.warning(
+            "WAL healthy again (%s) after %.1f s of %s; %d requests were refused meanwhile",
+            how,
+            time.monotonic() - self.failed_since,
+            self.failure,
+            self._refused,
+        )
+        self.failure = ""
+        self.failure_detail = ""
+        self._refused = 0
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    async def close(self, deadline: float) -> bool:
+        """Release what is held (final write + sync), stop the timers. False if the disk did not
+        finish by deadline (monotonic) or failed: the WAL then keeps what it could write."""
+        for timer in (self._timer, self._probe):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._probe = None
+        while self._scheduled or self._syncing or self._waiting or self._probing:
+            if time.monotonic() >= deadline:
+                self._executor.shutdown(wait=False)
+                return False
             await asyncio.sleep(0.001)
+        self._blocked.clear()  # their connections are closed by now (drain)
+        ok = True
         if self._mode != "memory":
-            await self._loop.run_in_executor(self._executor, self._wal.sync)
-        self._executor.shutdown(wait=True)
+            sync = self._loop.run_in_executor(self._executor, self._wal.sync)
+            try:
+                await asyncio.wait_for(sync, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                log.error("the final WAL fsync did not finish before the shutdown deadline")
+                ok = False
+            except OSError as exc:
+                log.error("the final WAL fsync failed: %s", exc)
+                ok = False
+        self._executor.shutdown(wait=ok)
+        return ok
+
+
+def _unlogged(clock: responses.Clock, accepted: bytes) -> bytes:
+    """The 503 that replaces a 202 whose increments could not be logged, keeping its
+    Connection header (close, or keep-alive for HTTP/1.0)."""
+    start = accepted.find(_CONNECTION)
+    keep = b"" if start < 0 else accepted[start + 2 : accepted.index(b"\r\n", start + 2) + 2]
+    return responses.error(
+        clock,
+        503,
+        "wal_unavailable",
+        "The write-ahead log could not be written, so nothing was recorded; retry shortly.",
+        headers=_RETRY_AFTER + keep,
+    )

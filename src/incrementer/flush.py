@@ -13,11 +13,12 @@ import random
 import time
 
 from incrementer import faults
+from incrementer.durability import AckGate
 from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
-from incrementer.store.base import BackendError, Store
+from incrementer.store.base import INT64_MAX, INT64_MIN, BackendError, Store
 
 log = logging.getLogger("incrementer.flush")
 
@@ -37,6 +38,7 @@ class Flusher:
         self,
         buffer: CoalescingBuffer,
         wal: SequencedLog,
+        gate: AckGate,
         store: Store,
         intake: Intake,
         node_id: str,
@@ -47,6 +49,7 @@ class Flusher:
     ) -> None:
         self.buffer = buffer
         self.wal = wal
+        self.gate = gate
         self.store = store
         self.intake = intake
         self.node_id = node_id
@@ -59,6 +62,8 @@ class Flusher:
         self.inflight: Batch | None = None
         self.commits = 0
         self.db_error: str | None = None
+        """Why the last flush or ping failed, while the database is failing."""
+        self.db_failing_since = 0.0
         self.overflowed: dict[str, int] = {}
         self._stopping = False
         self._deadline = float("inf")
@@ -66,13 +71,26 @@ class Flusher:
 
     # state read by the HTTP side
 
-    def pending_delta(self, key: str, applied_seq: int) -> int:
-        """This node's unflushed delta for key, given a DB snapshot that saw applied_seq."""
-        delta = self.buffer.deltas.get(key, 0)
+    def project(self, key: str, applied_seq: int, value: int) -> tuple[int, int, bool]:
+        """(value, overflow, pending) of key once this node's unflushed deltas land, given the
+        persisted value from a snapshot that saw applied_seq. Each pending delta is added or
+        set aside for overflow by the rule the stores apply at flush (the in-flight batch first,
+        then the buffer), so a read tells the same truth before and after the flush."""
+        overflow = 0
+        pending = False
         inflight = self.inflight
-        if inflight is not None and inflight.seq > applied_seq:
-            delta += inflight.deltas.get(key, 0)
-        return delta
+        parts = [inflight.deltas] if inflight is not None and inflight.seq > applied_seq else []
+        parts.append(self.buffer.deltas)
+        for deltas in parts:
+            delta = deltas.get(key)
+            if delta is None:
+                continue
+            pending = True
+            if INT64_MIN <= delta <= INT64_MAX and INT64_MIN <= value + delta <= INT64_MAX:
+                value += delta
+            else:
+                overflow += delta
+        return value, overflow, pending
 
     def oldest_pending_age(self, now: float) -> float:
         oldest = self.inflight.oldest if self.inflight is not None else now
@@ -106,6 +124,11 @@ class Flusher:
             await asyncio.sleep(POLL)
 
     def _cut(self) -> None:
+        # Write this tick's frame first (and answer its requests): the batch then holds only
+        # logged increments, and a write that fails takes its increments back out of the buffer.
+        self.gate.commit_now()
+        if not self.buffer.deltas:
+            return
         seq = self.wal.seal()
         self.inflight = self.buffer.swap(seq)
         self.intake.key_budget = self.intake.max_pending_keys - len(self.inflight.deltas)
@@ -134,7 +157,7 @@ class Flusher:
 
     def _failed(self, reason: str, failures: int) -> None:
         self.metrics.flush_failures += 1
-        self.db_error = reason
+        self._database_failed(reason)
         # First failure and then every 20th: an outage is visible without flooding the log.
         if failures == 1 or failures % 20 == 0:
             log.warning("flush failed (attempt %d), retrying with backoff: %s", failures, reason)
@@ -149,6 +172,7 @@ class Flusher:
         self._last_contact = now
         self.inflight = None
         self.commits += 1
+        self.gate.committed(batch.seq)
         self.intake.key_budget = self.intake.max_pending_keys
         metrics = self.metrics
         if applied:
@@ -184,16 +208,22 @@ class Flusher:
         try:
             await asyncio.wait_for(self.store.ping(), PING_TIMEOUT)
         except (BackendError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer to a ping within {PING_TIMEOUT:g} s"
             if self.db_error is None:
-                log.warning("database unreachable: %s", exc)
-            self.db_error = str(exc)
+                log.warning("database unreachable: %s", reason)
+            self._database_failed(reason)
         except Exception as exc:
             log.exception("internal error pinging the database")
-            self.db_error = f"internal error: {exc!r}"
+            self._database_failed(f"internal error: {exc!r}")
         else:
             if self.db_error is not None:
                 log.info("database reachable again")
             self.db_error = None
+
+    def _database_failed(self, reason: str) -> None:
+        if self.db_error is None:
+            self.db_failing_since = time.monotonic()
+        self.db_error = reason
 
     def stop(self, deadline: float) -> None:
         """Flush what is pending, then return from run(); give up retrying at deadline."""

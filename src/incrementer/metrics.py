@@ -63,6 +63,8 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.rejected: dict[str, int] = {}
         self.rejected_connections = 0
+        self.retracted_increments = 0  # accepted, then taken back: their WAL write failed
+        self.wal_failures = {"write": 0, "fsync": 0}
         self.flushes = 0
         self.flush_failures = 0
         self.skipped_batches = 0
@@ -79,14 +81,14 @@ class Metrics:
     @property
     def accepted_increments(self) -> int:
         """Derived at scrape time, so the hot path bumps one counter per request, not two."""
-        return self.accepted_requests + self.accepted_batch_increments
+        return self.accepted_requests + self.accepted_batch_increments - self.retracted_increments
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
 
-    def count_rejected(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+    def count_rejected(self, reason: str, increments: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + increments
 
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (doc, read)
@@ -136,6 +138,14 @@ class Metrics:
         }
         for name, (doc, value) in simple.items():
             yield CounterMetricFamily(name, doc, value=value)
+        wal_failures = CounterMetricFamily(
+            "incrementer_wal_failures",
+            "WAL writes and fsyncs that failed (the disk is full or broken).",
+            labels=["operation"],
+        )
+        for operation, count in self.wal_failures.items():
+            wal_failures.add_metric([operation], count)
+        yield wal_failures
         yield self.flush_seconds.family(
             "incrementer_flush_duration_seconds", "Time to apply one batch."
         )

@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 from incrementer import build
 from incrementer.app import App
@@ -46,6 +47,8 @@ class Service:
         self._flush_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self.clean = True
+        """False when the stop left deltas unflushed (in the WAL) or the disk failed."""
 
     async def start(self) -> None:
         s = self.settings
@@ -57,12 +60,17 @@ class Service:
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
         await self.store.open()
-        wal = await self._open_wal(node_id)
+        applied_seq = await self.store.applied_seq(node_id)
+        wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
         intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics)
+        self.gate = AckGate(
+            loop, wal, intake, s.durability, s.fsync_interval, self.metrics, applied_seq
+        )
         self.flusher = Flusher(
             self.buffer,
             wal,
+            self.gate,
             self.store,
             intake,
             node_id,
@@ -71,7 +79,6 @@ class Service:
             s.flush_max_keys,
             self.metrics,
         )
-        self.gate = AckGate(loop, wal, s.durability, s.fsync_interval, self.metrics)
         keyring, limiter = await self._guards()
         app = App(
             validator,
@@ -84,6 +91,7 @@ class Service:
             s.lag_bound,
             keyring,
             limiter,
+            open_details=s.loopback and not s.auth_required,
         )
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self._register_gauges()
@@ -142,8 +150,7 @@ class Service:
             await asyncio.sleep(60)
             limiter.prune(time.monotonic())
 
-    async def _open_wal(self, node_id: str) -> WriteAheadLog | MemorySequence:
-        applied_seq = await self.store.applied_seq(node_id)
+    async def _open_wal(self, applied_seq: int) -> WriteAheadLog | MemorySequence:
         wal: WriteAheadLog | MemorySequence
         if self.settings.durability == "memory":
             wal = MemorySequence()
@@ -203,28 +210,35 @@ class Service:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """Drain: stop accepting, answer in-flight requests, final flush, close everything."""
+        """Drain: stop accepting, answer in-flight requests, final flush, close everything.
+
+        --shutdown-timeout is one budget for all of it: past the deadline, what is not flushed
+        stays in the WAL for replay at the next start, and `clean` says so.
+        """
         s = self.settings
         started = time.monotonic()
+        deadline = started + s.shutdown_timeout
         if self.server is not None:
             self.server.stop_accepting()
-            forced = await self.server.drain(s.shutdown_timeout)
+            forced = await self.server.drain(max(0.0, deadline - time.monotonic()))
             if forced:
                 log.warning("closed %d connections that did not finish in time", forced)
         for task in self._background:
             task.cancel()
-        if self.gate is not None:
-            await self.gate.close()
+        if self.gate is not None and not await self.gate.close(deadline):
+            self.clean = False
         if self.flusher is not None and self._flush_task is not None:
-            self.flusher.stop(deadline=time.monotonic() + s.shutdown_timeout)
-            await self._flush_task
-            left = self.flusher.pending_keys()
-            if left:
-                where = "kept in the WAL for the next start" if s.durability != "memory" else "LOST"
-                log.error("final flush failed: %d keys not persisted, %s", left, where)
+            self.flusher.stop(deadline)
+            if not await _finish(self._flush_task, deadline):
+                log.error(
+                    "shutdown deadline (%g s) passed during the final flush: %s",
+                    s.shutdown_timeout,
+                    self.flusher.db_error or "the database did not answer",
+                )
+            self._report_unflushed()
         if self.wal is not None:
-            await asyncio.to_thread(self.wal.close)
-        await self.store.close()
+            await _bounded(asyncio.to_thread(self.wal.close), deadline, "closing the WAL")
+        await self.store.close(max(0.0, deadline - time.monotonic()))
         self.data_dir.close()
         if not self.url:
             return  # start-up failed; the caller reports why
@@ -235,13 +249,73 @@ class Service:
             self.metrics.flushes,
         )
 
+    def _report_unflushed(self) -> None:
+        assert self.flusher is not None and self.gate is not None
+        left = self.flusher.pending_keys()
+        if not left:
+            return
+        self.clean = False
+        if self.settings.durability == "memory":
+            log.error(
+                "final flush failed: %d keys not persisted and LOST (durability memory)", left
+            )
+            return
+        log.error(
+            "final flush failed: %d keys not persisted; their increments stay in the WAL "
+            "(%s, frames after seq %d) and are replayed at the next start, nothing is lost",
+            left,
+            self.data_dir.wal_path,
+            self.gate.committed_seq,
+        )
+
     async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain; the process exits by the shutdown deadline even
+        if something hangs (a frozen disk, a database that accepts and never answers)."""
         with capture_signals(self.request_stop):
             try:
                 await self.start()
                 await self.wait()
             finally:
+                _exit_after(self.settings.shutdown_timeout + EXIT_GRACE)
                 await self.stop()
+
+
+# After the shutdown deadline the drain gives up on whatever still hangs; this long after it, the
+# process exits even if giving up hangs too (a thread stuck in a syscall on a frozen disk).
+EXIT_GRACE = 3.0
+
+
+async def _finish(task: asyncio.Task[None], deadline: float) -> bool:
+    """Wait for task until deadline; then cancel it (its state stays consistent: the flusher
+    keeps its batch) and give it a moment to unwind. False if the deadline passed."""
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+    if done:
+        return True
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    return False
+
+
+async def _bounded(work: Awaitable[None], deadline: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(work, max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        log.error("%s did not finish before the shutdown deadline", what)
+    except OSError as exc:
+        log.error("%s failed: %s", what, exc)
+
+
+def _exit_after(seconds: float) -> None:
+    """The hard ceiling of a shutdown: a daemon thread that ends the process."""
+
+    def expire() -> None:
+        log.error("shutdown still not finished %.0f s after it began; exiting now", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 @contextlib.contextmanager

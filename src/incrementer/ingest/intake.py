@@ -95,6 +95,23 @@ class Intake:
         self.wal.append(key_bytes, value)
         self.buffer.add(key, value)
 
+    def retract(self, entries: list[tuple[str, int]]) -> None:
+        """Take back increments whose WAL write failed: never logged, so never to be applied.
+
+        A key whose delta comes back to zero is dropped, as if it had never been pending (a
+        key whose logged increments alone summed to zero is dropped too: its flush would have
+        added 0, so only whether an empty row gets created differs).
+        """
+        deltas = self.buffer.deltas
+        for key, value in entries:
+            pending = deltas.get(key)
+            if pending is None:
+                continue  # not added after all (a bug between append and add answered 500)
+            if pending == value:
+                del deltas[key]
+            else:
+                deltas[key] = pending - value
+
     def accept_many(self, items: list[Validated]) -> None:
         """All or nothing: the budget is checked for the whole batch before anything is added."""
         deltas = self.buffer.deltas

@@ -50,6 +50,15 @@ class SequencedLog:
     def recycle(self, applied_seq: int) -> int:
         raise NotImplementedError
 
+    def discard_unwritten(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    def abandon_segment(self) -> int:
+        raise NotImplementedError
+
+    def probe(self) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -100,6 +109,15 @@ class MemorySequence(SequencedLog):
 
     def recycle(self, applied_seq: int) -> int:
         return 0
+
+    def discard_unwritten(self) -> list[tuple[str, int]]:
+        return []  # nothing is ever written, so nothing fails to be
+
+    def abandon_segment(self) -> int:
+        return self.last_seq
+
+    def probe(self) -> None:
+        return None
 
     def close(self) -> None:
         return None

@@ -8,11 +8,18 @@ it meets (`SequencedLog`) and its memory-mode twin in `sequence`.
 
 Threads: everything runs on the event-loop thread except `sync()`, which may run in a worker
 thread at the same time as append/seal/write, and `recycle()`, which may too.
+
+Failures (the policy is the ack gate's, durability.py; these are the means):
+- a failed write leaves the unwritten frames in memory; `discard_unwritten()` drops them and
+  returns their increments, so the caller can take them back (they were never logged);
+- a failed fdatasync may have lost pages the kernel then marks clean, so syncing the same file
+  again can report success without the data (PostgreSQL's "fsyncgate"). `abandon_segment()`
+  stops using that file: it is never synced or appended to again, the next write starts a new
+  segment, and the caller makes what was written to it durable another way.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -34,6 +41,7 @@ from incrementer.ingest.wal_reader import (
     SEQ,
     WalCorruptError,
     WalSummary,
+    decode_entries,
     list_segments,
     replay_segments,
     scan_segment,
@@ -42,6 +50,7 @@ from incrementer.ingest.wal_reader import (
 )
 
 __all__ = [
+    "SegmentIO",
     "WalCorruptError",
     "WalLockedError",
     "WalSummary",
@@ -62,6 +71,25 @@ _NEW_SEGMENT: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 @mypyc_attr(native_class=False)  # compiled (setup.py): a native class cannot subclass OSError
 class WalLockedError(OSError):
     """Another WriteAheadLog (in this or another process) has the directory open."""
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class SegmentIO:
+    """The system calls the log makes on its files. Tests substitute a subclass that fails
+    like a full or broken disk (ENOSPC, EIO); a compiled class cannot be patched otherwise."""
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+
+PROBE_NAME: Final = "probe"
+_PROBE_PAGE: Final = bytes(4096)
 
 
 @dataclass(eq=False, slots=True)
@@ -98,9 +126,10 @@ class WriteAheadLog(SequencedLog):
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._rotated_fds: list[int] = []
+        self._abandoned_fds: set[int] = set()  # never fdatasynced again (abandon_segment)
         self._dir_dirty = False
         self._closed = False
-        self._sync_error: OSError | None = None
+        self.io = SegmentIO()
 
     @classmethod
     def open(cls, directory: Path, *, segment_bytes: int = 64 * 2**20) -> WriteAheadLog:
@@ -224,15 +253,19 @@ class WriteAheadLog(SequencedLog):
             self._start_segment(self._pending_first_seq)
         fd, segment, total = self._fd, self._segments[-1], len(pending)
         done = 0
+        io = self.io
         try:
             with memoryview(pending) as view:
                 while done < total:
-                    done += os.write(fd, view[done:])
+                    # Released at once, even when the write raises: a slice kept alive by the
+                    # traceback would pin the buffer, and discard_unwritten() must clear it.
+                    with view[done:] as rest:
+                        done += io.write(fd, rest)
         except BaseException:
             if done:
                 # A partial frame followed by later frames would read as damage on the next
                 # open; cut it off so a retry of this write starts at a frame boundary.
-                os.ftruncate(fd, segment.size)
+                io.ftruncate(fd, segment.size)
             raise
         pending.clear()
         segment.size += total
@@ -258,35 +291,75 @@ class WriteAheadLog(SequencedLog):
             self._sync_locked()
 
     def _sync_locked(self) -> None:
-        if self._sync_error is not None:
-            raise OSError(
-                errno.EIO,
-                f"an earlier fdatasync in {self.directory} failed ({self._sync_error}); "
-                "what was written since cannot be promised durable",
-            )
         with self._lock:
             if self._closed:
                 return
             target = self._written_bytes
             rotated, self._rotated_fds = self._rotated_fds, []
-            fd = self._fd
+            fd = -1 if self._fd in self._abandoned_fds else self._fd
             dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:
             for old_fd in rotated:
-                os.fdatasync(old_fd)
+                if old_fd not in self._abandoned_fds:
+                    self.io.fdatasync(old_fd)
             if fd >= 0:
-                os.fdatasync(fd)
+                self.io.fdatasync(fd)
             if dir_dirty:
                 os.fsync(self._dir_fd)
-        except OSError as exc:
-            # After a failed fdatasync the kernel may have dropped the dirty pages and marked
-            # them clean, so a retry could succeed without the data: never report progress again.
-            self._sync_error = exc
+        except OSError:
+            with self._lock:
+                self._dir_dirty = self._dir_dirty or dir_dirty
             raise
         finally:
             for old_fd in rotated:
                 os.close(old_fd)
+                self._abandoned_fds.discard(old_fd)
         self._synced_bytes = max(self._synced_bytes, target)
+
+    def abandon_segment(self) -> int:
+        """After a failed sync: never sync or append to the active segment again (the next
+        write starts a new one). Returns the seq of the last frame written so far: everything up
+        to it must be made durable some other way. Call on the event-loop thread."""
+        with self._lock:
+            if self._fd >= 0:
+                self._abandoned_fds.add(self._fd)
+                self._new_segment_needed = True
+        return self._segments[-1].last_seq if self._segments else 0
+
+    def discard_unwritten(self) -> list[tuple[str, int]]:
+        """After write() failed: drop the frames not handed to the OS and return their entries
+        (the caller takes those increments back: they were never logged). Their seqs are handed
+        out again, so the log stays gapless."""
+        entries: list[tuple[str, int]] = []
+        pending = bytes(self._pending)
+        offset = 0
+        while offset < len(pending):
+            _, length, _, _ = HEADER.unpack_from(pending, offset)
+            start = offset + HEADER.size
+            entries.extend(decode_entries(pending[start : start + length]))
+            offset = start + length
+        entries.extend(decode_entries(bytes(self._frame)))
+        if self._pending_first_seq:
+            self._next_seq = self._pending_first_seq
+        self._pending.clear()
+        self._frame.clear()
+        self._pending_first_seq = 0
+        return entries
+
+    def probe(self) -> None:
+        """Write and fdatasync one page in a scratch file beside the segments, then remove it:
+        raises OSError while the disk still refuses. Safe in a worker thread."""
+        path = self.directory / PROBE_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with memoryview(_PROBE_PAGE) as view:
+                done = 0
+                while done < len(view):
+                    done += self.io.write(fd, view[done:])
+            self.io.fdatasync(fd)
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
 
     def recycle(self, applied_seq: int) -> int:
         """Delete the segments whose every frame is <= applied_seq, never the active one.

@@ -6,7 +6,7 @@ PostgreSQL one never touches sqlite3.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from incrementer.store.base import (
     INT64_MAX,
@@ -28,6 +28,7 @@ __all__ = [
     "parse_database_url",
     "prefix_upper_bound",
     "redact_url",
+    "scrub",
 ]
 
 ACCEPTED_FORMS = (
@@ -57,18 +58,54 @@ def parse_database_url(url: str) -> tuple[str, str]:
     raise ValueError(f"unsupported database URL {redact_url(url)!r}; use {ACCEPTED_FORMS}")
 
 
+# Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;
+# compared case-insensitively here, to redact too much rather than too little).
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe for logs and error messages."""
+    """The URL with every secret (the userinfo password, `password=` and `sslpassword=` query
+    parameters) replaced by ***, safe for logs, error messages and health output."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "<unparseable URL>"
-    if not password:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
+    query = "&".join(
+        f"{name}=***" if sep and unquote_plus(name).strip().lower() in SECRET_PARAMETERS else piece
+        for piece in parts.query.split("&")
+        for name, sep, _ in [piece.partition("=")]
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing secret; geturl() would also normalize sqlite:/// away
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values in url, as written and decoded, for scrubbing messages that might
+    quote them (a driver's error about a malformed URL)."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return []
+    for piece in parts.query.split("&"):
+        name, sep, value = piece.partition("=")
+        if sep and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
+            found += [value, unquote_plus(value)]
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """text with every secret of url replaced by ***."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def prefix_upper_bound(prefix: str) -> str | None:

@@ -31,6 +31,8 @@ class KeyRead:
 
     value: int | None
     applied_seq: int
+    overflow: int = 0
+    """The sum of the key's deltas kept in counter_overflows (0 if none): exact, any size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,11 @@ class ApiKey:
     revoked_at: str | None = None
 
 
+def sum_deltas(joined: str | None) -> int:
+    """The exact sum of comma-joined decimal deltas (counter_overflows.delta), 0 for None."""
+    return sum(int(delta) for delta in joined.split(",")) if joined else 0
+
+
 class DuplicateKeyName(Exception):
     """An API key with that name already exists."""
 
@@ -61,7 +68,8 @@ class Store(Protocol):
     async def open(self) -> None:
         """Connect eagerly so configuration problems show at start, not at the first flush."""
 
-    async def close(self) -> None: ...
+    async def close(self, timeout: float | None = None) -> None:
+        """Release connections; past timeout seconds, drop them without waiting (shutdown)."""
 
     async def ping(self) -> None:
         """Raise BackendError unless the database answers."""
@@ -78,7 +86,8 @@ class Store(Protocol):
         """
 
     async def read(self, key: str, node_id: str) -> KeyRead:
-        """The persisted value of key (None if unknown) and node_id's applied_seq, one snapshot."""
+        """The persisted value of key (None if unknown), its overflowed deltas and node_id's
+        applied_seq, one snapshot."""
 
     async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
         """Up to limit (key, value) pairs whose key starts with prefix, ordered by key."""

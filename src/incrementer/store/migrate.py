@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
-from incrementer.store import BackendError, parse_database_url, redact_url
+from incrementer.store import BackendError, parse_database_url, redact_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ def migrate(url: str, lock_timeout: float = 60.0, connect_timeout: int = 10) -> 
     try:
         backend = yoyo.get_backend(yoyo_url)
     except (*db_errors, OSError) as exc:
-        raise BackendError(f"cannot reach database {where} to migrate: {exc}") from exc
+        raise BackendError(
+            f"cannot reach database {where} to migrate: {scrub(str(exc), url)}"
+        ) from exc
     try:
         migrations = yoyo.read_migrations(str(MIGRATIONS_DIR))
         with backend.lock(timeout=lock_timeout):
@@ -55,7 +57,7 @@ def migrate(url: str, lock_timeout: float = 60.0, connect_timeout: int = 10) -> 
     except LockTimeout as exc:
         raise BackendError(f"migrating {where}: {exc}") from exc
     except (*db_errors, OSError) as exc:
-        raise BackendError(f"migrating {where} failed: {exc}") from exc
+        raise BackendError(f"migrating {where} failed: {scrub(str(exc), url)}") from exc
     finally:
         backend.connection.close()
 

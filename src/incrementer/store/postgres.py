@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from incrementer.store import prefix_upper_bound, redact_url
+from incrementer.store import prefix_upper_bound, redact_url, scrub
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
@@ -22,6 +22,7 @@ from incrementer.store.base import (
     BackendError,
     DuplicateKeyName,
     KeyRead,
+    sum_deltas,
 )
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
@@ -80,10 +81,12 @@ INSERT_OVERFLOWS = (
     " SELECT $1, $2, k, d, now() FROM unnest($3::text[], $4::text[]) AS t(k, d)"
 )
 SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1"
-# One statement, so the value and applied_seq come from one snapshot.
+# One statement, so the value, the overflowed deltas and applied_seq come from one snapshot.
+# The deltas are decimal text of any size: summed exactly in Python.
 SELECT_READ = (
     "SELECT (SELECT value FROM counters WHERE key = $1),"
-    " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2)"
+    " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2),"
+    " (SELECT string_agg(delta, ',') FROM counter_overflows WHERE key = $1)"
 )
 # A key range rather than LIKE: the range needs no wildcard escaping and uses the primary key
 # index. It is exact because `key` is declared COLLATE "C" (migration 0003): code point order,
@@ -138,14 +141,20 @@ class PostgresStore:
             )
         except (*DB_ERRORS, ValueError) as exc:
             # ValueError: asyncpg's complaint about a malformed DSN.
-            raise BackendError(f"cannot connect to PostgreSQL at {self._where}: {exc}") from exc
+            raise BackendError(
+                f"cannot connect to PostgreSQL at {self._where}: {self._describe(exc)}"
+            ) from exc
 
-    async def close(self) -> None:
+    async def close(self, timeout: float | None = None) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        limit = self.close_timeout if timeout is None else min(timeout, self.close_timeout)
+        if limit <= 0:
+            pool.terminate()
+            return
         try:
-            await asyncio.wait_for(pool.close(), self.close_timeout)
+            await asyncio.wait_for(pool.close(), limit)
         except TimeoutError:
             pool.terminate()
 
@@ -210,7 +219,11 @@ class PostgresStore:
         with self._errors():
             row = await self._require_pool().fetchrow(SELECT_READ, key, node_id)
         value, applied = row[0], row[1]
-        return KeyRead(value=None if value is None else int(value), applied_seq=int(applied or 0))
+        return KeyRead(
+            value=None if value is None else int(value),
+            applied_seq=int(applied or 0),
+            overflow=sum_deltas(row[2]),
+        )
 
     async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
         if limit < 0:
@@ -271,7 +284,16 @@ class PostgresStore:
         try:
             yield
         except DB_ERRORS as exc:
-            raise BackendError(f"PostgreSQL at {self._where}: {exc}") from exc
+            raise BackendError(f"PostgreSQL at {self._where}: {self._describe(exc)}") from exc
+
+    def _describe(self, exc: BaseException) -> str:
+        """What failed, never empty: asyncpg's timeouts carry no message of their own."""
+        if isinstance(exc, TimeoutError):
+            limit = self.command_timeout
+            return "timed out waiting for an answer" + (
+                f" (command timeout {limit:g} s)" if limit else ""
+            )
+        return scrub(str(exc), self.dsn) or type(exc).__name__
 
 
 async def _joined(keys: list[str], values: list[int]) -> tuple[str, str] | None:

@@ -26,6 +26,7 @@ from incrementer.store.base import (
     BackendError,
     DuplicateKeyName,
     KeyRead,
+    sum_deltas,
 )
 
 T = TypeVar("T")
@@ -48,10 +49,12 @@ UPSERT_NODE = (
     " SET applied_seq = excluded.applied_seq, updated_at = excluded.updated_at"
 )
 SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?"
-# One statement, so the value and applied_seq come from one snapshot.
+# One statement, so the value, the overflowed deltas and applied_seq come from one snapshot.
+# The deltas are decimal text of any size: summed exactly in Python.
 SELECT_READ = (
-    "SELECT (SELECT value FROM counters WHERE key = ?),"
-    " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?)"
+    "SELECT (SELECT value FROM counters WHERE key = ?1),"
+    " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?2),"
+    " (SELECT group_concat(delta, ',') FROM counter_overflows WHERE key = ?1)"
 )
 
 
@@ -86,13 +89,18 @@ class SQLiteStore:
             await self.close()
             raise
 
-    async def close(self) -> None:
-        # Closing is queued behind any in-flight work, so a running flush finishes first.
+    async def close(self, timeout: float | None = None) -> None:
+        # Closing is queued behind any in-flight work, so a running flush finishes first; past
+        # timeout (a hung disk) the threads are left to finish on their own.
+        loop = asyncio.get_running_loop()
         for executor, attr in ((self._writer, "_write_conn"), (self._reader, "_read_conn")):
             if executor is None:
                 continue
             try:
-                await asyncio.get_running_loop().run_in_executor(executor, self._close_conn, attr)
+                closing = loop.run_in_executor(executor, self._close_conn, attr)
+                await asyncio.wait_for(closing, timeout)
+            except TimeoutError:
+                pass
             finally:
                 executor.shutdown(wait=False)
         self._writer = self._reader = None
@@ -115,8 +123,8 @@ class SQLiteStore:
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         rows = await self._read(lambda conn: conn.execute(SELECT_READ, (key, node_id)).fetchall())
-        value, applied = rows[0]
-        return KeyRead(value=value, applied_seq=applied or 0)
+        value, applied, overflowed = rows[0]
+        return KeyRead(value=value, applied_seq=applied or 0, overflow=sum_deltas(overflowed))
 
     async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
         if limit < 0:

@@ -1,0 +1,244 @@
+"""A WAL that cannot be written or synced: nothing unlogged is applied, no 202 lies, the rest of
+the service keeps answering, and readiness recovers by itself. Faults are injected through the
+log's SegmentIO (ENOSPC, EIO), and once for real: a tiny tmpfs filled up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support import (
+    counter_path,
+    db_totals,
+    exchange,
+    host_port,
+    increment_request,
+    kill,
+    run_service,
+    settings_for,
+    skip_or_fail,
+    spawned,
+    wait_until,
+)
+
+from incrementer.ingest.wal import SegmentIO, WriteAheadLog
+
+
+class DiskFault(SegmentIO):
+    """The real system calls, unless told to fail (or, for fdatasync, to wait first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_error = 0
+        self.sync_errors: list[int] = []
+        self.synced_fds: list[int] = []
+        self.failed_fds: list[int] = []
+        self.hold: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def write(self, fd: int, data: memoryview) -> int:
+        if self.write_error:
+            raise OSError(self.write_error, os.strerror(self.write_error))
+        return super().write(fd, data)
+
+    def fdatasync(self, fd: int) -> None:
+        self.entered.set()
+        if self.hold is not None:
+            self.hold.wait(30)
+        if self.sync_errors:
+            self.failed_fds.append(fd)
+            code = self.sync_errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        self.synced_fds.append(fd)
+        super().fdatasync(fd)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def batch_request(items: list[tuple[str, int]]) -> bytes:
+    import msgspec
+
+    body = msgspec.json.encode([{"key": k, "value": v} for k, v in items])
+    return (
+        b"POST /increments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+
+
+def get(path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode()
+
+
+def inject(svc: object) -> DiskFault:
+    wal = getattr(svc, "wal", None)
+    assert isinstance(wal, WriteAheadLog)
+    disk = DiskFault()
+    wal.io = disk
+    return disk
+
+
+@pytest.mark.parametrize("durability", ["wal", "wal-fsync"])
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+async def test_an_increment_that_cannot_be_logged_gets_503_and_is_never_applied(
+    tmp_path: Path, sqlite_url: str, durability: str, error: int
+) -> None:
+    """A failed WAL write: its increments get 503 wal_unavailable with Retry-After and are taken
+    back; health and reads answer in order; readiness recovers by itself once writes work."""
+    key, other = unique("logged"), unique("never")
+    settings = settings_for(tmp_path, sqlite_url, durability=durability)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        disk = inject(svc)
+        assert (await client.post("/increment", json={"key": key, "value": 1})).status_code == 202
+        disk.write_error = error
+        answers = await exchange(
+            svc.url,
+            get("/healthz")
+            + increment_request(key, 10)
+            + batch_request([(key, 100), (other, 1)])
+            + get(counter_path(key)),
+            4,
+        )
+        assert [r.status for r in answers] == [200, 503, 503, 200]
+        for refused in answers[1:3]:
+            assert refused.headers["retry-after"] == "1"
+            assert b'"error":"wal_unavailable"' in refused.body
+        assert answers[3].body.endswith(b'"value":1}'), answers[3].body
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert [r["code"] for r in ready.json()["reasons"]] == ["wal_write_failed"]
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get(counter_path(other))).status_code == 404
+        assert svc.metrics.wal_failures["write"] >= 1
+        assert svc.metrics.rejected["wal_unavailable"] == 3
+
+        disk.write_error = 0  # space is back: the probe notices without any increment sent
+        await wait_until(lambda: _ready(client), timeout=10)
+        assert (
+            await client.post("/increment", json={"key": key, "value": 1000})
+        ).status_code == 202
+        assert svc.metrics.accepted_increments == 2
+    assert await db_totals(sqlite_url, [key, other]) == {key: 1001}
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/readyz")).status_code == 200
+
+
+async def test_wal_fsync_sends_no_202_before_its_fdatasync_returns(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """In wal-fsync mode the 202 leaves only after the fdatasync covering it has returned."""
+    settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
+    async with run_service(settings) as svc:
+        disk = inject(svc)
+        disk.hold = threading.Event()
+        reader, writer = await asyncio.open_connection(*host_port(svc.url))
+        try:
+            writer.write(increment_request(unique("held"), 1))
+            assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.5)  # the fsync is still held
+            disk.hold.set()
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert answer.startswith(b"HTTP/1.1 202 ")
+        finally:
+            disk.hold.set()
+            writer.close()
+
+
+async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_for_the_database(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A failed fdatasync is never retried on its file: later frames go to a new segment, and
+    the requests it covered get their 202 only once the database holds their increments."""
+    key = unique("fsync")
+    settings = settings_for(tmp_path, db_url, durability="wal-fsync")
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        disk = inject(svc)
+        assert (await client.post("/increment", json={"key": key, "value": 1})).status_code == 202
+        disk.sync_errors = [errno.EIO]
+        assert (await client.post("/increment", json={"key": key, "value": 2})).status_code == 202
+        assert await db_totals(db_url, [key]) == {key: 3}, "answered before it was durable"
+        [failed_fd] = disk.failed_fds
+        synced_before = len(disk.synced_fds)
+        assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
+        assert failed_fd not in disk.synced_fds[synced_before:], "synced the failed file again"
+        assert svc.metrics.wal_failures["fsync"] == 1
+        await wait_until(lambda: _ready(client), timeout=10)
+    assert await db_totals(db_url, [key]) == {key: 7}
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a tmpfs needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem is full; return it."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as file:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    file.write(chunk[:size])
+    return filler
+
+
+async def test_a_full_disk_refuses_with_503_then_recovers_and_a_kill_9_keeps_exactly_the_202s(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A real full filesystem under the data dir: 503s while full, 200 on /healthz, /readyz 503
+    then 200 once space is freed; after kill -9 and restart the database holds exactly the
+    increments that got 202."""
+    key = unique("disk")
+    data = tiny_tmpfs(tmp_path / "small", "1m")
+    args = ["--database-url", sqlite_url, "--flush-interval", "5"]
+    with data as mount:
+        args += ["--data-dir", str(mount / "data")]
+        acked = 0
+        with spawned(args) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+
+                async def send(n: int) -> dict[int, int]:
+                    nonlocal acked
+                    seen: dict[int, int] = {}
+                    for _ in range(n):
+                        resp = await client.post("/increment", json={"key": key, "value": 1})
+                        seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
+                        acked += resp.status_code == 202
+                    return seen
+
+                assert await send(100) == {202: 100}
+                filler = fill(mount)
+                seen = await send(400)  # the last page of the segment may still take a few
+                assert seen.get(503, 0) > 300, seen
+                assert (await client.get("/healthz")).status_code == 200
+                ready = await client.get("/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["reasons"][0]["code"] == "wal_write_failed"
+                filler.unlink()
+                await wait_until(lambda: _ready(client), timeout=10)
+                assert await send(100) == {202: 100}
+            kill(server.proc)
+        with spawned(args) as server:
+            assert server.stop() == 0, server.read_log()
+    assert await db_totals(sqlite_url, [key]) == {key: acked}
