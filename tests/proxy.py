@@ -1,4 +1,5 @@
-"""A TCP proxy between the service and PostgreSQL that a test can cut: a real network outage."""
+"""A TCP proxy between the service and PostgreSQL that a test can cut (a real network outage) or
+freeze (a database that accepts connections and never answers)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ class CuttableProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.frozen = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.frozen:
+            self._writers.add(writer)
+            await self._swallow(reader)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -29,6 +35,8 @@ class CuttableProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.frozen:
+                    continue  # read and stay silent
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -46,6 +54,15 @@ class CuttableProxy:
             transport = writer.transport
             transport.abort()
         self._writers.clear()
+
+    async def _swallow(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    def freeze(self) -> None:
+        """Keep every connection open and accept new ones, but never pass a byte on."""
+        self.frozen = True
 
     async def restore(self) -> None:
         await self.start()  # same port: the service reconnects to the address it knows

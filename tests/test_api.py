@@ -215,7 +215,7 @@ async def test_overflowing_key_is_isolated(tmp_path: Path, db_url: str) -> None:
         assert await db_totals(db_url, [big]) == {big: INT64_MAX - 5}
         ready = (await client.get("/readyz")).json()
         assert ready["overflowed_keys"] == 1
-        assert ready["details"]["overflowed_keys"] == {big: "10"}  # loopback bind, no keys
+        assert "details" not in ready and big not in str(ready)  # names only with a key
         assert svc.metrics.overflowed_keys == 1
 
 

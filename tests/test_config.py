@@ -68,6 +68,11 @@ def test_bad_values_name_the_option(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"invalid flush-interval-max=.*lag bound"):
         Settings(lag_bound=0.4)  # the default --flush-interval-max (0.5 s) would exceed it
     Settings(lag_bound=0.4, flush_interval_max=0.3)
+    with pytest.raises(ConfigError, match=r"invalid max-pending-keys=1000: .*twice flush-max-keys"):
+        Settings(max_pending_keys=1000, flush_max_keys=1000)  # refused new keys when healthy
+    with pytest.raises(ConfigError, match=r"invalid max-pending-keys=1999"):
+        Settings(max_pending_keys=1999, flush_max_keys=1000)
+    Settings(max_pending_keys=2000, flush_max_keys=1000)
     with pytest.raises(ConfigError, match=r"unknown option 'colour'"):
         Settings.build({}, _toml(tmp_path, "colour = 1\n"))
 

@@ -60,7 +60,6 @@ class App(Handler):
         lag_bound: float,
         keyring: KeyRing | None = None,
         limiter: ClientLimiter | None = None,
-        open_details: bool = False,
     ) -> None:
         self.validator = validator
         self.intake = intake
@@ -73,9 +72,6 @@ class App(Handler):
         self.keyring = keyring
         self.limiter = limiter
         self.guarded = keyring is not None or limiter is not None
-        self.open_details = open_details
-        """Readiness details (error texts, overflowed key names) for any caller: only on a
-        loopback bind without keys. Otherwise they need a valid API key."""
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
 
     def fast_path(self) -> FastPath:
@@ -296,7 +292,8 @@ class App(Handler):
 
     def readyz(self, conn: HttpConnection, authorization: bytes, keep_alive: bool) -> bytes:
         """Codes and ages for anyone (a load balancer); the why (database errors, which may name
-        hosts, and overflowed key names) only for a caller with a valid API key."""
+        hosts, and overflowed key names) only for a caller with a valid API key, so never when
+        keys are off: the log has it all."""
         flusher, gate = self.flusher, self.gate
         now = time.monotonic()
         lag = flusher.oldest_pending_age(now)
@@ -315,9 +312,7 @@ class App(Handler):
             "pending_keys": flusher.pending_keys(),
             "overflowed_keys": len(flusher.overflowed),
         }
-        if self.open_details or (
-            self.keyring is not None and self.keyring.authenticate(authorization) is not None
-        ):
+        if self.keyring is not None and self.keyring.authenticate(authorization) is not None:
             payload["details"] = {
                 "database_error": flusher.db_error,
                 "wal_error": gate.failure_detail or None,

@@ -91,7 +91,6 @@ class Service:
             s.lag_bound,
             keyring,
             limiter,
-            open_details=s.loopback and not s.auth_required,
         )
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self._register_gauges()

@@ -7,8 +7,8 @@ accept: unnest, ON CONFLICT, FOR UPDATE, savepoints, no server-side functions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -160,7 +160,8 @@ class PostgresStore:
 
     async def ping(self) -> None:
         with self._errors():
-            await self._require_pool().fetchval("SELECT 1")
+            async with self._connection() as conn:
+                await conn.fetchval("SELECT 1")
 
     async def applied_seq(self, node_id: str) -> int:
         with self._errors():
@@ -177,7 +178,6 @@ class PostgresStore:
         """
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
-        pool = self._require_pool()
         pending = dict(deltas)
         overflowed: dict[str, int] = {}
         values = pending.values()
@@ -186,12 +186,12 @@ class PostgresStore:
                 if not INT64_MIN <= delta <= INT64_MAX:
                     overflowed[key] = pending.pop(key)
         with self._errors():
-            async with pool.acquire() as conn:
+            async with self._connection() as conn:
                 for _ in range(MAX_UPSERT_ROUNDS):
                     keys, values_list = list(pending), list(pending.values())
                     joined = await _joined(keys, values_list)  # before BEGIN: locks held less
                     try:
-                        async with conn.transaction():
+                        async with _transaction(conn):
                             if not await self._claim(conn, node_id, seq):
                                 return ApplyResult(applied=False)
                             if joined is not None:
@@ -217,7 +217,8 @@ class PostgresStore:
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         with self._errors():
-            row = await self._require_pool().fetchrow(SELECT_READ, key, node_id)
+            async with self._connection() as conn:
+                row = await conn.fetchrow(SELECT_READ, key, node_id)
         value, applied = row[0], row[1]
         return KeyRead(
             value=None if value is None else int(value),
@@ -274,6 +275,19 @@ class PostgresStore:
         await conn.execute(ENSURE_NODE, node_id)
         return await conn.fetchval(CLAIM_SEQ, node_id, seq) is not None
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection that is closed instead of handed back when an operation on it
+        times out or is cancelled. asyncpg would first send a cancel request over a new
+        connection and wait for it, then roll back: against a database that accepts
+        connections and never answers, each of those waits the whole command timeout."""
+        async with self._require_pool().acquire() as conn:
+            try:
+                yield conn
+            except (TimeoutError, asyncio.CancelledError):
+                conn.terminate()
+                raise
+
     def _require_pool(self) -> Any:
         if self._pool is None:
             raise RuntimeError("PostgresStore is not open")
@@ -288,12 +302,28 @@ class PostgresStore:
 
     def _describe(self, exc: BaseException) -> str:
         """What failed, never empty: asyncpg's timeouts carry no message of their own."""
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
             limit = self.command_timeout
             return "timed out waiting for an answer" + (
                 f" (command timeout {limit:g} s)" if limit else ""
             )
         return scrub(str(exc), self.dsn) or type(exc).__name__
+
+
+@asynccontextmanager
+async def _transaction(conn: Any) -> AsyncIterator[None]:
+    """conn.transaction(), except that after a timeout or a cancellation it does not try to roll
+    back on a connection that is not answering: _connection closes it, which rolls back."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    except (TimeoutError, asyncio.CancelledError):
+        raise
+    except BaseException:
+        await transaction.rollback()
+        raise
+    await transaction.commit()
 
 
 async def _joined(keys: list[str], values: list[int]) -> tuple[str, str] | None:
