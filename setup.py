@@ -18,6 +18,7 @@ HOT_PATH = [
     "src/incrementer/auth.py",
     "src/incrementer/durability.py",
     "src/incrementer/http/protocol.py",
+    "src/incrementer/http/reader.py",
     "src/incrementer/http/request.py",
     "src/incrementer/http/responses.py",
     "src/incrementer/ingest/buffer.py",
