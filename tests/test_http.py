@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
 import pytest
+from h11_client import parse_answers
 from support import exchange, host_port, increment_request, run_service, settings_for
 
 
@@ -203,3 +205,19 @@ async def test_many_tiny_chunks_are_linear(url: str) -> None:
     responses = await exchange(url, data, 2)
     assert [r.status for r in responses] == [202, 200]
     assert json.loads(responses[1].body)["value"] == 3
+
+
+async def test_half_closed_client_gets_every_answer_in_order(url: str) -> None:
+    """A client that pipelines and then half-closes (`printf ... | socat`) gets the answer to an
+    asynchronous read, then the 400 for the garbage after it, then the close."""
+    host, port = host_port(url)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(get("/counters/half-closed") + b"BAD / HTTP/1.1\r\n\r\n")
+    writer.write_eof()
+    received = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    answers, _ = parse_answers(itertools.repeat("GET"), received)
+    assert [(r.status, json.loads(r.body)["error"]) for r in answers] == [
+        (404, "not_found"),
+        (400, "malformed_http"),
+    ]

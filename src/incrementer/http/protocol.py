@@ -1,8 +1,16 @@
 """One HTTP/1.1 connection: keep-alive, pipelining in order, the fast path, timeouts.
 
-Responses are not written straight to the socket. They are queued on the connection and handed to
-the AckGate, which releases them once the WAL frame covering this event-loop tick is as durable as
-the configured mode promises. Pipelined responses therefore leave in order and in one write.
+Answers leave strictly in request order. A request whose handler answers at once is answered at
+once; one whose handler is asynchronous (a read) becomes the head of the pipeline, and requests
+read after it wait in `queue` until it is answered. Whatever ends the connection (a request that
+cannot be parsed, a timeout, the client's end of input) is the connection's last word: said,
+and the connection closed, only after every request read before it is answered. `100 Continue`
+likewise goes out only when its request is the one being served.
+
+Responses are not written straight to the socket. They are queued on the connection (`out`, one
+chunk per response, in request order) and handed to the AckGate, which releases them once the WAL
+frame covering this event-loop tick is as durable as the configured mode promises. Pipelined
+responses therefore leave in one write.
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ class HttpConnection(RequestReader):
 
     __slots__ = (
         "closing",
+        "continue_wanted",
         "draining",
         "fast_method",
         "fast_type",
@@ -83,6 +92,7 @@ class HttpConnection(RequestReader):
         "handler",
         "held",
         "last_active",
+        "last_word",
         "out",
         "peer",
         "queue",
@@ -102,10 +112,12 @@ class HttpConnection(RequestReader):
         self.peer = ""
         self.out: list[bytes | None] = []  # None marks "close after what precedes"
         self.held = False
-        self.closing = False
+        self.closing = False  # read no more requests: the connection ends after their answers
         self.draining = False
-        self.task: asyncio.Future[bytes] | None = None
-        self.queue: deque[Queued] = deque()
+        self.task: asyncio.Future[bytes] | None = None  # the head of the pipeline, when async
+        self.queue: deque[Queued] = deque()  # requests read behind the head, in order
+        self.last_word: bytes | None = None  # said once the queue is answered (b"": nothing)
+        self.continue_wanted = False  # the request being read waits for 100 Continue
         self.reading_paused = False
         self.writing_paused = False
         self.last_active = self.clock.now
@@ -154,7 +166,7 @@ class HttpConnection(RequestReader):
             if self.request_started:
                 self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
             else:
-                self._close_after()
+                self._end()
         except httptools.HttpParserError as exc:
             if self.closing:
                 return  # bytes after a request that closes the connection: ignored
@@ -167,6 +179,13 @@ class HttpConnection(RequestReader):
         except Reject as exc:
             if not self.closing:
                 self._fail(exc.status, exc.code, exc.detail)
+
+    def eof_received(self) -> bool:
+        """The client will send nothing more (a half-close): the requests it completed are still
+        answered, in order, then the connection closes; a request it cut short is not."""
+        if not self.closing:
+            self._end()
+        return True  # keep the transport open for the answers still owed
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -220,7 +239,11 @@ class HttpConnection(RequestReader):
                     keep_alive,
                 )
             )
-            if len(self.queue) >= MAX_QUEUED:
+            self.continue_wanted = False  # its body came without waiting for 100 Continue
+            if not keep_alive:
+                self.closing = True  # nothing after it will be answered: stop reading
+                self._pause_reading()
+            elif len(self.queue) >= MAX_QUEUED:
                 self._pause_reading()
             return
         self._dispatch(
@@ -258,8 +281,8 @@ class HttpConnection(RequestReader):
 
     def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool, head: bool) -> None:
         self.task = None
-        if task.cancelled() or self.closing:
-            return
+        if task.cancelled():
+            return  # the connection was lost
         exc = task.exception()
         if exc is not None:
             self._internal_error(exc, "an async handler", head)
@@ -269,9 +292,24 @@ class HttpConnection(RequestReader):
         if not keep_alive or self.draining:
             self._close_after()
             return
-        while self.queue and self.task is None and not self.closing:
-            self._dispatch(*self.queue.popleft())
-        if not self.queue and not self.writing_paused:
+        self._serve_queued()
+
+    def _serve_queued(self) -> None:
+        """The head of the pipeline is answered: answer the requests behind it, in order, until
+        one is asynchronous again or none is left."""
+        queue = self.queue
+        while queue and self.task is None:
+            self._dispatch(*queue.popleft())
+        if self.task is not None:
+            return
+        # Every request read so far is answered.
+        if self.last_word is not None:
+            self._end(self.last_word)
+            return
+        if self.continue_wanted:
+            self.continue_wanted = False
+            self._emit(responses.CONTINUE)
+        if not self.writing_paused:
             self._resume_reading()
 
     def _internal_error(self, exc: BaseException, what: str, head: bool = False) -> None:
@@ -292,18 +330,39 @@ class HttpConnection(RequestReader):
             self.server.gate.hold(self)
 
     def _close_after(self) -> None:
+        """Close once what is queued for the gate is written; nothing read later is answered."""
         self.closing = True
         self.queue.clear()
+        self.last_word = None
+        self.continue_wanted = False
         self._pause_reading()
         self._emit(None)
 
-    def expect_continue(self) -> None:
-        self._emit(responses.CONTINUE)
+    def _end(self, last_word: bytes = b"") -> None:
+        """Read no further. Once every request read so far is answered, say `last_word` (an
+        error, or nothing) and close."""
+        if self.task is not None or self.queue:
+            self.closing = True
+            self._pause_reading()
+            self.last_word = last_word
+            return
+        if last_word:
+            self._emit(last_word)
+        self._close_after()
 
     def _fail(self, status: int, code: str, detail: str) -> None:
+        """The request being read is refused and ends the connection, after the answers owed
+        to the requests before it."""
         self.server.metrics.count_request("invalid", status)
-        self._emit(responses.error(self.clock, status, code, detail, close=True))
-        self._close_after()
+        self._end(responses.error(self.clock, status, code, detail, close=True))
+
+    def expect_continue(self) -> None:
+        """100 Continue now if this request is the one being served, else once every request
+        before it is answered (its client waits for it before sending the body)."""
+        if self.task is not None or self.queue:
+            self.continue_wanted = True
+        else:
+            self._emit(responses.CONTINUE)
 
     def release_output(self) -> None:
         """Called by the AckGate when what was queued this tick may leave at once."""
