@@ -11,6 +11,8 @@ import pytest
 from h11_client import parse_answers
 from support import exchange, host_port, increment_request, run_service, settings_for
 
+from incrementer import keys
+
 
 @pytest.fixture
 async def url(tmp_path: Path, sqlite_url: str):  # type: ignore[no-untyped-def]
@@ -221,3 +223,64 @@ async def test_half_closed_client_gets_every_answer_in_order(url: str) -> None:
         (404, "not_found"),
         (400, "malformed_http"),
     ]
+
+
+JSON_TYPE = b"Content-Type: application/json\r\n"
+
+
+def chunked_increment(key: str, headers: bytes, trailers: bytes) -> bytes:
+    """POST /increment of 1 to `key`, its body in two chunks, then a trailer section."""
+    body = b'{"key":"%s","value":1}' % key.encode()
+    return (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n%s\r\n" % headers
+        + b"5\r\n%s\r\n%x\r\n%s\r\n0\r\n%s\r\n" % (body[:5], len(body) - 5, body[5:], trailers)
+    )
+
+
+async def test_trailer_content_type_expect_and_host_are_ignored(url: str) -> None:
+    """A chunked JSON increment stays a 202 whatever Content-Type, Expect or Host its
+    trailer carries, and a text/plain one stays a 415 with a JSON Content-Type in its trailer."""
+    trailers = b"Content-Type: text/plain\r\nExpect: nothing\r\nHost: elsewhere\r\n"
+    [accepted] = await exchange(url, chunked_increment("trailed", JSON_TYPE, trailers), 1)
+    assert accepted.status == 202
+    plain = chunked_increment("trailed", b"Content-Type: text/plain\r\n", JSON_TYPE)
+    [refused] = await exchange(url, plain, 1)
+    assert refused.status == 415, refused
+    assert json.loads(refused.body)["error"] == "unsupported_media_type"
+    [read] = await exchange(url, get("/counters/trailed"), 1)
+    assert json.loads(read.body)["value"] == 1
+
+
+async def test_trailer_authorization_does_not_authenticate(tmp_path: Path, sqlite_url: str) -> None:
+    """With keys required, a valid key sent only in a chunked body's trailer gets 401 and counts
+    nothing; the same key as a header gets 202."""
+    key = await keys.create(sqlite_url, "trailer", None, None)
+    authorization = b"Authorization: Bearer %s\r\n" % key.encode()
+    async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
+        data = chunked_increment("trailer-auth", JSON_TYPE, authorization)
+        [refused] = await exchange(svc.url, data, 1)
+        assert refused.status == 401, refused
+        assert json.loads(refused.body)["error"] == "unauthorized"
+        data = chunked_increment("trailer-auth", JSON_TYPE + authorization, b"")
+        [accepted] = await exchange(svc.url, data, 1)
+        assert accepted.status == 202
+        [read] = await exchange(svc.url, get("/counters/trailer-auth", authorization), 1)
+        assert json.loads(read.body)["value"] == 1
+
+
+async def test_trailer_authorization_does_not_escape_a_rate_limit(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A key past its rate limit gets 429 even with another key's Authorization in a trailer."""
+    slow = await keys.create(sqlite_url, "slow", 0.001, 1)
+    other = await keys.create(sqlite_url, "other", None, None)
+    slow_header = b"Authorization: Bearer %s\r\n" % slow.encode()
+    other_header = b"Authorization: Bearer %s\r\n" % other.encode()
+    async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
+        data = chunked_increment("trailer-rate", JSON_TYPE + slow_header, b"")
+        [first] = await exchange(svc.url, data, 1)
+        assert first.status == 202
+        data = chunked_increment("trailer-rate", JSON_TYPE + slow_header, other_header)
+        [second] = await exchange(svc.url, data, 1)
+        assert second.status == 429, second
+        assert json.loads(second.body)["error"] == "rate_limited"

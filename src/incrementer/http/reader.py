@@ -35,6 +35,7 @@ class RequestReader(asyncio.Protocol):
         "parser",
         "parts",
         "request_started",
+        "trailing",
         "url",
     )
 
@@ -64,6 +65,7 @@ class RequestReader(asyncio.Protocol):
         self.parts: list[bytes] | None = None
         self.body_bytes = 0
         self.header_bytes = 0
+        self.trailing = False
         self.request_started = self.clock.now
 
     def on_url(self, url: bytes) -> None:
@@ -77,6 +79,11 @@ class RequestReader(asyncio.Protocol):
         self.header_bytes = size
         if size > self.max_header:
             raise Reject(431, "headers_too_large", f"Headers exceed {self.max_header} bytes.")
+        if self.trailing:
+            # llhttp reports a chunked body's trailer fields here too, after the body. They
+            # count toward the limit, and are never used: routing, authentication, the rate
+            # limit and the content type are settled by the header section alone.
+            return
         # Every increment carries these, in these spellings from most clients: plain
         # comparisons find them faster than the table (~0.25 us a request, measured).
         if name == b"Content-Type":
@@ -100,6 +107,7 @@ class RequestReader(asyncio.Protocol):
             setattr(self, attr, value)
 
     def on_headers_complete(self) -> None:
+        self.trailing = True  # any field after this one is a trailer
         if not self.host and self.parser.get_http_version() == "1.1":
             raise Reject(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
         # llhttp has validated Content-Length; refusing here saves reading an oversized body.
