@@ -284,3 +284,21 @@ async def test_trailer_authorization_does_not_escape_a_rate_limit(
         [second] = await exchange(svc.url, data, 1)
         assert second.status == 429, second
         assert json.loads(second.body)["error"] == "rate_limited"
+
+
+async def test_two_host_headers_are_refused(url: str) -> None:
+    """A request with two Host fields, whatever their spelling, gets 400 and a close, and the
+    request pipelined after it no answer (RFC 9112 section 3.2)."""
+    for first, second in (
+        (b"Host: a", b"Host: b"),
+        (b"Host: a", b"Host: a"),
+        (b"host: a", b"HOST: a"),
+        (b"Host: a", b"hOsT: "),
+        (b"hoST: a", b"Host: a"),
+    ):
+        for version in (b"HTTP/1.1", b"HTTP/1.0"):
+            data = b"GET /healthz %s\r\n%s\r\n%s\r\n\r\n" % (version, first, second)
+            answers = await exchange(url, data + get("/healthz"), 2)
+            assert [r.status for r in answers] == [400], (data, answers)
+            assert json.loads(answers[0].body)["error"] == "duplicate_host"
+            assert answers[0].headers["connection"] == "close"

@@ -135,6 +135,8 @@ def render(step: Step, key: str) -> bytes:
         return _request(b"GET", b"/healthz", host + b"Expect: the-unexpected\r\n")
     if kind == "missing_host":
         return _request(b"GET", b"/healthz")
+    if kind == "duplicate_host":
+        return _request(b"GET", b"/healthz", host + b"host: t\r\n")
     raise AssertionError(kind)
 
 
@@ -150,10 +152,12 @@ TERMINAL = {
     "body_chunked_too_large": "body_too_large",
     "expectation_failed": "expectation_failed",
     "missing_host": "missing_host",
+    "duplicate_host": "duplicate_host",
 }
 STATUS = {
     "malformed_http": 400,
     "missing_host": 400,
+    "duplicate_host": 400,
     "uri_too_long": 414,
     "headers_too_large": 431,
     "body_too_large": 413,

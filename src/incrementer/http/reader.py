@@ -60,7 +60,7 @@ class RequestReader(asyncio.Protocol):
         self.content_length = b""
         self.authorization = b""
         self.expect = b""
-        self.host = b""
+        self.host: bytes | None = None  # None: no Host field (yet)
         self.body = b""
         self.parts: list[bytes] | None = None
         self.body_bytes = 0
@@ -90,6 +90,8 @@ class RequestReader(asyncio.Protocol):
             self.content_type = value
             return
         if name == b"Host":
+            if self.host is not None:
+                raise _second_host()
             self.host = value
             return
         if name == b"Content-Length":
@@ -103,6 +105,8 @@ class RequestReader(asyncio.Protocol):
             attr = HEADER_ATTRS.get(name.lower())
             if attr is None:
                 return
+        if attr == "host" and self.host is not None:
+            raise _second_host()
         if attr:
             setattr(self, attr, value)
 
@@ -131,3 +135,9 @@ class RequestReader(asyncio.Protocol):
             self.parts = [self.body, body]  # chunked or split across reads: joined once, at end
         else:
             self.parts.append(body)
+
+
+def _second_host() -> Reject:
+    # RFC 9112 section 3.2: two Host fields could name two different targets (one seen by a
+    # proxy in front, the other by us), so the request is refused whole.
+    return Reject(400, "duplicate_host", "A request may carry only one Host header.")
