@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -50,3 +51,14 @@ def parse_answers(methods: Iterable[str], received: bytes) -> tuple[list[Answer]
         client.start_next_cycle()
     leftover, _ = client.trailing_data
     return answers, leftover
+
+
+async def read_until_closed(url: str, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` on a fresh connection and read everything until the server closes it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()

@@ -5,11 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
-from h11_client import parse_answers
-from support import exchange, host_port, increment_request, run_service, settings_for
+from h11_client import parse_answers, read_until_closed
+from support import (
+    exchange,
+    host_port,
+    increment_request,
+    run_service,
+    settings_for,
+    skip_or_fail,
+)
 
 from incrementer import keys
 
@@ -302,3 +311,62 @@ async def test_two_host_headers_are_refused(url: str) -> None:
             assert [r.status for r in answers] == [400], (data, answers)
             assert json.loads(answers[0].body)["error"] == "duplicate_host"
             assert answers[0].headers["connection"] == "close"
+
+
+def http10(line: bytes, headers: bytes = b"", body: bytes = b"") -> bytes:
+    """An HTTP/1.0 request with Connection: keep-alive."""
+    return b"%s HTTP/1.0\r\n%sConnection: keep-alive\r\n\r\n%s" % (line, headers, body)
+
+
+async def test_http10_keep_alive_is_announced(url: str) -> None:
+    """Every answer to an HTTP/1.0 request with Connection: keep-alive says Connection:
+    keep-alive (fast path, general path, asynchronous read, HEAD, error) and the connection
+    stays open; a plain HTTP/1.0 request is answered and closed; HTTP/1.1 answers are as before."""
+    body = b'{"key":"http10","value":2}'
+    json_type = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    form = b"key=http10&value=3"
+    form_type = b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 18\r\n"
+    data = (
+        http10(b"POST /increment", json_type, body)
+        + http10(b"POST /increment", form_type, form)
+        + http10(b"POST /increment", json_type + b"Expect: 100-continue\r\n", body)
+        + http10(b"GET /counters/http10")
+        + http10(b"HEAD /healthz")
+        + http10(b"GET /nope")
+        + b"GET /healthz HTTP/1.0\r\n\r\n"
+    )
+    methods = ["POST", "POST", "POST", "GET", "HEAD", "GET", "GET"]
+    answers, _ = parse_answers(methods, await read_until_closed(url, data))
+    assert [a.status for a in answers] == [202, 202, 202, 200, 200, 404, 200]
+    assert json.loads(answers[3].body)["value"] == 7
+    assert [a.headers.get("connection") for a in answers] == [*["keep-alive"] * 6, "close"]
+    assert all(a.interim == [] for a in answers)  # HTTP/1.0 clients never wait for 100 Continue
+    [answer] = await exchange(url, increment_request("http11", 1), 1)
+    assert answer.status == 202 and "connection" not in answer.headers
+
+
+async def test_ab_keep_alive_completes(tmp_path: Path, sqlite_url: str) -> None:
+    """ApacheBench with -k (HTTP/1.0 keep-alive, a real client that waits for the close unless
+    told otherwise) completes 100 increments without a timeout, and they all count."""
+    ab = shutil.which("ab")
+    if ab is None:
+        skip_or_fail("ab (Debian apache2-utils) is not installed")
+        return
+    body = tmp_path / "body.json"
+    body.write_bytes(b'{"key":"ab-keep-alive","value":1}')
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        ab_run = await asyncio.create_subprocess_exec(
+            ab,
+            *("-k", "-n", "100", "-c", "1", "-s", "5", "-p", str(body)),
+            *("-T", "application/json", f"{svc.url}/increment"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(ab_run.communicate(), 60)
+        report = out.decode() + err.decode()
+        assert ab_run.returncode == 0, report
+        assert re.search(r"Complete requests:\s+100\n", report), report
+        assert re.search(r"Failed requests:\s+0\n", report), report
+        assert re.search(r"Keep-Alive requests:\s+100\n", report), report
+        [read] = await exchange(svc.url, get("/counters/ab-keep-alive"), 1)
+        assert json.loads(read.body)["value"] == 100

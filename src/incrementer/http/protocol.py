@@ -38,7 +38,8 @@ MAX_QUEUED = 64
 
 # A handler returns the response bytes, or an awaitable of them for routes that need the database.
 Result = bytes | Awaitable[bytes]
-Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
+# method, URL, content type, authorization, body, keep-alive, announce keep-alive (HTTP/1.0)
+Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool, bool]
 
 
 class FastPath(NamedTuple):
@@ -218,7 +219,10 @@ class HttpConnection(RequestReader):
                 return
             if taken:
                 if parser.should_keep_alive():
-                    self._emit(self.clock.accepted)
+                    if self.connection and self._http10():
+                        self._emit(self.clock.accepted_keep_alive)
+                    else:
+                        self._emit(self.clock.accepted)
                     if self.draining:
                         self._close_after()
                 else:
@@ -228,6 +232,7 @@ class HttpConnection(RequestReader):
             # Declined: nothing happened, the general path below answers.
         body = self.body if self.parts is None else b"".join(self.parts)
         keep_alive: bool = parser.should_keep_alive()
+        announce = keep_alive and self.connection != b"" and self._http10()
         if self.task is not None or self.queue:
             self.queue.append(
                 (
@@ -237,6 +242,7 @@ class HttpConnection(RequestReader):
                     self.authorization,
                     body,
                     keep_alive,
+                    announce,
                 )
             )
             self.continue_wanted = False  # its body came without waiting for 100 Continue
@@ -247,8 +253,20 @@ class HttpConnection(RequestReader):
                 self._pause_reading()
             return
         self._dispatch(
-            parser.get_method(), self.url, self.content_type, self.authorization, body, keep_alive
+            parser.get_method(),
+            self.url,
+            self.content_type,
+            self.authorization,
+            body,
+            keep_alive,
+            announce,
         )
+
+    def _http10(self) -> bool:
+        """An HTTP/1.0 request. Asked only of those with a Connection field, as every HTTP/1.0
+        request kept alive has (`Connection: keep-alive`): its client reuses the connection
+        only when the answer says so, and otherwise waits for the close."""
+        return self.parser.get_http_version() == "1.0"
 
     # dispatch and output
 
@@ -260,6 +278,7 @@ class HttpConnection(RequestReader):
         authorization: bytes,
         body: bytes,
         keep_alive: bool,
+        announce: bool,
     ) -> None:
         head = method == b"HEAD"
         if head:
@@ -272,14 +291,16 @@ class HttpConnection(RequestReader):
             self._internal_error(exc, f"{method!r} {url!r}", head)
             return
         if type(result) is bytes:
-            self._emit(without_body(result) if head else result)
+            self._emit(_as_sent(result, head, announce))
             if not keep_alive or self.draining:
                 self._close_after()
             return
         self.task = asyncio.ensure_future(cast(Awaitable[bytes], result))
-        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive, head))
+        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive, head, announce))
 
-    def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool, head: bool) -> None:
+    def _async_done(
+        self, task: asyncio.Future[bytes], keep_alive: bool, head: bool, announce: bool
+    ) -> None:
         self.task = None
         if task.cancelled():
             return  # the connection was lost
@@ -287,8 +308,7 @@ class HttpConnection(RequestReader):
         if exc is not None:
             self._internal_error(exc, "an async handler", head)
             return
-        result = task.result()
-        self._emit(without_body(result) if head else result)
+        self._emit(_as_sent(task.result(), head, announce))
         if not keep_alive or self.draining:
             self._close_after()
             return
@@ -436,3 +456,11 @@ class HttpConnection(RequestReader):
     def idle(self) -> bool:
         """No request being received, handled or answered."""
         return self.task is None and not self.out and not self.request_started
+
+
+def _as_sent(response: bytes, head: bool, announce: bool) -> bytes:
+    """A handler's response as its request gets it: without the body for HEAD, with
+    `Connection: keep-alive` for an HTTP/1.0 client keeping the connection."""
+    if announce:
+        response = responses.kept_alive(response)
+    return without_body(response) if head else response

@@ -24,6 +24,7 @@ class RequestReader(asyncio.Protocol):
         "body",
         "body_bytes",
         "clock",
+        "connection",
         "content_length",
         "content_type",
         "expect",
@@ -59,6 +60,7 @@ class RequestReader(asyncio.Protocol):
         self.content_type = b""
         self.content_length = b""
         self.authorization = b""
+        self.connection = b""
         self.expect = b""
         self.host: bytes | None = None  # None: no Host field (yet)
         self.body = b""
@@ -122,7 +124,8 @@ class RequestReader(asyncio.Protocol):
         if self.expect:
             if self.expect.lower() != b"100-continue":
                 raise Reject(417, "expectation_failed", "Only 'Expect: 100-continue' is supported.")
-            self.expect_continue()
+            if self.parser.get_http_version() != "1.0":  # RFC 9110 10.1.1: 1.0 never waits for it
+                self.expect_continue()
 
     def on_body(self, body: bytes) -> None:
         size = self.body_bytes + len(body)
