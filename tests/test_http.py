@@ -149,20 +149,25 @@ async def test_idle_connection_closed(url: str) -> None:
     """A keep-alive connection idle past --idle-timeout is closed by the server."""
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port)
+    writer.write(get("/healthz"))
+    assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
     assert await asyncio.wait_for(reader.read(), 6) == b""
     writer.close()
 
 
 async def test_connection_limit(tmp_path: Path, sqlite_url: str) -> None:
-    """Past --max-connections new connections get 503 and are closed; existing ones work."""
+    """Past --max-connections, with no connection idle, new connections get 503 and are closed;
+    existing ones work."""
     async with run_service(settings_for(tmp_path, sqlite_url, max_connections=2)) as svc:
         host, port = host_port(svc.url)
         held = [await asyncio.open_connection(host, port) for _ in range(2)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")  # a request begun: not idle
         await asyncio.sleep(0.05)
         [resp] = await exchange(svc.url, get("/healthz"), 1)
         assert resp.status == 503
         reader, writer = held[0]
-        writer.write(get("/healthz"))
+        writer.write(b"Host: t\r\n\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
             b"HTTP/1.1 200"
         )

@@ -99,8 +99,10 @@ class HttpConnection(RequestReader):
         "queue",
         "reading_paused",
         "server",
+        "silent",
         "task",
         "transport",
+        "unreleased",
         "writing_paused",
     )
 
@@ -113,6 +115,7 @@ class HttpConnection(RequestReader):
         self.peer = ""
         self.out: list[bytes | None] = []  # None marks "close after what precedes"
         self.held = False
+        self.unreleased = 0  # outputs the gate has taken and not yet released (wal-fsync)
         self.closing = False  # read no more requests: the connection ends after their answers
         self.draining = False
         self.task: asyncio.Future[bytes] | None = None  # the head of the pipeline, when async
@@ -122,6 +125,7 @@ class HttpConnection(RequestReader):
         self.reading_paused = False
         self.writing_paused = False
         self.last_active = self.clock.now
+        self.silent = True  # not a byte received yet
 
     # asyncio callbacks
 
@@ -129,8 +133,12 @@ class HttpConnection(RequestReader):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self.transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        # The first request is timed like any other, from the accept: a connection that never
+        # sends a byte is closed after --request-timeout, not held for --idle-timeout.
+        self.request_started = self.clock.now
         server = self.server
-        if len(server.connections) >= server.max_connections:
+        connections = server.connections
+        if len(connections) >= server.max_connections and not _close_longest_idle(connections):
             server.metrics.rejected_connections += 1
             self.transport.write(
                 responses.error(
@@ -145,11 +153,11 @@ class HttpConnection(RequestReader):
             self.transport.close()
             self.closing = True
             return
-        server.connections.add(self)
+        connections[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self.server.connections.pop(self, None)
         if self.task is not None:
             self.task.cancel()
 
@@ -157,6 +165,7 @@ class HttpConnection(RequestReader):
         if self.closing:
             return
         self.last_active = self.clock.now
+        self.silent = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # not a subclass of HttpParserError
@@ -386,17 +395,27 @@ class HttpConnection(RequestReader):
 
     def release_output(self) -> None:
         """Called by the AckGate when what was queued this tick may leave at once."""
-        self.release(self.take_output())
+        self._write(self._take())
 
     def take_output(self) -> list[bytes | None]:
-        """Called by the AckGate at the end of a tick: the responses that may now be released."""
+        """Called by the AckGate at the end of a tick: the responses queued since the last
+        take, in request order, one chunk each; each list comes back through release()."""
+        self.unreleased += 1
+        return self._take()
+
+    def release(self, out: list[bytes | None]) -> None:
+        """Write responses taken by take_output(); a None marker closes the connection after
+        them."""
+        self.unreleased -= 1
+        self._write(out)
+
+    def _take(self) -> list[bytes | None]:
         out = self.out
         self.out = []
         self.held = False
         return out
 
-    def release(self, out: list[bytes | None]) -> None:
-        """Write released responses; a None marker closes the connection after them."""
+    def _write(self, out: list[bytes | None]) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -431,20 +450,19 @@ class HttpConnection(RequestReader):
         if self.closing:
             return
         if self.request_started and now - self.request_started > request_timeout:
-            self._fail(408, "request_timeout", "The request was not completed in time.")
+            if self.silent:
+                self._close_now()  # nothing was asked (a browser's preconnect): nothing to answer
+            else:
+                self._fail(408, "request_timeout", "The request was not completed in time.")
         elif self.idle and now - self.last_active > idle_timeout:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_now()
 
     def shutdown(self) -> None:
         """Stop taking requests: close now if idle, else after the response in progress."""
         if self.closing:
             return
         if self.idle:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_now()
         elif self.request_started or self.task is not None:
             self.draining = True  # the request in progress gets its answer, then we close
             self.queue.clear()
@@ -452,10 +470,46 @@ class HttpConnection(RequestReader):
         else:
             self._close_after()
 
+    def _close_now(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
     @property
     def idle(self) -> bool:
-        """No request being received, handled or answered."""
-        return self.task is None and not self.out and not self.request_started
+        """Waiting for a request: none being received (not a byte of it yet), handled or
+        answered."""
+        return (
+            (self.silent or not self.request_started)
+            and self.task is None
+            and not self.out
+            and not self.unreleased
+        )
+
+    @property
+    def reusable(self) -> bool:
+        """Idle, with every answer written out: closing it loses no request and no answer."""
+        transport = self.transport
+        return (
+            self.idle
+            and not self.closing
+            and transport is not None
+            and not transport.get_write_buffer_size()
+        )
+
+
+def _close_longest_idle(connections: dict[HttpConnection, None]) -> bool:
+    """At --max-connections, make room for a new connection by closing the one idle the longest
+    (as nginx reuses idle keep-alive connections). False when no connection is idle."""
+    oldest: HttpConnection | None = None
+    for conn in connections:  # in accept order: among equals, the earliest accepted goes
+        if conn.reusable and (oldest is None or conn.last_active < oldest.last_active):
+            oldest = conn
+    if oldest is None:
+        return False
+    del connections[oldest]
+    oldest._close_now()
+    return True
 
 
 def _as_sent(response: bytes, head: bool, announce: bool) -> bytes:
