@@ -17,6 +17,7 @@ HOT_PATH = [
     "src/incrementer/app.py",
     "src/incrementer/auth.py",
     "src/incrementer/durability.py",
+    "src/incrementer/http/pipeline.py",
     "src/incrementer/http/protocol.py",
     "src/incrementer/http/reader.py",
     "src/incrementer/http/request.py",

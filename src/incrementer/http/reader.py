@@ -1,9 +1,9 @@
 """The reading half of a connection: httptools callbacks that assemble one request at a time.
 
 What a request is reduced to while it is parsed (the few headers kept, the body, sizes against
-the limits) and the refusals that can be decided while reading (414, 431, 413, 417, a missing
-Host). Where a complete request becomes an answer, on_message_complete, and the order in which
-answers leave are the connection's: protocol.py.
+the limits) and the refusals that can be decided while reading (414, 431, 413, 417, a missing or
+second Host). Where a complete request becomes an answer, on_message_complete, is the
+connection's (protocol.py); the order in which answers leave is the pipeline's (pipeline.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from incrementer.http.request import HEADER_ATTRS, Reject
 
 
 class RequestReader(asyncio.Protocol):
-    """Fields of the request being parsed; the connection (protocol.py) subclasses it."""
+    """Fields of the request being parsed; the pipeline (pipeline.py), and through it the
+    connection (protocol.py), subclass it."""
 
     __slots__ = (
         "authorization",
