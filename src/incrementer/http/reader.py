@@ -114,7 +114,7 @@ class RequestReader(asyncio.Protocol):
             setattr(self, attr, value)
 
     def on_headers_complete(self) -> None:
-        self.trailing = True  # any field after this one is a trailer
+        self.trailing = True  # fields reported from here on are trailers
         if not self.host and self.parser.get_http_version() == "1.1":
             raise Reject(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
         # llhttp has validated Content-Length; refusing here saves reading an oversized body.
