@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
-from support import exchange, host_port, increment_request, run_service, settings_for
+from h11_client import parse_answers, read_until_closed
+from support import (
+    exchange,
+    host_port,
+    increment_request,
+    run_service,
+    settings_for,
+    skip_or_fail,
+)
+
+from incrementer import keys
 
 
 @pytest.fixture
@@ -136,20 +149,25 @@ async def test_idle_connection_closed(url: str) -> None:
     """A keep-alive connection idle past --idle-timeout is closed by the server."""
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port)
+    writer.write(get("/healthz"))
+    assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
     assert await asyncio.wait_for(reader.read(), 6) == b""
     writer.close()
 
 
 async def test_connection_limit(tmp_path: Path, sqlite_url: str) -> None:
-    """Past --max-connections new connections get 503 and are closed; existing ones work."""
+    """Past --max-connections, with no connection idle, new connections get 503 and are closed;
+    existing ones work."""
     async with run_service(settings_for(tmp_path, sqlite_url, max_connections=2)) as svc:
         host, port = host_port(svc.url)
         held = [await asyncio.open_connection(host, port) for _ in range(2)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")  # a request begun: not idle
         await asyncio.sleep(0.05)
         [resp] = await exchange(svc.url, get("/healthz"), 1)
         assert resp.status == 503
         reader, writer = held[0]
-        writer.write(get("/healthz"))
+        writer.write(b"Host: t\r\n\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
             b"HTTP/1.1 200"
         )
@@ -203,3 +221,157 @@ async def test_many_tiny_chunks_are_linear(url: str) -> None:
     responses = await exchange(url, data, 2)
     assert [r.status for r in responses] == [202, 200]
     assert json.loads(responses[1].body)["value"] == 3
+
+
+async def test_half_closed_client_gets_every_answer_in_order(url: str) -> None:
+    """A client that pipelines and then half-closes (`printf ... | socat`) gets the answer to an
+    asynchronous read, then the 400 for the garbage after it, then the close."""
+    host, port = host_port(url)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(get("/counters/half-closed") + b"BAD / HTTP/1.1\r\n\r\n")
+    writer.write_eof()
+    received = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    answers, _ = parse_answers(itertools.repeat("GET"), received)
+    assert [(r.status, json.loads(r.body)["error"]) for r in answers] == [
+        (404, "not_found"),
+        (400, "malformed_http"),
+    ]
+
+
+JSON_TYPE = b"Content-Type: application/json\r\n"
+
+
+def chunked_increment(key: str, headers: bytes, trailers: bytes) -> bytes:
+    """POST /increment of 1 to `key`, its body in two chunks, then a trailer section."""
+    body = b'{"key":"%s","value":1}' % key.encode()
+    return (
+        b"POST /increment HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n%s\r\n" % headers
+        + b"5\r\n%s\r\n%x\r\n%s\r\n0\r\n%s\r\n" % (body[:5], len(body) - 5, body[5:], trailers)
+    )
+
+
+async def test_trailer_content_type_expect_and_host_are_ignored(url: str) -> None:
+    """A chunked JSON increment stays a 202 whatever Content-Type, Expect or Host its
+    trailer carries, and a text/plain one stays a 415 with a JSON Content-Type in its trailer."""
+    trailers = b"Content-Type: text/plain\r\nExpect: nothing\r\nHost: elsewhere\r\n"
+    [accepted] = await exchange(url, chunked_increment("trailed", JSON_TYPE, trailers), 1)
+    assert accepted.status == 202
+    plain = chunked_increment("trailed", b"Content-Type: text/plain\r\n", JSON_TYPE)
+    [refused] = await exchange(url, plain, 1)
+    assert refused.status == 415, refused
+    assert json.loads(refused.body)["error"] == "unsupported_media_type"
+    [read] = await exchange(url, get("/counters/trailed"), 1)
+    assert json.loads(read.body)["value"] == 1
+
+
+async def test_trailer_authorization_does_not_authenticate(tmp_path: Path, sqlite_url: str) -> None:
+    """With keys required, a valid key sent only in a chunked body's trailer gets 401 and counts
+    nothing; the same key as a header gets 202."""
+    key = await keys.create(sqlite_url, "trailer", None, None)
+    authorization = b"Authorization: Bearer %s\r\n" % key.encode()
+    async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
+        data = chunked_increment("trailer-auth", JSON_TYPE, authorization)
+        [refused] = await exchange(svc.url, data, 1)
+        assert refused.status == 401, refused
+        assert json.loads(refused.body)["error"] == "unauthorized"
+        data = chunked_increment("trailer-auth", JSON_TYPE + authorization, b"")
+        [accepted] = await exchange(svc.url, data, 1)
+        assert accepted.status == 202
+        [read] = await exchange(svc.url, get("/counters/trailer-auth", authorization), 1)
+        assert json.loads(read.body)["value"] == 1
+
+
+async def test_trailer_authorization_does_not_escape_a_rate_limit(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A key past its rate limit gets 429 even with another key's Authorization in a trailer."""
+    slow = await keys.create(sqlite_url, "slow", 0.001, 1)
+    other = await keys.create(sqlite_url, "other", None, None)
+    slow_header = b"Authorization: Bearer %s\r\n" % slow.encode()
+    other_header = b"Authorization: Bearer %s\r\n" % other.encode()
+    async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
+        data = chunked_increment("trailer-rate", JSON_TYPE + slow_header, b"")
+        [first] = await exchange(svc.url, data, 1)
+        assert first.status == 202
+        data = chunked_increment("trailer-rate", JSON_TYPE + slow_header, other_header)
+        [second] = await exchange(svc.url, data, 1)
+        assert second.status == 429, second
+        assert json.loads(second.body)["error"] == "rate_limited"
+
+
+async def test_two_host_headers_are_refused(url: str) -> None:
+    """A request with two Host fields, whatever their spelling, gets 400 and a close, and the
+    request pipelined after it no answer (RFC 9112 section 3.2)."""
+    for first, second in (
+        (b"Host: a", b"Host: b"),
+        (b"Host: a", b"Host: a"),
+        (b"host: a", b"HOST: a"),
+        (b"Host: a", b"hOsT: "),
+        (b"hoST: a", b"Host: a"),
+    ):
+        for version in (b"HTTP/1.1", b"HTTP/1.0"):
+            data = b"GET /healthz %s\r\n%s\r\n%s\r\n\r\n" % (version, first, second)
+            answers = await exchange(url, data + get("/healthz"), 2)
+            assert [r.status for r in answers] == [400], (data, answers)
+            assert json.loads(answers[0].body)["error"] == "duplicate_host"
+            assert answers[0].headers["connection"] == "close"
+
+
+def http10(line: bytes, headers: bytes = b"", body: bytes = b"") -> bytes:
+    """An HTTP/1.0 request with Connection: keep-alive."""
+    return b"%s HTTP/1.0\r\n%sConnection: keep-alive\r\n\r\n%s" % (line, headers, body)
+
+
+async def test_http10_keep_alive_is_announced(url: str) -> None:
+    """Every answer to an HTTP/1.0 request with Connection: keep-alive says Connection:
+    keep-alive (fast path, general path, asynchronous read, HEAD, error) and the connection
+    stays open; a plain HTTP/1.0 request is answered and closed; HTTP/1.1 answers are as before."""
+    body = b'{"key":"http10","value":2}'
+    json_type = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    form = b"key=http10&value=3"
+    form_type = b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 18\r\n"
+    data = (
+        http10(b"POST /increment", json_type, body)
+        + http10(b"POST /increment", form_type, form)
+        + http10(b"POST /increment", json_type + b"Expect: 100-continue\r\n", body)
+        + http10(b"GET /counters/http10")
+        + http10(b"HEAD /healthz")
+        + http10(b"GET /nope")
+        + b"GET /healthz HTTP/1.0\r\n\r\n"
+    )
+    methods = ["POST", "POST", "POST", "GET", "HEAD", "GET", "GET"]
+    answers, _ = parse_answers(methods, await read_until_closed(url, data))
+    assert [a.status for a in answers] == [202, 202, 202, 200, 200, 404, 200]
+    assert json.loads(answers[3].body)["value"] == 7
+    assert [a.headers.get("connection") for a in answers] == [*["keep-alive"] * 6, "close"]
+    assert all(a.interim == [] for a in answers)  # HTTP/1.0 clients never wait for 100 Continue
+    [answer] = await exchange(url, increment_request("http11", 1), 1)
+    assert answer.status == 202 and "connection" not in answer.headers
+
+
+async def test_ab_keep_alive_completes(tmp_path: Path, sqlite_url: str) -> None:
+    """ApacheBench with -k (HTTP/1.0 keep-alive, a real client that waits for the close unless
+    told otherwise) completes 100 increments without a timeout, and they all count."""
+    ab = shutil.which("ab")
+    if ab is None:
+        skip_or_fail("ab (Debian apache2-utils) is not installed")
+        return
+    body = tmp_path / "body.json"
+    body.write_bytes(b'{"key":"ab-keep-alive","value":1}')
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        ab_run = await asyncio.create_subprocess_exec(
+            ab,
+            *("-k", "-n", "100", "-c", "1", "-s", "5", "-p", str(body)),
+            *("-T", "application/json", f"{svc.url}/increment"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(ab_run.communicate(), 60)
+        report = out.decode() + err.decode()
+        assert ab_run.returncode == 0, report
+        assert re.search(r"Complete requests:\s+100\n", report), report
+        assert re.search(r"Failed requests:\s+0\n", report), report
+        assert re.search(r"Keep-Alive requests:\s+100\n", report), report
+        [read] = await exchange(svc.url, get("/counters/ab-keep-alive"), 1)
+        assert json.loads(read.body)["value"] == 100

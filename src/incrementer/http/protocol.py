@@ -1,35 +1,27 @@
-"""One HTTP/1.1 connection: httptools callbacks, keep-alive, pipelining in order, limits.
+"""One HTTP/1.1 connection: the fast path, keep-alive, limits on connections and their time.
 
-Responses are not written straight to the socket. They are queued on the connection and handed to
-the AckGate, which releases them once the WAL frame covering this event-loop tick is as durable as
-the configured mode promises. Pipelined responses therefore leave in order and in one write.
+A connection stacks two halves as base classes (one compiled object, its calls straight through
+the method table): reading requests (reader.py, the httptools callbacks) and answering them in
+order (pipeline.py, through the AckGate). This module joins them: the socket's callbacks, the
+moment a request is complete (on_message_complete: the fast path, else the app's handler), and
+the connection's lifecycle (timeouts, the connection limit, shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import deque
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import httptools
 
 from incrementer.http import responses
-from incrementer.http.request import HEADER_ATTRS, Reject, without_body
+from incrementer.http.pipeline import Pipeline, Result
+from incrementer.http.request import Reject
 
 if TYPE_CHECKING:
     from incrementer.http.server import HttpServer
 
-log = logging.getLogger("incrementer.http")
-
-# Requests parsed while an async handler runs wait here; past this many, stop reading the socket.
-MAX_QUEUED = 64
-
-
-# A handler returns the response bytes, or an awaitable of them for routes that need the database.
-Result = bytes | Awaitable[bytes]
-Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool]
+__all__ = ["FastPath", "Handler", "HttpConnection", "Result"]
 
 
 class FastPath(NamedTuple):
@@ -70,64 +62,28 @@ class Handler:
         raise NotImplementedError
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(Pipeline):
+    """One connection: reads requests (RequestReader), answers them in order (Pipeline)."""
+
     __slots__ = (
-        "authorization",
-        "body",
-        "body_bytes",
-        "clock",
-        "closing",
-        "content_length",
-        "content_type",
-        "draining",
-        "expect",
         "fast_method",
         "fast_type",
         "fast_url",
         "handler",
-        "header_bytes",
-        "held",
-        "host",
         "last_active",
-        "max_body",
-        "max_body_digits",
-        "max_header",
-        "out",
-        "parser",
-        "parts",
         "peer",
-        "queue",
-        "reading_paused",
-        "request_started",
         "server",
-        "task",
-        "transport",
-        "url",
-        "writing_paused",
+        "silent",
     )
 
     def __init__(self, server: HttpServer) -> None:
+        super().__init__(server.clock, server.max_body_bytes, server.max_header_bytes)
         self.server = server
-        self.clock = server.clock
         self.handler = server.handler
         self.fast_method, self.fast_url, self.fast_type = server.fast_path
-        self.max_body = server.max_body_bytes
-        self.max_body_digits = len(str(self.max_body))
-        self.max_header = server.max_header_bytes
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.out: list[bytes | None] = []  # None marks "close after what precedes"
-        self.held = False
-        self.closing = False
-        self.draining = False
-        self.task: asyncio.Future[bytes] | None = None
-        self.queue: deque[Queued] = deque()
-        self.reading_paused = False
-        self.writing_paused = False
         self.last_active = self.clock.now
-        self.on_message_begin()
-        self.request_started = 0.0
+        self.silent = True  # not a byte received yet
 
     # asyncio callbacks
 
@@ -135,8 +91,12 @@ class HttpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self.transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        # The first request is timed like any other, from the accept: a connection that never
+        # sends a byte is closed after --request-timeout, not held for --idle-timeout.
+        self.request_started = self.clock.now
         server = self.server
-        if len(server.connections) >= server.max_connections:
+        connections = server.connections
+        if len(connections) >= server.max_connections and not _close_longest_idle(connections):
             server.metrics.rejected_connections += 1
             self.transport.write(
                 responses.error(
@@ -151,11 +111,11 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
             self.closing = True
             return
-        server.connections.add(self)
+        connections[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self.server.connections.pop(self, None)
         if self.task is not None:
             self.task.cancel()
 
@@ -163,6 +123,7 @@ class HttpConnection(asyncio.Protocol):
         if self.closing:
             return
         self.last_active = self.clock.now
+        self.silent = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # not a subclass of HttpParserError
@@ -173,7 +134,7 @@ class HttpConnection(asyncio.Protocol):
             if self.request_started:
                 self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
             else:
-                self._close_after()
+                self.end()
         except httptools.HttpParserError as exc:
             if self.closing:
                 return  # bytes after a request that closes the connection: ignored
@@ -187,87 +148,14 @@ class HttpConnection(asyncio.Protocol):
             if not self.closing:
                 self._fail(exc.status, exc.code, exc.detail)
 
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        self._pause_reading()
+    def eof_received(self) -> bool:
+        """The client will send nothing more (a half-close): the requests it completed are still
+        answered, in order, then the connection closes; a request it cut short is not."""
+        if not self.closing:
+            self.end()
+        return True  # keep the transport open for the answers still owed
 
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        if not self.queue:
-            self._resume_reading()
-
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.content_type = b""
-        self.content_length = b""
-        self.authorization = b""
-        self.expect = b""
-        self.host = b""
-        self.body = b""
-        self.parts: list[bytes] | None = None
-        self.body_bytes = 0
-        self.header_bytes = 0
-        self.request_started = self.clock.now
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.header_bytes += len(url)
-        if self.header_bytes > self.max_header:
-            raise Reject(414, "uri_too_long", f"Request line exceeds {self.max_header} bytes.")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        size = self.header_bytes + len(name) + len(value) + 4
-        self.header_bytes = size
-        if size > self.max_header:
-            raise Reject(431, "headers_too_large", f"Headers exceed {self.max_header} bytes.")
-        # Every increment carries these, in these spellings from most clients: plain
-        # comparisons find them faster than the table (~0.25 us a request, measured).
-        if name == b"Content-Type":
-            self.content_type = value
-            return
-        if name == b"Host":
-            self.host = value
-            return
-        if name == b"Content-Length":
-            self.content_length = value
-            return
-        if name == b"Authorization":
-            self.authorization = value
-            return
-        attr = HEADER_ATTRS.get(name)
-        if attr is None:  # a spelling not in the table: look it up case-insensitively
-            attr = HEADER_ATTRS.get(name.lower())
-            if attr is None:
-                return
-        if attr:
-            setattr(self, attr, value)
-
-    def on_headers_complete(self) -> None:
-        if not self.host and self.parser.get_http_version() == "1.1":
-            raise Reject(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
-        # llhttp has validated Content-Length; refusing here saves reading an oversized body.
-        # Most bodies have fewer digits than the limit: no int() for them.
-        length = self.content_length
-        if len(length) >= self.max_body_digits and int(length) > self.max_body:
-            raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
-        if self.expect:
-            if self.expect.lower() != b"100-continue":
-                raise Reject(417, "expectation_failed", "Only 'Expect: 100-continue' is supported.")
-            self._emit(responses.CONTINUE)
-
-    def on_body(self, body: bytes) -> None:
-        size = self.body_bytes + len(body)
-        if size > self.max_body:
-            raise Reject(413, "body_too_large", f"Body exceeds {self.max_body} bytes.")
-        self.body_bytes = size
-        if not self.body:
-            self.body = body  # the usual case: one piece, kept without copying
-        elif self.parts is None:
-            self.parts = [self.body, body]  # chunked or split across reads: joined once, at end
-        else:
-            self.parts.append(body)
+    # the request is complete: answer it
 
     def on_message_complete(self) -> None:
         self.request_started = 0.0
@@ -285,41 +173,39 @@ class HttpConnection(asyncio.Protocol):
             try:
                 taken = self.handler.fast_accept(self, self.body)
             except Exception as exc:
-                self._internal_error(exc, f"the fast path ({self.url!r})")
+                self.internal_error(exc, f"the fast path ({self.url!r})")
                 return
             if taken:
                 if parser.should_keep_alive():
-                    self._emit(self.clock.accepted)
+                    if self.connection and self._http10():
+                        self.emit(self.clock.accepted_keep_alive)
+                    else:
+                        self.emit(self.clock.accepted)
                     if self.draining:
-                        self._close_after()
+                        self.close_after()
                 else:
-                    self._emit(self.clock.accepted_close)
-                    self._close_after()
+                    self.emit(self.clock.accepted_close)
+                    self.close_after()
                 return
             # Declined: nothing happened, the general path below answers.
-        body = self.body if self.parts is None else b"".join(self.parts)
         keep_alive: bool = parser.should_keep_alive()
-        if self.task is not None or self.queue:
-            self.queue.append(
-                (
-                    parser.get_method(),
-                    self.url,
-                    self.content_type,
-                    self.authorization,
-                    body,
-                    keep_alive,
-                )
-            )
-            if len(self.queue) >= MAX_QUEUED:
-                self._pause_reading()
-            return
-        self._dispatch(
-            parser.get_method(), self.url, self.content_type, self.authorization, body, keep_alive
+        self.answer(
+            parser.get_method(),
+            self.url,
+            self.content_type,
+            self.authorization,
+            self.body if self.parts is None else b"".join(self.parts),
+            keep_alive,
+            keep_alive and self.connection != b"" and self._http10(),
         )
 
-    # dispatch and output
+    def _http10(self) -> bool:
+        """An HTTP/1.0 request. Asked only of those with a Connection field, as every HTTP/1.0
+        request kept alive has (`Connection: keep-alive`): its client reuses the connection
+        only when the answer says so, and otherwise waits for the close."""
+        return self.parser.get_http_version() == "1.0"
 
-    def _dispatch(
+    def run_handler(
         self,
         method: bytes,
         url: bytes,
@@ -327,111 +213,17 @@ class HttpConnection(asyncio.Protocol):
         authorization: bytes,
         body: bytes,
         keep_alive: bool,
-    ) -> None:
-        head = method == b"HEAD"
-        if head:
-            method = b"GET"  # same headers as GET, no body
-        try:
-            result = self.handler.handle(
-                self, method, url, content_type, authorization, body, keep_alive
-            )
-        except Exception as exc:
-            self._internal_error(exc, f"{method!r} {url!r}", head)
-            return
-        if type(result) is bytes:
-            self._emit(without_body(result) if head else result)
-            if not keep_alive or self.draining:
-                self._close_after()
-            return
-        self.task = asyncio.ensure_future(cast(Awaitable[bytes], result))
-        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive, head))
+    ) -> Result:
+        return self.handler.handle(self, method, url, content_type, authorization, body, keep_alive)
 
-    def _async_done(self, task: asyncio.Future[bytes], keep_alive: bool, head: bool) -> None:
-        self.task = None
-        if task.cancelled() or self.closing:
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._internal_error(exc, "an async handler", head)
-            return
-        result = task.result()
-        self._emit(without_body(result) if head else result)
-        if not keep_alive or self.draining:
-            self._close_after()
-            return
-        while self.queue and self.task is None and not self.closing:
-            self._dispatch(*self.queue.popleft())
-        if not self.queue and not self.writing_paused:
-            self._resume_reading()
-
-    def _internal_error(self, exc: BaseException, what: str, head: bool = False) -> None:
-        """A bug of ours: logged with its traceback, a 500 for the client, the connection closed
-        (its state is unknown); the process keeps serving everyone else."""
-        log.error("internal error handling %s", what, exc_info=exc)
-        response = responses.error(
-            self.clock, 500, "internal_error", "The server failed to handle this request.", True
-        )
-        self._emit(without_body(response) if head else response)
-        self._close_after()
-
-    def _emit(self, data: bytes | None) -> None:
-        """Queue a response (None: close after what precedes) for the gate to release."""
-        self.out.append(data)
-        if not self.held:
-            self.held = True
-            self.server.gate.hold(self)
-
-    def _close_after(self) -> None:
-        self.closing = True
-        self.queue.clear()
-        self._pause_reading()
-        self._emit(None)
+    def hold(self) -> None:
+        self.server.gate.hold(self)
 
     def _fail(self, status: int, code: str, detail: str) -> None:
+        """The request being read is refused and ends the connection, after the answers owed
+        to the requests before it."""
         self.server.metrics.count_request("invalid", status)
-        self._emit(responses.error(self.clock, status, code, detail, close=True))
-        self._close_after()
-
-    def release_output(self) -> None:
-        """Called by the AckGate when what was queued this tick may leave at once."""
-        self.release(self.take_output())
-
-    def take_output(self) -> list[bytes | None]:
-        """Called by the AckGate at the end of a tick: the responses that may now be released."""
-        out = self.out
-        self.out = []
-        self.held = False
-        return out
-
-    def release(self, out: list[bytes | None]) -> None:
-        """Write released responses; a None marker closes the connection after them."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if len(out) == 1 and out[0] is not None:
-            transport.write(out[0])
-            return
-        data = b"".join(chunk for chunk in out if chunk is not None)
-        if data:
-            transport.write(data)
-        if None in out:
-            transport.close()
-
-    def abort(self) -> None:
-        """The WAL write failed: these responses cannot be promised, so the client gets none."""
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self.reading_paused and not self.closing and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        self.end(responses.error(self.clock, status, code, detail, close=True))
 
     # lifecycle, driven by the server
 
@@ -439,28 +231,63 @@ class HttpConnection(asyncio.Protocol):
         if self.closing:
             return
         if self.request_started and now - self.request_started > request_timeout:
-            self._fail(408, "request_timeout", "The request was not completed in time.")
+            if self.silent:
+                self._close_now()  # nothing was asked (a browser's preconnect): nothing to answer
+            else:
+                self._fail(408, "request_timeout", "The request was not completed in time.")
         elif self.idle and now - self.last_active > idle_timeout:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_now()
 
     def shutdown(self) -> None:
-        """Stop taking requests: close now if idle, else after the response in progress."""
+        """Stop taking requests: close now if idle, else after the answer in progress."""
         if self.closing:
             return
         if self.idle:
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
+            self._close_now()
         elif self.request_started or self.task is not None:
             self.draining = True  # the request in progress gets its answer, then we close
             self.queue.clear()
             self._pause_reading()
         else:
-            self._close_after()
+            self.close_after()
+
+    def _close_now(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
 
     @property
     def idle(self) -> bool:
-        """No request being received, handled or answered."""
-        return self.task is None and not self.out and not self.request_started
+        """Waiting for a request: none being received (not a byte of it yet), handled or
+        answered."""
+        return (
+            (self.silent or not self.request_started)
+            and self.task is None
+            and not self.out
+            and not self.unreleased
+        )
+
+    @property
+    def reusable(self) -> bool:
+        """Idle, with every answer written out: closing it loses no request and no answer."""
+        transport = self.transport
+        return (
+            self.idle
+            and not self.closing
+            and transport is not None
+            and not transport.get_write_buffer_size()
+        )
+
+
+def _close_longest_idle(connections: dict[HttpConnection, None]) -> bool:
+    """At --max-connections, make room for a new connection by closing the one idle the longest
+    (as nginx reuses idle keep-alive connections). False when no connection is idle."""
+    oldest: HttpConnection | None = None
+    for conn in connections:  # in accept order: among equals, the earliest accepted goes
+        if conn.reusable and (oldest is None or conn.last_active < oldest.last_active):
+            oldest = conn
+    if oldest is None:
+        return False
+    del connections[oldest]
+    oldest._close_now()
+    return True

@@ -10,12 +10,12 @@ _WANTED = {
     b"authorization": "authorization",
     b"expect": "expect",
     b"host": "host",
+    b"connection": "connection",
 }
 _IGNORED = (
     b"user-agent",
     b"accept",
     b"accept-encoding",
-    b"connection",
     b"transfer-encoding",
     b"keep-alive",
     b"cache-control",

@@ -17,12 +17,13 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES = {s.value: _status_line(s.value) for s in HTTPStatus if s.value >= 200}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 SERVER = b"Server: incrementer\r\n"
+KEEP_ALIVE = b"Connection: keep-alive\r\n"
 
 
 class Clock:
     """Coarse wall and monotonic time plus the Date header, refreshed by the server once a second."""
 
-    __slots__ = ("accepted", "accepted_close", "date", "now")
+    __slots__ = ("accepted", "accepted_close", "accepted_keep_alive", "date", "now")
 
     def __init__(self, now: float) -> None:
         self.refresh(now)
@@ -32,6 +33,7 @@ class Clock:
         self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
         self.accepted = build(self, 202)
         self.accepted_close = build(self, 202, close=True)
+        self.accepted_keep_alive = build(self, 202, headers=KEEP_ALIVE)  # for HTTP/1.0 clients
 
 
 def build(
@@ -51,6 +53,13 @@ def build(
     head.append(b"\r\n")
     head.append(body)
     return b"".join(head)
+
+
+def kept_alive(response: bytes) -> bytes:
+    """The response with `Connection: keep-alive`: an HTTP/1.0 client that asked to keep the
+    connection reuses it only when told so, and otherwise waits for the close."""
+    line_end = response.index(b"\r\n") + 2
+    return response[:line_end] + KEEP_ALIVE + response[line_end:]
 
 
 def json(

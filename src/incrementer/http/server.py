@@ -28,7 +28,8 @@ class HttpServer:
         self.gate = gate
         self.metrics = metrics
         self.clock = responses.Clock(time.monotonic())
-        self.connections: set[HttpConnection] = set()
+        # In accept order (a dict as an ordered set): the longest-idle search breaks ties by it.
+        self.connections: dict[HttpConnection, None] = {}
         self.max_body_bytes = settings.max_body_bytes
         self.max_header_bytes = settings.max_header_bytes
         self.max_connections = settings.max_connections
