@@ -128,6 +128,8 @@ async def test_an_increment_that_cannot_be_logged_gets_503_and_is_never_applied(
             await client.post("/increment", json={"key": key, "value": 1000})
         ).status_code == 202
         assert svc.metrics.accepted_increments == 2
+        assert svc.server is not None
+        assert all(c.unreleased == 0 for c in svc.server.connections), "answers still owed"
     assert await db_totals(sqlite_url, [key, other]) == {key: 1001}
 
 
@@ -176,6 +178,8 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
         assert failed_fd not in disk.synced_fds[synced_before:], "synced the failed file again"
         assert svc.metrics.wal_failures["fsync"] == 1
         await wait_until(lambda: _ready(client), timeout=10)
+        assert svc.server is not None
+        assert [c.unreleased for c in svc.server.connections] == [0], "answers still owed"
     assert await db_totals(db_url, [key]) == {key: 7}
 
 
@@ -242,3 +246,33 @@ async def test_a_full_disk_refuses_with_503_then_recovers_and_a_kill_9_keeps_exa
         with spawned(args) as server:
             assert server.stop() == 0, server.read_log()
     assert await db_totals(sqlite_url, [key]) == {key: acked}
+
+
+async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Two requests on one connection, one in the fsync that fails and one written while it
+    ran: both wait for the database, then leave in order, and the connection owes nothing."""
+    key = unique("order")
+    settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
+    async with run_service(settings) as svc:
+        disk = inject(svc)
+        disk.hold = threading.Event()
+        disk.sync_errors = [errno.EIO]
+        reader, writer = await asyncio.open_connection(*host_port(svc.url))
+        try:
+            writer.write(increment_request(key, 1))
+            assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
+            writer.write(increment_request(key, 2) + get(counter_path(key)))
+            await asyncio.sleep(0.2)  # the second tick is written behind the held fsync
+            disk.hold.set()
+            answers = [await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) for _ in "ab"]
+            assert all(a.startswith(b"HTTP/1.1 202 ") for a in answers), answers
+            assert await db_totals(sqlite_url, [key]) == {key: 3}, "answered before durable"
+            read = await asyncio.wait_for(reader.readuntil(b'"value":3}'), 10)
+            assert b"200 OK" in read
+        finally:
+            disk.hold.set()
+            writer.close()
+        assert svc.server is not None
+        await wait_until(lambda: all(c.unreleased == 0 for c in svc.server.connections))

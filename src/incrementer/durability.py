@@ -41,8 +41,10 @@ from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
 
 if TYPE_CHECKING:
-    # The connections the gate holds (release_output, take_output, release, clock). Named by
-    # their class, not a Protocol: the compiled gate then calls them through the method table.
+    # The connections the gate holds (release_output, take_output, release, clock). Every
+    # output taken goes back through exactly one release(): the connection counts them to know
+    # whether it still owes answers (idle or not). Named by their class, not a Protocol: the
+    # compiled gate then calls them through the method table.
     from incrementer.http.protocol import HttpConnection as Held
 
 log = logging.getLogger("incrementer.durability")
@@ -79,9 +81,10 @@ class AckGate:
         self._scheduled = False
         self._waiting: Group = []  # written, waiting for the next fsync (wal-fsync)
         self._syncing = False
-        self._blocked: dict[Held, tuple[int, Output]] = {}
+        self._blocked: dict[Held, tuple[int, list[Output]]] = {}
         """Connections whose responses wait for the commit of a seq (after a failed fsync),
-        with every later response of theirs queued behind, in order."""
+        with every later output of theirs queued behind, in order; each output taken from a
+        connection goes back to it through exactly one release()."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-fsync")
         self._timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.TimerHandle | None = None
@@ -179,7 +182,7 @@ class AckGate:
         blocked = self._blocked
         for conn, out in group:
             if blocked and conn in blocked:
-                blocked[conn][1].extend(out)  # order: behind its responses waiting for a commit
+                blocked[conn][1].append(out)  # order: behind its responses waiting for a commit
             else:
                 conn.release(out)
 
@@ -192,9 +195,9 @@ class AckGate:
         for conn, out in waiting:
             if conn in blocked:
                 seq, earlier = blocked[conn]
-                blocked[conn] = (max(seq, covered), earlier + out)
+                blocked[conn] = (max(seq, covered), [*earlier, out])
             else:
-                blocked[conn] = (covered, out)
+                blocked[conn] = (covered, [out])
         self._metrics.wal_failures["fsync"] += 1
         self._fail(
             FSYNC_FAILED,
@@ -210,10 +213,11 @@ class AckGate:
             self.committed_seq = seq
         if not self._blocked:
             return
-        for conn, (needed, out) in list(self._blocked.items()):
+        for conn, (needed, outs) in list(self._blocked.items()):
             if needed <= self.committed_seq:
                 del self._blocked[conn]
-                conn.release(out)
+                for out in outs:
+                    conn.release(out)
 
     def _periodic_sync(self) -> None:
         """Mode wal: the same fsync as wal-fsync's, with no responses waiting on it."""
@@ -275,7 +279,10 @@ class AckGate:
                 self._executor.shutdown(wait=False)
                 return False
             await asyncio.sleep(0.001)
-        self._blocked.clear()  # their connections are closed by now (drain)
+        for conn, (_, outs) in self._blocked.items():
+            for out in outs:
+                conn.release(out)  # their connections are closed by now (drain): a no-op write
+        self._blocked.clear()
         ok = True
         if self._mode != "memory":
             sync = self._loop.run_in_executor(self._executor, self._wal.sync)

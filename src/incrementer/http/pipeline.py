@@ -238,12 +238,6 @@ class Pipeline(RequestReader):
         self.unreleased -= 1
         self._write(out)
 
-    def abort(self) -> None:
-        """The WAL write failed: these answers cannot be promised, so the client gets none."""
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
     def _take(self) -> list[bytes | None]:
         out = self.out
         self.out = []
