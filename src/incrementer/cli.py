@@ -56,6 +56,10 @@ HELP = {
     "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
     "log_format": "text or json.",
     "log_level": "debug, info, warning or error.",
+    "workers": (
+        "Server processes sharing --host:--port, each with its own data dir (--data-dir/worker-N) "
+        "under one supervisor; auto = one per usable CPU; 1 = this process serves alone."
+    ),
 }
 CHOICES = {
     "auth": AUTH_MODES,
@@ -80,6 +84,8 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
             func = click.option(decl, name, default=None, envvar=envvar, help=help_text)(func)
             continue
         kind: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[str(field.type)]
+        if name == "workers":
+            kind = str  # a number or `auto`: config.parse_workers reads it, for TOML files too
         func = click.option(
             f"--{flag}", name, type=kind, default=None, envvar=envvar, help=help_text
         )(func)
@@ -117,6 +123,14 @@ def serve(config: Path | None, **values: Any) -> None:
 
     settings = build_settings(config, values)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from incrementer.supervisor import Supervisor
+
+        try:
+            sys.exit(Supervisor(settings).run())
+        except (DataDirError, WalCorruptError, BackendError, OSError) as exc:
+            click.echo(f"incrementer: cannot start: {exc}", err=True)
+            sys.exit(2)
     import uvloop
 
     service = Service(settings)
@@ -154,7 +168,7 @@ def migrate_command(database_url: str) -> None:
 
 @main.group()
 def wal() -> None:
-    """Inspect the write-ahead log."""
+    """Inspect or drain the write-ahead log."""
 
 
 @wal.command()
@@ -192,6 +206,35 @@ def inspect(data_dir: Path, as_json: bool) -> None:
         click.echo(f"torn tail (dropped at next start): {summary.torn_tail}")
     for problem in summary.problems:
         click.echo(f"PROBLEM: {problem}")
+
+
+@wal.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    envvar=ENV_PREFIX + "DATA_DIR",
+    default=DEFAULTS.data_dir,
+    show_default=True,
+    help="A stopped instance's data dir; its worker-N dirs are drained too.",
+)
+@database_url_option
+def drain(data_dir: Path, database_url: str) -> None:
+    """Apply what a stopped instance's WAL holds, exactly once, and mark it retired.
+
+    Refused while a live process holds the data dir (or one of its worker dirs). Safe to run
+    twice: the second run finds nothing after the applied seq.
+    """
+    from incrementer import drain as retiring
+    from incrementer.datadir import DataDirError
+    from incrementer.ingest.wal import WalCorruptError
+    from incrementer.store.base import BackendError
+
+    try:
+        drained = asyncio.run(retiring.drain_data_dir(data_dir, database_url))
+    except (DataDirError, WalCorruptError, BackendError, OSError) as exc:
+        raise click.ClickException(f"cannot drain {data_dir}: {exc}") from None
+    for node in drained:
+        click.echo(node.describe())
 
 
 @main.group()
