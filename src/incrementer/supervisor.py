@@ -265,7 +265,9 @@ class Supervisor:
             data = b""
         if data.startswith(b"ready"):
             worker.ready = True
-            if not self._all_ready_once and all(w.ready for w in self.workers):
+            if self._all_ready_once and worker.proc is not None:
+                log.info("worker %d serving again (pid %d)", worker.index, worker.proc.pid)
+            elif all(w.ready for w in self.workers):
                 self._all_ready_once = True
                 log.info(
                     "listening on %s with %d workers (pids %s)",
