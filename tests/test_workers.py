@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -197,10 +198,26 @@ async def _has(samples: object, series: str, value: float) -> bool:
     return (await samples).get(series) == value  # type: ignore[attr-defined,no-any-return]
 
 
+READINESS = json.loads(resources.files("incrementer").joinpath("openapi.json").read_bytes())[
+    "components"
+]["schemas"]["Readiness"]
+
+
+def _conforms(body: dict[str, object]) -> None:
+    """The fields and reason codes the OpenAPI document's Readiness allows, and all it needs."""
+    assert set(READINESS["required"]) <= body.keys() <= READINESS["properties"].keys()
+    item = READINESS["properties"]["reasons"]["items"]
+    reasons = body["reasons"]
+    assert isinstance(reasons, list)
+    for reason in reasons:
+        assert set(item["required"]) <= reason.keys() <= item["properties"].keys()
+        assert reason["code"] in item["properties"]["code"]["enum"]
+
+
 async def test_readyz_answers_for_the_whole_group(tmp_path: Path, sqlite_url: str) -> None:
     """/readyz gives the same verdict from every worker: a worker that stops publishing (here
     frozen with SIGSTOP) makes every other one answer 503 worker_unresponsive, naming it;
-    once it runs again, 200 from all."""
+    once it runs again, 200 from all. Every answer is the OpenAPI document's Readiness."""
     group = await asyncio.to_thread(spawn_group, group_args(tmp_path, sqlite_url), 3)
     frozen = worker_pids(group)[2]
     try:
@@ -211,7 +228,9 @@ async def test_readyz_answers_for_the_whole_group(tmp_path: Path, sqlite_url: st
 
         async def verdict(index: int) -> tuple[int, dict[str, object]]:
             resp = await conns[index].request("GET", "/readyz")
-            return resp.status, json.loads(resp.body)
+            body = json.loads(resp.body)
+            _conforms(body)
+            return resp.status, body
 
         await wait_until(lambda: _status_is(verdict(0), 503), timeout=15)
         for index in (0, 1):
