@@ -130,9 +130,9 @@ def wrk(port: int, connections: int, duration: float) -> None:
     )  # fmt: skip
 
 
-def one_run(mode: str, workers: int, connections: int, duration: float, via_nginx: bool) -> list[
-    tuple[int, int]
-]:
+def one_run(
+    mode: str, workers: int, connections: int, duration: float, via_nginx: bool
+) -> list[tuple[int, int]]:
     port, procs = start_workers(mode, workers)
     nginx = None
     tmp = tempfile.TemporaryDirectory()

@@ -317,7 +317,7 @@ class App(Handler):
         In a `--workers` group the answer is the group's: a load balancer reaches whichever
         worker the kernel picks, and must get the same verdict from each. Every reason then
         names its worker; lag is the worst and pending keys the sum (the other workers' as
-        they published them, at most a second ago)."""
+        they published them, at most a quarter of a second ago)."""
         flusher, gate = self.flusher, self.gate
         now = time.monotonic()
         lag = flusher.oldest_pending_age(now)

@@ -1,11 +1,11 @@
 """What the processes of one `--workers` group share: a run directory under the data dir.
 
 Whichever worker the kernel hands a connection answers for the whole group, so each worker
-publishes, once a second and when it stops, what the others need:
+publishes, four times a second and when it stops, what the others need:
 
 - its metrics, into prometheus-client's multiprocess files (`run/metrics/*.db`), which the worker
   answering `/metrics` merges. The hot path keeps counting in plain integers (metrics.py); only
-  this once-a-second copy touches the files. Counters and histograms are summed over every process
+  this periodic copy touches the files. Counters and histograms are summed over every process
   the group has run, the dead included (their counts happened); gauges are summed over the live
   workers, except those in GAUGE_MODES (a worst case, or a start time) and those in PER_WORKER
   (one series per worker, labelled `worker`).
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("incrementer.group")
 
-PUBLISH_EVERY = 1.0
+# Often enough that a scrape's sum of counters is close to exact, rarely enough to cost nothing
+# (one publish is ~0.2 ms of Python).
+PUBLISH_EVERY = 0.25
 STALE_AFTER = 5.0
 GAUGE_MODES = {
     "incrementer_oldest_pending_seconds": "livemax",  # the alert is about the worst worker
