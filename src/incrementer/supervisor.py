@@ -17,7 +17,7 @@ connection to one of their listening sockets. The alternative, one socket bound 
 inherited, leaves the spread to whichever event loop wakes first, and libuv accepts every
 pending connection in one go: bench/spread.py measured the busiest of 2 workers at 62-77% of the
 requests of 32 wrk connections (one round 91% of the connections) and the busiest of 3 at 84%,
-against 54-58% and 58% with SO_REUSEPORT (55% and 40% through nginx). The supervisor binds the
+against 54-58% and 58% with SO_REUSEPORT (52-55% and 40% through nginx). The supervisor binds the
 port first without SO_REUSEPORT, which fails if anything listens there (a stray worker of an
 earlier group included), then sets the option on that socket, which never listens, and keeps it:
 the port stays reserved (and `--port 0` resolved) across worker restarts. The cost: connections
