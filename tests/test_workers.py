@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -109,6 +110,54 @@ async def _accepted(url: str, at_least: int) -> bool:
             if line.startswith("incrementer_accepted_increments_total "):
                 return float(line.split()[1]) >= at_least
     return False
+
+
+def test_a_group_refuses_a_port_something_listens_on(tmp_path: Path, sqlite_url: str) -> None:
+    """The supervisor binds the port alone before its workers share it: a port already in use
+    (even by SO_REUSEPORT listeners of the same user, a stray group) stops the start, exit 2."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "incrementer", "serve", "--workers", "2", "--port", str(port),
+             *group_args(tmp_path, sqlite_url)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"incrementer: cannot start: cannot bind 127.0.0.1:{port}" in proc.stderr
+    assert not (tmp_path / "data" / "worker-0").exists()
+
+
+@pytest.mark.parametrize("ending", ["second signal", "deadline"])
+async def test_a_worker_that_does_not_drain_is_killed(
+    tmp_path: Path, sqlite_url: str, ending: str
+) -> None:
+    """A worker that cannot drain (frozen with SIGSTOP) does not hold the group forever: a
+    second SIGTERM kills the workers at once, and without one they are killed past their own
+    shutdown deadline; the supervisor exits 1 either way."""
+    args = group_args(tmp_path, sqlite_url, "--shutdown-timeout", "1")
+    group = await asyncio.to_thread(spawn_group, args, 2)
+    frozen = worker_pids(group)[1]
+    try:
+        os.kill(frozen, signal.SIGSTOP)
+        group.proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: "draining 2 workers" in group.read_log())
+        if ending == "second signal":
+            group.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(group.proc.wait, 30)
+    finally:
+        group.stop(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGKILL)
+    log = group.read_log()
+    assert code == 1, log[-2000:]
+    expected = (
+        "received SIGTERM again" if ending == "second signal" else "past the shutdown deadline"
+    )
+    assert expected in log, log[-2000:]
+    await wait_until(lambda: not alive(frozen))
 
 
 async def test_a_killed_supervisor_takes_its_workers_with_it(

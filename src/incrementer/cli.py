@@ -124,11 +124,11 @@ def serve(config: Path | None, **values: Any) -> None:
     settings = build_settings(config, values)
     logs.configure(settings.log_level, settings.log_format)
     if settings.workers > 1:
-        from incrementer.supervisor import Supervisor
+        from incrementer.supervisor import CannotStart, Supervisor
 
         try:
             sys.exit(Supervisor(settings).run())
-        except (DataDirError, WalCorruptError, BackendError, OSError) as exc:
+        except (CannotStart, DataDirError, WalCorruptError, BackendError, OSError) as exc:
             click.echo(f"incrementer: cannot start: {exc}", err=True)
             sys.exit(2)
     import uvloop

@@ -61,7 +61,8 @@ KILL_GRACE = 2.0  # past a worker's own shutdown ceiling, it is killed
 
 
 class CannotStart(Exception):
-    """The group cannot start; the message says why (a worker's own log line says more)."""
+    """The group cannot start: the port is taken, or a worker failed to start (its own log line
+    says why)."""
 
 
 @dataclass
@@ -94,12 +95,13 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._wakeup_r = self._wakeup_w = -1
         self._metrics: group.Publisher | None = None
-        self._stopping = False
         self._all_ready_once = False
+        self._stopping = False
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status: 0 when every worker drained cleanly,
-        1 when one did not (its WAL keeps the rest), 2 when the group could not start."""
+        1 when one did not (its WAL keeps the rest). Raises CannotStart (or the DataDirError,
+        BackendError... of the drain at start) when the group cannot start; no worker is left."""
         self.data_dir.lock()
         try:
             with self._capture_signals():
@@ -107,10 +109,10 @@ class Supervisor:
                     self._prepare()
                     self._spawn_all()
                     return self._loop()
-                except CannotStart as exc:
-                    log.error("cannot start: %s", exc)
-                    self._stop_workers(force=True)
-                    return 2
+                except BaseException:
+                    if any(w.proc is not None for w in self.workers):
+                        self._stop_workers(force=True)
+                    raise
         finally:
             for sock in self._reserved:
                 sock.close()
@@ -225,34 +227,30 @@ class Supervisor:
 
     def _loop(self) -> int:
         while True:
-            timeout = self._next_restart_in()
-            for key, _ in self._selector.select(timeout):
-                if key.fd == self._wakeup_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wakeup_r, 4096)
-                else:
-                    self._on_notify(key.data)
+            self._wait(self._next_restart_in())
             for signum in self._take_signals():
                 if signum == signal.SIGCHLD:
                     continue
-                if self._stopping:
-                    log.warning(
-                        "received %s again, killing the workers", signal.Signals(signum).name
-                    )
-                    self._stop_workers(force=True)
-                    return 1
                 log.info(
                     "received %s, draining %d workers (send again to force exit)",
                     signal.Signals(signum).name,
                     len(self.workers),
                 )
-                self._stopping = True
                 return self._stop_workers(force=False)
             self._reap()
             now = time.monotonic()
             for worker in self.workers:
                 if worker.restart_at is not None and worker.restart_at <= now:
                     self._spawn(worker)
+
+    def _wait(self, timeout: float | None) -> None:
+        """Until a signal (the wakeup fd), a worker's word, or the timeout."""
+        for key, _ in self._selector.select(timeout):
+            if key.fd == self._wakeup_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wakeup_r, 4096)
+            else:
+                self._on_notify(key.data)
 
     def _next_restart_in(self) -> float | None:
         due = [w.restart_at for w in self.workers if w.restart_at is not None]
@@ -263,7 +261,7 @@ class Supervisor:
             data = os.read(worker.notify, 64)
         except OSError:
             data = b""
-        if data.startswith(b"ready"):
+        if data.startswith(b"ready") and not self._stopping:
             worker.ready = True
             if self._all_ready_once and worker.proc is not None:
                 log.info("worker %d serving again (pid %d)", worker.index, worker.proc.pid)
@@ -322,41 +320,50 @@ class Supervisor:
     def _stop_workers(self, force: bool) -> int:
         """SIGTERM every worker and wait for their drains (each within its own
         --shutdown-timeout, plus the grace after which it exits regardless); kill what is left
-        after that. force: SIGKILL at once. Returns 0 if every worker drained cleanly."""
-        sig = signal.SIGKILL if force else signal.SIGTERM
-        live = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
-        for worker in live:
-            assert worker.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.send_signal(sig)
+        after that, or at once on another SIGTERM/SIGINT. force: SIGKILL from the start.
+        Returns 0 if every worker drained cleanly."""
+        self._stopping = True
+        for worker in self.workers:
+            worker.restart_at = None
+            if worker.proc is not None and worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGKILL if force else signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_timeout + EXIT_GRACE + KILL_GRACE
         status = 0
-        for worker in self.workers:
-            proc = worker.proc
-            if proc is None:
-                continue
-            try:
-                code = proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.error(
-                    "worker %d (pid %d) did not stop in time; killing it", worker.index, proc.pid
-                )
-                proc.kill()
-                code = proc.wait()
-            if code != 0:
-                status = 1
-                if not force:
-                    log.error("worker %d (pid %d) %s", worker.index, proc.pid, _how(code))
-            self._close_notify(worker)
-            group.forget(self.run_dir, worker.ident, worker.index)
-            worker.proc = None
-        if not force:
-            log.info(
-                "stopped %d workers (%d restarts)%s",
-                len(self.workers),
-                self.restarts,
-                "" if status == 0 else "; see above for those that did not drain cleanly",
-            )
+        while live := [w for w in self.workers if w.proc is not None]:
+            for worker in live:
+                proc = worker.proc
+                assert proc is not None
+                code = proc.poll()
+                if code is None:
+                    continue
+                if code != 0:
+                    status = 1
+                    if not force:
+                        log.error("worker %d (pid %d) %s", worker.index, proc.pid, _how(code))
+                self._close_notify(worker)
+                group.forget(self.run_dir, worker.ident, worker.index)
+                worker.proc = None
+            again = [sig for sig in self._take_signals() if sig != signal.SIGCHLD]
+            late = time.monotonic() > deadline
+            if (again or late) and not force:
+                if again:
+                    name = signal.Signals(again[0]).name
+                    log.warning("received %s again, killing the workers", name)
+                else:
+                    log.error("workers still running past the shutdown deadline; killing them")
+                force, status = True, 1
+                for worker in self.workers:
+                    if worker.proc is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            worker.proc.kill()
+            self._wait(0.1)  # woken early by SIGCHLD
+        log.info(
+            "stopped %d workers (%d restarts)%s",
+            len(self.workers),
+            self.restarts,
+            "" if status == 0 else "; not every worker drained cleanly",
+        )
         return status
 
     # signals and metrics
