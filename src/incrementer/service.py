@@ -43,6 +43,7 @@ class Service:
         self.flusher: Flusher | None = None
         self.server: HttpServer | None = None
         self.gate: AckGate | None = None
+        self.key_source: KeySource | None = None
         self.url = ""
         self._flush_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -79,7 +80,7 @@ class Service:
             s.flush_max_keys,
             self.metrics,
         )
-        keyring, limiter, key_source = await self._guards()
+        keyring, limiter, self.key_source = await self._guards()
         app = App(
             validator,
             intake,
@@ -91,7 +92,7 @@ class Service:
             s.lag_bound,
             keyring,
             limiter,
-            key_source,
+            self.key_source,
         )
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self.metrics.build_info = {"version": build.version(), "build": build.name()}
@@ -101,7 +102,9 @@ class Service:
         try:
             host, port = await self.server.start(s.host, s.port)
         except OSError as exc:  # a name that does not resolve, an address not ours, a port taken
-            raise OSError(f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}") from exc
+            raise OSError(
+                f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}"
+            ) from exc
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         log.info(

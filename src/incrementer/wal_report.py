@@ -38,7 +38,9 @@ class WalReport:
             f"{s.records} increments, {s.bytes} bytes, seq {s.first_seq}..{s.last_seq}"
         ]
         if s.applied_seq is None:
-            lines.append(f"applied or pending: unknown ({self.ledger})")
+            # Not "pending": a segment stays until all of it is applied, so most frames on disk
+            # usually are; only the ledger can tell.
+            lines.append(f"how much of it the database has applied is unknown: {self.ledger}")
         else:
             lines.append(
                 f"applied up to seq {s.applied_seq} (node {self.node_id}): "
