@@ -164,9 +164,9 @@ class App(Handler):
         body: bytes,
         keep_alive: bool,
     ) -> Result:
-        return self.route(conn, method, url, content_type, authorization, body, keep_alive, True)
+        return self.dispatch(conn, method, url, content_type, authorization, body, keep_alive, True)
 
-    def route(
+    def dispatch(
         self,
         conn: HttpConnection,
         method: bytes,
@@ -232,7 +232,9 @@ class App(Handler):
         then answer as if it had been known all along."""
         assert self.key_source is not None
         await self.key_source.look_up(key_id)
-        result = self.route(conn, method, url, content_type, authorization, body, keep_alive, False)
+        result = self.dispatch(
+            conn, method, url, content_type, authorization, body, keep_alive, False
+        )
         return result if isinstance(result, bytes) else await result
 
     def guard(
