@@ -82,11 +82,13 @@ class KeySource:
     async def look_up(self, key_id: bytes) -> None:
         """Ask the database for key_id once: found, it joins the keyring; absent, it is
         remembered. A failure or the rate cap changes nothing: the request is answered 401."""
+        now = time.monotonic()
+        if key_id in self.keyring.by_id or self.absent.get(key_id, 0.0) > now:
+            return  # settled by another request's lookup since this one asked
         shared = self._in_flight.get(key_id)
         if shared is not None:
             await asyncio.shield(shared)  # a waiter's cancellation must not cancel the others'
             return
-        now = time.monotonic()
         if self._bucket.take(now):
             self._throttle(now)
             return
