@@ -69,7 +69,6 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.rejected: dict[str, int] = {}
         self.rejected_connections = 0
-        self.retracted_increments = 0  # accepted, then taken back: their WAL write failed
         self.wal_failures = {"write": 0, "fsync": 0}
         self.flushes = 0
         self.flush_failures = 0
@@ -98,11 +97,23 @@ class Metrics:
     @property
     def accepted_increments(self) -> int:
         """Derived at scrape time, so the hot path bumps one counter per request, not two."""
-        return self.accepted_requests + self.accepted_batch_increments - self.retracted_increments
+        return self.accepted_requests + self.accepted_batch_increments
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def unaccept(self, singles: int, batches: int, increments: int) -> None:
+        """Requests counted as accepted (202) whose WAL write then failed: their answer became
+        503 wal_unavailable, so they move there, and their increments to the refused."""
+        self.accepted_requests -= singles
+        self.accepted_batch_increments -= increments - singles
+        accepted_batches = ("increments", 202)
+        self.requests[accepted_batches] = self.requests.get(accepted_batches, 0) - batches
+        for route, count in (("increment", singles), ("increments", batches)):
+            refused = (route, 503)
+            self.requests[refused] = self.requests.get(refused, 0) + count
+        self.count_rejected("wal_unavailable", increments)
 
     def count_rejected(self, reason: str, increments: int = 1) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + increments
