@@ -147,5 +147,5 @@ def test_wal_drain_of_a_missing_dir_is_an_error(tmp_path: Path, sqlite_url: str)
     """A mistyped --data-dir is refused, not created."""
     done = wal_drain(tmp_path / "nope", sqlite_url)
     assert done.returncode == 2
-    assert "does not exist" in done.stderr
+    assert f"no data dir at {tmp_path / 'nope'}" in done.stderr
     assert not (tmp_path / "nope").exists()

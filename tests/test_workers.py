@@ -47,13 +47,16 @@ def group_args(tmp_path: Path, db_url: str, *more: str) -> list[str]:
 def test_bad_workers_values_are_refused_naming_the_option(
     tmp_path: Path, value: str, why: str
 ) -> None:
-    """--workers 0, negative, not a number, or far above the CPUs: exit 2, nothing started."""
+    """--workers 0, negative, not a number, or far above the CPUs: one line naming the flag,
+    exit 2, nothing started."""
     proc = subprocess.run(
         [sys.executable, "-m", "incrementer", "serve", "--workers", value],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert re.search(rf"invalid workers='?{re.escape(value)}'?: ", proc.stderr), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line
+    shown = re.escape(value)
+    assert re.match(rf"incrementer: invalid workers='?{shown}'? \(from --workers\): ", proc.stderr)
     assert why in proc.stderr
     assert not (tmp_path / "incrementer-data").exists()
 
@@ -114,7 +117,8 @@ async def _accepted(url: str, at_least: int) -> bool:
 
 def test_a_group_refuses_a_port_something_listens_on(tmp_path: Path, sqlite_url: str) -> None:
     """The supervisor binds the port alone before its workers share it: a port already in use
-    (even by SO_REUSEPORT listeners of the same user, a stray group) stops the start, exit 2."""
+    (even by SO_REUSEPORT listeners of the same user, a stray group) stops the start: one line,
+    exit 1 (a failure at run time)."""
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
@@ -125,8 +129,9 @@ def test_a_group_refuses_a_port_something_listens_on(tmp_path: Path, sqlite_url:
              *group_args(tmp_path, sqlite_url)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert f"incrementer: cannot start: cannot bind 127.0.0.1:{port}" in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"incrementer: cannot start: cannot bind 127.0.0.1:{port}")
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "data" / "worker-0").exists()
 
 

@@ -1,8 +1,8 @@
 """`serve --workers N`: one supervisor and N worker processes answering on one host and port.
 
 The supervisor owns processes and knows nothing about requests (gunicorn's arbiter is the model).
-In order: lock the data dir, migrate once, drain what a larger group or a lone process left in
-the data dirs no worker of this group will use (drain.py), reserve the port, start N workers, then
+In order: lock the data dir, reserve the port, migrate once, drain what a larger group or a lone
+process left in the data dirs no worker of this group will use (drain.py), start N workers, then
 loop: reap a worker that exits, restart it (at once the first time, with a growing delay while
 it keeps dying soon after its start), and on SIGTERM or SIGINT send every worker SIGTERM and wait
 for their drains. A second signal kills the workers (their WALs keep what they accepted).
@@ -124,8 +124,8 @@ class Supervisor:
 
     def _prepare(self) -> None:
         s = self.settings
+        port = self._reserve_port()  # first: a port in use is found before the database is touched
         asyncio.run(self._migrate_and_retire())
-        port = self._reserve_port()
         shown = f"[{s.host}]" if ":" in s.host else s.host
         self.url = f"http://{shown}:{port}"
         self.settings = replace(s, port=port)
