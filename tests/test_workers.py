@@ -333,7 +333,7 @@ async def test_a_read_adds_only_the_answering_workers_unflushed_delta(
 ) -> None:
     """GET /counters/{key} is the database value plus the answering worker's pending delta:
     another worker's increments show once they are flushed (within the flush interval)."""
-    args = group_args(tmp_path, sqlite_url, "--flush-interval", "3", "--flush-interval-max", "3")
+    args = group_args(tmp_path, sqlite_url, "--flush-interval", "5", "--flush-interval-max", "5")
     group = await asyncio.to_thread(spawn_group, args, 2)
     try:
         conns = await one_per_worker(group.url, 2)
