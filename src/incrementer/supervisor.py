@@ -10,19 +10,8 @@ for their drains. A second signal kills the workers (their WALs keep what they a
 Each worker is a fresh interpreter (`python -m incrementer.worker`, no state inherited from this
 process) running the Service a lone process runs, on its own data dir `<data-dir>/worker-<i>`,
 so its own node id, lock and WAL: the exactly-once ledger needs nothing new, and a restarted
-worker replays its WAL before it listens. Workers die with the supervisor (worker.py).
-
-How the port is shared: each worker binds it with SO_REUSEPORT, and the kernel hashes each new
-connection to one of their listening sockets. The alternative, one socket bound here and
-inherited, leaves the spread to whichever event loop wakes first, and libuv accepts every
-pending connection in one go: bench/spread.py measured the busiest of 2 workers at 62-77% of the
-requests of 32 wrk connections (one round 91% of the connections) and the busiest of 3 at 84%,
-against 54-58% and 58% with SO_REUSEPORT (52-55% and 40% through nginx). The supervisor binds the
-port first without SO_REUSEPORT, which fails if anything listens there (a stray worker of an
-earlier group included), then sets the option on that socket, which never listens, and keeps it:
-the port stays reserved (and `--port 0` resolved) across worker restarts. The cost: connections
-still in a dying worker's accept queue are reset (Linux 5.14+ can migrate them:
-net.ipv4.tcp_migrate_req), and any process of the same user could join the port.
+worker replays its WAL before it listens. Workers die with the supervisor (worker.py). The
+workers share the port with SO_REUSEPORT (sharedport.py says why, as measured).
 """
 
 from __future__ import annotations
@@ -45,7 +34,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from incrementer import drain, group
+from incrementer import drain, group, sharedport
 from incrementer.config import Settings
 from incrementer.datadir import DataDir
 from incrementer.service import EXIT_GRACE
@@ -124,7 +113,10 @@ class Supervisor:
 
     def _prepare(self) -> None:
         s = self.settings
-        port = self._reserve_port()  # first: a port in use is found before the database is touched
+        try:  # first: a port in use is found before the database is touched
+            self._reserved, port = sharedport.reserve(s.host, s.port)
+        except sharedport.PortTaken as exc:
+            raise CannotStart(str(exc)) from None
         asyncio.run(self._migrate_and_retire())
         shown = f"[{s.host}]" if ":" in s.host else s.host
         self.url = f"http://{shown}:{port}"
@@ -151,31 +143,6 @@ class Supervisor:
                     log.info("retired %s", node.describe())
         finally:
             await store.close()
-
-    def _reserve_port(self) -> int:
-        """Bind host:port without SO_REUSEPORT (refused if anything listens there), then allow
-        it, so the workers can join; these sockets never listen. Returns the port."""
-        s = self.settings
-        port = s.port
-        try:
-            infos = socket.getaddrinfo(
-                s.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-        except socket.gaierror as exc:
-            raise CannotStart(f"cannot resolve host {s.host!r}: {exc}") from None
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            self._reserved.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds
-            try:
-                sock.bind((address[0], port, *address[2:]))
-            except OSError as exc:
-                raise CannotStart(f"cannot bind {address[0]}:{port}: {exc.strerror}") from None
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            port = sock.getsockname()[1]
-        return port
 
     def _spawn_all(self) -> None:
         log.info(

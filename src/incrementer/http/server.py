@@ -40,7 +40,7 @@ class HttpServer:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> tuple[str, int]:
         """Listen on host:port. reuse_port: every worker of a `--workers` group binds the same
-        port with SO_REUSEPORT and the kernel spreads new connections among them (supervisor.py
+        port with SO_REUSEPORT and the kernel spreads new connections among them (sharedport.py
         says why this rather than one inherited socket)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
