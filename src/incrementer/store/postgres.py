@@ -1,7 +1,8 @@
 """PostgreSQL backend on asyncpg.
 
-The SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB)
-accept: unnest, ON CONFLICT, FOR UPDATE, savepoints, no server-side functions.
+The SQL stays within what PostgreSQL-compatible distributed databases (Citus, CockroachDB,
+YugabyteDB) accept: unnest, string_to_array, ON CONFLICT, UPDATE ... RETURNING, no server-side
+functions, no advisory locks (docs/operations.md says which parts are untested there).
 """
 
 from __future__ import annotations
