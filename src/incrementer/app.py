@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable
 from importlib import resources
 from urllib.parse import unquote_to_bytes
 
@@ -13,6 +14,7 @@ from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
 from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
+from incrementer.idempotent import REPLAYED, IdempotentIntake, Outcome, WalUnavailable
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.metrics import Metrics
@@ -21,6 +23,7 @@ from incrementer.store.base import BackendError, Store
 JSON = b"application/json"
 FORM = b"application/x-www-form-urlencoded"
 RETRY_AFTER = b"Retry-After: 1\r\n"
+REPLAYED_HEADER = b"Idempotent-Replayed: true\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="incrementer"\r\n'
 COUNTERS = b"/counters/"
 READ_ATTEMPTS = 5
@@ -41,6 +44,11 @@ UNAUTHORIZED = BadRequest(
     "unauthorized", "A valid API key is required: Authorization: Bearer <key>.", 401
 )
 RATE_LIMITED = BadRequest("rate_limited", "Rate limit exceeded; slow down.", 429)
+WAL_UNAVAILABLE = BadRequest(
+    "wal_unavailable",
+    "The write-ahead log could not be written, so nothing was recorded; retry shortly.",
+    503,
+)
 
 
 def media_type(content_type: bytes) -> bytes:
@@ -58,10 +66,12 @@ class App(Handler):
         metrics: Metrics,
         node_id: str,
         lag_bound: float,
+        idempotent: IdempotentIntake,
         keyring: KeyRing | None = None,
         limiter: ClientLimiter | None = None,
     ) -> None:
         self.validator = validator
+        self.idempotent = idempotent
         self.intake = intake
         self.flusher = flusher
         self.store = store
@@ -114,6 +124,7 @@ class App(Handler):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
     ) -> Result:
@@ -135,9 +146,9 @@ class App(Handler):
             if denied is not None:
                 return denied
         if route == "increment":
-            return self.increment(conn, content_type, body, keep_alive)
+            return self.increment(conn, content_type, body, keep_alive, idempotency_key)
         if route == "increments":
-            return self.increments(conn, content_type, body, keep_alive)
+            return self.increments(conn, content_type, body, keep_alive, idempotency_key)
         if route == "counters":
             return self.counter(conn, path[len(COUNTERS) :], keep_alive)
         if route == "healthz":
@@ -190,8 +201,13 @@ class App(Handler):
     # ingest
 
     def increment(
-        self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
-    ) -> bytes:
+        self,
+        conn: HttpConnection,
+        content_type: bytes,
+        body: bytes,
+        keep_alive: bool,
+        idempotency_key: bytes | None = None,
+    ) -> Result:
         try:
             kind = media_type(content_type)
             if kind == JSON:
@@ -200,6 +216,9 @@ class App(Handler):
                 item = self.validator.form_one(body)
             else:
                 raise _unsupported(content_type)
+            if idempotency_key is not None:  # a batch of one
+                outcome = self.idempotent.take(idempotency_key, [item])
+                return self.keyed(conn, "increment", outcome, keep_alive)
             self.intake.accept(item)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
@@ -210,18 +229,55 @@ class App(Handler):
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
     def increments(
-        self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
-    ) -> bytes:
+        self,
+        conn: HttpConnection,
+        content_type: bytes,
+        body: bytes,
+        keep_alive: bool,
+        idempotency_key: bytes | None = None,
+    ) -> Result:
         try:
             if media_type(content_type) != JSON:
                 raise _unsupported(content_type)
-            self.intake.accept_many(self.validator.json_many(body))
+            items = self.validator.json_many(body)
+            if idempotency_key is not None:
+                outcome = self.idempotent.take(idempotency_key, items)
+                return self.keyed(conn, "increments", outcome, keep_alive)
+            self.intake.accept_many(items)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
             return self.fail(conn, "increments", exc, keep_alive)
         except Overloaded:
             return self.shed(conn, "increments", keep_alive)
         self.metrics.count_request("increments", 202)
+        return conn.clock.accepted if keep_alive else conn.clock.accepted_close
+
+    def keyed(self, conn: HttpConnection, route: str, outcome: Outcome, keep_alive: bool) -> Result:
+        """The answer to a request with an Idempotency-Key, now or once the database has been
+        asked (idempotent.py)."""
+        if isinstance(outcome, int):
+            return self.keyed_answer(conn, route, outcome, keep_alive)
+        return self._keyed_later(conn, route, outcome, keep_alive)
+
+    async def _keyed_later(
+        self, conn: HttpConnection, route: str, outcome: Awaitable[int], keep_alive: bool
+    ) -> bytes:
+        try:
+            done = await outcome
+        except BadRequest as exc:
+            self.metrics.count_rejected(exc.code)
+            return self.fail(conn, route, exc, keep_alive)
+        except Overloaded:
+            return self.shed(conn, route, keep_alive)
+        except WalUnavailable:
+            self.metrics.count_rejected("wal_unavailable")
+            return self.fail(conn, route, WAL_UNAVAILABLE, keep_alive, RETRY_AFTER)
+        return self.keyed_answer(conn, route, done, keep_alive)
+
+    def keyed_answer(self, conn: HttpConnection, route: str, outcome: int, keep_alive: bool) -> bytes:
+        self.metrics.count_request(route, 202)
+        if outcome == REPLAYED:
+            return responses.build(conn.clock, 202, close=not keep_alive, headers=REPLAYED_HEADER)
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
     def shed(self, conn: HttpConnection, route: str, keep_alive: bool) -> bytes:

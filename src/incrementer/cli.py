@@ -54,6 +54,10 @@ HELP = {
     "auth_refresh": "Seconds between reloads of the API keys (a revoked key stops within this).",
     "rate_limit": "Default requests/s per API key (per client IP with auth off); 0 = unlimited.",
     "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
+    "idempotency_window": (
+        "Seconds an Idempotency-Key is remembered (a retry within it is applied once); keys "
+        "older than this are swept from the database."
+    ),
     "log_format": "text or json.",
     "log_level": "debug, info, warning or error.",
 }

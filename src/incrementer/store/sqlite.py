@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -25,8 +25,11 @@ from incrementer.store.base import (
     ApplyResult,
     BackendError,
     DuplicateKeyName,
+    IdempotentBatch,
     KeyRead,
+    losers,
     sum_deltas,
+    taken_back,
 )
 
 T = TypeVar("T")
@@ -56,6 +59,16 @@ SELECT_READ = (
     " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?2),"
     " (SELECT group_concat(delta, ',') FROM counter_overflows WHERE key = ?1)"
 )
+
+# Idempotency keys (migration 0006): written by the flush that applies their batch, in its
+# transaction, so the insert decides whether the batch's deltas count.
+INSERT_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys (key, digest, created_at) VALUES (?, ?, CURRENT_TIMESTAMP)"
+    " ON CONFLICT (key) DO NOTHING"
+)
+SELECT_IDEMPOTENCY_DIGEST = "SELECT digest FROM idempotency_keys WHERE key = ?"
+# CURRENT_TIMESTAMP and datetime() are both UTC text of one format: they compare as text.
+SWEEP_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < datetime('now', ?)"
 
 
 KEY_COLUMNS = "name, key_id, key_hash, rate, burst, created_at, revoked_at"
@@ -112,14 +125,34 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(SELECT_APPLIED, (node_id,)).fetchall())
         return int(rows[0][0]) if rows else 0
 
-    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+    async def apply_batch(
+        self,
+        node_id: str,
+        seq: int,
+        deltas: Mapping[str, int],
+        keyed: Sequence[IdempotentBatch] = (),
+    ) -> ApplyResult:
         """See Store.apply_batch. If the caller is cancelled the transaction still runs to its end,
         so the batch may be applied: retry it with the same seq, which makes the retry a no-op."""
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
         # A copy: the writer thread works on it while the event loop goes on.
         writer = self._require(self._writer)
-        return await self._on(writer, partial(self._apply, node_id, seq, dict(deltas)))
+        work = partial(self._apply, node_id, seq, dict(deltas), list(keyed))
+        return await self._on(writer, work)
+
+    async def idempotency_digest(self, key: str) -> str | None:
+        rows = await self._read(
+            lambda conn: conn.execute(SELECT_IDEMPOTENCY_DIGEST, (key,)).fetchall()
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def sweep_idempotency_keys(self, older_than: float) -> int:
+        def sweep() -> int:
+            cursor = self._writer_conn().execute(SWEEP_IDEMPOTENCY_KEYS, (f"-{older_than} seconds",))
+            return int(cursor.rowcount)
+
+        return await self._on(self._require(self._writer), sweep)
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         rows = await self._read(lambda conn: conn.execute(SELECT_READ, (key, node_id)).fetchall())
@@ -202,7 +235,9 @@ class SQLiteStore:
         if conn is not None:
             conn.close()
 
-    def _apply(self, node_id: str, seq: int, deltas: dict[str, int]) -> ApplyResult:
+    def _apply(
+        self, node_id: str, seq: int, deltas: dict[str, int], keyed: list[IdempotentBatch]
+    ) -> ApplyResult:
         conn = self._writer_conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -210,6 +245,19 @@ class SQLiteStore:
             if rows and seq <= rows[0][0]:
                 conn.execute("ROLLBACK")
                 return ApplyResult(applied=False)
+            duplicates: dict[str, str] = {}
+            if keyed:
+                inserted = {
+                    batch.key
+                    for batch in keyed
+                    if conn.execute(INSERT_IDEMPOTENCY_KEY, (batch.key, batch.digest)).rowcount
+                }
+                lost = losers(keyed, inserted)
+                if lost:
+                    deltas = taken_back(deltas, lost)
+                    for batch in lost:
+                        found = conn.execute(SELECT_IDEMPOTENCY_DIGEST, (batch.key,)).fetchall()
+                        duplicates[batch.key] = str(found[0][0])
             current = _current_values(conn, list(deltas))
             upserts: list[tuple[str, int]] = []
             overflowed: dict[str, int] = {}
@@ -233,7 +281,7 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
-        return ApplyResult(applied=True, overflowed=overflowed)
+        return ApplyResult(applied=True, overflowed=overflowed, duplicates=duplicates)
 
     # --- plumbing -----------------------------------------------------------------------------
 
