@@ -274,7 +274,9 @@ class App(Handler):
             return self.fail(conn, route, WAL_UNAVAILABLE, keep_alive, RETRY_AFTER)
         return self.keyed_answer(conn, route, done, keep_alive)
 
-    def keyed_answer(self, conn: HttpConnection, route: str, outcome: int, keep_alive: bool) -> bytes:
+    def keyed_answer(
+        self, conn: HttpConnection, route: str, outcome: int, keep_alive: bool
+    ) -> bytes:
         self.metrics.count_request(route, 202)
         if outcome == REPLAYED:
             return responses.build(conn.clock, 202, close=not keep_alive, headers=REPLAYED_HEADER)

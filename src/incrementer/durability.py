@@ -118,7 +118,10 @@ class AckGate:
         idempotent batch, taken in after a database lookup), whose answer is emitted only later:
         False if the write failed and they were taken back. Its answer then leaves through a
         later commit, behind what this one wrote (and, in wal-fsync, its fsync)."""
-        return self._commit()
+        if self._commit():
+            return True
+        self._refused += 1
+        return False
 
     def _commit(self) -> bool:
         self._scheduled = False

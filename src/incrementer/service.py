@@ -66,9 +66,7 @@ class Service:
         applied_seq = await self.store.applied_seq(node_id)
         wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
-        intake = Intake(
-            self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger
-        )
+        intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger)
         self.gate = AckGate(
             loop, wal, intake, s.durability, s.fsync_interval, self.metrics, applied_seq
         )

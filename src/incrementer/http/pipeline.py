@@ -106,7 +106,14 @@ class Pipeline(RequestReader):
         `announce`: the answer says Connection: keep-alive (an HTTP/1.0 client kept alive)."""
         if self.task is None and not self.queue:
             self._dispatch(
-                method, url, content_type, authorization, idempotency_key, body, keep_alive, announce
+                method,
+                url,
+                content_type,
+                authorization,
+                idempotency_key,
+                body,
+                keep_alive,
+                announce,
             )
             return
         self.queue.append(

@@ -98,9 +98,7 @@ class KeyedBatch(NamedTuple):
     entries: list[tuple[str, int]]
 
 
-def decode_payload(
-    payload: bytes, keyed: bool
-) -> tuple[list[tuple[str, int]], list[KeyedBatch]]:
+def decode_payload(payload: bytes, keyed: bool) -> tuple[list[tuple[str, int]], list[KeyedBatch]]:
     """Every (key, value) entry of one frame payload (a MAGIC_KEYED frame's when keyed), and
     the idempotent batches among them; ValueError if the payload is malformed."""
     if not keyed:

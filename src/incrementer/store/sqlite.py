@@ -149,7 +149,9 @@ class SQLiteStore:
 
     async def sweep_idempotency_keys(self, older_than: float) -> int:
         def sweep() -> int:
-            cursor = self._writer_conn().execute(SWEEP_IDEMPOTENCY_KEYS, (f"-{older_than} seconds",))
+            cursor = self._writer_conn().execute(
+                SWEEP_IDEMPOTENCY_KEYS, (f"-{older_than} seconds",)
+            )
             return int(cursor.rowcount)
 
         return await self._on(self._require(self._writer), sweep)
