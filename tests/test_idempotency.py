@@ -82,15 +82,17 @@ async def test_retry_to_the_same_instance_is_applied_once(tmp_path: Path, db_url
     """A retry before and after the flush gets 202 with Idempotent-Replayed and adds nothing."""
     a, b, key = unique(), unique(), unique("idem")
     items = [(a, 3), (b, 4), (a, 5)]
-    async with instance(tmp_path, db_url, "one", flush_interval=5) as svc:
-        async with httpx.AsyncClient() as client:
-            first = await send(client, svc.url, items, key)
-            pending = await send(client, svc.url, items, key)  # the first is not flushed yet
-            assert svc.flusher is not None and svc.flusher.pending_keys() == 2
-            svc.flusher.stop(float("inf"))  # flush now, as at shutdown
-            await wait_until(lambda: svc.flusher is not None and not svc.flusher.pending_keys())
-            settled = await send(client, svc.url, items, key)
-            read = (await client.get(f"{svc.url}/counters/{a}")).json()
+    async with (
+        instance(tmp_path, db_url, "one", flush_interval=5) as svc,
+        httpx.AsyncClient() as client,
+    ):
+        first = await send(client, svc.url, items, key)
+        pending = await send(client, svc.url, items, key)  # the first is not flushed yet
+        assert svc.flusher is not None and svc.flusher.pending_keys() == 2
+        svc.flusher.stop(float("inf"))  # flush now, as at shutdown
+        await wait_until(lambda: svc.flusher is not None and not svc.flusher.pending_keys())
+        settled = await send(client, svc.url, items, key)
+        read = (await client.get(f"{svc.url}/counters/{a}")).json()
     assert first.status_code == 202 and REPLAYED not in first.headers
     for retry in (pending, settled):
         assert retry.status_code == 202, retry.text
@@ -215,16 +217,16 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
     a, b, key = unique(), unique(), unique("idem")
     first: Items = [(a, 5), (b, 1)]
     second = first if bodies == "same" else [(a, 50)]
-    async with httpx.AsyncClient() as client:
-        async with (
-            instance(tmp_path, db_url, "one", flush_interval=5) as one,
-            instance(tmp_path, db_url, "two", flush_interval=5) as two,
-        ):
-            answers = [await send(client, one.url, first, key)]
-            answers.append(await send(client, two.url, second, key))
-            # a plain increment beside the copy, in the same flush, must still count
-            await client.post(two.url + "/increments", json=[{"key": b, "value": 10}])
-        # Both stopped, "two" first: its final flush commits its copy, "one"'s then finds the key.
+    async with (
+        httpx.AsyncClient() as client,
+        instance(tmp_path, db_url, "one", flush_interval=5) as one,
+        instance(tmp_path, db_url, "two", flush_interval=5) as two,
+    ):
+        answers = [await send(client, one.url, first, key)]
+        answers.append(await send(client, two.url, second, key))
+        # a plain increment beside the copy, in the same flush, must still count
+        await client.post(two.url + "/increments", json=[{"key": b, "value": 10}])
+    # Both stopped, "two" first: its final flush commits its copy, "one"'s then finds the key.
     assert [r.status_code for r in answers] == [202, 202]
     assert not any(REPLAYED in r.headers for r in answers)
     totals = await db_totals(db_url, [a, b])
@@ -293,15 +295,17 @@ async def test_expired_keys_are_swept(tmp_path: Path, db_url: str) -> None:
     """After --idempotency-window the key is gone from the database and from memory: the same
     batch is then new again (and counts again)."""
     a, key = unique(), unique("idem")
-    async with instance(tmp_path, db_url, "one", idempotency_window=2.0) as svc:
-        async with httpx.AsyncClient() as client:
-            assert REPLAYED not in (await send(client, svc.url, [(a, 2)], key)).headers
-            await wait_until(lambda: db_totals(db_url, [a]))
-            assert (await send(client, svc.url, [(a, 2)], key)).headers[REPLAYED] == "true"
-            store = svc.store
-            await wait_until(lambda: _missing(store, key), timeout=20)
-            again = await send(client, svc.url, [(a, 2)], key)
-            swept = await metric(client, svc.url, "incrementer_idempotency_keys_swept_total")
+    async with (
+        instance(tmp_path, db_url, "one", idempotency_window=2.0) as svc,
+        httpx.AsyncClient() as client,
+    ):
+        assert REPLAYED not in (await send(client, svc.url, [(a, 2)], key)).headers
+        await wait_until(lambda: db_totals(db_url, [a]))
+        assert (await send(client, svc.url, [(a, 2)], key)).headers[REPLAYED] == "true"
+        store = svc.store
+        await wait_until(lambda: _missing(store, key), timeout=20)
+        again = await send(client, svc.url, [(a, 2)], key)
+        swept = await metric(client, svc.url, "incrementer_idempotency_keys_swept_total")
     assert again.status_code == 202 and REPLAYED not in again.headers
     assert swept >= 1
     assert await db_totals(db_url, [a]) == {a: 4}
