@@ -156,6 +156,28 @@ def migrate_command(database_url: str) -> None:
     )
 
 
+@main.command("incr")
+@click.argument("key")
+@click.argument("value", type=int, default=1)
+@click.option(
+    "--url", envvar=ENV_PREFIX + "URL", default="http://127.0.0.1:3333", show_default=True
+)
+@click.option("--api-key", envvar=ENV_PREFIX + "API_KEY", help="An API key (ik_...).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to keep retrying before giving up (exit status 1).",
+)
+def incr_command(key: str, value: int, url: str, api_key: str | None, timeout: float) -> None:
+    """Add VALUE (default 1) to the counter KEY on a running server, exactly once: retried under
+    one Idempotency-Key until acknowledged. For shell scripts and cron jobs."""
+    from incrementer.incr import incr
+
+    incr(url, key, value, api_key, timeout)
+
+
 @main.group()
 def wal() -> None:
     """Inspect the write-ahead log."""
