@@ -74,14 +74,14 @@ class IdempotentIntake:
         known = self._known(key, hex_digest)
         if known is not None:
             return known
-        batch = IdempotentBatch(key, hex_digest, _coalesced(items))
+        batch = IdempotentBatch(key, hex_digest, items)
         if self.flusher.db_error is not None:
             # Answered in this tick like a plain batch: the tick's commit writes it, or turns
             # the 202 into a 503 and takes the batch back.
-            self.intake.accept_keyed(batch, raw_digest, encoded, len(items))
+            self.intake.accept_keyed(batch, raw_digest, encoded)
             self.counts["unchecked"] += 1
             return ACCEPTED
-        return self._look_up(batch, raw_digest, encoded, len(items))
+        return self._look_up(batch, raw_digest, encoded)
 
     def _known(self, key: str, hex_digest: str) -> int | None:
         stored = self.ledger.known(key, time.monotonic())
@@ -93,14 +93,11 @@ class IdempotentIntake:
         self.counts["replayed"] += 1
         return REPLAYED
 
-    async def _look_up(
-        self, batch: IdempotentBatch, raw_digest: bytes, encoded: bytes, count: int
-    ) -> int:
+    async def _look_up(self, batch: IdempotentBatch, raw_digest: bytes, encoded: bytes) -> int:
         outcome = "accepted"
         try:
-            stored = await asyncio.wait_for(
-                self.store.idempotency_digest(batch.key), LOOKUP_TIMEOUT
-            )
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                stored = await self.store.idempotency_digest(batch.key)
         except (BackendError, TimeoutError):
             stored, outcome = None, "unchecked"
         if stored is not None and batch.key not in self.ledger.pending:
@@ -109,18 +106,10 @@ class IdempotentIntake:
         known = self._known(batch.key, batch.digest)
         if known is not None:
             return known
-        self.intake.accept_keyed(batch, raw_digest, encoded, count)
+        self.intake.accept_keyed(batch, raw_digest, encoded)
         # This answer leaves in a later tick than the append: write now, so that a failed
         # write is known before it says 202 (and a flush never cuts an unwritten batch).
         if not self.gate.log_now():
             raise WalUnavailable
         self.counts[outcome] += 1
         return ACCEPTED
-
-
-def _coalesced(items: list[Validated]) -> dict[str, int]:
-    deltas: dict[str, int] = {}
-    get = deltas.get
-    for _, key, value in items:
-        deltas[key] = get(key, 0) + value
-    return deltas

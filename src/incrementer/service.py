@@ -186,10 +186,8 @@ class Service:
                     self.buffer.add(key, value)
                 increments += len(frame.entries)
                 for keyed in frame.batches:
-                    deltas: dict[str, int] = {}
-                    for key, value in keyed.entries:
-                        deltas[key] = deltas.get(key, 0) + value
-                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, deltas))
+                    items = [(b"", key, value) for key, value in keyed.entries]
+                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, items))
                     self.ledger.hold(keyed.key, keyed.digest)
             if frames:
                 log.info(

@@ -20,7 +20,7 @@ class Batch:
     """The idempotent batches whose deltas are in `deltas`: each counts only if its key's insert
     wins in the flush transaction."""
     held: int
-    """Deltas held in `keyed` (memory the intake's budget counts)."""
+    """Increments held in `keyed` (memory the intake's budget counts)."""
 
 
 class CoalescingBuffer:
@@ -55,19 +55,14 @@ class CoalescingBuffer:
             deltas[key] = get(key, 0) + value
 
     def add_keyed(self, batch: IdempotentBatch) -> None:
-        """add() of every delta of an idempotent batch, which is kept until its flush."""
-        deltas = self.deltas
-        if not deltas:
-            self.oldest = monotonic()
-        get = deltas.get
-        for key, value in batch.deltas.items():
-            deltas[key] = get(key, 0) + value
+        """add_many() of an idempotent batch's increments; the batch is kept until its flush."""
+        self.add_many(batch.items)
         self.keep(batch)
 
     def keep(self, batch: IdempotentBatch) -> None:
         """Keep an idempotent batch whose deltas are summed in already (WAL replay)."""
         self.keyed.append(batch)
-        self.held += len(batch.deltas)
+        self.held += len(batch.items)
 
     def __len__(self) -> int:
         return len(self.deltas)

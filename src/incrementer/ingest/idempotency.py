@@ -28,7 +28,7 @@ MAX_KEY_LENGTH: Final = 128
 SETTLED_LIMIT: Final = 100_000
 """Settled keys remembered at most (the oldest are forgotten first; the database still has them)."""
 
-_pack_entry = ENTRY.pack
+_pack_entry: Final = ENTRY.pack
 
 
 def parse_key(raw: bytes) -> str:
@@ -43,9 +43,14 @@ def parse_key(raw: bytes) -> str:
     return raw.decode("ascii")
 
 
-def encode(items: Iterable[Validated]) -> bytes:
+def encode(items: list[Validated]) -> bytes:
     """The increments as the WAL stores them: the text the digest is computed over."""
-    return b"".join(_pack_entry(len(key), value) + key for key, _, value in items)
+    out = bytearray()
+    pack = _pack_entry
+    for key, _, value in items:
+        out += pack(len(key), value)
+        out += key
+    return bytes(out)
 
 
 def digest(encoded: bytes) -> bytes:

@@ -126,31 +126,28 @@ class Intake:
         kept = []
         for batch in buffer.keyed:
             if batch.key in keys:
-                buffer.held -= len(batch.deltas)
-                self.key_budget += len(batch.deltas)
+                buffer.held -= len(batch.items)
+                self.key_budget += len(batch.items)
             else:
                 kept.append(batch)
         buffer.keyed = kept
         self.ledger.release(keys)
 
-    def accept_keyed(
-        self, batch: IdempotentBatch, digest: bytes, encoded: bytes, count: int
-    ) -> None:
-        """An idempotent batch of `count` increments, all or nothing: logged with its key and
-        digest (`encoded`: its increments as the WAL stores them), summed into the buffer, held
-        until its flush. Its deltas count against the budget twice (buffer and batch) until
-        then."""
+    def accept_keyed(self, batch: IdempotentBatch, digest: bytes, encoded: bytes) -> None:
+        """An idempotent batch, all or nothing: logged with its key and digest (`encoded`: its
+        increments as the WAL stores them), summed into the buffer, held until its flush. Its
+        increments count against the budget as well as its new keys until then."""
         deltas = self.buffer.deltas
-        held = len(batch.deltas)
+        held = len(batch.items)
         if len(deltas) + 2 * held > self.key_budget:  # only then count the keys that are new
-            new_keys = sum(1 for k in batch.deltas if k not in deltas)
-            if len(deltas) + new_keys + held > self.key_budget:
+            new_keys = {key for _, key, _ in batch.items if key not in deltas}
+            if len(deltas) + len(new_keys) + held > self.key_budget:
                 raise Overloaded
         self.wal.append_batch(batch.key.encode("ascii"), digest, encoded)
         self.buffer.add_keyed(batch)
         self.key_budget -= held
         self.ledger.hold(batch.key, batch.digest)
-        self.metrics.accepted_batch_increments += count
+        self.metrics.accepted_batch_increments += held
 
     def accept_many(self, items: list[Validated]) -> None:
         """All or nothing: the budget is checked for the whole batch before anything is added."""

@@ -28,7 +28,8 @@ class IdempotentBatch:
     key: str
     digest: str
     """Hex SHA-256 of the batch's increments (ingest/idempotency.py)."""
-    deltas: dict[str, int]
+    items: list[tuple[bytes, str, int]]
+    """Its increments as validated: (key as UTF-8, key, value); the store reads key and value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ def taken_back(deltas: Mapping[str, int], lost: Sequence[IdempotentBatch]) -> di
     an empty row gets created differs)."""
     remaining = dict(deltas)
     for batch in lost:
-        for key, delta in batch.deltas.items():
+        for _, key, delta in batch.items:
             left = remaining.get(key, 0) - delta
             if left:
                 remaining[key] = left

@@ -96,7 +96,7 @@ class AsyncClient:
             self._wake()
             async with self._progress:
                 await self._progress.wait()
-        if len(pending) >= self._max_batch and not self._cut_wanted:
+        if len(pending.deltas) >= self._max_batch and not self._cut_wanted:
             self._wake()
 
     async def flush(self, timeout: float | None = None) -> None:

@@ -76,7 +76,9 @@ class Client:
         self._max_batch = max_batch
         self._block = when_full == "block"
         self._delivery = Delivery(retry_for)
-        self._cond = threading.Condition()
+        # incr() takes the lock itself (a C-level context manager); waiting goes through cond.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._cut_wanted = False
         self._cuts = 0
         self._delivered = 0  # cuts whose batches are all answered for good
@@ -103,7 +105,7 @@ class Client:
         """Add value to the counter key. Returns at once; never waits on the network (only, with
         when_full="block", for room). TypeError/ValueError for a key or value the server would
         refuse, Full when max_pending keys are held and key is new."""
-        with self._cond:
+        with self._lock:
             pending = self._pending
             while True:
                 if self._closed:
@@ -117,7 +119,7 @@ class Client:
                     )
                 self._wake()
                 self._cond.wait()
-            if len(pending) >= self._max_batch and not self._cut_wanted:
+            if len(pending.deltas) >= self._max_batch and not self._cut_wanted:
                 self._wake()
 
     def flush(self, timeout: float | None = None) -> None:
