@@ -381,13 +381,11 @@ async def test_store_applies_each_key_once_across_nodes(tmp_path: Path, db_url: 
     await store.open()
     try:
         a, b, key = unique(), unique(), unique("idem")
-        keyed = IdempotentBatch(key, "d1", [(b"", a, 2), (b"", a, 3)])
+        keyed = IdempotentBatch(key, "d1", {a: 5})
         first = await store.apply_batch("node-a", 1, {a: 5}, [keyed])
-        copy = IdempotentBatch(key, "d1", [(b"", a, 2), (b"", a, 3)])
+        copy = IdempotentBatch(key, "d1", {a: 5})
         second = await store.apply_batch("node-b", 1, {a: 5 + 1, b: 2}, [copy])
-        again = await store.apply_batch(
-            "node-b", 2, {a: 5}, [IdempotentBatch(key, "d2", [(b"", a, 5)])]
-        )
+        again = await store.apply_batch("node-b", 2, {a: 5}, [IdempotentBatch(key, "d2", {a: 5})])
         assert await store.idempotency_digest(key) == "d1"
     finally:
         await store.close()

@@ -239,7 +239,7 @@ class Flusher:
                 "idempotency key %r was applied before with another body; this batch of %d "
                 "keys (accepted while the first was unflushed elsewhere) was not applied",
                 keyed.key,
-                len(keyed.items),
+                len(keyed.deltas),
             )
 
     async def _ping(self) -> None:

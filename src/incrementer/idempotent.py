@@ -30,7 +30,7 @@ from incrementer.ingest.idempotency import digest, encode, parse_key
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.validate import BadRequest, Validated
 from incrementer.metrics import Metrics
-from incrementer.store.base import BackendError, IdempotentBatch, Store
+from incrementer.store.base import BackendError, Store
 
 ACCEPTED: Final = 0
 REPLAYED: Final = 1
@@ -74,14 +74,13 @@ class IdempotentIntake:
         known = self._known(key, hex_digest)
         if known is not None:
             return known
-        batch = IdempotentBatch(key, hex_digest, items)
         if self.flusher.db_error is not None:
             # Answered in this tick like a plain batch: the tick's commit writes it, or turns
             # the 202 into a 503 and takes the batch back.
-            self.intake.accept_keyed(batch, raw_digest, encoded)
+            self.intake.accept_keyed(key, raw_digest, encoded, items)
             self.counts["unchecked"] += 1
             return ACCEPTED
-        return self._look_up(batch, raw_digest, encoded)
+        return self._look_up(key, raw_digest, encoded, items)
 
     def _known(self, key: str, hex_digest: str) -> int | None:
         stored = self.ledger.known(key, time.monotonic())
@@ -93,20 +92,22 @@ class IdempotentIntake:
         self.counts["replayed"] += 1
         return REPLAYED
 
-    async def _look_up(self, batch: IdempotentBatch, raw_digest: bytes, encoded: bytes) -> int:
+    async def _look_up(
+        self, key: str, raw_digest: bytes, encoded: bytes, items: list[Validated]
+    ) -> int:
         outcome = "accepted"
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
-                stored = await self.store.idempotency_digest(batch.key)
+                stored = await self.store.idempotency_digest(key)
         except (BackendError, TimeoutError):
             stored, outcome = None, "unchecked"
-        if stored is not None and batch.key not in self.ledger.pending:
-            self.ledger.settle(batch.key, stored, time.monotonic())
+        if stored is not None and key not in self.ledger.pending:
+            self.ledger.settle(key, stored, time.monotonic())
         # Also catches a copy of this batch taken in here while the lookup ran.
-        known = self._known(batch.key, batch.digest)
+        known = self._known(key, raw_digest.hex())
         if known is not None:
             return known
-        self.intake.accept_keyed(batch, raw_digest, encoded)
+        self.intake.accept_keyed(key, raw_digest, encoded, items)
         # This answer leaves in a later tick than the append: write now, so that a failed
         # write is known before it says 202 (and a flush never cuts an unwritten batch).
         if not self.gate.log_now():

@@ -186,8 +186,10 @@ class Service:
                     self.buffer.add(key, value)
                 increments += len(frame.entries)
                 for keyed in frame.batches:
-                    items = [(b"", key, value) for key, value in keyed.entries]
-                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, items))
+                    deltas: dict[str, int] = {}
+                    for key, value in keyed.entries:
+                        deltas[key] = deltas.get(key, 0) + value
+                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, deltas))
                     self.ledger.hold(keyed.key, keyed.digest)
             if frames:
                 log.info(

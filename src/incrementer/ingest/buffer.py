@@ -20,7 +20,7 @@ class Batch:
     """The idempotent batches whose deltas are in `deltas`: each counts only if its key's insert
     wins in the flush transaction."""
     held: int
-    """Increments held in `keyed` (memory the intake's budget counts)."""
+    """Deltas held in `keyed` (memory the intake's budget counts)."""
 
 
 class CoalescingBuffer:
@@ -54,15 +54,28 @@ class CoalescingBuffer:
         for _, key, value in items:
             deltas[key] = get(key, 0) + value
 
-    def add_keyed(self, batch: IdempotentBatch) -> None:
-        """add_many() of an idempotent batch's increments; the batch is kept until its flush."""
-        self.add_many(batch.items)
+    def add_keyed(
+        self, key: str, digest: str, items: list[tuple[bytes, str, int]]
+    ) -> IdempotentBatch:
+        """add_many() of an idempotent batch's increments, summed per key into the batch kept
+        until its flush as well, in the same pass."""
+        deltas = self.deltas
+        if not deltas and items:
+            self.oldest = monotonic()
+        own: dict[str, int] = {}
+        get = deltas.get
+        own_get = own.get
+        for _, name, value in items:
+            deltas[name] = get(name, 0) + value
+            own[name] = own_get(name, 0) + value
+        batch = IdempotentBatch(key, digest, own)
         self.keep(batch)
+        return batch
 
     def keep(self, batch: IdempotentBatch) -> None:
         """Keep an idempotent batch whose deltas are summed in already (WAL replay)."""
         self.keyed.append(batch)
-        self.held += len(batch.items)
+        self.held += len(batch.deltas)
 
     def __len__(self) -> int:
         return len(self.deltas)

@@ -126,28 +126,30 @@ class Intake:
         kept = []
         for batch in buffer.keyed:
             if batch.key in keys:
-                buffer.held -= len(batch.items)
-                self.key_budget += len(batch.items)
+                buffer.held -= len(batch.deltas)
+                self.key_budget += len(batch.deltas)
             else:
                 kept.append(batch)
         buffer.keyed = kept
         self.ledger.release(keys)
 
-    def accept_keyed(self, batch: IdempotentBatch, digest: bytes, encoded: bytes) -> None:
+    def accept_keyed(
+        self, key: str, digest: bytes, encoded: bytes, items: list[Validated]
+    ) -> IdempotentBatch:
         """An idempotent batch, all or nothing: logged with its key and digest (`encoded`: its
-        increments as the WAL stores them), summed into the buffer, held until its flush. Its
-        increments count against the budget as well as its new keys until then."""
+        increments as the WAL stores them), summed into the buffer, held until its flush. What
+        it holds counts against the budget as well as its new keys until then."""
         deltas = self.buffer.deltas
-        held = len(batch.items)
-        if len(deltas) + 2 * held > self.key_budget:  # only then count the keys that are new
-            new_keys = {key for _, key, _ in batch.items if key not in deltas}
-            if len(deltas) + len(new_keys) + held > self.key_budget:
+        if len(deltas) + 2 * len(items) > self.key_budget:  # only then count what is new
+            new_keys = {name for _, name, _ in items if name not in deltas}
+            if len(deltas) + len(new_keys) + len(items) > self.key_budget:
                 raise Overloaded
-        self.wal.append_batch(batch.key.encode("ascii"), digest, encoded)
-        self.buffer.add_keyed(batch)
-        self.key_budget -= held
-        self.ledger.hold(batch.key, batch.digest)
-        self.metrics.accepted_batch_increments += held
+        self.wal.append_batch(key.encode("ascii"), digest, encoded)
+        batch = self.buffer.add_keyed(key, digest.hex(), items)
+        self.key_budget -= len(batch.deltas)
+        self.ledger.hold(key, batch.digest)
+        self.metrics.accepted_batch_increments += len(items)
+        return batch
 
     def accept_many(self, items: list[Validated]) -> None:
         """All or nothing: the budget is checked for the whole batch before anything is added."""

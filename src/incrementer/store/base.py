@@ -28,8 +28,9 @@ class IdempotentBatch:
     key: str
     digest: str
     """Hex SHA-256 of the batch's increments (ingest/idempotency.py)."""
-    items: list[tuple[bytes, str, int]]
-    """Its increments as validated: (key as UTF-8, key, value); the store reads key and value."""
+    deltas: dict[str, int]
+    """Its increments summed per key (a dict of str and int: never traversed by the cyclic
+    garbage collector, however long a database outage keeps it held)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,7 @@ def taken_back(deltas: Mapping[str, int], lost: Sequence[IdempotentBatch]) -> di
     an empty row gets created differs)."""
     remaining = dict(deltas)
     for batch in lost:
-        for _, key, delta in batch.items:
+        for key, delta in batch.deltas.items():
             left = remaining.get(key, 0) - delta
             if left:
                 remaining[key] = left
