@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -416,3 +417,30 @@ def test_incr_command_counts_once_and_says_why_it_failed(shared: tuple[Spawned, 
     assert "ConnectError" in unreachable.stderr and len(unreachable.stderr.splitlines()) == 1
     assert len(refused.stderr.splitlines()) == 1
     assert eventually(lambda: totals(database_url, [key]), {key: 5}) == {key: 5}
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def test_client_benchmark_runs_and_verifies_totals(tmp_path: Path, pg_admin_url: str) -> None:
+    """bench/client.py runs wrk and the client process against a real server and checks that the
+    database holds every incr() call; no rate is asserted (a benchmark is not a test)."""
+    import shutil
+
+    from support import skip_or_fail
+
+    if shutil.which("wrk") is None:
+        skip_or_fail("wrk missing; install with: apt-get install -y wrk")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "bench/client.py", "--duration", "1", "--results-dir", str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "BENCH_PG_ADMIN_URL": pg_admin_url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    (report,) = tmp_path.glob("client-*.md")
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| 10")]
+    assert len(rows) == 2, report.read_text()  # 10 and 100,000 keys, each with a verdict
