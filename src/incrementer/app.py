@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
 from importlib import resources
 from urllib.parse import unquote_to_bytes
 
@@ -14,7 +13,7 @@ from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
 from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
-from incrementer.idempotent import REPLAYED, IdempotentIntake, Outcome, WalUnavailable
+from incrementer.idempotent import REPLAYED, IdempotentIntake, Lookup, Outcome, WalUnavailable
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.metrics import Metrics
@@ -260,10 +259,10 @@ class App(Handler):
         return self._keyed_later(conn, route, outcome, keep_alive)
 
     async def _keyed_later(
-        self, conn: HttpConnection, route: str, outcome: Awaitable[int], keep_alive: bool
+        self, conn: HttpConnection, route: str, lookup: Lookup, keep_alive: bool
     ) -> bytes:
         try:
-            done = await outcome
+            done = await self.idempotent.look_up(lookup)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
             return self.fail(conn, route, exc, keep_alive)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Final
+from typing import Final, NamedTuple
 
 from incrementer.durability import AckGate
 from incrementer.flush import Flusher
@@ -36,7 +35,17 @@ ACCEPTED: Final = 0
 REPLAYED: Final = 1
 LOOKUP_TIMEOUT: Final = 2.0
 
-Outcome = int | Awaitable[int]
+
+class Lookup(NamedTuple):
+    """A batch whose key this process does not know: to take in after the database lookup."""
+
+    key: str
+    digest: bytes
+    encoded: bytes
+    items: list[Validated]
+
+
+Outcome = int | Lookup
 
 
 class WalUnavailable(Exception):
@@ -65,8 +74,8 @@ class IdempotentIntake:
 
     def take(self, raw_key: bytes, items: list[Validated]) -> Outcome:
         """ACCEPTED or REPLAYED, at once when this process knows the key or the database is
-        down, else an awaitable of it (after the lookup). Raises BadRequest (an invalid key,
-        400, or a reused one, 422), Overloaded and, from the awaitable, WalUnavailable."""
+        down; else a Lookup for look_up(). Raises BadRequest (an invalid key, 400, or a reused
+        one, 422) and Overloaded."""
         key = parse_key(raw_key)
         encoded = encode(items)
         raw_digest = digest(encoded)
@@ -80,7 +89,7 @@ class IdempotentIntake:
             self.intake.accept_keyed(key, raw_digest, encoded, items)
             self.counts["unchecked"] += 1
             return ACCEPTED
-        return self._look_up(key, raw_digest, encoded, items)
+        return Lookup(key, raw_digest, encoded, items)
 
     def _known(self, key: str, hex_digest: str) -> int | None:
         stored = self.ledger.known(key, time.monotonic())
@@ -92,9 +101,10 @@ class IdempotentIntake:
         self.counts["replayed"] += 1
         return REPLAYED
 
-    async def _look_up(
-        self, key: str, raw_digest: bytes, encoded: bytes, items: list[Validated]
-    ) -> int:
+    async def look_up(self, batch: Lookup) -> int:
+        """ACCEPTED or REPLAYED once the database has been asked about the key; BadRequest
+        (422), Overloaded, WalUnavailable as take()."""
+        key, raw_digest, encoded, items = batch
         outcome = "accepted"
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
