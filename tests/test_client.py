@@ -389,6 +389,29 @@ async def test_async_client_retries_through_dropped_answers(
     assert await db_totals(sqlite_url, keys) == {key: 2 for key in keys}
 
 
+async def test_a_full_async_client_waits_for_room_when_told_to(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """when_full="block": await incr() of a new key past max_pending waits, without holding up
+    the loop, until the unreachable server is back and a batch is acknowledged."""
+    keys = [unique() for _ in range(3)]
+    async with run_service(settings_for(tmp_path, sqlite_url)) as service:
+        with chaos_proxy([service.url]) as proxy:
+            proxy.refusing = True
+            async with AsyncClient(
+                proxy.url, max_pending=2, when_full="block", flush_interval=0.01
+            ) as client:
+                await client.incr(keys[0])
+                await client.incr(keys[1])
+                waiting = asyncio.ensure_future(client.incr(keys[2], 5))
+                await asyncio.sleep(0.3)
+                assert not waiting.done()  # no room while nothing is acknowledged
+                proxy.refusing = False
+                await asyncio.wait_for(waiting, 30)
+        await asyncio.sleep(0.3)
+    assert await db_totals(sqlite_url, keys) == {keys[0]: 1, keys[1]: 1, keys[2]: 5}
+
+
 # --- incrementer incr ---------------------------------------------------------------------------
 
 

@@ -180,10 +180,11 @@ class Pending:
             return []
         batches: list[Batch] = []
         step = self.max_batch
+        left = calls  # the last chunk takes what the proportional shares leave
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
-            share = calls * len(chunk) // len(items) if start + step < len(items) else calls
-            calls -= share
+            share = calls * len(chunk) // len(items) if start + step < len(items) else left
+            left -= share
             batches.extend(self._fitted(Batch(chunk, share)))
         self.held += sum(len(b.items) for b in batches)
         return batches
