@@ -153,11 +153,14 @@ class Client:
             self._closed = True
             self._stop_at = deadline
             self._wake()
+        timer = None
         if timeout is not None:
             timer = threading.Timer(max(0.0, timeout), self._stopping.set)
             timer.daemon = True
             timer.start()
         self._thread.join()
+        if timer is not None:
+            timer.cancel()
         self._http.close()
         if self._exit_hook is not None:
             atexit.unregister(self._exit_hook)
