@@ -23,6 +23,7 @@ HOT_PATH = [
     "src/incrementer/http/request.py",
     "src/incrementer/http/responses.py",
     "src/incrementer/ingest/buffer.py",
+    "src/incrementer/ingest/idempotency.py",  # POST /increments with an Idempotency-Key
     "src/incrementer/ingest/intake.py",
     "src/incrementer/ingest/sequence.py",
     "src/incrementer/ingest/wal.py",

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/hotpath.py [--durability wal] [--keys 10] [--per-tick 20]
                                       [--requests 300000] [--profile] [--lean] [--auth]
+                                      [--batch N [--idempotent]]
 
 wrk numbers on a shared 2-core machine move by 20% from run to run; this does not, so it is the
 tool for checking whether a change to the hot path helps. It starts the real Service (SQLite in a
@@ -14,7 +15,11 @@ the buffer, the ack gate and the response. --profile prints cProfile's top funct
 (it sees only Python code: profile a pure-Python build, INCREMENTER_PURE_PYTHON=1, or use
 `perf record` on the compiled one); --lean drives bench/lean.py's protocol the same way, for the
 floor of what plain Python can do; --auth runs the service with --auth required and a key with a rate limit that never refuses, every
-request carrying it (as bench/run.py's incrementer-wal-auth does).
+request carrying it (as bench/run.py's incrementer-wal-auth does). --batch N sends POST /increments
+of N random keys instead (bench/run.py's batch scenario has N = 50), and --idempotent gives each
+one an Idempotency-Key of its own: the cost of the header, its database lookup (SQLite, on the
+reader thread, whose CPU counts too) included. Costs are then per increment, not per request.
+No flush runs, so idempotent batches stay held in memory: keep N x --requests to a few million.
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ class FakeTransport:
         pass
 
 
+def batch_body(keys: list[str]) -> bytes:
+    return b"[" + b",".join(b'{"key":"%s","value":1}' % k.encode() for k in keys) + b"]"
+
+
+def batch_request(body: bytes, api_key: str, idempotency_key: int = 0) -> bytes:
+    """POST /increments of body; with an Idempotency-Key when idempotency_key > 0."""
+    authorization = b"Authorization: Bearer %s\r\n" % api_key.encode() if api_key else b""
+    idempotency = b"Idempotency-Key: b-%d\r\n" % idempotency_key if idempotency_key else b""
+    return (
+        b"POST /increments HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
+        b"%s%sContent-Length: %d\r\n\r\n%s" % (authorization, idempotency, len(body), body)
+    )
+
+
 def request(key: str, api_key: str) -> bytes:
     """The bytes wrk sends for one increment (same headers as bench/wrk/increments.lua)."""
     body = b'{"key":"%s","value":1}' % key.encode()
@@ -84,7 +103,14 @@ async def feed(
 ) -> list[float]:
     """Feed the connections in ticks; CPU seconds per request of each of REPEATS rounds."""
     rng = random.Random(42)
-    pool = [request(f"hot-{rng.randrange(args.keys)}", api_key) for _ in range(4096)]
+    if args.batch:
+        batches = [
+            batch_body([f"hot-{rng.randrange(args.keys)}" for _ in range(args.batch)])
+            for _ in range(256)
+        ]
+        pool = [batch_request(body, api_key) for body in batches * 16]
+    else:
+        pool = [request(f"hot-{rng.randrange(args.keys)}", api_key) for _ in range(4096)]
     ticks = args.requests // CONNECTIONS // REPEATS
     per_tick = args.per_tick
     profiler = cProfile.Profile() if args.profile else None
@@ -97,12 +123,18 @@ async def feed(
         for _ in range(ticks):
             for start in range(0, CONNECTIONS, per_tick):
                 for conn in conns[start : start + per_tick]:
-                    conn.data_received(pool[i & 4095])
+                    if args.idempotent:
+                        data = batch_request(batches[i & 255], api_key, i + 1)
+                    else:
+                        data = pool[i & 4095]
+                    conn.data_received(data)
                     i += 1
                 await asyncio.sleep(0)  # the gate's end-of-tick commit runs here
+        while sum(t.written for t in transports) < i:  # answers after a database lookup
+            await asyncio.sleep(0.005)  # asleep, not spinning: the wait costs no CPU
         if profiler:
             profiler.disable()
-        samples.append((time.process_time() - started) / (ticks * CONNECTIONS))
+        samples.append((time.process_time() - started) / (ticks * CONNECTIONS * max(1, args.batch)))
     answered = sum(t.written for t in transports)
     if answered != i:
         raise SystemExit(f"expected {i} responses, got {answered}")
@@ -133,7 +165,9 @@ async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
         flush_interval=3600.0,
         lag_bound=7200.0,
         flush_max_keys=1_000_000,
-        max_pending_keys=2_000_000,
+        # At least twice flush_max_keys (a settings rule); and with no flush during the run,
+        # room for every idempotent batch (held until its flush) that --batch sends.
+        max_pending_keys=max(2_000_000, 2 * args.requests * args.batch),
         log_level="warning",
     )
     service = Service(settings)
@@ -169,7 +203,15 @@ def main(argv: list[str]) -> int:
         "--lean", action="store_true", help="drive bench/lean.py's protocol instead: the floor"
     )
     parser.add_argument("--auth", action="store_true", help="--auth required, every request keyed")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="POST /increments of this many keys per request"
+    )
+    parser.add_argument(
+        "--idempotent", action="store_true", help="with --batch: an Idempotency-Key per request"
+    )
     args = parser.parse_args(argv)
+    if args.idempotent and not args.batch:
+        parser.error("--idempotent needs --batch")
     import uvloop
 
     if args.lean:
@@ -183,10 +225,14 @@ def main(argv: list[str]) -> int:
             f"durability {args.durability}" + (", auth on" if args.auth else "")
         )
     best, median = min(samples), statistics.median(samples)
+    unit = "request"
+    if args.batch:
+        unit = "increment"
+        what += f", batches of {args.batch}" + (" with Idempotency-Key" if args.idempotent else "")
     print(
         f"{what}, {args.keys} keys, {args.per_tick} requests per tick: "
-        f"{1e6 * best:.2f} µs CPU per request (median of {REPEATS}: {1e6 * median:.2f}), "
-        f"{1 / best:,.0f} req/s of one core without the socket syscalls"
+        f"{1e6 * best:.2f} µs CPU per {unit} (median of {REPEATS}: {1e6 * median:.2f}), "
+        f"{1 / best:,.0f} {unit}s/s of one core without the socket syscalls"
     )
     return 0
 

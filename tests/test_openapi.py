@@ -141,6 +141,10 @@ def test_drifted_document_fails(
     """A document with one deliberate mistake makes the same checks fail."""
     doc = copy.deepcopy(DOCUMENT)
     alter(doc)
+    # Coverage cases all send the same Idempotency-Key: every body after the first would get
+    # 422 for the reused key instead of the answer the drift is about.
+    for path in ("/increment", "/increments"):
+        del doc["paths"][path]["post"]["parameters"]
     drifted = schemathesis.openapi.from_dict(doc, config=CONFIG).include(operation_id=operation_id)
     (operation,) = [result.ok() for result in drifted.get_all_operations()]
     # The coverage phase's cases (boundaries, missing parts, wrong media types) are deterministic.

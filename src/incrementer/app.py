@@ -14,6 +14,7 @@ from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.http import responses
 from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
+from incrementer.idempotent import REPLAYED, IdempotentIntake, Lookup, Outcome, WalUnavailable
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.key_source import KeySource
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 JSON = b"application/json"
 FORM = b"application/x-www-form-urlencoded"
 RETRY_AFTER = b"Retry-After: 1\r\n"
+REPLAYED_HEADER = b"Idempotent-Replayed: true\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="incrementer"\r\n'
 COUNTERS = b"/counters/"
 HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -86,6 +88,11 @@ BAD_ESCAPE = BadRequest(
     "invalid_key",
     "The key is not valid percent-encoding: every % starts a two-digit hex escape (%25 for %).",
 )
+WAL_UNAVAILABLE = BadRequest(
+    "wal_unavailable",
+    "The write-ahead log could not be written, so nothing was recorded; retry shortly.",
+    503,
+)
 
 
 def media_type(content_type: bytes) -> bytes:
@@ -103,11 +110,13 @@ class App(Handler):
         metrics: Metrics,
         node_id: str,
         lag_bound: float,
+        idempotent: IdempotentIntake,
         keyring: KeyRing | None = None,
         limiter: ClientLimiter | None = None,
         key_source: KeySource | None = None,
     ) -> None:
         self.validator = validator
+        self.idempotent = idempotent
         self.intake = intake
         self.flusher = flusher
         self.store = store
@@ -167,10 +176,13 @@ class App(Handler):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
     ) -> Result:
-        return self.dispatch(conn, method, url, content_type, authorization, body, keep_alive, True)
+        return self.dispatch(
+            conn, method, url, content_type, authorization, idempotency_key, body, keep_alive, True
+        )
 
     def dispatch(
         self,
@@ -179,6 +191,7 @@ class App(Handler):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
         look_up: bool,
@@ -203,16 +216,24 @@ class App(Handler):
             key_id = self.key_source.wanted(authorization)
             if key_id is not None:
                 return self._after_lookup(
-                    key_id, conn, method, url, content_type, authorization, body, keep_alive
+                    key_id,
+                    conn,
+                    method,
+                    url,
+                    content_type,
+                    authorization,
+                    idempotency_key,
+                    body,
+                    keep_alive,
                 )
         if protected and self.guarded:
             denied = self.guard(conn, authorization, route, keep_alive)
             if denied is not None:
                 return denied
         if route == "increment":
-            return self.increment(conn, content_type, body, keep_alive)
+            return self.increment(conn, content_type, body, keep_alive, idempotency_key)
         if route == "increments":
-            return self.increments(conn, content_type, body, keep_alive)
+            return self.increments(conn, content_type, body, keep_alive, idempotency_key)
         if route == "counters":
             return self.counter(conn, path[len(COUNTERS) :], keep_alive)
         if route == "healthz":
@@ -231,6 +252,7 @@ class App(Handler):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
     ) -> bytes:
@@ -239,7 +261,15 @@ class App(Handler):
         assert self.key_source is not None
         await self.key_source.look_up(key_id)
         result = self.dispatch(
-            conn, method, url, content_type, authorization, body, keep_alive, False
+            conn,
+            method,
+            url,
+            content_type,
+            authorization,
+            idempotency_key,
+            body,
+            keep_alive,
+            False,
         )
         return result if isinstance(result, bytes) else await result
 
@@ -285,8 +315,13 @@ class App(Handler):
     # ingest
 
     def increment(
-        self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
-    ) -> bytes:
+        self,
+        conn: HttpConnection,
+        content_type: bytes,
+        body: bytes,
+        keep_alive: bool,
+        idempotency_key: bytes | None = None,
+    ) -> Result:
         try:
             kind = media_type(content_type)
             if kind == JSON:
@@ -297,6 +332,9 @@ class App(Handler):
                 raise _unsupported(
                     content_type, "application/json or application/x-www-form-urlencoded"
                 )
+            if idempotency_key is not None:  # a batch of one
+                outcome = self.idempotent.take(idempotency_key, [item])
+                return self.keyed(conn, "increment", outcome, keep_alive)
             self.intake.accept(item)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
@@ -307,18 +345,57 @@ class App(Handler):
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
     def increments(
-        self, conn: HttpConnection, content_type: bytes, body: bytes, keep_alive: bool
-    ) -> bytes:
+        self,
+        conn: HttpConnection,
+        content_type: bytes,
+        body: bytes,
+        keep_alive: bool,
+        idempotency_key: bytes | None = None,
+    ) -> Result:
         try:
             if media_type(content_type) != JSON:
                 raise _unsupported(content_type, "application/json")
-            self.intake.accept_many(self.validator.json_many(body))
+            items = self.validator.json_many(body)
+            if idempotency_key is not None:
+                outcome = self.idempotent.take(idempotency_key, items)
+                return self.keyed(conn, "increments", outcome, keep_alive)
+            self.intake.accept_many(items)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
             return self.fail(conn, "increments", exc, keep_alive)
         except Overloaded:
             return self.shed(conn, "increments", keep_alive)
         self.metrics.count_request("increments", 202)
+        return conn.clock.accepted if keep_alive else conn.clock.accepted_close
+
+    def keyed(self, conn: HttpConnection, route: str, outcome: Outcome, keep_alive: bool) -> Result:
+        """The answer to a request with an Idempotency-Key, now or once the database has been
+        asked (idempotent.py)."""
+        if isinstance(outcome, int):
+            return self.keyed_answer(conn, route, outcome, keep_alive)
+        return self._keyed_later(conn, route, outcome, keep_alive)
+
+    async def _keyed_later(
+        self, conn: HttpConnection, route: str, lookup: Lookup, keep_alive: bool
+    ) -> bytes:
+        try:
+            done = await self.idempotent.look_up(lookup)
+        except BadRequest as exc:
+            self.metrics.count_rejected(exc.code)
+            return self.fail(conn, route, exc, keep_alive)
+        except Overloaded:
+            return self.shed(conn, route, keep_alive)
+        except WalUnavailable:
+            self.metrics.count_rejected("wal_unavailable")
+            return self.fail(conn, route, WAL_UNAVAILABLE, keep_alive, RETRY_AFTER)
+        return self.keyed_answer(conn, route, done, keep_alive)
+
+    def keyed_answer(
+        self, conn: HttpConnection, route: str, outcome: int, keep_alive: bool
+    ) -> bytes:
+        self.metrics.count_request(route, 202)
+        if outcome == REPLAYED:
+            return responses.build(conn.clock, 202, close=not keep_alive, headers=REPLAYED_HEADER)
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
     def shed(self, conn: HttpConnection, route: str, keep_alive: bool) -> bytes:

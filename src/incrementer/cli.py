@@ -68,6 +68,10 @@ HELP = {
     ),
     "rate_limit": "Default requests/s per API key (per client IP with auth off); 0 = unlimited.",
     "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
+    "idempotency_window": (
+        "Seconds an Idempotency-Key is remembered (a retry within it is applied once); keys "
+        "older than this are swept from the database."
+    ),
     "log_format": "text or json.",
     "log_level": "debug, info, warning or error.",
     "workers": (
@@ -208,6 +212,28 @@ def migrate_command(settings: Settings) -> None:
         f"applied {len(applied)} migrations"
         + (f": {', '.join(applied)}" if applied else " (schema up to date)")
     )
+
+
+@main.command("incr")
+@click.argument("key")
+@click.argument("value", type=int, default=1)
+@click.option(
+    "--url", envvar=ENV_PREFIX + "URL", default="http://127.0.0.1:3333", show_default=True
+)
+@click.option("--api-key", envvar=ENV_PREFIX + "API_KEY", help="An API key (ik_...).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to keep retrying before giving up (exit status 1).",
+)
+def incr_command(key: str, value: int, url: str, api_key: str | None, timeout: float) -> None:
+    """Add VALUE (default 1) to the counter KEY on a running server, exactly once: retried under
+    one Idempotency-Key until acknowledged. For shell scripts and cron jobs."""
+    from incrementer.incr import incr
+
+    incr(url, key, value, api_key, timeout)
 
 
 @main.group()

@@ -71,6 +71,7 @@ class Settings:
     auth_lookup_rate: float = 20.0
     rate_limit: float = 0.0
     rate_burst: int = 0
+    idempotency_window: float = 86_400.0
     log_format: str = "text"
     log_level: str = "info"
     workers: int = 1
@@ -105,6 +106,7 @@ class Settings:
             "request_timeout",
             "shutdown_timeout",
             "lag_bound",
+            "idempotency_window",
         ):
             value = getattr(self, name)
             _check(value, name, value > 0, "must be a positive number of seconds")

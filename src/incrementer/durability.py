@@ -118,7 +118,17 @@ class AckGate:
         if self._scheduled:
             self._commit()
 
-    def _commit(self) -> None:
+    def log_now(self) -> bool:
+        """Run this tick's commit now, for increments appended by an asynchronous handler (an
+        idempotent batch, taken in after a database lookup), whose answer is emitted only later:
+        False if the write failed and they were taken back. Its answer then leaves through a
+        later commit, behind what this one wrote (and, in wal-fsync, its fsync)."""
+        if self._commit():
+            return True
+        self._refused += 1
+        return False
+
+    def _commit(self) -> bool:
         self._scheduled = False
         held = self._held
         self._held = []
@@ -128,21 +138,22 @@ class AckGate:
             except OSError as exc:
                 self._write_failed(exc, held)
                 self._mark_accepted()
-                return
+                return False
             self._mark_accepted()
             if written and self.failure == WRITE_FAILED:
                 self._recovered("a write succeeded")
         if self._mode != "wal-fsync":
             for conn in held:
                 conn.release_output()
-            return
+            return True
         self._waiting.extend((conn, conn.take_output()) for conn in held)
         if not self._syncing:
             self._start_sync()
+        return True
 
     def _write_failed(self, exc: OSError, held: list[Held]) -> None:
-        entries = self._wal.discard_unwritten()
-        self._intake.retract(entries)
+        entries, batch_keys = self._wal.discard_unwritten()
+        self._intake.retract(entries, batch_keys)
         refused = 0
         for conn in held:
             out = conn.take_output()

@@ -2,7 +2,9 @@
 
 One batch is in flight at a time; increments arriving meanwhile keep coalescing in the buffer. A
 failed batch is retried unchanged (same seq, same deltas), so a commit whose acknowledgement was lost
-is recognised by the store and skipped rather than applied twice.
+is recognised by the store and skipped rather than applied twice. The idempotent batches it carries
+are settled in the same transaction (store/base.py); the commit tells the ledger which keys the
+database now holds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
-from incrementer.store.base import INT64_MAX, INT64_MIN, BackendError, Store
+from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, Store
 
 log = logging.getLogger("incrementer.flush")
 
@@ -131,7 +133,9 @@ class Flusher:
             return
         seq = self.wal.seal()
         self.inflight = self.buffer.swap(seq)
-        self.intake.key_budget = self.intake.max_pending_keys - len(self.inflight.deltas)
+        self.intake.key_budget = (
+            self.intake.max_pending_keys - len(self.inflight.deltas) - self.inflight.held
+        )
 
     async def _apply(self, batch: Batch) -> bool:
         backoff = 0.05
@@ -139,7 +143,9 @@ class Flusher:
         while True:
             started = time.monotonic()
             try:
-                result = await self.store.apply_batch(self.node_id, batch.seq, batch.deltas)
+                result = await self.store.apply_batch(
+                    self.node_id, batch.seq, batch.deltas, batch.keyed
+                )
             except BackendError as exc:
                 failures += 1
                 self._failed(str(exc), failures)
@@ -149,6 +155,8 @@ class Flusher:
                 self._failed(f"internal error: {exc!r}", failures)
             else:
                 self._committed(batch, result.applied, result.overflowed, started)
+                if batch.keyed:
+                    self._settled(batch, result)
                 return True
             if time.monotonic() + backoff > self._deadline:
                 return False
@@ -173,7 +181,7 @@ class Flusher:
         self.inflight = None
         self.commits += 1
         self.gate.committed(batch.seq)
-        self.intake.key_budget = self.intake.max_pending_keys
+        self.intake.key_budget = self.intake.max_pending_keys - self.buffer.held
         metrics = self.metrics
         if applied:
             self.interval = stretched(self.flush_interval, self.flush_interval_max, now - started)
@@ -202,6 +210,37 @@ class Flusher:
             self.wal.recycle(batch.seq)
         except OSError as exc:  # the segments stay; replay skips them and a later flush retries
             log.warning("could not recycle WAL segments up to seq %d: %s", batch.seq, exc)
+
+    def _settled(self, batch: Batch, result: ApplyResult) -> None:
+        """The database now holds every key of the batch's idempotent batches: with their digest,
+        or (a duplicate) with the digest of the copy applied before, elsewhere or earlier."""
+        ledger = self.intake.ledger
+        if not result.applied:
+            # Committed before, its answer lost: which digests that commit kept is unknown here,
+            # so the next retry of these keys asks the database.
+            for keyed in batch.keyed:
+                ledger.forget(keyed.key)
+            return
+        duplicates = result.duplicates
+        now = time.monotonic()
+        counts = self.metrics.idempotent_settled
+        for keyed in batch.keyed:
+            stored = duplicates.get(keyed.key)
+            if stored is None:
+                counts["applied"] += 1
+                ledger.settle(keyed.key, keyed.digest, now)
+                continue
+            ledger.settle(keyed.key, stored, now)
+            if stored == keyed.digest:
+                counts["duplicate"] += 1  # a retry that reached two instances before a flush
+                continue
+            counts["conflict"] += 1
+            log.warning(
+                "idempotency key %r was applied before with another body; this batch of %d "
+                "keys (accepted while the first was unflushed elsewhere) was not applied",
+                keyed.key,
+                len(keyed.deltas),
+            )
 
     async def _ping(self) -> None:
         self._last_contact = time.monotonic()

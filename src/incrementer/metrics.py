@@ -70,6 +70,12 @@ class Metrics:
         self.rejected: dict[str, int] = {}
         self.rejected_connections = 0
         self.wal_failures = {"write": 0, "fsync": 0}
+        # Idempotent batches: what each request with an Idempotency-Key got (unchecked: taken
+        # in without the database lookup, the database being down), and how each flush settled
+        # them (duplicate: the key was applied before with the same body, so this copy was not).
+        self.idempotent_requests = {"accepted": 0, "unchecked": 0, "replayed": 0, "conflict": 0}
+        self.idempotent_settled = {"applied": 0, "duplicate": 0, "conflict": 0}
+        self.idempotency_keys_swept = 0
         self.flushes = 0
         self.flush_failures = 0
         self.skipped_batches = 0
@@ -130,8 +136,10 @@ class Metrics:
             "HTTP requests by route and status.",
             labels=["route", "status"],
         )
-        requests.add_metric(["increment", "202"], self.accepted_requests)
-        for (route, status), count in sorted(self.requests.items()):
+        # The fast path's 202s, plus those of POST /increment with an Idempotency-Key.
+        counts = dict(self.requests)
+        counts[("increment", 202)] = counts.get(("increment", 202), 0) + self.accepted_requests
+        for (route, status), count in sorted(counts.items()):
             requests.add_metric([route, str(status)], count)
         yield requests
         rejected = CounterMetricFamily(
@@ -174,6 +182,28 @@ class Metrics:
         for operation, count in self.wal_failures.items():
             wal_failures.add_metric([operation], count)
         yield wal_failures
+        keyed = CounterMetricFamily(
+            "incrementer_idempotent_requests",
+            "Requests with an Idempotency-Key, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, count in self.idempotent_requests.items():
+            keyed.add_metric([outcome], count)
+        yield keyed
+        settled = CounterMetricFamily(
+            "incrementer_idempotent_batches_settled",
+            "Idempotent batches settled by a flush: applied, or left out as a duplicate or a "
+            "conflicting reuse of a key applied before.",
+            labels=["result"],
+        )
+        for result, count in self.idempotent_settled.items():
+            settled.add_metric([result], count)
+        yield settled
+        yield CounterMetricFamily(
+            "incrementer_idempotency_keys_swept",
+            "Idempotency keys deleted from the database after --idempotency-window.",
+            value=self.idempotency_keys_swept,
+        )
         yield self.flush_seconds.family(
             "incrementer_flush_duration_seconds", "Time to apply one batch."
         )

@@ -26,7 +26,9 @@ from incrementer.durability import AckGate
 from incrementer.flush import Flusher
 from incrementer.group import Member
 from incrementer.http.server import HttpServer
+from incrementer.idempotent import IdempotentIntake
 from incrementer.ingest.buffer import CoalescingBuffer
+from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
@@ -34,6 +36,7 @@ from incrementer.ingest.wal import WriteAheadLog
 from incrementer.key_source import KeySource
 from incrementer.metrics import Metrics
 from incrementer.store import open_store, redact_url
+from incrementer.store.base import BackendError, IdempotentBatch
 from incrementer.store.migrate import migrate
 
 log = logging.getLogger("incrementer")
@@ -47,6 +50,7 @@ class Service:
         self.data_dir = DataDir(settings.data_dir)
         self.store = open_store(settings.database_url)
         self.buffer = CoalescingBuffer()
+        self.ledger = Ledger(settings.idempotency_window)
         self.wal: WriteAheadLog | MemorySequence | None = None
         self.flusher: Flusher | None = None
         self.server: HttpServer | None = None
@@ -74,7 +78,7 @@ class Service:
         applied_seq = await self.store.applied_seq(node_id)
         wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
-        intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics)
+        intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger)
         self.gate = AckGate(
             loop, wal, intake, s.durability, s.fsync_interval, self.metrics, applied_seq
         )
@@ -91,6 +95,7 @@ class Service:
             self.metrics,
         )
         keyring, limiter, self.key_source = await self._guards()
+        idempotent = IdempotentIntake(intake, self.gate, self.store, self.flusher, self.metrics)
         app = App(
             validator,
             intake,
@@ -100,10 +105,12 @@ class Service:
             self.metrics,
             node_id,
             s.lag_bound,
+            idempotent,
             keyring,
             limiter,
             self.key_source,
         )
+        self._background.append(asyncio.create_task(self._sweep_idempotency_keys()))
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self.metrics.build_info = {"version": build.version(), "build": build.name()}
         self._register_gauges()
@@ -165,6 +172,24 @@ class Service:
             await asyncio.sleep(60)
             limiter.prune(time.monotonic())
 
+    async def _sweep_idempotency_keys(self) -> None:
+        """Forget idempotency keys older than the window, here and in the database (every
+        instance sweeps; a key swept twice is simply gone)."""
+        window = self.settings.idempotency_window
+        failing = False
+        while True:
+            await asyncio.sleep(min(SWEEP_EVERY, window / 4))
+            self.ledger.expire(time.monotonic())
+            try:
+                swept = await self.store.sweep_idempotency_keys(window)
+            except BackendError as exc:
+                if not failing:
+                    log.warning("cannot sweep expired idempotency keys, will retry: %s", exc)
+                failing = True
+                continue
+            failing = False
+            self.metrics.idempotency_keys_swept += swept
+
     async def _open_wal(self, applied_seq: int) -> WriteAheadLog | MemorySequence:
         wal: WriteAheadLog | MemorySequence
         if self.settings.durability == "memory":
@@ -172,11 +197,17 @@ class Service:
         else:
             wal = await asyncio.to_thread(WriteAheadLog.open, self.data_dir.wal_path)
             frames = increments = 0
-            for _seq, entries in wal.replay(applied_seq):
+            for frame in wal.replay_frames(applied_seq):
                 frames += 1
-                for key, value in entries:
+                for key, value in frame.entries:
                     self.buffer.add(key, value)
-                increments += len(entries)
+                increments += len(frame.entries)
+                for keyed in frame.batches:
+                    deltas: dict[str, int] = {}
+                    for key, value in keyed.entries:
+                        deltas[key] = deltas.get(key, 0) + value
+                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, deltas))
+                    self.ledger.hold(keyed.key, keyed.digest)
             if frames:
                 log.info(
                     "replayed %d increments in %d WAL frames after seq %d",
@@ -298,6 +329,9 @@ class Service:
                 _exit_after(self.settings.shutdown_timeout + EXIT_GRACE)
                 await self.stop()
 
+
+# How often expired idempotency keys are swept, at most (a quarter of the window when shorter).
+SWEEP_EVERY = 60.0
 
 # After the shutdown deadline the drain gives up on whatever still hangs; this long after it, the
 # process exits even if giving up hangs too (a thread stuck in a syscall on a frozen disk).

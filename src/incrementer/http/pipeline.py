@@ -32,8 +32,9 @@ MAX_QUEUED = 64
 
 # A handler returns the response bytes, or an awaitable of them for routes that need the database.
 Result = bytes | Awaitable[bytes]
-# method, URL, content type, authorization, body, keep-alive, announce keep-alive (HTTP/1.0)
-Queued = tuple[bytes, bytes, bytes, bytes, bytes, bool, bool]
+# method, URL, content type, authorization, idempotency key, body, keep-alive, announce keep-alive
+# (HTTP/1.0)
+Queued = tuple[bytes, bytes, bytes, bytes, bytes | None, bytes, bool, bool]
 
 
 class Pipeline(RequestReader):
@@ -77,6 +78,7 @@ class Pipeline(RequestReader):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
     ) -> Result:
@@ -95,6 +97,7 @@ class Pipeline(RequestReader):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
         announce: bool,
@@ -102,9 +105,20 @@ class Pipeline(RequestReader):
         """A complete request: answered now, or queued behind the ones still unanswered.
         `announce`: the answer says Connection: keep-alive (an HTTP/1.0 client kept alive)."""
         if self.task is None and not self.queue:
-            self._dispatch(method, url, content_type, authorization, body, keep_alive, announce)
+            self._dispatch(
+                method,
+                url,
+                content_type,
+                authorization,
+                idempotency_key,
+                body,
+                keep_alive,
+                announce,
+            )
             return
-        self.queue.append((method, url, content_type, authorization, body, keep_alive, announce))
+        self.queue.append(
+            (method, url, content_type, authorization, idempotency_key, body, keep_alive, announce)
+        )
         self.continue_wanted = False  # its body came without waiting for 100 Continue
         if not keep_alive:
             self.closing = True  # nothing after it will be answered: stop reading
@@ -118,6 +132,7 @@ class Pipeline(RequestReader):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
         announce: bool,
@@ -126,7 +141,9 @@ class Pipeline(RequestReader):
         if head:
             method = b"GET"  # same headers as GET, no body
         try:
-            result = self.run_handler(method, url, content_type, authorization, body, keep_alive)
+            result = self.run_handler(
+                method, url, content_type, authorization, idempotency_key, body, keep_alive
+            )
         except Exception as exc:
             self.internal_error(exc, f"{method!r} {url!r}", head)
             return

@@ -26,7 +26,7 @@ __all__ = ["FastPath", "Handler", "HttpConnection", "Result"]
 
 class FastPath(NamedTuple):
     """One exact request shape (method, URL, content type, body in one piece, nothing queued
-    before it) the connection answers by itself: 202 Accepted when the handler's fast_accept
+    before it, no Idempotency-Key) the connection answers by itself: 202 Accepted when the handler's fast_accept
     returns True. False means nothing happened; the request then goes to handle() like any
     other, which answers it (and says what was wrong)."""
 
@@ -55,10 +55,12 @@ class Handler:
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
     ) -> Result:
-        """Any other request: the response, or an awaitable of it."""
+        """Any other request: the response, or an awaitable of it. idempotency_key: the
+        Idempotency-Key header, None without one."""
         raise NotImplementedError
 
 
@@ -168,6 +170,7 @@ class HttpConnection(Pipeline):
             and self.parts is None
             and self.task is None
             and not self.queue
+            and self.idempotency_key is None
             and parser.get_method() == self.fast_method
         ):
             try:
@@ -194,6 +197,7 @@ class HttpConnection(Pipeline):
             self.url,
             self.content_type,
             self.authorization,
+            self.idempotency_key,
             self.body if self.parts is None else b"".join(self.parts),
             keep_alive,
             keep_alive and self.connection != b"" and self._http10(),
@@ -211,10 +215,13 @@ class HttpConnection(Pipeline):
         url: bytes,
         content_type: bytes,
         authorization: bytes,
+        idempotency_key: bytes | None,
         body: bytes,
         keep_alive: bool,
     ) -> Result:
-        return self.handler.handle(self, method, url, content_type, authorization, body, keep_alive)
+        return self.handler.handle(
+            self, method, url, content_type, authorization, idempotency_key, body, keep_alive
+        )
 
     def hold(self) -> None:
         self.server.gate.hold(self)

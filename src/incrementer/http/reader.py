@@ -31,6 +31,7 @@ class RequestReader(asyncio.Protocol):
         "expect",
         "header_bytes",
         "host",
+        "idempotency_key",
         "max_body",
         "max_body_digits",
         "max_header",
@@ -64,6 +65,7 @@ class RequestReader(asyncio.Protocol):
         self.connection = b""
         self.expect = b""
         self.host: bytes | None = None  # None: no Host field (yet)
+        self.idempotency_key: bytes | None = None  # None: none sent (b"": sent empty)
         self.body = b""
         self.parts: list[bytes] | None = None
         self.body_bytes = 0
@@ -111,6 +113,12 @@ class RequestReader(asyncio.Protocol):
         if attr == "host" and self.host is not None:
             raise _second_host()
         if attr:
+            if attr == "idempotency_key" and self.idempotency_key is not None:
+                raise Reject(
+                    400,
+                    "duplicate_idempotency_key",
+                    "A request may carry only one Idempotency-Key header.",
+                )
             setattr(self, attr, value)
 
     def on_headers_complete(self) -> None:

@@ -11,6 +11,7 @@ _WANTED = {
     b"expect": "expect",
     b"host": "host",
     b"connection": "connection",
+    b"idempotency-key": "idempotency_key",
 }
 _IGNORED = (
     b"user-agent",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from time import monotonic
 
+from incrementer.store.base import IdempotentBatch
+
 
 @dataclass(slots=True)
 class Batch:
@@ -14,16 +16,28 @@ class Batch:
     deltas: dict[str, int]
     oldest: float
     """monotonic() time of the oldest increment in the batch: the lag clock starts there."""
+    keyed: list[IdempotentBatch]
+    """The idempotent batches whose deltas are in `deltas`: each counts only if its key's insert
+    wins in the flush transaction."""
+    held: int
+    """Deltas held in `keyed` (memory the intake's budget counts)."""
 
 
 class CoalescingBuffer:
-    """Sums increments per key. The event loop is single-threaded, so swap() is a clean cut."""
+    """Sums increments per key. The event loop is single-threaded, so swap() is a clean cut.
 
-    __slots__ = ("deltas", "oldest")
+    An idempotent batch's deltas are summed in like any others (whether they count is settled
+    only in the flush transaction, which takes them back out if its key was applied before) and
+    the batch is kept in `keyed` until then.
+    """
+
+    __slots__ = ("deltas", "held", "keyed", "oldest")
 
     def __init__(self) -> None:
         self.deltas: dict[str, int] = {}
         self.oldest = 0.0
+        self.keyed: list[IdempotentBatch] = []
+        self.held = 0
 
     def add(self, key: str, value: int) -> None:
         deltas = self.deltas
@@ -40,10 +54,35 @@ class CoalescingBuffer:
         for _, key, value in items:
             deltas[key] = get(key, 0) + value
 
+    def add_keyed(
+        self, key: str, digest: str, items: list[tuple[bytes, str, int]]
+    ) -> IdempotentBatch:
+        """add_many() of an idempotent batch's increments, summed per key into the batch kept
+        until its flush as well, in the same pass."""
+        deltas = self.deltas
+        if not deltas and items:
+            self.oldest = monotonic()
+        own: dict[str, int] = {}
+        get = deltas.get
+        own_get = own.get
+        for _, name, value in items:
+            deltas[name] = get(name, 0) + value
+            own[name] = own_get(name, 0) + value
+        batch = IdempotentBatch(key, digest, own)
+        self.keep(batch)
+        return batch
+
+    def keep(self, batch: IdempotentBatch) -> None:
+        """Keep an idempotent batch whose deltas are summed in already (WAL replay)."""
+        self.keyed.append(batch)
+        self.held += len(batch.deltas)
+
     def __len__(self) -> int:
         return len(self.deltas)
 
     def swap(self, seq: int) -> Batch:
-        batch = Batch(seq, self.deltas, self.oldest)
+        batch = Batch(seq, self.deltas, self.oldest, self.keyed, self.held)
         self.deltas = {}
+        self.keyed = []
+        self.held = 0
         return batch

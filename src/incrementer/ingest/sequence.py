@@ -35,6 +35,9 @@ class SequencedLog:
     def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
         raise NotImplementedError
 
+    def append_batch(self, key: bytes, digest: bytes, encoded: bytes) -> None:
+        raise NotImplementedError
+
     def seal(self) -> int:
         raise NotImplementedError
 
@@ -50,7 +53,7 @@ class SequencedLog:
     def recycle(self, applied_seq: int) -> int:
         raise NotImplementedError
 
-    def discard_unwritten(self) -> list[tuple[str, int]]:
+    def discard_unwritten(self) -> tuple[list[tuple[str, int]], list[str]]:
         raise NotImplementedError
 
     def abandon_segment(self) -> int:
@@ -89,6 +92,9 @@ class MemorySequence(SequencedLog):
         if items:
             self._dirty = True
 
+    def append_batch(self, key: bytes, digest: bytes, encoded: bytes) -> None:
+        self._dirty = True
+
     def seal(self) -> int:
         if self._dirty:
             self._dirty = False
@@ -110,8 +116,8 @@ class MemorySequence(SequencedLog):
     def recycle(self, applied_seq: int) -> int:
         return 0
 
-    def discard_unwritten(self) -> list[tuple[str, int]]:
-        return []  # nothing is ever written, so nothing fails to be
+    def discard_unwritten(self) -> tuple[list[tuple[str, int]], list[str]]:
+        return [], []  # nothing is ever written, so nothing fails to be
 
     def abandon_segment(self) -> int:
         return self.last_seq

@@ -35,14 +35,19 @@ from mypy_extensions import mypyc_attr
 
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.ingest.wal_reader import (
+    BATCH_RANGE,
+    ENTRIES_LEN,
     ENTRY,
     HEADER,
     MAGIC,
+    MAGIC_KEYED,
     SEQ,
+    Frame,
     WalCorruptError,
     WalSummary,
-    decode_entries,
+    decode_payload,
     list_segments,
+    replay_frames,
     replay_segments,
     scan_segment,
     segment_name,
@@ -64,6 +69,8 @@ log = logging.getLogger("incrementer.wal")
 _pack_entry: Final = ENTRY.pack
 _pack_seq: Final = SEQ.pack
 _pack_header: Final = HEADER.pack
+_pack_entries_len: Final = ENTRIES_LEN.pack
+_pack_batch_range: Final = BATCH_RANGE.pack
 _crc32: Final = zlib.crc32
 _NEW_SEGMENT: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
@@ -114,6 +121,7 @@ class WriteAheadLog(SequencedLog):
         self._fd = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND) if segments else -1
         self._next_seq = segments[-1].last_seq + 1 if segments else 1
         self._frame = bytearray()  # entries of the open frame
+        self._batches = bytearray()  # the open frame's idempotent batches: sealed as MAGIC_KEYED
         self._pending = bytearray()  # sealed frames not yet written
         self._pending_first_seq = 0
         self._pending_last_seq = 0
@@ -205,6 +213,12 @@ class WriteAheadLog(SequencedLog):
             segments = list(self._segments)
         return replay_segments(segments, after_seq)
 
+    def replay_frames(self, after_seq: int) -> Iterator[Frame]:
+        """Like replay, with each frame's idempotent batches as well."""
+        with self._lock:
+            segments = list(self._segments)
+        return replay_frames(segments, after_seq)
+
     def append(self, key: bytes, value: int) -> None:
         """Add one increment to the open frame. The hot path: no syscall, no check."""
         frame = self._frame
@@ -219,14 +233,32 @@ class WriteAheadLog(SequencedLog):
             frame += pack(len(key), value)
             frame += key
 
+    def append_batch(self, key: bytes, digest: bytes, encoded: bytes) -> None:
+        """Add an idempotent batch to the open frame: its entries, already encoded as append()
+        would (they are what the digest is of), and a record of its key, digest and where its
+        entries are."""
+        frame = self._frame
+        batches = self._batches
+        batches.append(len(key))
+        batches += key
+        batches += digest
+        batches += _pack_batch_range(len(frame), len(encoded))
+        frame += encoded
+
     def seal(self) -> int:
         """Close the open frame, if it has entries, under the next seq; return last_seq."""
         frame = self._frame
         if frame:
             seq = self._next_seq
             self._next_seq = seq + 1
+            magic = MAGIC
+            if self._batches:
+                magic = MAGIC_KEYED
+                frame[:0] = _pack_entries_len(len(frame))
+                frame += self._batches
+                self._batches.clear()
             crc = _crc32(frame, _crc32(_pack_seq(seq)))
-            self._pending += _pack_header(MAGIC, len(frame), seq, crc)
+            self._pending += _pack_header(magic, len(frame), seq, crc)
             self._pending += frame
             frame.clear()
             if not self._pending_first_seq:
@@ -326,25 +358,29 @@ class WriteAheadLog(SequencedLog):
                 self._new_segment_needed = True
         return self._segments[-1].last_seq if self._segments else 0
 
-    def discard_unwritten(self) -> list[tuple[str, int]]:
+    def discard_unwritten(self) -> tuple[list[tuple[str, int]], list[str]]:
         """After write() failed: drop the frames not handed to the OS and return their entries
-        (the caller takes those increments back: they were never logged). Their seqs are handed
-        out again, so the log stays gapless."""
+        and the keys of their idempotent batches (the caller takes those back: they were never
+        logged). Their seqs are handed out again, so the log stays gapless."""
         entries: list[tuple[str, int]] = []
+        batch_keys: list[str] = []
+        self.seal()  # the open frame too, so every payload reads the same way
         pending = bytes(self._pending)
         offset = 0
         while offset < len(pending):
-            _, length, _, _ = HEADER.unpack_from(pending, offset)
+            magic, length, _, _ = HEADER.unpack_from(pending, offset)
             start = offset + HEADER.size
-            entries.extend(decode_entries(pending[start : start + length]))
+            frame_entries, batches = decode_payload(
+                pending[start : start + length], magic == MAGIC_KEYED
+            )
+            entries.extend(frame_entries)
+            batch_keys.extend(batch.key for batch in batches)
             offset = start + length
-        entries.extend(decode_entries(bytes(self._frame)))
         if self._pending_first_seq:
             self._next_seq = self._pending_first_seq
         self._pending.clear()
-        self._frame.clear()
         self._pending_first_seq = 0
-        return entries
+        return entries, batch_keys
 
     def probe(self) -> None:
         """Write and fdatasync one page in a scratch file beside the segments, then remove it:

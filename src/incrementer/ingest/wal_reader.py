@@ -3,6 +3,14 @@
 A segment file `wal-<seq of its first frame, 20 digits>.log` holds frames whose seqs rise by one.
 Frame, little-endian: MAGIC b"IWAL" | u32 payload_len | u64 seq | u32 crc32(seq bytes + payload) |
 payload. Payload: repeated `u16 key_len | i64 value | key (UTF-8)`.
+
+A frame that holds idempotent batches (POST /increments with an Idempotency-Key) starts with
+MAGIC_KEYED b"IWAK" instead, and its payload is `u32 entries_len | entries (as above) | batches`,
+each batch `u8 id_len | idempotency key (ASCII) | 32-byte SHA-256 digest | u32 offset | u32
+length`: its increments are the entries at that byte range of the entries. Frames without
+batches keep MAGIC and the format above byte for byte, so logs written before batches existed
+read as they always did; a reader that predates MAGIC_KEYED stops at such a frame as damage
+instead of misreading it.
 """
 
 from __future__ import annotations
@@ -18,9 +26,14 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 MAGIC = b"IWAL"
+MAGIC_KEYED = b"IWAK"
+_MAGIC_PREFIX = b"IWA"  # what both magics start with: how a scan finds the next frame
 HEADER = struct.Struct("<4sIQI")
 SEQ = struct.Struct("<Q")
 ENTRY = struct.Struct("<Hq")
+DIGEST_BYTES = 32
+ENTRIES_LEN = struct.Struct("<I")
+BATCH_RANGE = struct.Struct("<II")
 _SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
 _ZERO_HEADER = bytes(HEADER.size)
 
@@ -52,7 +65,7 @@ def frame_at(buf: Buffer, offset: int) -> tuple[int, int] | str:
     if size - offset < HEADER.size:
         return "incomplete frame header"
     magic, length, seq, crc = HEADER.unpack_from(buf, offset)
-    if magic != MAGIC:
+    if magic != MAGIC and magic != MAGIC_KEYED:
         if buf[offset : offset + HEADER.size] == _ZERO_HEADER:
             return "zeros instead of a frame"
         return "bad magic"
@@ -67,16 +80,65 @@ def frame_at(buf: Buffer, offset: int) -> tuple[int, int] | str:
 
 def next_valid_frame(buf: Buffer, start: int) -> int | None:
     """Offset of the first valid frame at or after start, found by its magic; None if none."""
-    pos = buf.find(MAGIC, start)
+    pos = buf.find(_MAGIC_PREFIX, start)
     while pos != -1:
         if not isinstance(frame_at(buf, pos), str):
             return pos
-        pos = buf.find(MAGIC, pos + 1)
+        pos = buf.find(_MAGIC_PREFIX, pos + 1)
     return None
 
 
+class KeyedBatch(NamedTuple):
+    """One idempotent batch as the WAL holds it: its key, the digest of its increments, and
+    those increments (also among the frame's entries)."""
+
+    key: str
+    digest: str
+    """Hex SHA-256 of the batch's entries in the encoding above."""
+    entries: list[tuple[str, int]]
+
+
+def decode_payload(payload: bytes, keyed: bool) -> tuple[list[tuple[str, int]], list[KeyedBatch]]:
+    """Every (key, value) entry of one frame payload (a MAGIC_KEYED frame's when keyed), and
+    the idempotent batches among them; ValueError if the payload is malformed."""
+    if not keyed:
+        return decode_entries(payload), []
+    entries_end = _entries_end(payload, 0, len(payload))
+    section = payload[ENTRIES_LEN.size : entries_end]
+    batches = []
+    offset = entries_end
+    while offset < len(payload):
+        key_end = offset + 1 + payload[offset]
+        range_at = key_end + DIGEST_BYTES
+        if range_at + BATCH_RANGE.size > len(payload):
+            raise ValueError(f"batch record runs past the payload end at offset {offset}")
+        first, length = BATCH_RANGE.unpack_from(payload, range_at)
+        if first + length > len(section):
+            raise ValueError(f"batch record at offset {offset} points past the entries")
+        batches.append(
+            KeyedBatch(
+                payload[offset + 1 : key_end].decode("ascii"),
+                payload[key_end:range_at].hex(),
+                decode_entries(section[first : first + length]),
+            )
+        )
+        offset = range_at + BATCH_RANGE.size
+    return decode_entries(section), batches
+
+
+def _entries_end(buf: Buffer, start: int, end: int) -> int:
+    """Where the entries of the MAGIC_KEYED payload buf[start:end] end."""
+    if end - start < ENTRIES_LEN.size:
+        raise ValueError(f"truncated entries length at byte offset {start}")
+    length: int = ENTRIES_LEN.unpack_from(buf, start)[0]
+    entries_end = start + ENTRIES_LEN.size + length
+    if entries_end > end:
+        raise ValueError(f"entries length runs past the payload end at byte offset {start}")
+    return entries_end
+
+
 def decode_entries(payload: bytes) -> list[tuple[str, int]]:
-    """The (key, value) entries of one frame payload; ValueError if it is malformed."""
+    """The (key, value) entries of a payload of entries; ValueError if it is malformed."""
     entries = []
     unpack = ENTRY.unpack_from
     offset, size = 0, len(payload)
@@ -93,8 +155,12 @@ def decode_entries(payload: bytes) -> list[tuple[str, int]]:
     return entries
 
 
-def count_entries(buf: Buffer, start: int, end: int) -> int:
-    """How many entries the payload buf[start:end] holds; ValueError if it is malformed."""
+def count_entries(buf: Buffer, start: int, end: int, keyed: bool = False) -> int:
+    """How many entries the payload buf[start:end] (a MAGIC_KEYED frame's when keyed) holds;
+    ValueError if it is malformed."""
+    if keyed:
+        end = _entries_end(buf, start, end)
+        start += ENTRIES_LEN.size
     count = 0
     unpack = ENTRY.unpack_from
     offset = start
@@ -175,7 +241,8 @@ def _scan_frames(buf: mmap.mmap, scan: SegmentScan, count_records: bool) -> None
             return
         if count_records:
             try:
-                records = count_entries(buf, offset + HEADER.size, end)
+                keyed = buf[offset : offset + len(MAGIC_KEYED)] == MAGIC_KEYED
+                records = count_entries(buf, offset + HEADER.size, end, keyed)
             except ValueError as exc:
                 scan.problems.append(f"{scan.path}: frame seq {seq}: malformed payload: {exc}")
                 records = 0
@@ -197,10 +264,23 @@ class ReplaySegment(Protocol):
     def last_seq(self) -> int: ...
 
 
+class Frame(NamedTuple):
+    seq: int
+    entries: list[tuple[str, int]]
+    """Every increment of the frame, those of its idempotent batches included."""
+    batches: list[KeyedBatch]
+
+
 def replay_segments(
     segments: Iterable[ReplaySegment], after_seq: int
 ) -> Iterator[tuple[int, list[tuple[str, int]]]]:
-    """(seq, entries) of every frame with seq > after_seq, one frame in memory at a time.
+    """(seq, entries) of every frame with seq > after_seq (see replay_frames)."""
+    for frame in replay_frames(segments, after_seq):
+        yield frame.seq, frame.entries
+
+
+def replay_frames(segments: Iterable[ReplaySegment], after_seq: int) -> Iterator[Frame]:
+    """Every frame with seq > after_seq, one frame in memory at a time.
 
     The frames after after_seq must be after_seq + 1, after_seq + 2, ...: a hole means increments
     that the database has not applied are gone, and that is an error, not something to skip.
@@ -215,7 +295,7 @@ def replay_segments(
                 if len(header) < HEADER.size:
                     raise _replay_error(segment.path, offset, "incomplete frame header")
                 magic, length, seq, crc = HEADER.unpack(header)
-                if magic != MAGIC:
+                if magic != MAGIC and magic != MAGIC_KEYED:
                     raise _replay_error(segment.path, offset, "bad magic")
                 if seq <= after_seq:
                     file.seek(length, os.SEEK_CUR)
@@ -235,10 +315,10 @@ def replay_segments(
                         f"whose applied seq {after_seq} is behind this log)",
                     )
                 try:
-                    entries = decode_entries(payload)
+                    entries, batches = decode_payload(payload, magic == MAGIC_KEYED)
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise _replay_error(segment.path, offset, f"malformed payload: {exc}") from exc
-                yield seq, entries
+                yield Frame(seq, entries, batches)
                 expected = seq + 1
                 offset += HEADER.size + length
 

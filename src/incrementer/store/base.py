@@ -3,17 +3,35 @@
 A batch is a mapping of key -> delta cut from the coalescing buffer at a WAL sequence number.
 `apply_batch` applies it exactly once per (node_id, seq): the same transaction that adds the deltas
 records the node's `applied_seq`, and a batch at or below that number is skipped.
+
+Idempotent batches (sent with an Idempotency-Key) ride along: their deltas are in the batch's
+deltas already, and the same transaction inserts each one's key into `idempotency_keys`. A key
+whose insert does not win (the batch was applied before, from this instance or another) has its
+batch's deltas taken back out before the counters are written, so each is applied exactly once
+per key, wherever and however often it arrived.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+
+
+@dataclass(slots=True)
+class IdempotentBatch:
+    """A batch sent with an Idempotency-Key, held until the flush that settles it."""
+
+    key: str
+    digest: str
+    """Hex SHA-256 of the batch's increments (ingest/idempotency.py)."""
+    deltas: dict[str, int]
+    """Its increments summed per key (a dict of str and int: never traversed by the cyclic
+    garbage collector, however long a database outage keeps it held)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +42,36 @@ class ApplyResult:
     """False when the batch was already applied (seq <= stored applied_seq) and was skipped."""
     overflowed: dict[str, int] = field(default_factory=dict)
     """Keys whose total would leave signed 64-bit; their deltas went to `counter_overflows`."""
+    duplicates: dict[str, str] = field(default_factory=dict)
+    """Idempotency keys already in the database, with the digest stored there: their batches'
+    deltas were taken back, not applied."""
+
+
+def losers(keyed: Sequence[IdempotentBatch], inserted: set[str]) -> list[IdempotentBatch]:
+    """The batches whose key this transaction did not insert: applied before. Of two batches
+    with one key in the same flush, only the first can win."""
+    lost = []
+    claimed: set[str] = set()
+    for batch in keyed:
+        if batch.key in inserted and batch.key not in claimed:
+            claimed.add(batch.key)
+        else:
+            lost.append(batch)
+    return lost
+
+
+def taken_back(deltas: Mapping[str, int], lost: Sequence[IdempotentBatch]) -> dict[str, int]:
+    """deltas without the deltas of the lost batches (a key left at 0 is dropped: only whether
+    an empty row gets created differs)."""
+    remaining = dict(deltas)
+    for batch in lost:
+        for key, delta in batch.deltas.items():
+            left = remaining.get(key, 0) - delta
+            if left:
+                remaining[key] = left
+            else:
+                remaining.pop(key, None)
+    return remaining
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +140,28 @@ class Store(Protocol):
     async def applied_seq(self, node_id: str) -> int:
         """The highest batch seq applied for node_id, 0 if none."""
 
-    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+    async def apply_batch(
+        self,
+        node_id: str,
+        seq: int,
+        deltas: Mapping[str, int],
+        keyed: Sequence[IdempotentBatch] = (),
+    ) -> ApplyResult:
         """Add every delta and record applied_seq=seq in one transaction, unless seq <= applied_seq.
 
+        `keyed` are the idempotent batches whose deltas are among `deltas`: each one's key is
+        inserted into `idempotency_keys` in the same transaction, and the deltas of a batch whose
+        key is already there are left out (`ApplyResult.duplicates`).
         A key whose new total would leave signed 64-bit (or whose delta alone does) is not added to
         `counters`; its delta is added to `counter_overflows` in the same transaction instead.
         Raises BackendError on any database failure; nothing is applied then.
         """
+
+    async def idempotency_digest(self, key: str) -> str | None:
+        """The digest stored for an idempotency key, or None if the database does not have it."""
+
+    async def sweep_idempotency_keys(self, older_than: float) -> int:
+        """Delete idempotency keys recorded more than older_than seconds ago; how many."""
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         """The persisted value of key (None if unknown), its overflowed deltas and node_id's

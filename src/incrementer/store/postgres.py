@@ -8,7 +8,7 @@ functions, no advisory locks (docs/operations.md says which parts are untested t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -22,8 +22,11 @@ from incrementer.store.base import (
     ApplyResult,
     BackendError,
     DuplicateKeyName,
+    IdempotentBatch,
     KeyRead,
+    losers,
     sum_deltas,
+    taken_back,
     utc_text,
 )
 
@@ -83,6 +86,22 @@ INSERT_OVERFLOWS = (
     " SELECT $1, $2, k, d, now() FROM unnest($3::text[], $4::text[]) AS t(k, d)"
 )
 SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1"
+# Idempotency keys (migration 0006), inserted by the flush that applies their batches, in its
+# transaction: the keys that come back won, the others were applied before. In key order, like
+# the counters and before them, so two flushes never wait on each other in a cycle. A second
+# flush inserting a key the first has inserted and not committed waits for that commit (then
+# loses) or its rollback (then wins): PostgreSQL settles the race.
+INSERT_IDEMPOTENCY_KEYS = (
+    "INSERT INTO idempotency_keys (key, digest, created_at)"
+    " SELECT k, d, now() FROM unnest($1::text[], $2::text[]) AS t(k, d)"
+    ' ORDER BY k COLLATE "C"'
+    " ON CONFLICT (key) DO NOTHING RETURNING key"
+)
+SELECT_IDEMPOTENCY_DIGEST = "SELECT digest FROM idempotency_keys WHERE key = $1"
+SELECT_IDEMPOTENCY_DIGESTS = "SELECT key, digest FROM idempotency_keys WHERE key = ANY($1::text[])"
+SWEEP_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE created_at < now() - $1::bigint * INTERVAL '1 millisecond'"
+)
 # One statement, so the value, the overflowed deltas and applied_seq come from one snapshot.
 # The deltas are decimal text of any size: summed exactly in Python.
 SELECT_READ = (
@@ -186,32 +205,42 @@ class PostgresStore:
             applied = await self._require_pool().fetchval(SELECT_APPLIED, node_id)
         return int(applied or 0)
 
-    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+    async def apply_batch(
+        self,
+        node_id: str,
+        seq: int,
+        deltas: Mapping[str, int],
+        keyed: Sequence[IdempotentBatch] = (),
+    ) -> ApplyResult:
         """See Store.apply_batch. If the caller is cancelled while COMMIT is in flight the batch
         may be applied: retry it with the same seq, which makes the retry a no-op.
 
-        Round trips per flush: BEGIN, claim the seq, upsert, COMMIT (plus the overflow insert
-        when there is one). Overflow is rare, so it costs nothing until PostgreSQL refuses a
-        sum; then the transaction is retried without the offending keys.
+        Round trips per flush: BEGIN, claim the seq, upsert, COMMIT (plus the idempotency keys'
+        insert when the batch has keyed batches, and the overflow insert when there is one).
+        Overflow is rare, so it costs nothing until PostgreSQL refuses a sum; then the
+        transaction is retried without the offending keys.
         """
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
-        pending = dict(deltas)
-        overflowed: dict[str, int] = {}
-        values = pending.values()
-        if values and (min(values) < INT64_MIN or max(values) > INT64_MAX):
-            for key, delta in list(pending.items()):
-                if not INT64_MIN <= delta <= INT64_MAX:
-                    overflowed[key] = pending.pop(key)
+        base = dict(deltas)
+        isolated: set[str] = set()  # keys set aside for overflow by an earlier round
         with self._errors():
             async with self._connection() as conn:
                 for _ in range(MAX_UPSERT_ROUNDS):
-                    keys, values_list = list(pending), list(pending.values())
+                    upserts, overflowed = _split(base, isolated)
+                    keys, values_list = list(upserts), list(upserts.values())
                     joined = await _joined(keys, values_list)  # before BEGIN: locks held less
                     try:
                         async with _transaction(conn):
                             if not await self._claim(conn, node_id, seq):
                                 return ApplyResult(applied=False)
+                            duplicates: dict[str, str] = {}
+                            if keyed:
+                                lost = await self._record_keys(conn, keyed, duplicates)
+                                if lost:  # rare: recount without the batches applied before
+                                    upserts, overflowed = _split(taken_back(base, lost), isolated)
+                                    keys, values_list = list(upserts), list(upserts.values())
+                                    joined = await _joined(keys, values_list)
                             if joined is not None:
                                 await conn.execute(UPSERT_COUNTERS_JOINED, *joined)
                             elif keys:
@@ -224,14 +253,43 @@ class PostgresStore:
                                     list(overflowed),
                                     [str(d) for d in overflowed.values()],
                                 )
-                        return ApplyResult(applied=True, overflowed=overflowed)
+                        return ApplyResult(
+                            applied=True, overflowed=overflowed, duplicates=duplicates
+                        )
                     except asyncpg.NumericValueOutOfRangeError:
                         for row in await conn.fetch(FIND_OVERFLOWS, keys, values_list):
-                            overflowed[row[0]] = pending.pop(row[0])
+                            isolated.add(row[0])
         raise BackendError(
             f"PostgreSQL at {self._where}: counters kept overflowing under concurrent writers "
             f"after {MAX_UPSERT_ROUNDS} rounds; the batch will be retried"
         )
+
+    async def _record_keys(
+        self, conn: Any, keyed: Sequence[IdempotentBatch], duplicates: dict[str, str]
+    ) -> list[IdempotentBatch]:
+        """Insert the keyed batches' idempotency keys; the batches applied before (their key
+        was there already), whose stored digests go into duplicates."""
+        rows = await conn.fetch(
+            INSERT_IDEMPOTENCY_KEYS, [b.key for b in keyed], [b.digest for b in keyed]
+        )
+        lost = losers(keyed, {row[0] for row in rows})
+        if lost:
+            found = await conn.fetch(SELECT_IDEMPOTENCY_DIGESTS, [b.key for b in lost])
+            duplicates.update((row[0], row[1]) for row in found)
+        return lost
+
+    async def idempotency_digest(self, key: str) -> str | None:
+        with self._errors():
+            async with self._connection() as conn:
+                found = await conn.fetchval(SELECT_IDEMPOTENCY_DIGEST, key)
+        return None if found is None else str(found)
+
+    async def sweep_idempotency_keys(self, older_than: float) -> int:
+        with self._errors():
+            status = await self._require_pool().execute(
+                SWEEP_IDEMPOTENCY_KEYS, round(older_than * 1000)
+            )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         with self._errors():
@@ -367,6 +425,23 @@ async def _transaction(conn: Any) -> AsyncIterator[None]:
         await transaction.rollback()
         raise
     await transaction.commit()
+
+
+def _split(deltas: dict[str, int], isolated: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(the deltas to upsert, the ones to keep in counter_overflows): those of the keys an
+    earlier round found overflowing and those that alone leave signed 64-bit. Without either,
+    the deltas themselves, uncopied."""
+    values = deltas.values()
+    if not isolated and (not values or (min(values) >= INT64_MIN and max(values) <= INT64_MAX)):
+        return deltas, {}
+    upserts: dict[str, int] = {}
+    overflowed: dict[str, int] = {}
+    for key, delta in deltas.items():
+        if key in isolated or not INT64_MIN <= delta <= INT64_MAX:
+            overflowed[key] = delta
+        else:
+            upserts[key] = delta
+    return upserts, overflowed
 
 
 async def _joined(keys: list[str], values: list[int]) -> tuple[str, str] | None:

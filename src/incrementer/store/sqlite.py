@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -27,8 +27,11 @@ from incrementer.store.base import (
     ApplyResult,
     BackendError,
     DuplicateKeyName,
+    IdempotentBatch,
     KeyRead,
+    losers,
     sum_deltas,
+    taken_back,
     utc_text,
 )
 
@@ -60,6 +63,19 @@ SELECT_READ = (
     "SELECT (SELECT value FROM counters WHERE key = ?1),"
     " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?2),"
     " (SELECT group_concat(delta, ',') FROM counter_overflows WHERE key = ?1)"
+)
+
+# Idempotency keys (migration 0006): written by the flush that applies their batch, in its
+# transaction, so the insert decides whether the batch's deltas count.
+INSERT_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys (key, digest, created_at)"
+    " VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+    " ON CONFLICT (key) DO NOTHING"
+)
+SELECT_IDEMPOTENCY_DIGEST = "SELECT digest FROM idempotency_keys WHERE key = ?"
+# Timestamps are ISO 8601 UTC text of one form (migration 0005): they compare as text.
+SWEEP_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
 )
 
 
@@ -139,14 +155,36 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(SELECT_APPLIED, (node_id,)).fetchall())
         return int(rows[0][0]) if rows else 0
 
-    async def apply_batch(self, node_id: str, seq: int, deltas: Mapping[str, int]) -> ApplyResult:
+    async def apply_batch(
+        self,
+        node_id: str,
+        seq: int,
+        deltas: Mapping[str, int],
+        keyed: Sequence[IdempotentBatch] = (),
+    ) -> ApplyResult:
         """See Store.apply_batch. If the caller is cancelled the transaction still runs to its end,
         so the batch may be applied: retry it with the same seq, which makes the retry a no-op."""
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
         # A copy: the writer thread works on it while the event loop goes on.
         writer = self._require(self._writer)
-        return await self._on(writer, partial(self._apply, node_id, seq, dict(deltas)))
+        work = partial(self._apply, node_id, seq, dict(deltas), list(keyed))
+        return await self._on(writer, work)
+
+    async def idempotency_digest(self, key: str) -> str | None:
+        rows = await self._read(
+            lambda conn: conn.execute(SELECT_IDEMPOTENCY_DIGEST, (key,)).fetchall()
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def sweep_idempotency_keys(self, older_than: float) -> int:
+        def sweep() -> int:
+            cursor = self._writer_conn().execute(
+                SWEEP_IDEMPOTENCY_KEYS, (f"-{older_than} seconds",)
+            )
+            return int(cursor.rowcount)
+
+        return await self._on(self._require(self._writer), sweep)
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         rows = await self._read(lambda conn: conn.execute(SELECT_READ, (key, node_id)).fetchall())
@@ -253,7 +291,9 @@ class SQLiteStore:
         if conn is not None:
             conn.close()
 
-    def _apply(self, node_id: str, seq: int, deltas: dict[str, int]) -> ApplyResult:
+    def _apply(
+        self, node_id: str, seq: int, deltas: dict[str, int], keyed: list[IdempotentBatch]
+    ) -> ApplyResult:
         conn = self._writer_conn()
         now = _utc_now()
         conn.execute("BEGIN IMMEDIATE")
@@ -262,6 +302,19 @@ class SQLiteStore:
             if rows and seq <= rows[0][0]:
                 conn.execute("ROLLBACK")
                 return ApplyResult(applied=False)
+            duplicates: dict[str, str] = {}
+            if keyed:
+                inserted = {
+                    batch.key
+                    for batch in keyed
+                    if conn.execute(INSERT_IDEMPOTENCY_KEY, (batch.key, batch.digest)).rowcount
+                }
+                lost = losers(keyed, inserted)
+                if lost:
+                    deltas = taken_back(deltas, lost)
+                    for batch in lost:
+                        found = conn.execute(SELECT_IDEMPOTENCY_DIGEST, (batch.key,)).fetchall()
+                        duplicates[batch.key] = str(found[0][0])
             current = _current_values(conn, list(deltas))
             upserts: list[tuple[str, int, str]] = []
             overflowed: dict[str, int] = {}
@@ -285,7 +338,7 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
-        return ApplyResult(applied=True, overflowed=overflowed)
+        return ApplyResult(applied=True, overflowed=overflowed, duplicates=duplicates)
 
     # --- plumbing -----------------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""Batches sent with an Idempotency-Key: answered as their first copy was, applied once.
+
+What a request with `Idempotency-Key: K` gets, in order of what is known:
+
+- this process holds or recently settled K (the ledger, ingest/idempotency.py): the same
+  increments get `202` with `Idempotent-Replayed: true` and change nothing; other increments get
+  `422 idempotency_key_reused` and change nothing. No I/O.
+- otherwise the database is asked (one indexed read): K found there is answered the same way.
+- K found nowhere: the batch is taken in (WAL, buffer, ledger) and gets `202`. Its flush inserts
+  K into `idempotency_keys` and adds its deltas only if that insert wins (store/base.py), so a
+  copy taken in meanwhile by another instance, whose flush has not run yet, is applied by
+  whichever flush commits first and left out by the other: applied once. Neither instance could
+  know, so both answered `202` without the replay header (and, for two different bodies under one
+  key, the later-committed one is not applied and logged as a conflict).
+- the database is failing (the flusher says so, or the lookup fails or takes over
+  LOOKUP_TIMEOUT): taken in unchecked, as above. Availability is kept, and the flush still
+  settles it exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final, NamedTuple
+
+from incrementer.durability import AckGate
+from incrementer.flush import Flusher
+from incrementer.ingest.idempotency import digest, encode, parse_key
+from incrementer.ingest.intake import Intake
+from incrementer.ingest.validate import BadRequest, Validated
+from incrementer.metrics import Metrics
+from incrementer.store.base import BackendError, Store
+
+ACCEPTED: Final = 0
+REPLAYED: Final = 1
+LOOKUP_TIMEOUT: Final = 2.0
+
+
+class Lookup(NamedTuple):
+    """A batch whose key this process does not know: to take in after the database lookup."""
+
+    key: str
+    digest: bytes
+    encoded: bytes
+    items: list[Validated]
+
+
+Outcome = int | Lookup
+
+
+class WalUnavailable(Exception):
+    """The batch's WAL write failed: it was taken back and nothing was recorded."""
+
+
+def reused() -> BadRequest:
+    return BadRequest(
+        "idempotency_key_reused",
+        "This Idempotency-Key was already used for a different batch; nothing was changed. "
+        "Send new increments under a new key.",
+        422,
+    )
+
+
+class IdempotentIntake:
+    def __init__(
+        self, intake: Intake, gate: AckGate, store: Store, flusher: Flusher, metrics: Metrics
+    ) -> None:
+        self.intake = intake
+        self.ledger = intake.ledger
+        self.gate = gate
+        self.store = store
+        self.flusher = flusher
+        self.counts = metrics.idempotent_requests
+
+    def take(self, raw_key: bytes, items: list[Validated]) -> Outcome:
+        """ACCEPTED or REPLAYED, at once when this process knows the key or the database is
+        down; else a Lookup for look_up(). Raises BadRequest (an invalid key, 400, or a reused
+        one, 422) and Overloaded."""
+        key = parse_key(raw_key)
+        encoded = encode(items)
+        raw_digest = digest(encoded)
+        hex_digest = raw_digest.hex()
+        known = self._known(key, hex_digest)
+        if known is not None:
+            return known
+        if self.flusher.db_error is not None:
+            # Answered in this tick like a plain batch: the tick's commit writes it, or turns
+            # the 202 into a 503 and takes the batch back.
+            self.intake.accept_keyed(key, raw_digest, encoded, items)
+            self.counts["unchecked"] += 1
+            return ACCEPTED
+        return Lookup(key, raw_digest, encoded, items)
+
+    def _known(self, key: str, hex_digest: str) -> int | None:
+        stored = self.ledger.known(key, time.monotonic())
+        if stored is None:
+            return None
+        if stored != hex_digest:
+            self.counts["conflict"] += 1
+            raise reused()
+        self.counts["replayed"] += 1
+        return REPLAYED
+
+    async def look_up(self, batch: Lookup) -> int:
+        """ACCEPTED or REPLAYED once the database has been asked about the key; BadRequest
+        (422), Overloaded, WalUnavailable as take()."""
+        key, raw_digest, encoded, items = batch
+        outcome = "accepted"
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                stored = await self.store.idempotency_digest(key)
+        except (BackendError, TimeoutError):
+            stored, outcome = None, "unchecked"
+        if stored is not None and key not in self.ledger.pending:
+            self.ledger.settle(key, stored, time.monotonic())
+        # Also catches a copy of this batch taken in here while the lookup ran.
+        known = self._known(key, raw_digest.hex())
+        if known is not None:
+            return known
+        self.intake.accept_keyed(key, raw_digest, encoded, items)
+        # This answer leaves in a later tick than the append: write now, so that a failed
+        # write is known before it says 202 (and a flush never cuts an unwritten batch).
+        if not self.gate.log_now():
+            raise WalUnavailable
+        self.counts[outcome] += 1
+        return ACCEPTED

@@ -1,0 +1,125 @@
+"""Idempotency keys: what a key may look like, what makes two batches "the same", and what this
+process remembers of the keys it has seen.
+
+A batch sent with `Idempotency-Key: K` is applied once however often it arrives, at whichever
+instance: the flush transaction inserts K into `idempotency_keys` and applies the batch's deltas
+only if that insert wins (store/). What this module keeps in memory only makes the answers right
+and cheap: a retry that this process has seen is answered at once, a replay with `202` and
+`Idempotent-Replayed: true`, a reuse of K with another body with `422`; a key it does not know
+is looked up in the database first (idempotent.py).
+
+Two batches are the same when their increments are: the same keys with the same values in the
+same order. The digest is the SHA-256 of those increments in the WAL's entry encoding (u16 key
+length, i64 value, UTF-8 key), which the WAL then stores as they are, so JSON spelling
+(whitespace, member order, escapes) does not matter and nothing is encoded twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Final
+
+from incrementer.ingest.validate import BadRequest, Validated
+from incrementer.ingest.wal_reader import ENTRY
+
+MAX_KEY_LENGTH: Final = 128
+SETTLED_LIMIT: Final = 100_000
+"""Settled keys remembered at most (the oldest are forgotten first; the database still has them)."""
+
+_pack_entry: Final = ENTRY.pack
+
+
+def parse_key(raw: bytes) -> str:
+    """The Idempotency-Key header's value, or BadRequest: 1-128 visible ASCII characters
+    (0x21-0x7e), compared byte for byte."""
+    if not 0 < len(raw) <= MAX_KEY_LENGTH or not all(0x21 <= byte <= 0x7E for byte in raw):
+        raise BadRequest(
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} visible ASCII characters "
+            "(no spaces); a random UUID is a good key.",
+        )
+    return raw.decode("ascii")
+
+
+def encode(items: list[Validated]) -> bytes:
+    """The increments as the WAL stores them: the text the digest is computed over."""
+    out = bytearray()
+    pack = _pack_entry
+    for key, _, value in items:
+        out += pack(len(key), value)
+        out += key
+    return bytes(out)
+
+
+def digest(encoded: bytes) -> bytes:
+    return hashlib.sha256(encoded).digest()
+
+
+class Ledger:
+    """The idempotency keys this process knows: batches it holds unflushed (in the WAL and the
+    buffer), and keys recently settled in the database, each with its batch's digest.
+
+    Pending keys are never forgotten before their flush: nothing else on this instance knows
+    them yet. Settled ones are forgotten after `window` seconds (the database's keys are swept
+    after the same time) or when more than `limit` are remembered: a key forgotten here is
+    looked up in the database.
+    """
+
+    def __init__(self, window: float, limit: int = SETTLED_LIMIT) -> None:
+        self.window = window
+        self.limit = limit
+        self.pending: dict[str, str] = {}
+        # key -> (digest, monotonic time settled), oldest first; OrderedDict: the oldest goes in O(1)
+        self.settled: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.settled)
+
+    def known(self, key: str, now: float) -> str | None:
+        """The digest of the batch this process knows under key, or None."""
+        held = self.pending.get(key)
+        if held is not None:
+            return held
+        settled = self.settled.get(key)
+        if settled is None:
+            return None
+        if now - settled[1] > self.window:
+            del self.settled[key]
+            return None
+        return settled[0]
+
+    def hold(self, key: str, digest: str) -> None:
+        """A batch taken in under key and not yet flushed."""
+        self.pending[key] = digest
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Batches taken back before they were logged: as if never seen."""
+        for key in keys:
+            self.pending.pop(key, None)
+
+    def settle(self, key: str, digest: str, now: float) -> None:
+        """The database holds key with this digest (flushed from here, or found there)."""
+        self.pending.pop(key, None)
+        settled = self.settled
+        settled.pop(key, None)
+        if len(settled) >= self.limit:
+            settled.popitem(last=False)
+        settled[key] = (digest, now)
+
+    def forget(self, key: str) -> None:
+        self.pending.pop(key, None)
+        self.settled.pop(key, None)
+
+    def expire(self, now: float) -> int:
+        """Forget settled keys older than the window; how many went."""
+        settled = self.settled
+        gone = 0
+        while settled:
+            key = next(iter(settled))
+            if now - settled[key][1] <= self.window:
+                break  # oldest first: the rest are younger
+            settled.popitem(last=False)
+            gone += 1
+        return gone
