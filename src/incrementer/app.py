@@ -16,6 +16,7 @@ from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.metrics import Metrics
+from incrementer.status import StatusPage
 from incrementer.store.base import BackendError, Store
 
 JSON = b"application/json"
@@ -35,6 +36,8 @@ ROUTES = {
     b"/healthz": ("healthz", b"GET", False),
     b"/readyz": ("readyz", b"GET", False),
     b"/openapi.json": ("openapi", b"GET", False),
+    # The page holds no figures: its script reads /metrics with the key the user types in it.
+    b"/status": ("status", b"GET", False),
 }
 NOT_FOUND = BadRequest("not_found", "No such route.", 404)
 UNAUTHORIZED = BadRequest(
@@ -73,6 +76,7 @@ class App(Handler):
         self.limiter = limiter
         self.guarded = keyring is not None or limiter is not None
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
+        self.status_page = StatusPage.load()
 
     def fast_path(self) -> FastPath:
         """POST /increment with a JSON body: answered 202 by the connection itself when
@@ -146,6 +150,8 @@ class App(Handler):
             return self.readyz(conn, authorization, keep_alive)
         if route == "metrics":
             return self.prometheus(conn, keep_alive)
+        if route == "status":
+            return self.status(conn, keep_alive)
         return self.document(conn, keep_alive)
 
     def guard(
@@ -290,6 +296,19 @@ class App(Handler):
 
     # operations
 
+    def problems(self, now: float) -> list[tuple[str, float]]:
+        """Why this process is not ready: (code, since when on the monotonic clock)."""
+        flusher, gate = self.flusher, self.gate
+        found: list[tuple[str, float]] = []
+        if flusher.db_error is not None:
+            found.append(("database_unavailable", flusher.db_failing_since))
+        lag = flusher.oldest_pending_age(now)
+        if lag > self.lag_bound:
+            found.append(("lag_above_bound", now - lag))
+        if gate.failure:
+            found.append((gate.failure, gate.failed_since))
+        return found
+
     def readyz(self, conn: HttpConnection, authorization: bytes, keep_alive: bool) -> bytes:
         """Codes and ages for anyone (a load balancer); the why (database errors, which may name
         hosts, and overflowed key names) only for a caller with a valid API key, so never when
@@ -297,13 +316,7 @@ class App(Handler):
         flusher, gate = self.flusher, self.gate
         now = time.monotonic()
         lag = flusher.oldest_pending_age(now)
-        reasons: list[dict[str, object]] = []
-        if flusher.db_error is not None:
-            reasons.append(_reason("database_unavailable", now - flusher.db_failing_since))
-        if lag > self.lag_bound:
-            reasons.append(_reason("lag_above_bound", lag))
-        if gate.failure:
-            reasons.append(_reason(gate.failure, now - gate.failed_since))
+        reasons = [_reason(code, now - since) for code, since in self.problems(now)]
         payload: dict[str, object] = {
             "status": "not_ready" if reasons else "ready",
             "reasons": reasons,
@@ -330,6 +343,13 @@ class App(Handler):
             self.metrics.render(),
             b"text/plain; version=0.0.4; charset=utf-8",
             not keep_alive,
+        )
+
+    def status(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("status", 200)
+        page = self.status_page
+        return responses.build(
+            conn.clock, 200, page.body, page.content_type, not keep_alive, page.headers
         )
 
     def document(self, conn: HttpConnection, keep_alive: bool) -> bytes:

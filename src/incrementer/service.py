@@ -93,7 +93,7 @@ class Service:
             limiter,
         )
         self.server = HttpServer(app, self.gate, s, self.metrics)
-        self._register_gauges()
+        self._register_gauges(app)
         self._flush_task = asyncio.create_task(self.flusher.run(), name="flusher")
         self.gate.start()
         host, port = await self.server.start(s.host, s.port)
@@ -172,7 +172,7 @@ class Service:
         self.wal = wal
         return wal
 
-    def _register_gauges(self) -> None:
+    def _register_gauges(self, app: App) -> None:
         flusher, metrics = self.flusher, self.metrics
         assert flusher is not None and self.server is not None
         server = self.server
@@ -190,6 +190,11 @@ class Service:
             "incrementer_flush_interval_seconds",
             "The current flush interval (--flush-interval, stretched while flushes are slow).",
             lambda: flusher.interval,
+        )
+        metrics.gauge(
+            "incrementer_ready",
+            "1 when /readyz answers 200, 0 when it answers 503 (it says why).",
+            lambda: 0.0 if app.problems(time.monotonic()) else 1.0,
         )
         metrics.gauge(
             "incrementer_open_connections",
