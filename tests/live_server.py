@@ -16,7 +16,16 @@ from support import Spawned, spawned
 def create_key(database_url: str, name: str) -> str:
     """`incrementer keys create NAME`: the key it prints once."""
     done = subprocess.run(
-        [sys.executable, "-m", "incrementer", "keys", "create", name, "--database-url", database_url],
+        [
+            sys.executable,
+            "-m",
+            "incrementer",
+            "keys",
+            "create",
+            name,
+            "--database-url",
+            database_url,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

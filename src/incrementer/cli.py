@@ -238,3 +238,25 @@ def keys_revoke(name: str, database_url: str) -> None:
     if not asyncio.run(key_admin.revoke(database_url, name)):
         raise click.ClickException(f"no active API key named {name!r}")
     click.echo(f"revoked API key {name!r}")
+
+
+@main.command()
+@click.argument("url", default="http://127.0.0.1:3333")
+@click.option(
+    "--api-key",
+    envvar=ENV_PREFIX + "API_KEY",
+    help="Key for /metrics when the server requires one. [env: INCREMENTER_API_KEY]",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
+)
+@click.option("--once", is_flag=True, help="Print one interval's figures and exit.")
+def top(url: str, api_key: str | None, interval: float, once: bool) -> None:
+    """Live figures of a running server, read from URL/metrics (needs `incrementer[top]`)."""
+    from incrementer.top import TopError, run
+
+    try:
+        run(url, api_key, interval, once)
+    except TopError as exc:
+        click.echo(f"incrementer top: {exc}", err=True)
+        sys.exit(1)
