@@ -11,12 +11,13 @@ import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -144,8 +145,8 @@ def test_service_runs_with_memory_deny_write_execute(tmp_path: Path, pg_url: str
     if probe.returncode == NO_MDWE:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
     assert probe.returncode == 3, probe.stderr  # writable and executable memory refused
-    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data"), "--port", "0"]
-    with _mdwe_server(args) as url:
+    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data")]
+    with serving(args, preexec_fn=_deny_write_execute) as url:
         batch = [{"key": "mdwe", "value": 1}] * 5
         assert httpx.post(url + "/increments", json=batch).status_code == 202
     # The server drained (exit 0, checked on leaving): the final flush wrote the batch.
@@ -172,12 +173,16 @@ def _mdwe_or_exit() -> None:
 
 
 @contextlib.contextmanager
-def _mdwe_server(args: list[str]) -> Iterator[str]:
+def serving(
+    args: list[str], prefix: Sequence[str] = (), preexec_fn: Callable[[], None] | None = None
+) -> Iterator[str]:
+    """`incrementer serve ARGS` run through `prefix` (strace, say) or `preexec_fn`: its URL; on
+    leaving, SIGTERM, and the drain must end with status 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "incrementer", "serve", *args],
+        [*prefix, sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_deny_write_execute,
+        preexec_fn=preexec_fn,
     )
     assert proc.stderr is not None
     try:
@@ -190,13 +195,81 @@ def _mdwe_server(args: list[str]) -> Iterator[str]:
         else:
             raise AssertionError("the service did not start:\n" + "".join(lines))
         yield match.group(1)
-        proc.terminate()
+        # The service itself gets the SIGTERM: behind a prefix, it is that program's child
+        # (strace exits with its tracee's status).
+        target = proc.pid
+        if prefix:
+            target = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(target, signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """systemd's named system call sets (`systemd-analyze syscall-filter`), as listed."""
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    members: list[str] = []
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.split()[0], [])
+        elif line.strip() and not line.strip().startswith("#"):
+            members.append(line.strip())
+    return groups
+
+
+def allowed_by(filters: list[str], groups: dict[str, list[str]]) -> set[str]:
+    """What a unit's SystemCallFilter= lines let through: the first allows a list, each `~` line
+    then takes a list away."""
+
+    def expand(items: list[str]) -> set[str]:
+        found: set[str] = set()
+        for item in items:
+            found |= expand(groups[item]) if item.startswith("@") else {item}
+        return found
+
+    allowed: set[str] = set()
+    for line in filters:
+        if line.startswith("~"):
+            allowed -= expand(line[1:].split())
+        else:
+            allowed |= expand(line.split())
+    return allowed
+
+
+def unit_filters() -> list[str]:
+    return re.findall(r"(?m)^SystemCallFilter=(.+)$", (SYSTEMD / "incrementer.service").read_text())
+
+
+def test_service_makes_only_system_calls_the_unit_allows(tmp_path: Path, pg_url: str) -> None:
+    """Traced with strace from start to drain (migrations, WAL replay, increments, reads, a flush
+    to PostgreSQL, /metrics, /status, fsyncs, SIGTERM), the service makes no system call outside
+    the unit's SystemCallFilter; the same check finds calls outside a narrower filter."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not on this machine")
+    if shutil.which("strace") is None:
+        skip_or_fail("strace is not installed (Debian: apt-get install -y strace)")
+    trace = tmp_path / "trace"
+    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data")]
+    with serving(args, prefix=["strace", "-f", "-qq", "-o", str(trace)]) as url:
+        assert httpx.post(url + "/increment", json={"key": "traced", "value": 1}).status_code == 202
+        batch = [{"key": f"traced-{i}", "value": 1} for i in range(50)]
+        assert httpx.post(url + "/increments", json=batch).status_code == 202
+        for path in ("/counters/traced", "/metrics", "/status", "/readyz", "/healthz"):
+            assert httpx.get(url + path).status_code == 200, path
+        time.sleep(1.5)  # a periodic WAL fsync (--fsync-interval 1 s) and idle flushes
+    made = set(re.findall(r"(?m)^\d+\s+([a-z0-9_]+)\(", trace.read_text()))
+    assert {"openat", "fdatasync", "accept4", "connect"} <= made, made
+    groups = syscall_groups()
+    assert made - allowed_by(unit_filters(), groups) == set()
+    narrower = [*unit_filters(), "~@network-io"]
+    assert {"accept4", "connect"} <= made - allowed_by(narrower, groups)
 
 
 # --- nginx with TLS ----------------------------------------------------------------------------
