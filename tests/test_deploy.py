@@ -185,6 +185,7 @@ def serving(
         preexec_fn=preexec_fn,
     )
     assert proc.stderr is not None
+    service = proc.pid
     try:
         lines = []
         for line in proc.stderr:
@@ -194,17 +195,17 @@ def serving(
                 break
         else:
             raise AssertionError("the service did not start:\n" + "".join(lines))
+        if prefix:  # the service is the prefix's child (strace exits with its tracee's status)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+            service = int(children.split()[0])
         yield match.group(1)
-        # The service itself gets the SIGTERM: behind a prefix, it is that program's child
-        # (strace exits with its tracee's status).
-        target = proc.pid
-        if prefix:
-            target = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-        os.kill(target, signal.SIGTERM)
+        os.kill(service, signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            for pid in {service, proc.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
         proc.stderr.close()
 
