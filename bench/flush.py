@@ -4,7 +4,7 @@
 
 Creates a fresh database, migrates it, times one apply_batch that inserts every key, then
 --updates more over the same keys (updates of existing rows), prints the keys/s of each and the
-median of the updates, and drops the database. Issue 4's target is 150,000 dirty keys/s per flush.
+median of the updates, and drops the database. The performance target is 150,000 dirty keys/s per flush.
 Nothing else runs on the event loop, so this is the store's and PostgreSQL's capacity, not what a
 flush achieves under HTTP load (see the flush keys/s column of bench/run.py).
 """

@@ -133,6 +133,7 @@ async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
         flush_interval=3600.0,
         lag_bound=7200.0,
         flush_max_keys=1_000_000,
+        max_pending_keys=2_000_000,
         log_level="warning",
     )
     service = Service(settings)

@@ -1,4 +1,4 @@
-"""The results as a rich table, a markdown report with the targets of issue 4, and a PNG plot."""
+"""The results as a rich table, a markdown report with the performance targets, and a PNG plot."""
 
 from __future__ import annotations
 
@@ -190,15 +190,15 @@ def rich_table(results: list[RunResult], every: list[RunResult]) -> Table:
     return table
 
 
-# issue 4 targets
+# performance targets
 
 
 def checks(
     results: list[RunResult], every: list[RunResult], flush: FlushResult | None = None
 ) -> list[Check]:
-    """The issue's targets: ratios as medians of same-round pairs, other figures from the median
-    runs, totals on every run of every round. Issue 5 wants them with auth on as well: the
-    throughput, latency and lag targets are checked for incrementer-wal-auth too."""
+    """The performance targets: ratios as medians of same-round pairs, other figures from the
+    median runs, totals on every run of every round. The throughput, latency and lag targets
+    hold with auth on as well, so they are checked for incrementer-wal-auth too."""
     found: list[Check] = []
 
     def add(
@@ -248,7 +248,7 @@ def checks(
     for scenario in ("10keys", "100kkeys", "batch"):
         versus_memory = _paired(every, WAL, scenario, MEMORY)
         add(
-            f"{scenario}: wal vs memory (issue 3)",
+            f"{scenario}: wal vs memory",
             ">= 0.85x",
             versus_memory,
             0.85,
@@ -348,7 +348,7 @@ def cpu_table(results: list[RunResult]) -> Table:
 
 
 def checks_table(found: list[Check]) -> Table:
-    table = Table(title="issue 4 targets", header_style="bold")
+    table = Table(title="performance targets", header_style="bold")
     for name in ("Target", "Goal", "Measured", "Result"):
         table.add_column(name)
     for c in found:
@@ -443,7 +443,7 @@ def markdown(
         "",
         *_auth_section(results, every),
         *_flush_section(flush),
-        "## Issue 4 targets",
+        "## Performance targets",
         "",
         _md_table(
             ["Target", "Goal", "Measured", "Result"],
@@ -473,7 +473,7 @@ def _auth_section(results: list[RunResult], every: list[RunResult]) -> list[str]
     if not body:
         return []
     return [
-        "### Auth on vs off (issue 5)",
+        "### Auth on vs off",
         "",
         _md_table(AUTH_COLUMNS, body),
         "",

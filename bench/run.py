@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 import database
+import extras  # noqa: F401  (stops with one line if the bench extra is missing)
 import machine
 import report
 from flush import FlushResult, measure_flush

@@ -48,7 +48,7 @@ def test_quick_benchmark_writes_a_report_with_verified_totals(
     text = reports[0].read_text()
     assert "**Totals verified: yes**" in text, text
     assert "incrementer-wal" in text, text
-    assert "incrementer-wal-auth" in text, text  # issue 5: auth on, measured too
+    assert "incrementer-wal-auth" in text, text  # auth on is measured too
     assert "Auth on vs off" in text, text
     assert reports[0].with_suffix(".png").is_file()
 

@@ -26,8 +26,10 @@ def resolved(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPat
 def _capture(into: list[Settings]):  # type: ignore[no-untyped-def]
     real = cli.build_settings
 
-    def build(config: Path | None, values: dict[str, object]) -> Settings:
-        into.append(real(config, values))
+    def build(
+        config: Path | None, values: dict[str, object], sources: dict[str, str] | None = None
+    ) -> Settings:
+        into.append(real(config, values, sources))
         raise SystemExit(0)
 
     return build

@@ -25,6 +25,7 @@ import pytest
 from live_server import keyed_server
 from support import LISTEN, db_totals, skip_or_fail, spawned
 
+from incrementer.cli_errors import USAGE
 from incrementer.config import Settings
 from incrementer.service import EXIT_GRACE
 
@@ -78,6 +79,7 @@ def test_unit_stops_gracefully_and_is_sandboxed() -> None:
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > defaults.shutdown_timeout + EXIT_GRACE
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == str(USAGE)  # no restart fixes a bad setting
     assert service["StateDirectory"] == "incrementer"
     assert service["Environment"] == "INCREMENTER_DATA_DIR=%S/incrementer/data"
     assert service["EnvironmentFile"] == "/etc/incrementer/incrementer.env"

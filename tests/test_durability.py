@@ -160,7 +160,7 @@ OUTAGE_SECONDS = float(os.environ.get("INCREMENTER_TEST_OUTAGE_SECONDS", "5"))
 async def test_database_outage_keeps_accepting_then_recovers(tmp_path: Path, pg_url: str) -> None:
     """PostgreSQL unreachable under continuous load: increments still accepted, readyz 503,
     then flushing resumes by itself, lag drops back under 1 s, and every total is exact.
-    (INCREMENTER_TEST_OUTAGE_SECONDS=30 runs the issue's 30 s outage.)"""
+    (INCREMENTER_TEST_OUTAGE_SECONDS=30 runs a 30 s outage.)"""
     prefix = uuid.uuid4().hex[:8]
     keys = [f"{prefix}-{i}" for i in range(500)]
     async with proxy_to(pg_url) as (proxy, via_proxy):
@@ -282,7 +282,7 @@ async def test_corrupt_wal_middle_stops_startup_naming_file_and_offset(
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # a failure at run time, not a usage error
     assert str(segment) in proc.stderr
     assert "offset" in proc.stderr
     assert segment.read_bytes() == bytes(data)

@@ -23,8 +23,8 @@ TOP = ROOT / "src" / "incrementer" / "top.py"
 
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"job", "instance"}
-# The service's metrics all start with incrementer_ (`up` is Prometheus's own, not checked).
-SELECTOR = re.compile(r"\b(incrementer_[a-z0-9_]+)\b(\{[^}]*\})?")
+# The service's metrics, and prometheus-client's process collector's (`up` is Prometheus's own).
+SELECTOR = re.compile(r"\b((?:incrementer|process)_[a-z0-9_]+)\b(\{[^}]*\})?")
 MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*"')
 # Grafana's variables, given values a query can be checked with.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*"}

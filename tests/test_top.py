@@ -73,13 +73,32 @@ async def test_top_without_a_key_or_a_server_says_so_in_one_line(tmp_path: Path)
         assert done.returncode == 1
         assert done.stdout == ""
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert done.stderr.startswith("incrementer top: "), done.stderr
+        assert done.stderr.startswith("incrementer: top: "), done.stderr
     assert "401" in no_key.stderr and "--api-key" in no_key.stderr
     assert "401" in wrong_key.stderr
     assert "Connection refused" in nothing.stderr
     bad_interval = await top(server.url, "--interval", "0")
     assert bad_interval.returncode == 2
     assert "Traceback" not in bad_interval.stderr
+
+
+async def test_top_finds_the_server_its_settings_describe(tmp_path: Path) -> None:
+    """Without a URL, top reads the server's --host and --port where serve would: from
+    INCREMENTER_PORT (as under the systemd environment file) or from a --config file."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    with spawned(["--database-url", database_url, "--data-dir", str(tmp_path / "data")]) as server:
+        port = server.url.rsplit(":", 1)[1]
+        config = tmp_path / "incrementer.toml"
+        config.write_text(f'host = "0.0.0.0"\nport = {port}\n')
+        env = {**ENV, "INCREMENTER_PORT": port}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "incrementer", "top", "--once", "--interval", "0.2",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        from_env, _ = await proc.communicate()
+        from_file = await top("--once", "--interval", "0.2", "--config", str(config))
+    assert f"incrementer at {server.url}  ready" in from_env.decode()
+    assert f"incrementer at {server.url}  ready" in from_file.stdout, from_file.stderr
 
 
 def test_top_keeps_redrawing_until_interrupted(tmp_path: Path) -> None:

@@ -469,7 +469,7 @@ def test_summary_encodes_as_json(tmp_path: Path) -> None:
 
     _log_with_frames(tmp_path)
     decoded = msgspec.json.decode(msgspec.json.encode(summarize(tmp_path)))
-    assert decoded["segments"] == [[segment_name(1), decoded["bytes"], 1, 4, 4, 8]]
+    assert decoded["segments"] == [[segment_name(1), decoded["bytes"], 1, 4, 4, 8, None, None]]
     assert (decoded["records"], decoded["torn_tail"], decoded["problems"]) == (8, None, [])
 
 

@@ -121,6 +121,10 @@ async def test_an_increment_that_cannot_be_logged_gets_503_and_is_never_applied(
         assert (await client.get(counter_path(other))).status_code == 404
         assert svc.metrics.wal_failures["write"] >= 1
         assert svc.metrics.rejected["wal_unavailable"] == 3
+        requests = svc.metrics.requests
+        assert (requests[("increment", 503)], requests[("increments", 503)]) == (1, 1)
+        assert requests.get(("increments", 202), 0) == 0
+        assert svc.metrics.accepted_requests == 1  # the 202s that stood
 
         disk.write_error = 0  # space is back: the probe notices without any increment sent
         await wait_until(lambda: _ready(client), timeout=10)

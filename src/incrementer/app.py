@@ -15,6 +15,7 @@ from incrementer.http import responses
 from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
+from incrementer.key_source import KeySource
 from incrementer.metrics import Metrics
 from incrementer.status import StatusPage
 from incrementer.store.base import BackendError, Store
@@ -24,6 +25,7 @@ FORM = b"application/x-www-form-urlencoded"
 RETRY_AFTER = b"Retry-After: 1\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="incrementer"\r\n'
 COUNTERS = b"/counters/"
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 READ_ATTEMPTS = 5
 READ_TIMEOUT = 5.0  # a read waiting on a dead database answers 503 rather than hanging
 
@@ -39,11 +41,51 @@ ROUTES = {
     # The page holds no figures: its script reads /metrics with the key the user types in it.
     b"/status": ("status", b"GET", False),
 }
+# Every status each route answers with ("invalid": requests the HTTP layer refuses before any
+# route, "unknown": paths with no route) and every reason an increment is refused for: /metrics
+# exports each at 0 from the start (Metrics.declare).
+ROUTE_STATUSES = {
+    "increment": (202, 400, 401, 405, 415, 429, 503),
+    "increments": (202, 400, 401, 405, 415, 429, 503),
+    "counters": (200, 400, 401, 404, 405, 429, 503),
+    "metrics": (200, 401, 405, 429),
+    "healthz": (200, 405),
+    "readyz": (200, 405, 503),
+    "openapi": (200, 405),
+    "status": (200, 405),
+    "unknown": (404,),
+    "invalid": (400, 408, 413, 414, 417, 431),
+}
+REJECT_REASONS = (
+    # ingest/validate.py
+    "malformed_json",
+    "malformed_form",
+    "invalid_body",
+    "missing_field",
+    "unknown_field",
+    "duplicate_field",
+    "invalid_key",
+    "key_too_long",
+    "invalid_value",
+    "value_out_of_range",
+    "empty_batch",
+    "batch_too_large",
+    # the routes, the guards, the buffer and the WAL
+    "unsupported_media_type",
+    "unauthorized",
+    "rate_limited",
+    "overloaded",
+    "wal_unavailable",
+)
 NOT_FOUND = BadRequest("not_found", "No such route.", 404)
 UNAUTHORIZED = BadRequest(
     "unauthorized", "A valid API key is required: Authorization: Bearer <key>.", 401
 )
 RATE_LIMITED = BadRequest("rate_limited", "Rate limit exceeded; slow down.", 429)
+BAD_ESCAPE = BadRequest(
+    "invalid_key",
+    "The key is not valid percent-encoding: every % starts a two-digit hex escape (%25 for %).",
+)
 
 
 def media_type(content_type: bytes) -> bytes:
@@ -63,6 +105,7 @@ class App(Handler):
         lag_bound: float,
         keyring: KeyRing | None = None,
         limiter: ClientLimiter | None = None,
+        key_source: KeySource | None = None,
     ) -> None:
         self.validator = validator
         self.intake = intake
@@ -74,9 +117,14 @@ class App(Handler):
         self.lag_bound = lag_bound
         self.keyring = keyring
         self.limiter = limiter
+        self.key_source = key_source
         self.guarded = keyring is not None or limiter is not None
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
         self.status_page = StatusPage.load()
+        metrics.declare(
+            [(route, status) for route, codes in ROUTE_STATUSES.items() for status in codes],
+            REJECT_REASONS,
+        )
 
     def fast_path(self) -> FastPath:
         """POST /increment with a JSON body: answered 202 by the connection itself when
@@ -121,6 +169,20 @@ class App(Handler):
         body: bytes,
         keep_alive: bool,
     ) -> Result:
+        return self.dispatch(conn, method, url, content_type, authorization, body, keep_alive, True)
+
+    def dispatch(
+        self,
+        conn: HttpConnection,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        body: bytes,
+        keep_alive: bool,
+        look_up: bool,
+    ) -> Result:
+        """handle(), once the request's API key is known (look_up False: it was looked up)."""
         path = url.split(b"?", 1)[0]
         if path[:1] != b"/":
             path = _origin_form(path)
@@ -132,8 +194,16 @@ class App(Handler):
                 return self.fail(conn, "unknown", NOT_FOUND, keep_alive)
             route, allowed, protected = found
         if method != allowed:
-            wrong = BadRequest("method_not_allowed", f"Use {allowed.decode()} for this route.", 405)
-            return self.fail(conn, route, wrong, keep_alive, b"Allow: " + allowed + b"\r\n")
+            # The pipeline answers HEAD as GET without the body, so every GET route takes it.
+            methods = b"GET, HEAD" if allowed == b"GET" else allowed
+            wrong = BadRequest("method_not_allowed", f"Use {methods.decode()} for this route.", 405)
+            return self.fail(conn, route, wrong, keep_alive, b"Allow: " + methods + b"\r\n")
+        if look_up and (protected or route == "readyz") and self.key_source is not None:
+            key_id = self.key_source.wanted(authorization)
+            if key_id is not None:
+                return self._after_lookup(
+                    key_id, conn, method, url, content_type, authorization, body, keep_alive
+                )
         if protected and self.guarded:
             denied = self.guard(conn, authorization, route, keep_alive)
             if denied is not None:
@@ -153,6 +223,26 @@ class App(Handler):
         if route == "status":
             return self.status(conn, keep_alive)
         return self.document(conn, keep_alive)
+
+    async def _after_lookup(
+        self,
+        key_id: bytes,
+        conn: HttpConnection,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        body: bytes,
+        keep_alive: bool,
+    ) -> bytes:
+        """A key the keyring does not know yet: ask the database (KeySource bounds how often),
+        then answer as if it had been known all along."""
+        assert self.key_source is not None
+        await self.key_source.look_up(key_id)
+        result = self.dispatch(
+            conn, method, url, content_type, authorization, body, keep_alive, False
+        )
+        return result if isinstance(result, bytes) else await result
 
     def guard(
         self, conn: HttpConnection, authorization: bytes, route: str, keep_alive: bool
@@ -205,7 +295,9 @@ class App(Handler):
             elif kind == FORM:
                 item = self.validator.form_one(body)
             else:
-                raise _unsupported(content_type)
+                raise _unsupported(
+                    content_type, "application/json or application/x-www-form-urlencoded"
+                )
             self.intake.accept(item)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
@@ -220,7 +312,7 @@ class App(Handler):
     ) -> bytes:
         try:
             if media_type(content_type) != JSON:
-                raise _unsupported(content_type)
+                raise _unsupported(content_type, "application/json")
             self.intake.accept_many(self.validator.json_many(body))
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
@@ -247,6 +339,8 @@ class App(Handler):
     # reads
 
     def counter(self, conn: HttpConnection, raw_key: bytes, keep_alive: bool) -> Result:
+        if not _well_encoded(raw_key):
+            return self.fail(conn, "counters", BAD_ESCAPE, keep_alive)
         try:
             key = unquote_to_bytes(raw_key).decode("utf-8")
             self.validator.check(key, 1)
@@ -361,14 +455,24 @@ def _reason(code: str, seconds: float) -> dict[str, object]:
     return {"code": code, "for_seconds": round(seconds, 3)}
 
 
-def _unsupported(content_type: bytes) -> BadRequest:
+def _unsupported(content_type: bytes, accepted: str) -> BadRequest:
     shown = content_type.decode("latin-1")[:100] or "(none)"
     return BadRequest(
         "unsupported_media_type",
-        f"Content-Type {shown!r} is not supported; send application/json or "
-        "application/x-www-form-urlencoded.",
+        f"Content-Type {shown!r} is not supported by this route; send {accepted}.",
         415,
     )
+
+
+def _well_encoded(raw: bytes) -> bool:
+    """Every % starts a two-digit hex escape (RFC 3986 2.1); unquote would keep a stray one."""
+    start = raw.find(b"%")
+    while start >= 0:
+        escape = raw[start + 1 : start + 3]
+        if len(escape) != 2 or not all(c in HEX_DIGITS for c in escape):
+            return False
+        start = raw.find(b"%", start + 3)
+    return True
 
 
 def _origin_form(target: bytes) -> bytes:

@@ -16,6 +16,7 @@ from incrementer.store.base import ApiKey
 
 KEY_PREFIX = b"ik_"
 CACHE_LIMIT = 10_000
+KEY_ID_LIMIT = 64  # ours are 12 hex digits; anything much longer is not worth a query
 IP_BUCKET_LIMIT = 100_000
 
 
@@ -69,21 +70,48 @@ class KeyRing:
         self.cache: dict[bytes, Principal] = {}
 
     def load(self, keys: list[ApiKey], now: float) -> None:
-        """Replace the key set; buckets of keys that stay keep their state."""
+        """Replace the key set; buckets of keys that stay keep their state. The keys of one name
+        (a rotation's old and new key, during its grace period) share one bucket: a rate limit
+        belongs to the name."""
         old = {p.name: p for p in self.by_id.values()}
+        loaded: dict[str, Principal] = {}
         by_id: dict[bytes, Principal] = {}
         for key in keys:
-            rate = key.rate if key.rate is not None else self.default_rate
-            burst = key.burst if key.burst is not None else self.default_burst
-            bucket = None
-            if rate > 0:
-                kept = old.get(key.name)
-                bucket = kept.bucket if kept is not None and kept.bucket is not None else None
-                if bucket is None or bucket.rate != rate or bucket.burst != max(burst, 1):
-                    bucket = TokenBucket(rate, max(burst, 1), now)
-            by_id[key.key_id.encode()] = Principal(key.name, bytes.fromhex(key.key_hash), bucket)
+            kept = loaded.get(key.name) or old.get(key.name)
+            by_id[key.key_id.encode()] = loaded[key.name] = self._principal(key, kept, now)
         self.by_id = by_id
         self.cache = {}  # a revoked key must stop working now, not when its cache entry ages
+
+    def add(self, key: ApiKey, now: float) -> None:
+        """One key found since the last load (its first request): the next load keeps it if it
+        is still active. A key sharing its name with one already here (a rotation) shares its
+        bucket, as the two would after a load."""
+        kept = next((p for p in self.by_id.values() if p.name == key.name), None)
+        self.by_id[key.key_id.encode()] = self._principal(key, kept, now)
+
+    def _principal(self, key: ApiKey, kept: Principal | None, now: float) -> Principal:
+        rate = key.rate if key.rate is not None else self.default_rate
+        burst = key.burst if key.burst is not None else self.default_burst
+        bucket = None
+        if rate > 0:
+            bucket = kept.bucket if kept is not None and kept.bucket is not None else None
+            if bucket is None or bucket.rate != rate or bucket.burst != max(burst, 1):
+                bucket = TokenBucket(rate, max(burst, 1), now)
+        return Principal(key.name, bytes.fromhex(key.key_hash), bucket)
+
+    def key_id(self, authorization: bytes) -> bytes | None:
+        """The key id of a Bearer header that is neither cached nor loaded, the one a lookup
+        could find; None for a header that cannot hold a key, or whose key id is known."""
+        if authorization in self.cache:
+            return None
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token.startswith(KEY_PREFIX):
+            return None
+        key_id, dot, secret = token[len(KEY_PREFIX) :].partition(b".")
+        if not (dot and secret and 0 < len(key_id) <= KEY_ID_LIMIT and key_id.isalnum()):
+            return None
+        return None if key_id in self.by_id else key_id
 
     def authenticate(self, authorization: bytes) -> Principal | None:
         principal = self.cache.get(authorization)

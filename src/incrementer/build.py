@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from incrementer.http import protocol
@@ -11,6 +12,19 @@ from incrementer.http import protocol
 def compiled() -> bool:
     """True when the hot path runs as C extensions built by mypyc at install time."""
     return not protocol.__file__.endswith(".py")
+
+
+def version() -> str:
+    """The installed distribution's version ("unknown" when run from an uninstalled tree)."""
+    try:
+        return metadata.version("incrementer")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def name() -> str:
+    """The build label of incrementer_build_info: `compiled` or `pure-python`."""
+    return "compiled" if compiled() else "pure-python"
 
 
 def stale_extensions() -> list[str]:

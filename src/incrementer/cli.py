@@ -1,9 +1,16 @@
-"""Command line: thin. Builds Settings and calls into the service, the migrator or the WAL."""
+"""Command line: thin. Builds Settings and calls into the service, the migrator, the WAL or the
+keys. Every command takes --config and the INCREMENTER_* variables for the settings it uses, and
+reports failures through cli_errors.CommandLine: one line, exit 2 for usage, 1 at run time.
+
+Shell completion comes from click: `eval "$(_INCREMENTER_COMPLETE=bash_source incrementer)"`
+(zsh_source, fish_source for the other shells; docs/operations.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -11,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
+from incrementer.cli_errors import RUNTIME_ERRORS, CommandLine
 from incrementer.config import (
     AUTH_MODES,
     DURABILITY_MODES,
     ENV_PREFIX,
     LOG_FORMATS,
     LOG_LEVELS,
-    ConfigError,
     Settings,
+    load_toml,
 )
 
 DEFAULTS = Settings()
@@ -52,6 +61,11 @@ HELP = {
     "auth": "API keys: required, off (loopback binds only), auto (off on loopback, else required).",
     "insecure_no_auth": "Allow --auth off on a non-loopback bind (something in front authenticates).",
     "auth_refresh": "Seconds between reloads of the API keys (a revoked key stops within this).",
+    "auth_lookup_rate": (
+        "Database lookups per second, at most, of API keys not yet loaded (a new key works on "
+        "its first request; unknown ones are remembered as absent until the next reload); "
+        "0 = new keys wait for the next reload."
+    ),
     "rate_limit": "Default requests/s per API key (per client IP with auth off); 0 = unlimited.",
     "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
     "log_format": "text or json.",
@@ -66,86 +80,116 @@ CHOICES = {
 TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": str, "Durability": str}
 
 
-def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """One flag per Settings field, each also read from INCREMENTER_<NAME>; defaults live in
-    Settings so a TOML file can sit between the environment and them."""
-    for field in reversed(fields(Settings)):
-        name = field.name
-        flag = name.replace("_", "-")
-        envvar = ENV_PREFIX + name.upper()
-        default = field.default
-        help_text = f"{HELP[name]} [default: {default}] [env: {envvar}]"
-        if field.type == "bool":
-            decl = f"--{flag}/--no-{flag}"
-            func = click.option(decl, name, default=None, envvar=envvar, help=help_text)(func)
-            continue
-        kind: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[str(field.type)]
-        func = click.option(
-            f"--{flag}", name, type=kind, default=None, envvar=envvar, help=help_text
-        )(func)
-    return func
+SOURCES_NOTE = (
+    "Every option can also be set by the environment variable shown with it, or in the TOML "
+    "file named by --config (top level or an [incrementer] table, keys as the option names); a "
+    "flag wins over the environment, which wins over the file."
+)
+CONFIGURED = "incrementer.configured"  # ctx.meta: the settings given anywhere, not defaulted
 
 
-def build_settings(config: Path | None, values: dict[str, Any]) -> Settings:
-    try:
-        return Settings.build(values, config)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config, plus one flag per named Settings field (every field when none are named), each
+    also read from INCREMENTER_<NAME>. The command receives `settings`, built and validated from
+    flags > environment > file > defaults; a bad value is a usage error naming where it was set.
+    Defaults live in Settings, so the file can sit between the environment and them."""
+    chosen = [f for f in fields(Settings) if not names or f.name in names]
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            config: Path | None = kwargs.pop("config")
+            values = {f.name: kwargs.pop(f.name) for f in chosen}
+            sources = {name: _source(ctx, name) for name in values}
+            settings = build_settings(config, values, sources)
+            from_file = load_toml(config).keys() if config is not None else set()
+            ctx.meta[CONFIGURED] = {k for k, v in values.items() if v is not None} | from_file
+            return func(settings=settings, **kwargs)
+
+        command.__doc__ = f"{inspect.cleandoc(func.__doc__ or '')}\n\n{SOURCES_NOTE}"
+        for field in reversed(chosen):
+            command = _setting_option(field.name, str(field.type), field.default)(command)
+        return click.option(
+            "--config",
+            type=click.Path(path_type=Path, dir_okay=False),
+            envvar=ENV_PREFIX + "CONFIG",
+            help=f"TOML file with settings; flags and environment variables win. "
+            f"[env: {ENV_PREFIX}CONFIG]",
+        )(command)
+
+    return decorate
 
 
-@click.group()
+def _setting_option(name: str, kind: str, default: Any) -> Callable[..., Any]:
+    flag = name.replace("_", "-")
+    envvar = ENV_PREFIX + name.upper()
+    help_text = f"{HELP[name]} [default: {default}] [env: {envvar}]"
+    if kind == "bool":
+        return click.option(
+            f"--{flag}/--no-{flag}", name, default=None, envvar=envvar, help=help_text
+        )
+    param_type: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[kind]
+    return click.option(
+        f"--{flag}", name, type=param_type, default=None, envvar=envvar, help=help_text
+    )
+
+
+def _source(ctx: click.Context, name: str) -> str:
+    """Where a parameter's value came from, as an error message names it."""
+    source = ctx.get_parameter_source(name)
+    if source == ParameterSource.COMMANDLINE:
+        return f"from --{name.replace('_', '-')}"
+    if source == ParameterSource.ENVIRONMENT:
+        return f"from {ENV_PREFIX}{name.upper()}"
+    return ""
+
+
+def build_settings(
+    config: Path | None, values: dict[str, Any], sources: dict[str, str] | None = None
+) -> Settings:
+    """Settings from the flags and environment (values) over the file; a ConfigError is reported
+    by cli_errors as a usage error."""
+    return Settings.build(values, config, sources)
+
+
+@click.group(cls=CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="incrementer")
 def main() -> None:
-    """incrementer: counter increments over HTTP, coalesced, logged, flushed exactly once."""
+    """incrementer: counter increments over HTTP, coalesced, logged, flushed exactly once.
+
+    Every command reads its settings from flags, INCREMENTER_* environment variables and the TOML
+    file named by --config; `incrementer COMMAND -h` lists them. A failure is one line on stderr,
+    exit status 2 for a usage error and 1 for a failure at run time.
+    """
 
 
 @main.command()
-@click.option(
-    "--config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar=ENV_PREFIX + "CONFIG",
-    help="TOML file with settings (flags and env win).",
-)
-@settings_options
-def serve(config: Path | None, **values: Any) -> None:
+@settings_options()
+def serve(settings: Settings) -> None:
     """Run the service."""
     from incrementer import logs
-    from incrementer.datadir import DataDirError
-    from incrementer.ingest.wal import WalCorruptError
     from incrementer.service import Service
-    from incrementer.store.base import BackendError
 
-    settings = build_settings(config, values)
     logs.configure(settings.log_level, settings.log_format)
     import uvloop
 
     service = Service(settings)
     try:
         uvloop.run(service.serve())
-    except (DataDirError, WalCorruptError, BackendError, OSError) as exc:
-        click.echo(f"incrementer: cannot start: {exc}", err=True)
-        sys.exit(2)
+    except RUNTIME_ERRORS as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
     if not service.clean:
         sys.exit(1)  # the log says what was left unflushed (in the WAL, replayed at next start)
 
 
-# For the commands other than serve, which take only the database from Settings.
-database_url_option = click.option(
-    "--database-url",
-    envvar=ENV_PREFIX + "DATABASE_URL",
-    default=DEFAULTS.database_url,
-    show_default=True,
-    help=HELP["database_url"],
-)
-
-
 @main.command("migrate")
-@database_url_option
-def migrate_command(database_url: str) -> None:
+@settings_options("database_url")
+def migrate_command(settings: Settings) -> None:
     """Apply pending schema migrations."""
     from incrementer.store.migrate import migrate
 
-    applied = migrate(database_url)
+    applied = migrate(settings.database_url)
     click.echo(
         f"applied {len(applied)} migrations"
         + (f": {', '.join(applied)}" if applied else " (schema up to date)")
@@ -157,91 +201,117 @@ def wal() -> None:
     """Inspect the write-ahead log."""
 
 
-@wal.command()
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    envvar=ENV_PREFIX + "DATA_DIR",
-    default=DEFAULTS.data_dir,
-    show_default=True,
-)
+@wal.command("inspect")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(data_dir: Path, as_json: bool) -> None:
-    """Segments, frames, increments and sequence range pending in the WAL."""
-    from incrementer.ingest.wal import summarize
+@settings_options("data_dir", "database_url")
+def wal_inspect(settings: Settings, as_json: bool) -> None:
+    """Segments, frames, increments and seq range of the WAL in --data-dir; with a database URL
+    (flag, environment or file), how many of them the database has applied and how many are
+    pending. Reads only: creates, locks and migrates nothing."""
+    from incrementer import wal_report
 
-    summary = summarize(data_dir / "wal")
+    configured = click.get_current_context().meta[CONFIGURED]
+    database_url = settings.database_url if "database_url" in configured else None
+    report = asyncio.run(wal_report.inspect(settings.data_dir, database_url))
     if as_json:
         import msgspec
 
-        payload = dataclasses.asdict(summary)
-        payload["segments"] = [seg._asdict() for seg in summary.segments]
-        click.echo(msgspec.json.encode(payload).decode())
+        click.echo(msgspec.json.encode(report.as_json()).decode())
         return
-    click.echo(
-        f"WAL in {data_dir / 'wal'}: {len(summary.segments)} segments, "
-        f"{summary.frames} frames, {summary.records} increments, {summary.bytes} bytes, "
-        f"seq {summary.first_seq}..{summary.last_seq}"
-    )
-    for seg in summary.segments:
-        click.echo(
-            f"  {seg.name}: {seg.bytes} bytes, seq {seg.first_seq}..{seg.last_seq}, "
-            f"{seg.frames} frames, {seg.records} increments"
-        )
-    if summary.torn_tail:
-        click.echo(f"torn tail (dropped at next start): {summary.torn_tail}")
-    for problem in summary.problems:
-        click.echo(f"PROBLEM: {problem}")
+    for line in report.lines():
+        click.echo(line)
 
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys (stored hashed in the service's database)."""
+    """Create, list, rotate and revoke API keys (stored hashed in the service's database)."""
+
+
+rate_option = click.option(
+    "--rate", type=float, help="Requests per second for this key (default: --rate-limit)."
+)
+burst_option = click.option(
+    "--burst", type=int, help="Bucket size for this key (default: --rate-burst)."
+)
 
 
 @keys.command("create")
 @click.argument("name")
-@click.option(
-    "--rate", type=float, help="Requests per second for this key (default: --rate-limit)."
-)
-@click.option("--burst", type=int, help="Bucket size for this key (default: --rate-burst).")
-@database_url_option
-def keys_create(name: str, rate: float | None, burst: int | None, database_url: str) -> None:
-    """Create a key and print it once: only its hash is stored."""
+@rate_option
+@burst_option
+@settings_options("database_url")
+def keys_create(name: str, rate: float | None, burst: int | None, settings: Settings) -> None:
+    """Create a key and print it once: only its hash is stored. A name can hold one unrevoked
+    key; the name of a revoked key can be used again."""
     from incrementer import keys as key_admin
 
-    key = asyncio.run(key_admin.create(database_url, name, rate, burst))
+    key = asyncio.run(key_admin.create(settings.database_url, name, rate, burst))
     click.echo(key)
     click.echo(f"created API key {name!r}; it is shown only now, store it safely", err=True)
 
 
-@keys.command("list")
-@database_url_option
-def keys_list(database_url: str) -> None:
-    """List keys (names, limits, dates; never secrets)."""
+@keys.command("rotate")
+@click.argument("name")
+@click.option(
+    "--grace",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds the old key keeps working, for clients to switch to the new one.",
+)
+@rate_option
+@burst_option
+@settings_options("database_url")
+def keys_rotate(
+    name: str, grace: float, rate: float | None, burst: int | None, settings: Settings
+) -> None:
+    """Issue a new key for NAME and print it once; the old key is revoked after --grace seconds
+    (every instance stops taking it within --auth-refresh after that). The new key keeps the
+    old one's limits unless --rate or --burst are given."""
     from incrementer import keys as key_admin
 
-    for key in asyncio.run(key_admin.listing(database_url)):
-        state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
-        limit = f"rate={key.rate if key.rate is not None else 'default'}"
-        limit += f" burst={key.burst if key.burst is not None else 'default'}"
-        click.echo(f"{key.name}\t{key.key_id}\t{state}\t{limit}\tcreated {key.created_at}")
+    key = asyncio.run(key_admin.rotate(settings.database_url, name, grace, rate, burst))
+    click.echo(key)
+    when = f"in {grace:g} s" if grace else "now"
+    click.echo(
+        f"rotated API key {name!r}: the new key is shown only now; the old one is revoked {when}",
+        err=True,
+    )
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@settings_options("database_url")
+def keys_list(settings: Settings, as_json: bool) -> None:
+    """List keys (names, ids, state, limits, dates; never secrets), revoked ones too. Reads
+    only: creates and migrates nothing."""
+    from incrementer import keys as key_admin
+
+    found = asyncio.run(key_admin.listing(settings.database_url))
+    if as_json:
+        import msgspec
+
+        click.echo(msgspec.json.encode(key_admin.as_json(found)).decode())
+        return
+    for line in key_admin.table(found):
+        click.echo(line)
 
 
 @keys.command("revoke")
 @click.argument("name")
-@database_url_option
-def keys_revoke(name: str, database_url: str) -> None:
-    """Revoke a key; every instance stops accepting it within --auth-refresh seconds."""
+@settings_options("database_url")
+def keys_revoke(name: str, settings: Settings) -> None:
+    """Revoke NAME's keys (a rotated-out key still in its grace period too); every instance
+    stops accepting them within --auth-refresh seconds."""
     from incrementer import keys as key_admin
 
-    if not asyncio.run(key_admin.revoke(database_url, name)):
+    if not asyncio.run(key_admin.revoke(settings.database_url, name)):
         raise click.ClickException(f"no active API key named {name!r}")
     click.echo(f"revoked API key {name!r}")
 
 
 @main.command()
-@click.argument("url", default="http://127.0.0.1:3333")
+@click.argument("url", required=False)
 @click.option(
     "--api-key",
     envvar=ENV_PREFIX + "API_KEY",
@@ -251,12 +321,15 @@ def keys_revoke(name: str, database_url: str) -> None:
     "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
 )
 @click.option("--once", is_flag=True, help="Print one interval's figures and exit.")
-def top(url: str, api_key: str | None, interval: float, once: bool) -> None:
-    """Live figures of a running server, read from URL/metrics (needs `incrementer[top]`)."""
-    from incrementer.top import TopError, run
+@settings_options("host", "port")
+def top(
+    url: str | None, api_key: str | None, interval: float, once: bool, settings: Settings
+) -> None:
+    """Live figures of a running server, read from URL/metrics: by default the server that
+    --host and --port (or their variables, or --config) describe. Needs `incrementer[top]`."""
+    from incrementer.top import TopError, local_url, run
 
     try:
-        run(url, api_key, interval, once)
+        run(url or local_url(settings.host, settings.port), api_key, interval, once)
     except TopError as exc:
-        click.echo(f"incrementer top: {exc}", err=True)
-        sys.exit(1)
+        raise click.ClickException(f"top: {exc}") from None

@@ -1,7 +1,8 @@
 """One typed settings object, built from flags > env INCREMENTER_* > TOML file > defaults.
 
-Every option is declared once in OPTIONS; the CLI builds its flags from the same table, so a flag,
-its environment variable and its TOML key can never drift apart.
+Every option is a field of Settings; the CLI builds its flags from the same fields, so a flag, its
+environment variable and its TOML key can never drift apart. An error names the option, the bad
+value and where the value came from (the flag, the variable, or the file and its key).
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ ENV_PREFIX = "INCREMENTER_"
 
 
 class ConfigError(ValueError):
-    """A setting has a bad value; the message names the option and the value."""
+    """A setting has a bad value; the message names the option and the value, and where the
+    value came from once Settings.build knows it."""
+
+    def __init__(self, head: str, why: str = "", option: str | None = None) -> None:
+        super().__init__(f"{head}: {why}" if why else head)
+        self.head = head
+        self.why = why
+        self.option = option
+        """The Settings field at fault, if one is."""
+
+    def came_from(self, source: str) -> ConfigError:
+        """The same error, saying where the bad value was set."""
+        return ConfigError(f"{self.head} ({source})", self.why, self.option)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,7 @@ class Settings:
     auth: str = "auto"
     insecure_no_auth: bool = False
     auth_refresh: float = 10.0
+    auth_lookup_rate: float = 20.0
     rate_limit: float = 0.0
     rate_burst: int = 0
     log_format: str = "text"
@@ -72,7 +86,7 @@ class Settings:
             parse_database_url(self.database_url)  # the same rule open_store applies later
         except ValueError as exc:
             shown = redact_url(self.database_url)
-            raise ConfigError(f"invalid database-url={shown!r}: {exc}") from None
+            raise ConfigError(f"invalid database-url={shown!r}", str(exc), "database_url") from None
         _check(
             self.durability,
             "durability",
@@ -134,6 +148,12 @@ class Settings:
             "of this service already authenticates",
         )
         _check(self.auth_refresh, "auth_refresh", self.auth_refresh > 0, "must be positive")
+        _check(
+            self.auth_lookup_rate,
+            "auth_lookup_rate",
+            self.auth_lookup_rate >= 0,
+            "must be >= 0 (0 = new keys work only after the next reload)",
+        )
         _check(self.rate_limit, "rate_limit", self.rate_limit >= 0, "must be >= 0 (0 = no limit)")
         _check(self.rate_burst, "rate_burst", self.rate_burst >= 0, "must be >= 0")
         _check(
@@ -168,18 +188,35 @@ class Settings:
         return self.rate_burst or max(1, int(self.rate_limit))
 
     @classmethod
-    def build(cls, explicit: dict[str, Any], config_file: Path | None = None) -> Settings:
-        """Explicit values (flags and env, already resolved by the CLI) override the TOML file."""
+    def build(
+        cls,
+        explicit: dict[str, Any],
+        config_file: Path | None = None,
+        sources: dict[str, str] | None = None,
+    ) -> Settings:
+        """Explicit values (flags and env, already resolved by the CLI) override the TOML file.
+        sources says where each explicit value came from (`from --port`, `from
+        INCREMENTER_PORT`), for the error message; the file's keys are named by build itself."""
         values: dict[str, Any] = {}
+        where: dict[str, str] = {}
         if config_file is not None:
-            values.update(load_toml(config_file))
-        values.update({k: v for k, v in explicit.items() if v is not None})
-        return cls(**{k: coerce(k, v) for k, v in values.items()})
+            for name, (key, value) in load_toml(config_file).items():
+                values[name] = value
+                where[name] = f"in {config_file}, key {key}"
+        for name, value in explicit.items():
+            if value is not None:
+                values[name] = value
+                where[name] = (sources or {}).get(name, "")
+        try:
+            return cls(**{k: coerce(k, v) for k, v in values.items()})
+        except ConfigError as exc:
+            source = where.get(exc.option or "")
+            raise (exc.came_from(source) if source else exc) from None
 
 
 def _check(value: object, name: str, ok: bool, why: str) -> None:
     if not ok:
-        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}: {why}")
+        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", why, name)
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
@@ -189,7 +226,7 @@ def coerce(name: str, value: Any) -> Any:
     """Turn a TOML/CLI value into the field's type, with an error naming the option."""
     kind = FIELD_TYPES.get(name)
     if kind is None:
-        raise ConfigError(f"unknown option {name.replace('_', '-')!r}")
+        raise ConfigError(f"unknown option {name.replace('_', '-')!r}", option=name)
     try:
         if kind == "int" and not isinstance(value, bool):
             return int(value)
@@ -206,16 +243,18 @@ def coerce(name: str, value: Any) -> Any:
                 raise ValueError("expected a string")
             return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}: {exc}") from None
-    raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}: expected {kind}")
+        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", str(exc), name) from None
+    raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", f"expected {kind}", name)
 
 
-def load_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> dict[str, tuple[str, Any]]:
+    """{field name: (the key as the file spells it, its value)} of the file's settings, read from
+    the top level or from an [incrementer] table."""
     try:
         raw = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}", str(exc.strerror)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid TOML", str(exc)) from None
     table = raw.get("incrementer", raw)
-    return {str(k).replace("-", "_"): v for k, v in table.items()}
+    return {str(k).replace("-", "_"): (str(k), v) for k, v in table.items()}

@@ -57,3 +57,12 @@ class DataDir:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def peek_node_id(path: Path) -> str | None:
+    """The node id a data dir holds, read without locking or creating anything (`wal inspect`
+    runs beside the live process); None if it has none yet."""
+    try:
+        return (path / "node_id").read_text().strip() or None
+    except FileNotFoundError:
+        return None

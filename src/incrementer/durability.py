@@ -55,6 +55,7 @@ PROBE_EVERY: Final = 1.0
 _ACCEPTED: Final = b"HTTP/1.1 202 "
 _CONNECTION: Final = b"\r\nConnection: "
 _RETRY_AFTER: Final = b"Retry-After: 1\r\n"
+_ACCEPTED_BATCHES: Final = ("increments", 202)
 
 Output = list[bytes | None]
 Group = list[tuple["Held", Output]]
@@ -90,6 +91,10 @@ class AckGate:
         self._probe: asyncio.TimerHandle | None = None
         self._probing = False
         self._refused = 0
+        # What the metrics counted as accepted up to the last commit: the difference at a
+        # failed write is what that write's 202s had counted.
+        self._singles_mark = 0
+        self._batches_mark = 0
         self.committed_seq = committed_seq
         """The highest seq the database has applied for this node."""
         self.failure = ""
@@ -122,7 +127,9 @@ class AckGate:
                 written = self._wal.write()
             except OSError as exc:
                 self._write_failed(exc, held)
+                self._mark_accepted()
                 return
+            self._mark_accepted()
             if written and self.failure == WRITE_FAILED:
                 self._recovered("a write succeeded")
         if self._mode != "wal-fsync":
@@ -151,11 +158,18 @@ class AckGate:
             self._start_sync()
         metrics = self._metrics
         metrics.wal_failures["write"] += 1
-        metrics.retracted_increments += len(entries)
-        if entries:
-            metrics.count_rejected("wal_unavailable", len(entries))
+        metrics.unaccept(
+            metrics.accepted_requests - self._singles_mark,
+            metrics.requests.get(_ACCEPTED_BATCHES, 0) - self._batches_mark,
+            len(entries),
+        )
         self._refused += refused
         self._fail(WRITE_FAILED, f"WAL write failed: {exc}", f"{refused} requests refused with 503")
+
+    def _mark_accepted(self) -> None:
+        metrics = self._metrics
+        self._singles_mark = metrics.accepted_requests
+        self._batches_mark = metrics.requests.get(_ACCEPTED_BATCHES, 0)
 
     def _start_sync(self) -> None:
         group = self._waiting

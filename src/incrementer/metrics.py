@@ -1,15 +1,21 @@
-"""Counters kept as plain integers on the hot path, exported by prometheus-client on scrape."""
+"""Counters kept as plain integers on the hot path, exported by prometheus-client on scrape.
+
+The names are a stable interface (alert rules and dashboards use them): docs/operations.md lists
+every one. Labelled counters are exported at 0 for every label value the service can produce
+(`declare`), so `rate()`, `increase()` and ratios work from the first event, not the second.
+"""
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 
@@ -63,7 +69,6 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.rejected: dict[str, int] = {}
         self.rejected_connections = 0
-        self.retracted_increments = 0  # accepted, then taken back: their WAL write failed
         self.wal_failures = {"write": 0, "fsync": 0}
         self.flushes = 0
         self.flush_failures = 0
@@ -75,17 +80,40 @@ class Metrics:
         self.lag_seconds = Histogram(LAG_BUCKETS)
         self.fsync_seconds = Histogram(LATENCY_BUCKETS)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.build_info: dict[str, str] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux)
+        ProcessCollector(registry=self.registry)
+
+    def declare(self, requests: Iterable[tuple[str, int]], reasons: Iterable[str]) -> None:
+        """Export these (route, status) pairs and refusal reasons at 0 until they happen."""
+        for key in requests:
+            if key != ("increment", 202):  # exported from accepted_requests
+                self.requests.setdefault(key, 0)
+        for reason in reasons:
+            self.rejected.setdefault(reason, 0)
 
     @property
     def accepted_increments(self) -> int:
         """Derived at scrape time, so the hot path bumps one counter per request, not two."""
-        return self.accepted_requests + self.accepted_batch_increments - self.retracted_increments
+        return self.accepted_requests + self.accepted_batch_increments
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def unaccept(self, singles: int, batches: int, increments: int) -> None:
+        """Requests counted as accepted (202) whose WAL write then failed: their answer became
+        503 wal_unavailable, so they move there, and their increments to the refused."""
+        self.accepted_requests -= singles
+        self.accepted_batch_increments -= increments - singles
+        accepted_batches = ("increments", 202)
+        self.requests[accepted_batches] = self.requests.get(accepted_batches, 0) - batches
+        for route, count in (("increment", singles), ("increments", batches)):
+            refused = (route, 503)
+            self.requests[refused] = self.requests.get(refused, 0) + count
+        self.count_rejected("wal_unavailable", increments)
 
     def count_rejected(self, reason: str, increments: int = 1) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + increments
@@ -159,3 +187,9 @@ class Metrics:
         )
         for name, (doc, read) in sorted(self.gauges.items()):
             yield GaugeMetricFamily(name, doc, value=read())
+        if self.build_info:
+            yield InfoMetricFamily(
+                "incrementer_build",
+                "The running version, and whether its hot path is compiled or pure Python.",
+                value=self.build_info,
+            )

@@ -24,9 +24,9 @@ from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
+from incrementer.key_source import KeySource
 from incrementer.metrics import Metrics
 from incrementer.store import open_store, redact_url
-from incrementer.store.base import BackendError
 from incrementer.store.migrate import migrate
 
 log = logging.getLogger("incrementer")
@@ -43,6 +43,7 @@ class Service:
         self.flusher: Flusher | None = None
         self.server: HttpServer | None = None
         self.gate: AckGate | None = None
+        self.key_source: KeySource | None = None
         self.url = ""
         self._flush_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -79,7 +80,7 @@ class Service:
             s.flush_max_keys,
             self.metrics,
         )
-        keyring, limiter = await self._guards()
+        keyring, limiter, self.key_source = await self._guards()
         app = App(
             validator,
             intake,
@@ -91,12 +92,19 @@ class Service:
             s.lag_bound,
             keyring,
             limiter,
+            self.key_source,
         )
         self.server = HttpServer(app, self.gate, s, self.metrics)
+        self.metrics.build_info = {"version": build.version(), "build": build.name()}
         self._register_gauges(app)
         self._flush_task = asyncio.create_task(self.flusher.run(), name="flusher")
         self.gate.start()
-        host, port = await self.server.start(s.host, s.port)
+        try:
+            host, port = await self.server.start(s.host, s.port)
+        except OSError as exc:  # a name that does not resolve, an address not ours, a port taken
+            raise OSError(
+                f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}"
+            ) from exc
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         log.info(
@@ -108,41 +116,26 @@ class Service:
             "hot path compiled" if build.compiled() else "pure Python",
         )
 
-    async def _guards(self) -> tuple[KeyRing | None, ClientLimiter | None]:
+    async def _guards(self) -> tuple[KeyRing | None, ClientLimiter | None, KeySource | None]:
         s = self.settings
         if not s.auth_required:
             log.info("auth off: %s", "loopback bind" if s.loopback else "--insecure-no-auth")
             if s.rate_limit > 0:
                 limiter = ClientLimiter(s.rate_limit, s.default_burst)
                 self._background.append(asyncio.create_task(self._prune(limiter)))
-                return None, limiter
-            return None, None
+                return None, limiter, None
+            return None, None, None
         keyring = KeyRing(s.rate_limit, s.default_burst)
-        keys = await self.store.api_keys()
-        keyring.load(keys, time.monotonic())
-        if keys:
-            log.info("auth required: %d active API keys", len(keys))
+        source = KeySource(keyring, self.store, s.auth_refresh, s.auth_lookup_rate)
+        if await source.load():
+            log.info("auth required: %d active API keys", len(keyring.by_id))
         else:
             log.warning(
-                "auth required but no API keys exist: every request will get 401; "
-                "create one with `incrementer keys create NAME`"
+                "auth required but no API keys exist yet: requests get 401 until one is "
+                "created with `incrementer keys create NAME` (it works on its first request)"
             )
-        self._background.append(asyncio.create_task(self._refresh_keys(keyring)))
-        return keyring, None
-
-    async def _refresh_keys(self, keyring: KeyRing) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self.settings.auth_refresh)
-            try:
-                keys = await self.store.api_keys()
-            except BackendError as exc:
-                if not failing:
-                    log.warning("cannot reload API keys, keeping the current set: %s", exc)
-                failing = True
-                continue
-            failing = False
-            keyring.load(keys, time.monotonic())
+        self._background.append(asyncio.create_task(source.refresh_forever()))
+        return keyring, None, source
 
     async def _prune(self, limiter: ClientLimiter) -> None:
         while True:

@@ -42,6 +42,13 @@ class Scrape:
     ready: dict[str, Any]  # the /readyz body
 
 
+def local_url(host: str, port: int) -> str:
+    """The URL of a server bound to host:port, from the same machine (a wildcard bind answers
+    on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def normalize(url: str) -> str:
     url = url.strip().rstrip("/")
     return url if "://" in url else "http://" + url

@@ -131,6 +131,10 @@ class SegmentScan:
     resume_offset: int | None = None
     """Offset of a valid frame found after the damage, which rules out a torn tail."""
     problems: list[str] = field(default_factory=list)
+    pending_after: int | None = None
+    """With count_records: count the frames above this seq (not yet applied) apart."""
+    pending_frames: int = 0
+    pending_records: int = 0
 
     def describe_damage(self) -> str:
         where = f"{self.path}: {self.damage} at byte offset {self.damage_offset}"
@@ -139,9 +143,13 @@ class SegmentScan:
         return f"{where} ({self.size - self.damage_offset} bytes to the end of the file)"
 
 
-def scan_segment(path: Path, first_seq: int, *, count_records: bool = False) -> SegmentScan:
+def scan_segment(
+    path: Path, first_seq: int, *, count_records: bool = False, pending_after: int | None = None
+) -> SegmentScan:
     """Validate every frame of one segment file without modifying it."""
-    scan = SegmentScan(path=path, first_seq=first_seq, last_seq=first_seq - 1)
+    scan = SegmentScan(
+        path=path, first_seq=first_seq, last_seq=first_seq - 1, pending_after=pending_after
+    )
     with path.open("rb") as file:
         scan.size = os.fstat(file.fileno()).st_size
         if scan.size == 0:
@@ -167,9 +175,14 @@ def _scan_frames(buf: mmap.mmap, scan: SegmentScan, count_records: bool) -> None
             return
         if count_records:
             try:
-                scan.records += count_entries(buf, offset + HEADER.size, end)
+                records = count_entries(buf, offset + HEADER.size, end)
             except ValueError as exc:
                 scan.problems.append(f"{scan.path}: frame seq {seq}: malformed payload: {exc}")
+                records = 0
+            scan.records += records
+            if scan.pending_after is not None and seq > scan.pending_after:
+                scan.pending_frames += 1
+                scan.pending_records += records
         scan.frames += 1
         scan.last_seq = seq
         scan.valid_end = offset = end
@@ -243,6 +256,9 @@ class SegmentSummary(NamedTuple):
     last_seq: int
     frames: int
     records: int
+    pending_frames: int | None = None
+    """Frames above the database's applied seq; None when it was not asked."""
+    pending_records: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,10 +276,16 @@ class WalSummary:
     """The damage WriteAheadLog.open would truncate off with a warning, if any."""
     problems: list[str]
     """Damage that would make WriteAheadLog.open raise WalCorruptError; empty when healthy."""
+    applied_seq: int | None = None
+    """The database's applied seq for this log's node, when it was asked; frames at or below it
+    are applied and stay on disk only until their whole segment is."""
+    pending_frames: int | None = None
+    pending_records: int | None = None
 
 
-def summarize(directory: Path) -> WalSummary:
-    """Read-only figures for every segment in directory; reports damage instead of raising."""
+def summarize(directory: Path, applied_seq: int | None = None) -> WalSummary:
+    """Read-only figures for every segment in directory; reports damage instead of raising.
+    With applied_seq, the frames and increments above it (pending) are counted apart."""
     if not directory.is_dir():
         raise FileNotFoundError(f"WAL directory {directory} does not exist")
     found = list_segments(directory)
@@ -272,7 +294,7 @@ def summarize(directory: Path) -> WalSummary:
     torn_tail: str | None = None
     first_seq = last_seq = 0
     for index, (name_seq, path) in enumerate(found):
-        scan = scan_segment(path, name_seq, count_records=True)
+        scan = scan_segment(path, name_seq, count_records=True, pending_after=applied_seq)
         problems.extend(scan.problems)
         is_last = index == len(found) - 1
         if scan.damage is not None:
@@ -287,9 +309,18 @@ def summarize(directory: Path) -> WalSummary:
         if scan.frames:
             first_seq = first_seq or scan.first_seq
             last_seq = scan.last_seq
+        pending = (
+            (None, None) if applied_seq is None else (scan.pending_frames, scan.pending_records)
+        )
         segments.append(
             SegmentSummary(
-                path.name, scan.size, scan.first_seq, scan.last_seq, scan.frames, scan.records
+                path.name,
+                scan.size,
+                scan.first_seq,
+                scan.last_seq,
+                scan.frames,
+                scan.records,
+                *pending,
             )
         )
     return WalSummary(
@@ -301,4 +332,11 @@ def summarize(directory: Path) -> WalSummary:
         last_seq=last_seq,
         torn_tail=torn_tail,
         problems=problems,
+        applied_seq=applied_seq,
+        pending_frames=None
+        if applied_seq is None
+        else sum(s.pending_frames or 0 for s in segments),
+        pending_records=(
+            None if applied_seq is None else sum(s.pending_records or 0 for s in segments)
+        ),
     )

@@ -6,7 +6,7 @@ PostgreSQL one never touches sqlite3.
 
 from __future__ import annotations
 
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from incrementer.store.base import (
     INT64_MAX,
@@ -54,8 +54,33 @@ def parse_database_url(url: str) -> tuple[str, str]:
         return "sqlite", path
     scheme = url.partition("://")[0].lower()
     if scheme in ("postgresql", "postgres") and "://" in url:
+        _check_postgres_url(url)
         return "postgresql", url
     raise ValueError(f"unsupported database URL {redact_url(url)!r}; use {ACCEPTED_FORMS}")
+
+
+def _check_postgres_url(url: str) -> None:
+    """A PostgreSQL URL must name its host and its database. libpq and asyncpg fill anything left
+    out from PG* environment variables and defaults (a local socket, a database named after the
+    user): `postgresql://` alone would quietly migrate and write to whatever that finds."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        if "," not in parts.netloc:  # several host:port pairs (failover) are the driver's to read
+            parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        raise ValueError(
+            f"database URL {shown!r}: the port must be a number from 1 to 65535; "
+            f"use {ACCEPTED_FORMS}"
+        ) from None
+    query = dict(parse_qsl(parts.query))
+    if not (parts.hostname or query.get("host")):
+        raise ValueError(
+            f"database URL {shown!r} names no host (write it even for localhost; a socket "
+            f"directory goes in ?host=/path); use {ACCEPTED_FORMS}"
+        )
+    if not (parts.path.strip("/") or query.get("dbname")):
+        raise ValueError(f"database URL {shown!r} names no database; use {ACCEPTED_FORMS}")
 
 
 # Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;
@@ -123,13 +148,14 @@ def prefix_upper_bound(prefix: str) -> str | None:
     return stripped[:-1] + chr(nxt)
 
 
-def open_store(url: str) -> Store:
-    """The backend for url, not yet opened: call `await store.open()`."""
+def open_store(url: str, read_only: bool = False) -> Store:
+    """The backend for url, not yet opened: call `await store.open()`. read_only: for commands
+    that only look (never create an SQLite file; PostgreSQL sessions refuse writes)."""
     engine, target = parse_database_url(url)
     if engine == "sqlite":
         from incrementer.store.sqlite import SQLiteStore
 
-        return SQLiteStore(target)
+        return SQLiteStore(target, read_only=read_only)
     from incrementer.store.postgres import PostgresStore
 
-    return PostgresStore(target)
+    return PostgresStore(target, read_only=read_only)

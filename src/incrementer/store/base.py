@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 INT64_MIN = -(2**63)
@@ -38,7 +39,7 @@ class KeyRead:
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     """One row of api_keys. key_hash is the hex SHA-256 of the whole key; the key itself is
-    never stored."""
+    never stored. Times are ISO 8601 in UTC (`2026-01-31T12:00:00Z`)."""
 
     name: str
     key_id: str
@@ -47,6 +48,20 @@ class ApiKey:
     burst: int | None = None
     created_at: str = ""
     revoked_at: str | None = None
+    """When the key stops (stopped) working: set by `keys revoke`, or in the future by `keys
+    rotate --grace`."""
+    active: bool = True
+    """Not revoked, or revoked at a time still to come (a rotation's grace period)."""
+
+
+def utc_text(value: datetime | str | None) -> str | None:
+    """A database timestamp as ISO 8601 UTC to the second; a value without a zone is UTC."""
+    if value is None:
+        return None
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def sum_deltas(joined: str | None) -> int:
@@ -95,8 +110,18 @@ class Store(Protocol):
     async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         """API keys ordered by name; revoked ones only when asked."""
 
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        """The active key with this key_id, None if there is none (the first request of a key
+        created since the last reload of `api_keys`)."""
+
     async def create_api_key(self, key: ApiKey) -> None:
-        """Insert a key; DuplicateKeyName if the name is taken."""
+        """Insert a key; DuplicateKeyName if an unrevoked key has that name (a name whose keys
+        are all revoked can be used again)."""
 
     async def revoke_api_key(self, name: str) -> bool:
-        """Mark a key revoked; False if there is no such unrevoked key."""
+        """Revoke every active key of that name now; False if there is none."""
+
+    async def rotate_api_key(self, name: str, new: ApiKey, grace: float) -> bool:
+        """In one transaction: schedule the name's unrevoked key to be revoked `grace` seconds
+        from now and insert `new` under the same name; False (nothing changed) if the name has
+        no unrevoked key."""

@@ -17,8 +17,11 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
-def migrate(url: str, lock_timeout: float = 60.0, connect_timeout: int = 10) -> list[str]:
+def migrate(
+    url: str, lock_timeout: float = 60.0, connect_timeout: int = 10, until: str | None = None
+) -> list[str]:
     """Apply pending migrations to the database at url; return the ids applied, in order.
+    `until` stops after the migration with that id (tests build an older schema with it).
 
     Idempotent. Concurrent callers (several processes starting at once) serialize on yoyo's lock
     table; one waits up to lock_timeout seconds for the other. Raises BackendError, naming the URL
@@ -47,6 +50,8 @@ def migrate(url: str, lock_timeout: float = 60.0, connect_timeout: int = 10) -> 
         ) from exc
     try:
         migrations = yoyo.read_migrations(str(MIGRATIONS_DIR))
+        if until is not None:
+            migrations = migrations.filter(lambda m: str(m.id) <= until)
         with backend.lock(timeout=lock_timeout):
             pending = backend.to_apply(migrations)
             applied = [str(m.id) for m in pending]

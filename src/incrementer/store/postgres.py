@@ -23,6 +23,7 @@ from incrementer.store.base import (
     DuplicateKeyName,
     KeyRead,
     sum_deltas,
+    utc_text,
 )
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
@@ -95,15 +96,22 @@ LIST_FROM = "SELECT key, value FROM counters WHERE key >= $1 ORDER BY key LIMIT 
 LIST_RANGE = "SELECT key, value FROM counters WHERE key >= $1 AND key < $3 ORDER BY key LIMIT $2"
 
 
-KEY_COLUMNS = "name, key_id, key_hash, rate, burst, created_at, revoked_at"
-SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name"
-SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL ORDER BY name"
+# Active: not revoked, or revoked at a time still to come (a rotation's grace period).
+ACTIVE = "(revoked_at IS NULL OR revoked_at > now())"
+KEY_COLUMNS = f"name, key_id, key_hash, rate, burst, created_at, revoked_at, {ACTIVE}"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name, created_at"
+SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {ACTIVE} ORDER BY name, created_at"
+SELECT_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 AND {ACTIVE}"
 INSERT_KEY = (
-    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst) VALUES ($1, $2, $3, $4, $5)"
+    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, now())"
 )
-REVOKE_KEY = (
-    "UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = $1 AND revoked_at IS NULL"
+REVOKE_KEY = f"UPDATE api_keys SET revoked_at = now() WHERE name = $1 AND {ACTIVE}"
+SCHEDULE_REVOKE = (
+    "UPDATE api_keys SET revoked_at = now() + $2 * INTERVAL '1 second'"
+    " WHERE name = $1 AND revoked_at IS NULL"
 )
+MIGRATE_HINT = "the schema is missing or older than this version: run `incrementer migrate`"
 
 
 class PostgresStore:
@@ -118,8 +126,10 @@ class PostgresStore:
         connect_timeout: float = 10.0,
         command_timeout: float | None = 60.0,
         close_timeout: float = 10.0,
+        read_only: bool = False,
     ) -> None:
         self.dsn = dsn
+        self.read_only = read_only
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout
@@ -137,13 +147,20 @@ class PostgresStore:
                 max_size=self.max_size,
                 timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
-                server_settings={"application_name": "incrementer"},
+                server_settings=self._server_settings(),
             )
         except (*DB_ERRORS, ValueError) as exc:
             # ValueError: asyncpg's complaint about a malformed DSN.
             raise BackendError(
                 f"cannot connect to PostgreSQL at {self._where}: {self._describe(exc)}"
             ) from exc
+
+    def _server_settings(self) -> dict[str, str]:
+        settings = {"application_name": "incrementer"}
+        if self.read_only:
+            # The CLI's read-only commands: PostgreSQL itself refuses any write they might make.
+            settings["default_transaction_read_only"] = "on"
+        return settings
 
     async def close(self, timeout: float | None = None) -> None:
         pool, self._pool = self._pool, None
@@ -243,26 +260,38 @@ class PostgresStore:
             rows = await self._require_pool().fetch(
                 SELECT_KEYS if include_revoked else SELECT_KEYS_ACTIVE
             )
-        return [
-            ApiKey(r[0], r[1], r[2], r[3], r[4], str(r[5]), None if r[6] is None else str(r[6]))
-            for r in rows
-        ]
+        return [_api_key(r) for r in rows]
+
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        with self._errors():
+            row = await self._require_pool().fetchrow(SELECT_KEY, key_id)
+        return None if row is None else _api_key(row)
 
     async def create_api_key(self, key: ApiKey) -> None:
-        try:
-            with self._errors():
-                await self._require_pool().execute(
-                    INSERT_KEY, key.name, key.key_id, key.key_hash, key.rate, key.burst
-                )
-        except BackendError as exc:
-            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
-                raise DuplicateKeyName(key.name) from None
-            raise
+        with self._duplicate_name(key.name), self._errors():
+            await _insert_key(self._require_pool(), key)
 
     async def revoke_api_key(self, name: str) -> bool:
         with self._errors():
             status = await self._require_pool().execute(REVOKE_KEY, name)
-        return bool(status == "UPDATE 1")
+        return bool(status != "UPDATE 0")
+
+    async def rotate_api_key(self, name: str, new: ApiKey, grace: float) -> bool:
+        with self._duplicate_name(name), self._errors():
+            async with self._connection() as conn, conn.transaction():
+                if await conn.execute(SCHEDULE_REVOKE, name, grace) == "UPDATE 0":
+                    return False
+                await _insert_key(conn, new)
+        return True
+
+    @contextmanager
+    def _duplicate_name(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except BackendError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise DuplicateKeyName(name) from None
+            raise
 
     async def _claim(self, conn: Any, node_id: str, seq: int) -> bool:
         """Advance applied_seq to seq; False if the batch is already applied. One round trip
@@ -298,7 +327,10 @@ class PostgresStore:
         try:
             yield
         except DB_ERRORS as exc:
-            raise BackendError(f"PostgreSQL at {self._where}: {self._describe(exc)}") from exc
+            hint = ""
+            if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):
+                hint = f" ({MIGRATE_HINT})"
+            raise BackendError(f"PostgreSQL at {self._where}: {self._describe(exc)}{hint}") from exc
 
     def _describe(self, exc: BaseException) -> str:
         """What failed, never empty: asyncpg's timeouts carry no message of their own."""
@@ -308,6 +340,16 @@ class PostgresStore:
                 f" (command timeout {limit:g} s)" if limit else ""
             )
         return scrub(str(exc), self.dsn) or type(exc).__name__
+
+
+def _api_key(row: Any) -> ApiKey:
+    created, revoked = utc_text(row[5]) or "", utc_text(row[6])
+    return ApiKey(row[0], row[1], row[2], row[3], row[4], created, revoked, bool(row[7]))
+
+
+async def _insert_key(conn: Any, key: ApiKey) -> None:
+    """On a pool or a connection: both have execute()."""
+    await conn.execute(INSERT_KEY, key.name, key.key_id, key.key_hash, key.rate, key.burst)
 
 
 @asynccontextmanager

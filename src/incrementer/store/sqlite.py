@@ -13,9 +13,11 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 from incrementer.store import prefix_upper_bound
 from incrementer.store.base import (
@@ -27,6 +29,7 @@ from incrementer.store.base import (
     DuplicateKeyName,
     KeyRead,
     sum_deltas,
+    utc_text,
 )
 
 T = TypeVar("T")
@@ -35,16 +38,18 @@ R = TypeVar("R")
 # Well under SQLite's bound-parameter limit (999 before 3.32), so any build accepts the IN list.
 READ_CHUNK = 500
 
+# Timestamps are ISO 8601 text in UTC with a Z (migration 0005); one batch's rows share the
+# time of its flush, bound as a parameter, as PostgreSQL's now() is one per transaction.
 UPSERT_COUNTER = (
-    "INSERT INTO counters (key, value, created_at, updated_at)"
-    " VALUES (?, ?, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    "INSERT INTO counters (key, value, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)"
     " ON CONFLICT (key) DO UPDATE"
     " SET value = counters.value + excluded.value, updated_at = excluded.updated_at"
 )
-INSERT_OVERFLOW = "INSERT INTO counter_overflows (node_id, seq, key, delta) VALUES (?, ?, ?, ?)"
+INSERT_OVERFLOW = (
+    "INSERT INTO counter_overflows (node_id, seq, key, delta, created_at) VALUES (?, ?, ?, ?, ?)"
+)
 UPSERT_NODE = (
-    "INSERT INTO incrementer_nodes (node_id, applied_seq, updated_at)"
-    " VALUES (?, ?, CURRENT_TIMESTAMP)"
+    "INSERT INTO incrementer_nodes (node_id, applied_seq, updated_at) VALUES (?, ?, ?)"
     " ON CONFLICT (node_id) DO UPDATE"
     " SET applied_seq = excluded.applied_seq, updated_at = excluded.updated_at"
 )
@@ -58,21 +63,36 @@ SELECT_READ = (
 )
 
 
-KEY_COLUMNS = "name, key_id, key_hash, rate, burst, created_at, revoked_at"
-SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name"
-SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL ORDER BY name"
-INSERT_KEY = "INSERT INTO api_keys (name, key_id, key_hash, rate, burst) VALUES (?, ?, ?, ?, ?)"
-REVOKE_KEY = (
-    "UPDATE api_keys SET revoked_at = CURRENT_TIMESTAMP WHERE name = ? AND revoked_at IS NULL"
+NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+ACTIVE = f"(revoked_at IS NULL OR revoked_at > {NOW})"
+KEY_COLUMNS = f"name, key_id, key_hash, rate, burst, created_at, revoked_at, {ACTIVE}"
+SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name, created_at"
+SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {ACTIVE} ORDER BY name, created_at"
+SELECT_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ? AND {ACTIVE}"
+INSERT_KEY = (
+    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, created_at)"
+    f" VALUES (?, ?, ?, ?, ?, {NOW})"
 )
+REVOKE_KEY = f"UPDATE api_keys SET revoked_at = {NOW} WHERE name = ? AND {ACTIVE}"
+SCHEDULE_REVOKE = (
+    "UPDATE api_keys SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+    " WHERE name = ? AND revoked_at IS NULL"
+)
+MIGRATE_HINT = "the schema is missing or older than this version: run `incrementer migrate`"
 
 
 class SQLiteStore:
     """The Store for one SQLite file."""
 
-    def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, busy_timeout: float = 5.0, read_only: bool = False) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        self.read_only = read_only
+        """Only the reading connection, opened read-only: a missing file is an error, not a new
+        database (the CLI's `keys list` and `wal inspect`)."""
+        self.trace: Callable[[str], None] | None = None
+        """Called with every SQL statement the connections run, from their threads; set before
+        open() (tests count queries with it)."""
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         # Each connection is only ever touched from its own executor's single thread.
@@ -80,10 +100,17 @@ class SQLiteStore:
         self._read_conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        if self.read_only and not Path(self.path).is_file():
+            raise BackendError(
+                f"no SQLite database at {self.path} (`incrementer migrate` or the service "
+                "creates it)"
+            )
+        if not self.read_only:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         try:
-            await self._on(self._writer, self._open_writer)
+            if self._writer is not None:
+                await self._on(self._writer, self._open_writer)
             await self._on(self._reader, self._open_reader)
         except BaseException:
             await self.close()
@@ -142,23 +169,40 @@ class SQLiteStore:
     async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         sql = SELECT_KEYS if include_revoked else SELECT_KEYS_ACTIVE
         rows = await self._read(lambda conn: conn.execute(sql).fetchall())
-        return [ApiKey(*row) for row in rows]
+        return [_api_key(row) for row in rows]
+
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        rows = await self._read(lambda conn: conn.execute(SELECT_KEY, (key_id,)).fetchall())
+        return _api_key(rows[0]) if rows else None
 
     async def create_api_key(self, key: ApiKey) -> None:
         def insert() -> None:
-            conn = self._writer_conn()
-            try:
-                conn.execute(INSERT_KEY, (key.name, key.key_id, key.key_hash, key.rate, key.burst))
-            except sqlite3.IntegrityError:
-                raise DuplicateKeyName(key.name) from None
+            _insert_key(self._writer_conn(), key)
 
         await self._on(self._require(self._writer), insert)
 
     async def revoke_api_key(self, name: str) -> bool:
         def revoke() -> bool:
-            return self._writer_conn().execute(REVOKE_KEY, (name,)).rowcount == 1
+            return self._writer_conn().execute(REVOKE_KEY, (name,)).rowcount > 0
 
         return await self._on(self._require(self._writer), revoke)
+
+    async def rotate_api_key(self, name: str, new: ApiKey, grace: float) -> bool:
+        def rotate() -> bool:
+            conn = self._writer_conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                scheduled = conn.execute(SCHEDULE_REVOKE, (f"+{grace} seconds", name)).rowcount
+                if scheduled:
+                    _insert_key(conn, new)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT" if scheduled else "ROLLBACK")
+            return scheduled > 0
+
+        return await self._on(self._require(self._writer), rotate)
 
     def _writer_conn(self) -> sqlite3.Connection:
         return self._require(self._write_conn)
@@ -176,7 +220,14 @@ class SQLiteStore:
         # isolation_level=None: the stdlib must not open transactions behind our back; apply
         # issues BEGIN IMMEDIATE itself so the write lock is taken before anything is read.
         # timeout= is SQLite's busy_timeout: wait that long for another process's write lock.
-        return sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        if self.read_only:
+            # mode=ro: never create the file (a plain connect would, empty, at a mistyped path).
+            uri = f"file:{quote(self.path)}?mode=ro"
+            conn = sqlite3.connect(uri, timeout=self.busy_timeout, isolation_level=None, uri=True)
+        else:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        conn.set_trace_callback(self.trace)
+        return conn
 
     def _open_writer(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +255,7 @@ class SQLiteStore:
 
     def _apply(self, node_id: str, seq: int, deltas: dict[str, int]) -> ApplyResult:
         conn = self._writer_conn()
+        now = _utc_now()
         conn.execute("BEGIN IMMEDIATE")
         try:
             rows = conn.execute(SELECT_APPLIED, (node_id,)).fetchall()
@@ -211,21 +263,21 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 return ApplyResult(applied=False)
             current = _current_values(conn, list(deltas))
-            upserts: list[tuple[str, int]] = []
+            upserts: list[tuple[str, int, str]] = []
             overflowed: dict[str, int] = {}
             for key, delta in deltas.items():
                 # The write lock is held, so `current` is exact until COMMIT. Deciding here is what
                 # keeps values integers: SQLite turns an overflowing integer sum into a REAL.
                 total = current.get(key, 0) + delta
                 if INT64_MIN <= delta <= INT64_MAX and INT64_MIN <= total <= INT64_MAX:
-                    upserts.append((key, delta))
+                    upserts.append((key, delta, now))
                 else:
                     overflowed[key] = delta
             conn.executemany(UPSERT_COUNTER, upserts)
             conn.executemany(
-                INSERT_OVERFLOW, [(node_id, seq, k, str(d)) for k, d in overflowed.items()]
+                INSERT_OVERFLOW, [(node_id, seq, k, str(d), now) for k, d in overflowed.items()]
             )
-            conn.execute(UPSERT_NODE, (node_id, seq))
+            conn.execute(UPSERT_NODE, (node_id, seq, now))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -249,7 +301,26 @@ class SQLiteStore:
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn)
         except (sqlite3.Error, OSError) as exc:
-            raise BackendError(f"SQLite {self.path}: {exc}") from exc
+            hint = f" ({MIGRATE_HINT})" if "no such table" in str(exc) else ""
+            raise BackendError(f"SQLite {self.path}: {exc}{hint}") from exc
+
+
+def _utc_now() -> str:
+    """Now in the form of migration 0005's SQLite timestamps: ISO 8601, milliseconds, Z."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _api_key(row: tuple[Any, ...]) -> ApiKey:
+    name, key_id, key_hash, rate, burst, created_at, revoked_at, active = row
+    created, revoked = utc_text(created_at) or "", utc_text(revoked_at)
+    return ApiKey(name, key_id, key_hash, rate, burst, created, revoked, bool(active))
+
+
+def _insert_key(conn: sqlite3.Connection, key: ApiKey) -> None:
+    try:
+        conn.execute(INSERT_KEY, (key.name, key.key_id, key.key_hash, key.rate, key.burst))
+    except sqlite3.IntegrityError:
+        raise DuplicateKeyName(key.name) from None
 
 
 def _current_values(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:

@@ -1,0 +1,159 @@
+"""A key works on its first request: a cache miss looks its key id up in the database, and the
+lookups are bounded (unknown ids remembered, a cap per second). The queries are counted on the
+real SQLite database with its trace callback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+from support import run_service, settings_for, wait_until
+
+from incrementer import keys
+from incrementer.config import Settings
+from incrementer.service import Service
+from incrementer.store import open_store
+from incrementer.store.base import ApiKey
+from incrementer.store.sqlite import SQLiteStore
+
+LOOKUP = "FROM api_keys WHERE key_id ="
+
+
+@contextlib.asynccontextmanager
+async def traced(settings: Settings) -> AsyncIterator[tuple[Service, list[str]]]:
+    """The service on SQLite, with every statement its connections run recorded."""
+    service = Service(settings)
+    assert isinstance(service.store, SQLiteStore)
+    statements: list[str] = []
+    service.store.trace = statements.append
+    await service.start()
+    try:
+        yield service, statements
+    finally:
+        await service.stop()
+
+
+def lookups(statements: list[str]) -> int:
+    return sum(LOOKUP in sql for sql in statements)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_a_key_created_while_serving_works_on_its_first_request(
+    tmp_path: Path, db_url: str
+) -> None:
+    """With the next reload an hour away, a key created after the start is taken at once, on
+    every protected route, and its later requests take the cache (no second lookup)."""
+    await keys.create(db_url, f"old-{tmp_path.name}", None, None)
+    settings = settings_for(tmp_path, db_url, auth="required", auth_refresh=3600)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        fresh = await keys.create(db_url, f"new-{tmp_path.name}", None, None)
+        body = {"key": "first-request", "value": 1}
+        assert (
+            await client.post("/increment", json=body, headers=bearer(fresh))
+        ).status_code == 202
+        for _ in range(5):
+            await client.post("/increment", json=body, headers=bearer(fresh))
+        read = await client.get("/counters/first-request", headers=bearer(fresh))
+        assert read.json()["value"] == 6
+        other = await keys.create(db_url, f"reader-{tmp_path.name}", None, None)
+        assert (await client.get("/metrics", headers=bearer(other))).status_code == 200
+        assert svc.key_source is not None and svc.key_source.lookups == 2  # one per new key
+
+
+async def test_concurrent_first_requests_share_one_lookup(tmp_path: Path, sqlite_url: str) -> None:
+    """Twenty connections bringing the same new key at once cause one query, and all get in."""
+    settings = settings_for(tmp_path, sqlite_url, auth="required", auth_refresh=3600)
+    async with traced(settings) as (svc, statements):
+        fresh = await keys.create(sqlite_url, "crowd", None, None)
+
+        async def one() -> int:
+            async with httpx.AsyncClient(base_url=svc.url) as client:
+                body = {"key": "crowd", "value": 1}
+                return (
+                    await client.post("/increment", json=body, headers=bearer(fresh))
+                ).status_code
+
+        assert await asyncio.gather(*(one() for _ in range(20))) == [202] * 20
+        assert lookups(statements) == 1
+
+
+async def test_an_unknown_key_is_looked_up_once_until_the_next_reload(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Fifty requests with the same made-up key make one query (the id is remembered as
+    absent); once that key is created, it works within --auth-refresh."""
+    made_up = "ik_abcdef123456.not-a-real-secret"
+    settings = settings_for(tmp_path, sqlite_url, auth="required", auth_refresh=1.0)
+    async with (
+        traced(settings) as (svc, statements),
+        httpx.AsyncClient(base_url=svc.url, headers=bearer(made_up)) as client,
+    ):
+        body = {"key": "probe", "value": 1}
+        statuses = [(await client.post("/increment", json=body)).status_code for _ in range(50)]
+        assert statuses == [401] * 50
+        assert lookups(statements) == 1
+
+        store = open_store(sqlite_url)
+        await store.open()
+        try:
+            digest = hashlib.sha256(made_up.encode()).hexdigest()
+            await store.create_api_key(ApiKey("late", "abcdef123456", digest))
+        finally:
+            await store.close()
+
+        async def accepted() -> bool:
+            return (await client.post("/increment", json=body)).status_code == 202
+
+        await wait_until(accepted, timeout=10)
+
+
+async def test_a_flood_of_made_up_keys_is_capped_per_second(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Two hundred different made-up keys as fast as they come: at most --auth-lookup-rate
+    queries a second (plus one second's burst), not one each; a known key is not held up."""
+    known = await keys.create(sqlite_url, "known", None, None)
+    rate = 5.0
+    settings = settings_for(
+        tmp_path, sqlite_url, auth="required", auth_refresh=3600, auth_lookup_rate=rate
+    )
+    async with traced(settings) as (svc, statements), httpx.AsyncClient(base_url=svc.url) as client:
+        body = {"key": "flood", "value": 1}
+        started = time.monotonic()
+        for i in range(200):
+            made_up = f"ik_{i:012x}.flood"
+            resp = await client.post("/increment", json=body, headers=bearer(made_up))
+            assert resp.status_code == 401
+        elapsed = time.monotonic() - started
+        assert (
+            await client.post("/increment", json=body, headers=bearer(known))
+        ).status_code == 202
+    made = lookups(statements)
+    assert 1 <= made <= rate * (1 + elapsed) + 1, (made, elapsed)
+    assert made < 200
+
+
+async def test_lookups_off_new_keys_wait_for_the_reload(tmp_path: Path, sqlite_url: str) -> None:
+    """--auth-lookup-rate 0: no query for an unknown key; a new key works after a reload."""
+    settings = settings_for(
+        tmp_path, sqlite_url, auth="required", auth_refresh=0.5, auth_lookup_rate=0
+    )
+    async with traced(settings) as (svc, statements), httpx.AsyncClient(base_url=svc.url) as client:
+        fresh = await keys.create(sqlite_url, "patient", None, None)
+
+        async def accepted() -> bool:
+            resp = await client.post(
+                "/increment", json={"key": "p", "value": 1}, headers=bearer(fresh)
+            )
+            return resp.status_code == 202
+
+        await wait_until(accepted, timeout=10)
+        assert lookups(statements) == 0

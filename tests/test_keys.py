@@ -1,0 +1,135 @@
+"""API key administration: names, rotation with a grace period, reuse of a revoked name, the
+listing, and the log line of a reload that changes the key set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import httpx
+import pytest
+from support import run_service, settings_for, wait_until
+
+from incrementer import keys
+from incrementer.store import open_store
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "incrementer", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
+    """keys list prints a header row over aligned columns; --json gives every field but the
+    secret, revoked keys included."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    secret = cli("keys", "create", "alice", "--rate", "100", "--database-url", url, cwd=tmp_path)
+    assert secret.returncode == 0, secret.stderr
+    assert cli("keys", "create", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
+    assert cli("keys", "revoke", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
+    listed = cli("keys", "list", "--database-url", url, cwd=tmp_path)
+    header, alice, bob = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "KEY", "ID", "STATE", "RATE", "BURST", "CREATED"]
+    assert alice.split()[:4] == [
+        "alice",
+        secret.stdout.split(".")[0].removeprefix("ik_"),
+        "active",
+        "100",
+    ]
+    assert bob.split()[2] == "revoked"
+    assert alice.index("active") == header.index("STATE")  # aligned under the header
+    assert secret.stdout.split(".")[1].strip() not in listed.stdout
+    rows = json.loads(cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path).stdout)
+    assert [(r["name"], r["active"], r["rate"]) for r in rows] == [
+        ("alice", True, 100.0),
+        ("bob", False, None),
+    ]
+    assert set(rows[0]) == {"name", "key_id", "active", "rate", "burst", "created_at", "revoked_at"}
+    assert rows[0]["created_at"].endswith("Z") and rows[1]["revoked_at"].endswith("Z")
+
+
+async def test_a_revoked_name_can_be_used_again(tmp_path: Path, db_url: str) -> None:
+    """A name holds one unrevoked key: a second create is refused until the first is revoked,
+    then the name takes a new key."""
+    name = f"reuse-{tmp_path.name}"
+    await keys.create(db_url, name, None, None)
+    with pytest.raises(click.ClickException, match="already exists"):
+        await keys.create(db_url, name, None, None)
+    assert await keys.revoke(db_url, name)
+    await keys.create(db_url, name, None, None)
+    mine = [k for k in await keys.listing(db_url) if k.name == name]
+    assert [k.active for k in mine] == [False, True]
+
+
+async def test_rotation_keeps_the_old_key_for_its_grace_period(tmp_path: Path, db_url: str) -> None:
+    """keys rotate: the new key works at once, the old one keeps working during --grace and
+    stops after a revoke; with no grace it stops at the next reload."""
+    name = f"rotate-{tmp_path.name}"
+    first = await keys.create(db_url, name, None, None)
+    settings = settings_for(tmp_path, db_url, auth="required", auth_refresh=0.2)
+    body = {"key": "rotated", "value": 1}
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+
+        async def status(key: str) -> int:
+            headers = {"Authorization": f"Bearer {key}"}
+            return (await client.post("/increment", json=body, headers=headers)).status_code
+
+        assert await status(first) == 202
+        second = await keys.rotate(db_url, name, 3600, None, None)
+        assert await status(second) == 202
+        await asyncio.sleep(0.5)  # reloads pass (--auth-refresh 0.2)
+        assert await status(first) == 202  # in its grace period
+        third = await keys.rotate(db_url, name, 0, None, None)
+        assert await status(third) == 202
+
+        async def stopped(key: str) -> bool:
+            return await status(key) == 401
+
+        await wait_until(lambda: stopped(second), timeout=5)  # rotated out with no grace
+        assert await status(first) == 202  # still in its hour
+        assert await keys.revoke(db_url, name)
+        await wait_until(lambda: stopped(first), timeout=5)
+        await wait_until(lambda: stopped(third), timeout=5)
+    listed = [k for k in await keys.listing(db_url) if k.name == name]
+    assert len(listed) == 3 and not any(k.active for k in listed)
+
+
+async def test_a_reload_that_changes_the_key_set_logs_one_line(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One info line names the keys a reload found new or gone; reloads that change nothing
+    say nothing."""
+    await keys.create(sqlite_url, "kept", None, None)
+    settings = settings_for(tmp_path, sqlite_url, auth="required", auth_refresh=0.1)
+    caplog.set_level(logging.INFO, logger="incrementer.auth")
+    async with run_service(settings):
+        await keys.create(sqlite_url, "added", None, None)
+        await wait_until(lambda: _reload_lines(caplog), timeout=5)
+        await keys.revoke(sqlite_url, "kept")
+        await wait_until(lambda: len(_reload_lines(caplog)) == 2, timeout=5)
+        await asyncio.sleep(0.5)  # several more reloads, nothing changed
+    first, second = _reload_lines(caplog)
+    assert first.startswith("API keys reloaded: 2 active; new: added (")
+    assert second.startswith("API keys reloaded: 1 active; gone: kept (")
+    store = open_store(sqlite_url)
+    await store.open()
+    try:
+        assert [k.name for k in await store.api_keys()] == ["added"]
+    finally:
+        await store.close()
+
+
+def _reload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("API keys reloaded")
+    ]
