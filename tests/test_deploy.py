@@ -253,7 +253,10 @@ def unit_filters() -> list[str]:
 def test_service_makes_only_system_calls_the_unit_allows(tmp_path: Path, pg_url: str) -> None:
     """Traced with strace from start to drain (migrations, WAL replay, increments, reads, a flush
     to PostgreSQL, /metrics, /status, fsyncs, SIGTERM), the service makes no system call outside
-    the unit's SystemCallFilter; the same check finds calls outside a narrower filter."""
+    the unit's SystemCallFilter; the same check finds calls outside a narrower filter.
+
+    On PostgreSQL: SQLite run as root, as tests are, chowns its journal files (fchown, one of
+    @privileged), which it does not as the unit's own user."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not on this machine")
     if shutil.which("strace") is None:
@@ -373,6 +376,17 @@ def nginx(tmp_path: Path, upstream: str) -> Iterator[tuple[str, str]]:
         proc.wait(30)
 
 
+def tls_alpn(url: str, context: ssl.SSLContext) -> str | None:
+    """The application protocol the server picks from h2 and http/1.1."""
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with (
+        socket.create_connection((host, int(port)), 5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as wrapped,
+    ):
+        return wrapped.selected_alpn_protocol()
+
+
 def test_nginx_terminates_tls_for_a_live_instance(tmp_path: Path) -> None:
     """Through incrementer-tls.conf: increments, reads, /metrics and /status over HTTPS (TLS 1.2+,
     HSTS, the key passed through, a missing key still 401), the same name over plain HTTP
@@ -391,10 +405,12 @@ def test_nginx_terminates_tls_for_a_live_instance(tmp_path: Path) -> None:
             metrics = client.get("/metrics")
             page = client.get("/status")
             anonymous = client.get("/metrics", headers={"Authorization": ""})
+        alpn = tls_alpn(https, tls)
         redirected = httpx.get(http + "/status", headers={"Host": "counters.example.com"})
         other_name = httpx.get(http + "/healthz", headers={"Host": "internal"})
     assert accepted.status_code == 202, accepted.text
     assert version in ("TLSv1.2", "TLSv1.3")
+    assert alpn == "h2"  # HTTP/2 offered to clients that speak it
     assert "max-age=" in accepted.headers["strict-transport-security"]
     assert counted.json() == {"key": "tls", "value": 2}
     assert (

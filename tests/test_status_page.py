@@ -59,10 +59,11 @@ class Watched:
     def __init__(self, page: Page) -> None:
         self.page = page
         self.requests: list[str] = []
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # console errors: failed loads, CSP refusals
+        self.exceptions: list[str] = []  # the page's script failing
         page.on("request", lambda request: self.requests.append(request.url))
         page.on("console", self._console)
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.on("pageerror", lambda exc: self.exceptions.append(str(exc)))
 
     def _console(self, message: ConsoleMessage) -> None:
         if message.type == "error":
@@ -163,13 +164,25 @@ async def test_status_page_shows_live_figures_after_the_key_is_typed_once(
     origin = urlsplit(server.url).netloc
     assert {urlsplit(url).netloc for url in status.requests} == {origin}, status.requests
     assert {urlsplit(url).path for url in status.requests} == {"/status", "/metrics", "/readyz"}
-    # The wrong key's two 401s are the only errors the page may log.
+    # The wrong key's 401s are the only errors the page may log.
+    assert status.exceptions == []
     assert all("401" in error for error in status.errors), status.errors
 
 
+NOT_READY = {
+    "status": "not_ready",
+    "reasons": [{"code": "database_unavailable", "for_seconds": 12.5}],
+    "lag_seconds": 12.5,
+    "lag_bound_seconds": 10,
+    "pending_keys": 3,
+    "overflowed_keys": 0,
+}
+
+
 async def test_status_page_needs_no_key_when_keys_are_off(tmp_path: Path, browser: Browser) -> None:
-    """On a loopback bind with keys off, the figures show without a prompt; when the server goes
-    away the page says it is unreachable."""
+    """On a loopback bind with keys off, the figures show without a prompt; a 503 from /readyz
+    shows as not ready with its reasons; when the server goes away the page says it is
+    unreachable."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
     args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data")]
     with spawned(args) as server:
@@ -177,9 +190,20 @@ async def test_status_page_needs_no_key_when_keys_are_off(tmp_path: Path, browse
         await status.wait_updates(2)
         assert await status.page.is_hidden("#key-form")
         assert await status.figure("requests_per_s") is not None
+        assert await status.page.text_content("#readiness") == "ready"
+
+        async def not_ready(route: Any) -> None:
+            await route.fulfill(status=503, json=NOT_READY)
+
+        await status.page.route("**/readyz", not_ready)
+        await status.page.wait_for_selector("#readiness[data-state=not_ready]", timeout=10_000)
+        assert await status.page.text_content("#readiness") == "not ready"
+        assert await status.page.text_content("#reasons") == "database_unavailable for 12.50 s"
+        await status.page.unroute("**/readyz")
         server.stop()
         await status.page.wait_for_selector("#readiness[data-state=unreachable]", timeout=10_000)
-    assert status.errors == [] or all("Failed to fetch" in e or "ERR_" in e for e in status.errors)
+    assert status.exceptions == []
+    assert all("Failed to load resource" in error for error in status.errors), status.errors
 
 
 async def test_a_script_from_elsewhere_is_refused_by_the_page_policy(
