@@ -41,7 +41,7 @@ PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
 
 def systemd_analyze(unit: Path) -> subprocess.CompletedProcess[str]:
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not on this machine")
+        skip_or_fail("systemd-analyze is not installed (Debian: apt-get install -y systemd)")
     return subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
@@ -258,7 +258,7 @@ def test_service_makes_only_system_calls_the_unit_allows(tmp_path: Path, pg_url:
     On PostgreSQL: SQLite run as root, as tests are, chowns its journal files (fchown, one of
     @privileged), which it does not as the unit's own user."""
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not on this machine")
+        skip_or_fail("systemd-analyze is not installed (Debian: apt-get install -y systemd)")
     if shutil.which("strace") is None:
         skip_or_fail("strace is not installed (Debian: apt-get install -y strace)")
     trace = tmp_path / "trace"
