@@ -338,11 +338,18 @@ def nginx(tmp_path: Path, upstream: str) -> Iterator[tuple[str, str]]:
     binary = nginx_binary()
     cert, key = self_signed(tmp_path)
     https_port, http_port = free_port(), free_port()
-    plain = (NGINX / "incrementer.conf").read_text()
-    plain = re.sub(r"(?m)^(\s*server) 127\.0\.0\.1:3333 ", rf"\1 {upstream} ", plain)
-    (tmp_path / "incrementer.conf").write_text(
-        replaced(plain, {"listen 80;": f"listen 127.0.0.1:{http_port};"})
+    # The upstream's example instances give way to the live one.
+    plain = re.sub(
+        r"(?m)^\s*server \S+ max_fails=.*\n", "", (NGINX / "incrementer.conf").read_text()
     )
+    plain = replaced(
+        plain,
+        {
+            "upstream incrementer {": f"upstream incrementer {{\n    server {upstream};",
+            "listen 80;": f"listen 127.0.0.1:{http_port};",
+        },
+    )
+    (tmp_path / "incrementer.conf").write_text(plain)
     tls = replaced(
         (NGINX / "incrementer-tls.conf").read_text(),
         {
