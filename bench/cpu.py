@@ -39,13 +39,38 @@ def _stat(pid: int) -> tuple[int, CpuTimes] | None:
 
 
 def process_group(pgid: int) -> CpuTimes:
-    """Every process of a target's group: nginx's master and worker, or the service."""
+    """Every process of a target's group: nginx's master and workers, or the service (with
+    --workers: its supervisor and workers)."""
     total = CpuTimes()
+    for pid in _group(pgid):
+        found = _stat(pid)
+        if found is not None:
+            total += found[1]
+    return total
+
+
+def _group(pgid: int) -> list[int]:
+    pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             found = _stat(int(entry))
             if found is not None and found[0] == pgid:
-                total += found[1]
+                pids.append(int(entry))
+    return pids
+
+
+def peak_rss(pgid: int) -> int:
+    """Bytes: each process's peak resident set (VmHWM) summed over the target's group, read
+    before it stops. For a group of processes that is an upper bound of their peak together."""
+    total = 0
+    for pid in _group(pgid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
     return total
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from machine import which
 
 SCRIPT = Path(__file__).resolve().parent / "wrk" / "increments.lua"
-SCENARIOS = ("10keys", "100kkeys", "batch")
+PACED_SCRIPT = SCRIPT.with_name("paced.lua")  # the same requests at a fixed offered rate
+SCENARIOS = ("10keys", "100kkeys", "batch", "10mkeys")
 BATCH_SIZE = 50
 MARKER = "BENCH_RESULT "
 GRACE = 30.0  # past duration + GRACE, wrk is killed
@@ -57,7 +58,10 @@ def command(
     duration: float,
     connections: int,
     api_key: str = "",
+    rate: float | None = None,
 ) -> list[str]:
+    """wrk's argv; with `rate`, the paced script offers that many requests per second."""
+    paced = [api_key, f"{rate:.0f}"] if rate else ([api_key] if api_key else [])
     return [
         which("wrk") or "wrk",
         "-t1",
@@ -66,14 +70,14 @@ def command(
         "--timeout",
         "10s",
         "-s",
-        str(SCRIPT),
+        str(PACED_SCRIPT if rate else SCRIPT),
         url + "/",
         "--",
         scenario,
         prefix,
         str(seed),
         str(BATCH_SIZE),
-        *([api_key] if api_key else []),
+        *paced,
     ]
 
 
@@ -85,9 +89,11 @@ async def run_wrk(
     duration: float,
     connections: int,
     api_key: str = "",
+    rate: float | None = None,
 ) -> LoadResult:
-    """Load `url` with wrk; with `api_key`, every request carries `Authorization: Bearer` it."""
-    argv = command(url, scenario, prefix, seed, duration, connections, api_key)
+    """Load `url` with wrk; with `api_key`, every request carries `Authorization: Bearer` it;
+    with `rate`, at that many requests per second rather than as fast as it answers."""
+    argv = command(url, scenario, prefix, seed, duration, connections, api_key, rate)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,

@@ -54,6 +54,8 @@ class RunResult:
     cpu_wrk: cpu.CpuTimes | None = None
     cpu_machine: cpu.MachineTimes | None = None  # whole machine, during the load only
     increments_per_wal_frame: float | None = None  # one frame per event-loop tick that accepted
+    rate: float | None = None  # offered requests/s of a paced run; None: closed loop
+    peak_rss: int | None = None  # bytes, the server's processes, read before it stopped
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -75,9 +77,12 @@ async def measure(
     connections: int,
     progress: Progress,
     round_number: int = 1,
+    rate: float | None = None,
 ) -> RunResult:
-    prefix = f"{run_id}-r{round_number}-{target.name}-{scenario}-"
-    result = RunResult(target, scenario, prefix, round_number, os.getloadavg()[0])
+    """One run; with `rate`, wrk offers that many requests per second (bench/wrk/paced.lua)."""
+    paced = f"-{rate:.0f}rps" if rate else ""
+    prefix = f"{run_id}-r{round_number}-{target.name}-{scenario}{paced}-"
+    result = RunResult(target, scenario, prefix, round_number, os.getloadavg()[0], rate=rate)
     try:
         if target.needs_database:
             progress("creating database", 0.0)
@@ -121,8 +126,9 @@ async def _run(
         ticker = asyncio.create_task(_tick(progress, f"load on {target.name}", duration))
         try:
             result.load = await run_wrk(
-                server.url, scenario, result.prefix, SEED, duration, connections, api_key
-            )
+                server.url, scenario, result.prefix, SEED, duration, connections, api_key,
+                result.rate,
+            )  # fmt: skip
         finally:
             ticker.cancel()
             stop_sampling.set()
@@ -140,6 +146,7 @@ async def _run(
             progress(f"waiting for {target.name} to persist", 1.0)
             await _drain(result, server, url)
         result.cpu_server = cpu.process_group(server.pid) - server_cpu
+        result.peak_rss = cpu.peak_rss(server.pid)
         if url:
             result.cpu_database = cpu.since(db_cpu, cpu.processes(await database.backend_pids(url)))
         if not target.needs_database:
@@ -169,17 +176,21 @@ async def _run(
 
 
 async def _wal_batching(data_dir: Path) -> float | None:
-    """Increments per WAL frame: how many requests each write() (and fsync) covered."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "incrementer", "wal", "inspect", "--json", "--data-dir",
-        str(data_dir), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    try:
-        summary = json.loads(out)
-        return summary["records"] / summary["frames"] if summary["frames"] else None
-    except (ValueError, KeyError, TypeError):
-        return None
+    """Increments per WAL frame: how many requests each write() (and fsync) covered; with
+    --workers, over every worker's WAL."""
+    records = frames = 0
+    for node in sorted(data_dir.glob("worker-*")) or [data_dir]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "incrementer", "wal", "inspect", "--json", "--data-dir",
+            str(node), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        try:
+            summary = json.loads(out)
+            records, frames = records + summary["records"], frames + summary["frames"]
+        except (ValueError, KeyError, TypeError):
+            return None
+    return records / frames if frames else None
 
 
 async def _tick(progress: Progress, text: str, duration: float) -> None:

@@ -42,9 +42,12 @@ class Check:
 
 
 def representatives(every: list[RunResult]) -> list[RunResult]:
-    """Per scenario and target, the run with the median req/s (the lower one of an even count)."""
+    """Per scenario and target, the run with the median req/s (the lower one of an even count).
+    Closed-loop runs only: the paced ones have their own section (bench/scaleout.py)."""
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for r in every:
+        if r.rate is not None:
+            continue
         groups.setdefault((r.scenario, r.target.name), []).append(r)
     shown = []
     for runs in groups.values():
@@ -55,7 +58,12 @@ def representatives(every: list[RunResult]) -> list[RunResult]:
 
 def _find(results: list[RunResult], target: str, scenario: str) -> RunResult | None:
     for r in results:
-        if r.target.name == target and r.scenario == scenario and r.load is not None:
+        if (
+            r.target.name == target
+            and r.scenario == scenario
+            and r.load is not None
+            and r.rate is None
+        ):
             return r
     return None
 
@@ -151,6 +159,7 @@ CPU_COLUMNS = (
     "machine µs/req",
     "machine idle",
     "increments per WAL write",
+    "peak RSS",
 )
 
 
@@ -175,6 +184,7 @@ def cpu_rows(results: list[RunResult]) -> list[list[str]]:
                 "-" if box is None else f"{box.busy * per:.1f}",
                 "-" if box is None else f"{100 * box.idle / (box.busy + box.idle):.0f}%",
                 "-" if r.increments_per_wal_frame is None else f"{r.increments_per_wal_frame:.1f}",
+                "-" if r.peak_rss is None else f"{r.peak_rss / 2**20:,.0f} MiB",
             ]
         )
     return out
@@ -377,8 +387,10 @@ def markdown(
     found: list[Check],
     plot: Path | None,
     flush: FlushResult | None = None,
+    extra: list[str] | None = None,
 ) -> str:
-    """`results`: one run per scenario and target (the median); `every`: all rounds."""
+    """`results`: one run per scenario and target (the median); `every`: all rounds;
+    `extra`: more sections (markdown lines), before the targets."""
     checked = [r for r in every if r.target.needs_database]
     verified = sum(1 for r in checked if r.ok and r.verified)
     all_ok = verified == len(checked)
@@ -439,10 +451,13 @@ def markdown(
         "load (other tenants included) per request: the all-in cost that has to fit in the "
         "cores. Machine idle: share of all CPUs idle during the load. "
         "Increments per WAL write: WAL records / frames after the run, i.e. how many requests "
-        "one event-loop tick's write() (and in wal-fsync one fdatasync) covered.",
+        "one event-loop tick's write() (and in wal-fsync one fdatasync) covered. Peak RSS: "
+        "each server process's peak resident memory (VmHWM) at the end of the run, summed "
+        "over its processes.",
         "",
         *_auth_section(results, every),
         *_flush_section(flush),
+        *(extra or []),
         "## Performance targets",
         "",
         _md_table(
@@ -514,6 +529,8 @@ def _round_rows(every: list[RunResult]) -> list[list[str]]:
     table: dict[tuple[str, str], list[str]] = {}
     verdicts: dict[tuple[str, str], list[str]] = {}
     for r in every:
+        if r.rate is not None:
+            continue
         key = (r.scenario, r.target.name)
         table.setdefault(key, ["-"] * rounds)[r.round_number - 1] = (
             f"{_num(r.rps)} ({r.load_average:.1f})" if r.load else "failed"

@@ -1,13 +1,18 @@
 """Benchmark incrementer against the HTTP ceiling (nginx) and the naive design, and write a report.
 
     .venv/bin/python bench/run.py [--duration 10] [--connections 32] [--rounds 1]
-                                  [--scenarios 10keys,100kkeys,batch] [--targets ...] [--quick]
+                                  [--scenarios 10keys,100kkeys,batch,10mkeys] [--targets ...]
+                                  [--paced 0.5,0.8] [--quick]
 
 Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/lean.py, the Python floor),
 incrementer in each --durability mode, incrementer-wal-auth (wal with --auth required and a
 never-refusing rate limit: the guard rails' cost), incrementer-wal-deferred (wal with no flush
 during the load: the service without PostgreSQL competing for the cores), and naive
-(bench/naive.py, one upsert per request). Then, unless --quick, bench/flush.py times apply_batch of 100,000 keys in isolation. For
+(bench/naive.py, one upsert per request), and the scale-out pair nginx-2w and
+incrementer-wal-2w (two worker processes each, bench/scaleout.py). After the closed-loop runs of
+10keys and 100kkeys, nginx and incrementer-wal run again at fixed offered rates (--paced: fractions
+of that round's nginx req/s). 10mkeys (keys from 10,000,000) runs nginx and incrementer-wal with
+one and two workers only. Then, unless --quick, bench/flush.py times apply_batch of 100,000 keys in isolation. For
 every scenario each target is started on a free port (PostgreSQL-backed ones on a database of their
 own), loaded with `wrk -t1 -cN` for the duration, checked (the database must hold every increment
 wrk saw acknowledged, no more than it sent, and exactly what the service counted) and stopped. The
@@ -35,25 +40,41 @@ import database
 import extras  # noqa: F401  (stops with one line if the bench extra is missing)
 import machine
 import report
+import scaleout
 from flush import FlushResult, measure_flush
 from load import BATCH_SIZE, SCENARIOS
 from measure import RunResult, measure
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from targets import (
+    INCREMENTER_2W,
     INCREMENTER_AUTH,
     INCREMENTER_DEFERRED,
     INCREMENTER_MODES,
     LEAN,
     NAIVE,
     NGINX,
+    NGINX_2W,
     ROOT,
     Target,
 )
 
-ALL_TARGETS = [NGINX, LEAN, *INCREMENTER_MODES, INCREMENTER_AUTH, INCREMENTER_DEFERRED, NAIVE]
+ALL_TARGETS = [
+    NGINX,
+    NGINX_2W,
+    LEAN,
+    *INCREMENTER_MODES,
+    INCREMENTER_2W,
+    INCREMENTER_AUTH,
+    INCREMENTER_DEFERRED,
+    NAIVE,
+]
 NOT_IN_QUICK = (NAIVE.name, LEAN.name, INCREMENTER_DEFERRED.name)
 QUICK_DURATION = 2.0
+QUICK_PACED = "0.5"
+# A run of 10mkeys adds ~800,000 rows: worth it for the targets that answer the question (what
+# a per-user counter costs, with one worker and two), not for every baseline.
+ONLY_FOR = {"10mkeys": (NGINX.name, "incrementer-wal", INCREMENTER_2W.name)}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -86,10 +107,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Repeat the whole plan; the report shows each target's median run (by req/s).",
     )
     parser.add_argument(
+        "--paced",
+        default=None,
+        help="Comma-separated fractions of nginx's closed-loop req/s at which nginx and "
+        "incrementer-wal run again, paced, in 10keys and 100kkeys (default 0.5,0.8, or 0.5 "
+        "with --quick; empty: none).",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="CI smoke: 2-second runs, the first scenario only, no naive, python-lean or "
-        "deferred target, no isolated flush measurement.",
+        "deferred target, paced at 0.5 only, no isolated flush measurement.",
     )
     parser.add_argument(
         "--results-dir",
@@ -118,7 +146,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if args.duration is None:
         args.duration = QUICK_DURATION if args.quick else 10.0
+    paced = args.paced if args.paced is not None else (QUICK_PACED if args.quick else "0.5,0.8")
+    try:
+        args.paced_fractions = [float(f) for f in paced.split(",") if f.strip()]
+    except ValueError:
+        parser.error(f"--paced: {paced!r} is not a list of fractions like 0.5,0.8")
+    if any(not 0 < f <= 1 for f in args.paced_fractions):
+        parser.error("--paced: each fraction must be above 0 and at most 1")
     return args
+
+
+def targets_for(args: argparse.Namespace, scenario: str) -> list[Target]:
+    only = ONLY_FOR.get(scenario)
+    return [t for t in args.target_list if only is None or t.name in only]
+
+
+def paced_targets(args: argparse.Namespace, scenario: str) -> list[Target]:
+    """nginx and incrementer-wal, when both run and the scenario is one paced runs compare."""
+    if scenario not in scaleout.PACED_SCENARIOS or not args.paced_fractions:
+        return []
+    chosen = [t for t in args.target_list if t.name in scaleout.PACED_TARGETS]
+    return chosen if len(chosen) == len(scaleout.PACED_TARGETS) else []
 
 
 def exact_command(argv: list[str]) -> str:
@@ -146,13 +194,13 @@ async def run_all(
     args: argparse.Namespace, console: Console, run_id: str, workroot: Path
 ) -> list[RunResult]:
     # Round after round, and within a scenario every target back to back, so that targets compared
-    # in one row of the report ran minutes apart at most on a machine whose speed drifts.
-    plan: list[tuple[int, str, Target]] = [
-        (n, s, t)
-        for n in range(1, args.rounds + 1)
-        for s in args.scenario_list
-        for t in args.target_list
-    ]
+    # in one row of the report ran minutes apart at most on a machine whose speed drifts. The
+    # paced runs follow their scenario's closed-loop runs: their rate comes from nginx's req/s.
+    blocks = [(n, s) for n in range(1, args.rounds + 1) for s in args.scenario_list]
+    total = sum(
+        len(targets_for(args, s)) + len(args.paced_fractions) * len(paced_targets(args, s))
+        for _, s in blocks
+    )
     results: list[RunResult] = []
     columns = (
         SpinnerColumn(),
@@ -162,11 +210,16 @@ async def run_all(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
-        overall = progress.add_task("benchmark", total=len(plan))
+        overall = progress.add_task("benchmark", total=total)
         current = progress.add_task("", total=100)
-        for round_number, scenario, target in plan:
-            progress.update(overall, description=f"{scenario} / {target.name}")
-            workdir = workroot / f"r{round_number}-{scenario}-{target.name}"
+
+        async def one(
+            round_number: int, scenario: str, target: Target, rate: float | None = None
+        ) -> RunResult:
+            paced = f" at {rate:,.0f} req/s" if rate else ""
+            progress.update(overall, description=f"{scenario} / {target.name}{paced}")
+            suffix = f"-{rate:.0f}rps" if rate else ""
+            workdir = workroot / f"r{round_number}-{scenario}-{target.name}{suffix}"
 
             def on_progress(text: str, fraction: float) -> None:
                 progress.update(current, description=text, completed=round(fraction * 100))
@@ -180,16 +233,29 @@ async def run_all(
                 args.connections,
                 on_progress,
                 round_number,
+                rate,
             )
             results.append(result)
             shutil.rmtree(workdir / "data", ignore_errors=True)  # WAL segments: large, not needed
             progress.advance(overall)
             console.print(_one_line(result))
+            return result
+
+        for round_number, scenario in blocks:
+            ceiling = 0.0
+            for target in targets_for(args, scenario):
+                result = await one(round_number, scenario, target)
+                if target.name == NGINX.name and result.load is not None:
+                    ceiling = result.rps
+            for fraction in args.paced_fractions if ceiling else []:
+                for target in paced_targets(args, scenario):
+                    await one(round_number, scenario, target, fraction * ceiling)
     return results
 
 
 def _one_line(r: RunResult) -> str:
-    head = f"r{r.round_number} {r.scenario:>9} {r.target.name:<22}"
+    paced = f" paced {r.rate:,.0f}/s" if r.rate else ""
+    head = f"r{r.round_number} {r.scenario:>9} {r.target.name + paced:<36}"
     if r.error:
         return f"[red]{head} failed: {r.error.splitlines()[0]}[/red]"
     verdict = {None: "", True: "totals verified", False: "[red]TOTALS WRONG[/red]"}[r.verified]
@@ -221,9 +287,13 @@ def main(argv: list[str]) -> int:
     workroot = ROOT / "bench" / ".work" / f"{stamp}-{run_id}"
     machine_info = machine.describe(pg_version)
     command = exact_command(argv)
+    runs = sum(
+        len(targets_for(args, s)) + len(args.paced_fractions) * len(paced_targets(args, s))
+        for s in args.scenario_list
+    )
     console.print(
         f"[bold]incrementer benchmark[/bold] {stamp}: "
-        f"{args.rounds * len(args.scenario_list) * len(args.target_list)} runs of "
+        f"{args.rounds * runs} runs of "
         f"{args.duration:g} s "
         f"(logs in {os.path.relpath(workroot, ROOT)})"
     )
@@ -243,29 +313,38 @@ def main(argv: list[str]) -> int:
             for line in report.flush_lines(flush):
                 console.print(line)
 
-    found = report.checks(results, every, flush)
+    found = report.checks(results, every, flush) + scaleout.checks(results, every)
     console.print(report.rich_table(results, every))
     console.print(report.cpu_table(results))
+    for table in scaleout.rich_tables(results, every):
+        console.print(table)
     console.print(report.checks_table(found))
     md_path = results_path(args.results_dir, stamp)
     png_path = report.plot(results, md_path.with_suffix(".png"))
     settings = {
         "Started": now.isoformat(timespec="seconds"),
-        "Load": f"wrk -t1 -c{args.connections} -d{args.duration:g}s, bench/wrk/increments.lua",
+        "Load": f"wrk -t1 -c{args.connections} -d{args.duration:g}s, bench/wrk/increments.lua"
+        + (
+            f"; paced runs: bench/wrk/paced.lua at {', '.join(f'{f:g}' for f in args.paced_fractions)}"
+            " x nginx's req/s of the same round and scenario"
+            if args.paced_fractions
+            else ""
+        ),
         "Scenarios": ", ".join(args.scenario_list) + f" (batch: {BATCH_SIZE} increments/request)",
         "Targets": ", ".join(t.name for t in args.target_list),
         "Rounds": f"{args.rounds} (the tables show each target's median run by req/s)",
         "Service": "incrementer serve with its defaults but --durability (and, for "
         "incrementer-wal-auth, --auth required with an API key rated 10M requests/s; for "
         "incrementer-wal-deferred, " + " ".join(INCREMENTER_DEFERRED.flags) + ": no flush "
-        "during the load), on PostgreSQL; each run on a fresh database and data dir",
+        "during the load; for incrementer-wal-2w, --workers 2), on PostgreSQL; each run on a "
+        "fresh database and data dir. 10mkeys runs only " + ", ".join(ONLY_FOR["10mkeys"]),
         "Asserts": "disabled (PYTHONOPTIMIZE)" if os.environ.get("PYTHONOPTIMIZE") else "on",
     }
-    md_path.write_text(
-        report.markdown(
-            stamp, command, machine_info, settings, results, every, found, png_path, flush
-        )
+    extra = scaleout.sections(results, every)
+    text = report.markdown(
+        stamp, command, machine_info, settings, results, every, found, png_path, flush, extra
     )
+    md_path.write_text(text)
     failed: list[object] = [r for r in every if not r.ok]
     if flush_error:
         failed.append(flush_error)

@@ -27,7 +27,7 @@ STOP_TIMEOUT = 30.0
 KEY_RATE = 10_000_000  # requests/s and burst of the auth variant's API key: never refuses
 
 NGINX_CONF = """\
-worker_processes 1;
+worker_processes {workers};
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -41,7 +41,7 @@ http {{
     # The services keep a connection open for any number of requests: so does the ceiling.
     keepalive_requests 100000000;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{reuseport};
         location / {{ return 202; }}
     }}
 }}
@@ -62,6 +62,7 @@ class Target:
     auth: bool = False  # --auth required, with an API key created in the run's database
     flags: tuple[str, ...] = ()  # more `incrementer serve` options
     lagging: bool = False  # lags by design: left out of the lag plot, which it would flatten
+    workers: int = 1  # nginx worker_processes, or incrementer --workers
 
     @property
     def needs_database(self) -> bool:
@@ -97,6 +98,11 @@ INCREMENTER_DEFERRED = Target(
     lagging=True,
 )  # fmt: skip
 NAIVE = Target("naive", "naive")
+# Scale-out on one host: two processes each, sharing the port with SO_REUSEPORT (nginx's
+# `listen ... reuseport`, incrementer's supervisor). On two cores shared with wrk and PostgreSQL
+# they cannot show throughput scaling; they show what a second process costs per request.
+NGINX_2W = Target("nginx-2w", "nginx", workers=2)
+INCREMENTER_2W = Target("incrementer-wal-2w", "incrementer", "wal", workers=2)
 
 
 @dataclass
@@ -134,7 +140,10 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if target.kind == "nginx":
-        (workdir / "nginx.conf").write_text(NGINX_CONF.format(tmp=workdir, port=port))
+        reuseport = " reuseport" if target.workers > 1 else ""
+        (workdir / "nginx.conf").write_text(
+            NGINX_CONF.format(tmp=workdir, port=port, workers=target.workers, reuseport=reuseport)
+        )
         return (
             [
                 which("nginx") or "nginx",
@@ -167,6 +176,7 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
                 "--log-level",
                 "warning",
                 *(["--auth", "required"] if target.auth else []),
+                *(["--workers", str(target.workers)] if target.workers > 1 else []),
                 *target.flags,
             ],
             url,

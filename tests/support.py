@@ -87,8 +87,10 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 30,
+    ready: re.Pattern[str] = LISTEN,
 ) -> Spawned:
-    """Start `incrementer serve ARGS` and wait for its 'listening on URL' line."""
+    """Start `incrementer serve ARGS` and wait for its 'listening on URL' line (or another
+    line matching `ready`, whose first group is the URL)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
@@ -109,7 +111,7 @@ def spawn(
                 f"server exited ({proc.wait()}) before listening:\n" + "".join(lines)
             )
         lines.append(line)
-        match = LISTEN.search(line)
+        match = ready.search(line)
         if match:
             spawned = Spawned(proc, match.group(1), lines)
             _drain_in_background(spawned)

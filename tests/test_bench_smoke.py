@@ -23,7 +23,8 @@ def _installed(tool: str) -> bool:
 def test_quick_benchmark_writes_a_report_with_verified_totals(
     tmp_path: Path, pg_admin_url: str
 ) -> None:
-    """bench/run.py --quick loads every target, checks the database totals and writes a report."""
+    """bench/run.py --quick loads every target, checks the database totals and writes a report,
+    with the workers and paced-load sections."""
     missing = [tool for tool in ("wrk", "nginx") if not _installed(tool)]
     if missing:
         skip_or_fail(
@@ -50,11 +51,14 @@ def test_quick_benchmark_writes_a_report_with_verified_totals(
     assert "incrementer-wal" in text, text
     assert "incrementer-wal-auth" in text, text  # auth on is measured too
     assert "Auth on vs off" in text, text
+    assert "Workers: `--workers 2` beside one process" in text, text
+    assert "Latency at a paced load" in text, text
     assert reports[0].with_suffix(".png").is_file()
 
 
 def test_wrk_gets_the_api_key_only_for_the_auth_variant() -> None:
-    """The Lua script sends `Authorization: Bearer` only when given a key as its fifth argument."""
+    """The Lua script sends `Authorization: Bearer` only when given a key as its fifth argument;
+    a paced run takes the paced script and its rate as the sixth."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import load
@@ -64,8 +68,12 @@ def test_wrk_gets_the_api_key_only_for_the_auth_variant() -> None:
 
     plain = load.command("http://127.0.0.1:1", "10keys", "p-", 42, 1, 4)
     keyed = load.command("http://127.0.0.1:1", "10keys", "p-", 42, 1, 4, "ik_x.y")
+    paced = load.command("http://127.0.0.1:1", "10keys", "p-", 42, 1, 4, "", 5000.4)
     assert plain[-4:] == ["10keys", "p-", "42", str(load.BATCH_SIZE)]
     assert keyed[-5:] == ["10keys", "p-", "42", str(load.BATCH_SIZE), "ik_x.y"]
+    assert paced[-6:] == ["10keys", "p-", "42", str(load.BATCH_SIZE), "", "5000"]
+    assert paced[paced.index("-s") + 1].endswith("paced.lua")
+    assert plain[plain.index("-s") + 1].endswith("increments.lua")
     wal = next(t for t in INCREMENTER_MODES if t.durability == "wal")
     argv, _ = command_for(INCREMENTER_AUTH, Path("/nonexistent"), "postgresql://x/y")
     assert argv[argv.index("--auth") + 1] == "required"

@@ -28,6 +28,7 @@ from support import LISTEN, db_totals, skip_or_fail, spawned
 from incrementer.cli_errors import USAGE
 from incrementer.config import Settings
 from incrementer.service import EXIT_GRACE
+from incrementer.supervisor import KILL_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -77,7 +78,8 @@ def test_unit_stops_gracefully_and_is_sandboxed() -> None:
     service = parser["Service"]
     defaults = Settings()
     assert service["KillSignal"] == "SIGTERM"
-    assert int(service["TimeoutStopSec"]) > defaults.shutdown_timeout + EXIT_GRACE
+    # A --workers supervisor's own ceiling is the longest: a worker's, plus its kill grace.
+    assert int(service["TimeoutStopSec"]) > defaults.shutdown_timeout + EXIT_GRACE + KILL_GRACE
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"] == str(USAGE)  # no restart fixes a bad setting
     assert service["StateDirectory"] == "incrementer"
@@ -250,10 +252,14 @@ def unit_filters() -> list[str]:
     return re.findall(r"(?m)^SystemCallFilter=(.+)$", (SYSTEMD / "incrementer.service").read_text())
 
 
-def test_service_makes_only_system_calls_the_unit_allows(tmp_path: Path, pg_url: str) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_service_makes_only_system_calls_the_unit_allows(
+    tmp_path: Path, pg_url: str, workers: str
+) -> None:
     """Traced with strace from start to drain (migrations, WAL replay, increments, reads, a flush
-    to PostgreSQL, /metrics, /status, fsyncs, SIGTERM), the service makes no system call outside
-    the unit's SystemCallFilter; the same check finds calls outside a narrower filter.
+    to PostgreSQL, /metrics, /status, fsyncs, SIGTERM), the service, alone or as a --workers
+    supervisor and its workers, makes no system call outside the unit's SystemCallFilter; the
+    same check finds calls outside a narrower filter.
 
     On PostgreSQL: SQLite run as root, as tests are, chowns its journal files (fchown, one of
     @privileged), which it does not as the unit's own user."""
@@ -262,7 +268,7 @@ def test_service_makes_only_system_calls_the_unit_allows(tmp_path: Path, pg_url:
     if shutil.which("strace") is None:
         skip_or_fail("strace is not installed (Debian: apt-get install -y strace)")
     trace = tmp_path / "trace"
-    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data")]
+    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data"), "--workers", workers]
     with serving(args, prefix=["strace", "-f", "-qq", "-o", str(trace)]) as url:
         assert httpx.post(url + "/increment", json={"key": "traced", "value": 1}).status_code == 202
         batch = [{"key": f"traced-{i}", "value": 1} for i in range(50)]

@@ -4,14 +4,19 @@ and `incrementer top` name is one a live server exports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
 import yaml
+from fleet import one_per_worker, spawn_group, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 from support import run_service, settings_for, skip_or_fail, wait_until
 
@@ -55,6 +60,7 @@ def test_alert_rules_pass_their_unit_tests() -> None:
         "IncrementerRateLimited",
         "IncrementerWalFailing",
         "IncrementerCounterOverflow",
+        "IncrementerWorkerRestarting",
     }
     tests = yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())["tests"]
     tested_names = {case["alertname"] for test in tests for case in test["alert_rule_test"]}
@@ -180,8 +186,9 @@ def _exported(metrics_text: str) -> tuple[Exported, set[str]]:
 async def test_every_metric_name_used_exists_on_a_live_server(
     tmp_path: Path, sqlite_url: str
 ) -> None:
-    """Scraped from a live server after some traffic, /metrics has every metric (and every label
-    matched on) that the alerting rules, the dashboard, the status page and top use."""
+    """Scraped from live servers after some traffic, one process and a --workers group (which adds
+    its own metrics), /metrics has every metric (and every label matched on) that the alerting
+    rules, the dashboard, the status page and top use."""
     async with (
         run_service(settings_for(tmp_path, sqlite_url)) as svc,
         httpx.AsyncClient(base_url=svc.url) as client,
@@ -190,6 +197,16 @@ async def test_every_metric_name_used_exists_on_a_live_server(
         assert (await client.post("/increment", json={"key": "k", "value": 0})).status_code == 400
         await wait_until(lambda: svc.metrics.flushes > 0)
         exported, histograms = _exported((await client.get("/metrics")).text)
+    args = ["--database-url", sqlite_url, "--data-dir", str(tmp_path / "group")]
+    group = await asyncio.to_thread(spawn_group, args, 2)
+    try:
+        async with httpx.AsyncClient(base_url=group.url) as client:
+            in_group, _ = _exported((await client.get("/metrics")).text)
+    finally:
+        assert group.stop() == 0
+    assert "incrementer_workers" in in_group and "incrementer_workers" not in exported
+    for name, labels in in_group.items():
+        exported.setdefault(name, set()).update(labels)
     rules = (PROMETHEUS / "alerts.yml").read_text()
     problems = {
         "alerts.yml": unknown_names(rules, exported),
@@ -201,6 +218,41 @@ async def test_every_metric_name_used_exists_on_a_live_server(
     assert all(not found for found in problems.values()), problems
     used = {name for name, _ in SELECTOR.findall(rules + DASHBOARD.read_text())}
     assert len(used) >= 15
+
+
+async def test_the_ready_gauge_of_a_group_is_the_groups_verdict(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Under --workers, incrementer_ready (what IncrementerNotReady and the dashboard read) is 1
+    for a ready group, not one per worker, and 0 while any worker is unresponsive (frozen with
+    SIGSTOP), as /readyz says, whichever worker answers the scrape."""
+    args = ["--database-url", sqlite_url, "--data-dir", str(tmp_path / "data")]
+    group = await asyncio.to_thread(spawn_group, args, 2)
+    frozen = worker_pids(group)[1]
+    try:
+        conns = await one_per_worker(group.url, 2)
+
+        async def ready_gauge() -> float:
+            metrics = await conns[0].request("GET", "/metrics")
+            found = re.search(r"(?m)^incrementer_ready (\S+)$", metrics.body.decode())
+            assert found is not None
+            return float(found.group(1))
+
+        await wait_until(lambda: _equals(ready_gauge(), 1.0))
+        os.kill(frozen, signal.SIGSTOP)
+        await wait_until(lambda: _equals(ready_gauge(), 0.0), timeout=20)
+        assert (await conns[0].request("GET", "/readyz")).status == 503
+        os.kill(frozen, signal.SIGCONT)
+        await wait_until(lambda: _equals(ready_gauge(), 1.0), timeout=20)
+        for conn in conns.values():
+            await conn.close()
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        assert group.stop() == 0
+
+
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
 
 
 def test_the_name_check_catches_a_missing_metric_and_label() -> None:

@@ -3,6 +3,8 @@
 -- Usage: wrk -t1 -c32 -d10 -s bench/wrk/increments.lua URL -- SCENARIO PREFIX SEED [BATCH [KEY]]
 --   SCENARIO  10keys   POST /increment, cycling over PREFIX0 .. PREFIX9
 --             100kkeys POST /increment, keys drawn at random from PREFIX0 .. PREFIX99999
+--             10mkeys  POST /increment, keys drawn at random from 10,000,000: almost every
+--                      request adds a row (per-user counters)
 --             batch    POST /increments, arrays of BATCH (default 50) random keys of the 100k
 --   PREFIX    prefix of every key, distinct per run, so the database totals can be summed
 --   SEED      math.randomseed, so a run is reproducible
@@ -14,6 +16,7 @@
 --   BENCH_RESULT {"requests": ..., "sent": ..., "acked": ..., "acked_value": ..., ...}
 
 local KEYSPACE = 100000
+local KEYSPACE_10M = 10000000
 
 local scenario, prefix, batch_size, path
 local hot_requests = {}          -- 10keys: the ten requests, built once
@@ -49,7 +52,7 @@ local function configure(args)
     for i = 0, 9 do
       hot_requests[i] = wrk.format(nil, path, nil, '{"key":' .. json_key(i) .. ',"value":1}')
     end
-  elseif scenario == "100kkeys" then
+  elseif scenario == "100kkeys" or scenario == "10mkeys" then
     path, value_per_request = "/increment", 1
   elseif scenario == "batch" then
     path, value_per_request = "/increments", batch_size
@@ -73,6 +76,9 @@ function request()
     return hot_requests[n % 10]
   elseif scenario == "100kkeys" then
     local body = '{"key":' .. json_key(math.random(0, KEYSPACE - 1)) .. ',"value":1}'
+    return wrk.format(nil, path, nil, body)
+  elseif scenario == "10mkeys" then
+    local body = '{"key":' .. json_key(math.random(0, KEYSPACE_10M - 1)) .. ',"value":1}'
     return wrk.format(nil, path, nil, body)
   end
   local items = {}

@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from importlib import resources
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from incrementer.auth import ClientLimiter, KeyRing, TokenBucket
@@ -19,6 +20,9 @@ from incrementer.key_source import KeySource
 from incrementer.metrics import Metrics
 from incrementer.status import StatusPage
 from incrementer.store.base import BackendError, Store
+
+if TYPE_CHECKING:
+    from incrementer.group import Member
 
 JSON = b"application/json"
 FORM = b"application/x-www-form-urlencoded"
@@ -119,6 +123,8 @@ class App(Handler):
         self.limiter = limiter
         self.key_source = key_source
         self.guarded = keyring is not None or limiter is not None
+        self.group: Member | None = None
+        """Set in a worker of a `--workers` group: /readyz then answers for every worker."""
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
         self.status_page = StatusPage.load()
         metrics.declare(
@@ -403,22 +409,45 @@ class App(Handler):
             found.append((gate.failure, gate.failed_since))
         return found
 
+    def ready(self, now: float) -> bool:
+        """The verdict /readyz gives (for the whole group in a `--workers` group), as a bool."""
+        if self.problems(now):
+            return False
+        group = self.group
+        return group is None or not any(peer.reasons for peer in group.peers(now))
+
     def readyz(self, conn: HttpConnection, authorization: bytes, keep_alive: bool) -> bytes:
         """Codes and ages for anyone (a load balancer); the why (database errors, which may name
         hosts, and overflowed key names) only for a caller with a valid API key, so never when
-        keys are off: the log has it all."""
+        keys are off: the log has it all.
+
+        In a `--workers` group the answer is the group's: a load balancer reaches whichever
+        worker the kernel picks, and must get the same verdict from each. Every reason then
+        names its worker; lag is the worst and pending keys the sum (the other workers' as
+        they published them, at most a quarter of a second ago)."""
         flusher, gate = self.flusher, self.gate
         now = time.monotonic()
         lag = flusher.oldest_pending_age(now)
+        pending = flusher.pending_keys()
         reasons = [_reason(code, now - since) for code, since in self.problems(now)]
+        group = self.group
+        if group is not None:
+            for reason in reasons:
+                reason["worker"] = group.index
+            for peer in group.peers(now):
+                reasons += peer.reasons
+                lag = max(lag, peer.lag)
+                pending += peer.pending_keys
         payload: dict[str, object] = {
             "status": "not_ready" if reasons else "ready",
             "reasons": reasons,
             "lag_seconds": round(lag, 3),
             "lag_bound_seconds": self.lag_bound,
-            "pending_keys": flusher.pending_keys(),
+            "pending_keys": pending,
             "overflowed_keys": len(flusher.overflowed),
         }
+        if group is not None:
+            payload["worker"] = group.index
         if self.keyring is not None and self.keyring.authenticate(authorization) is not None:
             payload["details"] = {
                 "database_error": flusher.db_error,

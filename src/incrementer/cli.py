@@ -70,6 +70,10 @@ HELP = {
     "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
     "log_format": "text or json.",
     "log_level": "debug, info, warning or error.",
+    "workers": (
+        "Server processes sharing --host:--port, each with its own data dir (--data-dir/worker-N) "
+        "under one supervisor; auto = one per usable CPU; 1 = this process serves alone."
+    ),
 }
 CHOICES = {
     "auth": AUTH_MODES,
@@ -130,6 +134,8 @@ def _setting_option(name: str, kind: str, default: Any) -> Callable[..., Any]:
             f"--{flag}/--no-{flag}", name, default=None, envvar=envvar, help=help_text
         )
     param_type: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[kind]
+    if name == "workers":
+        param_type = str  # a number or `auto`: config.parse_workers reads it, for TOML files too
     return click.option(
         f"--{flag}", name, type=param_type, default=None, envvar=envvar, help=help_text
     )
@@ -172,6 +178,14 @@ def serve(settings: Settings) -> None:
     from incrementer.service import Service
 
     logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from incrementer.supervisor import CannotStart, Supervisor
+
+        try:
+            code = Supervisor(settings).run()
+        except (CannotStart, *RUNTIME_ERRORS) as exc:
+            raise click.ClickException(f"cannot start: {exc}") from None
+        sys.exit(code)  # 1: a worker did not drain cleanly (the log says which)
     import uvloop
 
     service = Service(settings)
@@ -198,7 +212,7 @@ def migrate_command(settings: Settings) -> None:
 
 @main.group()
 def wal() -> None:
-    """Inspect the write-ahead log."""
+    """Inspect or drain the write-ahead log."""
 
 
 @wal.command("inspect")
@@ -220,6 +234,24 @@ def wal_inspect(settings: Settings, as_json: bool) -> None:
         return
     for line in report.lines():
         click.echo(line)
+
+
+@wal.command("drain")
+@settings_options("data_dir", "database_url")
+def wal_drain(settings: Settings) -> None:
+    """Apply what a stopped instance's WAL in --data-dir holds (its own and its worker-N dirs'),
+    exactly once, and mark it retired. Refused while a live process holds the data dir or one of
+    its worker dirs; safe to run twice: the second run finds nothing after the applied seq."""
+    from incrementer import drain as retiring
+
+    if not settings.data_dir.is_dir():
+        raise click.UsageError(f"no data dir at {settings.data_dir}")
+    try:
+        drained = asyncio.run(retiring.drain_data_dir(settings.data_dir, settings.database_url))
+    except RUNTIME_ERRORS as exc:
+        raise click.ClickException(f"cannot drain {settings.data_dir}: {exc}") from None
+    for node in drained:
+        click.echo(node.describe())
 
 
 @main.group()

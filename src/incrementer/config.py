@@ -8,6 +8,7 @@ value and where the value came from (the flag, the variable, or the file and its
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,6 +22,8 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_MODES = ("auto", "required", "off")
 ENV_PREFIX = "INCREMENTER_"
+# Each worker is a whole server with its own event loop: past a few per core they only take turns.
+WORKERS_PER_CPU_MAX = 4
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,7 @@ class Settings:
     rate_burst: int = 0
     log_format: str = "text"
     log_level: str = "info"
+    workers: int = 1
 
     def __post_init__(self) -> None:
         _check(self.port, "port", 0 <= self.port <= 65535, "must be between 0 and 65535")
@@ -169,6 +173,17 @@ class Settings:
             f"must be one of {', '.join(LOG_LEVELS)}",
         )
 
+        cpus = usable_cpus()
+        _check(self.workers, "workers", self.workers >= 1, "must be at least 1, or auto")
+        _check(
+            self.workers,
+            "workers",
+            self.workers <= WORKERS_PER_CPU_MAX * cpus,
+            f"far above the {cpus} usable CPUs (at most {WORKERS_PER_CPU_MAX * cpus}): each "
+            "worker is a whole server, and beyond the cores they only take turns; auto starts "
+            "one per CPU",
+        )
+
     @property
     def loopback(self) -> bool:
         if self.host == "localhost":
@@ -227,6 +242,8 @@ def coerce(name: str, value: Any) -> Any:
     kind = FIELD_TYPES.get(name)
     if kind is None:
         raise ConfigError(f"unknown option {name.replace('_', '-')!r}", option=name)
+    if name == "workers":
+        return parse_workers(value)
     try:
         if kind == "int" and not isinstance(value, bool):
             return int(value)
@@ -245,6 +262,26 @@ def coerce(name: str, value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", str(exc), name) from None
     raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", f"expected {kind}", name)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow),
+    not every CPU of the machine."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def parse_workers(value: object) -> int:
+    """`auto` (one per usable CPU) or a whole number; range checks happen in Settings."""
+    if value == "auto":
+        return usable_cpus()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"invalid workers={value!r}", "expected a whole number or auto", "workers")
 
 
 def load_toml(path: Path) -> dict[str, tuple[str, Any]]:

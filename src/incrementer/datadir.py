@@ -1,11 +1,17 @@
-"""The node's data directory: an exclusive lock and a stable node id."""
+"""The node's data directory: an exclusive lock, a stable node id, and the retired mark."""
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import uuid
 from pathlib import Path
+
+log = logging.getLogger("incrementer")
+
+RETIRED = "RETIRED"
+"""Written by a drain (drain.py) once everything in the WAL is in the database."""
 
 
 class DataDirError(Exception):
@@ -22,6 +28,20 @@ class DataDir:
         self.node_id = ""
 
     def open(self) -> None:
+        """Lock the directory and take its node id (a new one the first time): a node serves
+        from it now, so a retired mark left by an earlier drain no longer holds."""
+        self.lock()
+        self.node_id = self._node_id()
+        retired = self.path / RETIRED
+        if retired.exists():
+            retired.unlink()
+            log.info(
+                "data dir %s was retired; serving from it again (node %s)", self.path, self.node_id
+            )
+
+    def lock(self) -> None:
+        """Only the lock: a supervisor holds its data dir this way, and a drain before it reads
+        the node id (it never creates one)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
@@ -36,14 +56,19 @@ class DataDir:
                 f"data dir {self.path} is locked by another incrementer process; give each "
                 "process its own --data-dir"
             ) from None
-        self.node_id = self._node_id()
+
+    def existing_node_id(self) -> str:
+        """The node id if a node ever served from this directory, else ""."""
+        try:
+            return (self.path / "node_id").read_text().strip()
+        except FileNotFoundError:
+            return ""
 
     def _node_id(self) -> str:
+        node_id = self.existing_node_id()
+        if node_id:
+            return node_id
         path = self.path / "node_id"
-        if path.exists():
-            node_id = path.read_text().strip()
-            if node_id:
-                return node_id
         node_id = uuid.uuid4().hex
         tmp = path.with_suffix(".tmp")
         tmp.write_text(node_id + "\n")

@@ -1,4 +1,10 @@
-"""The lifecycle, in one place: lock, migrate, open, replay, bind, run, drain, final flush, close."""
+"""The lifecycle, in one place: lock, migrate, open, replay, bind, run, drain, final flush, close.
+
+The same lifecycle runs in a process serving alone and in each worker of a `--workers` group
+(supervisor.py starts those); a worker differs only in what its `group` member adds: the port is
+shared with SO_REUSEPORT, metrics and readiness are published for the group, the supervisor is
+told once it listens, and a repeated signal does not cut its drain short.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,14 @@ import threading
 import time
 from collections.abc import Awaitable, Iterator
 
-from incrementer import build
+from incrementer import build, drain
 from incrementer.app import App
 from incrementer.auth import ClientLimiter, KeyRing
 from incrementer.config import Settings
 from incrementer.datadir import DataDir
 from incrementer.durability import AckGate
 from incrementer.flush import Flusher
+from incrementer.group import Member
 from incrementer.http.server import HttpServer
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.intake import Intake
@@ -33,8 +40,9 @@ log = logging.getLogger("incrementer")
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, group: Member | None = None) -> None:
         self.settings = settings
+        self.group = group
         self.metrics = Metrics()
         self.data_dir = DataDir(settings.data_dir)
         self.store = open_store(settings.database_url)
@@ -61,6 +69,8 @@ class Service:
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
         await self.store.open()
+        if self.group is None:
+            await self._retire_worker_dirs()
         applied_seq = await self.store.applied_seq(node_id)
         wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
@@ -97,10 +107,13 @@ class Service:
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self.metrics.build_info = {"version": build.version(), "build": build.name()}
         self._register_gauges(app)
+        if self.group is not None:
+            self.group.join(self.metrics, app, self.request_stop)
+            self._background.append(asyncio.create_task(self.group.run(), name="group"))
         self._flush_task = asyncio.create_task(self.flusher.run(), name="flusher")
         self.gate.start()
         try:
-            host, port = await self.server.start(s.host, s.port)
+            host, port = await self.server.start(s.host, s.port, reuse_port=self.group is not None)
         except OSError as exc:  # a name that does not resolve, an address not ours, a port taken
             raise OSError(
                 f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}"
@@ -115,6 +128,16 @@ class Service:
             redact_url(s.database_url),
             "hot path compiled" if build.compiled() else "pure Python",
         )
+        if self.group is not None:
+            self.group.ready()
+
+    async def _retire_worker_dirs(self) -> None:
+        """A process serving alone from a data dir a `--workers` group used: what the workers
+        left in their WALs is applied (drain.py) before this node serves, so shrinking the
+        group to one process strands nothing."""
+        for node in await drain.retire(self.data_dir, self.store, 0, include_top=False):
+            if node.frames or not node.was_retired:
+                log.info("retired %s", node.describe())
 
     async def _guards(self) -> tuple[KeyRing | None, ClientLimiter | None, KeySource | None]:
         s = self.settings
@@ -186,8 +209,8 @@ class Service:
         )
         metrics.gauge(
             "incrementer_ready",
-            "1 when /readyz answers 200, 0 when it answers 503 (it says why).",
-            lambda: 0.0 if app.problems(time.monotonic()) else 1.0,
+            "1 when /readyz answers 200, 0 when it answers 503 (it says why); a group's verdict.",
+            lambda: 1.0 if app.ready(time.monotonic()) else 0.0,
         )
         metrics.gauge(
             "incrementer_open_connections",
@@ -237,6 +260,8 @@ class Service:
             await _bounded(asyncio.to_thread(self.wal.close), deadline, "closing the WAL")
         await self.store.close(max(0.0, deadline - time.monotonic()))
         self.data_dir.close()
+        if self.group is not None:
+            self.group.leave()
         if not self.url:
             return  # start-up failed; the caller reports why
         log.info(
@@ -268,7 +293,9 @@ class Service:
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT, then drain; the process exits by the shutdown deadline even
         if something hangs (a frozen disk, a database that accepts and never answers)."""
-        with capture_signals(self.request_stop):
+        # A worker gets the supervisor's SIGTERM and often the same signal from a terminal or a
+        # service manager too: only its supervisor may cut a worker's drain short (SIGKILL).
+        with capture_signals(self.request_stop, repeat_forces_exit=self.group is None):
             try:
                 await self.start()
                 await self.wait()
@@ -316,8 +343,9 @@ def _exit_after(seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def capture_signals(on_first: object) -> Iterator[None]:
-    """First SIGINT/SIGTERM drains gracefully; a second one exits at once."""
+def capture_signals(on_first: object, repeat_forces_exit: bool = True) -> Iterator[None]:
+    """First SIGINT/SIGTERM drains gracefully; a second one exits at once (if
+    repeat_forces_exit; else it is only logged)."""
     loop = asyncio.get_running_loop()
     received = 0
     assert callable(on_first)
@@ -330,9 +358,11 @@ def capture_signals(on_first: object) -> Iterator[None]:
                 "received %s, draining (send again to force exit)", signal.Signals(signum).name
             )
             on_first()
-        else:
+        elif repeat_forces_exit:
             log.warning("received %s again, exiting now", signal.Signals(signum).name)
             os._exit(1)
+        else:
+            log.info("received %s again, still draining", signal.Signals(signum).name)
 
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:

@@ -38,10 +38,18 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> tuple[str, int]:
+        """Listen on host:port. reuse_port: every worker of a `--workers` group binds the same
+        port with SO_REUSEPORT and the kernel spreads new connections among them (sharedport.py
+        says why this rather than one inherited socket)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, backlog=4096, reuse_address=True
+            lambda: HttpConnection(self),
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+            reuse_port=reuse_port,
         )
         for sock in self._server.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

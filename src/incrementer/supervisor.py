@@ -1,0 +1,393 @@
+"""`serve --workers N`: one supervisor and N worker processes answering on one host and port.
+
+The supervisor owns processes and knows nothing about requests (gunicorn's arbiter is the model).
+In order: lock the data dir, reserve the port, migrate once, drain what a larger group or a lone
+process left in the data dirs no worker of this group will use (drain.py), start N workers, then
+loop: reap a worker that exits, restart it (at once the first time, with a growing delay while
+it keeps dying soon after its start), and on SIGTERM or SIGINT send every worker SIGTERM and wait
+for their drains. A second signal kills the workers (their WALs keep what they accepted).
+
+Each worker is a fresh interpreter (`python -m incrementer.worker`, no state inherited from this
+process) running the Service a lone process runs, on its own data dir `<data-dir>/worker-<i>`,
+so its own node id, lock and WAL: the exactly-once ledger needs nothing new, and a restarted
+worker replays its WAL before it listens. Workers die with the supervisor (worker.py). The
+workers share the port with SO_REUSEPORT (sharedport.py says why, as measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from incrementer import drain, group, sharedport
+from incrementer.config import Settings
+from incrementer.datadir import DataDir
+from incrementer.service import EXIT_GRACE
+from incrementer.store import open_store, redact_url
+from incrementer.store.migrate import migrate
+
+log = logging.getLogger("incrementer.supervisor")
+
+STABLE_AFTER = 10.0  # a worker up this long before it died starts its backoff over
+BACKOFF_FIRST = 0.5  # the delay before the second restart of a worker that keeps dying
+BACKOFF_MAX = 30.0
+KILL_GRACE = 2.0  # past a worker's own shutdown ceiling, it is killed
+
+
+class CannotStart(Exception):
+    """The group cannot start: the port is taken, or a worker failed to start (its own log line
+    says why)."""
+
+
+@dataclass
+class Worker:
+    index: int
+    generation: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    notify: int = -1  # read end of the worker's "ready" pipe
+    started: float = 0.0
+    ready: bool = False
+    quick_deaths: int = 0  # deaths in a row, each soon after its start
+    restart_at: float | None = None
+
+    @property
+    def ident(self) -> str:
+        """Names the worker's metrics files: unique in the group's life, unlike a pid."""
+        return f"w{self.index}g{self.generation}"
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = DataDir(settings.data_dir)
+        self.run_dir = settings.data_dir / "run"
+        self.workers = [Worker(i) for i in range(settings.workers)]
+        self.restarts = 0
+        self.url = ""
+        self._reserved: list[socket.socket] = []
+        self._signals: list[int] = []
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_r = self._wakeup_w = -1
+        self._metrics: group.Publisher | None = None
+        self._all_ready_once = False
+        self._stopping = False
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; the exit status: 0 when every worker drained cleanly,
+        1 when one did not (its WAL keeps the rest). Raises CannotStart (or the DataDirError,
+        BackendError... of the drain at start) when the group cannot start; no worker is left."""
+        self.data_dir.lock()
+        try:
+            with self._capture_signals():
+                try:
+                    self._prepare()
+                    self._spawn_all()
+                    return self._loop()
+                except BaseException:
+                    if any(w.proc is not None for w in self.workers):
+                        self._stop_workers(force=True)
+                    raise
+        finally:
+            for sock in self._reserved:
+                sock.close()
+            if self._metrics is not None:
+                self._metrics.close()
+            self.data_dir.close()
+
+    # start
+
+    def _prepare(self) -> None:
+        s = self.settings
+        try:  # first: a port in use is found before the database is touched
+            self._reserved, port = sharedport.reserve(s.host, s.port)
+        except sharedport.PortTaken as exc:
+            raise CannotStart(str(exc)) from None
+        asyncio.run(self._migrate_and_retire())
+        shown = f"[{s.host}]" if ":" in s.host else s.host
+        self.url = f"http://{shown}:{port}"
+        self.settings = replace(s, port=port)
+        group.reset(self.run_dir)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_SupervisorCollector(self))
+        self._metrics = group.Publisher(registry, group.metrics_dir(self.run_dir), "supervisor", {})
+        self._metrics.publish()
+
+    async def _migrate_and_retire(self) -> None:
+        """Once for the group, before any worker starts: migrations (so N workers do not queue
+        on yoyo's lock), and the drain of every node dir this group will not serve from."""
+        s = self.settings
+        if s.migrate:
+            applied = await asyncio.to_thread(migrate, s.database_url)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        store = open_store(s.database_url)
+        await store.open()
+        try:
+            for node in await drain.retire(self.data_dir, store, keep_workers=s.workers):
+                if node.frames or (node.node_id and not node.was_retired):
+                    log.info("retired %s", node.describe())
+        finally:
+            await store.close()
+
+    def _spawn_all(self) -> None:
+        log.info(
+            "starting %d workers on %s (database %s)",
+            len(self.workers),
+            self.url,
+            redact_url(self.settings.database_url),
+        )
+        for worker in self.workers:
+            self._spawn(worker)
+
+    def _spawn(self, worker: Worker) -> None:
+        worker.generation += 1
+        worker.restart_at = None
+        worker.ready = False
+        notify_r, notify_w = os.pipe()
+        settings = replace(
+            self.settings,
+            data_dir=drain.worker_dir(self.settings.data_dir, worker.index),
+            migrate=False,
+            workers=1,
+        )
+        spec = {
+            "index": worker.index,
+            "ident": worker.ident,
+            "supervisor": os.getpid(),
+            "run_dir": str(self.run_dir),
+            "notify_fd": notify_w,
+            "settings": {
+                f.name: str(v) if isinstance(v := getattr(settings, f.name), Path) else v
+                for f in fields(settings)
+            },
+        }
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "incrementer.worker"],
+                stdin=subprocess.PIPE,
+                pass_fds=(notify_w,),
+            )
+        finally:
+            os.close(notify_w)
+        assert proc.stdin is not None
+        with proc.stdin:
+            proc.stdin.write(json.dumps(spec).encode())
+        worker.proc, worker.notify, worker.started = proc, notify_r, time.monotonic()
+        self._selector.register(notify_r, selectors.EVENT_READ, worker)
+
+    # run
+
+    def _loop(self) -> int:
+        while True:
+            self._wait(self._next_restart_in())
+            for signum in self._take_signals():
+                if signum == signal.SIGCHLD:
+                    continue
+                log.info(
+                    "received %s, draining %d workers (send again to force exit)",
+                    signal.Signals(signum).name,
+                    len(self.workers),
+                )
+                return self._stop_workers(force=False)
+            self._reap()
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.restart_at is not None and worker.restart_at <= now:
+                    self._spawn(worker)
+
+    def _wait(self, timeout: float | None) -> None:
+        """Until a signal (the wakeup fd), a worker's word, or the timeout."""
+        for key, _ in self._selector.select(timeout):
+            if key.fd == self._wakeup_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wakeup_r, 4096)
+            else:
+                self._on_notify(key.data)
+
+    def _next_restart_in(self) -> float | None:
+        due = [w.restart_at for w in self.workers if w.restart_at is not None]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _on_notify(self, worker: Worker) -> None:
+        try:
+            data = os.read(worker.notify, 64)
+        except OSError:
+            data = b""
+        if data.startswith(b"ready") and not self._stopping:
+            worker.ready = True
+            if self._all_ready_once and worker.proc is not None:
+                log.info("worker %d serving again (pid %d)", worker.index, worker.proc.pid)
+            elif all(w.ready for w in self.workers):
+                self._all_ready_once = True
+                log.info(
+                    "listening on %s with %d workers (pids %s)",
+                    self.url,
+                    len(self.workers),
+                    ", ".join(str(w.proc.pid) for w in self.workers if w.proc is not None),
+                )
+            self._publish()
+        self._close_notify(worker)
+
+    def _close_notify(self, worker: Worker) -> None:
+        if worker.notify >= 0:
+            self._selector.unregister(worker.notify)
+            os.close(worker.notify)
+            worker.notify = -1
+
+    def _reap(self) -> None:
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None or proc.poll() is None:
+                continue
+            self._exited(worker, proc)
+
+    def _exited(self, worker: Worker, proc: subprocess.Popen[bytes]) -> None:
+        """A worker died while the group serves: restart it (a restarted worker replays its
+        WAL before it listens), at once unless it keeps dying soon after its start."""
+        self._close_notify(worker)
+        group.forget(self.run_dir, worker.ident, worker.index)
+        worker.proc = None
+        code = proc.returncode
+        lived = time.monotonic() - worker.started
+        if not self._all_ready_once and (not worker.ready or code == 2):
+            raise CannotStart(f"worker {worker.index} exited with status {code} while starting")
+        worker.quick_deaths = 0 if lived >= STABLE_AFTER else worker.quick_deaths + 1
+        delay = 0.0
+        if worker.quick_deaths > 1:
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (worker.quick_deaths - 2))
+        worker.restart_at = time.monotonic() + delay
+        self.restarts += 1
+        log.warning(
+            "worker %d (pid %d) %s after %.1f s; restarting it%s",
+            worker.index,
+            proc.pid,
+            _how(code),
+            lived,
+            f" in {delay:g} s (it keeps dying)" if delay else "",
+        )
+        self._publish()
+
+    # stop
+
+    def _stop_workers(self, force: bool) -> int:
+        """SIGTERM every worker and wait for their drains (each within its own
+        --shutdown-timeout, plus the grace after which it exits regardless); kill what is left
+        after that, or at once on another SIGTERM/SIGINT. force: SIGKILL from the start.
+        Returns 0 if every worker drained cleanly."""
+        self._stopping = True
+        for worker in self.workers:
+            worker.restart_at = None
+            if worker.proc is not None and worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGKILL if force else signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_timeout + EXIT_GRACE + KILL_GRACE
+        status = 0
+        while live := [w for w in self.workers if w.proc is not None]:
+            for worker in live:
+                proc = worker.proc
+                assert proc is not None
+                code = proc.poll()
+                if code is None:
+                    continue
+                if code != 0:
+                    status = 1
+                    if not force:
+                        log.error("worker %d (pid %d) %s", worker.index, proc.pid, _how(code))
+                self._close_notify(worker)
+                group.forget(self.run_dir, worker.ident, worker.index)
+                worker.proc = None
+            again = [sig for sig in self._take_signals() if sig != signal.SIGCHLD]
+            late = time.monotonic() > deadline
+            if (again or late) and not force:
+                if again:
+                    name = signal.Signals(again[0]).name
+                    log.warning("received %s again, killing the workers", name)
+                else:
+                    log.error("workers still running past the shutdown deadline; killing them")
+                force, status = True, 1
+                for worker in self.workers:
+                    if worker.proc is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            worker.proc.kill()
+            self._wait(0.1)  # woken early by SIGCHLD
+        log.info(
+            "stopped %d workers (%d restarts)%s",
+            len(self.workers),
+            self.restarts,
+            "" if status == 0 else "; not every worker drained cleanly",
+        )
+        return status
+
+    # signals and metrics
+
+    @contextlib.contextmanager
+    def _capture_signals(self) -> Iterator[None]:
+        """Handlers only record the signal; the loop wakes on the wakeup fd and acts."""
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(self._wakeup_w, False)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ)
+        previous_fd = signal.set_wakeup_fd(self._wakeup_w)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_fd)
+            self._selector.close()
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _take_signals(self) -> list[int]:
+        taken, self._signals = self._signals, []
+        return taken
+
+    def _publish(self) -> None:
+        if self._metrics is not None:
+            self._metrics.publish()
+
+
+class _SupervisorCollector:
+    """The supervisor's own figures, published into the group's metrics."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.supervisor
+        yield GaugeMetricFamily(
+            "incrementer_workers",
+            "Worker processes serving (--workers), as counted by the supervisor.",
+            value=sum(1 for w in s.workers if w.proc is not None and w.ready),
+        )
+        yield CounterMetricFamily(
+            "incrementer_worker_restarts",
+            "Workers the supervisor restarted after they died.",
+            value=s.restarts,
+        )
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
