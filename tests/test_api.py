@@ -212,6 +212,8 @@ async def test_overflowing_key_is_isolated(tmp_path: Path, db_url: str) -> None:
         assert (await client.post("/increment", json={"key": big, "value": 10})).status_code == 202
         assert (await client.post("/increment", json={"key": small, "value": 1})).status_code == 202
         await wait_until(lambda: _persisted(db_url, small, 1))
+        # The database shows the commit a moment before the flusher, resumed, records it.
+        await wait_until(lambda: svc.metrics.overflowed_keys == 1)
         assert await db_totals(db_url, [big]) == {big: INT64_MAX - 5}
         ready = (await client.get("/readyz")).json()
         assert ready["overflowed_keys"] == 1

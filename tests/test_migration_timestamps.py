@@ -132,7 +132,8 @@ async def test_rows_from_before_keep_their_instant(fresh_url: str) -> None:
         finally:
             await conn.close()
 
-    assert await asyncio.to_thread(migrate, fresh_url) == ["0005.aware-timestamps-and-key-rotation"]
+    applied = await asyncio.to_thread(migrate, fresh_url)
+    assert applied[0] == "0005.aware-timestamps-and-key-rotation", applied
 
     if fresh_url.startswith("sqlite"):
         with _sqlite(fresh_url) as conn:

@@ -101,6 +101,7 @@ def test_served_document_is_the_packaged_one(server: Spawned) -> None:
         "GET /readyz",
         "GET /metrics",
         "GET /openapi.json",
+        "GET /status",
     }
 
 

@@ -19,6 +19,7 @@ from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.key_source import KeySource
 from incrementer.metrics import Metrics
+from incrementer.status import StatusPage
 from incrementer.store.base import BackendError, Store
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ ROUTES = {
     b"/healthz": ("healthz", b"GET", False),
     b"/readyz": ("readyz", b"GET", False),
     b"/openapi.json": ("openapi", b"GET", False),
+    # The page holds no figures: its script reads /metrics with the key the user types in it.
+    b"/status": ("status", b"GET", False),
 }
 # Every status each route answers with ("invalid": requests the HTTP layer refuses before any
 # route, "unknown": paths with no route) and every reason an increment is refused for: /metrics
@@ -55,6 +58,7 @@ ROUTE_STATUSES = {
     "healthz": (200, 405),
     "readyz": (200, 405, 503),
     "openapi": (200, 405),
+    "status": (200, 405),
     "unknown": (404,),
     "invalid": (400, 408, 413, 414, 417, 431),
 }
@@ -131,6 +135,7 @@ class App(Handler):
         self.group: Member | None = None
         """Set in a worker of a `--workers` group: /readyz then answers for every worker."""
         self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
+        self.status_page = StatusPage.load()
         metrics.declare(
             [(route, status) for route, codes in ROUTE_STATUSES.items() for status in codes],
             REJECT_REASONS,
@@ -242,6 +247,8 @@ class App(Handler):
             return self.readyz(conn, authorization, keep_alive)
         if route == "metrics":
             return self.prometheus(conn, keep_alive)
+        if route == "status":
+            return self.status(conn, keep_alive)
         return self.document(conn, keep_alive)
 
     async def _after_lookup(
@@ -479,6 +486,13 @@ class App(Handler):
             found.append((gate.failure, gate.failed_since))
         return found
 
+    def ready(self, now: float) -> bool:
+        """The verdict /readyz gives (for the whole group in a `--workers` group), as a bool."""
+        if self.problems(now):
+            return False
+        group = self.group
+        return group is None or not any(peer.reasons for peer in group.peers(now))
+
     def readyz(self, conn: HttpConnection, authorization: bytes, keep_alive: bool) -> bytes:
         """Codes and ages for anyone (a load balancer); the why (database errors, which may name
         hosts, and overflowed key names) only for a caller with a valid API key, so never when
@@ -529,6 +543,13 @@ class App(Handler):
             self.metrics.render(),
             b"text/plain; version=0.0.4; charset=utf-8",
             not keep_alive,
+        )
+
+    def status(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("status", 200)
+        page = self.status_page
+        return responses.build(
+            conn.clock, 200, page.body, page.content_type, not keep_alive, page.headers
         )
 
     def document(self, conn: HttpConnection, keep_alive: bool) -> bytes:

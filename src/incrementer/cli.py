@@ -218,7 +218,9 @@ def migrate_command(settings: Settings) -> None:
 @click.argument("key")
 @click.argument("value", type=int, default=1)
 @click.option(
-    "--url", envvar=ENV_PREFIX + "URL", default="http://127.0.0.1:3333", show_default=True
+    "--url",
+    envvar=ENV_PREFIX + "URL",
+    help="The server [default: http://HOST:PORT of --host and --port] [env: INCREMENTER_URL]",
 )
 @click.option("--api-key", envvar=ENV_PREFIX + "API_KEY", help="An API key (ik_...).")
 @click.option(
@@ -228,12 +230,15 @@ def migrate_command(settings: Settings) -> None:
     show_default=True,
     help="Seconds to keep retrying before giving up (exit status 1).",
 )
-def incr_command(key: str, value: int, url: str, api_key: str | None, timeout: float) -> None:
+@settings_options("host", "port")
+def incr_command(
+    settings: Settings, key: str, value: int, url: str | None, api_key: str | None, timeout: float
+) -> None:
     """Add VALUE (default 1) to the counter KEY on a running server, exactly once: retried under
     one Idempotency-Key until acknowledged. For shell scripts and cron jobs."""
     from incrementer.incr import incr
 
-    incr(url, key, value, api_key, timeout)
+    incr(url or settings.local_url, key, value, api_key, timeout)
 
 
 @main.group()
@@ -366,3 +371,28 @@ def keys_revoke(name: str, settings: Settings) -> None:
     if not asyncio.run(key_admin.revoke(settings.database_url, name)):
         raise click.ClickException(f"no active API key named {name!r}")
     click.echo(f"revoked API key {name!r}")
+
+
+@main.command()
+@click.argument("url", required=False)
+@click.option(
+    "--api-key",
+    envvar=ENV_PREFIX + "API_KEY",
+    help="Key for /metrics when the server requires one. [env: INCREMENTER_API_KEY]",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
+)
+@click.option("--once", is_flag=True, help="Print one interval's figures and exit.")
+@settings_options("host", "port")
+def top(
+    url: str | None, api_key: str | None, interval: float, once: bool, settings: Settings
+) -> None:
+    """Live figures of a running server, read from URL/metrics: by default the server that
+    --host and --port (or their variables, or --config) describe. Needs `incrementer[top]`."""
+    from incrementer.top import TopError, run
+
+    try:
+        run(url or settings.local_url, api_key, interval, once)
+    except TopError as exc:
+        raise click.ClickException(f"top: {exc}") from None

@@ -196,6 +196,13 @@ class Settings:
             return False
 
     @property
+    def local_url(self) -> str:
+        """The URL of a server bound to host:port, from the same machine (a wildcard bind
+        answers on loopback): where `incrementer top` and `incrementer incr` look by default."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
     def auth_required(self) -> bool:
         """auto: keys are required unless the service is bound to loopback only."""
         return self.auth == "required" or (self.auth == "auto" and not self.loopback)

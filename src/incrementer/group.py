@@ -49,6 +49,8 @@ GAUGE_MODES = {
     "incrementer_oldest_pending_seconds": "livemax",  # the alert is about the worst worker
     "incrementer_flush_interval_seconds": "livemax",
     "incrementer_build_info": "livemax",
+    # Each worker's gauge is the group's verdict; a frozen worker's stale 1 must not hide it.
+    "incrementer_ready": "livemin",
     "process_start_time_seconds": "livemin",
     "process_max_fds": "livemin",
 }

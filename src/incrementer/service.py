@@ -113,7 +113,7 @@ class Service:
         self._background.append(asyncio.create_task(self._sweep_idempotency_keys()))
         self.server = HttpServer(app, self.gate, s, self.metrics)
         self.metrics.build_info = {"version": build.version(), "build": build.name()}
-        self._register_gauges()
+        self._register_gauges(app)
         if self.group is not None:
             self.group.join(self.metrics, app, self.request_stop)
             self._background.append(asyncio.create_task(self.group.run(), name="group"))
@@ -219,7 +219,7 @@ class Service:
         self.wal = wal
         return wal
 
-    def _register_gauges(self) -> None:
+    def _register_gauges(self, app: App) -> None:
         flusher, metrics = self.flusher, self.metrics
         assert flusher is not None and self.server is not None
         server = self.server
@@ -237,6 +237,11 @@ class Service:
             "incrementer_flush_interval_seconds",
             "The current flush interval (--flush-interval, stretched while flushes are slow).",
             lambda: flusher.interval,
+        )
+        metrics.gauge(
+            "incrementer_ready",
+            "1 when /readyz answers 200, 0 when it answers 503 (it says why); a group's verdict.",
+            lambda: 1.0 if app.ready(time.monotonic()) else 0.0,
         )
         metrics.gauge(
             "incrementer_open_connections",
