@@ -1,0 +1,244 @@
+"""The promises that hold the design up, each made to fail for real: a database that refuses a
+write, a server killed with -9 while shedding load, a batch that would go past the key budget."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support import db_execute, db_totals, kill, run_service, settings_for, spawned
+
+from incrementer.store import BackendError, Store, open_store, parse_database_url
+from incrementer.store.migrate import migrate
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    await asyncio.to_thread(migrate, db_url)
+    opened = open_store(db_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def applied_seq_in_db(db_url: str, node: str) -> int | None:
+    """The ledger row of node as another connection sees it: None when there is no row."""
+    engine, target = parse_database_url(db_url)
+    sql = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = "
+    if engine == "sqlite":
+        conn = sqlite3.connect(target)
+        try:
+            rows = conn.execute(sql + "?", (node,)).fetchall()
+        finally:
+            conn.close()
+        return int(rows[0][0]) if rows else None
+    import asyncpg
+
+    pg = await asyncpg.connect(target)
+    try:
+        value = await pg.fetchval(sql + "$1", node)
+    finally:
+        await pg.close()
+    return None if value is None else int(value)
+
+
+async def refuse_writes(db_url: str, table: str, column: str, value: str) -> str:
+    """A trigger that makes every INSERT or UPDATE of the row `column = value` of `table` fail,
+    the way a database refuses a write (a constraint, a full disk). Returns its name."""
+    name = f"refuse_{table}_{uid()}"
+    message = f"refused by the test trigger {name}"
+    if parse_database_url(db_url)[0] == "sqlite":
+        for event in ("INSERT", "UPDATE"):
+            await db_execute(
+                db_url,
+                f"CREATE TRIGGER {name}_{event.lower()} BEFORE {event} ON {table}"
+                f" WHEN NEW.{column} = '{value}'"
+                f" BEGIN SELECT RAISE(ABORT, '{message}'); END",
+            )
+        return name
+    await db_execute(
+        db_url,
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$"
+        f" BEGIN RAISE EXCEPTION '{message}'; END $$",
+    )
+    await db_execute(
+        db_url,
+        f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
+        f" WHEN (NEW.{column} = '{value}') EXECUTE FUNCTION {name}()",
+    )
+    return name
+
+
+async def allow_writes(db_url: str, table: str, name: str) -> None:
+    if parse_database_url(db_url)[0] == "sqlite":
+        for event in ("insert", "update"):
+            await db_execute(db_url, f"DROP TRIGGER {name}_{event}")
+        return
+    await db_execute(db_url, f"DROP TRIGGER {name} ON {table}")
+    await db_execute(db_url, f"DROP FUNCTION {name}()")
+
+
+# --- exactly once: the ledger and the counters commit together, or neither does ---------------
+
+
+@pytest.mark.parametrize("history", ["first flush of the node", "node with an applied batch"])
+async def test_a_refused_ledger_write_leaves_the_counters_unchanged(
+    store: Store, db_url: str, history: str
+) -> None:
+    """When the database refuses the applied_seq write, apply_batch raises BackendError and no
+    counter moved; once the database accepts it again the retry lands exactly once."""
+    node, old, new = uid(), f"old-{uid()}", f"new-{uid()}"
+    seq = 1
+    before: dict[str, int] = {}
+    if history == "node with an applied batch":
+        await store.apply_batch(node, 1, {old: 10})
+        seq, before = 2, {old: 10}
+    trigger = await refuse_writes(db_url, "incrementer_nodes", "node_id", node)
+    try:
+        with pytest.raises(BackendError, match="refused by the test trigger"):
+            await store.apply_batch(node, seq, {old: 1, new: 5})
+        assert await db_totals(db_url, [old, new]) == before
+        assert await applied_seq_in_db(db_url, node) == (None if seq == 1 else seq - 1)
+    finally:
+        await allow_writes(db_url, "incrementer_nodes", trigger)
+    assert (await store.apply_batch(node, seq, {old: 1, new: 5})).applied
+    assert not (await store.apply_batch(node, seq, {old: 1, new: 5})).applied
+    assert await db_totals(db_url, [old, new]) == {old: before.get(old, 0) + 1, new: 5}
+    assert await applied_seq_in_db(db_url, node) == seq
+
+
+async def test_a_refused_counter_write_leaves_the_ledger_unchanged(
+    store: Store, db_url: str
+) -> None:
+    """When the database refuses one counter's write, the batch's other counters and its
+    applied_seq are not committed either, and the retry lands exactly once."""
+    node, good, poison = uid(), f"good-{uid()}", f"poison-{uid()}"
+    await store.apply_batch(node, 1, {good: 1})
+    trigger = await refuse_writes(db_url, "counters", "key", poison)
+    try:
+        with pytest.raises(BackendError, match="refused by the test trigger"):
+            await store.apply_batch(node, 2, {good: 1, poison: 1})
+        assert await db_totals(db_url, [good, poison]) == {good: 1}
+        assert await applied_seq_in_db(db_url, node) == 1
+    finally:
+        await allow_writes(db_url, "counters", trigger)
+    assert (await store.apply_batch(node, 2, {good: 1, poison: 1})).applied
+    assert not (await store.apply_batch(node, 2, {good: 1, poison: 1})).applied
+    assert await db_totals(db_url, [good, poison]) == {good: 2, poison: 1}
+
+
+# --- load shedding -----------------------------------------------------------------------------
+
+
+def _serve_args(tmp_path: Path, db_url: str, **flags: str) -> list[str]:
+    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_shed_increments_are_not_logged_so_a_restart_does_not_apply_them(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """An increment refused with 503 (--max-pending-keys spent) is not in the WAL: after kill -9
+    and a restart the database holds exactly the increments that got 202, by every route."""
+    prefix = uid()
+    pending = [f"{prefix}-pending-{i}" for i in range(6)]
+    refused = [f"{prefix}-refused-{i}" for i in range(4)]
+    args = _serve_args(tmp_path, sqlite_url, flush_max_keys="4", max_pending_keys="6")
+    expected = {key: i + 1 for i, key in enumerate(pending)}
+    with spawned(args) as server:
+        # The write lock held by another connection keeps every flush from committing, so the
+        # six distinct keys stay pending (in the buffer or in the batch in flight).
+        blocker = sqlite3.connect(parse_database_url(sqlite_url)[1], isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                for key, value in expected.items():
+                    resp = await client.post("/increment", json={"key": key, "value": value})
+                    assert resp.status_code == 202, resp.text
+                shed = [
+                    await client.post("/increment", json={"key": refused[0], "value": 100}),
+                    await client.post(
+                        "/increment", content=f"key={refused[1]}&value=100", headers=FORM
+                    ),
+                    await client.post(
+                        "/increments",
+                        json=[{"key": pending[0], "value": 100}, {"key": refused[2], "value": 1}],
+                    ),
+                    await client.post("/increments", json=[{"key": refused[3], "value": 100}]),
+                ]
+                assert [r.status_code for r in shed] == [503] * 4, [r.text for r in shed]
+                assert all(r.json()["error"] == "overloaded" for r in shed)
+                # Keys already pending cost no memory: still accepted, and must survive.
+                resp = await client.post("/increment", json={"key": pending[0], "value": 1000})
+                assert resp.status_code == 202
+                resp = await client.post(
+                    "/increments",
+                    json=[{"key": pending[1], "value": 1000}, {"key": pending[2], "value": 1000}],
+                )
+                assert resp.status_code == 202
+                for key in pending[:3]:
+                    expected[key] += 1000
+            kill(server.proc)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    with spawned(args) as server:  # replays the WAL and flushes it on the way out
+        assert server.stop() == 0
+    assert await db_totals(sqlite_url, pending + refused) == expected
+
+
+async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """POST /increments is refused when the keys already pending plus the batch's new keys would
+    pass --max-pending-keys, and accepted when they exactly reach it (duplicates and pending
+    keys in the batch cost nothing); a refused batch changes nothing."""
+    prefix = uid()
+    pending = [f"{prefix}-pending-{i}" for i in range(3)]
+    new = [f"{prefix}-new-{i}" for i in range(4)]
+    # No flush during the test: the interval is far away and the buffer stays under
+    # --flush-max-keys until the last batch, so the three pending keys are all in the buffer.
+    settings = settings_for(
+        tmp_path,
+        sqlite_url,
+        flush_interval=600.0,
+        lag_bound=3600.0,
+        flush_max_keys=4,
+        max_pending_keys=6,
+    )
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        for key in pending:
+            assert (
+                await client.post("/increment", json={"key": key, "value": 1})
+            ).status_code == 202
+        assert len(svc.buffer.deltas) == 3
+        too_many = await client.post("/increments", json=[{"key": k, "value": 1} for k in new])
+        assert too_many.status_code == 503, too_many.text  # 3 pending + 4 new > 6
+        assert too_many.headers["retry-after"] == "1"
+        assert sorted(svc.buffer.deltas) == sorted(pending)
+        assert (await client.get(f"/counters/{new[0]}")).status_code == 404
+        exactly = [*pending, new[0], new[0], new[1], new[2]]  # 3 pending + 3 new == 6
+        resp = await client.post("/increments", json=[{"key": k, "value": 1} for k in exactly])
+        assert resp.status_code == 202, resp.text
+    assert await db_totals(sqlite_url, pending + new) == {
+        pending[0]: 2,
+        pending[1]: 2,
+        pending[2]: 2,
+        new[0]: 2,
+        new[1]: 1,
+        new[2]: 1,
+    }
