@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import db_execute, db_totals, kill, run_service, settings_for, spawned
+from support import db_execute, db_totals, kill, run_service, settings_for, spawned, wait_until
 
 from incrementer.store import BackendError, Store, open_store, parse_database_url
 from incrementer.store.migrate import migrate
@@ -51,17 +51,17 @@ async def applied_seq_in_db(db_url: str, node: str) -> int | None:
     return None if value is None else int(value)
 
 
-async def refuse_writes(db_url: str, table: str, column: str, value: str) -> str:
-    """A trigger that makes every INSERT or UPDATE of the row `column = value` of `table` fail,
-    the way a database refuses a write (a constraint, a full disk). Returns its name."""
+async def refuse_writes(db_url: str, table: str, when: str) -> str:
+    """A trigger that makes every INSERT or UPDATE of a row of `table` matching the SQL condition
+    `when` (on NEW) fail, the way a database refuses a write (a constraint, a full disk).
+    Returns its name, for allow_writes."""
     name = f"refuse_{table}_{uid()}"
     message = f"refused by the test trigger {name}"
     if parse_database_url(db_url)[0] == "sqlite":
         for event in ("INSERT", "UPDATE"):
             await db_execute(
                 db_url,
-                f"CREATE TRIGGER {name}_{event.lower()} BEFORE {event} ON {table}"
-                f" WHEN NEW.{column} = '{value}'"
+                f"CREATE TRIGGER {name}_{event.lower()} BEFORE {event} ON {table} WHEN {when}"
                 f" BEGIN SELECT RAISE(ABORT, '{message}'); END",
             )
         return name
@@ -73,7 +73,7 @@ async def refuse_writes(db_url: str, table: str, column: str, value: str) -> str
     await db_execute(
         db_url,
         f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
-        f" WHEN (NEW.{column} = '{value}') EXECUTE FUNCTION {name}()",
+        f" WHEN ({when}) EXECUTE FUNCTION {name}()",
     )
     return name
 
@@ -102,7 +102,7 @@ async def test_a_refused_ledger_write_leaves_the_counters_unchanged(
     if history == "node with an applied batch":
         await store.apply_batch(node, 1, {old: 10})
         seq, before = 2, {old: 10}
-    trigger = await refuse_writes(db_url, "incrementer_nodes", "node_id", node)
+    trigger = await refuse_writes(db_url, "incrementer_nodes", f"NEW.node_id = '{node}'")
     try:
         with pytest.raises(BackendError, match="refused by the test trigger"):
             await store.apply_batch(node, seq, {old: 1, new: 5})
@@ -123,7 +123,7 @@ async def test_a_refused_counter_write_leaves_the_ledger_unchanged(
     applied_seq are not committed either, and the retry lands exactly once."""
     node, good, poison = uid(), f"good-{uid()}", f"poison-{uid()}"
     await store.apply_batch(node, 1, {good: 1})
-    trigger = await refuse_writes(db_url, "counters", "key", poison)
+    trigger = await refuse_writes(db_url, "counters", f"NEW.key = '{poison}'")
     try:
         with pytest.raises(BackendError, match="refused by the test trigger"):
             await store.apply_batch(node, 2, {good: 1, poison: 1})
@@ -157,48 +157,61 @@ async def test_shed_increments_are_not_logged_so_a_restart_does_not_apply_them(
     prefix = uid()
     pending = [f"{prefix}-pending-{i}" for i in range(6)]
     refused = [f"{prefix}-refused-{i}" for i in range(4)]
-    args = _serve_args(tmp_path, sqlite_url, flush_max_keys="4", max_pending_keys="6")
+    # No flush but the one --flush-max-keys triggers, and that one cannot commit.
+    args = _serve_args(
+        tmp_path,
+        sqlite_url,
+        flush_interval="600",
+        lag_bound="3600",
+        flush_max_keys="4",
+        max_pending_keys="6",
+    )
     expected = {key: i + 1 for i, key in enumerate(pending)}
     with spawned(args) as server:
-        # The write lock held by another connection keeps every flush from committing, so the
-        # six distinct keys stay pending (in the buffer or in the batch in flight).
-        blocker = sqlite3.connect(parse_database_url(sqlite_url)[1], isolation_level=None)
-        try:
-            blocker.execute("BEGIN IMMEDIATE")
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                for key, value in expected.items():
-                    resp = await client.post("/increment", json={"key": key, "value": value})
-                    assert resp.status_code == 202, resp.text
-                shed = [
-                    await client.post("/increment", json={"key": refused[0], "value": 100}),
-                    await client.post(
-                        "/increment", content=f"key={refused[1]}&value=100", headers=FORM
-                    ),
-                    await client.post(
-                        "/increments",
-                        json=[{"key": pending[0], "value": 100}, {"key": refused[2], "value": 1}],
-                    ),
-                    await client.post("/increments", json=[{"key": refused[3], "value": 100}]),
-                ]
-                assert [r.status_code for r in shed] == [503] * 4, [r.text for r in shed]
-                assert all(r.json()["error"] == "overloaded" for r in shed)
-                # Keys already pending cost no memory: still accepted, and must survive.
-                resp = await client.post("/increment", json={"key": pending[0], "value": 1000})
-                assert resp.status_code == 202
-                resp = await client.post(
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            for key in pending[:4]:
+                resp = await client.post("/increment", json={"key": key, "value": expected[key]})
+                assert resp.status_code == 202, resp.text
+            # The four keys were cut into a batch that keeps failing: in flight from now on.
+            await wait_until(lambda: _flush_failures(client))
+            for key in pending[4:]:
+                resp = await client.post("/increment", json={"key": key, "value": expected[key]})
+                assert resp.status_code == 202, resp.text
+            shed = [
+                await client.post("/increment", json={"key": refused[0], "value": 100}),
+                await client.post(
+                    "/increment", content=f"key={refused[1]}&value=100", headers=FORM
+                ),
+                await client.post(
                     "/increments",
-                    json=[{"key": pending[1], "value": 1000}, {"key": pending[2], "value": 1000}],
-                )
-                assert resp.status_code == 202
-                for key in pending[:3]:
-                    expected[key] += 1000
-            kill(server.proc)
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
-    with spawned(args) as server:  # replays the WAL and flushes it on the way out
+                    json=[{"key": pending[4], "value": 100}, {"key": refused[2], "value": 1}],
+                ),
+                await client.post("/increments", json=[{"key": refused[3], "value": 100}]),
+            ]
+            assert [r.status_code for r in shed] == [503] * 4, [r.text for r in shed]
+            assert all(r.json()["error"] == "overloaded" for r in shed)
+            # Keys waiting in the buffer cost no memory: still accepted, and must survive.
+            resp = await client.post("/increment", json={"key": pending[4], "value": 1000})
+            assert resp.status_code == 202
+            resp = await client.post("/increments", json=[{"key": pending[5], "value": 1000}])
+            assert resp.status_code == 202
+            expected[pending[4]] += 1000
+            expected[pending[5]] += 1000
+        kill(server.proc)
+    await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+    with spawned(args) as server:  # replays the WAL, and flushes it on the way out
         assert server.stop() == 0
     assert await db_totals(sqlite_url, pending + refused) == expected
+
+
+async def _flush_failures(client: httpx.AsyncClient) -> bool:
+    """Whether a flush has failed yet, from the server's own /metrics."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "incrementer_flush_failures_total":
+            return float(value) > 0
+    raise AssertionError("/metrics has no incrementer_flush_failures_total")
 
 
 async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
