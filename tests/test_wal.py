@@ -180,6 +180,29 @@ def test_replay_refuses_to_skip_missing_frames(tmp_path: Path) -> None:
             list(wal.replay(1))
 
 
+@pytest.mark.parametrize("byte", [2, 5, 9], ids=["value low byte", "value", "value sign"])
+def test_replay_checks_the_crc_of_frames_damaged_after_open(tmp_path: Path, byte: int) -> None:
+    """A frame whose payload changed after open (here a bit of an entry's value, so it still
+    decodes) is refused by replay with a crc mismatch naming file and offset, never replayed."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES)
+        path = tmp_path / segment_name(1)
+        offset = frame_offsets(path)[1]
+        with path.open("r+b") as file:  # in place: the log keeps its file open
+            file.seek(offset + HEADER.size + byte)
+            (old,) = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([old ^ 0x01]))
+        replayed = []
+        with pytest.raises(WalCorruptError, match="crc mismatch") as raised:
+            for frame in wal.replay(0):
+                replayed.append(frame)
+        assert replayed == [(1, FRAMES[0])]
+        assert f"{path}: crc mismatch at byte offset {offset}" in str(raised.value)
+        # Frames at or below after_seq are not read, so replay past the damage goes on.
+        assert list(wal.replay(2)) == [(3, FRAMES[2]), (4, FRAMES[3])]
+
+
 def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
     """Two writers on one directory would interleave frames, so the second open fails."""
     assert issubclass(WalLockedError, OSError), "so `serve` reports it as a cannot-start error"
