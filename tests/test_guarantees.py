@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from proxy import proxy_to
 from support import db_execute, db_totals, kill, run_service, settings_for, spawned, wait_until
 
 from incrementer.store import BackendError, Store, open_store, parse_database_url
@@ -255,3 +256,65 @@ async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
         new[1]: 1,
         new[2]: 1,
     }
+
+
+# --- reads and readiness while the database refuses or is gone --------------------------------
+
+
+async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buffer(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """While a flush keeps failing, GET /counters/{key} is the persisted value plus the batch in
+    flight plus the buffer, readyz says why it is not ready and how old the oldest increment
+    is; once the database accepts the batch, it lands once and the read is unchanged."""
+    key = f"read-{uid()}"
+    settings = settings_for(tmp_path, sqlite_url, lag_bound=1.0)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        assert (await client.post("/increment", json={"key": key, "value": 10})).status_code == 202
+        await wait_until(lambda: _totals_are(sqlite_url, {key: 10}))
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        assert (await client.post("/increment", json={"key": key, "value": 3})).status_code == 202
+        await wait_until(lambda: svc.flusher.inflight is not None and svc.metrics.flush_failures)
+        assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
+        await wait_until(lambda: _not_ready_because(client, "oldest unflushed increment is"))
+        ready = (await client.get("/readyz")).json()
+        assert ready["pending_keys"] == 2  # one key, in the batch and in the buffer
+        assert ready["lag_seconds"] > settings.lag_bound
+        assert any("refused by the test trigger" in r for r in ready["reasons"]), ready
+        await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+        await wait_until(lambda: _totals_are(sqlite_url, {key: 17}))
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
+        await wait_until(lambda: _ready(client))
+
+
+async def test_readyz_follows_an_idle_database_going_away_and_back(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """With nothing to flush, the service still notices the database going away (readyz 503,
+    database unavailable) and coming back (readyz 200)."""
+    async with (
+        proxy_to(pg_url) as (proxy, via_proxy),
+        run_service(settings_for(tmp_path, via_proxy)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        await wait_until(lambda: _ready(client))
+        await proxy.cut()
+        await wait_until(lambda: _not_ready_because(client, "database unavailable"))
+        assert svc.flusher.pending_keys() == 0
+        await proxy.restore()
+        await wait_until(lambda: _ready(client))
+
+
+async def _totals_are(db_url: str, expected: dict[str, int]) -> bool:
+    return await db_totals(db_url, expected) == expected
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    resp = await client.get("/readyz")
+    return resp.status_code == 200 and resp.json()["reasons"] == []
+
+
+async def _not_ready_because(client: httpx.AsyncClient, reason: str) -> bool:
+    resp = await client.get("/readyz")
+    return resp.status_code == 503 and any(reason in r for r in resp.json()["reasons"])
