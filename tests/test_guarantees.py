@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -318,3 +319,36 @@ async def _ready(client: httpx.AsyncClient) -> bool:
 async def _not_ready_because(client: httpx.AsyncClient, reason: str) -> bool:
     resp = await client.get("/readyz")
     return resp.status_code == 503 and any(reason in r for r in resp.json()["reasons"])
+
+
+@pytest.mark.parametrize("route", ["form", "batch"])
+async def test_the_general_paths_coalesce_and_start_the_lag_clock_at_the_oldest_increment(
+    tmp_path: Path, sqlite_url: str, route: str
+) -> None:
+    """Increments of one key by form or batch (not the JSON fast path) add up in the buffer, and
+    the lag readyz reports runs from the first of them: not before it was sent, not after it
+    was acknowledged."""
+    key = f"coalesce-{uid()}"
+    settings = settings_for(tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0)
+
+    async def send(client: httpx.AsyncClient, value: int) -> None:
+        if route == "form":
+            resp = await client.post("/increment", content=f"key={key}&value={value}", headers=FORM)
+        else:
+            resp = await client.post("/increments", json=[{"key": key, "value": value}])
+        assert resp.status_code == 202, resp.text
+
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        first_sent = time.monotonic()
+        await send(client, 2)
+        first_acked = time.monotonic()
+        await asyncio.sleep(0.05)  # so that a clock restarted by a later increment shows
+        await send(client, 3)
+        assert (await client.post("/increment", json={"key": key, "value": 5})).status_code == 202
+        assert svc.flusher.commits == 0
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 10}
+        before = time.monotonic()
+        lag = (await client.get("/readyz")).json()["lag_seconds"]
+        after = time.monotonic()
+        assert round(before - first_acked, 3) - 0.001 <= lag <= round(after - first_sent, 3) + 0.001
+    assert await db_totals(sqlite_url, [key]) == {key: 10}

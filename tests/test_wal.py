@@ -402,6 +402,20 @@ def test_flipped_byte_before_valid_frames_is_refused(tmp_path: Path) -> None:
     _assert_refused(tmp_path, path, offset)
 
 
+def test_damage_is_not_a_torn_tail_when_a_magic_inside_a_key_precedes_the_next_frame(
+    tmp_path: Path,
+) -> None:
+    """The search for a valid frame after damage looks past a key that holds the magic bytes: the
+    damaged first frame is followed by good ones, so open refuses rather than truncating them."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, [[("IWAL inside a key", 1)], [("b", 2)], [("c", 3)]])
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    data[HEADER.size + 2] ^= 0x01  # the first frame's value: its crc no longer matches
+    path.write_bytes(bytes(data))
+    _assert_refused(tmp_path, path, 0)
+
+
 def test_torn_non_last_segment_is_refused(tmp_path: Path) -> None:
     """A tear in a segment with later segments after it raises, naming that segment."""
     with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
