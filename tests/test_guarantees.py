@@ -268,7 +268,7 @@ async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buf
     """While a flush keeps failing, GET /counters/{key} is the persisted value plus the batch in
     flight plus the buffer, readyz says why it is not ready and how old the oldest increment
     is; once the database accepts the batch, it lands once and the read is unchanged."""
-    key = f"read-{uid()}"
+    key, other = f"read-{uid()}", f"other-{uid()}"
     settings = settings_for(tmp_path, sqlite_url, lag_bound=1.0)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         assert (await client.post("/increment", json={"key": key, "value": 10})).status_code == 202
@@ -276,15 +276,18 @@ async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buf
         ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
         assert (await client.post("/increment", json={"key": key, "value": 3})).status_code == 202
         await wait_until(lambda: svc.flusher.inflight is not None and svc.metrics.flush_failures)
-        assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
-        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
+        # The buffer is empty: the lag is the batch in flight's alone.
         await wait_until(lambda: _not_ready_because(client, "oldest unflushed increment is"))
+        assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
+        assert (await client.post("/increment", json={"key": other, "value": 1})).status_code == 202
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
+        assert (await client.get(f"/counters/{other}")).json() == {"key": other, "value": 1}
         ready = (await client.get("/readyz")).json()
-        assert ready["pending_keys"] == 2  # one key, in the batch and in the buffer
+        assert ready["pending_keys"] == 3  # key in the batch and in the buffer, other in the buffer
         assert ready["lag_seconds"] > settings.lag_bound
         assert any("refused by the test trigger" in r for r in ready["reasons"]), ready
         await allow_writes(sqlite_url, "incrementer_nodes", ledger)
-        await wait_until(lambda: _totals_are(sqlite_url, {key: 17}))
+        await wait_until(lambda: _totals_are(sqlite_url, {key: 17, other: 1}))
         assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
         await wait_until(lambda: _ready(client))
 
