@@ -13,7 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 from proxy import proxy_to
-from support import db_execute, db_totals, kill, run_service, settings_for, spawned, wait_until
+from support import (
+    ErrorLog,
+    db_execute,
+    db_totals,
+    kill,
+    load,
+    run_service,
+    settings_for,
+    spawned,
+    wait_until,
+)
 
 from incrementer.store import BackendError, Store, open_store, parse_database_url
 from incrementer.store.migrate import migrate
@@ -304,7 +314,7 @@ async def test_readyz_follows_an_idle_database_going_away_and_back(
     ):
         await wait_until(lambda: _ready(client))
         await proxy.cut()
-        await wait_until(lambda: _not_ready_because(client, "database unavailable"))
+        await wait_until(lambda: _not_ready_because(client, "database unavailable: PostgreSQL at"))
         assert svc.flusher.pending_keys() == 0
         await proxy.restore()
         await wait_until(lambda: _ready(client))
@@ -355,3 +365,23 @@ async def test_the_general_paths_coalesce_and_start_the_lag_clock_at_the_oldest_
         after = time.monotonic()
         assert round(before - first_acked, 3) - 0.001 <= lag <= round(after - first_sent, 3) + 0.001
     assert await db_totals(sqlite_url, [key]) == {key: 10}
+
+
+async def test_wal_fsync_mode_acknowledges_only_after_the_fsync(
+    tmp_path: Path, db_url: str, error_log: ErrorLog
+) -> None:
+    """In --durability wal-fsync, pipelined increments on many connections are all answered 202
+    through the fsync worker, every fsync covers what was written before it, and the totals are
+    exact."""
+    prefix = uid()
+    items = [(f"{prefix}-{i % 50}", 1 + i % 3) for i in range(3000)]
+    settings = settings_for(tmp_path, db_url, durability="wal-fsync")
+    async with run_service(settings) as svc:
+        result = await load(svc.url, items, connections=8, pipeline=16)
+        assert result.statuses == {202: len(items)}
+        assert svc.wal is not None and svc.wal.synced_bytes == svc.wal.written_bytes > 0
+    expected: dict[str, int] = {}
+    for key, value in items:
+        expected[key] = expected.get(key, 0) + value
+    assert await db_totals(db_url, expected) == expected
+    assert error_log.since(0) == []
