@@ -416,6 +416,16 @@ def test_damage_is_not_a_torn_tail_when_a_magic_inside_a_key_precedes_the_next_f
     _assert_refused(tmp_path, path, 0)
 
 
+def test_a_stray_byte_before_the_last_frame_is_refused(tmp_path: Path) -> None:
+    """One byte inserted before the last frame shifts it by one: it is still found (a valid frame
+    after damage), so open refuses instead of cutting it off as a torn tail."""
+    path = _log_with_frames(tmp_path)
+    offset = frame_offsets(path)[-1]
+    data = path.read_bytes()
+    path.write_bytes(data[:offset] + b"\x00" + data[offset:])
+    _assert_refused(tmp_path, path, offset)
+
+
 def test_torn_non_last_segment_is_refused(tmp_path: Path) -> None:
     """A tear in a segment with later segments after it raises, naming that segment."""
     with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
