@@ -334,18 +334,20 @@ async def _not_ready_because(client: httpx.AsyncClient, reason: str) -> bool:
     return resp.status_code == 503 and any(reason in r for r in resp.json()["reasons"])
 
 
-@pytest.mark.parametrize("route", ["form", "batch"])
-async def test_the_general_paths_coalesce_and_start_the_lag_clock_at_the_oldest_increment(
+@pytest.mark.parametrize("route", ["json", "form", "batch"])
+async def test_every_route_coalesces_and_starts_the_lag_clock_at_the_oldest_increment(
     tmp_path: Path, sqlite_url: str, route: str
 ) -> None:
-    """Increments of one key by form or batch (not the JSON fast path) add up in the buffer, and
-    the lag readyz reports runs from the first of them: not before it was sent, not after it
-    was acknowledged."""
+    """Increments of one key by JSON (the fast path), form or batch add up in the buffer, and the
+    lag readyz reports runs from the first of them: not before it was sent, not after it was
+    acknowledged."""
     key = f"coalesce-{uid()}"
     settings = settings_for(tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0)
 
     async def send(client: httpx.AsyncClient, value: int) -> None:
-        if route == "form":
+        if route == "json":
+            resp = await client.post("/increment", json={"key": key, "value": value})
+        elif route == "form":
             resp = await client.post("/increment", content=f"key={key}&value={value}", headers=FORM)
         else:
             resp = await client.post("/increments", json=[{"key": key, "value": value}])
@@ -385,3 +387,36 @@ async def test_wal_fsync_mode_acknowledges_only_after_the_fsync(
         expected[key] = expected.get(key, 0) + value
     assert await db_totals(db_url, expected) == expected
     assert error_log.since(0) == []
+
+
+async def test_wal_mode_fsyncs_on_its_interval(tmp_path: Path, sqlite_url: str) -> None:
+    """In --durability wal, what was written to the WAL is fdatasynced by the periodic sync
+    (--fsync-interval) without any request waiting for it, again after each new write."""
+    settings = settings_for(tmp_path, sqlite_url, durability="wal", fsync_interval=0.05)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        wal = svc.wal
+        assert wal is not None
+        for value in (1, 2):
+            resp = await client.post("/increment", json={"key": "periodic", "value": value})
+            assert resp.status_code == 202
+            written = wal.written_bytes
+            await wait_until(lambda: wal.synced_bytes >= written > 0)  # noqa: B023
+    assert await db_totals(sqlite_url, ["periodic"]) == {"periodic": 3}
+
+
+async def test_a_stop_while_the_database_refuses_keeps_the_batch_for_the_next_start(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A graceful stop while every flush fails gives up at the shutdown deadline instead of
+    hanging, and the next start replays the WAL and applies the batch exactly once."""
+    key = f"stop-{uid()}"
+    settings = settings_for(tmp_path, sqlite_url, shutdown_timeout=0.5)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        assert (await client.post("/increment", json={"key": key, "value": 7})).status_code == 202
+        await wait_until(lambda: svc.metrics.flush_failures > 0)
+    assert await db_totals(sqlite_url, [key]) == {}
+    await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+    async with run_service(settings):
+        pass  # replay, then the final flush on the way out
+    assert await db_totals(sqlite_url, [key]) == {key: 7}
