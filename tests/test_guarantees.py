@@ -420,3 +420,24 @@ async def test_a_stop_while_the_database_refuses_keeps_the_batch_for_the_next_st
     async with run_service(settings):
         pass  # replay, then the final flush on the way out
     assert await db_totals(sqlite_url, [key]) == {key: 7}
+
+
+async def test_the_buffer_is_cut_when_it_holds_flush_max_keys_keys(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """With the interval far away, the buffer is flushed as soon as it holds --flush-max-keys
+    distinct keys, not one key later, and not before."""
+    prefix = uid()
+    settings = settings_for(
+        tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0, flush_max_keys=3
+    )
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        for i in range(3):
+            resp = await client.post("/increment", json={"key": f"{prefix}-{i}", "value": 1})
+            assert resp.status_code == 202
+            if i < 2:
+                assert svc.flusher.commits == 0 and svc.flusher.inflight is None
+        await wait_until(lambda: svc.flusher.commits == 1)
+        assert await db_totals(sqlite_url, [f"{prefix}-{i}" for i in range(3)]) == {
+            f"{prefix}-{i}": 1 for i in range(3)
+        }

@@ -183,11 +183,12 @@ def test_replay_refuses_to_skip_missing_frames(tmp_path: Path) -> None:
 @pytest.mark.parametrize("byte", [2, 5, 9], ids=["value low byte", "value", "value sign"])
 def test_replay_checks_the_crc_of_frames_damaged_after_open(tmp_path: Path, byte: int) -> None:
     """A frame whose payload changed after open (here a bit of an entry's value, so it still
-    decodes) is refused by replay with a crc mismatch naming file and offset, never replayed."""
+    decodes) is refused by replay with a crc mismatch naming file and offset, never replayed;
+    the offset is counted right across skipped and replayed frames."""
     with WriteAheadLog.open(tmp_path) as wal:
         write_frames(wal, FRAMES)
         path = tmp_path / segment_name(1)
-        offset = frame_offsets(path)[1]
+        offset = frame_offsets(path)[3]
         with path.open("r+b") as file:  # in place: the log keeps its file open
             file.seek(offset + HEADER.size + byte)
             (old,) = file.read(1)
@@ -195,12 +196,12 @@ def test_replay_checks_the_crc_of_frames_damaged_after_open(tmp_path: Path, byte
             file.write(bytes([old ^ 0x01]))
         replayed = []
         with pytest.raises(WalCorruptError, match="crc mismatch") as raised:
-            for frame in wal.replay(0):
+            for frame in wal.replay(2):  # frames 1-2 skipped, 3 replayed, 4 damaged
                 replayed.append(frame)
-        assert replayed == [(1, FRAMES[0])]
+        assert replayed == [(3, FRAMES[2])]
         assert f"{path}: crc mismatch at byte offset {offset}" in str(raised.value)
-        # Frames at or below after_seq are not read, so replay past the damage goes on.
-        assert list(wal.replay(2)) == [(3, FRAMES[2]), (4, FRAMES[3])]
+        # Frames at or below after_seq are only skipped, their payload unread.
+        assert list(wal.replay(4)) == []
 
 
 def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
