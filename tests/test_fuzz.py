@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode
 
 import httptools
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from support import ErrorLog, db_totals, host_port, run_service, settings_for, wait_until
 
@@ -107,9 +107,30 @@ def _form_increment(body: bytes) -> tuple[str, int] | None:
     fields = dict(pairs)
     if len(pairs) != 2 or set(fields) != {"key", "value"}:
         return None
-    if not re.fullmatch("-?[0-9]{1,20}", fields["value"]):
+    value = form_integer(fields["value"])
+    return None if value is None else (fields["key"], value)
+
+
+ASCII_DIGITS = "0123456789"
+# The server also refuses more than 20 digits, even zero-padded ones whose value fits: a guard
+# against parsing huge numbers that the documents do not state.
+MAX_DIGITS = 20
+
+
+def form_integer(text: str) -> int | None:
+    """A form field's integer as README and openapi.json define it: an optional `-`, then ASCII
+    digits (no `+`, spaces, `_` or other scripts' digits, all of which Python's int() takes).
+    Worked out digit by digit, so it shares nothing with the server's parsing."""
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
+    if not 1 <= len(digits) <= MAX_DIGITS:
         return None
-    return fields["key"], int(fields["value"])
+    value = 0
+    for char in digits:
+        if char not in ASCII_DIGITS:
+            return None
+        value = value * 10 + ASCII_DIGITS.index(char)
+    return -value if negative else value
 
 
 # --- strategies: bodies --------------------------------------------------------------------
@@ -253,6 +274,33 @@ def encoded(fields: st.SearchStrategy[dict[str, object]]) -> st.SearchStrategy[B
     return as_json | as_form
 
 
+# Values that int() reads as numbers although the documents say no: a sign other than `-`,
+# whitespace, `_` separators, digits of other scripts (Arabic-Indic, fullwidth).
+LOOSE_INTEGERS = [
+    "+5",
+    " 5",
+    "5 ",
+    "\t5",
+    "1_000",
+    "-1_0",
+    "\u0665",
+    "\u0661\u0662",
+    "\uff15",
+    "--5",
+    "-",
+    "+-5",
+]
+form_values = st.one_of(
+    st.sampled_from(LOOSE_INTEGERS),
+    st.text(alphabet="0123456789-+_ \t\u0665\u0660\uff15", max_size=8),
+)
+loose_form_bodies = st.builds(
+    lambda value, plus: Body(
+        FORM, fields={"key": PREFIX + "form-value", "value": value}, form=True, ascii_only=plus
+    ),
+    form_values,
+    st.booleans(),
+)
 raw_form_bodies = st.text(alphabet="keyvalu=&%+-;09aéF\x00 ", max_size=40).map(
     lambda s: Body(FORM, data=s.encode())
 )
@@ -325,6 +373,7 @@ bodies = st.one_of(
     st.one_of(
         encoded(broken_fields),
         raw_form_bodies,
+        loose_form_bodies,
         random_json_bodies,
         bad_utf8_keys,
         odd_json,
@@ -399,6 +448,47 @@ def assert_error_body(status: int, headers: dict[str, str], data: bytes) -> None
 
 # --- (a) bodies ------------------------------------------------------------------------------
 
+# Form bodies whose value Python's int() accepts and the documents refuse: `+5` (a raw `+` is a
+# space in a form, so `+5` is " 5"), `%2B5`, `1_000`, `%D9%A5` (Arabic-Indic five).
+LOOSE_FORM_BODIES = [
+    b"key=loose&value=+5",
+    b"key=loose&value=%2B5",
+    b"key=loose&value=1_000",
+    b"key=loose&value=%D9%A5",
+]
+
+
+def test_the_form_oracle_takes_only_ascii_digits() -> None:
+    """The fuzz test's reference refuses what int() would take, and reads plain digits."""
+    for body in LOOSE_FORM_BODIES:
+        assert expected_outcome(FORM, body) == (400, "", 0), body
+    for text in LOOSE_INTEGERS:
+        assert form_integer(text) is None, text
+    assert form_integer("007") == 7
+    assert form_integer("-9223372036854775808") == -(2**63)
+    assert form_integer("1" * 21) is None
+
+
+async def test_form_values_int_would_take_are_refused(tmp_path: Path, sqlite_url: str) -> None:
+    """Form values outside `-?[0-9]+` that int() reads as numbers (`+5`, `%2B5`, `1_000`,
+    Arabic-Indic digits) get 400 invalid_value and change nothing."""
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        client = Client(svc.url)
+        try:
+            for body in LOOSE_FORM_BODIES:
+                status, _, answer = await asyncio.to_thread(
+                    client.send, "POST", "/increment", body, FORM
+                )
+                assert status == 400, (body, status, answer)
+                assert json.loads(answer)["error"] == "invalid_value", (body, answer)
+            ok = await asyncio.to_thread(
+                client.send, "POST", "/increment", b"key=loose&value=007", FORM
+            )
+            assert ok[0] == 202
+        finally:
+            client.close()
+    assert await db_totals(sqlite_url, ["loose"]) == {"loose": 7}
+
 
 async def test_generated_bodies_count_exactly(
     tmp_path: Path, db_url: str, error_log: ErrorLog
@@ -414,6 +504,7 @@ async def test_generated_bodies_count_exactly(
 
         @settings(FUZZ, max_examples=1000)
         @given(st.lists(posts(), min_size=1, max_size=8))
+        @example([(FORM, Body(FORM, data=data)) for data in LOOSE_FORM_BODIES])
         def bodies_are_answered(batch: list[tuple[str | None, Body]]) -> None:
             mark = len(error_log.records)
             sent = []

@@ -222,8 +222,31 @@ async def test_list_keys_by_prefix(store: Store) -> None:
 
 
 async def test_ping(store: Store) -> None:
-    """ping() succeeds on a live database."""
-    await store.ping()
+    """ping() returns on a live database, and raises once the store is closed."""
+    assert await store.ping() is None
+    await store.close()
+    with pytest.raises(RuntimeError, match="is not open"):
+        await store.ping()
+
+
+async def test_ping_of_a_dropped_postgres_database_raises_backend_error(pg_admin_url: str) -> None:
+    """ping() of a PostgreSQL database that is gone raises BackendError (what readyz reports)."""
+    name = f"incrementer_ping_{uid()}"
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        store = PostgresStore(pg_admin_url.rsplit("/", 1)[0] + "/" + name)
+        await store.open()
+        try:
+            await store.ping()
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            with pytest.raises(BackendError, match=name):
+                await store.ping()
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 async def test_concurrent_writers_add_up(db_url: str) -> None:

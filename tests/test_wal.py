@@ -180,6 +180,30 @@ def test_replay_refuses_to_skip_missing_frames(tmp_path: Path) -> None:
             list(wal.replay(1))
 
 
+@pytest.mark.parametrize("byte", [2, 5, 9], ids=["value low byte", "value", "value sign"])
+def test_replay_checks_the_crc_of_frames_damaged_after_open(tmp_path: Path, byte: int) -> None:
+    """A frame whose payload changed after open (here a bit of an entry's value, so it still
+    decodes) is refused by replay with a crc mismatch naming file and offset, never replayed;
+    the offset is counted right across skipped and replayed frames."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, FRAMES)
+        path = tmp_path / segment_name(1)
+        offset = frame_offsets(path)[3]
+        with path.open("r+b") as file:  # in place: the log keeps its file open
+            file.seek(offset + HEADER.size + byte)
+            (old,) = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([old ^ 0x01]))
+        replayed = []
+        with pytest.raises(WalCorruptError, match="crc mismatch") as raised:
+            for frame in wal.replay(2):  # frames 1-2 skipped, 3 replayed, 4 damaged
+                replayed.append(frame)
+        assert replayed == [(3, FRAMES[2])]
+        assert f"{path}: crc mismatch at byte offset {offset}" in str(raised.value)
+        # Frames at or below after_seq are only skipped, their payload unread.
+        assert list(wal.replay(4)) == []
+
+
 def test_second_open_of_the_same_directory_is_refused(tmp_path: Path) -> None:
     """Two writers on one directory would interleave frames, so the second open fails."""
     assert issubclass(WalLockedError, OSError), "so `serve` reports it as a cannot-start error"
@@ -376,6 +400,30 @@ def test_flipped_byte_before_valid_frames_is_refused(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[offset + HEADER.size + 4] ^= 0x01
     path.write_bytes(bytes(data))
+    _assert_refused(tmp_path, path, offset)
+
+
+def test_damage_is_not_a_torn_tail_when_a_magic_inside_a_key_precedes_the_next_frame(
+    tmp_path: Path,
+) -> None:
+    """The search for a valid frame after damage looks past a key that holds the magic bytes: the
+    damaged first frame is followed by good ones, so open refuses rather than truncating them."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        write_frames(wal, [[("IWAL inside a key", 1)], [("b", 2)], [("c", 3)]])
+    path = tmp_path / segment_name(1)
+    data = bytearray(path.read_bytes())
+    data[HEADER.size + 2] ^= 0x01  # the first frame's value: its crc no longer matches
+    path.write_bytes(bytes(data))
+    _assert_refused(tmp_path, path, 0)
+
+
+def test_a_stray_byte_before_the_last_frame_is_refused(tmp_path: Path) -> None:
+    """One byte inserted before the last frame shifts it by one: it is still found (a valid frame
+    after damage), so open refuses instead of cutting it off as a torn tail."""
+    path = _log_with_frames(tmp_path)
+    offset = frame_offsets(path)[-1]
+    data = path.read_bytes()
+    path.write_bytes(data[:offset] + b"\x00" + data[offset:])
     _assert_refused(tmp_path, path, offset)
 
 

@@ -1,0 +1,443 @@
+"""The promises that hold the design up, each made to fail for real: a database that refuses a
+write, a server killed with -9 while shedding load, a batch that would go past the key budget."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from proxy import proxy_to
+from support import (
+    ErrorLog,
+    db_execute,
+    db_totals,
+    kill,
+    load,
+    run_service,
+    settings_for,
+    spawned,
+    wait_until,
+)
+
+from incrementer.store import BackendError, Store, open_store, parse_database_url
+from incrementer.store.migrate import migrate
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    await asyncio.to_thread(migrate, db_url)
+    opened = open_store(db_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def applied_seq_in_db(db_url: str, node: str) -> int | None:
+    """The ledger row of node as another connection sees it: None when there is no row."""
+    engine, target = parse_database_url(db_url)
+    sql = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = "
+    if engine == "sqlite":
+        conn = sqlite3.connect(target)
+        try:
+            rows = conn.execute(sql + "?", (node,)).fetchall()
+        finally:
+            conn.close()
+        return int(rows[0][0]) if rows else None
+    import asyncpg
+
+    pg = await asyncpg.connect(target)
+    try:
+        value = await pg.fetchval(sql + "$1", node)
+    finally:
+        await pg.close()
+    return None if value is None else int(value)
+
+
+async def refuse_writes(db_url: str, table: str, when: str) -> str:
+    """A trigger that makes every INSERT or UPDATE of a row of `table` matching the SQL condition
+    `when` (on NEW) fail, the way a database refuses a write (a constraint, a full disk).
+    Returns its name, for allow_writes."""
+    name = f"refuse_{table}_{uid()}"
+    message = f"refused by the test trigger {name}"
+    if parse_database_url(db_url)[0] == "sqlite":
+        for event in ("INSERT", "UPDATE"):
+            await db_execute(
+                db_url,
+                f"CREATE TRIGGER {name}_{event.lower()} BEFORE {event} ON {table} WHEN {when}"
+                f" BEGIN SELECT RAISE(ABORT, '{message}'); END",
+            )
+        return name
+    await db_execute(
+        db_url,
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$"
+        f" BEGIN RAISE EXCEPTION '{message}'; END $$",
+    )
+    await db_execute(
+        db_url,
+        f"CREATE TRIGGER {name} BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW"
+        f" WHEN ({when}) EXECUTE FUNCTION {name}()",
+    )
+    return name
+
+
+async def allow_writes(db_url: str, table: str, name: str) -> None:
+    if parse_database_url(db_url)[0] == "sqlite":
+        for event in ("insert", "update"):
+            await db_execute(db_url, f"DROP TRIGGER {name}_{event}")
+        return
+    await db_execute(db_url, f"DROP TRIGGER {name} ON {table}")
+    await db_execute(db_url, f"DROP FUNCTION {name}()")
+
+
+# --- exactly once: the ledger and the counters commit together, or neither does ---------------
+
+
+@pytest.mark.parametrize("history", ["first flush of the node", "node with an applied batch"])
+async def test_a_refused_ledger_write_leaves_the_counters_unchanged(
+    store: Store, db_url: str, history: str
+) -> None:
+    """When the database refuses the applied_seq write, apply_batch raises BackendError and no
+    counter moved; once the database accepts it again the retry lands exactly once."""
+    node, old, new = uid(), f"old-{uid()}", f"new-{uid()}"
+    seq = 1
+    before: dict[str, int] = {}
+    if history == "node with an applied batch":
+        await store.apply_batch(node, 1, {old: 10})
+        seq, before = 2, {old: 10}
+    trigger = await refuse_writes(db_url, "incrementer_nodes", f"NEW.node_id = '{node}'")
+    try:
+        with pytest.raises(BackendError, match="refused by the test trigger"):
+            await store.apply_batch(node, seq, {old: 1, new: 5})
+        assert await db_totals(db_url, [old, new]) == before
+        assert await applied_seq_in_db(db_url, node) == (None if seq == 1 else seq - 1)
+    finally:
+        await allow_writes(db_url, "incrementer_nodes", trigger)
+    assert (await store.apply_batch(node, seq, {old: 1, new: 5})).applied
+    assert not (await store.apply_batch(node, seq, {old: 1, new: 5})).applied
+    assert await db_totals(db_url, [old, new]) == {old: before.get(old, 0) + 1, new: 5}
+    assert await applied_seq_in_db(db_url, node) == seq
+
+
+async def test_a_refused_counter_write_leaves_the_ledger_unchanged(
+    store: Store, db_url: str
+) -> None:
+    """When the database refuses one counter's write, the batch's other counters and its
+    applied_seq are not committed either, and the retry lands exactly once."""
+    node, good, poison = uid(), f"good-{uid()}", f"poison-{uid()}"
+    await store.apply_batch(node, 1, {good: 1})
+    trigger = await refuse_writes(db_url, "counters", f"NEW.key = '{poison}'")
+    try:
+        with pytest.raises(BackendError, match="refused by the test trigger"):
+            await store.apply_batch(node, 2, {good: 1, poison: 1})
+        assert await db_totals(db_url, [good, poison]) == {good: 1}
+        assert await applied_seq_in_db(db_url, node) == 1
+    finally:
+        await allow_writes(db_url, "counters", trigger)
+    assert (await store.apply_batch(node, 2, {good: 1, poison: 1})).applied
+    assert not (await store.apply_batch(node, 2, {good: 1, poison: 1})).applied
+    assert await db_totals(db_url, [good, poison]) == {good: 2, poison: 1}
+
+
+# --- load shedding -----------------------------------------------------------------------------
+
+
+def _serve_args(tmp_path: Path, db_url: str, **flags: str) -> list[str]:
+    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_shed_increments_are_not_logged_so_a_restart_does_not_apply_them(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """An increment refused with 503 (--max-pending-keys spent) is not in the WAL: after kill -9
+    and a restart the database holds exactly the increments that got 202, by every route."""
+    prefix = uid()
+    pending = [f"{prefix}-pending-{i}" for i in range(6)]
+    refused = [f"{prefix}-refused-{i}" for i in range(4)]
+    # No flush but the one --flush-max-keys triggers, and that one cannot commit.
+    args = _serve_args(
+        tmp_path,
+        sqlite_url,
+        flush_interval="600",
+        lag_bound="3600",
+        flush_max_keys="4",
+        max_pending_keys="6",
+    )
+    expected = {key: i + 1 for i, key in enumerate(pending)}
+    with spawned(args) as server:
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            for key in pending[:4]:
+                resp = await client.post("/increment", json={"key": key, "value": expected[key]})
+                assert resp.status_code == 202, resp.text
+            # The four keys were cut into a batch that keeps failing: in flight from now on.
+            await wait_until(lambda: _flush_failures(client))
+            for key in pending[4:]:
+                resp = await client.post("/increment", json={"key": key, "value": expected[key]})
+                assert resp.status_code == 202, resp.text
+            shed = [
+                await client.post("/increment", json={"key": refused[0], "value": 100}),
+                await client.post(
+                    "/increment", content=f"key={refused[1]}&value=100", headers=FORM
+                ),
+                await client.post(
+                    "/increments",
+                    json=[{"key": pending[4], "value": 100}, {"key": refused[2], "value": 1}],
+                ),
+                await client.post("/increments", json=[{"key": refused[3], "value": 100}]),
+            ]
+            assert [r.status_code for r in shed] == [503] * 4, [r.text for r in shed]
+            assert all(r.json()["error"] == "overloaded" for r in shed)
+            # Keys waiting in the buffer cost no memory: still accepted, and must survive.
+            resp = await client.post("/increment", json={"key": pending[4], "value": 1000})
+            assert resp.status_code == 202
+            resp = await client.post("/increments", json=[{"key": pending[5], "value": 1000}])
+            assert resp.status_code == 202
+            expected[pending[4]] += 1000
+            expected[pending[5]] += 1000
+        kill(server.proc)
+    await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+    with spawned(args) as server:  # replays the WAL, and flushes it on the way out
+        assert server.stop() == 0
+    assert await db_totals(sqlite_url, pending + refused) == expected
+
+
+async def _flush_failures(client: httpx.AsyncClient) -> bool:
+    """Whether a flush has failed yet, from the server's own /metrics."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "incrementer_flush_failures_total":
+            return float(value) > 0
+    raise AssertionError("/metrics has no incrementer_flush_failures_total")
+
+
+async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """POST /increments is refused when the keys already pending plus the batch's new keys would
+    pass --max-pending-keys, and accepted when they exactly reach it (duplicates and pending
+    keys in the batch cost nothing); a refused batch changes nothing."""
+    prefix = uid()
+    pending = [f"{prefix}-pending-{i}" for i in range(3)]
+    new = [f"{prefix}-new-{i}" for i in range(4)]
+    # No flush during the test: the interval is far away and the buffer stays under
+    # --flush-max-keys until the last batch, so the three pending keys are all in the buffer.
+    settings = settings_for(
+        tmp_path,
+        sqlite_url,
+        flush_interval=600.0,
+        lag_bound=3600.0,
+        flush_max_keys=4,
+        max_pending_keys=6,
+    )
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        for key in pending:
+            assert (
+                await client.post("/increment", json={"key": key, "value": 1})
+            ).status_code == 202
+        assert len(svc.buffer.deltas) == 3
+        too_many = await client.post("/increments", json=[{"key": k, "value": 1} for k in new])
+        assert too_many.status_code == 503, too_many.text  # 3 pending + 4 new > 6
+        assert too_many.headers["retry-after"] == "1"
+        assert sorted(svc.buffer.deltas) == sorted(pending)
+        assert (await client.get(f"/counters/{new[0]}")).status_code == 404
+        exactly = [*pending, new[0], new[0], new[1], new[2]]  # 3 pending + 3 new == 6
+        resp = await client.post("/increments", json=[{"key": k, "value": 1} for k in exactly])
+        assert resp.status_code == 202, resp.text
+    assert await db_totals(sqlite_url, pending + new) == {
+        pending[0]: 2,
+        pending[1]: 2,
+        pending[2]: 2,
+        new[0]: 2,
+        new[1]: 1,
+        new[2]: 1,
+    }
+
+
+# --- reads and readiness while the database refuses or is gone --------------------------------
+
+
+async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buffer(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """While a flush keeps failing, GET /counters/{key} is the persisted value plus the batch in
+    flight plus the buffer, readyz says why it is not ready and how old the oldest increment
+    is; once the database accepts the batch, it lands once and the read is unchanged."""
+    key, other = f"read-{uid()}", f"other-{uid()}"
+    settings = settings_for(tmp_path, sqlite_url, lag_bound=1.0)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        assert (await client.post("/increment", json={"key": key, "value": 10})).status_code == 202
+        await wait_until(lambda: _totals_are(sqlite_url, {key: 10}))
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        assert (await client.post("/increment", json={"key": key, "value": 3})).status_code == 202
+        await wait_until(lambda: svc.flusher.inflight is not None and svc.metrics.flush_failures)
+        # The buffer is empty: the lag is the batch in flight's alone.
+        await wait_until(lambda: _not_ready_because(client, "oldest unflushed increment is"))
+        assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
+        assert (await client.post("/increment", json={"key": other, "value": 1})).status_code == 202
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
+        assert (await client.get(f"/counters/{other}")).json() == {"key": other, "value": 1}
+        ready = (await client.get("/readyz")).json()
+        assert ready["pending_keys"] == 3  # key in the batch and in the buffer, other in the buffer
+        assert ready["lag_seconds"] > settings.lag_bound
+        assert any("refused by the test trigger" in r for r in ready["reasons"]), ready
+        await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+        await wait_until(lambda: _totals_are(sqlite_url, {key: 17, other: 1}))
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
+        await wait_until(lambda: _ready(client))
+
+
+async def test_readyz_follows_an_idle_database_going_away_and_back(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """With nothing to flush, the service still notices the database going away (readyz 503,
+    database unavailable) and coming back (readyz 200)."""
+    async with (
+        proxy_to(pg_url) as (proxy, via_proxy),
+        run_service(settings_for(tmp_path, via_proxy)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        await wait_until(lambda: _ready(client))
+        await proxy.cut()
+        await wait_until(lambda: _not_ready_because(client, "database unavailable: PostgreSQL at"))
+        assert svc.flusher.pending_keys() == 0
+        await proxy.restore()
+        await wait_until(lambda: _ready(client))
+
+
+async def _totals_are(db_url: str, expected: dict[str, int]) -> bool:
+    return await db_totals(db_url, expected) == expected
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    resp = await client.get("/readyz")
+    return resp.status_code == 200 and resp.json()["reasons"] == []
+
+
+async def _not_ready_because(client: httpx.AsyncClient, reason: str) -> bool:
+    resp = await client.get("/readyz")
+    return resp.status_code == 503 and any(reason in r for r in resp.json()["reasons"])
+
+
+@pytest.mark.parametrize("route", ["json", "form", "batch"])
+async def test_every_route_coalesces_and_starts_the_lag_clock_at_the_oldest_increment(
+    tmp_path: Path, sqlite_url: str, route: str
+) -> None:
+    """Increments of one key by JSON (the fast path), form or batch add up in the buffer, and the
+    lag readyz reports runs from the first of them: not before it was sent, not after it was
+    acknowledged."""
+    key = f"coalesce-{uid()}"
+    settings = settings_for(tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0)
+
+    async def send(client: httpx.AsyncClient, value: int) -> None:
+        if route == "json":
+            resp = await client.post("/increment", json={"key": key, "value": value})
+        elif route == "form":
+            resp = await client.post("/increment", content=f"key={key}&value={value}", headers=FORM)
+        else:
+            resp = await client.post("/increments", json=[{"key": key, "value": value}])
+        assert resp.status_code == 202, resp.text
+
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        first_sent = time.monotonic()
+        await send(client, 2)
+        first_acked = time.monotonic()
+        await asyncio.sleep(0.05)  # so that a clock restarted by a later increment shows
+        await send(client, 3)
+        assert (await client.post("/increment", json={"key": key, "value": 5})).status_code == 202
+        assert svc.flusher.commits == 0
+        assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 10}
+        before = time.monotonic()
+        lag = (await client.get("/readyz")).json()["lag_seconds"]
+        after = time.monotonic()
+        assert round(before - first_acked, 3) - 0.001 <= lag <= round(after - first_sent, 3) + 0.001
+    assert await db_totals(sqlite_url, [key]) == {key: 10}
+
+
+async def test_wal_fsync_mode_acknowledges_only_after_the_fsync(
+    tmp_path: Path, db_url: str, error_log: ErrorLog
+) -> None:
+    """In --durability wal-fsync, pipelined increments on many connections are all answered 202
+    through the fsync worker, every fsync covers what was written before it, and the totals are
+    exact."""
+    prefix = uid()
+    items = [(f"{prefix}-{i % 50}", 1 + i % 3) for i in range(3000)]
+    settings = settings_for(tmp_path, db_url, durability="wal-fsync")
+    async with run_service(settings) as svc:
+        result = await load(svc.url, items, connections=8, pipeline=16)
+        assert result.statuses == {202: len(items)}
+        assert svc.wal is not None and svc.wal.synced_bytes == svc.wal.written_bytes > 0
+    expected: dict[str, int] = {}
+    for key, value in items:
+        expected[key] = expected.get(key, 0) + value
+    assert await db_totals(db_url, expected) == expected
+    assert error_log.since(0) == []
+
+
+async def test_wal_mode_fsyncs_on_its_interval(tmp_path: Path, sqlite_url: str) -> None:
+    """In --durability wal, what was written to the WAL is fdatasynced by the periodic sync
+    (--fsync-interval) without any request waiting for it, again after each new write."""
+    settings = settings_for(tmp_path, sqlite_url, durability="wal", fsync_interval=0.05)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        wal = svc.wal
+        assert wal is not None
+        for value in (1, 2):
+            resp = await client.post("/increment", json={"key": "periodic", "value": value})
+            assert resp.status_code == 202
+            written = wal.written_bytes
+            await wait_until(lambda: wal.synced_bytes >= written > 0)  # noqa: B023
+    assert await db_totals(sqlite_url, ["periodic"]) == {"periodic": 3}
+
+
+async def test_a_stop_while_the_database_refuses_keeps_the_batch_for_the_next_start(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A graceful stop while every flush fails gives up at the shutdown deadline instead of
+    hanging, and the next start replays the WAL and applies the batch exactly once."""
+    key = f"stop-{uid()}"
+    settings = settings_for(tmp_path, sqlite_url, shutdown_timeout=0.5)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        assert (await client.post("/increment", json={"key": key, "value": 7})).status_code == 202
+        await wait_until(lambda: svc.metrics.flush_failures > 0)
+    assert await db_totals(sqlite_url, [key]) == {}
+    await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+    async with run_service(settings):
+        pass  # replay, then the final flush on the way out
+    assert await db_totals(sqlite_url, [key]) == {key: 7}
+
+
+async def test_the_buffer_is_cut_when_it_holds_flush_max_keys_keys(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """With the interval far away, the buffer is flushed as soon as it holds --flush-max-keys
+    distinct keys, not one key later, and not before."""
+    prefix = uid()
+    settings = settings_for(
+        tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0, flush_max_keys=3
+    )
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        for i in range(3):
+            resp = await client.post("/increment", json={"key": f"{prefix}-{i}", "value": 1})
+            assert resp.status_code == 202
+            if i < 2:
+                assert svc.flusher.commits == 0 and svc.flusher.inflight is None
+        await wait_until(lambda: svc.flusher.commits == 1)
+        assert await db_totals(sqlite_url, [f"{prefix}-{i}" for i in range(3)]) == {
+            f"{prefix}-{i}": 1 for i in range(3)
+        }

@@ -1,0 +1,98 @@
+"""The store at its edges, engine by engine: exact int64 limits, a lone out-of-range delta,
+an unopened store, missing directories, and one SQLite connection per thread under load."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from support import db_totals
+
+from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store
+from incrementer.store.migrate import migrate
+from incrementer.store.sqlite import SQLiteStore
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    await asyncio.to_thread(migrate, db_url)
+    opened = open_store(db_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def test_deltas_of_exactly_the_int64_limits_are_applied(store: Store, db_url: str) -> None:
+    """A delta of exactly INT64_MAX or INT64_MIN on a new key is a counter, not an overflow,
+    and so is the largest seq."""
+    node, top, bottom = uid(), uid(), uid()
+    result = await store.apply_batch(node, INT64_MAX, {top: INT64_MAX, bottom: INT64_MIN})
+    assert result.applied and result.overflowed == {}
+    assert await db_totals(db_url, [top, bottom]) == {top: INT64_MAX, bottom: INT64_MIN}
+    assert await store.applied_seq(node) == INT64_MAX
+
+
+@pytest.mark.parametrize("delta", [2**63, -(2**63) - 1], ids=["above", "below"])
+async def test_one_delta_outside_int64_is_parked_alone(
+    store: Store, db_url: str, delta: int
+) -> None:
+    """A batch whose only out-of-range delta is on one side parks that key and applies the rest,
+    a delta of exactly the limit on that side included."""
+    node, bad, good, edge = uid(), uid(), uid(), uid()
+    limit = INT64_MAX if delta > 0 else INT64_MIN
+    result = await store.apply_batch(node, 1, {bad: delta, good: 1, edge: limit})
+    assert result.applied and result.overflowed == {bad: delta}
+    assert await db_totals(db_url, [bad, good, edge]) == {good: 1, edge: limit}
+
+
+async def test_an_unopened_store_refuses_every_call(db_url: str) -> None:
+    """Every call on a store that was never opened raises RuntimeError 'not open'."""
+    store = open_store(db_url)
+    with pytest.raises(RuntimeError, match="is not open"):
+        await store.ping()
+    with pytest.raises(RuntimeError, match="is not open"):
+        await store.apply_batch(uid(), 1, {uid(): 1})
+    with pytest.raises(RuntimeError, match="is not open"):
+        await store.read(uid(), uid())
+    await store.close()  # closing what was never opened is harmless
+
+
+async def test_sqlite_file_in_missing_directories(tmp_path: Path) -> None:
+    """Migrating, and opening, an SQLite file whose parent directories do not exist creates them."""
+    migrated = tmp_path / "a" / "b" / "counters.db"
+    await asyncio.to_thread(migrate, f"sqlite:///{migrated}")
+    assert migrated.exists()
+    opened = tmp_path / "c" / "d" / "counters.db"
+    store = SQLiteStore(str(opened))
+    await store.open()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
+    assert opened.exists()
+
+
+async def test_sqlite_store_serves_concurrent_calls_and_closes_clean(sqlite_url: str) -> None:
+    """Many flushes and reads at once on one SQLite store all succeed (each connection stays on
+    its own thread) and add up; after close no connection is left (the -wal file is gone)."""
+    await asyncio.to_thread(migrate, sqlite_url)
+    path = sqlite_url.removeprefix("sqlite:///")
+    store = SQLiteStore(path)
+    await store.open()
+    node, keys = uid(), [uid() for _ in range(5)]
+    try:
+        flushes = [store.apply_batch(node, seq, dict.fromkeys(keys, 1)) for seq in range(1, 41)]
+        reads = [store.read(keys[0], node) for _ in range(40)]
+        applied, _ = await asyncio.gather(asyncio.gather(*flushes), asyncio.gather(*reads))
+        assert all(result.applied for result in applied)
+    finally:
+        await store.close()
+    assert await db_totals(sqlite_url, keys) == dict.fromkeys(keys, 40)
+    assert not Path(path + "-wal").exists()
