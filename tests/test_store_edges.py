@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import db_totals
 
-from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store
+from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store, redact_url
 from incrementer.store.migrate import migrate
 from incrementer.store.sqlite import SQLiteStore
 
@@ -96,3 +96,9 @@ async def test_sqlite_store_serves_concurrent_calls_and_closes_clean(sqlite_url:
         await store.close()
     assert await db_totals(sqlite_url, keys) == dict.fromkeys(keys, 40)
     assert not Path(path + "-wal").exists()
+
+
+def test_a_password_holding_at_signs_and_colons_is_redacted_whole() -> None:
+    """redact_url hides the whole password, '@' and ':' in it included, and keeps the user."""
+    url = "postgresql://app:p@ss:w@rd@db.example:5432/counters"
+    assert redact_url(url) == "postgresql://app:***@db.example:5432/counters"

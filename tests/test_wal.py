@@ -445,15 +445,16 @@ def test_seq_gap_inside_a_segment_is_refused(tmp_path: Path) -> None:
     _assert_refused(tmp_path, path, offsets[1])
 
 
-def test_overlapping_segments_are_refused(tmp_path: Path) -> None:
-    """A segment starting at or below the previous segment's last seq raises."""
+@pytest.mark.parametrize("first", [3, 4], ids=["below", "at"])
+def test_overlapping_segments_are_refused(tmp_path: Path, first: int) -> None:
+    """A segment starting at or below the previous segment's last seq (4) raises."""
     _log_with_frames(tmp_path)
     other = tmp_path / "other"
     with WriteAheadLog.open(other) as wal:
-        wal.advance_to(2)
+        wal.advance_to(first - 1)
         write_frames(wal, [[("dup", 1)]])
-    stray = tmp_path / segment_name(3)
-    stray.write_bytes((other / segment_name(3)).read_bytes())
+    stray = tmp_path / segment_name(first)
+    stray.write_bytes((other / segment_name(first)).read_bytes())
     _assert_refused(tmp_path, stray, 0)
 
 
