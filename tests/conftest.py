@@ -6,12 +6,15 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import PG_ADMIN_URL, ErrorLog, skip_or_fail
+
+from incrementer.store import Store, open_store
+from incrementer.store.migrate import migrate
 
 
 async def _admin(sql: str) -> None:
@@ -78,6 +81,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'counters.db'}"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """A migrated, open store on each engine (see db_url)."""
+    await asyncio.to_thread(migrate, db_url)
+    opened = open_store(db_url)
+    await opened.open()
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,11 @@ from incrementer.service import Service
 LISTEN = re.compile(r"listening on (http://\S+)")
 PG_ADMIN_URL = os.environ.get("INCREMENTER_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI") == "true"
+
+
+def uid() -> str:
+    """A short random name, so tests never collide in the session's PostgreSQL database."""
+    return uuid.uuid4().hex[:12]
 
 
 def skip_or_fail(reason: str) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -22,24 +20,11 @@ from support import (
     run_service,
     settings_for,
     spawned,
+    uid,
     wait_until,
 )
 
-from incrementer.store import BackendError, Store, open_store, parse_database_url
-from incrementer.store.migrate import migrate
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(migrate, db_url)
-    opened = open_store(db_url)
-    await opened.open()
-    yield opened
-    await opened.close()
+from incrementer.store import BackendError, Store, parse_database_url
 
 
 async def applied_seq_in_db(db_url: str, node: str) -> int | None:

@@ -10,13 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from support import uid
 
 from incrementer.store import (
     INT64_MAX,
@@ -30,19 +30,6 @@ from incrementer.store import (
 from incrementer.store.migrate import MIGRATIONS_DIR, migrate
 from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(migrate, db_url)
-    opened = open_store(db_url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def fetch_direct(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:

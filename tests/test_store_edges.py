@@ -4,29 +4,14 @@ an unopened store, missing directories, and one SQLite connection per thread und
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from support import db_totals
+from support import db_totals, uid
 
 from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store, redact_url
 from incrementer.store.migrate import migrate
 from incrementer.store.sqlite import SQLiteStore
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    await asyncio.to_thread(migrate, db_url)
-    opened = open_store(db_url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def test_deltas_of_exactly_the_int64_limits_are_applied(store: Store, db_url: str) -> None:
