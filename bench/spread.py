@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from machine import which
+from targets import nginx_conf
 
 MODES = ("shared", "reuseport")
 
@@ -96,18 +97,8 @@ def start_workers(mode: str, workers: int) -> tuple[int, list[subprocess.Popen[s
     return port, procs
 
 
-NGINX = """\
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+# nginx in front of the group, keepalive to it as deploy/nginx/incrementer.conf has.
+NGINX_PROXY = """\
     upstream group {{ server 127.0.0.1:{upstream}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
@@ -117,7 +108,6 @@ http {{
             proxy_set_header Connection "";
         }}
     }}
-}}
 """
 
 
@@ -143,7 +133,7 @@ def one_run(
             target = probe.getsockname()[1]
             probe.close()
             conf = Path(tmp.name) / "nginx.conf"
-            conf.write_text(NGINX.format(tmp=tmp.name, port=target, upstream=port))
+            conf.write_text(nginx_conf(tmp.name, NGINX_PROXY.format(port=target, upstream=port)))
             nginx = subprocess.Popen(
                 [which("nginx") or "nginx", "-p", tmp.name, "-e", f"{tmp.name}/error.log",
                  "-c", str(conf), "-g", "daemon off;"],

@@ -26,7 +26,11 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 KEY_RATE = 10_000_000  # requests/s and burst of the auth variant's API key: never refuses
 
-NGINX_CONF = """\
+
+def nginx_conf(tmp: str | Path, http: str, workers: int = 1) -> str:
+    """An nginx.conf keeping everything (pid, logs, temp files) under tmp, with `http` (already
+    indented) inside its http block."""
+    return f"""\
 worker_processes {workers};
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
@@ -38,13 +42,18 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    # The services keep a connection open for any number of requests: so does the ceiling.
+{http}}}
+"""
+
+
+# The ceiling: a constant 202. The services keep a connection open for any number of requests:
+# so does the ceiling.
+NGINX_CEILING = """\
     keepalive_requests 100000000;
     server {{
         listen 127.0.0.1:{port}{reuseport};
         location / {{ return 202; }}
     }}
-}}
 """
 
 
@@ -142,7 +151,11 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
     if target.kind == "nginx":
         reuseport = " reuseport" if target.workers > 1 else ""
         (workdir / "nginx.conf").write_text(
-            NGINX_CONF.format(tmp=workdir, port=port, workers=target.workers, reuseport=reuseport)
+            nginx_conf(
+                workdir,
+                NGINX_CEILING.format(port=port, reuseport=reuseport),
+                target.workers,
+            )
         )
         return (
             [

@@ -81,11 +81,15 @@ def nginx_binary() -> str:
     return found
 
 
-MAIN_CONF = """\
+def nginx_main_conf(prefix: Path, *includes: str, worker_connections: int = 1024) -> str:
+    """An nginx.conf that keeps everything (pid, logs, temp files) under prefix and includes
+    the named files from it in its http block: the shipped configs run as they are."""
+    lines = "\n".join(f"    include {prefix}/{name};" for name in includes)
+    return f"""\
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     client_body_temp_path {prefix}/body;
@@ -93,9 +97,11 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
-    include {prefix}/incrementer.conf;
+{lines}
 }}
 """
+
+
 UPSTREAM_SERVER = re.compile(r"^(\s*)server \d+\.\d+\.\d+\.\d+:\d+( [^;]*)?;\n", re.MULTILINE)
 
 
@@ -119,7 +125,7 @@ def write_nginx(prefix: Path, upstreams: list[str], port: int) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "incrementer.conf").write_text(deploy_config(upstreams, port))
     main = prefix / "nginx.conf"
-    main.write_text(MAIN_CONF.format(prefix=prefix))
+    main.write_text(nginx_main_conf(prefix, "incrementer.conf"))
     return main
 
 

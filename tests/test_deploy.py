@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fleet import nginx_main_conf
 from live_server import keyed_server
 from support import LISTEN, db_totals, skip_or_fail, spawned
 
@@ -320,23 +321,6 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-NGINX_MAIN = """\
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {tmp}/incrementer.conf;
-    include {tmp}/incrementer-tls.conf;
-}}
-"""
-
-
 @contextlib.contextmanager
 def nginx(tmp_path: Path, upstream: str) -> Iterator[tuple[str, str]]:
     """The shipped incrementer.conf and incrementer-tls.conf in front of `upstream` (host:port):
@@ -368,7 +352,11 @@ def nginx(tmp_path: Path, upstream: str) -> Iterator[tuple[str, str]]:
         },
     )
     (tmp_path / "incrementer-tls.conf").write_text(tls)
-    (tmp_path / "nginx.conf").write_text(NGINX_MAIN.format(tmp=tmp_path))
+    (tmp_path / "nginx.conf").write_text(
+        nginx_main_conf(
+            tmp_path, "incrementer.conf", "incrementer-tls.conf", worker_connections=256
+        )
+    )
     command = [binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(tmp_path / "nginx.conf")]  # fmt: skip
     tested = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=60)
     assert tested.returncode == 0, tested.stderr
