@@ -14,13 +14,14 @@ from incrementer_client._batching import (
     Batch,
     ClientStats,
     Delivery,
-    Full,
     Pending,
     Refused,
+    WhenFull,
+    check_options,
     failure,
+    full,
     read_answer,
 )
-from incrementer_client._sync import WhenFull
 
 log = logging.getLogger("incrementer_client")
 
@@ -48,10 +49,7 @@ class AsyncClient:
         max_body_bytes: int = 1_000_000,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if flush_interval <= 0:
-            raise ValueError(f"flush_interval must be positive, got {flush_interval!r}")
-        if when_full not in ("raise", "block"):
-            raise ValueError(f"when_full must be 'raise' or 'block', got {when_full!r}")
+        check_options(flush_interval, when_full)
         self._pending = Pending(
             max_pending, max_batch, max_body_bytes, max_key_bytes, allow_negative
         )
@@ -89,10 +87,7 @@ class AsyncClient:
             if pending.add(key, value):
                 break
             if not self._block:
-                raise Full(
-                    f"{pending.max_pending} keys are waiting to be sent to {self._http.base_url}"
-                    f" (last error: {self._delivery.last_error or 'none'})"
-                )
+                raise full(pending, self._http.base_url, self._delivery.last_error)
             self._wake()
             async with self._progress:
                 await self._progress.wait()

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time
-from typing import Final, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 log = logging.getLogger("incrementer_client")
 
@@ -94,6 +94,26 @@ def encode(items: list[tuple[str, int]]) -> bytes:
             separators=(",", ":"),
         ).encode()
     return ("[" + ",".join([f'{{"key":"{k}","value":{v}}}' for k, v in items]) + "]").encode()
+
+
+WhenFull = Literal["raise", "block"]
+
+
+def check_options(flush_interval: float, when_full: str) -> None:
+    """The options Client and AsyncClient check alike, before anything starts (Pending checks
+    the sizes)."""
+    if flush_interval <= 0:
+        raise ValueError(f"flush_interval must be positive, got {flush_interval!r}")
+    if when_full not in ("raise", "block"):
+        raise ValueError(f"when_full must be 'raise' or 'block', got {when_full!r}")
+
+
+def full(pending: Pending, url: object, last_error: str | None) -> Full:
+    """What incr() raises, with when_full="raise", for a new key when max_pending are held."""
+    return Full(
+        f"{pending.max_pending} keys are waiting to be sent to {url}"
+        f" (last error: {last_error or 'none'})"
+    )
 
 
 class Pending:

@@ -9,7 +9,6 @@ import weakref
 from collections.abc import Callable
 from time import monotonic
 from types import TracebackType
-from typing import Literal
 
 import httpx
 
@@ -17,16 +16,16 @@ from incrementer_client._batching import (
     Batch,
     ClientStats,
     Delivery,
-    Full,
     Pending,
     Refused,
+    WhenFull,
+    check_options,
     failure,
+    full,
     read_answer,
 )
 
 log = logging.getLogger("incrementer_client")
-
-WhenFull = Literal["raise", "block"]
 
 
 class Client:
@@ -65,10 +64,7 @@ class Client:
         close_at_exit: float | None = 5.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if flush_interval <= 0:
-            raise ValueError(f"flush_interval must be positive, got {flush_interval!r}")
-        if when_full not in ("raise", "block"):
-            raise ValueError(f"when_full must be 'raise' or 'block', got {when_full!r}")
+        check_options(flush_interval, when_full)
         self._pending = Pending(
             max_pending, max_batch, max_body_bytes, max_key_bytes, allow_negative
         )
@@ -113,10 +109,7 @@ class Client:
                 if pending.add(key, value):
                     break
                 if not self._block:
-                    raise Full(
-                        f"{pending.max_pending} keys are waiting to be sent to {self._http.base_url}"
-                        f" (last error: {self._delivery.last_error or 'none'})"
-                    )
+                    raise full(pending, self._http.base_url, self._delivery.last_error)
                 self._wake()
                 self._cond.wait()
             if len(pending.deltas) >= self._max_batch and not self._cut_wanted:
