@@ -14,9 +14,9 @@ from setuptools import setup
 # Not ingest/validate.py: mypyc drops the class keywords of msgspec.Struct subclasses
 # (forbid_unknown_fields), which test_bad_input_rejected_and_changes_nothing catches.
 HOT_PATH = [
-    "src/incrementer/app.py",
-    "src/incrementer/auth.py",
-    "src/incrementer/durability.py",
+    "src/incrementer/api/handler.py",
+    "src/incrementer/auth/keyring.py",
+    "src/incrementer/delivery/durability.py",
     "src/incrementer/http/pipeline.py",
     "src/incrementer/http/protocol.py",
     "src/incrementer/http/reader.py",

@@ -37,7 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from incrementer import build, keys
+from incrementer import build
+from incrementer.auth import admin as keys
 from incrementer.config import Settings
 from incrementer.http.protocol import HttpConnection
 from incrementer.service import Service

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from support import run_service, settings_for, wait_until
 
-from incrementer.auth import KeyRing, TokenBucket, new_key
+from incrementer.auth.keyring import KeyRing, TokenBucket, new_key
 from incrementer.config import ConfigError, Settings
 from incrementer.store import open_store
 from incrementer.store.base import ApiKey

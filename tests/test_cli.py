@@ -17,7 +17,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from incrementer import cli
+from incrementer.cli import main as cli
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from incrementer import cli
+from incrementer.cli import main as cli
 from incrementer.config import ConfigError, Settings
 
 

@@ -26,10 +26,10 @@ from fleet import nginx_main_conf
 from live_server import keyed_server
 from support import LISTEN, db_totals, skip_or_fail, spawned
 
-from incrementer.cli_errors import USAGE
+from incrementer.cli.errors import USAGE
 from incrementer.config import Settings
 from incrementer.service import EXIT_GRACE
-from incrementer.supervisor import KILL_GRACE
+from incrementer.process.supervisor import KILL_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"

@@ -20,7 +20,7 @@ from support import (
     skip_or_fail,
 )
 
-from incrementer import keys
+from incrementer.auth import admin as keys
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from support import run_service, settings_for, wait_until
 
-from incrementer import keys
+from incrementer.auth import admin as keys
 from incrementer.config import Settings
 from incrementer.service import Service
 from incrementer.store import open_store

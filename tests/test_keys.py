@@ -15,7 +15,7 @@ import httpx
 import pytest
 from support import run_service, settings_for, wait_until
 
-from incrementer import keys
+from incrementer.auth import admin as keys
 from incrementer.store import open_store
 
 

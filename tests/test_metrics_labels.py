@@ -10,8 +10,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from support import exchange, run_service, settings_for
 
-from incrementer import build, keys
-from incrementer.app import REJECT_REASONS, ROUTE_STATUSES
+from incrementer import build
+from incrementer.auth import admin as keys
+from incrementer.api.handler import REJECT_REASONS, ROUTE_STATUSES
 
 Labels = tuple[tuple[str, str], ...]
 

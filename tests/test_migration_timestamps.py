@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from incrementer.auth import new_key
+from incrementer.auth.keyring import new_key
 from incrementer.store import INT64_MAX, open_store
 from incrementer.store.base import ApiKey, DuplicateKeyName
 from incrementer.store.migrate import migrate

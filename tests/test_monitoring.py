@@ -23,7 +23,7 @@ from support import run_service, settings_for, skip_or_fail, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "incrementer.json"
-STATUS_PAGE = ROOT / "src" / "incrementer" / "status.html"
+STATUS_PAGE = ROOT / "src" / "incrementer" / "api" / "status.html"
 TOP = ROOT / "src" / "incrementer" / "top.py"
 
 # Labels Prometheus attaches to every scraped series.

@@ -24,7 +24,7 @@ from incrementer.store import open_store
 from incrementer.store.base import ApiKey
 from incrementer.store.migrate import migrate
 
-DOCUMENT_BYTES = resources.files("incrementer").joinpath("openapi.json").read_bytes()
+DOCUMENT_BYTES = resources.files("incrementer.api").joinpath("openapi.json").read_bytes()
 DOCUMENT: dict[str, Any] = json.loads(DOCUMENT_BYTES)
 
 # Positive cases carry API_KEY; negative ones drop or mangle it. LIMITED_KEY may make one request

@@ -14,7 +14,7 @@ import pytest
 from proxy import proxy_to
 from support import run_service, settings_for, spawned, wait_until
 
-from incrementer.auth import new_key
+from incrementer.auth.keyring import new_key
 from incrementer.store import open_store, redact_url, scrub
 from incrementer.store.base import ApiKey
 from incrementer.store.migrate import migrate

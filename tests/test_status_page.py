@@ -17,7 +17,7 @@ from live_server import keyed_server, load_while
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 from support import skip_or_fail, spawned
 
-from incrementer.status import StatusPage
+from incrementer.api.pages import StatusPage
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # gitignored
 # As root (CI) Chromium's sandbox cannot start; the rest keeps it from calling out to anything.
@@ -253,7 +253,7 @@ def test_status_route_answers_html_with_its_policy_and_counts_itself() -> None:
     assert b"script-src 'sha256-" in page.headers
     assert b"http://" not in page.body.replace(b"http://www.w3.org/2000/svg", b"")
     assert b"https://" not in page.body
-    from incrementer.status import content_security_policy
+    from incrementer.api.pages import content_security_policy
 
     with pytest.raises(ValueError, match="exactly one <script>"):
         content_security_policy(page.body.decode() + "<script>x()</script>")

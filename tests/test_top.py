@@ -14,7 +14,7 @@ from pathlib import Path
 from live_server import keyed_server, load_while
 from support import spawned
 
-from incrementer.top import Scrape, figures
+from incrementer.cli.top import Scrape, figures
 
 ENV = {**os.environ, "COLUMNS": "120", "PYTHONIOENCODING": "utf-8", "NO_COLOR": "1"}
 

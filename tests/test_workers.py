@@ -252,7 +252,7 @@ async def _has(samples: object, series: str, value: float) -> bool:
     return (await samples).get(series) == value  # type: ignore[attr-defined,no-any-return]
 
 
-READINESS = json.loads(resources.files("incrementer").joinpath("openapi.json").read_bytes())[
+READINESS = json.loads(resources.files("incrementer.api").joinpath("openapi.json").read_bytes())[
     "components"
 ]["schemas"]["Readiness"]
 

@@ -1,3 +1,3 @@
-from incrementer.cli import main
+from incrementer.cli.main import main
 
 main()

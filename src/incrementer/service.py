@@ -17,23 +17,24 @@ import threading
 import time
 from collections.abc import Awaitable, Iterator
 
-from incrementer import build, drain
-from incrementer.app import App
-from incrementer.auth import ClientLimiter, KeyRing
+from incrementer import build
+from incrementer.node import retire as drain
+from incrementer.api.handler import App
+from incrementer.auth.keyring import ClientLimiter, KeyRing
 from incrementer.config import Settings
-from incrementer.datadir import DataDir
-from incrementer.durability import AckGate
-from incrementer.flush import Flusher
-from incrementer.group import Member
+from incrementer.node.datadir import DataDir
+from incrementer.delivery.durability import AckGate
+from incrementer.delivery.flush import Flusher
+from incrementer.process.group import Member
 from incrementer.http.server import HttpServer
-from incrementer.idempotent import IdempotentIntake
+from incrementer.delivery.keyed_batches import IdempotentIntake
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
-from incrementer.key_source import KeySource
+from incrementer.auth.source import KeySource
 from incrementer.metrics import Metrics
 from incrementer.store import open_store, redact_url
 from incrementer.store.base import BackendError, IdempotentBatch

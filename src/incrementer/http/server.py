@@ -13,7 +13,7 @@ from incrementer.http.protocol import Handler, HttpConnection
 
 if TYPE_CHECKING:
     from incrementer.config import Settings
-    from incrementer.durability import AckGate
+    from incrementer.delivery.durability import AckGate
     from incrementer.metrics import Metrics
 
 log = logging.getLogger("incrementer.http")

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import click
 
-from incrementer.auth import new_key
+from incrementer.auth.keyring import new_key
 from incrementer.store import open_store
 from incrementer.store.base import ApiKey, DuplicateKeyName, Store
 from incrementer.store.migrate import migrate

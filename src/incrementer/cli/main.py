@@ -20,7 +20,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from incrementer.cli_errors import RUNTIME_ERRORS, CommandLine
+from incrementer.cli.errors import RUNTIME_ERRORS, CommandLine
 from incrementer.config import (
     AUTH_MODES,
     DURABILITY_MODES,
@@ -183,7 +183,7 @@ def serve(settings: Settings) -> None:
 
     logs.configure(settings.log_level, settings.log_format)
     if settings.workers > 1:
-        from incrementer.supervisor import CannotStart, Supervisor
+        from incrementer.process.supervisor import CannotStart, Supervisor
 
         try:
             code = Supervisor(settings).run()
@@ -236,7 +236,7 @@ def incr_command(
 ) -> None:
     """Add VALUE (default 1) to the counter KEY on a running server, exactly once: retried under
     one Idempotency-Key until acknowledged. For shell scripts and cron jobs."""
-    from incrementer.incr import incr
+    from incrementer.cli.incr import incr
 
     incr(url or settings.local_url, key, value, api_key, timeout)
 
@@ -253,7 +253,7 @@ def wal_inspect(settings: Settings, as_json: bool) -> None:
     """Segments, frames, increments and seq range of the WAL in --data-dir; with a database URL
     (flag, environment or file), how many of them the database has applied and how many are
     pending. Reads only: creates, locks and migrates nothing."""
-    from incrementer import wal_report
+    from incrementer.cli import wal as wal_report
 
     configured = click.get_current_context().meta[CONFIGURED]
     database_url = settings.database_url if "database_url" in configured else None
@@ -273,7 +273,7 @@ def wal_drain(settings: Settings) -> None:
     """Apply what a stopped instance's WAL in --data-dir holds (its own and its worker-N dirs'),
     exactly once, and mark it retired. Refused while a live process holds the data dir or one of
     its worker dirs; safe to run twice: the second run finds nothing after the applied seq."""
-    from incrementer import drain as retiring
+    from incrementer.node import retire as retiring
 
     if not settings.data_dir.is_dir():
         raise click.UsageError(f"no data dir at {settings.data_dir}")
@@ -306,7 +306,7 @@ burst_option = click.option(
 def keys_create(name: str, rate: float | None, burst: int | None, settings: Settings) -> None:
     """Create a key and print it once: only its hash is stored. A name can hold one unrevoked
     key; the name of a revoked key can be used again."""
-    from incrementer import keys as key_admin
+    from incrementer.auth import admin as key_admin
 
     key = asyncio.run(key_admin.create(settings.database_url, name, rate, burst))
     click.echo(key)
@@ -331,7 +331,7 @@ def keys_rotate(
     """Issue a new key for NAME and print it once; the old key is revoked after --grace seconds
     (every instance stops taking it within --auth-refresh after that). The new key keeps the
     old one's limits unless --rate or --burst are given."""
-    from incrementer import keys as key_admin
+    from incrementer.auth import admin as key_admin
 
     key = asyncio.run(key_admin.rotate(settings.database_url, name, grace, rate, burst))
     click.echo(key)
@@ -348,7 +348,7 @@ def keys_rotate(
 def keys_list(settings: Settings, as_json: bool) -> None:
     """List keys (names, ids, state, limits, dates; never secrets), revoked ones too. Reads
     only: creates and migrates nothing."""
-    from incrementer import keys as key_admin
+    from incrementer.auth import admin as key_admin
 
     found = asyncio.run(key_admin.listing(settings.database_url))
     if as_json:
@@ -366,7 +366,7 @@ def keys_list(settings: Settings, as_json: bool) -> None:
 def keys_revoke(name: str, settings: Settings) -> None:
     """Revoke NAME's keys (a rotated-out key still in its grace period too); every instance
     stops accepting them within --auth-refresh seconds."""
-    from incrementer import keys as key_admin
+    from incrementer.auth import admin as key_admin
 
     if not asyncio.run(key_admin.revoke(settings.database_url, name)):
         raise click.ClickException(f"no active API key named {name!r}")
@@ -390,7 +390,7 @@ def top(
 ) -> None:
     """Live figures of a running server, read from URL/metrics: by default the server that
     --host and --port (or their variables, or --config) describe. Needs `incrementer[top]`."""
-    from incrementer.top import TopError, run
+    from incrementer.cli.top import TopError, run
 
     try:
         run(url or settings.local_url, api_key, interval, once)

@@ -36,7 +36,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
-    from incrementer.app import App
+    from incrementer.api.handler import App
     from incrementer.metrics import Metrics
 
 log = logging.getLogger("incrementer.group")

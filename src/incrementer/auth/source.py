@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 
-from incrementer.auth import KeyRing, TokenBucket
+from incrementer.auth.keyring import KeyRing, TokenBucket
 from incrementer.store.base import BackendError, Store
 
 log = logging.getLogger("incrementer.auth")

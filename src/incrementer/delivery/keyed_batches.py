@@ -23,8 +23,8 @@ import asyncio
 import time
 from typing import Final, NamedTuple
 
-from incrementer.durability import AckGate
-from incrementer.flush import Flusher
+from incrementer.delivery.durability import AckGate
+from incrementer.delivery.flush import Flusher
 from incrementer.ingest.idempotency import digest, encode, parse_key
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.validate import BadRequest, Validated

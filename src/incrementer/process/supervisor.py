@@ -7,7 +7,7 @@ loop: reap a worker that exits, restart it (at once the first time, with a growi
 it keeps dying soon after its start), and on SIGTERM or SIGINT send every worker SIGTERM and wait
 for their drains. A second signal kills the workers (their WALs keep what they accepted).
 
-Each worker is a fresh interpreter (`python -m incrementer.worker`, no state inherited from this
+Each worker is a fresh interpreter (`python -m incrementer.process.worker`, no state inherited from this
 process) running the Service a lone process runs, on its own data dir `<data-dir>/worker-<i>`,
 so its own node id, lock and WAL: the exactly-once ledger needs nothing new, and a restarted
 worker replays its WAL before it listens. Workers die with the supervisor (worker.py). The
@@ -34,9 +34,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from incrementer import drain, group, sharedport
+from incrementer.node import retire as drain
+from incrementer.process import group
+from incrementer.process import sharedport
 from incrementer.config import Settings
-from incrementer.datadir import DataDir
+from incrementer.node.datadir import DataDir
 from incrementer.service import EXIT_GRACE
 from incrementer.store import open_store, redact_url
 from incrementer.store.migrate import migrate
@@ -178,7 +180,7 @@ class Supervisor:
         }
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "incrementer.worker"],
+                [sys.executable, "-m", "incrementer.process.worker"],
                 stdin=subprocess.PIPE,
                 pass_fds=(notify_w,),
             )

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from incrementer.datadir import RETIRED, DataDir
+from incrementer.node.datadir import RETIRED, DataDir
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.store.base import Store
 

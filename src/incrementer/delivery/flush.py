@@ -15,7 +15,7 @@ import random
 import time
 
 from incrementer import faults
-from incrementer.durability import AckGate
+from incrementer.delivery.durability import AckGate
 from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog

@@ -9,21 +9,21 @@ from importlib import resources
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
-from incrementer.auth import ClientLimiter, KeyRing, TokenBucket
-from incrementer.durability import AckGate
-from incrementer.flush import Flusher
+from incrementer.auth.keyring import ClientLimiter, KeyRing, TokenBucket
+from incrementer.delivery.durability import AckGate
+from incrementer.delivery.flush import Flusher
 from incrementer.http import responses
 from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
-from incrementer.idempotent import REPLAYED, IdempotentIntake, Lookup, Outcome, WalUnavailable
+from incrementer.delivery.keyed_batches import REPLAYED, IdempotentIntake, Lookup, Outcome, WalUnavailable
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
-from incrementer.key_source import KeySource
+from incrementer.auth.source import KeySource
 from incrementer.metrics import Metrics
-from incrementer.status import StatusPage
+from incrementer.api.pages import StatusPage
 from incrementer.store.base import BackendError, Store
 
 if TYPE_CHECKING:
-    from incrementer.group import Member
+    from incrementer.process.group import Member
 
 JSON = b"application/json"
 FORM = b"application/x-www-form-urlencoded"
@@ -134,7 +134,7 @@ class App(Handler):
         self.guarded = keyring is not None or limiter is not None
         self.group: Member | None = None
         """Set in a worker of a `--workers` group: /readyz then answers for every worker."""
-        self.openapi = resources.files("incrementer").joinpath("openapi.json").read_bytes()
+        self.openapi = resources.files("incrementer.api").joinpath("openapi.json").read_bytes()
         self.status_page = StatusPage.load()
         metrics.declare(
             [(route, status) for route, codes in ROUTE_STATUSES.items() for status in codes],

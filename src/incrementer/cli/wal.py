@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from incrementer.datadir import DataDirError, peek_node_id
+from incrementer.node.datadir import DataDirError, peek_node_id
 from incrementer.ingest.wal_reader import WalSummary, summarize
 from incrementer.store import open_store
 

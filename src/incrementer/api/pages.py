@@ -29,7 +29,7 @@ class StatusPage:
 
     @classmethod
     def load(cls) -> StatusPage:
-        html = resources.files("incrementer").joinpath("status.html").read_text("utf-8")
+        html = resources.files("incrementer.api").joinpath("status.html").read_text("utf-8")
         policy = content_security_policy(html)
         headers = (
             f"Content-Security-Policy: {policy}\r\n"

@@ -1,6 +1,6 @@
 """One worker of a `--workers` group: the service a lone process runs, started by supervisor.py.
 
-    python -m incrementer.worker < spec.json
+    python -m incrementer.process.worker < spec.json
 
 The supervisor writes the spec on stdin (stdin rather than arguments or the environment: the
 settings hold the database URL, perhaps with a password, and arguments are visible to every user):
@@ -45,8 +45,8 @@ def main() -> None:
 
     from incrementer import logs
     from incrementer.config import Settings
-    from incrementer.datadir import DataDirError
-    from incrementer.group import Member
+    from incrementer.node.datadir import DataDirError
+    from incrementer.process.group import Member
     from incrementer.ingest.wal import WalCorruptError
     from incrementer.service import Service
     from incrementer.store.base import BackendError

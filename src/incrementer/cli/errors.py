@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from incrementer.config import ConfigError
-from incrementer.datadir import DataDirError
+from incrementer.node.datadir import DataDirError
 from incrementer.ingest.wal_reader import WalCorruptError
 from incrementer.store.base import BackendError
 
