@@ -13,9 +13,9 @@ from pathlib import Path
 from fleet import spawn_group
 from support import db_totals, load, spawn
 
+from incrementer.ingest.wal import WriteAheadLog
 from incrementer.node.datadir import RETIRED, DataDir
 from incrementer.node.retire import drain_node
-from incrementer.ingest.wal import WriteAheadLog
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate
 

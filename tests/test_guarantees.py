@@ -24,7 +24,8 @@ from support import (
     wait_until,
 )
 
-from incrementer.store import BackendError, Store, parse_database_url
+from incrementer.store import BackendError, Store
+from incrementer.urls import parse_database_url
 
 
 async def applied_seq_in_db(db_url: str, node: str) -> int | None:

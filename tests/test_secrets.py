@@ -15,9 +15,10 @@ from proxy import proxy_to
 from support import run_service, settings_for, spawned, wait_until
 
 from incrementer.auth.keyring import new_key
-from incrementer.store import open_store, redact_url, scrub
+from incrementer.store import open_store
 from incrementer.store.base import ApiKey
 from incrementer.store.migrate import migrate
+from incrementer.urls import redact_url, scrub
 
 SECRET = "hunter2-" + uuid.uuid4().hex[:6]
 

@@ -24,12 +24,12 @@ from incrementer.store import (
     BackendError,
     Store,
     open_store,
-    parse_database_url,
-    prefix_upper_bound,
 )
+from incrementer.store.base import prefix_upper_bound
 from incrementer.store.migrate import MIGRATIONS_DIR, migrate
 from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
+from incrementer.urls import parse_database_url
 
 
 async def fetch_direct(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:

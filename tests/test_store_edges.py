@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from support import db_totals, uid
 
-from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store, redact_url
+from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store
 from incrementer.store.migrate import migrate
 from incrementer.store.sqlite import SQLiteStore
+from incrementer.urls import redact_url
 
 
 async def test_deltas_of_exactly_the_int64_limits_are_applied(store: Store, db_url: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from incrementer.store import parse_database_url, redact_url
+from incrementer.urls import parse_database_url, redact_url
 
 Durability = Literal["memory", "wal", "wal-fsync"]
 DURABILITY_MODES: tuple[Durability, ...] = ("memory", "wal", "wal-fsync")

@@ -18,27 +18,28 @@ import time
 from collections.abc import Awaitable, Iterator
 
 from incrementer import build
-from incrementer.node import retire as drain
 from incrementer.api.handler import App
 from incrementer.auth.keyring import ClientLimiter, KeyRing
+from incrementer.auth.source import KeySource
 from incrementer.config import Settings
-from incrementer.node.datadir import DataDir
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
-from incrementer.process.group import Member
-from incrementer.http.server import HttpServer
 from incrementer.delivery.keyed_batches import IdempotentIntake
+from incrementer.http.server import HttpServer
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
-from incrementer.auth.source import KeySource
 from incrementer.metrics import Metrics
-from incrementer.store import open_store, redact_url
+from incrementer.node import retire as drain
+from incrementer.node.datadir import DataDir
+from incrementer.process.group import Member
+from incrementer.store import open_store
 from incrementer.store.base import BackendError, IdempotentBatch
 from incrementer.store.migrate import migrate
+from incrementer.urls import redact_url
 
 log = logging.getLogger("incrementer")
 

@@ -9,17 +9,23 @@ from importlib import resources
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
+from incrementer.api.pages import StatusPage
 from incrementer.auth.keyring import ClientLimiter, KeyRing, TokenBucket
+from incrementer.auth.source import KeySource
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
+from incrementer.delivery.keyed_batches import (
+    REPLAYED,
+    IdempotentIntake,
+    Lookup,
+    Outcome,
+    WalUnavailable,
+)
 from incrementer.http import responses
 from incrementer.http.protocol import FastPath, Handler, HttpConnection, Result
-from incrementer.delivery.keyed_batches import REPLAYED, IdempotentIntake, Lookup, Outcome, WalUnavailable
 from incrementer.ingest.intake import Intake, Overloaded
 from incrementer.ingest.validate import BadRequest, Validator
-from incrementer.auth.source import KeySource
 from incrementer.metrics import Metrics
-from incrementer.api.pages import StatusPage
 from incrementer.store.base import BackendError, Store
 
 if TYPE_CHECKING:

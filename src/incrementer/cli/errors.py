@@ -18,8 +18,8 @@ import click
 from click.core import ParameterSource
 
 from incrementer.config import ConfigError
-from incrementer.node.datadir import DataDirError
 from incrementer.ingest.wal_reader import WalCorruptError
+from incrementer.node.datadir import DataDirError
 from incrementer.store.base import BackendError
 
 USAGE = 2

@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from incrementer.node.datadir import DataDirError, peek_node_id
 from incrementer.ingest.wal_reader import WalSummary, summarize
+from incrementer.node.datadir import DataDirError, peek_node_id
 from incrementer.store import open_store
 
 

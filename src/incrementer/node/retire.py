@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from incrementer.node.datadir import RETIRED, DataDir
 from incrementer.ingest.wal import WriteAheadLog
+from incrementer.node.datadir import RETIRED, DataDir
 from incrementer.store.base import Store
 
 BATCH_KEYS = 20_000

@@ -34,14 +34,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from incrementer.node import retire as drain
-from incrementer.process import group
-from incrementer.process import sharedport
 from incrementer.config import Settings
+from incrementer.node import retire as drain
 from incrementer.node.datadir import DataDir
+from incrementer.process import group, sharedport
 from incrementer.service import EXIT_GRACE
-from incrementer.store import open_store, redact_url
+from incrementer.store import open_store
 from incrementer.store.migrate import migrate
+from incrementer.urls import redact_url
 
 log = logging.getLogger("incrementer.supervisor")
 

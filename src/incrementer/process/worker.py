@@ -45,9 +45,9 @@ def main() -> None:
 
     from incrementer import logs
     from incrementer.config import Settings
+    from incrementer.ingest.wal import WalCorruptError
     from incrementer.node.datadir import DataDirError
     from incrementer.process.group import Member
-    from incrementer.ingest.wal import WalCorruptError
     from incrementer.service import Service
     from incrementer.store.base import BackendError
 

@@ -1,12 +1,10 @@
-"""Database backends behind one interface; pick one by URL.
+"""Database backends behind one interface (base.py); pick one by URL.
 
 Backends are imported inside `open_store` so an SQLite deployment never loads asyncpg and a
 PostgreSQL one never touches sqlite3.
 """
 
 from __future__ import annotations
-
-from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from incrementer.store.base import (
     INT64_MAX,
@@ -16,6 +14,7 @@ from incrementer.store.base import (
     KeyRead,
     Store,
 )
+from incrementer.urls import parse_database_url
 
 __all__ = [
     "INT64_MAX",
@@ -25,127 +24,7 @@ __all__ = [
     "KeyRead",
     "Store",
     "open_store",
-    "parse_database_url",
-    "prefix_upper_bound",
-    "redact_url",
-    "scrub",
 ]
-
-ACCEPTED_FORMS = (
-    "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
-    "postgresql://user:password@host:port/dbname or postgres://..."
-)
-
-
-def parse_database_url(url: str) -> tuple[str, str]:
-    """("sqlite", filesystem path) or ("postgresql", asyncpg DSN); ValueError for anything else."""
-    if url.startswith("sqlite:///"):
-        # Everything after the third slash is the path, verbatim: no query string or percent
-        # decoding, so any filename the filesystem allows works as written.
-        path = url[len("sqlite:///") :]
-        if not path or path.endswith("/"):
-            raise ValueError(f"database URL {url!r} names no SQLite file; use {ACCEPTED_FORMS}")
-        if path == ":memory:":
-            # The writer and the reader are separate connections: each would see its own empty DB.
-            raise ValueError(
-                f"database URL {url!r}: in-memory SQLite is not supported, name a file; "
-                f"use {ACCEPTED_FORMS}"
-            )
-        return "sqlite", path
-    scheme = url.partition("://")[0].lower()
-    if scheme in ("postgresql", "postgres") and "://" in url:
-        _check_postgres_url(url)
-        return "postgresql", url
-    raise ValueError(f"unsupported database URL {redact_url(url)!r}; use {ACCEPTED_FORMS}")
-
-
-def _check_postgres_url(url: str) -> None:
-    """A PostgreSQL URL must name its host and its database. libpq and asyncpg fill anything left
-    out from PG* environment variables and defaults (a local socket, a database named after the
-    user): `postgresql://` alone would quietly migrate and write to whatever that finds."""
-    shown = redact_url(url)
-    try:
-        parts = urlsplit(url)
-        if "," not in parts.netloc:  # several host:port pairs (failover) are the driver's to read
-            parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
-    except ValueError:
-        raise ValueError(
-            f"database URL {shown!r}: the port must be a number from 1 to 65535; "
-            f"use {ACCEPTED_FORMS}"
-        ) from None
-    query = dict(parse_qsl(parts.query))
-    if not (parts.hostname or query.get("host")):
-        raise ValueError(
-            f"database URL {shown!r} names no host (write it even for localhost; a socket "
-            f"directory goes in ?host=/path); use {ACCEPTED_FORMS}"
-        )
-    if not (parts.path.strip("/") or query.get("dbname")):
-        raise ValueError(f"database URL {shown!r} names no database; use {ACCEPTED_FORMS}")
-
-
-# Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;
-# compared case-insensitively here, to redact too much rather than too little).
-SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
-
-
-def redact_url(url: str) -> str:
-    """The URL with every secret (the userinfo password, `password=` and `sslpassword=` query
-    parameters) replaced by ***, safe for logs, error messages and health output."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostinfo}"
-    query = "&".join(
-        f"{name}=***" if sep and unquote_plus(name).strip().lower() in SECRET_PARAMETERS else piece
-        for piece in parts.query.split("&")
-        for name, sep, _ in [piece.partition("=")]
-    )
-    if netloc == parts.netloc and query == parts.query:
-        return url  # nothing secret; geturl() would also normalize sqlite:/// away
-    return parts._replace(netloc=netloc, query=query).geturl()
-
-
-def url_secrets(url: str) -> list[str]:
-    """The secret values in url, as written and decoded, for scrubbing messages that might
-    quote them (a driver's error about a malformed URL)."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-    except ValueError:
-        return []
-    for piece in parts.query.split("&"):
-        name, sep, value = piece.partition("=")
-        if sep and unquote_plus(name).strip().lower() in SECRET_PARAMETERS:
-            found += [value, unquote_plus(value)]
-    found += [unquote(secret) for secret in found]
-    return sorted({secret for secret in found if secret}, key=len, reverse=True)
-
-
-def scrub(text: str, url: str) -> str:
-    """text with every secret of url replaced by ***."""
-    for secret in url_secrets(url):
-        text = text.replace(secret, "***")
-    return text
-
-
-def prefix_upper_bound(prefix: str) -> str | None:
-    """The bound such that `prefix <= key < bound` holds exactly for keys starting with prefix.
-
-    Code point order, which is how SQLite and the `counters.key` column on PostgreSQL (COLLATE
-    "C", migration 0003) sort text. None when no bound is needed (empty prefix, or nothing but U+10FFFF).
-    """
-    stripped = prefix.rstrip("\U0010ffff")
-    if not stripped:
-        return None
-    nxt = ord(stripped[-1]) + 1
-    if 0xD800 <= nxt <= 0xDFFF:
-        nxt = 0xE000  # surrogates cannot be stored as UTF-8 text
-    return stripped[:-1] + chr(nxt)
 
 
 def open_store(url: str, read_only: bool = False) -> Store:

@@ -168,7 +168,10 @@ class Store(Protocol):
         applied_seq, one snapshot."""
 
     async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
-        """Up to limit (key, value) pairs whose key starts with prefix, ordered by key."""
+        """Up to limit (key, value) pairs whose key starts with prefix, ordered by key.
+
+        No route calls it yet: it is kept, tested in both backends, for the prefix listing of
+        the read side (GET /counters?prefix=)."""
 
     async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         """API keys ordered by name; revoked ones only when asked."""
@@ -188,3 +191,18 @@ class Store(Protocol):
         """In one transaction: schedule the name's unrevoked key to be revoked `grace` seconds
         from now and insert `new` under the same name; False (nothing changed) if the name has
         no unrevoked key."""
+
+
+def prefix_upper_bound(prefix: str) -> str | None:  # for list_keys, which has no caller yet
+    """The bound such that `prefix <= key < bound` holds exactly for keys starting with prefix.
+
+    Code point order, which is how SQLite and the `counters.key` column on PostgreSQL (COLLATE
+    "C", migration 0003) sort text. None when no bound is needed (empty prefix, or nothing but U+10FFFF).
+    """
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    nxt = ord(stripped[-1]) + 1
+    if 0xD800 <= nxt <= 0xDFFF:
+        nxt = 0xE000  # surrogates cannot be stored as UTF-8 text
+    return stripped[:-1] + chr(nxt)

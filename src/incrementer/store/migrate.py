@@ -10,7 +10,8 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
-from incrementer.store import BackendError, parse_database_url, redact_url, scrub
+from incrementer.store.base import BackendError
+from incrementer.urls import parse_database_url, redact_url, scrub
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import asyncpg
 
-from incrementer.store import prefix_upper_bound, redact_url, scrub
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
@@ -25,10 +24,12 @@ from incrementer.store.base import (
     IdempotentBatch,
     KeyRead,
     losers,
+    prefix_upper_bound,
     sum_deltas,
     taken_back,
     utc_text,
 )
+from incrementer.urls import redact_url, scrub
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
 # retries. Other exceptions are bugs and propagate as they are.

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from incrementer.store import prefix_upper_bound
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
@@ -30,6 +29,7 @@ from incrementer.store.base import (
     IdempotentBatch,
     KeyRead,
     losers,
+    prefix_upper_bound,
     sum_deltas,
     taken_back,
     utc_text,
