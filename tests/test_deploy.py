@@ -27,9 +27,8 @@ from live_server import keyed_server
 from support import LISTEN, db_totals, skip_or_fail, spawned
 
 from incrementer.cli.errors import USAGE
-from incrementer.config import Settings
+from incrementer.config import EXIT_GRACE, Settings
 from incrementer.process.supervisor import KILL_GRACE
-from incrementer.service import EXIT_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import exchange, run_service, settings_for
 
 from incrementer import build
-from incrementer.api.handler import REJECT_REASONS, ROUTE_STATUSES
+from incrementer.api.routes import REJECT_REASONS, ROUTE_STATUSES
 from incrementer.auth import admin as keys
 
 Labels = tuple[tuple[str, str], ...]

@@ -24,6 +24,10 @@ AUTH_MODES = ("auto", "required", "off")
 ENV_PREFIX = "INCREMENTER_"
 # Each worker is a whole server with its own event loop: past a few per core they only take turns.
 WORKERS_PER_CPU_MAX = 4
+# After the shutdown deadline (--shutdown-timeout) the drain gives up on whatever still hangs;
+# this long after it, the process exits even if giving up hangs too (a thread stuck in a syscall
+# on a frozen disk). A supervisor waits this long, and a little more, before it kills a worker.
+EXIT_GRACE = 3.0
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,8 @@
 """The lifecycle, in one place: lock, migrate, open, replay, bind, run, drain, final flush, close.
 
 The same lifecycle runs in a process serving alone and in each worker of a `--workers` group
-(supervisor.py starts those); a worker differs only in what its `group` member adds: the port is
-shared with SO_REUSEPORT, metrics and readiness are published for the group, the supervisor is
+(process/supervisor.py starts those); a worker differs only in what its `member` adds: the port
+is shared with SO_REUSEPORT, metrics and readiness are published for the group, the supervisor is
 told once it listens, and a repeated signal does not cut its drain short.
 """
 
@@ -15,17 +15,22 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
 
 from incrementer import build
 from incrementer.api.handler import App
+from incrementer.api.increments import Increments
+from incrementer.api.pages import Pages
+from incrementer.api.readiness import Peers, Readiness
+from incrementer.api.reads import Reads
 from incrementer.auth.keyring import ClientLimiter, KeyRing
 from incrementer.auth.source import KeySource
-from incrementer.config import Settings
+from incrementer.config import EXIT_GRACE, Settings
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
-from incrementer.delivery.keyed_batches import IdempotentIntake
-from incrementer.http.server import HttpServer
+from incrementer.delivery.keyed_batches import KeyedBatches
+from incrementer.http import HttpServer, Limits
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
@@ -33,9 +38,8 @@ from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.metrics import Metrics
-from incrementer.node import retire as drain
+from incrementer.node import retire
 from incrementer.node.datadir import DataDir
-from incrementer.process.group import Member
 from incrementer.store import open_store
 from incrementer.store.base import BackendError, IdempotentBatch
 from incrementer.store.migrate import migrate
@@ -44,10 +48,27 @@ from incrementer.urls import redact_url
 log = logging.getLogger("incrementer")
 
 
+class GroupMember(Peers, Protocol):
+    """A worker's place in its `--workers` group (process/member.py's Member): the service calls
+    it at these points of its lifecycle, and readiness asks it about the other workers."""
+
+    def join(self, metrics: Metrics, readiness: Readiness, stop: Callable[[], None]) -> None:
+        """Publish this process's figures for the group; stop() drains this worker."""
+
+    async def run(self) -> None:
+        """Publish periodically until cancelled."""
+
+    def ready(self) -> None:
+        """Listening: tell the supervisor."""
+
+    def leave(self) -> None:
+        """The final publish, after the final flush."""
+
+
 class Service:
-    def __init__(self, settings: Settings, group: Member | None = None) -> None:
+    def __init__(self, settings: Settings, member: GroupMember | None = None) -> None:
         self.settings = settings
-        self.group = group
+        self.member = member
         self.metrics = Metrics()
         self.data_dir = DataDir(settings.data_dir)
         self.store = open_store(settings.database_url)
@@ -75,7 +96,7 @@ class Service:
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
         await self.store.open()
-        if self.group is None:
+        if self.member is None:
             await self._retire_worker_dirs()
         applied_seq = await self.store.applied_seq(node_id)
         wal = await self._open_wal(applied_seq)
@@ -97,32 +118,40 @@ class Service:
             self.metrics,
         )
         keyring, limiter, self.key_source = await self._guards()
-        idempotent = IdempotentIntake(intake, self.gate, self.store, self.flusher, self.metrics)
+        keyed = KeyedBatches(intake, self.gate, self.store, self.flusher, self.metrics)
+        readiness = Readiness(
+            self.flusher, self.gate, s.lag_bound, self.metrics, keyring, self.member
+        )
         app = App(
-            validator,
             intake,
-            self.flusher,
-            self.store,
-            self.gate,
+            Increments(validator, intake, keyed, self.metrics),
+            Reads(validator, self.store, self.flusher, node_id, self.metrics),
+            readiness,
+            Pages(self.metrics),
             self.metrics,
-            node_id,
-            s.lag_bound,
-            idempotent,
             keyring,
             limiter,
             self.key_source,
         )
         self._background.append(asyncio.create_task(self._sweep_idempotency_keys()))
-        self.server = HttpServer(app, self.gate, s, self.metrics)
+        limits = Limits(
+            s.max_body_bytes,
+            s.max_header_bytes,
+            s.max_connections,
+            s.idle_timeout,
+            s.request_timeout,
+        )
+        self.server = HttpServer(app, self.gate, limits)
         self.metrics.build_info = {"version": build.version(), "build": build.name()}
-        self._register_gauges(app)
-        if self.group is not None:
-            self.group.join(self.metrics, app, self.request_stop)
-            self._background.append(asyncio.create_task(self.group.run(), name="group"))
+        self._register_gauges(readiness)
+        if self.member is not None:
+            self.member.join(self.metrics, readiness, self.request_stop)
+            self._background.append(asyncio.create_task(self.member.run(), name="member"))
         self._flush_task = asyncio.create_task(self.flusher.run(), name="flusher")
         self.gate.start()
+        reuse_port = self.member is not None
         try:
-            host, port = await self.server.start(s.host, s.port, reuse_port=self.group is not None)
+            host, port = await self.server.start(s.host, s.port, reuse_port=reuse_port)
         except OSError as exc:  # a name that does not resolve, an address not ours, a port taken
             raise OSError(
                 f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}"
@@ -137,14 +166,14 @@ class Service:
             redact_url(s.database_url),
             "hot path compiled" if build.compiled() else "pure Python",
         )
-        if self.group is not None:
-            self.group.ready()
+        if self.member is not None:
+            self.member.ready()
 
     async def _retire_worker_dirs(self) -> None:
         """A process serving alone from a data dir a `--workers` group used: what the workers
-        left in their WALs is applied (drain.py) before this node serves, so shrinking the
+        left in their WALs is applied (node/retire.py) before this node serves, so shrinking the
         group to one process strands nothing."""
-        for node in await drain.retire(self.data_dir, self.store, 0, include_top=False):
+        for node in await retire.retire(self.data_dir, self.store, 0, include_top=False):
             if node.frames or not node.was_retired:
                 log.info("retired %s", node.describe())
 
@@ -221,7 +250,7 @@ class Service:
         self.wal = wal
         return wal
 
-    def _register_gauges(self, app: App) -> None:
+    def _register_gauges(self, readiness: Readiness) -> None:
         flusher, metrics = self.flusher, self.metrics
         assert flusher is not None and self.server is not None
         server = self.server
@@ -243,7 +272,7 @@ class Service:
         metrics.gauge(
             "incrementer_ready",
             "1 when /readyz answers 200, 0 when it answers 503 (it says why); a group's verdict.",
-            lambda: 1.0 if app.ready(time.monotonic()) else 0.0,
+            lambda: 1.0 if readiness.ready(time.monotonic()) else 0.0,
         )
         metrics.gauge(
             "incrementer_open_connections",
@@ -293,8 +322,8 @@ class Service:
             await _bounded(asyncio.to_thread(self.wal.close), deadline, "closing the WAL")
         await self.store.close(max(0.0, deadline - time.monotonic()))
         self.data_dir.close()
-        if self.group is not None:
-            self.group.leave()
+        if self.member is not None:
+            self.member.leave()
         if not self.url:
             return  # start-up failed; the caller reports why
         log.info(
@@ -328,7 +357,7 @@ class Service:
         if something hangs (a frozen disk, a database that accepts and never answers)."""
         # A worker gets the supervisor's SIGTERM and often the same signal from a terminal or a
         # service manager too: only its supervisor may cut a worker's drain short (SIGKILL).
-        with capture_signals(self.request_stop, repeat_forces_exit=self.group is None):
+        with capture_signals(self.request_stop, repeat_forces_exit=self.member is None):
             try:
                 await self.start()
                 await self.wait()
@@ -339,10 +368,6 @@ class Service:
 
 # How often expired idempotency keys are swept, at most (a quarter of the window when shorter).
 SWEEP_EVERY = 60.0
-
-# After the shutdown deadline the drain gives up on whatever still hangs; this long after it, the
-# process exits even if giving up hangs too (a thread stuck in a syscall on a frozen disk).
-EXIT_GRACE = 3.0
 
 
 async def _finish(task: asyncio.Task[None], deadline: float) -> bool:

@@ -1,6 +1,8 @@
-"""GET /status: the live status page, one self-contained HTML file (status.html), served as is.
+"""The documents the service serves as they are: the live status page (GET /status, one
+self-contained HTML file, status.html), the OpenAPI document (GET /openapi.json), the Prometheus
+text (GET /metrics) and the liveness answer (GET /healthz).
 
-The page holds no figures. Its script fetches /metrics and /readyz once a second (relative URLs,
+The status page holds no figures. Its script fetches /metrics and /readyz once a second (relative URLs,
 so it works under a reverse proxy's path prefix too) and draws them, so the HTML can be public
 while /metrics stays the one protected source: with API keys on, the page asks for a key once and
 keeps it in the tab's sessionStorage, sending it as `Authorization: Bearer` with its fetches.
@@ -17,6 +19,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
+
+from incrementer.api.routes import JSON, ok
+from incrementer.http import HttpConnection, responses
+from incrementer.metrics import Metrics
 
 ELEMENT = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("script", "style")}
 
@@ -55,3 +61,34 @@ def content_security_policy(html: str) -> str:
         "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
         "frame-ancestors 'none'"
     )
+
+
+class Pages:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.openapi = resources.files("incrementer.api").joinpath("openapi.json").read_bytes()
+        self.status_page = StatusPage.load()
+
+    def healthz(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        return ok(self.metrics, conn, "healthz", {"status": "ok"}, keep_alive)
+
+    def prometheus(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("metrics", 200)
+        return responses.build(
+            conn.clock,
+            200,
+            self.metrics.render(),
+            b"text/plain; version=0.0.4; charset=utf-8",
+            not keep_alive,
+        )
+
+    def status(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("status", 200)
+        page = self.status_page
+        return responses.build(
+            conn.clock, 200, page.body, page.content_type, not keep_alive, page.headers
+        )
+
+    def document(self, conn: HttpConnection, keep_alive: bool) -> bytes:
+        self.metrics.count_request("openapi", 200)
+        return responses.build(conn.clock, 200, self.openapi, JSON, not keep_alive)

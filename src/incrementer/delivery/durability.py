@@ -5,8 +5,9 @@ of the tick the gate makes the tick's WAL frame as durable as the mode promises,
 
 - memory:    release at once (the increment is only in the buffer).
 - wal:       one write() of the tick's frame, then release; an fsync every --fsync-interval.
-- wal-fsync: one write(), then one fdatasync in a worker thread per group of ticks (group commit);
-             responses wait for the fsync that covers them, ticks keep coalescing meanwhile.
+- wal-fsync: one write(), then one fdatasync in a worker thread for all the ticks written since the
+             last one began (a group commit); responses wait for the fsync that covers them, ticks
+             keep coalescing meanwhile.
 
 When the disk fails, a 202 still never lies and nothing unlogged is ever applied:
 
@@ -32,20 +33,15 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from incrementer.config import Durability
 from incrementer.http import responses
+from incrementer.http.pipeline import Gate
+from incrementer.http.pipeline import Pipeline as Held
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
-
-if TYPE_CHECKING:
-    # The connections the gate holds (release_output, take_output, release, clock). Every
-    # output taken goes back through exactly one release(): the connection counts them to know
-    # whether it still owes answers (idle or not). Named by their class, not a Protocol: the
-    # compiled gate then calls them through the method table.
-    from incrementer.http.protocol import HttpConnection as Held
 
 log = logging.getLogger("incrementer.durability")
 
@@ -58,10 +54,11 @@ _RETRY_AFTER: Final = b"Retry-After: 1\r\n"
 _ACCEPTED_BATCHES: Final = ("increments", 202)
 
 Output = list[bytes | None]
-Group = list[tuple["Held", Output]]
+# Answers taken from their connections, each waiting for one fsync.
+Waiting = list[tuple[Held, Output]]
 
 
-class AckGate:
+class AckGate(Gate):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -80,7 +77,7 @@ class AckGate:
         self._metrics = metrics
         self._held: list[Held] = []
         self._scheduled = False
-        self._waiting: Group = []  # written, waiting for the next fsync (wal-fsync)
+        self._waiting: Waiting = []  # written, waiting for the next fsync (wal-fsync)
         self._syncing = False
         self._blocked: dict[Held, tuple[int, list[Output]]] = {}
         """Connections whose responses wait for the commit of a seq (after a failed fsync),
@@ -183,38 +180,38 @@ class AckGate:
         self._batches_mark = metrics.requests.get(_ACCEPTED_BATCHES, 0)
 
     def _start_sync(self) -> None:
-        group = self._waiting
+        synced = self._waiting
         self._waiting = []
         self._syncing = True
         started = time.perf_counter()
         future = self._loop.run_in_executor(self._executor, self._wal.sync)
-        future.add_done_callback(lambda f: self._synced(f, group, started))
+        future.add_done_callback(lambda f: self._synced(f, synced, started))
 
-    def _synced(self, future: asyncio.Future[None], group: Group, started: float) -> None:
+    def _synced(self, future: asyncio.Future[None], synced: Waiting, started: float) -> None:
         self._syncing = False
         self._metrics.fsync_seconds.observe(time.perf_counter() - started)
         exc = future.exception()
         if exc is None:
             if self.failure == FSYNC_FAILED:
                 self._recovered("an fsync succeeded")
-            self._release(group)
+            self._release(synced)
         else:
-            self._sync_failed(exc, group)
+            self._sync_failed(exc, synced)
         if self._waiting:
             self._start_sync()
 
-    def _release(self, group: Group) -> None:
+    def _release(self, synced: Waiting) -> None:
         blocked = self._blocked
-        for conn, out in group:
+        for conn, out in synced:
             if blocked and conn in blocked:
                 blocked[conn][1].append(out)  # order: behind its responses waiting for a commit
             else:
                 conn.release(out)
 
-    def _sync_failed(self, exc: BaseException, group: Group) -> None:
+    def _sync_failed(self, exc: BaseException, synced: Waiting) -> None:
         covered = self._wal.abandon_segment()
         # Ticks written while this fsync ran went to the abandoned segment too: they wait as well.
-        waiting = group + self._waiting
+        waiting = synced + self._waiting
         self._waiting = []
         blocked = self._blocked
         for conn, out in waiting:

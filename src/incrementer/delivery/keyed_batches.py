@@ -61,7 +61,7 @@ def reused() -> BadRequest:
     )
 
 
-class IdempotentIntake:
+class KeyedBatches:
     def __init__(
         self, intake: Intake, gate: AckGate, store: Store, flusher: Flusher, metrics: Metrics
     ) -> None:

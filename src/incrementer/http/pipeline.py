@@ -8,9 +8,9 @@ request read before it is answered. `100 Continue` likewise goes out only when i
 the one being served.
 
 Answers are not written straight to the socket. They are queued (`out`, one chunk per answer, in
-request order) and handed to the AckGate, which releases them once the WAL frame covering this
-event-loop tick is as durable as the configured mode promises; pipelined answers leave in one
-write.
+request order) and handed to the Gate, which releases them once the WAL frame covering this
+event-loop tick is as durable as the configured mode promises (delivery/durability.py's AckGate
+is the one the service uses); pipelined answers leave in one write.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import cast
 
 from incrementer.http import responses
 from incrementer.http.reader import RequestReader
-from incrementer.http.request import without_body
+from incrementer.http.request import Request, without_body
 
 log = logging.getLogger("incrementer.http")
 
@@ -32,9 +32,21 @@ MAX_QUEUED = 64
 
 # A handler returns the response bytes, or an awaitable of them for routes that need the database.
 Result = bytes | Awaitable[bytes]
-# method, URL, content type, authorization, idempotency key, body, keep-alive, announce keep-alive
-# (HTTP/1.0)
-Queued = tuple[bytes, bytes, bytes, bytes, bytes | None, bytes, bool, bool]
+
+
+class Gate:
+    """When answers may leave. A connection registers with hold() in the tick it queues its first
+    answer; the gate then either lets the tick's answers go (release_output) or takes them
+    (take_output) and gives each list back through exactly one release(), once what they
+    acknowledge is durable. The connection counts what was taken and not given back, to know
+    whether it still owes answers.
+
+    A base class named here, below the layer that implements it (the delivery layer's AckGate),
+    so http/ imports nothing above it and the compiled connection calls the gate through the
+    method table."""
+
+    def hold(self, conn: Pipeline) -> None:
+        raise NotImplementedError
 
 
 class Pipeline(RequestReader):
@@ -46,6 +58,7 @@ class Pipeline(RequestReader):
         "closing",
         "continue_wanted",
         "draining",
+        "gate",
         "held",
         "last_word",
         "out",
@@ -57,8 +70,9 @@ class Pipeline(RequestReader):
         "writing_paused",
     )
 
-    def __init__(self, clock: responses.Clock, max_body: int, max_header: int) -> None:
+    def __init__(self, clock: responses.Clock, gate: Gate, max_body: int, max_header: int) -> None:
         super().__init__(clock, max_body, max_header)
+        self.gate = gate
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes | None] = []  # None marks "close after what precedes"
         self.held = False  # registered with the gate for this tick
@@ -66,107 +80,55 @@ class Pipeline(RequestReader):
         self.closing = False  # read no more requests: the connection ends after their answers
         self.draining = False  # shutting down: close after the answer in progress
         self.task: asyncio.Future[bytes] | None = None  # the head of the pipeline, when async
-        self.queue: deque[Queued] = deque()  # requests read behind the head, in order
+        self.queue: deque[Request] = deque()  # requests read behind the head, in order
         self.last_word: bytes | None = None  # said once the queue is answered (b"": nothing)
         self.continue_wanted = False  # the request being read waits for 100 Continue
         self.reading_paused = False
         self.writing_paused = False
 
-    def run_handler(
-        self,
-        method: bytes,
-        url: bytes,
-        content_type: bytes,
-        authorization: bytes,
-        idempotency_key: bytes | None,
-        body: bytes,
-        keep_alive: bool,
-    ) -> Result:
+    def run_handler(self, request: Request) -> Result:
         """The app's answer to one request."""
-        raise NotImplementedError
-
-    def hold(self) -> None:
-        """Register with the AckGate, which releases this tick's answers at its end."""
         raise NotImplementedError
 
     # answering, in order
 
-    def answer(
-        self,
-        method: bytes,
-        url: bytes,
-        content_type: bytes,
-        authorization: bytes,
-        idempotency_key: bytes | None,
-        body: bytes,
-        keep_alive: bool,
-        announce: bool,
-    ) -> None:
-        """A complete request: answered now, or queued behind the ones still unanswered.
-        `announce`: the answer says Connection: keep-alive (an HTTP/1.0 client kept alive)."""
+    def answer(self, request: Request) -> None:
+        """A complete request: answered now, or queued behind the ones still unanswered."""
         if self.task is None and not self.queue:
-            self._dispatch(
-                method,
-                url,
-                content_type,
-                authorization,
-                idempotency_key,
-                body,
-                keep_alive,
-                announce,
-            )
+            self._dispatch(request)
             return
-        self.queue.append(
-            (method, url, content_type, authorization, idempotency_key, body, keep_alive, announce)
-        )
+        self.queue.append(request)
         self.continue_wanted = False  # its body came without waiting for 100 Continue
-        if not keep_alive:
+        if not request.keep_alive:
             self.closing = True  # nothing after it will be answered: stop reading
             self._pause_reading()
         elif len(self.queue) >= MAX_QUEUED:
             self._pause_reading()
 
-    def _dispatch(
-        self,
-        method: bytes,
-        url: bytes,
-        content_type: bytes,
-        authorization: bytes,
-        idempotency_key: bytes | None,
-        body: bytes,
-        keep_alive: bool,
-        announce: bool,
-    ) -> None:
-        head = method == b"HEAD"
-        if head:
-            method = b"GET"  # same headers as GET, no body
+    def _dispatch(self, request: Request) -> None:
         try:
-            result = self.run_handler(
-                method, url, content_type, authorization, idempotency_key, body, keep_alive
-            )
+            result = self.run_handler(request)
         except Exception as exc:
-            self.internal_error(exc, f"{method!r} {url!r}", head)
+            self.internal_error(exc, f"{request.method!r} {request.url!r}", request.head)
             return
         if type(result) is bytes:
-            self.emit(_as_sent(result, head, announce))
-            if not keep_alive or self.draining:
+            self.emit(_as_sent(result, request))
+            if not request.keep_alive or self.draining:
                 self.close_after()
             return
         self.task = asyncio.ensure_future(cast(Awaitable[bytes], result))
-        self.task.add_done_callback(lambda task: self._async_done(task, keep_alive, head, announce))
+        self.task.add_done_callback(lambda task: self._async_done(task, request))
 
-    def _async_done(
-        self, task: asyncio.Future[bytes], keep_alive: bool, head: bool, announce: bool
-    ) -> None:
+    def _async_done(self, task: asyncio.Future[bytes], request: Request) -> None:
         self.task = None
         if task.cancelled():
             return  # the connection was lost
         exc = task.exception()
         if exc is not None:
-            self.internal_error(exc, "an async handler", head)
+            self.internal_error(exc, "an async handler", request.head)
             return
-        self.emit(_as_sent(task.result(), head, announce))
-        if not keep_alive or self.draining:
+        self.emit(_as_sent(task.result(), request))
+        if not request.keep_alive or self.draining:
             self.close_after()
             return
         self._serve_queued()
@@ -176,7 +138,7 @@ class Pipeline(RequestReader):
         one is asynchronous again or none is left."""
         queue = self.queue
         while queue and self.task is None:
-            self._dispatch(*queue.popleft())
+            self._dispatch(queue.popleft())
         if self.task is not None:
             return
         # Every request read so far is answered.
@@ -230,21 +192,21 @@ class Pipeline(RequestReader):
         self._pause_reading()
         self.emit(None)
 
-    # output, through the AckGate
+    # output, through the gate
 
     def emit(self, data: bytes | None) -> None:
         """Queue an answer (None: close after what precedes) for the gate to release."""
         self.out.append(data)
         if not self.held:
             self.held = True
-            self.hold()
+            self.gate.hold(self)
 
     def release_output(self) -> None:
-        """Called by the AckGate when what was queued this tick may leave at once."""
+        """Called by the gate when what was queued this tick may leave at once."""
         self._write(self._take())
 
     def take_output(self) -> list[bytes | None]:
-        """Called by the AckGate at the end of a tick: the answers queued since the last take,
+        """Called by the gate at the end of a tick: the answers queued since the last take,
         in request order, one chunk each; each list comes back through release()."""
         self.unreleased += 1
         return self._take()
@@ -296,9 +258,9 @@ class Pipeline(RequestReader):
             self.transport.resume_reading()
 
 
-def _as_sent(response: bytes, head: bool, announce: bool) -> bytes:
+def _as_sent(response: bytes, request: Request) -> bytes:
     """A handler's response as its request gets it: without the body for HEAD, with
     `Connection: keep-alive` for an HTTP/1.0 client keeping the connection."""
-    if announce:
+    if request.announce:
         response = responses.kept_alive(response)
-    return without_body(response) if head else response
+    return without_body(response) if request.head else response

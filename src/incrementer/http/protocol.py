@@ -2,7 +2,7 @@
 
 A connection stacks two halves as base classes (one compiled object, its calls straight through
 the method table): reading requests (reader.py, the httptools callbacks) and answering them in
-order (pipeline.py, through the AckGate). This module joins them: the socket's callbacks, the
+order (pipeline.py, through the gate). This module joins them: the socket's callbacks, the
 moment a request is complete (on_message_complete: the fast path, else the app's handler), and
 the connection's lifecycle (timeouts, the connection limit, shutdown).
 """
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 import httptools
 
 from incrementer.http import responses
-from incrementer.http.pipeline import Pipeline, Result
-from incrementer.http.request import Reject
+from incrementer.http.pipeline import Gate, Pipeline, Result
+from incrementer.http.request import Reject, Request
 
 if TYPE_CHECKING:
     from incrementer.http.server import HttpServer
 
-__all__ = ["FastPath", "Handler", "HttpConnection", "Result"]
+__all__ = ["FastPath", "Gate", "Handler", "HttpConnection", "Request", "Result"]
 
 
 class FastPath(NamedTuple):
@@ -48,19 +48,17 @@ class Handler:
         False if nothing was changed or spent (handle() answers instead)."""
         raise NotImplementedError
 
-    def handle(
-        self,
-        conn: HttpConnection,
-        method: bytes,
-        url: bytes,
-        content_type: bytes,
-        authorization: bytes,
-        idempotency_key: bytes | None,
-        body: bytes,
-        keep_alive: bool,
-    ) -> Result:
-        """Any other request: the response, or an awaitable of it. idempotency_key: the
-        Idempotency-Key header, None without one."""
+    def handle(self, conn: HttpConnection, request: Request) -> Result:
+        """Any other request: the response, or an awaitable of it."""
+        raise NotImplementedError
+
+    def refused(self, status: int) -> None:
+        """The connection refused a request before any route could see it (400 malformed, 408,
+        413, 414, 417, 431): for the handler's own accounting."""
+        raise NotImplementedError
+
+    def refused_connection(self) -> None:
+        """A connection was turned away at --max-connections (503) with no idle one to close."""
         raise NotImplementedError
 
 
@@ -79,7 +77,7 @@ class HttpConnection(Pipeline):
     )
 
     def __init__(self, server: HttpServer) -> None:
-        super().__init__(server.clock, server.max_body_bytes, server.max_header_bytes)
+        super().__init__(server.clock, server.gate, server.max_body_bytes, server.max_header_bytes)
         self.server = server
         self.handler = server.handler
         self.fast_method, self.fast_url, self.fast_type = server.fast_path
@@ -99,7 +97,7 @@ class HttpConnection(Pipeline):
         server = self.server
         connections = server.connections
         if len(connections) >= server.max_connections and not _close_longest_idle(connections):
-            server.metrics.rejected_connections += 1
+            self.handler.refused_connection()
             self.transport.write(
                 responses.error(
                     self.clock,
@@ -193,14 +191,16 @@ class HttpConnection(Pipeline):
             # Declined: nothing happened, the general path below answers.
         keep_alive: bool = parser.should_keep_alive()
         self.answer(
-            parser.get_method(),
-            self.url,
-            self.content_type,
-            self.authorization,
-            self.idempotency_key,
-            self.body if self.parts is None else b"".join(self.parts),
-            keep_alive,
-            keep_alive and self.connection != b"" and self._http10(),
+            Request(
+                parser.get_method(),
+                self.url,
+                self.content_type,
+                self.authorization,
+                self.idempotency_key,
+                self.body if self.parts is None else b"".join(self.parts),
+                keep_alive,
+                keep_alive and self.connection != b"" and self._http10(),
+            )
         )
 
     def _http10(self) -> bool:
@@ -209,27 +209,13 @@ class HttpConnection(Pipeline):
         only when the answer says so, and otherwise waits for the close."""
         return self.parser.get_http_version() == "1.0"
 
-    def run_handler(
-        self,
-        method: bytes,
-        url: bytes,
-        content_type: bytes,
-        authorization: bytes,
-        idempotency_key: bytes | None,
-        body: bytes,
-        keep_alive: bool,
-    ) -> Result:
-        return self.handler.handle(
-            self, method, url, content_type, authorization, idempotency_key, body, keep_alive
-        )
-
-    def hold(self) -> None:
-        self.server.gate.hold(self)
+    def run_handler(self, request: Request) -> Result:
+        return self.handler.handle(self, request)
 
     def _fail(self, status: int, code: str, detail: str) -> None:
         """The request being read is refused and ends the connection, after the answers owed
         to the requests before it."""
-        self.server.metrics.count_request("invalid", status)
+        self.handler.refused(status)
         self.end(responses.error(self.clock, status, code, detail, close=True))
 
     # lifecycle, driven by the server

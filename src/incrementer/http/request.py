@@ -1,4 +1,5 @@
-"""What a request is reduced to while it is parsed: the headers kept, and how to refuse it."""
+"""What a request is reduced to: the headers kept while it is parsed, how to refuse it, and the
+Request a handler is given once it is complete."""
 
 from __future__ import annotations
 
@@ -26,6 +27,44 @@ _IGNORED = (
 HEADER_ATTRS: dict[bytes, str] = {}
 for _name, _attr in (*_WANTED.items(), *((n, "") for n in _IGNORED)):
     HEADER_ATTRS[_name] = HEADER_ATTRS[_name.title()] = HEADER_ATTRS[_name.upper()] = _attr
+
+
+class Request:
+    """A complete request, as a handler sees it (not made for the fast path, which the connection
+    answers from its own fields)."""
+
+    __slots__ = (
+        "announce",
+        "authorization",
+        "body",
+        "content_type",
+        "head",
+        "idempotency_key",
+        "keep_alive",
+        "method",
+        "url",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        url: bytes,
+        content_type: bytes,
+        authorization: bytes,
+        idempotency_key: bytes | None,
+        body: bytes,
+        keep_alive: bool,
+        announce: bool,
+    ) -> None:
+        self.head = method == b"HEAD"
+        self.method = b"GET" if self.head else method  # HEAD is answered as GET, without the body
+        self.url = url
+        self.content_type = content_type
+        self.authorization = authorization
+        self.idempotency_key = idempotency_key  # None: no Idempotency-Key header
+        self.body = body
+        self.keep_alive = keep_alive
+        self.announce = announce  # the answer says Connection: keep-alive (an HTTP/1.0 client)
 
 
 class Reject(Exception):

@@ -6,35 +6,39 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from incrementer.http import responses
+from incrementer.http.pipeline import Gate
 from incrementer.http.protocol import Handler, HttpConnection
-
-if TYPE_CHECKING:
-    from incrementer.config import Settings
-    from incrementer.delivery.durability import AckGate
-    from incrementer.metrics import Metrics
 
 log = logging.getLogger("incrementer.http")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one connection and one request may take (the --max-* and --*-timeout settings)."""
+
+    max_body_bytes: int
+    max_header_bytes: int
+    max_connections: int
+    idle_timeout: float
+    request_timeout: float
+
+
 class HttpServer:
-    def __init__(
-        self, handler: Handler, gate: AckGate, settings: Settings, metrics: Metrics
-    ) -> None:
+    def __init__(self, handler: Handler, gate: Gate, limits: Limits) -> None:
         self.handler = handler
         self.fast_path = handler.fast_path()
         self.gate = gate
-        self.metrics = metrics
         self.clock = responses.Clock(time.monotonic())
         # In accept order (a dict as an ordered set): the longest-idle search breaks ties by it.
         self.connections: dict[HttpConnection, None] = {}
-        self.max_body_bytes = settings.max_body_bytes
-        self.max_header_bytes = settings.max_header_bytes
-        self.max_connections = settings.max_connections
-        self.idle_timeout = settings.idle_timeout
-        self.request_timeout = settings.request_timeout
+        self.max_body_bytes = limits.max_body_bytes
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_connections = limits.max_connections
+        self.idle_timeout = limits.idle_timeout
+        self.request_timeout = limits.request_timeout
         self._server: asyncio.Server | None = None
         self._tick: asyncio.TimerHandle | None = None
 

@@ -6,7 +6,7 @@ instance: the flush transaction inserts K into `idempotency_keys` and applies th
 only if that insert wins (store/). What this module keeps in memory only makes the answers right
 and cheap: a retry that this process has seen is answered at once, a replay with `202` and
 `Idempotent-Replayed: true`, a reuse of K with another body with `422`; a key it does not know
-is looked up in the database first (idempotent.py).
+is looked up in the database first (delivery/keyed_batches.py).
 
 Two batches are the same when their increments are: the same keys with the same values in the
 same order. The digest is the SHA-256 of those increments in the WAL's entry encoding (u16 key

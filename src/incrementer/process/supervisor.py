@@ -2,7 +2,7 @@
 
 The supervisor owns processes and knows nothing about requests (gunicorn's arbiter is the model).
 In order: lock the data dir, reserve the port, migrate once, drain what a larger group or a lone
-process left in the data dirs no worker of this group will use (drain.py), start N workers, then
+process left in the data dirs no worker of this group will use (node/retire.py), start N workers, then
 loop: reap a worker that exits, restart it (at once the first time, with a growing delay while
 it keeps dying soon after its start), and on SIGTERM or SIGINT send every worker SIGTERM and wait
 for their drains. A second signal kills the workers (their WALs keep what they accepted).
@@ -34,11 +34,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from incrementer.config import Settings
-from incrementer.node import retire as drain
+from incrementer.config import EXIT_GRACE, Settings
+from incrementer.node import retire
 from incrementer.node.datadir import DataDir
-from incrementer.process import group, sharedport
-from incrementer.service import EXIT_GRACE
+from incrementer.process import rundir, sharedport
+from incrementer.process.metrics_files import Publisher
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate
 from incrementer.urls import redact_url
@@ -57,7 +57,10 @@ class CannotStart(Exception):
 
 
 @dataclass
-class Worker:
+class WorkerSlot:
+    """One of the N places in the group: the process filling it now (worker.py), and how it has
+    fared; a restart fills the same slot with a new generation."""
+
     index: int
     generation: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -78,14 +81,14 @@ class Supervisor:
         self.settings = settings
         self.data_dir = DataDir(settings.data_dir)
         self.run_dir = settings.data_dir / "run"
-        self.workers = [Worker(i) for i in range(settings.workers)]
+        self.workers = [WorkerSlot(i) for i in range(settings.workers)]
         self.restarts = 0
         self.url = ""
         self._reserved: list[socket.socket] = []
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
         self._wakeup_r = self._wakeup_w = -1
-        self._metrics: group.Publisher | None = None
+        self._metrics: Publisher | None = None
         self._all_ready_once = False
         self._stopping = False
 
@@ -123,10 +126,10 @@ class Supervisor:
         shown = f"[{s.host}]" if ":" in s.host else s.host
         self.url = f"http://{shown}:{port}"
         self.settings = replace(s, port=port)
-        group.reset(self.run_dir)
+        rundir.reset(self.run_dir)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_SupervisorCollector(self))
-        self._metrics = group.Publisher(registry, group.metrics_dir(self.run_dir), "supervisor", {})
+        self._metrics = Publisher(registry, rundir.metrics_dir(self.run_dir), "supervisor", {})
         self._metrics.publish()
 
     async def _migrate_and_retire(self) -> None:
@@ -140,7 +143,7 @@ class Supervisor:
         store = open_store(s.database_url)
         await store.open()
         try:
-            for node in await drain.retire(self.data_dir, store, keep_workers=s.workers):
+            for node in await retire.retire(self.data_dir, store, keep_workers=s.workers):
                 if node.frames or (node.node_id and not node.was_retired):
                     log.info("retired %s", node.describe())
         finally:
@@ -156,14 +159,14 @@ class Supervisor:
         for worker in self.workers:
             self._spawn(worker)
 
-    def _spawn(self, worker: Worker) -> None:
+    def _spawn(self, worker: WorkerSlot) -> None:
         worker.generation += 1
         worker.restart_at = None
         worker.ready = False
         notify_r, notify_w = os.pipe()
         settings = replace(
             self.settings,
-            data_dir=drain.worker_dir(self.settings.data_dir, worker.index),
+            data_dir=retire.worker_dir(self.settings.data_dir, worker.index),
             migrate=False,
             workers=1,
         )
@@ -225,7 +228,7 @@ class Supervisor:
         due = [w.restart_at for w in self.workers if w.restart_at is not None]
         return max(0.0, min(due) - time.monotonic()) if due else None
 
-    def _on_notify(self, worker: Worker) -> None:
+    def _on_notify(self, worker: WorkerSlot) -> None:
         try:
             data = os.read(worker.notify, 64)
         except OSError:
@@ -245,7 +248,7 @@ class Supervisor:
             self._publish()
         self._close_notify(worker)
 
-    def _close_notify(self, worker: Worker) -> None:
+    def _close_notify(self, worker: WorkerSlot) -> None:
         if worker.notify >= 0:
             self._selector.unregister(worker.notify)
             os.close(worker.notify)
@@ -258,11 +261,11 @@ class Supervisor:
                 continue
             self._exited(worker, proc)
 
-    def _exited(self, worker: Worker, proc: subprocess.Popen[bytes]) -> None:
+    def _exited(self, worker: WorkerSlot, proc: subprocess.Popen[bytes]) -> None:
         """A worker died while the group serves: restart it (a restarted worker replays its
         WAL before it listens), at once unless it keeps dying soon after its start."""
         self._close_notify(worker)
-        group.forget(self.run_dir, worker.ident, worker.index)
+        rundir.forget(self.run_dir, worker.ident, worker.index)
         worker.proc = None
         code = proc.returncode
         lived = time.monotonic() - worker.started
@@ -311,7 +314,7 @@ class Supervisor:
                     if not force:
                         log.error("worker %d (pid %d) %s", worker.index, proc.pid, _how(code))
                 self._close_notify(worker)
-                group.forget(self.run_dir, worker.ident, worker.index)
+                rundir.forget(self.run_dir, worker.ident, worker.index)
                 worker.proc = None
             again = [sig for sig in self._take_signals() if sig != signal.SIGCHLD]
             late = time.monotonic() > deadline

@@ -32,7 +32,7 @@ def die_with_parent(supervisor: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # not Linux: group.Member notices within a second instead
+        pass  # not Linux: member.Member notices within a second instead
     if os.getppid() != supervisor:
         sys.exit(0)
 
@@ -47,7 +47,7 @@ def main() -> None:
     from incrementer.config import Settings
     from incrementer.ingest.wal import WalCorruptError
     from incrementer.node.datadir import DataDirError
-    from incrementer.process.group import Member
+    from incrementer.process.member import Member
     from incrementer.service import Service
     from incrementer.store.base import BackendError
 
