@@ -10,11 +10,14 @@ import os
 
 from setuptools import setup
 
-# The modules every POST /increment runs through, from the socket to the WAL and the buffer.
+# The modules every POST /increment (and /increments) runs through, from the socket to the WAL
+# and the buffer; the other routes (reads, readiness, pages) stay plain Python.
 # Not ingest/validate.py: mypyc drops the class keywords of msgspec.Struct subclasses
 # (forbid_unknown_fields), which test_bad_input_rejected_and_changes_nothing catches.
 HOT_PATH = [
     "src/incrementer/api/handler.py",
+    "src/incrementer/api/increments.py",
+    "src/incrementer/api/routes.py",
     "src/incrementer/auth/keyring.py",
     "src/incrementer/delivery/durability.py",
     "src/incrementer/http/pipeline.py",

@@ -11,20 +11,21 @@ import pytest
 from click.testing import CliRunner
 
 from incrementer.cli import main as cli
+from incrementer.cli import options
 from incrementer.config import ConfigError, Settings
 
 
 def resolved(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Run the real `serve` option parsing and capture the Settings it builds."""
     captured: list[Settings] = []
-    monkeypatch.setattr(cli, "build_settings", _capture(captured))
+    monkeypatch.setattr(options, "build_settings", _capture(captured))
     result = CliRunner().invoke(cli.main, ["serve", *args], env=env)
     assert captured, result.output
     return captured[0]
 
 
 def _capture(into: list[Settings]):  # type: ignore[no-untyped-def]
-    real = cli.build_settings
+    real = options.build_settings
 
     def build(
         config: Path | None, values: dict[str, object], sources: dict[str, str] | None = None

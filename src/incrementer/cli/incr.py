@@ -7,6 +7,9 @@ import logging
 
 import click
 
+from incrementer.cli.options import settings_options
+from incrementer.config import ENV_PREFIX, Settings
+
 INSTALL_HINT = "pip install ./clients/python (the incrementer-client distribution)"
 
 
@@ -35,3 +38,28 @@ def incr(url: str, key: str, value: int, api_key: str | None, timeout: float) ->
         ) from None
     finally:
         client.close(0)
+
+
+@click.command("incr")
+@click.argument("key")
+@click.argument("value", type=int, default=1)
+@click.option(
+    "--url",
+    envvar=ENV_PREFIX + "URL",
+    help="The server [default: http://HOST:PORT of --host and --port] [env: INCREMENTER_URL]",
+)
+@click.option("--api-key", envvar=ENV_PREFIX + "API_KEY", help="An API key (ik_...).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to keep retrying before giving up (exit status 1).",
+)
+@settings_options("host", "port")
+def incr_command(
+    settings: Settings, key: str, value: int, url: str | None, api_key: str | None, timeout: float
+) -> None:
+    """Add VALUE (default 1) to the counter KEY on a running server, exactly once: retried under
+    one Idempotency-Key until acknowledged. For shell scripts and cron jobs."""
+    incr(url or settings.local_url, key, value, api_key, timeout)

@@ -17,7 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import click
 from prometheus_client.parser import text_string_to_metric_families
+
+from incrementer.cli.options import settings_options
+from incrementer.config import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -272,3 +276,26 @@ def run(
                 previous = current
     except KeyboardInterrupt:
         return
+
+
+@click.command()
+@click.argument("url", required=False)
+@click.option(
+    "--api-key",
+    envvar=ENV_PREFIX + "API_KEY",
+    help="Key for /metrics when the server requires one. [env: INCREMENTER_API_KEY]",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
+)
+@click.option("--once", is_flag=True, help="Print one interval's figures and exit.")
+@settings_options("host", "port")
+def top(
+    url: str | None, api_key: str | None, interval: float, once: bool, settings: Settings
+) -> None:
+    """Live figures of a running server, read from URL/metrics: by default the server that
+    --host and --port (or their variables, or --config) describe. Needs `incrementer[top]`."""
+    try:
+        run(url or settings.local_url, api_key, interval, once)
+    except TopError as exc:
+        raise click.ClickException(f"top: {exc}") from None

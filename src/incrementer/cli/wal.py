@@ -1,4 +1,4 @@
-"""`incrementer wal inspect`: what the WAL of a data dir holds, and with a database URL, how much
+"""`incrementer wal inspect` and `wal drain`. Inspect: what the WAL of a data dir holds, and with a database URL, how much
 of it the database has applied (the ledger's applied seq for the data dir's node) and how much is
 pending. Read-only: nothing is created, locked or migrated, so it runs beside the live service.
 
@@ -8,10 +8,16 @@ every frame in it is applied, so most frames on disk are usually applied already
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
 
+import click
+
+from incrementer.cli.errors import RUNTIME_ERRORS
+from incrementer.cli.options import CONFIGURED, settings_options
+from incrementer.config import Settings
 from incrementer.ingest.wal_reader import WalSummary, summarize
 from incrementer.node.datadir import DataDirError, peek_node_id
 from incrementer.store import open_store
@@ -82,3 +88,45 @@ async def inspect(data_dir: Path, database_url: str | None) -> WalReport:
         finally:
             await store.close()
     return WalReport(wal_path, node_id, summarize(wal_path, applied), ledger)
+
+
+@click.group()
+def wal() -> None:
+    """Inspect or drain the write-ahead log."""
+
+
+@wal.command("inspect")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@settings_options("data_dir", "database_url")
+def wal_inspect(settings: Settings, as_json: bool) -> None:
+    """Segments, frames, increments and seq range of the WAL in --data-dir; with a database URL
+    (flag, environment or file), how many of them the database has applied and how many are
+    pending. Reads only: creates, locks and migrates nothing."""
+    configured = click.get_current_context().meta[CONFIGURED]
+    database_url = settings.database_url if "database_url" in configured else None
+    report = asyncio.run(inspect(settings.data_dir, database_url))
+    if as_json:
+        import msgspec
+
+        click.echo(msgspec.json.encode(report.as_json()).decode())
+        return
+    for line in report.lines():
+        click.echo(line)
+
+
+@wal.command("drain")
+@settings_options("data_dir", "database_url")
+def wal_drain(settings: Settings) -> None:
+    """Apply what a stopped instance's WAL in --data-dir holds (its own and its worker-N dirs'),
+    exactly once, and mark it retired. Refused while a live process holds the data dir or one of
+    its worker dirs; safe to run twice: the second run finds nothing after the applied seq."""
+    from incrementer.node import retire as retiring
+
+    if not settings.data_dir.is_dir():
+        raise click.UsageError(f"no data dir at {settings.data_dir}")
+    try:
+        drained = asyncio.run(retiring.drain_data_dir(settings.data_dir, settings.database_url))
+    except RUNTIME_ERRORS as exc:
+        raise click.ClickException(f"cannot drain {settings.data_dir}: {exc}") from None
+    for node in drained:
+        click.echo(node.describe())

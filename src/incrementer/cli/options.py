@@ -1,0 +1,155 @@
+"""The settings as options: one flag per Settings field, each also an INCREMENTER_* variable,
+plus --config for a TOML file. Every command takes the ones it uses through settings_options."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from incrementer.config import (
+    AUTH_MODES,
+    DURABILITY_MODES,
+    ENV_PREFIX,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Settings,
+    load_toml,
+)
+
+DEFAULTS = Settings()
+HELP = {
+    "host": "Address to bind.",
+    "port": "Port to bind; 0 picks a free one.",
+    "database_url": "sqlite:///PATH or postgresql://USER@HOST:PORT/DB.",
+    "migrate": "Apply pending schema migrations at start.",
+    "durability": "When to acknowledge: memory, wal (after write()), wal-fsync (after fsync).",
+    "data_dir": "Directory for the WAL segments, the node id and the lock file.",
+    "fsync_interval": "Seconds between WAL fsyncs in durability wal.",
+    "flush_interval": "Seconds between flushes (a flush also starts at --flush-max-keys).",
+    "flush_interval_max": (
+        "How far the flush interval stretches while flushes are slow (the database is the "
+        "bottleneck), so more increments share each row written; a value no higher than "
+        "--flush-interval keeps the interval fixed."
+    ),
+    "flush_max_keys": "Flush early once this many distinct keys are dirty.",
+    "max_pending_keys": "Distinct unflushed keys before new keys get 503 + Retry-After.",
+    "max_key_bytes": "Longest key accepted, in UTF-8 bytes.",
+    "allow_negative": "Accept zero and negative values.",
+    "max_body_bytes": "Largest request body accepted (413 above).",
+    "max_header_bytes": "Largest request line plus headers accepted (431 above).",
+    "max_batch_items": "Most increments in one POST /increments.",
+    "max_connections": "Open connections; past it the longest-idle one makes room, else 503.",
+    "idle_timeout": "Seconds a keep-alive connection may sit idle between requests.",
+    "request_timeout": "Seconds to send one whole request, the first from the accept (slowloris).",
+    "shutdown_timeout": "Seconds to finish requests and the final flush on SIGTERM.",
+    "lag_bound": "Persistence lag above which /readyz answers 503.",
+    "auth": "API keys: required, off (loopback binds only), auto (off on loopback, else required).",
+    "insecure_no_auth": "Allow --auth off on a non-loopback bind (something in front authenticates).",
+    "auth_refresh": "Seconds between reloads of the API keys (a revoked key stops within this).",
+    "auth_lookup_rate": (
+        "Database lookups per second, at most, of API keys not yet loaded (a new key works on "
+        "its first request; unknown ones are remembered as absent until the next reload); "
+        "0 = new keys wait for the next reload."
+    ),
+    "rate_limit": "Default requests/s per API key (per client IP with auth off); 0 = unlimited.",
+    "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
+    "idempotency_window": (
+        "Seconds an Idempotency-Key is remembered (a retry within it is applied once); keys "
+        "older than this are swept from the database."
+    ),
+    "log_format": "text or json.",
+    "log_level": "debug, info, warning or error.",
+    "workers": (
+        "Server processes sharing --host:--port, each with its own data dir (--data-dir/worker-N) "
+        "under one supervisor; auto = one per usable CPU; 1 = this process serves alone."
+    ),
+}
+CHOICES = {
+    "auth": AUTH_MODES,
+    "durability": DURABILITY_MODES,
+    "log_format": LOG_FORMATS,
+    "log_level": LOG_LEVELS,
+}
+TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": str, "Durability": str}
+
+
+SOURCES_NOTE = (
+    "Every option can also be set by the environment variable shown with it, or in the TOML "
+    "file named by --config (top level or an [incrementer] table, keys as the option names); a "
+    "flag wins over the environment, which wins over the file."
+)
+CONFIGURED = "incrementer.configured"  # ctx.meta: the settings given anywhere, not defaulted
+
+
+def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config, plus one flag per named Settings field (every field when none are named), each
+    also read from INCREMENTER_<NAME>. The command receives `settings`, built and validated from
+    flags > environment > file > defaults; a bad value is a usage error naming where it was set.
+    Defaults live in Settings, so the file can sit between the environment and them."""
+    chosen = [f for f in fields(Settings) if not names or f.name in names]
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            config: Path | None = kwargs.pop("config")
+            values = {f.name: kwargs.pop(f.name) for f in chosen}
+            sources = {name: _source(ctx, name) for name in values}
+            settings = build_settings(config, values, sources)
+            from_file = load_toml(config).keys() if config is not None else set()
+            ctx.meta[CONFIGURED] = {k for k, v in values.items() if v is not None} | from_file
+            return func(settings=settings, **kwargs)
+
+        command.__doc__ = f"{inspect.cleandoc(func.__doc__ or '')}\n\n{SOURCES_NOTE}"
+        for field in reversed(chosen):
+            command = _setting_option(field.name, str(field.type), field.default)(command)
+        return click.option(
+            "--config",
+            type=click.Path(path_type=Path, dir_okay=False),
+            envvar=ENV_PREFIX + "CONFIG",
+            help=f"TOML file with settings; flags and environment variables win. "
+            f"[env: {ENV_PREFIX}CONFIG]",
+        )(command)
+
+    return decorate
+
+
+def _setting_option(name: str, kind: str, default: Any) -> Callable[..., Any]:
+    flag = name.replace("_", "-")
+    envvar = ENV_PREFIX + name.upper()
+    help_text = f"{HELP[name]} [default: {default}] [env: {envvar}]"
+    if kind == "bool":
+        return click.option(
+            f"--{flag}/--no-{flag}", name, default=None, envvar=envvar, help=help_text
+        )
+    param_type: Any = click.Choice(CHOICES[name]) if name in CHOICES else TYPES[kind]
+    if name == "workers":
+        param_type = str  # a number or `auto`: config.parse_workers reads it, for TOML files too
+    return click.option(
+        f"--{flag}", name, type=param_type, default=None, envvar=envvar, help=help_text
+    )
+
+
+def _source(ctx: click.Context, name: str) -> str:
+    """Where a parameter's value came from, as an error message names it."""
+    source = ctx.get_parameter_source(name)
+    if source == ParameterSource.COMMANDLINE:
+        return f"from --{name.replace('_', '-')}"
+    if source == ParameterSource.ENVIRONMENT:
+        return f"from {ENV_PREFIX}{name.upper()}"
+    return ""
+
+
+def build_settings(
+    config: Path | None, values: dict[str, Any], sources: dict[str, str] | None = None
+) -> Settings:
+    """Settings from the flags and environment (values) over the file; a ConfigError is reported
+    by cli/errors.py as a usage error."""
+    return Settings.build(values, config, sources)
