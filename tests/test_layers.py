@@ -116,9 +116,7 @@ def test_the_check_catches_upward_and_type_only_imports(tmp_path: Path) -> None:
         "    from incrementer.api.handler import App\n"
         "from incrementer import config\n"
     )
-    (root / "ingest" / "intake.py").write_text(
-        "def later():\n    import incrementer.api.handler\n"
-    )
+    (root / "ingest" / "intake.py").write_text("def later():\n    import incrementer.api.handler\n")
     (root / "api" / "handler.py").write_text(
         "from incrementer.ingest import intake\nfrom incrementer.http import server\n"
     )
@@ -128,3 +126,32 @@ def test_the_check_catches_upward_and_type_only_imports(tmp_path: Path) -> None:
         "http/server.py:4 imports incrementer.config: http/ imports nothing else from the package",
         "ingest/intake.py:2 imports incrementer.api.handler: api is not below ingest",
     ]
+
+
+DESIGN = PACKAGE.parent.parent / "docs" / "design.md"
+
+
+def listed_in_design() -> list[str]:
+    """The paths named in the first column of docs/design.md's module table."""
+    text = DESIGN.read_text()
+    table = text[text.index("## Modules") :].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return [name.strip("`") for row in rows for name in row.split("|")[1].strip().split(", ")]
+
+
+def test_design_lists_every_module_and_nothing_stale() -> None:
+    """docs/design.md's module table names each module of the package once, and only those."""
+    listed = listed_in_design()
+    modules = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*")
+        if path.suffix in (".py", ".html", ".json")
+        and path.name not in ("__init__.py", "__main__.py")
+        and "migrations" not in path.parts
+    }
+    directories = {name for name in listed if name.endswith("/")}
+    assert all((PACKAGE / name).is_dir() for name in directories), directories
+    files = [name for name in listed if not name.endswith("/")]
+    assert sorted(files) == sorted(set(files)), "a module is listed twice"
+    assert sorted(set(files) - modules) == [], "listed, but not in the tree"
+    assert sorted(modules - set(files)) == [], "in the tree, but not listed"
