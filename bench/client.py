@@ -9,11 +9,12 @@ defaults), then, one after the other against it:
 - wrk -t1 -cN, one POST /increment per increment (scenario 10keys or 100kkeys of bench.run);
 - at 100,000 keys also wrk's batch scenario, POST /increments of 50 random keys: the batch
   route's rate, the client's target there;
-- one client process (`python -m bench.client --drive URL`): a loop calling Client.incr(key) for the duration
-  (the same key order every run: a seeded random draw, or the ten keys in turn), then close(),
-  which returns when the server has acknowledged everything. The rate is increments
-  acknowledged per second, from the first incr() to the end of close(); the loop's own rate is
-  shown beside it. The database total of the run's keys must equal the number of incr() calls.
+- one client process (`python -m bench.client --drive URL`): a loop calling Client.incr(key) for
+  the duration (the same key order every run: a seeded random draw, or the ten keys in turn),
+  then close(), which returns when the server has acknowledged everything. The rate is
+  increments acknowledged per second, from the first incr() to the end of close(); the loop's
+  own rate is shown beside it. The database total of the run's keys must equal the number of
+  incr() calls.
 
 Targets: at 10 keys, at least 1,000,000 increments/s from the one client process (the counts
 coalesce locally: a handful of requests per flush interval); at 100,000 keys, at least the batch

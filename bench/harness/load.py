@@ -1,4 +1,4 @@
-"""Running wrk with bench/wrk/increments.lua and reading the totals it prints from done()."""
+"""Running wrk with bench/wrk/increments.lua (or paced.lua) and reading the totals it prints."""
 
 from __future__ import annotations
 

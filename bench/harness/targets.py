@@ -1,9 +1,10 @@
 """The servers under load: each started as a child process on a free port, always stopped after.
 
-nginx runs from a generated nginx.conf, incrementer as `python -m incrementer serve`, the comparison
-servers as `python -m bench.servers.lean` and `python -m bench.servers.naive`. Every target runs in its own process group, so stopping it also stops whatever it spawned (nginx's
-worker). A target that does not come up in time, or exits early, raises TargetError with the tail of
-its log.
+nginx runs from a generated nginx.conf, incrementer as `python -m incrementer serve`, the
+comparison servers as `python -m bench.servers.lean` and `python -m bench.servers.naive` (from the
+repository root, where the bench package is). Every target runs in its own process group, so
+stopping it also stops whatever it spawned (nginx's worker). A target that does not come up in
+time, or exits early, raises TargetError with the tail of its log.
 """
 
 from __future__ import annotations

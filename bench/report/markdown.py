@@ -66,10 +66,10 @@ def markdown(
         "- req/s and p50/p99 latency: wrk, over the run. incr/s: req/s times the increments per "
         "request (1, or the batch size).",
         "- x nginx, x lean, x naive: req/s (with several rounds: the median of the per-round "
-        "ratios) against nginx `return 202`, python-lean (the "
-        "leanest uvloop + httptools + msgspec server coalescing into a dict, bench/servers/lean.py: what "
-        "Python itself costs) and the naive one-upsert-per-request server (bench/servers/naive.py), "
-        "measured in this same run.",
+        "ratios) against nginx `return 202`, python-lean (the leanest uvloop + httptools + "
+        "msgspec server coalescing into a dict, bench/servers/lean.py: what Python itself costs) "
+        "and the naive one-upsert-per-request server (bench/servers/naive.py), measured in this "
+        "same run.",
         "- lag p50/p99: `incrementer_persistence_lag_seconds` (age of the oldest increment of "
         "each batch at its commit), from the histogram's bucket deltas over the run, "
         "interpolated inside the bucket like PromQL `histogram_quantile`.",
