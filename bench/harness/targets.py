@@ -90,7 +90,7 @@ class TargetError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """One server to load: nginx, incrementer in one durability mode, or the naive baseline."""
+    """One server to load: nginx, python-lean, incrementer in one durability mode, or naive."""
 
     name: str
     kind: str  # "nginx" | "lean" | "incrementer" | "naive"
@@ -133,8 +133,9 @@ INCREMENTER_DEFERRED = Target(
 )
 NAIVE = Target("naive", "naive")
 # Scale-out on one host: two processes each, sharing the port with SO_REUSEPORT (nginx's
-# `listen ... reuseport`, incrementer's supervisor). On two cores shared with wrk and PostgreSQL
-# they cannot show throughput scaling; they show what a second process costs per request.
+# `listen ... reuseport`; incrementer's workers each bind it, the supervisor only reserves it).
+# On two cores shared with wrk and PostgreSQL they cannot show throughput scaling; they show what
+# a second process costs per request.
 NGINX_2W = Target("nginx-2w", "nginx", workers=2)
 INCREMENTER_2W = Target("incrementer-wal-2w", "incrementer", "wal", workers=2)
 
