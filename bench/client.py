@@ -1,19 +1,20 @@
 """The Python client moving counts into the server, beside one HTTP request per increment (wrk).
 
-    .venv/bin/python bench/client.py [--duration 10] [--keys 10,100000] [--connections 32]
+    .venv/bin/python -m bench.client [--duration 10] [--keys 10,100000] [--connections 32]
                                      [--results-dir bench/results]
 
 For each key count, a fresh PostgreSQL database and `incrementer serve` (durability wal, its
 defaults), then, one after the other against it:
 
-- wrk -t1 -cN, one POST /increment per increment (scenario 10keys or 100kkeys of bench/run.py);
+- wrk -t1 -cN, one POST /increment per increment (scenario 10keys or 100kkeys of bench.run);
 - at 100,000 keys also wrk's batch scenario, POST /increments of 50 random keys: the batch
   route's rate, the client's target there;
-- one client process (this file with --drive): a loop calling Client.incr(key) for the duration
-  (the same key order every run: a seeded random draw, or the ten keys in turn), then close(),
-  which returns when the server has acknowledged everything. The rate is increments
-  acknowledged per second, from the first incr() to the end of close(); the loop's own rate is
-  shown beside it. The database total of the run's keys must equal the number of incr() calls.
+- one client process (`python -m bench.client --drive URL`): a loop calling Client.incr(key) for
+  the duration (the same key order every run: a seeded random draw, or the ten keys in turn),
+  then close(), which returns when the server has acknowledged everything. The rate is
+  increments acknowledged per second, from the first incr() to the end of close(); the loop's
+  own rate is shown beside it. The database total of the run's keys must equal the number of
+  incr() calls.
 
 Targets: at 10 keys, at least 1,000,000 increments/s from the one client process (the counts
 coalesce locally: a handful of requests per flush interval); at 100,000 keys, at least the batch
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -36,7 +36,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench.harness import database, preflight
+from bench.harness.load import Load, items_per_request, run_wrk
+from bench.harness.paths import RESULTS, ROOT, WORK
+from bench.harness.targets import INCREMENTER_WAL, running
+
 MARKER = "CLIENT_RESULT "
 KEY_TARGET = 1_000_000  # increments/s at 10 keys
 
@@ -86,9 +90,9 @@ def drive(url: str, keys: int, duration: float, prefix: str, seed: int) -> dict[
 
 async def run_client(url: str, keys: int, duration: float, prefix: str) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--drive", url, "--keys", str(keys),
+        sys.executable, "-m", "bench.client", "--drive", url, "--keys", str(keys),
         "--duration", str(duration), "--prefix", prefix,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), duration + 300)
     line = next((ln for ln in out.decode().splitlines() if ln.startswith(MARKER)), None)
@@ -102,23 +106,18 @@ async def run_client(url: str, keys: int, duration: float, prefix: str) -> dict[
 
 
 async def measure_keys(keys: int, args: argparse.Namespace, run_id: str, workroot: Path) -> Row:
-    import database
-    from load import BATCH_SIZE, run_wrk
-    from targets import INCREMENTER_MODES, running
-
-    wal = next(t for t in INCREMENTER_MODES if t.durability == "wal")
     row = Row(keys)
     async with (
         database.fresh_database(f"client{keys}") as url,
-        running(wal, workroot / f"k{keys}", url) as server,
+        running(INCREMENTER_WAL, workroot / f"k{keys}", url) as server,
     ):
         scenarios = ["10keys"] if keys == 10 else ["100kkeys", "batch"]
         for scenario in scenarios:
             prefix = f"{run_id}-{scenario}-"
-            load = await run_wrk(server.url, scenario, prefix, 42, args.duration, args.connections)
-            per_request = BATCH_SIZE if scenario == "batch" else 1
+            spec = Load(server.url, scenario, prefix, 42, args.duration, args.connections)
+            load = await run_wrk(spec)
             name = "wrk-batch" if scenario == "batch" else "wrk-single"
-            row.rates[name] = load.rps * per_request
+            row.rates[name] = load.rps * items_per_request(scenario)
         prefix = f"{run_id}-client{keys}-"
         found = await run_client(server.url, keys, args.duration, prefix)
         row.rates["client"] = found["calls"] / found["seconds"]
@@ -173,25 +172,16 @@ def report(rows: list[Row], command: str) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    import database
-    import machine
-
-    if machine.which("wrk") is None:
-        print(f"bench/client.py: wrk is missing.\n\n{machine.INSTALL_HINT}", file=sys.stderr)
-        return 2
-    try:
-        await database.server_version()
-    except (OSError, TimeoutError) as exc:
-        print(f"bench/client.py: PostgreSQL unreachable at {database.ADMIN_URL}: {exc}")
+    if await preflight.check_async("bench.client", tools=("wrk",)) is None:
         return 2
     run_id = "c" + uuid.uuid4().hex[:6]
-    workroot = HERE / ".work" / f"client-{run_id}"
+    workroot = WORK / f"client-{run_id}"
     rows = []
     for keys in args.key_counts:
         row = await measure_keys(keys, args, run_id, workroot)
         rows.append(row)
         print(report([row], "").splitlines()[-1 - len(row.problems)], flush=True)
-    command = " ".join([".venv/bin/python", "bench/client.py", *args.argv])
+    command = " ".join([".venv/bin/python", "-m", "bench.client", *args.argv])
     text = report(rows, command)
     print(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -202,11 +192,13 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench/client.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.client", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each load")
     parser.add_argument("--keys", default="10,100000", help="comma-separated key counts")
     parser.add_argument("--connections", type=int, default=32, help="wrk -c")
-    parser.add_argument("--results-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,8 +208,6 @@ def main(argv: list[str]) -> int:
         found = drive(args.drive, args.key_counts[0], args.duration, args.prefix, seed=42)
         print(MARKER + json.dumps(found), flush=True)
         return 0
-    sys.path.insert(0, str(HERE))
-    os.chdir(HERE.parent)
     return asyncio.run(main_async(args))
 
 

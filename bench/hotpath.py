@@ -1,6 +1,6 @@
 """The service's request path without sockets: CPU microseconds per request, steady and repeatable.
 
-    .venv/bin/python bench/hotpath.py [--durability wal] [--keys 10] [--per-tick 20]
+    .venv/bin/python -m bench.hotpath [--durability wal] [--keys 10] [--per-tick 20]
                                       [--requests 300000] [--profile] [--lean] [--auth]
                                       [--batch N [--idempotent]]
 
@@ -13,13 +13,14 @@ report). What it measures is the service's own code, without the sockets and the
 httptools callbacks, routing, validation, the WAL append (and in wal mode its write() per tick),
 the buffer, the ack gate and the response. --profile prints cProfile's top functions as well
 (it sees only Python code: profile a pure-Python build, INCREMENTER_PURE_PYTHON=1, or use
-`perf record` on the compiled one); --lean drives bench/lean.py's protocol the same way, for the
-floor of what plain Python can do; --auth runs the service with --auth required and a key with a rate limit that never refuses, every
-request carrying it (as bench/run.py's incrementer-wal-auth does). --batch N sends POST /increments
-of N random keys instead (bench/run.py's batch scenario has N = 50), and --idempotent gives each
-one an Idempotency-Key of its own: the cost of the header, its database lookup (SQLite, on the
-reader thread, whose CPU counts too) included. Costs are then per increment, not per request.
-No flush runs, so idempotent batches stay held in memory: keep N x --requests to a few million.
+`perf record` on the compiled one); --lean drives bench/servers/lean.py's protocol the same way,
+for the floor of what plain Python can do; --auth runs the service with --auth required and a key
+whose rate limit never refuses, every request carrying it (as bench.run's incrementer-wal-auth
+does). --batch N sends POST /increments of N random keys instead (bench.run's batch scenario has
+N = 50), and --idempotent gives each one an Idempotency-Key of its own: the cost of the header,
+its database lookup (SQLite, on the reader thread, whose CPU counts too) included. Costs are then
+per increment, not per request. No flush runs, so idempotent batches stay held in memory: keep
+N x --requests to a few million.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.servers.lean import LeanProtocol
 from incrementer import build
 from incrementer.auth import admin as keys
 from incrementer.config import Settings
@@ -184,15 +186,15 @@ async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
 
 
 async def drive_lean(args: argparse.Namespace) -> list[float]:
-    """The same requests through bench/lean.py's protocol: the floor to compare with."""
-    from lean import LeanProtocol
-
+    """The same requests through bench/servers/lean.py's protocol: the floor to compare with."""
     conns = [LeanProtocol() for _ in range(CONNECTIONS)]
     return await feed(conns, connect(conns), args)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench/hotpath.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hotpath", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--durability", default="wal", choices=("memory", "wal", "wal-fsync"))
     parser.add_argument("--keys", type=int, default=10, help="distinct keys (10 or 100000)")
     parser.add_argument("--requests", type=int, default=300_000)
@@ -201,7 +203,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--profile", action="store_true", help="cProfile instead of timing")
     parser.add_argument(
-        "--lean", action="store_true", help="drive bench/lean.py's protocol instead: the floor"
+        "--lean", action="store_true", help="drive bench.servers.lean's protocol instead: the floor"
     )
     parser.add_argument("--auth", action="store_true", help="--auth required, every request keyed")
     parser.add_argument(

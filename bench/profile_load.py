@@ -1,7 +1,7 @@
 """Profile the service's event loop under wrk load with py-spy, and rank where its time goes.
 
-    .venv/bin/python bench/profile_load.py [--scenario 100kkeys] [--durability wal] [--seconds 10]
-    .venv/bin/python bench/profile_load.py --summarize stacks.txt   # an existing py-spy raw file
+    .venv/bin/python -m bench.profile_load [--scenario 100kkeys] [--durability wal] [--seconds 10]
+    .venv/bin/python -m bench.profile_load --summarize stacks.txt   # an existing py-spy raw file
 
 Starts incrementer on a fresh database, drives it with the benchmark's wrk script, attaches
 `py-spy record --native --idle --format raw` to it for --seconds once the load is warm, and prints
@@ -26,9 +26,10 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import database
-from load import run_wrk
-from targets import ROOT, Target, running
+from bench.harness import database
+from bench.harness.load import Load, run_wrk
+from bench.harness.paths import WORK
+from bench.harness.targets import Target, running
 
 LOOP_MARKER = "Runner.run (asyncio/runners.py"  # frames of the event-loop thread
 IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
@@ -102,16 +103,15 @@ async def profile(args: argparse.Namespace, out: Path) -> str:
             database.fresh_database(target.name) as url,
             running(target, Path(tmp), url) as server,
         ):
-            load = asyncio.create_task(
-                run_wrk(
-                    server.url,
-                    args.scenario,
-                    f"{run_id}-",
-                    42,
-                    args.seconds + 2 * WARMUP,
-                    args.connections,
-                )
+            spec = Load(
+                server.url,
+                args.scenario,
+                f"{run_id}-",
+                42,
+                args.seconds + 2 * WARMUP,
+                args.connections,
             )
+            load = asyncio.create_task(run_wrk(spec))
             await asyncio.sleep(WARMUP)
             started = time.monotonic()
             spy = await asyncio.create_subprocess_exec(
@@ -133,7 +133,7 @@ async def profile(args: argparse.Namespace, out: Path) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="bench/profile_load.py", description=__doc__.split("\n")[0]
+        prog="python -m bench.profile_load", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--scenario", default="100kkeys", choices=("10keys", "100kkeys", "batch"))
     parser.add_argument("--durability", default="wal", choices=("memory", "wal", "wal-fsync"))
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
     if args.summarize:
         print(summarize(args.summarize.read_text(), args.top))
         return 0
-    out = args.output or ROOT / "bench" / ".work" / f"profile-{args.scenario}-{args.durability}.txt"
+    out = args.output or WORK / f"profile-{args.scenario}-{args.durability}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     header = asyncio.run(profile(args, out))
     print(header)

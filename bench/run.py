@@ -1,23 +1,25 @@
 """Benchmark incrementer against the HTTP ceiling (nginx) and the naive design, and write a report.
 
-    .venv/bin/python bench/run.py [--duration 10] [--connections 32] [--rounds 1]
+    .venv/bin/python -m bench.run [--duration 10] [--connections 32] [--rounds 1]
                                   [--scenarios 10keys,100kkeys,batch,10mkeys] [--targets ...]
-                                  [--paced 0.5,0.8] [--quick]
+                                  [--paced 0.5,0.8] [--quick] [--results-dir bench/results]
 
-Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/lean.py, the Python floor),
-incrementer in each --durability mode, incrementer-wal-auth (wal with --auth required and a
-never-refusing rate limit: the guard rails' cost), incrementer-wal-deferred (wal with no flush
-during the load: the service without PostgreSQL competing for the cores), and naive
-(bench/naive.py, one upsert per request), and the scale-out pair nginx-2w and
-incrementer-wal-2w (two worker processes each, bench/scaleout.py). After the closed-loop runs of
-10keys and 100kkeys, nginx and incrementer-wal run again at fixed offered rates (--paced: fractions
-of that round's nginx req/s). 10mkeys (keys from 10,000,000) runs nginx and incrementer-wal with
-one and two workers only. Then, unless --quick, bench/flush.py times apply_batch of 100,000 keys in isolation. For
-every scenario each target is started on a free port (PostgreSQL-backed ones on a database of their
-own), loaded with `wrk -t1 -cN` for the duration, checked (the database must hold every increment
-wrk saw acknowledged, no more than it sent, and exactly what the service counted) and stopped. The
-tables are printed and written to bench/results/<YYYY-MM-DD-HHMM>.md with a PNG of throughput and
-lag over time. See docs/performance.md for what the columns mean.
+Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/servers/lean.py, the Python
+floor), incrementer in each --durability mode, incrementer-wal-auth (wal with --auth required and
+a never-refusing rate limit: the guard rails' cost), incrementer-wal-deferred (wal with no flush
+during the load: the service without PostgreSQL competing for the cores), naive
+(bench/servers/naive.py, one upsert per request), and the scale-out pair nginx-2w and
+incrementer-wal-2w (two worker processes each, bench/report/scaleout.py). After the closed-loop
+runs of 10keys and 100kkeys, nginx and incrementer-wal run again at fixed offered rates (--paced:
+fractions of that round's nginx req/s). 10mkeys (keys from 10,000,000) runs nginx and
+incrementer-wal with one and two workers only. Then, unless --quick, apply_batch of 100,000 keys
+is timed in isolation (what bench/flush.py does alone).
+
+For every scenario each target is started on a free port (PostgreSQL-backed ones on a database of
+their own), loaded with `wrk -t1 -cN` for the duration, checked (the database must hold every
+increment wrk saw acknowledged, no more than it sent, and exactly what the service counted) and
+stopped. The tables are printed and written to bench/results/<YYYY-MM-DD-HHMM>.md with a PNG of
+throughput and lag over time. See docs/performance.md for what the columns mean.
 
 Exit status: 0 when every run completed with verified totals (missed performance targets are
 reported, not failed: a benchmark is not a test), 1 when a run failed or lost increments, 2 when a
@@ -33,20 +35,22 @@ import shlex
 import shutil
 import sys
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-import database
-import extras  # noqa: F401  (stops with one line if the bench extra is missing)
-import machine
-import report
-import scaleout
-from flush import FlushResult, measure_flush
-from load import BATCH_SIZE, SCENARIOS
-from measure import RunResult, measure
+# Before rich and matplotlib: without the bench extra, one line says what to install.
+from bench.harness import extras  # noqa: F401  # isort: skip
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from targets import (
+
+from bench.harness import database, machine, preflight
+from bench.harness.apply_batch import FlushResult, measure_flush
+from bench.harness.load import BATCH_SIZE, SCENARIOS
+from bench.harness.measure import RunResult, measure
+from bench.harness.paths import RESULTS, ROOT, WORK
+from bench.harness.targets import (
     INCREMENTER_2W,
     INCREMENTER_AUTH,
     INCREMENTER_DEFERRED,
@@ -55,9 +59,10 @@ from targets import (
     NAIVE,
     NGINX,
     NGINX_2W,
-    ROOT,
     Target,
 )
+from bench.report import checks, markdown, plot, scaleout, tables
+from bench.report.compare import representatives
 
 ALL_TARGETS = [
     NGINX,
@@ -79,7 +84,7 @@ ONLY_FOR = {"10mkeys": (NGINX.name, "incrementer-wal", INCREMENTER_2W.name)}
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench/run.py",
+        prog="python -m bench.run",
         description=__doc__.split("\n", 1)[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -122,24 +127,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--results-dir",
         type=Path,
-        default=ROOT / "bench" / "results",
+        default=RESULTS,
         help="Where the .md report and the .png plot go.",
     )
     args = parser.parse_args(argv)
-    scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if unknown or not scenarios:
-        parser.error(
-            f"--scenarios: unknown {', '.join(unknown) or '(none)'}; "
-            f"choose from {', '.join(SCENARIOS)}"
-        )
+    scenarios = _chosen(parser, "--scenarios", args.scenarios, SCENARIOS)
     by_name = {t.name: t for t in ALL_TARGETS}
-    names = [n for n in args.targets.split(",") if n]
-    unknown = [n for n in names if n not in by_name]
-    if unknown or not names:
-        parser.error(
-            f"--targets: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(by_name)}"
-        )
+    names = _chosen(parser, "--targets", args.targets, list(by_name))
     args.scenario_list = scenarios[:1] if args.quick else scenarios
     args.target_list = [by_name[n] for n in names if not (args.quick and n in NOT_IN_QUICK)]
     if args.rounds < 1:
@@ -156,6 +150,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _chosen(
+    parser: argparse.ArgumentParser, option: str, value: str, choices: Sequence[str]
+) -> list[str]:
+    """The comma-separated names of `value`, each one of `choices`, at least one."""
+    names = [n for n in value.split(",") if n]
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        parser.error(
+            f"{option}: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(choices)}"
+        )
+    return names
+
+
 def targets_for(args: argparse.Namespace, scenario: str) -> list[Target]:
     only = ONLY_FOR.get(scenario)
     return [t for t in args.target_list if only is None or t.name in only]
@@ -169,6 +176,12 @@ def paced_targets(args: argparse.Namespace, scenario: str) -> list[Target]:
     return chosen if len(chosen) == len(scaleout.PACED_TARGETS) else []
 
 
+def runs_in(args: argparse.Namespace, scenario: str) -> int:
+    """Runs of one scenario in one round: closed-loop, then paced."""
+    closed = len(targets_for(args, scenario))
+    return closed + len(args.paced_fractions) * len(paced_targets(args, scenario))
+
+
 def exact_command(argv: list[str]) -> str:
     """The command as typed, with the environment that changes what is measured."""
     python = Path(sys.executable)
@@ -178,7 +191,7 @@ def exact_command(argv: list[str]) -> str:
         for k in ("PYTHONOPTIMIZE", "BENCH_PG_ADMIN_URL")
         if os.environ.get(k)
     ]
-    return " ".join([*env, shown_python, "bench/run.py", *map(shlex.quote, argv)])
+    return " ".join([*env, shown_python, "-m", "bench.run", *map(shlex.quote, argv)])
 
 
 def results_path(directory: Path, stamp: str) -> Path:
@@ -197,10 +210,7 @@ async def run_all(
     # in one row of the report ran minutes apart at most on a machine whose speed drifts. The
     # paced runs follow their scenario's closed-loop runs: their rate comes from nginx's req/s.
     blocks = [(n, s) for n in range(1, args.rounds + 1) for s in args.scenario_list]
-    total = sum(
-        len(targets_for(args, s)) + len(args.paced_fractions) * len(paced_targets(args, s))
-        for _, s in blocks
-    )
+    total = sum(runs_in(args, s) for _, s in blocks)
     results: list[RunResult] = []
     columns = (
         SpinnerColumn(),
@@ -267,30 +277,16 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     # Wide enough for the table when the output goes to a file or CI log rather than a terminal.
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
-    missing = machine.missing_tools()
-    if missing:
-        print(f"bench: missing {', '.join(missing)}.\n\n{machine.INSTALL_HINT}", file=sys.stderr)
-        return 2
-    try:
-        pg_version = asyncio.run(database.server_version())
-    except (OSError, TimeoutError) as exc:
-        print(
-            f"bench: PostgreSQL unreachable at {database.ADMIN_URL}: {exc}\n"
-            "Start it, or point BENCH_PG_ADMIN_URL at a database the benchmark may use to "
-            "create and drop databases.",
-            file=sys.stderr,
-        )
+    pg_version = preflight.check("bench.run")
+    if pg_version is None:
         return 2
     now = datetime.now()
     stamp = now.strftime("%Y-%m-%d-%H%M")
     run_id = "b" + uuid.uuid4().hex[:6]
-    workroot = ROOT / "bench" / ".work" / f"{stamp}-{run_id}"
+    workroot = WORK / f"{stamp}-{run_id}"
     machine_info = machine.describe(pg_version)
     command = exact_command(argv)
-    runs = sum(
-        len(targets_for(args, s)) + len(args.paced_fractions) * len(paced_targets(args, s))
-        for s in args.scenario_list
-    )
+    runs = sum(runs_in(args, s) for s in args.scenario_list)
     console.print(
         f"[bold]incrementer benchmark[/bold] {stamp}: "
         f"{args.rounds * runs} runs of "
@@ -299,7 +295,7 @@ def main(argv: list[str]) -> int:
     )
 
     every = asyncio.run(run_all(args, console, run_id, workroot))
-    results = report.representatives(every)
+    results = representatives(every)
     flush: FlushResult | None = None
     flush_error = ""
     if not args.quick:
@@ -310,17 +306,17 @@ def main(argv: list[str]) -> int:
             flush_error = f"{type(exc).__name__}: {exc}"
             console.print(f"[red]isolated flush failed: {flush_error}[/red]")
         else:
-            for line in report.flush_lines(flush):
+            for line in tables.flush_lines(flush):
                 console.print(line)
 
-    found = report.checks(results, every, flush) + scaleout.checks(results, every)
-    console.print(report.rich_table(results, every))
-    console.print(report.cpu_table(results))
+    found = checks.checks(results, every, flush) + scaleout.checks(results, every)
+    console.print(tables.results_table(results, every))
+    console.print(tables.cpu_table(results))
     for table in scaleout.rich_tables(results, every):
         console.print(table)
-    console.print(report.checks_table(found))
+    console.print(checks.checks_table(found))
     md_path = results_path(args.results_dir, stamp)
-    png_path = report.plot(results, md_path.with_suffix(".png"))
+    png_path = plot.plot(results, md_path.with_suffix(".png"))
     settings = {
         "Started": now.isoformat(timespec="seconds"),
         "Load": f"wrk -t1 -c{args.connections} -d{args.duration:g}s, bench/wrk/increments.lua"
@@ -341,7 +337,7 @@ def main(argv: list[str]) -> int:
         "Asserts": "disabled (PYTHONOPTIMIZE)" if os.environ.get("PYTHONOPTIMIZE") else "on",
     }
     extra = scaleout.sections(results, every)
-    text = report.markdown(
+    text = markdown.markdown(
         stamp, command, machine_info, settings, results, every, found, png_path, flush, extra
     )
     md_path.write_text(text)

@@ -1,17 +1,17 @@
 """The figures docs/operations.md sizes a deployment by, measured on this machine.
 
-    .venv/bin/python bench/sizing.py [--keys 200000] [--key-bytes 32] [--duration 10] [--out FILE]
+    .venv/bin/python -m bench.sizing [--keys 200000] [--key-bytes 32] [--duration 10] [--out FILE]
 
 - memory per pending key: `incrementer serve` (wal, PostgreSQL) with the flush held off, its
   resident memory (VmRSS) before and after --keys distinct keys arrive through POST /increments,
   divided by the keys; then its peak (VmHWM) while SIGTERM's final flush writes them all, and the
   WAL bytes per increment (what a database outage costs in disk);
-- CPU per request and flush keys/s: bench/measure.py's run of the incrementer-wal target under
-  wrk for --duration seconds in each of bench/run.py's scenarios (10 keys, 100,000 random keys,
-  batches of 50): server and PostgreSQL CPU seconds per request, and dirty keys written per
+- CPU per request and flush keys/s: bench/harness/measure.py's run of the incrementer-wal target
+  under wrk for --duration seconds in three of bench.run's scenarios (10 keys, 100,000 random
+  keys, batches of 50): server and PostgreSQL CPU seconds per request, and dirty keys written per
   second of flush time.
 
-It prints a Markdown table (and writes it to --out). Needs wrk and PostgreSQL, like bench/run.py
+It prints a Markdown table (and writes it to --out). Needs wrk and PostgreSQL, like bench.run
 (BENCH_PG_ADMIN_URL); exit status 2 when one is missing, 1 when a run fails. Run it on a quiet
 machine: other processes on the cores change the CPU figures, not the memory ones.
 """
@@ -29,25 +29,20 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import database
-import metrics
-from machine import which
-from measure import RunResult, measure
-from targets import INCREMENTER_MODES, Target, TargetError, running
+from bench.harness import database, metrics, preflight, procfs, rawhttp
+from bench.harness.measure import RunResult, measure
+from bench.harness.paths import WORK
+from bench.harness.targets import INCREMENTER_WAL, Target, TargetError, flush_held, running
 
-WAL = next(t for t in INCREMENTER_MODES if t.durability == "wal")
 # The flush held off until SIGTERM: every key stays pending while memory is read.
 HELD = Target(
     "incrementer-wal-held",
     "incrementer",
     "wal",
-    flags=(
-        "--flush-interval", "600", "--flush-interval-max", "600", "--lag-bound", "1200",
-        "--flush-max-keys", "50000000", "--max-pending-keys", "100000000",
-    ),
-)  # fmt: skip
+    flags=flush_held(600, max_keys=50_000_000, lag_bound=1200),
+)
 BATCH = 1000  # increments per POST /increments while filling
-WORK = Path(__file__).resolve().parent / ".work"
+POST_TIMEOUT = 60.0
 
 
 @dataclass
@@ -69,39 +64,13 @@ class Memory:
         return (self.peak_in_flush - self.rss_before) / self.keys
 
 
-def status_kib(pid: int, field: str) -> int | None:
-    """A `VmRSS:`/`VmHWM:` line of /proc/PID/status, in bytes; None once the process is gone."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-async def post(url: str, path: str, body: bytes) -> int:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        head = await reader.readline()
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    return int(head.split()[1])
-
-
 async def measure_memory(keys: int, key_bytes: int, workdir: Path) -> Memory:
     async with (
         database.fresh_database("sizing") as url,
         running(HELD, workdir / "memory", url) as server,
     ):
         await asyncio.sleep(1.0)  # start-up allocations settle
-        before = status_kib(server.pid, "VmRSS") or 0
+        before = procfs.memory(server.pid, "VmRSS") or 0
         prefix = uuid.uuid4().hex[:8] + "-"
         width = max(1, key_bytes - len(prefix))
         for start in range(0, keys, BATCH):
@@ -109,20 +78,23 @@ async def measure_memory(keys: int, key_bytes: int, workdir: Path) -> Memory:
                 {"key": f"{prefix}{i:0{width}d}", "value": 1}
                 for i in range(start, min(keys, start + BATCH))
             ]
-            status = await post(server.url, "/increments", json.dumps(items).encode())
+            body = json.dumps(items).encode()
+            status, _ = await rawhttp.request(
+                server.url, "POST", "/increments", body, timeout=POST_TIMEOUT
+            )
             if status != 202:
                 raise TargetError(f"POST /increments answered {status}:\n{server.log_tail()}")
         scraped = await metrics.scrape(server.url)
         if scraped.get("incrementer_pending_keys") != keys:
             raise TargetError(f"{scraped.get('incrementer_pending_keys')} keys pending, not {keys}")
         await asyncio.sleep(0.5)
-        pending = status_kib(server.pid, "VmRSS") or 0
-        wal_bytes = scraped.get("incrementer_wal_bytes", 0.0)
+        pending = procfs.memory(server.pid, "VmRSS") or 0
+        wal_bytes = scraped.value("incrementer_wal_bytes")
         # SIGTERM: the final flush writes every key in one batch; the peak is read until exit.
         server.proc.terminate()
         peak = pending
         while server.proc.returncode is None:
-            peak = max(peak, status_kib(server.pid, "VmHWM") or 0)
+            peak = max(peak, procfs.memory(server.pid, "VmHWM") or 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.proc.wait(), 0.01)
         drained = server.proc.returncode == 0
@@ -133,7 +105,7 @@ async def measure_cpu(duration: float, workdir: Path) -> list[RunResult]:
     results = []
     for scenario in ("10keys", "100kkeys", "batch"):
         result = await measure(
-            WAL, scenario, "sizing", workdir / scenario, duration, 32, lambda *_: None
+            INCREMENTER_WAL, scenario, "sizing", workdir / scenario, duration, 32, lambda *_: None
         )
         if not result.ok:
             raise TargetError(f"{scenario}: {result.error or result.notes}")
@@ -142,9 +114,7 @@ async def measure_cpu(duration: float, workdir: Path) -> list[RunResult]:
 
 
 def per_request(result: RunResult, which_cpu: str) -> float:
-    times = getattr(result, which_cpu)
-    requests = result.load.requests if result.load else 0
-    return (times.user + times.system) / requests * 1e6 if times and requests else 0.0
+    return result.us_per_request(getattr(result, which_cpu)) or 0.0
 
 
 def table(memory: Memory, runs: list[RunResult]) -> str:
@@ -177,19 +147,15 @@ def table(memory: Memory, runs: list[RunResult]) -> str:
 
 
 async def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench/sizing.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sizing", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--keys", type=int, default=200_000, help="Distinct pending keys.")
     parser.add_argument("--key-bytes", type=int, default=32, help="Length of each key.")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds of wrk per run.")
     parser.add_argument("--out", type=Path, help="Also write the table here.")
     args = parser.parse_args(argv)
-    if which("wrk") is None:
-        print("bench/sizing.py: wrk is missing (apt-get install -y wrk)", file=sys.stderr)
-        return 2
-    try:
-        await database.server_version()
-    except (OSError, *database.ERRORS) as exc:
-        print(f"bench/sizing.py: PostgreSQL unreachable: {exc}", file=sys.stderr)
+    if await preflight.check_async("bench.sizing", tools=("wrk",)) is None:
         return 2
     started = time.monotonic()
     # A fresh data dir for every run: an old one's WAL would be replayed into the new database.
@@ -199,7 +165,7 @@ async def main(argv: list[str]) -> int:
             memory = await measure_memory(args.keys, args.key_bytes, Path(workdir))
             runs = await measure_cpu(args.duration, Path(workdir))
     except (TargetError, OSError, TimeoutError, *database.ERRORS) as exc:
-        print(f"bench/sizing.py: {exc}", file=sys.stderr)
+        print(f"bench.sizing: {exc}", file=sys.stderr)
         return 1
     text = table(memory, runs)
     print(text, end="")

@@ -1,14 +1,21 @@
 """How the kernel spreads connections among N processes answering on one port.
 
-    .venv/bin/python bench/spread.py [--workers 2] [--connections 32] [--duration 3] [--rounds 3]
+    .venv/bin/python -m bench.spread [--workers 2] [--connections 32] [--duration 3] [--rounds 3]
 
-Two ways for N processes to share a port: one listening socket bound by a parent and inherited by
-every worker (gunicorn, uvicorn --workers, `incrementer serve --workers`), each worker's event loop
-accepting from it; or SO_REUSEPORT, each worker binding its own socket and the kernel hashing each
-new connection to one of them. This starts N lean uvloop servers (bench/lean.py's protocol, which
-counts what it accepts) each way, loads them with wrk, directly and through nginx with upstream
-keepalive, and prints each worker's share of the connections and requests: the spread that
-`--workers` relies on. It measures placement, not speed, so a busy machine does not spoil it.
+Two ways for N processes to share a port. "shared": one listening socket, bound by a parent and
+inherited by every worker (gunicorn's and uvicorn's way), each worker's event loop accepting from
+it. "reuseport": a listening socket per worker, all bound to the port with SO_REUSEPORT, and the
+kernel hashing each new connection to one of them (nginx's `listen ... reuseport`, and
+`incrementer serve --workers`, whose workers each bind with SO_REUSEPORT while the supervisor
+only reserves the port: src/incrementer/process/sharedport.py). Here the parent makes every
+socket and hands each worker its own by file descriptor (in reuseport mode a bound socket that
+never listens holds the port until the workers listen); which listening socket a connection
+lands on is the kernel's choice either way.
+
+This starts N lean uvloop servers (bench/servers/lean.py's protocol, counting what they accept)
+each way, loads them with wrk, directly and through nginx with upstream keepalive, and prints
+each worker's share of the connections and requests: the spread that `--workers` relies on. It
+measures placement, not speed, so a busy machine does not spoil it.
 """
 
 from __future__ import annotations
@@ -25,17 +32,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import which
-from targets import nginx_conf
+import uvloop
+
+from bench.harness.machine import which
+from bench.harness.paths import ROOT, WRK_SCRIPTS
+from bench.harness.targets import free_port, nginx_argv, nginx_conf
+from bench.servers.lean import LeanProtocol
+from bench.servers.signals import until_stopped
 
 MODES = ("shared", "reuseport")
 
 
 def serve(sock: socket.socket) -> None:
     """A worker: accept from sock until SIGTERM, then print `connections requests` on stdout."""
-    import uvloop
-    from lean import LeanProtocol
-
     counts = [0, 0]
 
     class Counting(LeanProtocol):
@@ -50,10 +59,8 @@ def serve(sock: socket.socket) -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Counting, sock=sock, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
         print("ready", flush=True)
-        await stop.wait()
+        await until_stopped()
         server.close()
 
     uvloop.run(run())
@@ -82,10 +89,11 @@ def start_workers(mode: str, workers: int) -> tuple[int, list[subprocess.Popen[s
         fd = sock.fileno()
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, "--serve-fd", str(fd)],
+                [sys.executable, "-m", "bench.spread", "--serve-fd", str(fd)],
                 stdout=subprocess.PIPE,
                 text=True,
                 pass_fds=(fd,),
+                cwd=ROOT,
             )
         )
         if sock is not probe:
@@ -112,7 +120,7 @@ NGINX_PROXY = """\
 
 
 def wrk(port: int, connections: int, duration: float) -> None:
-    script = Path(__file__).resolve().parent / "wrk" / "increments.lua"
+    script = WRK_SCRIPTS / "increments.lua"
     subprocess.run(
         [which("wrk") or "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(script),
          f"http://127.0.0.1:{port}/", "--", "10keys", "spread-", "1"],
@@ -129,15 +137,10 @@ def one_run(
     try:
         target = port
         if via_nginx:
-            probe = listener(0, reuse_port=False)
-            target = probe.getsockname()[1]
-            probe.close()
+            target = free_port()
             conf = Path(tmp.name) / "nginx.conf"
             conf.write_text(nginx_conf(tmp.name, NGINX_PROXY.format(port=target, upstream=port)))
-            nginx = subprocess.Popen(
-                [which("nginx") or "nginx", "-p", tmp.name, "-e", f"{tmp.name}/error.log",
-                 "-c", str(conf), "-g", "daemon off;"],
-            )  # fmt: skip
+            nginx = subprocess.Popen(nginx_argv(tmp.name, conf))
             time.sleep(0.5)
         wrk(target, connections, duration)
     finally:
@@ -155,7 +158,9 @@ def one_run(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.spread", description=__doc__.split("\n", 1)[0]
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=3.0)

@@ -5,10 +5,11 @@ increment, awaited before the 202. Nothing is buffered, so nothing acknowledged 
 price is that every request waits for a database round trip and a commit, and hot keys serialise on
 their row locks.
 
-    python bench/naive.py --port 0 --database-url postgresql://root@127.0.0.1:5432/DB
+    .venv/bin/python -m bench.servers.naive --port 0 --database-url postgresql://root@127.0.0.1:5432/DB
 
-Logs `listening on http://HOST:PORT` on stderr. Routes: POST /increment, POST /increments (one
-upsert per item, in one transaction), GET /metrics (`naive_accepted_increments_total`).
+Logs `naive: listening on http://HOST:PORT` on stderr; stops at SIGTERM or SIGINT. Routes:
+POST /increment, POST /increments (one upsert per item, in one transaction), GET /metrics
+(`naive_accepted_increments_total`). bench.run starts it as the naive target.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from typing import Any
 
 import asyncpg
+
+from bench.servers.signals import until_stopped
 
 CREATE = "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value BIGINT NOT NULL)"
 UPSERT = (
@@ -104,11 +106,7 @@ async def serve(host: str, port: int, database_url: str, pool_size: int) -> None
     server = await asyncio.start_server(app.connection, host, port, backlog=4096)
     bound = server.sockets[0].getsockname()
     print(f"naive: listening on http://{bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     server.close()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.wait_closed(), 5)
@@ -117,7 +115,9 @@ async def serve(host: str, port: int, database_url: str, pool_size: int) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.servers.naive", description=__doc__.split("\n", 1)[0]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3334)
     parser.add_argument("--database-url", required=True)

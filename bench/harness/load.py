@@ -1,4 +1,4 @@
-"""Running wrk with the increments script and reading the totals it prints from done()."""
+"""Running wrk with bench/wrk/increments.lua (or paced.lua) and reading the totals it prints."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
-from machine import which
+from bench.harness.machine import which
+from bench.harness.paths import WRK_SCRIPTS
 
-SCRIPT = Path(__file__).resolve().parent / "wrk" / "increments.lua"
+SCRIPT = WRK_SCRIPTS / "increments.lua"
 PACED_SCRIPT = SCRIPT.with_name("paced.lua")  # the same requests at a fixed offered rate
 SCENARIOS = ("10keys", "100kkeys", "batch", "10mkeys")
 BATCH_SIZE = 50
@@ -50,61 +50,57 @@ class LoadResult:
         return sum(v for k, v in self.errors.items() if k != "status")
 
 
-def command(
-    url: str,
-    scenario: str,
-    prefix: str,
-    seed: int,
-    duration: float,
-    connections: int,
-    api_key: str = "",
-    rate: float | None = None,
-) -> list[str]:
-    """wrk's argv; with `rate`, the paced script offers that many requests per second."""
-    paced = [api_key, f"{rate:.0f}"] if rate else ([api_key] if api_key else [])
-    return [
-        which("wrk") or "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(PACED_SCRIPT if rate else SCRIPT),
-        url + "/",
-        "--",
-        scenario,
-        prefix,
-        str(seed),
-        str(BATCH_SIZE),
-        *paced,
-    ]
+@dataclass(frozen=True)
+class Load:
+    """One wrk run: which requests (scenario, key prefix, seed), for how long, on how many
+    connections; with `api_key`, every request carries `Authorization: Bearer` it; with `rate`,
+    the paced script offers that many requests per second rather than as fast as it answers."""
+
+    url: str
+    scenario: str
+    prefix: str
+    seed: int
+    duration: float
+    connections: int
+    api_key: str = ""
+    rate: float | None = None
+
+    def argv(self) -> list[str]:
+        rate = self.rate
+        paced = [self.api_key, f"{rate:.0f}"] if rate else ([self.api_key] if self.api_key else [])
+        return [
+            which("wrk") or "wrk",
+            "-t1",
+            f"-c{self.connections}",
+            f"-d{max(1, round(self.duration))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(PACED_SCRIPT if rate else SCRIPT),
+            self.url + "/",
+            "--",
+            self.scenario,
+            self.prefix,
+            str(self.seed),
+            str(BATCH_SIZE),
+            *paced,
+        ]
 
 
-async def run_wrk(
-    url: str,
-    scenario: str,
-    prefix: str,
-    seed: int,
-    duration: float,
-    connections: int,
-    api_key: str = "",
-    rate: float | None = None,
-) -> LoadResult:
-    """Load `url` with wrk; with `api_key`, every request carries `Authorization: Bearer` it;
-    with `rate`, at that many requests per second rather than as fast as it answers."""
-    argv = command(url, scenario, prefix, seed, duration, connections, api_key, rate)
+async def run_wrk(load: Load) -> LoadResult:
+    """Run wrk to the end and read the totals its script prints."""
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *load.argv(),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
     )
+    limit = load.duration + GRACE
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), duration + GRACE)
+        out, _ = await asyncio.wait_for(proc.communicate(), limit)
     except TimeoutError:
-        raise LoadError(f"wrk did not finish within {duration + GRACE:.0f} s") from None
+        raise LoadError(f"wrk did not finish within {limit:.0f} s") from None
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

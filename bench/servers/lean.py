@@ -3,21 +3,25 @@
 It decodes each increment and adds it to a dict, then answers 202; no validation beyond the types,
 no WAL, no flush, no limits, no timeouts. No real service should ship this, but it measures what
 Python's event loop and parser cost on this machine, so the benchmark can say how much of the gap
-to nginx is the service's own code and how much is the runtime.
+to nginx is the service's own code and how much is the runtime. bench.hotpath --lean and
+bench.spread drive LeanProtocol in-process; bench.run starts this module as the python-lean target.
 
-    python bench/lean.py --port 3335
+    .venv/bin/python -m bench.servers.lean [--host 127.0.0.1] [--port 3335]
+
+Logs `lean: listening on http://HOST:PORT` on stderr, and stops at SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 import httptools
 import msgspec
 import uvloop
+
+from bench.servers.signals import until_stopped
 
 
 class Increment(msgspec.Struct):
@@ -67,15 +71,14 @@ async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(LeanProtocol, host, port, backlog=4096)
     print(f"lean: listening on http://{host}:{port}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     server.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.servers.lean", description=__doc__.split("\n", 1)[0]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3335)
     args = parser.parse_args()

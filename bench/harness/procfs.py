@@ -1,4 +1,5 @@
-"""CPU time spent per request, by the target, by PostgreSQL and by wrk itself.
+"""What /proc says: CPU time of the target, of PostgreSQL, of wrk and of the whole machine, and
+the memory of a target's processes.
 
 On a 2-core machine the load generator, the server and the database share the cores, so req/s alone
 does not say who is the bottleneck. User and system CPU seconds per request do: they are what a
@@ -25,6 +26,10 @@ class CpuTimes:
 
     def __add__(self, other: CpuTimes) -> CpuTimes:
         return CpuTimes(self.user + other.user, self.system + other.system)
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
 
 
 def _stat(pid: int) -> tuple[int, CpuTimes] | None:
@@ -59,19 +64,22 @@ def _group(pgid: int) -> list[int]:
     return pids
 
 
+def memory(pid: int, field: str) -> int | None:
+    """Bytes of one memory line of /proc/PID/status (`VmRSS`, `VmHWM`); None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss(pgid: int) -> int:
     """Bytes: each process's peak resident set (VmHWM) summed over the target's group, read
     before it stops. For a group of processes that is an upper bound of their peak together."""
-    total = 0
-    for pid in _group(pgid):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return sum(memory(pid, "VmHWM") or 0 for pid in _group(pgid))
 
 
 def processes(pids: list[int]) -> dict[int, CpuTimes]:

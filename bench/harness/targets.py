@@ -1,8 +1,10 @@
 """The servers under load: each started as a child process on a free port, always stopped after.
 
-Every target runs in its own process group, so stopping it also stops whatever it spawned (nginx's
-worker). A target that does not come up in time, or exits early, raises TargetError with the tail of
-its log.
+nginx runs from a generated nginx.conf, incrementer as `python -m incrementer serve`, the
+comparison servers as `python -m bench.servers.lean` and `python -m bench.servers.naive` (from the
+repository root, where the bench package is). Every target runs in its own process group, so
+stopping it also stops whatever it spawned (nginx's worker). A target that does not come up in
+time, or exits early, raises TargetError with the tail of its log.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import which
+from bench.harness import rawhttp
+from bench.harness.machine import which
+from bench.harness.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 KEY_RATE = 10_000_000  # requests/s and burst of the auth variant's API key: never refuses
@@ -46,6 +48,31 @@ http {{
 """
 
 
+def nginx_argv(workdir: str | Path, conf: str | Path) -> list[str]:
+    """nginx in the foreground, its prefix and error log in `workdir`."""
+    return [
+        which("nginx") or "nginx",
+        "-p",
+        str(workdir),
+        "-e",
+        f"{workdir}/error.log",
+        "-c",
+        str(conf),
+        "-g",
+        "daemon off;",
+    ]
+
+
+def flush_held(seconds: float, max_keys: int, lag_bound: float) -> tuple[str, ...]:
+    """`incrementer serve` options that hold the flush off for `seconds`, and up to `max_keys`
+    dirty keys (pending keys may reach twice that, the settings' rule)."""
+    return (
+        "--flush-interval", f"{seconds:g}", "--flush-interval-max", f"{seconds:g}",
+        "--flush-max-keys", str(max_keys), "--max-pending-keys", str(2 * max_keys),
+        "--lag-bound", f"{lag_bound:g}",
+    )  # fmt: skip
+
+
 # The ceiling: a constant 202. The services keep a connection open for any number of requests:
 # so does the ceiling.
 NGINX_CEILING = """\
@@ -63,7 +90,7 @@ class TargetError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """One server to load: nginx, incrementer in one durability mode, or the naive baseline."""
+    """One server to load: nginx, python-lean, incrementer in one durability mode, or naive."""
 
     name: str
     kind: str  # "nginx" | "lean" | "incrementer" | "naive"
@@ -91,6 +118,7 @@ LEAN = Target("python-lean", "lean")
 INCREMENTER_MODES = [
     Target(f"incrementer-{mode}", "incrementer", mode) for mode in ("memory", "wal", "wal-fsync")
 ]
+INCREMENTER_WAL = next(t for t in INCREMENTER_MODES if t.durability == "wal")
 # The guard rails on. The key's rate limit is set so high that it never refuses, but
 # every request still pays the Bearer lookup and a token-bucket take.
 INCREMENTER_AUTH = Target("incrementer-wal-auth", "incrementer", "wal", auth=True)
@@ -100,16 +128,14 @@ INCREMENTER_DEFERRED = Target(
     "incrementer-wal-deferred",
     "incrementer",
     "wal",
-    flags=(
-        "--flush-interval", "9", "--flush-interval-max", "9", "--flush-max-keys", "1000000",
-        "--max-pending-keys", "2000000", "--lag-bound", "30",
-    ),
+    flags=flush_held(9, max_keys=1_000_000, lag_bound=30),
     lagging=True,
-)  # fmt: skip
+)
 NAIVE = Target("naive", "naive")
 # Scale-out on one host: two processes each, sharing the port with SO_REUSEPORT (nginx's
-# `listen ... reuseport`, incrementer's supervisor). On two cores shared with wrk and PostgreSQL
-# they cannot show throughput scaling; they show what a second process costs per request.
+# `listen ... reuseport`; incrementer's workers each bind it, the supervisor only reserves it).
+# On two cores shared with wrk and PostgreSQL they cannot show throughput scaling; they show what
+# a second process costs per request.
 NGINX_2W = Target("nginx-2w", "nginx", workers=2)
 INCREMENTER_2W = Target("incrementer-wal-2w", "incrementer", "wal", workers=2)
 
@@ -140,8 +166,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[str], str]:
-    """The argv that starts `target` on a free port, and the URL it will answer on.
+@dataclass(frozen=True)
+class Launch:
+    """How to start a target: its argv, the URL it will answer on, the directory it runs in."""
+
+    argv: list[str]
+    url: str
+    cwd: Path
+
+
+def command_for(target: Target, workdir: Path, database_url: str) -> Launch:
+    """How to start `target` on a free port.
 
     The port is picked here rather than with --port 0 because the service announces its address
     at log level info, and the benchmark runs it at warning, as production would.
@@ -150,64 +185,29 @@ def command_for(target: Target, workdir: Path, database_url: str) -> tuple[list[
     url = f"http://127.0.0.1:{port}"
     if target.kind == "nginx":
         reuseport = " reuseport" if target.workers > 1 else ""
-        (workdir / "nginx.conf").write_text(
-            nginx_conf(
-                workdir,
-                NGINX_CEILING.format(port=port, reuseport=reuseport),
-                target.workers,
-            )
-        )
-        return (
-            [
-                which("nginx") or "nginx",
-                "-p",
-                str(workdir),
-                "-e",
-                str(workdir / "error.log"),
-                "-c",
-                str(workdir / "nginx.conf"),
-                "-g",
-                "daemon off;",
-            ],
-            url,
-        )
+        ceiling = NGINX_CEILING.format(port=port, reuseport=reuseport)
+        conf = workdir / "nginx.conf"
+        conf.write_text(nginx_conf(workdir, ceiling, target.workers))
+        return Launch(nginx_argv(workdir, conf), url, workdir)
     if target.kind == "incrementer":
-        return (
-            [
-                sys.executable,
-                "-m",
-                "incrementer",
-                "serve",
-                "--port",
-                str(port),
-                "--database-url",
-                database_url,
-                "--data-dir",
-                str(workdir / "data"),
-                "--durability",
-                target.durability,
-                "--log-level",
-                "warning",
-                *(["--auth", "required"] if target.auth else []),
-                *(["--workers", str(target.workers)] if target.workers > 1 else []),
-                *target.flags,
-            ],
-            url,
-        )
+        argv = [
+            sys.executable, "-m", "incrementer", "serve", "--port", str(port),
+            "--database-url", database_url, "--data-dir", str(workdir / "data"),
+            "--durability", target.durability, "--log-level", "warning",
+            *(["--auth", "required"] if target.auth else []),
+            *(["--workers", str(target.workers)] if target.workers > 1 else []),
+            *target.flags,
+        ]  # fmt: skip
+        return Launch(argv, url, workdir)
+    # The comparison servers are modules of this package: they run from the repository root.
     if target.kind == "lean":
-        return ([sys.executable, str(BENCH / "lean.py"), "--port", str(port)], url)
+        return Launch([sys.executable, "-m", "bench.servers.lean", "--port", str(port)], url, ROOT)
     if target.kind == "naive":
-        return (
-            [
-                sys.executable,
-                str(BENCH / "naive.py"),
-                "--port",
-                str(port),
-                "--database-url",
-                database_url,
-            ],
-            url,
-        )
+        argv = [
+            sys.executable, "-m", "bench.servers.naive", "--port", str(port),
+            "--database-url", database_url,
+        ]  # fmt: skip
+        return Launch(argv, url, ROOT)
     raise ValueError(f"unknown target kind {target.kind!r}")
 
 
@@ -217,18 +217,18 @@ async def running(
 ) -> AsyncIterator[Running]:
     """Start `target`, wait until it answers, yield it; stop it (SIGTERM, then SIGKILL) after."""
     workdir.mkdir(parents=True, exist_ok=True)
-    argv, url = command_for(target, workdir, database_url)
+    launch = command_for(target, workdir, database_url)
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *launch.argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,
-            cwd=workdir,
+            cwd=launch.cwd,
         )
-    server = Running(target, proc, url, log_path, api_key)
+    server = Running(target, proc, launch.url, log_path, api_key)
     try:
         await _wait_ready(server)
         yield server
@@ -272,24 +272,12 @@ async def _wait_ready(server: Running) -> None:
                 f"{server.target.name} exited with {server.proc.returncode} before "
                 f"listening:\n{server.log_tail()}"
             )
-        if await _accepts(server.url):
+        if await rawhttp.accepts(server.url):
             return
         await asyncio.sleep(0.05)
     raise TargetError(
         f"{server.target.name} did not listen within {START_TIMEOUT:.0f} s:\n{server.log_tail()}"
     )
-
-
-async def _accepts(url: str) -> bool:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    try:
-        _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-    except OSError:
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 async def stop(server: Running, timeout: float = STOP_TIMEOUT) -> int | None:

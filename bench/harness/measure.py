@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cpu
-import database
-import metrics
-from load import LoadError, LoadResult, run_wrk
-from targets import Running, Target, TargetError, create_api_key, running
+from bench.harness import database, metrics, procfs
+from bench.harness.load import Load, LoadError, LoadResult, run_wrk
+from bench.harness.procfs import CpuTimes, MachineTimes
+from bench.harness.targets import Running, Target, TargetError, create_api_key, running
 
 SEED = 42  # every target gets the same key sequence
 DRAIN_TIMEOUT = 15.0
@@ -49,10 +48,10 @@ class RunResult:
     verified: bool | None = None  # None: nothing to verify (nginx)
     timeline: metrics.Timeline = field(default_factory=metrics.Timeline)
     # CPU seconds during the load (and, for the server and PostgreSQL, the drain after it)
-    cpu_server: cpu.CpuTimes | None = None
-    cpu_database: cpu.CpuTimes | None = None
-    cpu_wrk: cpu.CpuTimes | None = None
-    cpu_machine: cpu.MachineTimes | None = None  # whole machine, during the load only
+    cpu_server: CpuTimes | None = None
+    cpu_database: CpuTimes | None = None
+    cpu_wrk: CpuTimes | None = None
+    cpu_machine: MachineTimes | None = None  # whole machine, during the load only
     increments_per_wal_frame: float | None = None  # one frame per event-loop tick that accepted
     rate: float | None = None  # offered requests/s of a paced run; None: closed loop
     peak_rss: int | None = None  # bytes, the server's processes, read before it stopped
@@ -66,6 +65,12 @@ class RunResult:
     @property
     def rps(self) -> float:
         return self.load.rps if self.load else 0.0
+
+    def us_per_request(self, times: CpuTimes | None) -> float | None:
+        """CPU microseconds (user + system) per request wrk completed; None without either."""
+        if times is None or self.load is None or not self.load.requests:
+            return None
+        return times.total * 1e6 / self.load.requests
 
 
 async def measure(
@@ -87,9 +92,9 @@ async def measure(
         if target.needs_database:
             progress("creating database", 0.0)
             async with database.fresh_database(target.name) as url:
-                await _run(result, target, scenario, workdir, duration, connections, progress, url)
+                await _run(result, workdir, duration, connections, progress, url)
         else:
-            await _run(result, target, scenario, workdir, duration, connections, progress, "")
+            await _run(result, workdir, duration, connections, progress, "")
     except (TargetError, LoadError, OSError, TimeoutError, *database.ERRORS) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         result.verified = False if target.needs_database else None
@@ -98,25 +103,28 @@ async def measure(
 
 async def _run(
     result: RunResult,
-    target: Target,
-    scenario: str,
     workdir: Path,
     duration: float,
     connections: int,
     progress: Progress,
     url: str,
 ) -> None:
+    target = result.target
     api_key = ""
     if target.auth:
         progress("creating an API key", 0.0)
         api_key = await create_api_key(url)
     progress(f"starting {target.name}", 0.0)
     async with running(target, workdir, url, api_key) as server:
-        before = await metrics.scrape(server.url, api_key) if target.accepted_metric else {}
-        server_cpu = cpu.process_group(server.pid)
-        db_cpu = cpu.processes(await database.backend_pids(url)) if url else {}
-        wrk_cpu = cpu.children()
-        machine_cpu = cpu.machine()
+        before = (
+            await metrics.scrape(server.url, api_key)
+            if target.accepted_metric
+            else metrics.Samples()
+        )
+        server_cpu = procfs.process_group(server.pid)
+        db_cpu = procfs.processes(await database.backend_pids(url)) if url else {}
+        wrk_cpu = procfs.children()
+        machine_cpu = procfs.machine()
         stop_sampling = asyncio.Event()
         sampler = None
         if target.accepted_metric:
@@ -125,17 +133,18 @@ async def _run(
             )
         ticker = asyncio.create_task(_tick(progress, f"load on {target.name}", duration))
         try:
-            result.load = await run_wrk(
-                server.url, scenario, result.prefix, SEED, duration, connections, api_key,
-                result.rate,
+            spec = Load(
+                server.url, result.scenario, result.prefix, SEED, duration, connections,
+                api_key, result.rate,
             )  # fmt: skip
+            result.load = await run_wrk(spec)
         finally:
             ticker.cancel()
             stop_sampling.set()
             if sampler is not None:
                 result.timeline = await sampler
-        result.cpu_machine = cpu.machine() - machine_cpu
-        result.cpu_wrk = cpu.children() - wrk_cpu
+        result.cpu_machine = procfs.machine() - machine_cpu
+        result.cpu_wrk = procfs.children() - wrk_cpu
         if result.load.acked == 0:
             raise LoadError(
                 f"no request was acknowledged; wrk said:\n{result.load.raw}\n"
@@ -145,10 +154,11 @@ async def _run(
         if target.needs_database:
             progress(f"waiting for {target.name} to persist", 1.0)
             await _drain(result, server, url)
-        result.cpu_server = cpu.process_group(server.pid) - server_cpu
-        result.peak_rss = cpu.peak_rss(server.pid)
+        result.cpu_server = procfs.process_group(server.pid) - server_cpu
+        result.peak_rss = procfs.peak_rss(server.pid)
         if url:
-            result.cpu_database = cpu.since(db_cpu, cpu.processes(await database.backend_pids(url)))
+            backends = procfs.processes(await database.backend_pids(url))
+            result.cpu_database = procfs.since(db_cpu, backends)
         if not target.needs_database:
             return
         after = await metrics.scrape(server.url, api_key)
@@ -208,7 +218,7 @@ async def _drain(result: RunResult, server: Running, url: str) -> None:
     async def accepted() -> int | None:
         with contextlib.suppress(OSError, TimeoutError):
             scraped = await metrics.scrape(server.url, server.api_key)
-            result.accepted = int(scraped.get(metric, 0.0))
+            result.accepted = int(scraped.value(metric))
         return result.accepted
 
     total, waited, matched = await database.wait_for_total(

@@ -1,4 +1,9 @@
-"""Reading a target's /metrics: Prometheus text, histogram quantiles, a once-a-second sampler."""
+"""Reading a target's /metrics: one scrape's samples, histogram quantiles, a once-a-second sampler.
+
+The exposition is parsed by prometheus-client's own parser; the figures the benchmark reads are
+the unlabelled samples (a counter's `_total`, a gauge, a histogram's `_sum`, `_count` and
+`_bucket{le=...}`), as a single process or a group of workers merged exposes them.
+"""
 
 from __future__ import annotations
 
@@ -8,75 +13,61 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.harness import rawhttp
+
 LAG = "incrementer_persistence_lag_seconds"
 FLUSH_SECONDS = "incrementer_flush_duration_seconds"
 FLUSH_KEYS = "incrementer_flush_keys"
 OLDEST_PENDING = "incrementer_oldest_pending_seconds"
-HTTP_TIMEOUT = 5.0
 
-Samples = dict[str, float]
-"""Series as written in the exposition (`name{label="x"}`) -> value."""
+Buckets = list[tuple[float, float]]
+"""A histogram's cumulative buckets: (upper bound, count), sorted by bound."""
 
 
-async def http_get(
-    url: str, path: str, timeout: float = HTTP_TIMEOUT, api_key: str = ""
-) -> tuple[int, bytes]:
-    """One GET on its own connection (Connection: close): status and body. With `api_key`, it
-    sends `Authorization: Bearer` it (/metrics needs a key when the service runs with auth)."""
-    auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: bench\r\n{auth}Connection: close\r\n\r\n".encode()
-            )
-            raw = await reader.read(-1)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
+@dataclass(frozen=True)
+class Samples:
+    """One scrape: each unlabelled sample's value by its name, and each histogram's buckets."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    buckets: dict[str, Buckets] = field(default_factory=dict)  # by histogram name
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        return self.values.get(name, default)
+
+    def value(self, name: str) -> float:
+        """The sample's value, 0 when the scrape has none (a figure not counted yet)."""
+        return self.values.get(name, 0.0)
 
 
 def parse(text: str) -> Samples:
-    samples: Samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        with contextlib.suppress(ValueError):
-            samples[series] = float(value)
-    return samples
+    values: dict[str, float] = {}
+    buckets: dict[str, Buckets] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+            elif sample.name.endswith("_bucket") and sample.labels.keys() == {"le"}:
+                histogram = buckets.setdefault(sample.name.removesuffix("_bucket"), [])
+                histogram.append((float(sample.labels["le"]), sample.value))
+    return Samples(values, {name: sorted(found) for name, found in buckets.items()})
 
 
 async def scrape(url: str, api_key: str = "") -> Samples:
-    status, body = await http_get(url, "/metrics", api_key=api_key)
+    status, body = await rawhttp.request(url, "GET", "/metrics", api_key=api_key)
     if status != 200:
         raise OSError(f"GET {url}/metrics answered {status}")
     return parse(body.decode())
 
 
-def histogram(samples: Samples, name: str) -> list[tuple[float, float]]:
-    """Cumulative buckets (upper bound, count), sorted, from `name_bucket{le="..."}` series."""
-    start = f'{name}_bucket{{le="'
-    buckets = [
-        (float(series[len(start) : -2]), value)
-        for series, value in samples.items()
-        if series.startswith(start)
-    ]
-    return sorted(buckets)
-
-
-def histogram_delta(before: Samples, after: Samples, name: str) -> list[tuple[float, float]]:
+def histogram_delta(before: Samples, after: Samples, name: str) -> Buckets:
     """Observations made between two scrapes."""
-    old = dict(histogram(before, name))
-    return [(le, count - old.get(le, 0.0)) for le, count in histogram(after, name)]
+    old = dict(before.buckets.get(name, []))
+    return [(le, count - old.get(le, 0.0)) for le, count in after.buckets.get(name, [])]
 
 
-def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+def quantile(buckets: Buckets, q: float) -> float | None:
     """Like PromQL histogram_quantile: linear interpolation inside the bucket holding rank q.
 
     The answer lies within the bucket's bounds, so comparing it with a limit that is a bucket
@@ -95,8 +86,8 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower
 
 
-def delta(before: Samples, after: Samples, series: str) -> float:
-    return after.get(series, 0.0) - before.get(series, 0.0)
+def delta(before: Samples, after: Samples, name: str) -> float:
+    return after.value(name) - before.value(name)
 
 
 @dataclass
@@ -138,7 +129,7 @@ async def sample(
         if last is not None:
             timeline.seconds.append(now - started)
             timeline.rate.append(delta(last, samples, accepted_metric) / (now - last_time))
-            timeline.lag.append(samples.get(OLDEST_PENDING, 0.0))
+            timeline.lag.append(samples.value(OLDEST_PENDING))
             commits = delta(last, samples, LAG + "_count")
             timeline.lag_mean.append(
                 delta(last, samples, LAG + "_sum") / commits if commits else None

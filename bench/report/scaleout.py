@@ -17,12 +17,22 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-from measure import RunResult
-from report import Check, _find, _md_table, _ms, _num, _paired, _secs, _server_us, _times
 from rich.table import Table
 
-NGINX, NGINX_2W = "nginx", "nginx-2w"
-WAL, WAL_2W = "incrementer-wal", "incrementer-wal-2w"
+from bench.harness.measure import RunResult
+from bench.report.cells import Row, md_section, mib, ms, num, rich_table, secs, times, us
+from bench.report.checks import Check
+from bench.report.compare import (
+    NGINX,
+    NGINX_2W,
+    WAL,
+    WAL_2W,
+    find,
+    paired,
+    server_us,
+    side_by_side,
+)
+
 PACED_TARGETS = (NGINX, WAL)
 PACED_SCENARIOS = ("10keys", "100kkeys")
 CPU_SHARE_LIMIT = 1.10  # N workers' CPU per request, against one worker's
@@ -33,9 +43,9 @@ def _cpu_ratio(every: list[RunResult], scenario: str, many: str, one: str) -> fl
     """Median over rounds of server µs/request with N workers / with one, same round."""
 
     def per_request(r: RunResult) -> float:
-        return _server_us(r) or 0.0
+        return server_us(r) or 0.0
 
-    return _paired(every, many, scenario, one, per_request)
+    return paired(every, many, scenario, one, per_request)
 
 
 # workers
@@ -53,34 +63,27 @@ WORKERS_COLUMNS = (
 )
 
 
-def workers_rows(results: list[RunResult], every: list[RunResult]) -> list[list[str]]:
+def workers_rows(results: list[RunResult], every: list[RunResult]) -> list[Row]:
     out = []
-    for scenario in dict.fromkeys(r.scenario for r in results):
-        one, two = _find(results, WAL, scenario), _find(results, WAL_2W, scenario)
-        if one is None or two is None:
-            continue
-        n1, n2 = _find(results, NGINX, scenario), _find(results, NGINX_2W, scenario)
-        us1, us2 = _server_us(one), _server_us(two)
-        nus1 = _server_us(n1) if n1 else None
-        nus2 = _server_us(n2) if n2 else None
+    for scenario, one, two in side_by_side(results, WAL, WAL_2W):
+        n1, n2 = find(results, NGINX, scenario), find(results, NGINX_2W, scenario)
+        us1, us2 = server_us(one), server_us(two)
+        nus1 = server_us(n1) if n1 else None
+        nus2 = server_us(n2) if n2 else None
         out.append(
             [
                 scenario,
-                _num(n1.rps if n1 else None),
-                _num(n2.rps if n2 else None),
-                _num(one.rps),
-                _num(two.rps),
-                _times(_paired(every, WAL_2W, scenario, WAL)),
-                f"{_us(us1)} / {_us(us2)}",
-                _times(_cpu_ratio(every, scenario, WAL_2W, WAL)),
-                f"{_us(nus1)} / {_us(nus2)}",
+                num(n1.rps if n1 else None),
+                num(n2.rps if n2 else None),
+                num(one.rps),
+                num(two.rps),
+                times(paired(every, WAL_2W, scenario, WAL)),
+                f"{us(us1)} / {us(us2)}",
+                times(_cpu_ratio(every, scenario, WAL_2W, WAL)),
+                f"{us(nus1)} / {us(nus2)}",
             ]
         )
     return out
-
-
-def _us(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
 
 
 # paced
@@ -147,7 +150,7 @@ def paced_p99_ratio(every: list[RunResult], scenario: str, fraction: float) -> f
     return statistics.median(ratios) if ratios else None
 
 
-def paced_rows(every: list[RunResult]) -> list[list[str]]:
+def paced_rows(every: list[RunResult]) -> list[Row]:
     out = []
     for scenario in PACED_SCENARIOS:
         for fraction in _fractions(every):
@@ -157,18 +160,18 @@ def paced_rows(every: list[RunResult]) -> list[list[str]]:
                 continue
 
             def lat(runs: list[RunResult], q: str) -> str:
-                return _ms(_median(runs, lambda r: r.load.latency_ms[q] if r.load else 0.0))
+                return ms(_median(runs, lambda r: r.load.latency_ms[q] if r.load else 0.0))
 
             offered = _median(wal, lambda r: r.rate or 0.0)
             out.append(
                 [
                     scenario,
                     f"{fraction:.0%} of nginx",
-                    _num(offered),
-                    f"{_num(_median(nginx, lambda r: r.rps))} / {_num(_median(wal, lambda r: r.rps))}",
+                    num(offered),
+                    f"{num(_median(nginx, lambda r: r.rps))} / {num(_median(wal, lambda r: r.rps))}",
                     f"{lat(nginx, 'p50')} / {lat(nginx, 'p99')}",
                     f"{lat(wal, 'p50')} / {lat(wal, 'p99')}",
-                    _times(paced_p99_ratio(every, scenario, fraction)),
+                    times(paced_p99_ratio(every, scenario, fraction)),
                 ]
             )
     return out
@@ -179,7 +182,7 @@ def paced_rows(every: list[RunResult]) -> list[list[str]]:
 TENM_COLUMNS = ("Target", "req/s", "x nginx", "lag p50", "lag p99", "lag after load", "peak RSS")
 
 
-def tenm_rows(results: list[RunResult], every: list[RunResult]) -> list[list[str]]:
+def tenm_rows(results: list[RunResult], every: list[RunResult]) -> list[Row]:
     out = []
     for r in results:
         if r.scenario != "10mkeys" or r.load is None:
@@ -187,12 +190,12 @@ def tenm_rows(results: list[RunResult], every: list[RunResult]) -> list[list[str
         out.append(
             [
                 r.target.name,
-                _num(r.rps),
-                _times(_paired(every, r.target.name, "10mkeys", NGINX)),
-                _secs(r.lag_p50),
-                _secs(r.lag_p99),
-                _secs(r.lag_after_load),
-                "-" if r.peak_rss is None else f"{r.peak_rss / 2**20:,.0f} MiB",
+                num(r.rps),
+                times(paired(every, r.target.name, "10mkeys", NGINX)),
+                secs(r.lag_p50),
+                secs(r.lag_p99),
+                secs(r.lag_after_load),
+                mib(r.peak_rss),
             ]
         )
     return out
@@ -210,7 +213,7 @@ def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
                 Check(
                     f"{scenario}: server CPU per request, 2 workers vs 1",
                     f"<= {CPU_SHARE_LIMIT:.2f}x",
-                    _times(ratio),
+                    times(ratio),
                     ratio <= CPU_SHARE_LIMIT,
                 )
             )
@@ -221,75 +224,72 @@ def checks(results: list[RunResult], every: list[RunResult]) -> list[Check]:
                 Check(
                     f"{scenario}: wal p99 vs nginx at 50% of nginx's ceiling (paced)",
                     f"<= {PACED_P99_LIMIT:g}x",
-                    _times(ratio),
+                    times(ratio),
                     ratio <= PACED_P99_LIMIT,
                 )
             )
     return found
 
 
+WORKERS_TEXT = (
+    "incrementer-wal-2w is incrementer-wal with `--workers 2` (a supervisor and two "
+    "workers on the port with SO_REUSEPORT); nginx-2w is nginx with "
+    "`worker_processes 2` and `listen ... reuseport`. Server µs/req: user + system CPU of "
+    "the whole process group (the supervisor too) per request, over the load and the "
+    "drain. CPU/req 2w / 1w: the median of the per-round ratios; within 1.10x means no "
+    "cost for coordination, so on a machine with spare cores throughput grows with the "
+    "workers. This machine cannot show that growth: wrk, PostgreSQL and the workers "
+    "share its two cores, so a second worker only takes turns with the first."
+)
+PACED_TEXT = (
+    "wrk offers a fixed rate (bench/wrk/paced.lua: every request takes the next slot on "
+    "one schedule), a fraction of nginx's closed-loop req/s measured in the same round "
+    "and scenario, to nginx and to incrementer-wal alike; latencies are medians over "
+    "rounds, the ratio the median of the per-round ratios. This is the latency users "
+    "see at a load the server carries; the closed-loop p99 above is latency at "
+    "saturation."
+)
+TENM_TEXT = (
+    "Keys drawn at random from 10,000,000, so almost every request adds a row (a run of "
+    "10 s at 80k req/s touches about 770,000 keys, 96% of them new): per-user counters. "
+    "Peak RSS is the server's processes' peak resident memory, summed."
+)
+
+
+def _measured(
+    results: list[RunResult], every: list[RunResult]
+) -> list[tuple[str, str, tuple[str, ...], list[Row], str]]:
+    """(report title, terminal title, columns, rows, how to read them) of each section that
+    has rows: only what was measured."""
+    found = [
+        (
+            "Workers: `--workers 2` beside one process",
+            "workers",
+            WORKERS_COLUMNS,
+            workers_rows(results, every),
+            WORKERS_TEXT,
+        ),
+        (
+            "Latency at a paced load",
+            "latency at a paced load",
+            PACED_COLUMNS,
+            paced_rows(every),
+            PACED_TEXT,
+        ),
+        ("10,000,000 keys", "10,000,000 keys", TENM_COLUMNS, tenm_rows(results, every), TENM_TEXT),
+    ]
+    return [section for section in found if section[3]]
+
+
 def sections(results: list[RunResult], every: list[RunResult]) -> list[str]:
-    """Markdown lines for the report, only for what was measured."""
+    """Markdown lines for the report."""
     parts: list[str] = []
-    rows = workers_rows(results, every)
-    if rows:
-        parts += [
-            "### Workers: `--workers 2` beside one process",
-            "",
-            _md_table(WORKERS_COLUMNS, rows),
-            "",
-            "incrementer-wal-2w is incrementer-wal with `--workers 2` (a supervisor and two "
-            "workers on the port with SO_REUSEPORT); nginx-2w is nginx with "
-            "`worker_processes 2` and `listen ... reuseport`. Server µs/req: user + system CPU of "
-            "the whole process group (the supervisor too) per request, over the load and the "
-            "drain. CPU/req 2w / 1w: the median of the per-round ratios; within 1.10x means no "
-            "cost for coordination, so on a machine with spare cores throughput grows with the "
-            "workers. This machine cannot show that growth: wrk, PostgreSQL and the workers "
-            "share its two cores, so a second worker only takes turns with the first.",
-            "",
-        ]
-    rows = paced_rows(every)
-    if rows:
-        parts += [
-            "### Latency at a paced load",
-            "",
-            _md_table(PACED_COLUMNS, rows),
-            "",
-            "wrk offers a fixed rate (bench/wrk/paced.lua: every request takes the next slot on "
-            "one schedule), a fraction of nginx's closed-loop req/s measured in the same round "
-            "and scenario, to nginx and to incrementer-wal alike; latencies are medians over "
-            "rounds, the ratio the median of the per-round ratios. This is the latency users "
-            "see at a load the server carries; the closed-loop p99 above is latency at "
-            "saturation.",
-            "",
-        ]
-    rows = tenm_rows(results, every)
-    if rows:
-        parts += [
-            "### 10,000,000 keys",
-            "",
-            _md_table(TENM_COLUMNS, rows),
-            "",
-            "Keys drawn at random from 10,000,000, so almost every request adds a row (a run of "
-            "10 s at 80k req/s touches about 770,000 keys, 96% of them new): per-user counters. "
-            "Peak RSS is the server's processes' peak resident memory, summed.",
-            "",
-        ]
+    for title, _, columns, rows, text in _measured(results, every):
+        parts += md_section(title, columns, rows, text)
     return parts
 
 
 def rich_tables(results: list[RunResult], every: list[RunResult]) -> list[Table]:
-    tables = []
-    for title, columns, rows in (
-        ("workers", WORKERS_COLUMNS, workers_rows(results, every)),
-        ("latency at a paced load", PACED_COLUMNS, paced_rows(every)),
-        ("10,000,000 keys", TENM_COLUMNS, tenm_rows(results, every)),
-    ):
-        if rows:
-            table = Table(title=title, header_style="bold")
-            for i, name in enumerate(columns):
-                table.add_column(name, justify="left" if i < 2 else "right")
-            for row in rows:
-                table.add_row(*row)
-            tables.append(table)
-    return tables
+    return [
+        rich_table(title, columns, rows) for _, title, columns, rows, _ in _measured(results, every)
+    ]

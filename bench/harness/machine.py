@@ -29,10 +29,6 @@ def which(tool: str) -> str | None:
     return None
 
 
-def missing_tools() -> list[str]:
-    return [tool for tool in TOOLS if which(tool) is None]
-
-
 def _first_line(argv: list[str]) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
