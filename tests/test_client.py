@@ -446,7 +446,7 @@ def test_incr_command_counts_once_and_says_why_it_failed(shared: tuple[Spawned, 
 
 
 def test_client_benchmark_runs_and_verifies_totals(tmp_path: Path, pg_admin_url: str) -> None:
-    """bench/client.py runs wrk and the client process against a real server and checks that the
+    """python -m bench.client runs wrk and the client process against a real server and checks that the
     database holds every incr() call; no rate is asserted (a benchmark is not a test)."""
     import shutil
 
@@ -456,7 +456,7 @@ def test_client_benchmark_runs_and_verifies_totals(tmp_path: Path, pg_admin_url:
         skip_or_fail("wrk missing; install with: apt-get install -y wrk")
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "bench/client.py", "--duration", "1", "--results-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench.client", "--duration", "1", "--results-dir", str(tmp_path)],
         cwd=root,
         env={**os.environ, "BENCH_PG_ADMIN_URL": pg_admin_url},
         capture_output=True,

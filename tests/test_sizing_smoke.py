@@ -17,13 +17,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_sizing_command_measures_memory_cpu_and_flush_rate(
     tmp_path: Path, pg_admin_url: str
 ) -> None:
-    """bench/sizing.py prints memory per pending key, CPU per request and flush keys/s, each a
+    """python -m bench.sizing prints memory per pending key, CPU per request and flush keys/s, each a
     positive number, and writes the same table to --out."""
     if shutil.which("wrk") is None:
         skip_or_fail("wrk is not installed (Debian: apt-get install -y wrk)")
     out = tmp_path / "sizing.md"
     done = subprocess.run(
-        [sys.executable, "bench/sizing.py", "--keys", "5000", "--duration", "1", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bench.sizing",
+            "--keys",
+            "5000",
+            "--duration",
+            "1",
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         env={**os.environ, "BENCH_PG_ADMIN_URL": pg_admin_url},
         capture_output=True,
