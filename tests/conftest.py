@@ -35,8 +35,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = build.stale_extensions()
     if stale:
         pytest.exit(
-            f"compiled modules older than their source: {', '.join(stale)}; "
-            "rebuild with `.venv/bin/pip install -e .` (./scripts/test does)",
+            f"compiled modules that are not their source: {', '.join(stale)}; rebuild with "
+            "`.venv/bin/pip install -e .` after deleting any without a source (./scripts/test "
+            "does both)",
             returncode=2,
         )
 

@@ -50,6 +50,7 @@ def test_tests_run_against_the_compiled_hot_path() -> None:
 def test_a_source_edited_after_the_build_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A loaded compiled module whose source is newer than its build is reported as stale."""
     built = tmp_path / "hot.cpython-311-x86_64-linux-gnu.so"
     source = tmp_path / "hot.py"
     source.write_text("")
@@ -61,6 +62,18 @@ def test_a_source_edited_after_the_build_is_reported(
     assert "incrementer._hot" not in build.stale_extensions()
     os.utime(source, (2_000_000_000, 2_000_000_000))
     assert "incrementer._hot" in build.stale_extensions()
+
+
+def test_an_extension_whose_source_moved_is_reported() -> None:
+    """A compiled module left behind when its source moved (a rebuild does not delete it) is
+    reported, by the name an import would still find it under."""
+    orphan = SOURCE / "api" / f"moved_away{EXTENSION_SUFFIXES[0]}"
+    orphan.write_bytes(b"")
+    try:
+        assert "incrementer.api.moved_away (no source)" in build.stale_extensions()
+    finally:
+        orphan.unlink()
+    assert not any(name.endswith("(no source)") for name in build.stale_extensions())
 
 
 def test_the_pure_python_build_serves(tmp_path: Path) -> None:

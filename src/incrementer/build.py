@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from importlib import metadata, util
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 # A module every request runs through, compiled in every compiled build (setup.py's HOT_PATH).
@@ -31,9 +32,11 @@ def name() -> str:
 
 
 def stale_extensions() -> list[str]:
-    """Loaded compiled modules whose source was edited after they were built: in an editable
-    install, Python imports the extension, so the code running is not the code on disk until
-    `pip install -e .` (./scripts/test does) compiles it again."""
+    """Compiled modules that are not the code on disk: a loaded one whose source was edited after
+    it was built (in an editable install Python imports the extension, so the code running is
+    not the code on disk until `pip install -e .`, which ./scripts/test runs, compiles it again),
+    and an extension file in the package whose source is gone (moved or deleted: a rebuild does
+    not remove it, and an import of the old name would still find it)."""
     # With mypyc's group build, the code of every module is in one shared library and each
     # module's own extension is a shim that is rewritten only when its interface changes.
     shared = getattr(sys.modules.get("incrementer__mypyc"), "__file__", None)
@@ -47,4 +50,13 @@ def stale_extensions() -> list[str]:
         built_at = max(built.stat().st_mtime, Path(shared).stat().st_mtime if shared else 0)
         if source.exists() and source.stat().st_mtime > built_at:
             stale.append(name)
+    package = Path(__file__).parent
+    for path in package.rglob("*"):
+        suffix = next((s for s in EXTENSION_SUFFIXES if path.name.endswith(s)), None)
+        if (
+            suffix is not None
+            and not path.with_name(path.name.removesuffix(suffix) + ".py").exists()
+        ):
+            parts = path.relative_to(package.parent).parts
+            stale.append(".".join((*parts[:-1], path.name.removesuffix(suffix))) + " (no source)")
     return sorted(stale)
