@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,19 +21,25 @@ from typing import Any
 from urllib.parse import quote
 
 import httptools
+import httpx
 import pytest
 
+from incrementer.auth.keyring import new_key
 from incrementer.config import Settings
 from incrementer.service import Service
+from incrementer.store import open_store
+from incrementer.store.base import ApiKey
+from incrementer.store.migrate import migrate
 
 LISTEN = re.compile(r"listening on (http://\S+)")
 PG_ADMIN_URL = os.environ.get("INCREMENTER_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI") == "true"
 
 
-def uid() -> str:
-    """A short random name, so tests never collide in the session's PostgreSQL database."""
-    return uuid.uuid4().hex[:12]
+def unique(prefix: str = "") -> str:
+    """`prefix` and 12 random hex digits: a name (a counter key, a database, an API key's name)
+    no other test uses, so tests never collide in the session's PostgreSQL database."""
+    return prefix + uuid.uuid4().hex[:12]
 
 
 def skip_or_fail(reason: str) -> None:
@@ -39,6 +47,54 @@ def skip_or_fail(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (required when CI=true)")
     pytest.skip(reason)
+
+
+async def add_api_key(
+    database_url: str,
+    name: str | None = None,
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+    key: str | None = None,
+) -> str:
+    """An API key the server accepts, stored as `keys create` stores one (the database migrated
+    first), under `name` (a unique one by default) with the given limits. Returns the key: a
+    fresh one, or `key` itself (`ik_<key_id>.<secret>`) where the test fixes it."""
+    await asyncio.to_thread(migrate, database_url)
+    if key is None:
+        key, key_id, key_hash = new_key()
+    else:
+        key_id = key.removeprefix("ik_").split(".", 1)[0]
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+    store = open_store(database_url)
+    await store.open()
+    try:
+        await store.create_api_key(ApiKey(name or unique("key-"), key_id, key_hash, rate, burst))
+    finally:
+        await store.close()
+    return key
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """`incrementer ARGS` in a subprocess, run to its end: its status and output (as text). `env`
+    adds to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "incrementer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -149,6 +205,25 @@ def spawned(args: Iterable[str], **kwargs: Any) -> Iterator[Spawned]:
             server.proc.wait()
 
 
+def serve_args(tmp_path: Path, database_url: str, *more: str, **flags: str) -> list[str]:
+    """`incrementer serve` arguments for a subprocess with its own data dir under tmp_path: then
+    `more` as given, and each of `flags` as --name value."""
+    args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data"), *more]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
+@contextlib.contextmanager
+def sqlite_server(tmp_path: Path, *flags: str) -> Iterator[tuple[Spawned, str]]:
+    """`incrementer serve FLAGS` on an SQLite file in tmp_path, flushing every 0.05 s: the server
+    and its database URL. On leaving, SIGTERM, and the drain must end with status 0."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    with spawned(serve_args(tmp_path, database_url, "--flush-interval", "0.05", *flags)) as server:
+        yield server, database_url
+        assert server.stop() == 0, server.read_log()
+
+
 # --- raw HTTP ---------------------------------------------------------------------------------
 
 
@@ -208,6 +283,20 @@ def increment_request(key: str, value: int, close: bool = False) -> bytes:
         b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n%s\r\n" % (len(body), b"Connection: close\r\n" if close else b"")
     ) + body
+
+
+def get_request(path: str, extra: bytes = b"") -> bytes:
+    """GET path, with `extra` header lines (each ending in CRLF)."""
+    return b"GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path.encode(), extra)
+
+
+class RekeyingTransport(httpx.HTTPTransport):
+    """A broken client: every attempt under a fresh Idempotency-Key, as a retry without the
+    header would be. A harness must catch the double counts this causes."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.headers["Idempotency-Key"] = unique("rekeyed-")
+        return super().handle_request(request)
 
 
 def _json_str(text: str) -> bytes:
@@ -344,6 +433,11 @@ async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
         await pg.close()
 
 
+async def totals_are(database_url: str, expected: dict[str, int]) -> bool:
+    """Whether the database holds exactly `expected` for its keys (for wait_until: flushed?)."""
+    return await db_totals(database_url, expected) == expected
+
+
 async def db_execute(database_url: str, sql: str, *args: Any) -> None:
     if database_url.startswith("sqlite:///"):
         import sqlite3
@@ -362,6 +456,19 @@ async def db_execute(database_url: str, sql: str, *args: Any) -> None:
         await pg.execute(sql, *args)
     finally:
         await pg.close()
+
+
+@contextlib.contextmanager
+def pg_database(admin_url: str, name: str, *setup: str) -> Iterator[str]:
+    """A PostgreSQL database `name` created through admin_url (then each `setup` statement run
+    there, an ALTER DATABASE say): its URL; dropped on leaving."""
+    asyncio.run(db_execute(admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        for sql in setup:
+            asyncio.run(db_execute(admin_url, sql))
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        asyncio.run(db_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def load_until(

@@ -24,12 +24,12 @@ import httpx
 import pytest
 from fleet import nginx_main_conf
 from live_server import keyed_server
-from support import LISTEN, db_totals, skip_or_fail, spawned
+from support import LISTEN, db_totals, serve_args, skip_or_fail, spawned
 
 from incrementer.cli.errors import USAGE
 from incrementer.config import Settings
-from incrementer.service import EXIT_GRACE
 from incrementer.process.supervisor import KILL_GRACE
+from incrementer.service import EXIT_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -150,7 +150,7 @@ def test_service_runs_with_memory_deny_write_execute(tmp_path: Path, pg_url: str
     if probe.returncode == NO_MDWE:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
     assert probe.returncode == 3, probe.stderr  # writable and executable memory refused
-    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data")]
+    args = serve_args(tmp_path, pg_url)
     with serving(args, preexec_fn=_deny_write_execute) as url:
         batch = [{"key": "mdwe", "value": 1}] * 5
         assert httpx.post(url + "/increments", json=batch).status_code == 202
@@ -269,7 +269,7 @@ def test_service_makes_only_system_calls_the_unit_allows(
     if shutil.which("strace") is None:
         skip_or_fail("strace is not installed (Debian: apt-get install -y strace)")
     trace = tmp_path / "trace"
-    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data"), "--workers", workers]
+    args = serve_args(tmp_path, pg_url, "--workers", workers)
     with serving(args, prefix=["strace", "-f", "-qq", "-o", str(trace)]) as url:
         assert httpx.post(url + "/increment", json={"key": "traced", "value": 1}).status_code == 202
         batch = [{"key": f"traced-{i}", "value": 1} for i in range(50)]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from h11_client import parse_answers, read_until_closed
 from support import (
+    add_api_key,
     exchange,
     host_port,
     increment_request,
@@ -19,8 +20,6 @@ from support import (
     settings_for,
     skip_or_fail,
 )
-
-from incrementer.auth import admin as keys
 
 
 @pytest.fixture
@@ -268,7 +267,7 @@ async def test_trailer_content_type_expect_and_host_are_ignored(url: str) -> Non
 async def test_trailer_authorization_does_not_authenticate(tmp_path: Path, sqlite_url: str) -> None:
     """With keys required, a valid key sent only in a chunked body's trailer gets 401 and counts
     nothing; the same key as a header gets 202."""
-    key = await keys.create(sqlite_url, "trailer", None, None)
+    key = await add_api_key(sqlite_url, "trailer")
     authorization = b"Authorization: Bearer %s\r\n" % key.encode()
     async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
         data = chunked_increment("trailer-auth", JSON_TYPE, authorization)
@@ -286,8 +285,8 @@ async def test_trailer_authorization_does_not_escape_a_rate_limit(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     """A key past its rate limit gets 429 even with another key's Authorization in a trailer."""
-    slow = await keys.create(sqlite_url, "slow", 0.001, 1)
-    other = await keys.create(sqlite_url, "other", None, None)
+    slow = await add_api_key(sqlite_url, "slow", rate=0.001, burst=1)
+    other = await add_api_key(sqlite_url, "other")
     slow_header = b"Authorization: Bearer %s\r\n" % slow.encode()
     other_header = b"Authorization: Bearer %s\r\n" % other.encode()
     async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
