@@ -23,6 +23,7 @@ from support import (
     Response,
     Spawned,
     _ResponseCollector,
+    free_port,
     host_port,
     increment_request,
     skip_or_fail,
@@ -33,12 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_CONF = ROOT / "deploy" / "nginx" / "incrementer.conf"
 GROUP_READY = re.compile(r"listening on (http://\S+) with \d+ workers")
 GROUP_PIDS = re.compile(r"with \d+ workers \(pids ([\d, ]+)\)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- a --workers group ------------------------------------------------------------------------
@@ -141,12 +136,12 @@ def nginx_test(main: Path) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def nginx_in_front(prefix: Path, upstreams: list[str]) -> Iterator[str]:
-    """A real nginx on a free port with the deploy config in front of `upstreams`; its URL."""
-    port = free_port()
-    main = write_nginx(prefix, upstreams, port)
+def nginx_running(main: Path, port: int) -> Iterator[None]:
+    """A real nginx with the config `main` (its prefix main's folder; `nginx -t` must pass it),
+    once it accepts connections on port; stopped on leaving."""
     checked = nginx_test(main)
     assert checked.returncode == 0, checked.stderr
+    prefix = main.parent
     proc = subprocess.Popen(
         [nginx_binary(), "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(main),
          "-g", "daemon off;"],
@@ -159,10 +154,18 @@ def nginx_in_front(prefix: Path, upstreams: list[str]) -> Iterator[str]:
                 break
             assert proc.poll() is None and time.monotonic() < deadline, "nginx did not start"
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@contextlib.contextmanager
+def nginx_in_front(prefix: Path, upstreams: list[str]) -> Iterator[str]:
+    """A real nginx on a free port with the deploy config in front of `upstreams`; its URL."""
+    port = free_port()
+    with nginx_running(write_nginx(prefix, upstreams, port), port):
+        yield f"http://127.0.0.1:{port}"
 
 
 # --- a load that records what may have counted ------------------------------------------------

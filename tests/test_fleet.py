@@ -15,7 +15,6 @@ import pytest
 from fleet import (
     DEPLOY_CONF,
     alive,
-    free_port,
     nginx_in_front,
     nginx_test,
     record_until,
@@ -23,7 +22,17 @@ from fleet import (
     worker_pids,
     write_nginx,
 )
-from support import LoadResult, db_totals, kill, run_cli, serve_args, spawn, unique, wait_until
+from support import (
+    LoadResult,
+    db_totals,
+    free_port,
+    kill,
+    run_cli,
+    serve_args,
+    spawn,
+    unique,
+    wait_until,
+)
 from test_durability import violations
 
 
