@@ -19,6 +19,7 @@ from support import (
     counter_path,
     db_totals,
     exchange,
+    get_request,
     host_port,
     increment_request,
     kill,
@@ -72,10 +73,6 @@ def batch_request(items: list[tuple[str, int]]) -> bytes:
     ) + body
 
 
-def get(path: str) -> bytes:
-    return b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode()
-
-
 def inject(svc: object) -> DiskFault:
     wal = getattr(svc, "wal", None)
     assert isinstance(wal, WriteAheadLog)
@@ -99,10 +96,10 @@ async def test_an_increment_that_cannot_be_logged_gets_503_and_is_never_applied(
         disk.write_error = error
         answers = await exchange(
             svc.url,
-            get("/healthz")
+            get_request("/healthz")
             + increment_request(key, 10)
             + batch_request([(key, 100), (other, 1)])
-            + get(counter_path(key)),
+            + get_request(counter_path(key)),
             4,
         )
         assert [r.status for r in answers] == [200, 503, 503, 200]
@@ -263,7 +260,7 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
         try:
             writer.write(increment_request(key, 1))
             assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
-            writer.write(increment_request(key, 2) + get(counter_path(key)))
+            writer.write(increment_request(key, 2) + get_request(counter_path(key)))
             await asyncio.sleep(0.2)  # the second tick is written behind the held fsync
             disk.hold.set()
             answers = [await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) for _ in "ab"]
