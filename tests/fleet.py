@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httptools
 from support import (
     LoadResult,
     Response,
@@ -25,7 +24,7 @@ from support import (
     _ResponseCollector,
     free_port,
     host_port,
-    increment_request,
+    send_window,
     skip_or_fail,
     spawn,
 )
@@ -212,39 +211,18 @@ async def _connection(
         try:
             while not stop.is_set():
                 window = [(rng.choice(keys), rng.randint(1, 9)) for _ in range(pipeline)]
-                seen_before = len(collector.done)
-                writer.write(b"".join(increment_request(k, v) for k, v in window))
-                try:
-                    await writer.drain()
-                    while len(collector.done) < seen_before + len(window):
-                        chunk = await asyncio.wait_for(reader.read(65536), 30)
-                        if not chunk:
-                            raise ConnectionResetError
-                        collector.parser.feed_data(chunk)
-                except (OSError, TimeoutError, httptools.HttpParserError):
-                    answered = collector.done[seen_before:]
-                    for (key, value), resp in zip(window, answered, strict=False):
-                        _record(seen, key, value, resp.status)
-                    for key, value in window[len(answered) :]:
-                        seen.in_flight[key] = seen.in_flight.get(key, 0) + value
+                answers, complete = await send_window(reader, writer, collector, window, 30)
+                for (key, value), resp in zip(window, answers, strict=complete):
+                    seen.count(key, value, resp.status, unknown_5xx=True)
+                if not complete:
+                    seen.lost(window[len(answers) :])
                     break
-                answered = collector.done[seen_before:]
-                for (key, value), resp in zip(window, answered, strict=True):
-                    _record(seen, key, value, resp.status)
-                if any(resp.headers.get("connection") == "close" for resp in answered):
+                if any(resp.headers.get("connection") == "close" for resp in answers):
                     break
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-
-
-def _record(seen: LoadResult, key: str, value: int, status: int) -> None:
-    seen.statuses[status] = seen.statuses.get(status, 0) + 1
-    if status == 202:
-        seen.acked[key] = seen.acked.get(key, 0) + value
-    elif status >= 500:
-        seen.in_flight[key] = seen.in_flight.get(key, 0) + value
 
 
 # --- talking to one worker of a group ---------------------------------------------------------

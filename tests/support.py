@@ -313,6 +313,21 @@ class LoadResult:
     """Sum of values per key sent without an answer (connection died)."""
     statuses: dict[int, int] = field(default_factory=dict)
 
+    def count(self, key: str, value: int, status: int, *, unknown_5xx: bool = False) -> None:
+        """One answered increment: its status, its value acknowledged if 202. With `unknown_5xx`,
+        a 5xx counts as in flight: behind a proxy a 502 may hide an increment an instance
+        logged before it failed."""
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 202:
+            self.acked[key] = self.acked.get(key, 0) + value
+        elif unknown_5xx and status >= 500:
+            self.in_flight[key] = self.in_flight.get(key, 0) + value
+
+    def lost(self, items: list[tuple[str, int]]) -> None:
+        """Increments sent and never answered (the connection died): in flight."""
+        for key, value in items:
+            self.in_flight[key] = self.in_flight.get(key, 0) + value
+
 
 async def load(
     url: str,
@@ -346,36 +361,42 @@ async def _one_connection(
     try:
         for start in range(0, len(items), pipeline):
             window = items[start : start + pipeline]
-            writer.write(b"".join(increment_request(k, v) for k, v in window))
-            seen = len(collector.done)
-            try:
-                await writer.drain()
-                while len(collector.done) < seen + len(window):
-                    chunk = await reader.read(65536)
-                    if not chunk:
-                        raise ConnectionResetError
-                    collector.parser.feed_data(chunk)
-            except (OSError, httptools.HttpParserError):
-                answered = collector.done[seen:]
-                for (key, value), resp in zip(window, answered, strict=False):
-                    _record(result, key, value, resp.status)
-                for key, value in window[len(answered) :]:
-                    result.in_flight[key] = result.in_flight.get(key, 0) + value
-                return
-            for (key, value), resp in zip(window, collector.done[seen:], strict=True):
-                _record(result, key, value, resp.status)
-                if stop_on_error and resp.status != 202:
+            answers, complete = await send_window(reader, writer, collector, window)
+            for (key, value), resp in zip(window, answers, strict=complete):
+                result.count(key, value, resp.status)
+                if complete and stop_on_error and resp.status != 202:
                     raise AssertionError(f"unexpected {resp.status}: {resp.body!r}")
+            if not complete:
+                result.lost(window[len(answers) :])
+                return
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
 
-def _record(result: LoadResult, key: str, value: int, status: int) -> None:
-    result.statuses[status] = result.statuses.get(status, 0) + 1
-    if status == 202:
-        result.acked[key] = result.acked.get(key, 0) + value
+async def send_window(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    collector: _ResponseCollector,
+    window: list[tuple[str, int]],
+    timeout: float | None = None,
+) -> tuple[list[Response], bool]:
+    """Send the increments of `window` pipelined in one write and read their answers: those that
+    came, in order, and whether all did (not when the connection died or garbled an answer, nor
+    when `timeout` seconds passed without one)."""
+    seen = len(collector.done)
+    writer.write(b"".join(increment_request(k, v) for k, v in window))
+    try:
+        await writer.drain()
+        while len(collector.done) < seen + len(window):
+            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            if not chunk:
+                raise ConnectionResetError
+            collector.parser.feed_data(chunk)
+    except (OSError, httptools.HttpParserError):  # TimeoutError is an OSError
+        return collector.done[seen:], False
+    return collector.done[seen:], True
 
 
 def counter_path(key: str) -> str:
