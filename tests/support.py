@@ -1,4 +1,5 @@
-"""Test helpers: the real service in-process or as a subprocess, and raw HTTP clients."""
+"""Test helpers: unique names, the real service in-process or as a subprocess, raw HTTP clients,
+loads that record what was acknowledged, and the database read and seeded beside the service."""
 
 from __future__ import annotations
 
@@ -49,52 +50,7 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-async def add_api_key(
-    database_url: str,
-    name: str | None = None,
-    *,
-    rate: float | None = None,
-    burst: int | None = None,
-    key: str | None = None,
-) -> str:
-    """An API key the server accepts, stored as `keys create` stores one (the database migrated
-    first), under `name` (a unique one by default) with the given limits. Returns the key: a
-    fresh one, or `key` itself (`ik_<key_id>.<secret>`) where the test fixes it."""
-    await asyncio.to_thread(migrate, database_url)
-    if key is None:
-        key, key_id, key_hash = new_key()
-    else:
-        key_id = key.removeprefix("ik_").split(".", 1)[0]
-        key_hash = hashlib.sha256(key.encode()).hexdigest()
-    store = open_store(database_url)
-    await store.open()
-    try:
-        await store.create_api_key(ApiKey(name or unique("key-"), key_id, key_hash, rate, burst))
-    finally:
-        await store.close()
-    return key
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 90
-) -> subprocess.CompletedProcess[str]:
-    """`incrementer ARGS` in a subprocess, run to its end: its status and output (as text). `env`
-    adds to this process's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "incrementer", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# --- the service in-process, on this test's event loop --------------------------------------------
 
 
 def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -124,7 +80,16 @@ def host_port(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-# --- a subprocess server, for signals, kill -9 and restarts -----------------------------------
+# --- a subprocess server, for signals, kill -9 and restarts ---------------------------------------
+
+
+def serve_args(tmp_path: Path, database_url: str, *more: str, **flags: str) -> list[str]:
+    """`incrementer serve` arguments for a subprocess with its own data dir under tmp_path: then
+    `more` as given, and each of `flags` as --name value."""
+    args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data"), *more]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
 
 
 @dataclass
@@ -205,15 +170,6 @@ def spawned(args: Iterable[str], **kwargs: Any) -> Iterator[Spawned]:
             server.proc.wait()
 
 
-def serve_args(tmp_path: Path, database_url: str, *more: str, **flags: str) -> list[str]:
-    """`incrementer serve` arguments for a subprocess with its own data dir under tmp_path: then
-    `more` as given, and each of `flags` as --name value."""
-    args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data"), *more]
-    for name, value in flags.items():
-        args += [f"--{name.replace('_', '-')}", value]
-    return args
-
-
 @contextlib.contextmanager
 def sqlite_server(tmp_path: Path, *flags: str) -> Iterator[tuple[Spawned, str]]:
     """`incrementer serve FLAGS` on an SQLite file in tmp_path, flushing every 0.05 s: the server
@@ -224,7 +180,35 @@ def sqlite_server(tmp_path: Path, *flags: str) -> Iterator[tuple[Spawned, str]]:
         assert server.stop() == 0, server.read_log()
 
 
-# --- raw HTTP ---------------------------------------------------------------------------------
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """`incrementer ARGS` in a subprocess, run to its end: its status and output (as text). `env`
+    adds to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "incrementer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# --- raw HTTP -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -290,6 +274,16 @@ def get_request(path: str, extra: bytes = b"") -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path.encode(), extra)
 
 
+def _json_str(text: str) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(text)
+
+
+def counter_path(key: str) -> str:
+    return "/counters/" + quote(key, safe="")
+
+
 class RekeyingTransport(httpx.HTTPTransport):
     """A broken client: every attempt under a fresh Idempotency-Key, as a retry without the
     header would be. A harness must catch the double counts this causes."""
@@ -299,10 +293,7 @@ class RekeyingTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
-def _json_str(text: str) -> bytes:
-    import msgspec
-
-    return msgspec.json.encode(text)
+# --- load that records what was acknowledged ------------------------------------------------------
 
 
 @dataclass
@@ -346,6 +337,24 @@ async def load(
     await asyncio.gather(
         *(_one_connection(url, chunk, pipeline, result, stop_on_error) for chunk in chunks if chunk)
     )
+    return result
+
+
+async def load_until(
+    url: str, stop: asyncio.Event, keys: list[str], connections: int = 4, pipeline: int = 16
+) -> LoadResult:
+    """Keep sending increments of 1 to random keys until `stop` is set."""
+    import random
+
+    result = LoadResult()
+
+    async def one(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            items = [(rng.choice(keys), 1) for _ in range(pipeline * 8)]
+            await _one_connection(url, items, pipeline, result, stop_on_error=False)
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
     return result
 
 
@@ -399,27 +408,7 @@ async def send_window(
     return collector.done[seen:], True
 
 
-def counter_path(key: str) -> str:
-    return "/counters/" + quote(key, safe="")
-
-
-async def wait_until(predicate: Any, timeout: float = 15, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+# --- the database, read and written beside the service --------------------------------------------
 
 
 async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
@@ -492,22 +481,46 @@ def pg_database(admin_url: str, name: str, *setup: str) -> Iterator[str]:
         asyncio.run(db_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def load_until(
-    url: str, stop: asyncio.Event, keys: list[str], connections: int = 4, pipeline: int = 16
-) -> LoadResult:
-    """Keep sending increments of 1 to random keys until `stop` is set."""
-    import random
+async def add_api_key(
+    database_url: str,
+    name: str | None = None,
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+    key: str | None = None,
+) -> str:
+    """An API key the server accepts, stored as `keys create` stores one (the database migrated
+    first), under `name` (a unique one by default) with the given limits. Returns the key: a
+    fresh one, or `key` itself (`ik_<key_id>.<secret>`) where the test fixes it."""
+    await asyncio.to_thread(migrate, database_url)
+    if key is None:
+        key, key_id, key_hash = new_key()
+    else:
+        key_id = key.removeprefix("ik_").split(".", 1)[0]
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+    store = open_store(database_url)
+    await store.open()
+    try:
+        await store.create_api_key(ApiKey(name or unique("key-"), key_id, key_hash, rate, burst))
+    finally:
+        await store.close()
+    return key
 
-    result = LoadResult()
 
-    async def one(seed: int) -> None:
-        rng = random.Random(seed)
-        while not stop.is_set():
-            items = [(rng.choice(keys), 1) for _ in range(pipeline * 8)]
-            await _one_connection(url, items, pipeline, result, stop_on_error=False)
+# --- waiting, and what the process logs -----------------------------------------------------------
 
-    await asyncio.gather(*(one(i) for i in range(connections)))
-    return result
+
+async def wait_until(predicate: Any, timeout: float = 15, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
 
 
 class ErrorLog(logging.Handler):
