@@ -320,6 +320,28 @@ class LoadResult:
             self.in_flight[key] = self.in_flight.get(key, 0) + value
 
 
+def violations(
+    acked: dict[str, int], in_flight: dict[str, int], totals: dict[str, int]
+) -> list[str]:
+    """Keys whose database total is below what was acknowledged, or above acknowledged plus
+    what was in flight (sent, never answered) at a crash."""
+    found = []
+    for key in acked.keys() | in_flight.keys() | totals.keys():
+        low = acked.get(key, 0)
+        high = low + in_flight.get(key, 0)
+        total = totals.get(key, 0)
+        if not low <= total <= high:
+            found.append(f"{key}: total {total} outside [{low}, {high}]")
+    return found
+
+
+def merge(into: LoadResult, part: LoadResult) -> None:
+    """Add what `part` saw acknowledged and in flight to `into` (a load run in rounds)."""
+    for mine, theirs in ((into.acked, part.acked), (into.in_flight, part.in_flight)):
+        for key, value in theirs.items():
+            mine[key] = mine.get(key, 0) + value
+
+
 async def load(
     url: str,
     items: list[tuple[str, int]],

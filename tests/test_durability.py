@@ -18,6 +18,7 @@ from support import (
     kill,
     load,
     load_until,
+    merge,
     run_cli,
     run_service,
     serve_args,
@@ -26,31 +27,11 @@ from support import (
     spawned,
     totals_are,
     unique,
+    violations,
     wait_until,
 )
 
 from incrementer.ingest.wal import summarize
-
-
-def violations(
-    acked: dict[str, int], in_flight: dict[str, int], totals: dict[str, int]
-) -> list[str]:
-    """Keys whose database total is below what was acknowledged, or above acknowledged plus
-    what was in flight (sent, never answered) at a crash."""
-    found = []
-    for key in acked.keys() | in_flight.keys() | totals.keys():
-        low = acked.get(key, 0)
-        high = low + in_flight.get(key, 0)
-        total = totals.get(key, 0)
-        if not low <= total <= high:
-            found.append(f"{key}: total {total} outside [{low}, {high}]")
-    return found
-
-
-def merge(into: LoadResult, part: LoadResult) -> None:
-    for mine, theirs in ((into.acked, part.acked), (into.in_flight, part.in_flight)):
-        for key, value in theirs.items():
-            mine[key] = mine.get(key, 0) + value
 
 
 def test_violations_catches_loss_and_duplicates() -> None:

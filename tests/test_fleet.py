@@ -31,9 +31,9 @@ from support import (
     serve_args,
     spawn,
     unique,
+    violations,
     wait_until,
 )
-from test_durability import violations
 
 
 def test_deploy_config_passes_nginx_t_and_never_resends_a_post(tmp_path: Path) -> None:

@@ -21,14 +21,15 @@ from support import (
     Spawned,
     db_totals,
     load,
+    merge,
     run_cli,
     serve_args,
     spawn,
     unique,
+    violations,
     wait_until,
 )
 from test_config import resolved
-from test_durability import merge, violations
 
 from incrementer.config import usable_cpus
 
