@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "incrementer.json"
 STATUS_PAGE = ROOT / "src" / "incrementer" / "api" / "status.html"
-TOP = ROOT / "src" / "incrementer" / "top.py"
+TOP = ROOT / "src" / "incrementer" / "cli" / "top.py"
 
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"job", "instance"}
