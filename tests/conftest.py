@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PG_ADMIN_URL, ErrorLog, skip_or_fail
+from support import PG_ADMIN_URL, ErrorLog, pg_database, skip_or_fail, unique
 
 from incrementer.store import Store, open_store
 from incrementer.store.migrate import migrate
@@ -62,11 +61,8 @@ def pg_admin_url() -> str:
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """URL of a PostgreSQL database created for this test run and dropped after it."""
-    name = f"incrementer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    base = pg_admin_url.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with pg_database(pg_admin_url, unique(f"incrementer_test_{os.getpid()}_")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httptools
 from support import (
     LoadResult,
     Response,
     Spawned,
     _ResponseCollector,
+    free_port,
     host_port,
-    increment_request,
+    send_window,
     skip_or_fail,
     spawn,
 )
@@ -33,12 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_CONF = ROOT / "deploy" / "nginx" / "incrementer.conf"
 GROUP_READY = re.compile(r"listening on (http://\S+) with \d+ workers")
 GROUP_PIDS = re.compile(r"with \d+ workers \(pids ([\d, ]+)\)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- a --workers group ------------------------------------------------------------------------
@@ -141,12 +135,12 @@ def nginx_test(main: Path) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def nginx_in_front(prefix: Path, upstreams: list[str]) -> Iterator[str]:
-    """A real nginx on a free port with the deploy config in front of `upstreams`; its URL."""
-    port = free_port()
-    main = write_nginx(prefix, upstreams, port)
+def nginx_running(main: Path, port: int) -> Iterator[None]:
+    """A real nginx with the config `main` (its prefix main's folder; `nginx -t` must pass it),
+    once it accepts connections on port; stopped on leaving."""
     checked = nginx_test(main)
     assert checked.returncode == 0, checked.stderr
+    prefix = main.parent
     proc = subprocess.Popen(
         [nginx_binary(), "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(main),
          "-g", "daemon off;"],
@@ -159,10 +153,18 @@ def nginx_in_front(prefix: Path, upstreams: list[str]) -> Iterator[str]:
                 break
             assert proc.poll() is None and time.monotonic() < deadline, "nginx did not start"
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@contextlib.contextmanager
+def nginx_in_front(prefix: Path, upstreams: list[str]) -> Iterator[str]:
+    """A real nginx on a free port with the deploy config in front of `upstreams`; its URL."""
+    port = free_port()
+    with nginx_running(write_nginx(prefix, upstreams, port), port):
+        yield f"http://127.0.0.1:{port}"
 
 
 # --- a load that records what may have counted ------------------------------------------------
@@ -209,39 +211,18 @@ async def _connection(
         try:
             while not stop.is_set():
                 window = [(rng.choice(keys), rng.randint(1, 9)) for _ in range(pipeline)]
-                seen_before = len(collector.done)
-                writer.write(b"".join(increment_request(k, v) for k, v in window))
-                try:
-                    await writer.drain()
-                    while len(collector.done) < seen_before + len(window):
-                        chunk = await asyncio.wait_for(reader.read(65536), 30)
-                        if not chunk:
-                            raise ConnectionResetError
-                        collector.parser.feed_data(chunk)
-                except (OSError, TimeoutError, httptools.HttpParserError):
-                    answered = collector.done[seen_before:]
-                    for (key, value), resp in zip(window, answered, strict=False):
-                        _record(seen, key, value, resp.status)
-                    for key, value in window[len(answered) :]:
-                        seen.in_flight[key] = seen.in_flight.get(key, 0) + value
+                answers, complete = await send_window(reader, writer, collector, window, 30)
+                for (key, value), resp in zip(window, answers, strict=complete):
+                    seen.count(key, value, resp.status, unknown_5xx=True)
+                if not complete:
+                    seen.lost(window[len(answers) :])
                     break
-                answered = collector.done[seen_before:]
-                for (key, value), resp in zip(window, answered, strict=True):
-                    _record(seen, key, value, resp.status)
-                if any(resp.headers.get("connection") == "close" for resp in answered):
+                if any(resp.headers.get("connection") == "close" for resp in answers):
                     break
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-
-
-def _record(seen: LoadResult, key: str, value: int, status: int) -> None:
-    seen.statuses[status] = seen.statuses.get(status, 0) + 1
-    if status == 202:
-        seen.acked[key] = seen.acked.get(key, 0) + value
-    elif status >= 500:
-        seen.in_flight[key] = seen.in_flight.get(key, 0) + value
 
 
 # --- talking to one worker of a group ---------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import h11
+from support import host_port
 
 
 @dataclass
@@ -55,8 +56,7 @@ def parse_answers(methods: Iterable[str], received: bytes) -> tuple[list[Answer]
 
 async def read_until_closed(url: str, data: bytes, timeout: float = 10) -> bytes:
     """Send `data` on a fresh connection and read everything until the server closes it."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    reader, writer = await asyncio.open_connection(*host_port(url))
     try:
         writer.write(data)
         return await asyncio.wait_for(reader.read(), timeout)

@@ -4,51 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from support import Spawned, spawned
-
-
-def create_key(database_url: str, name: str) -> str:
-    """`incrementer keys create NAME`: the key it prints once."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "incrementer",
-            "keys",
-            "create",
-            name,
-            "--database-url",
-            database_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return done.stdout.strip()
+from support import Spawned, add_api_key, sqlite_server
 
 
 @contextlib.contextmanager
 def keyed_server(tmp_path: Path, *args: str) -> Iterator[tuple[Spawned, str]]:
     """`incrementer serve --auth required` on SQLite in tmp_path, and a key it accepts."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
-    subprocess.run(
-        [sys.executable, "-m", "incrementer", "migrate", "--database-url", database_url],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    key = create_key(database_url, "operator")
-    argv = ["--database-url", database_url, "--data-dir", str(tmp_path / "data")]
-    with spawned([*argv, "--auth", "required", "--flush-interval", "0.05", *args]) as server:
+    # On a loop of its own, in a thread: the async tests that use this run theirs already.
+    with ThreadPoolExecutor(1) as seeding:
+        key = seeding.submit(asyncio.run, add_api_key(database_url, "operator")).result()
+    with sqlite_server(tmp_path, "--auth", "required", *args) as (server, _):
         yield server, key
-        server.stop()
 
 
 async def load_while(url: str, key: str, stop: asyncio.Event, clients: int = 4) -> int:

@@ -1,13 +1,16 @@
-"""Test helpers: the real service in-process or as a subprocess, and raw HTTP clients."""
+"""Test helpers: unique names, the real service in-process or as a subprocess, raw HTTP clients,
+loads that record what was acknowledged, and the database read and seeded beside the service."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,19 +22,25 @@ from typing import Any
 from urllib.parse import quote
 
 import httptools
+import httpx
 import pytest
 
+from incrementer.auth.keyring import new_key
 from incrementer.config import Settings
 from incrementer.service import Service
+from incrementer.store import open_store
+from incrementer.store.base import ApiKey
+from incrementer.store.migrate import migrate
 
 LISTEN = re.compile(r"listening on (http://\S+)")
 PG_ADMIN_URL = os.environ.get("INCREMENTER_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI") == "true"
 
 
-def uid() -> str:
-    """A short random name, so tests never collide in the session's PostgreSQL database."""
-    return uuid.uuid4().hex[:12]
+def unique(prefix: str = "") -> str:
+    """`prefix` and 12 random hex digits: a name (a counter key, a database, an API key's name)
+    no other test uses, so tests never collide in the session's PostgreSQL database."""
+    return prefix + uuid.uuid4().hex[:12]
 
 
 def skip_or_fail(reason: str) -> None:
@@ -39,6 +48,9 @@ def skip_or_fail(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (required when CI=true)")
     pytest.skip(reason)
+
+
+# --- the service in-process, on this test's event loop --------------------------------------------
 
 
 def settings_for(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -68,7 +80,16 @@ def host_port(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-# --- a subprocess server, for signals, kill -9 and restarts -----------------------------------
+# --- a subprocess server, for signals, kill -9 and restarts ---------------------------------------
+
+
+def serve_args(tmp_path: Path, database_url: str, *more: str, **flags: str) -> list[str]:
+    """`incrementer serve` arguments for a subprocess with its own data dir under tmp_path: then
+    `more` as given, and each of `flags` as --name value."""
+    args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data"), *more]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
 
 
 @dataclass
@@ -149,7 +170,45 @@ def spawned(args: Iterable[str], **kwargs: Any) -> Iterator[Spawned]:
             server.proc.wait()
 
 
-# --- raw HTTP ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def sqlite_server(tmp_path: Path, *flags: str) -> Iterator[tuple[Spawned, str]]:
+    """`incrementer serve FLAGS` on an SQLite file in tmp_path, flushing every 0.05 s: the server
+    and its database URL. On leaving, SIGTERM, and the drain must end with status 0."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    with spawned(serve_args(tmp_path, database_url, "--flush-interval", "0.05", *flags)) as server:
+        yield server, database_url
+        assert server.stop() == 0, server.read_log()
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """`incrementer ARGS` in a subprocess, run to its end: its status and output (as text). `env`
+    adds to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "incrementer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# --- raw HTTP -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -210,10 +269,31 @@ def increment_request(key: str, value: int, close: bool = False) -> bytes:
     ) + body
 
 
+def get_request(path: str, extra: bytes = b"") -> bytes:
+    """GET path, with `extra` header lines (each ending in CRLF)."""
+    return b"GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path.encode(), extra)
+
+
 def _json_str(text: str) -> bytes:
     import msgspec
 
     return msgspec.json.encode(text)
+
+
+def counter_path(key: str) -> str:
+    return "/counters/" + quote(key, safe="")
+
+
+class RekeyingTransport(httpx.HTTPTransport):
+    """A broken client: every attempt under a fresh Idempotency-Key, as a retry without the
+    header would be. A harness must catch the double counts this causes."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.headers["Idempotency-Key"] = unique("rekeyed-")
+        return super().handle_request(request)
+
+
+# --- load that records what was acknowledged ------------------------------------------------------
 
 
 @dataclass
@@ -223,6 +303,43 @@ class LoadResult:
     in_flight: dict[str, int] = field(default_factory=dict)
     """Sum of values per key sent without an answer (connection died)."""
     statuses: dict[int, int] = field(default_factory=dict)
+
+    def count(self, key: str, value: int, status: int, *, unknown_5xx: bool = False) -> None:
+        """One answered increment: its status, its value acknowledged if 202. With `unknown_5xx`,
+        a 5xx counts as in flight: behind a proxy a 502 may hide an increment an instance
+        logged before it failed."""
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 202:
+            self.acked[key] = self.acked.get(key, 0) + value
+        elif unknown_5xx and status >= 500:
+            self.in_flight[key] = self.in_flight.get(key, 0) + value
+
+    def lost(self, items: list[tuple[str, int]]) -> None:
+        """Increments sent and never answered (the connection died): in flight."""
+        for key, value in items:
+            self.in_flight[key] = self.in_flight.get(key, 0) + value
+
+
+def violations(
+    acked: dict[str, int], in_flight: dict[str, int], totals: dict[str, int]
+) -> list[str]:
+    """Keys whose database total is below what was acknowledged, or above acknowledged plus
+    what was in flight (sent, never answered) at a crash."""
+    found = []
+    for key in acked.keys() | in_flight.keys() | totals.keys():
+        low = acked.get(key, 0)
+        high = low + in_flight.get(key, 0)
+        total = totals.get(key, 0)
+        if not low <= total <= high:
+            found.append(f"{key}: total {total} outside [{low}, {high}]")
+    return found
+
+
+def merge(into: LoadResult, part: LoadResult) -> None:
+    """Add what `part` saw acknowledged and in flight to `into` (a load run in rounds)."""
+    for mine, theirs in ((into.acked, part.acked), (into.in_flight, part.in_flight)):
+        for key, value in theirs.items():
+            mine[key] = mine.get(key, 0) + value
 
 
 async def load(
@@ -245,6 +362,24 @@ async def load(
     return result
 
 
+async def load_until(
+    url: str, stop: asyncio.Event, keys: list[str], connections: int = 4, pipeline: int = 16
+) -> LoadResult:
+    """Keep sending increments of 1 to random keys until `stop` is set."""
+    import random
+
+    result = LoadResult()
+
+    async def one(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            items = [(rng.choice(keys), 1) for _ in range(pipeline * 8)]
+            await _one_connection(url, items, pipeline, result, stop_on_error=False)
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return result
+
+
 async def _one_connection(
     url: str, items: list[tuple[str, int]], pipeline: int, result: LoadResult, stop_on_error: bool
 ) -> None:
@@ -257,59 +392,45 @@ async def _one_connection(
     try:
         for start in range(0, len(items), pipeline):
             window = items[start : start + pipeline]
-            writer.write(b"".join(increment_request(k, v) for k, v in window))
-            seen = len(collector.done)
-            try:
-                await writer.drain()
-                while len(collector.done) < seen + len(window):
-                    chunk = await reader.read(65536)
-                    if not chunk:
-                        raise ConnectionResetError
-                    collector.parser.feed_data(chunk)
-            except (OSError, httptools.HttpParserError):
-                answered = collector.done[seen:]
-                for (key, value), resp in zip(window, answered, strict=False):
-                    _record(result, key, value, resp.status)
-                for key, value in window[len(answered) :]:
-                    result.in_flight[key] = result.in_flight.get(key, 0) + value
-                return
-            for (key, value), resp in zip(window, collector.done[seen:], strict=True):
-                _record(result, key, value, resp.status)
-                if stop_on_error and resp.status != 202:
+            answers, complete = await send_window(reader, writer, collector, window)
+            for (key, value), resp in zip(window, answers, strict=complete):
+                result.count(key, value, resp.status)
+                if complete and stop_on_error and resp.status != 202:
                     raise AssertionError(f"unexpected {resp.status}: {resp.body!r}")
+            if not complete:
+                result.lost(window[len(answers) :])
+                return
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
 
-def _record(result: LoadResult, key: str, value: int, status: int) -> None:
-    result.statuses[status] = result.statuses.get(status, 0) + 1
-    if status == 202:
-        result.acked[key] = result.acked.get(key, 0) + value
+async def send_window(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    collector: _ResponseCollector,
+    window: list[tuple[str, int]],
+    timeout: float | None = None,
+) -> tuple[list[Response], bool]:
+    """Send the increments of `window` pipelined in one write and read their answers: those that
+    came, in order, and whether all did (not when the connection died or garbled an answer, nor
+    when `timeout` seconds passed without one)."""
+    seen = len(collector.done)
+    writer.write(b"".join(increment_request(k, v) for k, v in window))
+    try:
+        await writer.drain()
+        while len(collector.done) < seen + len(window):
+            chunk = await asyncio.wait_for(reader.read(65536), timeout)
+            if not chunk:
+                raise ConnectionResetError
+            collector.parser.feed_data(chunk)
+    except (OSError, httptools.HttpParserError):  # TimeoutError is an OSError
+        return collector.done[seen:], False
+    return collector.done[seen:], True
 
 
-def counter_path(key: str) -> str:
-    return "/counters/" + quote(key, safe="")
-
-
-async def wait_until(predicate: Any, timeout: float = 15, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+# --- the database, read and written beside the service --------------------------------------------
 
 
 async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
@@ -344,6 +465,11 @@ async def db_totals(database_url: str, keys: Iterable[str]) -> dict[str, int]:
         await pg.close()
 
 
+async def totals_are(database_url: str, expected: dict[str, int]) -> bool:
+    """Whether the database holds exactly `expected` for its keys (for wait_until: flushed?)."""
+    return await db_totals(database_url, expected) == expected
+
+
 async def db_execute(database_url: str, sql: str, *args: Any) -> None:
     if database_url.startswith("sqlite:///"):
         import sqlite3
@@ -364,22 +490,59 @@ async def db_execute(database_url: str, sql: str, *args: Any) -> None:
         await pg.close()
 
 
-async def load_until(
-    url: str, stop: asyncio.Event, keys: list[str], connections: int = 4, pipeline: int = 16
-) -> LoadResult:
-    """Keep sending increments of 1 to random keys until `stop` is set."""
-    import random
+@contextlib.contextmanager
+def pg_database(admin_url: str, name: str, *setup: str) -> Iterator[str]:
+    """A PostgreSQL database `name` created through admin_url (then each `setup` statement run
+    there, an ALTER DATABASE say): its URL; dropped on leaving."""
+    asyncio.run(db_execute(admin_url, f'CREATE DATABASE "{name}"'))
+    try:
+        for sql in setup:
+            asyncio.run(db_execute(admin_url, sql))
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        asyncio.run(db_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
-    result = LoadResult()
 
-    async def one(seed: int) -> None:
-        rng = random.Random(seed)
-        while not stop.is_set():
-            items = [(rng.choice(keys), 1) for _ in range(pipeline * 8)]
-            await _one_connection(url, items, pipeline, result, stop_on_error=False)
+async def add_api_key(
+    database_url: str,
+    name: str | None = None,
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+    key: str | None = None,
+) -> str:
+    """An API key the server accepts, stored as `keys create` stores one (the database migrated
+    first), under `name` (a unique one by default) with the given limits. Returns the key: a
+    fresh one, or `key` itself (`ik_<key_id>.<secret>`) where the test fixes it."""
+    await asyncio.to_thread(migrate, database_url)
+    if key is None:
+        key, key_id, key_hash = new_key()
+    else:
+        key_id = key.removeprefix("ik_").split(".", 1)[0]
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+    store = open_store(database_url)
+    await store.open()
+    try:
+        await store.create_api_key(ApiKey(name or unique("key-"), key_id, key_hash, rate, burst))
+    finally:
+        await store.close()
+    return key
 
-    await asyncio.gather(*(one(i) for i in range(connections)))
-    return result
+
+# --- waiting, and what the process logs -----------------------------------------------------------
+
+
+async def wait_until(predicate: Any, timeout: float = 15, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
 
 
 class ErrorLog(logging.Handler):

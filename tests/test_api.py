@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from pathlib import Path
 
 import httpx
@@ -17,16 +16,14 @@ from support import (
     load,
     run_service,
     settings_for,
+    totals_are,
+    unique,
     wait_until,
 )
 
 from incrementer.ingest.validate import Validator
 
 INT64_MAX = 2**63 - 1
-
-
-def unique(prefix: str = "k") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 async def test_increment_then_read_then_persisted(tmp_path: Path, db_url: str) -> None:
@@ -43,12 +40,8 @@ async def test_increment_then_read_then_persisted(tmp_path: Path, db_url: str) -
         resp = await client.get(counter_path(key))
         assert resp.status_code == 200
         assert resp.json() == {"key": key, "value": 7}
-        await wait_until(lambda: _persisted(db_url, key, 7))
+        await wait_until(lambda: totals_are(db_url, {key: 7}))
         assert (await client.get(counter_path(key))).json()["value"] == 7
-
-
-async def _persisted(db_url: str, key: str, value: int) -> bool:
-    return (await db_totals(db_url, [key])).get(key) == value
 
 
 async def test_form_body_accepted(tmp_path: Path, sqlite_url: str) -> None:
@@ -181,7 +174,7 @@ async def test_many_clients_exact_totals(tmp_path: Path, db_url: str) -> None:
     """Tens of thousands of increments over thousands of keys from concurrent clients land
     exactly."""
     rng = random.Random(7)
-    prefix = unique("many")
+    prefix = unique("many-")
     keys = [f"{prefix}-{i}" for i in range(3000)]
     items = [(rng.choice(keys), rng.randint(1, 1000)) for _ in range(30_000)]
     expected: dict[str, int] = {}
@@ -190,17 +183,13 @@ async def test_many_clients_exact_totals(tmp_path: Path, db_url: str) -> None:
     async with run_service(settings_for(tmp_path, db_url, flush_max_keys=500)) as svc:
         result = await load(svc.url, items, connections=24, pipeline=16)
         assert result.acked == expected
-        await wait_until(lambda: _all_persisted(db_url, expected), timeout=10)
+        await wait_until(lambda: totals_are(db_url, expected), timeout=10)
         assert svc.metrics.flushes > 1
-
-
-async def _all_persisted(db_url: str, expected: dict[str, int]) -> bool:
-    return await db_totals(db_url, expected) == expected
 
 
 async def test_overflowing_key_is_isolated(tmp_path: Path, db_url: str) -> None:
     """A key whose total would overflow int64 is kept aside; the rest of its batch lands."""
-    big, small = unique("big"), unique("small")
+    big, small = unique("big-"), unique("small-")
     await _migrate(db_url)
     await db_execute(
         db_url, "INSERT INTO counters (key, value) VALUES ($1, $2)", big, INT64_MAX - 5
@@ -211,7 +200,7 @@ async def test_overflowing_key_is_isolated(tmp_path: Path, db_url: str) -> None:
     ):
         assert (await client.post("/increment", json={"key": big, "value": 10})).status_code == 202
         assert (await client.post("/increment", json={"key": small, "value": 1})).status_code == 202
-        await wait_until(lambda: _persisted(db_url, small, 1))
+        await wait_until(lambda: totals_are(db_url, {small: 1}))
         # The database shows the commit a moment before the flusher, resumed, records it.
         await wait_until(lambda: svc.metrics.overflowed_keys == 1)
         assert await db_totals(db_url, [big]) == {big: INT64_MAX - 5}
@@ -227,7 +216,7 @@ async def test_an_overflowed_counter_reads_the_same_before_and_after_its_flush(
     """A read shows the in-range value and the isolated excess, the same while the increments
     are pending and once the flush has set them aside, also for a key whose first batch
     overflowed (no row in counters)."""
-    near, fresh, plain = unique("near"), unique("fresh"), unique("plain")
+    near, fresh, plain = unique("near-"), unique("fresh-"), unique("plain-")
     await _migrate(db_url)
     await db_execute(
         db_url, "INSERT INTO counters (key, value) VALUES ($1, $2)", near, INT64_MAX - 5
@@ -253,7 +242,7 @@ async def test_an_overflowed_counter_reads_the_same_before_and_after_its_flush(
         assert svc.flusher is not None and svc.flusher.buffer.deltas, "read before the flush"
         before = {key: (await client.get(counter_path(key))).json() for key in expected}
         assert before == expected
-        await wait_until(lambda: _persisted(db_url, plain, 2))
+        await wait_until(lambda: totals_are(db_url, {plain: 2}))
         after = {key: (await client.get(counter_path(key))).json() for key in expected}
         assert after == expected
         assert await db_totals(db_url, expected) == {near: INT64_MAX - 5, plain: 2}
@@ -269,7 +258,7 @@ async def _migrate(db_url: str) -> None:
 
 async def test_two_instances_share_one_database(tmp_path: Path, db_url: str) -> None:
     """Two nodes adding to the same keys of one database: totals are exact (deltas commute)."""
-    prefix = unique("shared")
+    prefix = unique("shared-")
     keys = [f"{prefix}-{i}" for i in range(50)]
     rng = random.Random(3)
     first = [(rng.choice(keys), rng.randint(1, 5)) for _ in range(5000)]
@@ -283,7 +272,7 @@ async def test_two_instances_share_one_database(tmp_path: Path, db_url: str) -> 
         assert one.data_dir.node_id != two.data_dir.node_id
         results = await asyncio.gather(load(one.url, first), load(two.url, second))
         assert sum(sum(r.acked.values()) for r in results) == sum(expected.values())
-        await wait_until(lambda: _all_persisted(db_url, expected), timeout=15)
+        await wait_until(lambda: totals_are(db_url, expected), timeout=15)
 
 
 @pytest.mark.parametrize("path", ["/increment", "/increments"])

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-from support import run_service, settings_for, wait_until
+from support import add_api_key, run_cli, run_service, settings_for, unique, wait_until
 
 from incrementer.auth.keyring import KeyRing, TokenBucket, new_key
 from incrementer.config import ConfigError, Settings
 from incrementer.store import open_store
 from incrementer.store.base import ApiKey
-from incrementer.store.migrate import migrate
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "incrementer", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def test_auth_off_on_public_bind_is_refused() -> None:
@@ -32,7 +22,7 @@ def test_auth_off_on_public_bind_is_refused() -> None:
         Settings(host="0.0.0.0", auth="off")
     Settings(host="0.0.0.0", auth="off", insecure_no_auth=True)
     Settings(host="127.0.0.1", auth="off")
-    result = cli("serve", "--host", "0.0.0.0", "--auth", "off")
+    result = run_cli("serve", "--host", "0.0.0.0", "--auth", "off")
     assert result.returncode == 2
     assert "--insecure-no-auth" in result.stderr
 
@@ -74,23 +64,10 @@ def test_token_bucket_at_twice_its_rate_refuses_about_half() -> None:
     assert wait.take(0.0) == pytest.approx(0.5)
 
 
-async def _add_key(
-    db_url: str, name: str, rate: float | None = None, burst: int | None = None
-) -> str:
-    await asyncio.to_thread(migrate, db_url)
-    key, key_id, key_hash = new_key()
-    store = open_store(db_url)
-    await store.open()
-    try:
-        await store.create_api_key(ApiKey(name, key_id, key_hash, rate, burst))
-    finally:
-        await store.close()
-    return key
-
-
 async def test_keys_required_lifecycle(tmp_path: Path, db_url: str) -> None:
     """401 without or with a bad key, 202 with a good one, 401 once revoked and refreshed."""
-    key = await _add_key(db_url, f"client-{tmp_path.name}")
+    name = unique("client-")
+    key = await add_api_key(db_url, name)
     settings = settings_for(tmp_path, db_url, auth="required", auth_refresh=0.2)
     body = {"key": "guarded", "value": 1}
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
@@ -113,7 +90,7 @@ async def test_keys_required_lifecycle(tmp_path: Path, db_url: str) -> None:
         store = open_store(db_url)
         await store.open()
         try:
-            assert await store.revoke_api_key(f"client-{tmp_path.name}")
+            assert await store.revoke_api_key(name)
         finally:
             await store.close()
 
@@ -127,8 +104,8 @@ async def test_keys_required_lifecycle(tmp_path: Path, db_url: str) -> None:
 
 async def test_rate_limit_per_key(tmp_path: Path, sqlite_url: str) -> None:
     """Past its burst a key gets 429 with Retry-After; other keys are unaffected."""
-    slow = await _add_key(sqlite_url, "slow", rate=1, burst=5)
-    other = await _add_key(sqlite_url, "other")
+    slow = await add_api_key(sqlite_url, "slow", rate=1, burst=5)
+    other = await add_api_key(sqlite_url, "other")
     settings = settings_for(tmp_path, sqlite_url, auth="required")
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         statuses = []
@@ -165,7 +142,7 @@ async def test_a_declined_request_is_charged_once(
     A burst of 3 (with no refill to speak of) answers exactly three requests."""
     headers = {"Content-Type": "application/json"}
     if limit == "key":
-        key = await _add_key(sqlite_url, "exact", rate=0.001, burst=3)
+        key = await add_api_key(sqlite_url, "exact", rate=0.001, burst=3)
         headers["Authorization"] = f"Bearer {key}"
         settings = settings_for(tmp_path, sqlite_url, auth="required")
     else:
@@ -200,18 +177,18 @@ async def test_rate_limit_per_ip_when_auth_off(tmp_path: Path, sqlite_url: str) 
 def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
     """keys create prints the key once; list never shows it; revoke marks it revoked."""
     url = f"sqlite:///{tmp_path / 'k.db'}"
-    created = cli("keys", "create", "alice", "--rate", "100", "--database-url", url)
+    created = run_cli("keys", "create", "alice", "--rate", "100", "--database-url", url)
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip()
     assert key.startswith("ik_") and len(key) > 50
-    listed = cli("keys", "list", "--database-url", url)
+    listed = run_cli("keys", "list", "--database-url", url)
     assert "alice" in listed.stdout and "active" in listed.stdout
     assert key.split(".")[1] not in listed.stdout
-    duplicate = cli("keys", "create", "alice", "--database-url", url)
+    duplicate = run_cli("keys", "create", "alice", "--database-url", url)
     assert duplicate.returncode != 0 and "already exists" in duplicate.stderr
-    assert cli("keys", "revoke", "alice", "--database-url", url).returncode == 0
-    assert "revoked" in cli("keys", "list", "--database-url", url).stdout
-    assert cli("keys", "revoke", "alice", "--database-url", url).returncode != 0
+    assert run_cli("keys", "revoke", "alice", "--database-url", url).returncode == 0
+    assert "revoked" in run_cli("keys", "list", "--database-url", url).stdout
+    assert run_cli("keys", "revoke", "alice", "--database-url", url).returncode != 0
 
 
 def test_settings_replace_keeps_validation() -> None:

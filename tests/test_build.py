@@ -50,7 +50,8 @@ def test_tests_run_against_the_compiled_hot_path() -> None:
 def test_a_source_edited_after_the_build_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A loaded compiled module whose source is newer than its build is reported as stale."""
+    """A compiled module whose source is newer than it is reported stale; one built after its
+    source is not."""
     built = tmp_path / "hot.cpython-311-x86_64-linux-gnu.so"
     source = tmp_path / "hot.py"
     source.write_text("")

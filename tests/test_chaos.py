@@ -9,24 +9,15 @@ import random
 import signal
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from chaos_proxy import ChaosProxy, chaos_proxy
 from incrementer_client import Client, ClientStats
-from support import db_totals, kill, spawn
+from support import RekeyingTransport, db_totals, kill, serve_args, spawn, unique
 
 KEYS = 200
-
-
-class RekeyingTransport(httpx.HTTPTransport):
-    """A client that retries without idempotency: a fresh key on every attempt."""
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        request.headers["Idempotency-Key"] = str(uuid.uuid4())
-        return super().handle_request(request)
 
 
 @dataclass
@@ -40,12 +31,11 @@ class Outcome:
 def chaos_run(tmp_path: Path, db_url: str, transport: httpx.BaseTransport | None = None) -> Outcome:
     """Two instances behind the proxy; the caller counts for ~4 s while one instance is killed
     and restarted; then the client drains, both instances stop gracefully, totals are read."""
-    prefix = uuid.uuid4().hex[:8]
+    prefix = unique()
     keys = [f"{prefix}-{i}" for i in range(KEYS)]
 
     def args(name: str) -> list[str]:
-        data = str(tmp_path / name)
-        return ["--database-url", db_url, "--data-dir", data, "--flush-interval", "0.05"]
+        return serve_args(tmp_path / name, db_url, "--flush-interval", "0.05")
 
     first, second = spawn(args("a")), spawn(args("b"))
     expected = dict.fromkeys(keys, 0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from support import free_port, run_cli
 
 from incrementer.cli import main as cli
 from incrementer.ingest.wal import WriteAheadLog
@@ -23,19 +23,6 @@ from incrementer.store import open_store
 from incrementer.store.migrate import migrate
 
 USAGE, RUNTIME = 2, 1
-
-
-def run(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "incrementer", *args],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def one_line_failure(proc: subprocess.CompletedProcess[str], status: int) -> str:
@@ -48,19 +35,12 @@ def one_line_failure(proc: subprocess.CompletedProcess[str], status: int) -> str
     return lines[0]
 
 
-def closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
     """migrate and keys list against a PostgreSQL nobody answers on: one line naming the
     address (and never the password), exit 1."""
-    url = f"postgresql://root:hunter2@127.0.0.1:{closed_port()}/x"
+    url = f"postgresql://root:hunter2@127.0.0.1:{free_port()}/x"
     for command in (["migrate"], ["keys", "list"]):
-        line = one_line_failure(run(*command, "--database-url", url, cwd=tmp_path), RUNTIME)
+        line = one_line_failure(run_cli(*command, "--database-url", url, cwd=tmp_path), RUNTIME)
         assert "127.0.0.1" in line and "hunter2" not in line
 
 
@@ -87,7 +67,7 @@ def test_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], says: str) -> None:
     """A bad flag, argument or database URL is refused before anything is tried (a bare
     postgresql:// no longer falls through to libpq's defaults): one line, exit 2."""
-    assert says in one_line_failure(run(*args, cwd=tmp_path), USAGE)
+    assert says in one_line_failure(run_cli(*args, cwd=tmp_path), USAGE)
     assert list(tmp_path.iterdir()) == []  # nothing created, nothing migrated
 
 
@@ -95,18 +75,18 @@ def test_runtime_failures_are_one_line_exit_1(tmp_path: Path) -> None:
     """A data dir that is not there, a key that does not exist, a corrupt config file path:
     one line, exit 1 (or 2 for the config), no traceback."""
     assert "no data dir at incrementer-data" in one_line_failure(
-        run("wal", "inspect", cwd=tmp_path), RUNTIME
+        run_cli("wal", "inspect", cwd=tmp_path), RUNTIME
     )
     url = f"sqlite:///{tmp_path / 'k.db'}"
     assert "no active API key named 'nobody'" in one_line_failure(
-        run("keys", "revoke", "nobody", "--database-url", url, cwd=tmp_path), RUNTIME
+        run_cli("keys", "revoke", "nobody", "--database-url", url, cwd=tmp_path), RUNTIME
     )
     assert "no API key named 'nobody' to rotate" in one_line_failure(
-        run("keys", "rotate", "nobody", "--database-url", url, cwd=tmp_path), RUNTIME
+        run_cli("keys", "rotate", "nobody", "--database-url", url, cwd=tmp_path), RUNTIME
     )
     missing = tmp_path / "nope.toml"
     assert "cannot read config file" in one_line_failure(
-        run("migrate", "--config", str(missing), cwd=tmp_path), USAGE
+        run_cli("migrate", "--config", str(missing), cwd=tmp_path), USAGE
     )
 
 
@@ -115,19 +95,21 @@ def test_config_errors_name_their_source(tmp_path: Path) -> None:
     the flag; a host that cannot be bound is named too."""
     config = tmp_path / "bad.toml"
     config.write_text('port = "abc"\n')
-    line = one_line_failure(run("serve", "--config", str(config), cwd=tmp_path), USAGE)
+    line = one_line_failure(run_cli("serve", "--config", str(config), cwd=tmp_path), USAGE)
     assert f"in {config}, key port" in line and "'abc'" in line
     config.write_text("[incrementer]\nmax-key-bytes = 0\n")
-    line = one_line_failure(run("serve", "--config", str(config), cwd=tmp_path), USAGE)
+    line = one_line_failure(run_cli("serve", "--config", str(config), cwd=tmp_path), USAGE)
     assert f"in {config}, key max-key-bytes" in line
-    line = one_line_failure(run("serve", cwd=tmp_path, env={"INCREMENTER_PORT": "abc"}), USAGE)
+    line = one_line_failure(run_cli("serve", cwd=tmp_path, env={"INCREMENTER_PORT": "abc"}), USAGE)
     assert "INCREMENTER_PORT" in line and "'abc'" in line
-    line = one_line_failure(run("serve", cwd=tmp_path, env={"INCREMENTER_PORT": "70000"}), USAGE)
+    line = one_line_failure(
+        run_cli("serve", cwd=tmp_path, env={"INCREMENTER_PORT": "70000"}), USAGE
+    )
     assert "port=70000 (from INCREMENTER_PORT)" in line
-    line = one_line_failure(run("serve", "--host", "no such host", cwd=tmp_path), USAGE)
+    line = one_line_failure(run_cli("serve", "--host", "no such host", cwd=tmp_path), USAGE)
     assert "host='no such host' (from --host)" in line
     # 192.0.2.1 (TEST-NET-1) is nobody's address: the bind fails after the start-up checks.
-    proc = run(
+    proc = run_cli(
         "serve", "--host", "192.0.2.1", "--data-dir", "d", "--log-level", "error", cwd=tmp_path
     )
     assert "cannot listen on 192.0.2.1 port 3333" in one_line_failure(proc, RUNTIME)
@@ -167,38 +149,38 @@ def test_config_file_and_environment_reach_every_subcommand(tmp_path: Path) -> N
         f'database_url = "sqlite:///{from_file}"\ndata-dir = "{tmp_path / "file-data"}"\n'
     )
     with_file = ("--config", str(config))
-    assert run("migrate", *with_file, cwd=tmp_path).returncode == 0
+    assert run_cli("migrate", *with_file, cwd=tmp_path).returncode == 0
     assert from_file.exists()
-    assert run("keys", "create", "filed", *with_file, cwd=tmp_path).returncode == 0
-    assert run("keys", "rotate", "filed", *with_file, cwd=tmp_path).returncode == 0
-    listed = run("keys", "list", "--json", *with_file, cwd=tmp_path)
+    assert run_cli("keys", "create", "filed", *with_file, cwd=tmp_path).returncode == 0
+    assert run_cli("keys", "rotate", "filed", *with_file, cwd=tmp_path).returncode == 0
+    listed = run_cli("keys", "list", "--json", *with_file, cwd=tmp_path)
     assert [k["name"] for k in json.loads(listed.stdout)] == ["filed", "filed"]
-    assert run("keys", "revoke", "filed", *with_file, cwd=tmp_path).returncode == 0
-    line = one_line_failure(run("wal", "inspect", *with_file, cwd=tmp_path), RUNTIME)
+    assert run_cli("keys", "revoke", "filed", *with_file, cwd=tmp_path).returncode == 0
+    line = one_line_failure(run_cli("wal", "inspect", *with_file, cwd=tmp_path), RUNTIME)
     assert "file-data" in line  # the data dir the file named
 
     env = {"INCREMENTER_CONFIG": str(config), "INCREMENTER_DATABASE_URL": f"sqlite:///{from_env}"}
-    assert run("keys", "create", "envied", cwd=tmp_path, env=env).returncode == 0
-    listed = run("keys", "list", "--json", cwd=tmp_path, env=env)
+    assert run_cli("keys", "create", "envied", cwd=tmp_path, env=env).returncode == 0
+    listed = run_cli("keys", "list", "--json", cwd=tmp_path, env=env)
     assert [k["name"] for k in json.loads(listed.stdout)] == ["envied"]
-    assert "filed" not in run("keys", "list", cwd=tmp_path, env=env).stdout
+    assert "filed" not in run_cli("keys", "list", cwd=tmp_path, env=env).stdout
 
 
 def test_read_only_commands_create_nothing(tmp_path: Path) -> None:
     """keys list and wal inspect never create a database file, a data dir or a schema."""
-    one_line_failure(run("keys", "list", cwd=tmp_path), RUNTIME)
+    one_line_failure(run_cli("keys", "list", cwd=tmp_path), RUNTIME)
     elsewhere = tmp_path / "sub" / "k.db"
     line = one_line_failure(
-        run("keys", "list", "--database-url", f"sqlite:///{elsewhere}", cwd=tmp_path), RUNTIME
+        run_cli("keys", "list", "--database-url", f"sqlite:///{elsewhere}", cwd=tmp_path), RUNTIME
     )
     assert f"no SQLite database at {elsewhere}" in line
-    one_line_failure(run("wal", "inspect", "--data-dir", "d", cwd=tmp_path), RUNTIME)
+    one_line_failure(run_cli("wal", "inspect", "--data-dir", "d", cwd=tmp_path), RUNTIME)
     assert list(tmp_path.iterdir()) == []
 
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).close()  # a file, with no schema
     line = one_line_failure(
-        run("keys", "list", "--database-url", f"sqlite:///{empty}", cwd=tmp_path), RUNTIME
+        run_cli("keys", "list", "--database-url", f"sqlite:///{empty}", cwd=tmp_path), RUNTIME
     )
     assert "incrementer migrate" in line
     with sqlite3.connect(empty) as conn:
@@ -233,11 +215,11 @@ async def test_wal_inspect_tells_applied_from_pending(tmp_path: Path, db_url: st
         await store.close()
 
     args = ("wal", "inspect", "--data-dir", str(data_dir))
-    told = run(*args, "--database-url", db_url, cwd=tmp_path)
+    told = run_cli(*args, "--database-url", db_url, cwd=tmp_path)
     assert told.returncode == 0, told.stderr
     assert "applied up to seq 3 (node inspect-node)" in told.stdout
     assert "2 frames with 4 increments pending, 3 frames applied" in told.stdout
-    as_json = json.loads(run(*args, "--json", "--database-url", db_url, cwd=tmp_path).stdout)
+    as_json = json.loads(run_cli(*args, "--json", "--database-url", db_url, cwd=tmp_path).stdout)
     assert (as_json["applied_seq"], as_json["pending_frames"], as_json["pending_records"]) == (
         3,
         2,
@@ -245,12 +227,12 @@ async def test_wal_inspect_tells_applied_from_pending(tmp_path: Path, db_url: st
     )
     assert as_json["node_id"] == node_id and as_json["frames"] == 5
 
-    unknown = run(*args, cwd=tmp_path)
+    unknown = run_cli(*args, cwd=tmp_path)
     assert unknown.returncode == 0, unknown.stderr
     assert "5 frames, 10 increments" in unknown.stdout
     assert "pending" not in unknown.stdout
     assert "give --database-url" in unknown.stdout
-    assert json.loads(run(*args, "--json", cwd=tmp_path).stdout)["pending_frames"] is None
+    assert json.loads(run_cli(*args, "--json", cwd=tmp_path).stdout)["pending_frames"] is None
 
 
 def test_shell_completion_script_is_there(tmp_path: Path) -> None:

@@ -5,15 +5,12 @@ never waits on the network; the async client on the caller's loop; `incrementer 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +20,17 @@ import pytest
 from chaos_proxy import chaos_proxy
 from incrementer_client import AsyncClient, Client, Full, Refused
 from incrementer_client._batching import INT64_MAX, Backoff, Pending, retry_after
-from support import Spawned, db_totals, run_service, settings_for, spawned
-
-from incrementer.store import open_store
-from incrementer.store.base import ApiKey
-from incrementer.store.migrate import migrate
-
-
-def unique(prefix: str = "c") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+from support import (
+    RekeyingTransport,
+    Spawned,
+    add_api_key,
+    db_totals,
+    run_cli,
+    run_service,
+    settings_for,
+    sqlite_server,
+    unique,
+)
 
 
 def totals(database_url: str, keys: list[str]) -> dict[str, int]:
@@ -49,19 +48,10 @@ def eventually(read: Callable[[], Any], expected: Any, timeout: float = 15) -> A
         time.sleep(0.05)
 
 
-@contextlib.contextmanager
-def server(tmp_path: Path, *flags: str) -> Iterator[tuple[Spawned, str]]:
-    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
-    args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data"), *flags]
-    with spawned([*args, "--flush-interval", "0.05"]) as srv:
-        yield srv, database_url
-        assert srv.stop() == 0, srv.read_log()
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Spawned, str]]:
     """One server for the tests that need nothing special of it (each uses its own keys)."""
-    with server(tmp_path_factory.mktemp("client")) as found:
+    with sqlite_server(tmp_path_factory.mktemp("client")) as found:
         yield found
 
 
@@ -71,15 +61,6 @@ def requests_to_increments(url: str) -> int:
     return sum(
         int(float(row[len(prefix) :])) for row in text.splitlines() if row.startswith(prefix)
     )
-
-
-class RekeyingTransport(httpx.HTTPTransport):
-    """A broken client: every attempt under a fresh Idempotency-Key, as a retry without the
-    header would be. The harness must catch the double counts this causes."""
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        request.headers["Idempotency-Key"] = str(uuid.uuid4())
-        return super().handle_request(request)
 
 
 # --- the sync client ----------------------------------------------------------------------------
@@ -154,7 +135,7 @@ def test_the_harness_catches_retries_under_new_keys(shared: tuple[Spawned, str])
 def test_rate_limited_batches_are_retried_after_retry_after(tmp_path: Path) -> None:
     """429 with Retry-After: the batch waits and is sent again until it counts."""
     keys = [unique() for _ in range(6)]
-    with server(tmp_path, "--rate-limit", "2", "--rate-burst", "1") as (srv, database_url):
+    with sqlite_server(tmp_path, "--rate-limit", "2", "--rate-burst", "1") as (srv, database_url):
         with Client(srv.url, max_batch=2) as client:
             for key in keys:
                 client.incr(key, 3)
@@ -204,7 +185,7 @@ def test_a_refused_item_is_dropped_and_the_rest_of_its_batch_counts(
 def test_batches_over_the_server_limits_are_split(tmp_path: Path) -> None:
     """A server with smaller batch limits than the client's: the batches are halved and count."""
     keys = [unique() for _ in range(100)]
-    with server(tmp_path, "--max-batch-items", "7") as (srv, database_url):
+    with sqlite_server(tmp_path, "--max-batch-items", "7") as (srv, database_url):
         with Client(srv.url, max_batch=100) as client:
             for key in keys:
                 client.incr(key, 2)
@@ -296,9 +277,9 @@ def test_an_api_key_is_sent_and_a_wrong_one_refused(tmp_path: Path) -> None:
     dropped, and flush says so."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
     secret = "ik_c0ffee0000aa.client-test-key"
-    asyncio.run(_add_key(database_url, secret))
+    asyncio.run(add_api_key(database_url, "client", key=secret))
     key = unique()
-    with server(tmp_path, "--auth", "required") as (srv, _):
+    with sqlite_server(tmp_path, "--auth", "required") as (srv, _):
         with Client(srv.url, api_key=secret) as client:
             client.incr(key, 4)
             client.flush()
@@ -307,18 +288,6 @@ def test_an_api_key_is_sent_and_a_wrong_one_refused(tmp_path: Path) -> None:
             with pytest.raises(Refused, match="401"):
                 client.flush()
         assert eventually(lambda: totals(database_url, [key]), {key: 4}) == {key: 4}
-
-
-async def _add_key(database_url: str, secret: str) -> None:
-    await asyncio.to_thread(migrate, database_url)
-    store = open_store(database_url)
-    await store.open()
-    try:
-        key_id = secret.removeprefix("ik_").split(".")[0]
-        digest = hashlib.sha256(secret.encode()).hexdigest()
-        await store.create_api_key(ApiKey("client", key_id, digest))
-    finally:
-        await store.close()
 
 
 def test_an_unclosed_client_is_flushed_at_exit(shared: tuple[Spawned, str]) -> None:
@@ -415,24 +384,15 @@ async def test_a_full_async_client_waits_for_room_when_told_to(
 # --- incrementer incr ---------------------------------------------------------------------------
 
 
-def incr_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "incrementer", "incr", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_incr_command_counts_once_and_says_why_it_failed(shared: tuple[Spawned, str]) -> None:
     """`incrementer incr KEY VALUE --url URL`: exit 0 and counted; a refused value, a bad key
     and an unreachable server each exit non-zero with a one-line error."""
     srv, database_url = shared
     key = unique()
-    ok = incr_cli(key, "5", "--url", srv.url)
-    refused = incr_cli(key, "0", "--url", srv.url)
-    bad_key = incr_cli("", "--url", srv.url)
-    unreachable = incr_cli(key, "--url", "http://127.0.0.1:1", "--timeout", "0.5")
+    ok = run_cli("incr", key, "5", "--url", srv.url)
+    refused = run_cli("incr", key, "0", "--url", srv.url)
+    bad_key = run_cli("incr", "", "--url", srv.url)
+    unreachable = run_cli("incr", key, "--url", "http://127.0.0.1:1", "--timeout", "0.5")
     assert ok.returncode == 0, ok.stderr
     assert refused.returncode == 1 and "invalid_value" in refused.stderr
     assert bad_key.returncode == 2 and "must not be empty" in bad_key.stderr

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support import run_cli, spawned
 
 from incrementer.cli import main as cli
 from incrementer.cli import options
@@ -88,24 +87,12 @@ def _toml(directory: Path, text: str) -> Path:
 
 def test_cli_reports_bad_config_as_usage_error(tmp_path: Path) -> None:
     """A bad flag value exits 2 with the option named, before anything starts."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "incrementer", "serve", "--max-key-bytes", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    proc = run_cli("serve", "--max-key-bytes", "0", cwd=tmp_path)
     assert proc.returncode == 2
     assert "max-key-bytes=0" in proc.stderr
     broken = tmp_path / "broken.toml"
     broken.write_text("port = [")
-    proc = subprocess.run(
-        [sys.executable, "-m", "incrementer", "serve", "--config", str(broken)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    proc = run_cli("serve", "--config", str(broken), cwd=tmp_path)
     assert proc.returncode == 2
     assert "not valid TOML" in proc.stderr
 
@@ -113,8 +100,6 @@ def test_cli_reports_bad_config_as_usage_error(tmp_path: Path) -> None:
 def test_json_logs_and_default_sqlite_quickstart(tmp_path: Path) -> None:
     """`incrementer serve` with no options works from an empty directory (embedded SQLite),
     and --log-format json emits one JSON object per line."""
-    from support import spawned
-
     with spawned(["--log-format", "json"], cwd=tmp_path) as server:
         assert server.stop() == 0
     lines = [json.loads(line) for line in server.read_log().splitlines() if line.strip()]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fleet import nginx_main_conf
+from fleet import nginx_binary, nginx_main_conf, nginx_running
 from live_server import keyed_server
-from support import LISTEN, db_totals, skip_or_fail, spawned
+from support import LISTEN, db_totals, free_port, serve_args, skip_or_fail, spawned
 
 from incrementer.cli.errors import USAGE
 from incrementer.config import EXIT_GRACE, Settings
@@ -149,7 +149,7 @@ def test_service_runs_with_memory_deny_write_execute(tmp_path: Path, pg_url: str
     if probe.returncode == NO_MDWE:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
     assert probe.returncode == 3, probe.stderr  # writable and executable memory refused
-    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data")]
+    args = serve_args(tmp_path, pg_url)
     with serving(args, preexec_fn=_deny_write_execute) as url:
         batch = [{"key": "mdwe", "value": 1}] * 5
         assert httpx.post(url + "/increments", json=batch).status_code == 202
@@ -268,7 +268,7 @@ def test_service_makes_only_system_calls_the_unit_allows(
     if shutil.which("strace") is None:
         skip_or_fail("strace is not installed (Debian: apt-get install -y strace)")
     trace = tmp_path / "trace"
-    args = ["--database-url", pg_url, "--data-dir", str(tmp_path / "data"), "--workers", workers]
+    args = serve_args(tmp_path, pg_url, "--workers", workers)
     with serving(args, prefix=["strace", "-f", "-qq", "-o", str(trace)]) as url:
         assert httpx.post(url + "/increment", json={"key": "traced", "value": 1}).status_code == 202
         batch = [{"key": f"traced-{i}", "value": 1} for i in range(50)]
@@ -285,20 +285,6 @@ def test_service_makes_only_system_calls_the_unit_allows(
 
 
 # --- nginx with TLS ----------------------------------------------------------------------------
-
-
-def nginx_binary() -> str:
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    skip_or_fail("nginx is not installed (Debian: apt-get install -y nginx-light)")
-    raise AssertionError
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def replaced(text: str, replacements: dict[str, str]) -> str:
@@ -324,7 +310,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 def nginx(tmp_path: Path, upstream: str) -> Iterator[tuple[str, str]]:
     """The shipped incrementer.conf and incrementer-tls.conf in front of `upstream` (host:port):
     yields the HTTPS and the plain HTTP base URLs."""
-    binary = nginx_binary()
+    nginx_binary()  # skips (or fails under CI) before any work when nginx is missing
     cert, key = self_signed(tmp_path)
     https_port, http_port = free_port(), free_port()
     # The upstream's example instances give way to the live one.
@@ -351,29 +337,14 @@ def nginx(tmp_path: Path, upstream: str) -> Iterator[tuple[str, str]]:
         },
     )
     (tmp_path / "incrementer-tls.conf").write_text(tls)
-    (tmp_path / "nginx.conf").write_text(
+    main = tmp_path / "nginx.conf"
+    main.write_text(
         nginx_main_conf(
             tmp_path, "incrementer.conf", "incrementer-tls.conf", worker_connections=256
         )
     )
-    command = [binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(tmp_path / "nginx.conf")]  # fmt: skip
-    tested = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=60)
-    assert tested.returncode == 0, tested.stderr
-    proc = subprocess.Popen([*command, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", https_port), 1),
-            ):
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
+    with nginx_running(main, https_port):
         yield f"https://127.0.0.1:{https_port}", f"http://127.0.0.1:{http_port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def tls_alpn(url: str, context: ssl.SSLContext) -> str | None:

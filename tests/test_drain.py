@@ -6,12 +6,10 @@ import asyncio
 import random
 import signal
 import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 from fleet import spawn_group
-from support import db_totals, load, spawn
+from support import db_totals, load, run_cli, serve_args, spawn, unique
 
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.node.datadir import RETIRED, DataDir
@@ -24,11 +22,7 @@ NO_FLUSH = ["--flush-interval", "9", "--flush-interval-max", "9", "--lag-bound",
 
 
 def wal_drain(data_dir: Path, db_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "incrementer", "wal", "drain", "--data-dir", str(data_dir),
-         "--database-url", db_url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    return run_cli("wal", "drain", "--data-dir", str(data_dir), "--database-url", db_url)
 
 
 async def test_wal_drain_applies_a_killed_instances_wal_once_and_again_is_harmless(
@@ -37,9 +31,9 @@ async def test_wal_drain_applies_a_killed_instances_wal_once_and_again_is_harmle
     """A retired instance's WAL (killed with SIGKILL, nothing flushed): the drain reports what
     it applied, the database then holds exactly the acknowledged increments, a second drain
     applies nothing, and an instance started on the dir later serves without replaying them."""
-    keys = [f"drain-{uuid.uuid4().hex[:6]}-{i}" for i in range(50)]
+    keys = [unique(f"drain-{i}-") for i in range(50)]
     data = tmp_path / "data"
-    args = ["--database-url", db_url, "--data-dir", str(data), *NO_FLUSH]
+    args = serve_args(tmp_path, db_url, *NO_FLUSH)
     server = await asyncio.to_thread(spawn, args)
     items = [(random.choice(keys), random.randint(1, 9)) for _ in range(2000)]
     seen = await load(server.url, items, connections=8, pipeline=16)
@@ -71,7 +65,7 @@ async def test_wal_drain_is_refused_while_a_live_process_holds_the_dir(
     """A drain next to a live node would apply increments the node applies too: refused, in one
     line, for a lone instance's dir and for a live group's dir and worker dirs; nothing changes,
     and the live node still applies its own increments exactly once."""
-    key = f"live-{uuid.uuid4().hex[:6]}"
+    key = unique("live-")
     lone_dir = tmp_path / "lone"
     lone = await asyncio.to_thread(
         spawn, ["--database-url", sqlite_url, "--data-dir", str(lone_dir), *NO_FLUSH]

@@ -7,9 +7,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import httpx
@@ -21,43 +18,20 @@ from support import (
     kill,
     load,
     load_until,
+    merge,
+    run_cli,
     run_service,
+    serve_args,
     settings_for,
     spawn,
     spawned,
+    totals_are,
+    unique,
+    violations,
     wait_until,
 )
 
 from incrementer.ingest.wal import summarize
-
-
-def serve_args(tmp_path: Path, db_url: str, **flags: str) -> list[str]:
-    """`incrementer serve` arguments for a subprocess with its own data dir under tmp_path."""
-    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
-    for name, value in flags.items():
-        args += [f"--{name.replace('_', '-')}", value]
-    return args
-
-
-def violations(
-    acked: dict[str, int], in_flight: dict[str, int], totals: dict[str, int]
-) -> list[str]:
-    """Keys whose database total is below what was acknowledged, or above acknowledged plus
-    what was in flight (sent, never answered) at a crash."""
-    found = []
-    for key in acked.keys() | in_flight.keys() | totals.keys():
-        low = acked.get(key, 0)
-        high = low + in_flight.get(key, 0)
-        total = totals.get(key, 0)
-        if not low <= total <= high:
-            found.append(f"{key}: total {total} outside [{low}, {high}]")
-    return found
-
-
-def merge(into: LoadResult, part: LoadResult) -> None:
-    for mine, theirs in ((into.acked, part.acked), (into.in_flight, part.in_flight)):
-        for key, value in theirs.items():
-            mine[key] = mine.get(key, 0) + value
 
 
 def test_violations_catches_loss_and_duplicates() -> None:
@@ -72,7 +46,7 @@ async def crash_rounds(
     tmp_path: Path, db_url: str, durability: str, rounds: int
 ) -> tuple[LoadResult, dict[str, int]]:
     """Run load, kill -9 mid-load, restart, repeat; then drain gracefully and read totals."""
-    prefix = uuid.uuid4().hex[:8]
+    prefix = unique()
     keys = [f"{prefix}-{i}" for i in range(200)]
     rng = random.Random(durability)
     args = serve_args(tmp_path, db_url, durability=durability, flush_interval="3", log_level="info")
@@ -113,7 +87,7 @@ async def test_crash_after_commit_before_recycle_does_not_double_apply(
     tmp_path: Path, db_url: str
 ) -> None:
     """A crash right after the commit replays the WAL, finds the batch applied, skips it."""
-    key = f"crash-{uuid.uuid4().hex[:8]}"
+    key = unique("crash-")
     args = serve_args(tmp_path, db_url, flush_interval="0.05")
     server = spawn(args, env={"INCREMENTER_FAULT_CRASH_AFTER_COMMITS": "1"})
     try:
@@ -133,7 +107,7 @@ async def test_crash_after_commit_before_recycle_does_not_double_apply(
 
 async def test_graceful_shutdown_loses_nothing_in_memory_mode(tmp_path: Path, db_url: str) -> None:
     """SIGTERM under load: in-flight requests answered, final flush, exit 0, totals exact."""
-    prefix = uuid.uuid4().hex[:8]
+    prefix = unique()
     keys = [f"{prefix}-{i}" for i in range(100)]
     items = [(random.choice(keys), 1) for _ in range(100_000)]
     args = serve_args(tmp_path, db_url, durability="memory", flush_interval="5")
@@ -161,7 +135,7 @@ async def test_database_outage_keeps_accepting_then_recovers(tmp_path: Path, pg_
     """PostgreSQL unreachable under continuous load: increments still accepted, readyz 503,
     then flushing resumes by itself, lag drops back under 1 s, and every total is exact.
     (INCREMENTER_TEST_OUTAGE_SECONDS=30 runs a 30 s outage.)"""
-    prefix = uuid.uuid4().hex[:8]
+    prefix = unique()
     keys = [f"{prefix}-{i}" for i in range(500)]
     async with proxy_to(pg_url) as (proxy, via_proxy):
         settings = settings_for(tmp_path, via_proxy, flush_interval=0.05)
@@ -180,7 +154,7 @@ async def test_database_outage_keeps_accepting_then_recovers(tmp_path: Path, pg_
             await wait_until(lambda: _lag_below(client, 1.0), timeout=10)
             stop.set()
             seen = await loader
-            await wait_until(lambda: _totals_match(pg_url, seen.acked), timeout=15)
+            await wait_until(lambda: totals_are(pg_url, seen.acked), timeout=15)
     assert sum(seen.acked.values()) > 1000
     assert violations(seen.acked, {}, await db_totals(pg_url, keys)) == []
 
@@ -191,7 +165,7 @@ async def _lag_below(client: httpx.AsyncClient, seconds: float) -> bool:
 
 async def test_sqlite_locked_then_released_recovers(tmp_path: Path, sqlite_url: str) -> None:
     """SQLite write-locked by another process: flushes retry, then land exactly once."""
-    key = f"locked-{uuid.uuid4().hex[:8]}"
+    key = unique("locked-")
     async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
         blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
@@ -199,13 +173,13 @@ async def test_sqlite_locked_then_released_recovers(tmp_path: Path, sqlite_url: 
         await wait_until(lambda: svc.metrics.flush_failures > 0, timeout=20)
         blocker.execute("ROLLBACK")
         blocker.close()
-        await wait_until(lambda: _totals_match(sqlite_url, seen.acked), timeout=20)
+        await wait_until(lambda: totals_are(sqlite_url, seen.acked), timeout=20)
     assert await db_totals(sqlite_url, [key]) == {key: 2000}
 
 
 async def test_overload_sheds_new_keys_with_503(tmp_path: Path, pg_url: str) -> None:
     """Past --max-pending-keys, new keys get 503 + Retry-After; pending keys still count."""
-    prefix = uuid.uuid4().hex[:8]
+    prefix = unique()
     async with proxy_to(pg_url) as (proxy, via_proxy):
         settings = settings_for(tmp_path, via_proxy, max_pending_keys=100, flush_max_keys=50)
         async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
@@ -227,15 +201,11 @@ async def test_overload_sheds_new_keys_with_503(tmp_path: Path, pg_url: str) -> 
             await proxy.restore()
             expected = {f"{prefix}-{i}": 1 for i in range(100)}
             expected[buffered] = 2
-            await wait_until(lambda: _totals_match(pg_url, expected), timeout=20)
+            await wait_until(lambda: totals_are(pg_url, expected), timeout=20)
 
 
 async def _ready_status(client: httpx.AsyncClient, status: int) -> bool:
     return (await client.get("/readyz")).status_code == status
-
-
-async def _totals_match(db_url: str, expected: dict[str, int]) -> bool:
-    return await db_totals(db_url, expected) == expected
 
 
 async def _crash_with_pending_wal(tmp_path: Path, db_url: str, key: str) -> tuple[list[str], Path]:
@@ -276,12 +246,7 @@ async def test_corrupt_wal_middle_stops_startup_naming_file_and_offset(
     data = bytearray(segment.read_bytes())
     data[30] ^= 0xFF  # inside the first frame's payload; frames 2 and 3 follow intact
     segment.write_bytes(bytes(data))
-    proc = subprocess.run(
-        [sys.executable, "-m", "incrementer", "serve", "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cli("serve", "--port", "0", *args)
     assert proc.returncode == 1  # a failure at run time, not a usage error
     assert str(segment) in proc.stderr
     assert "offset" in proc.stderr
@@ -296,7 +261,7 @@ async def test_flush_interval_stretches_while_flushes_are_slow(tmp_path: Path, p
     import asyncpg
 
     settings = settings_for(tmp_path, pg_url, flush_interval=0.2, flush_interval_max=2.0)
-    key = f"stretch-{uuid.uuid4().hex[:8]}"
+    key = unique("stretch-")
     body = {"key": key, "value": 1}
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         assert (await client.post("/increment", json=body)).status_code == 202

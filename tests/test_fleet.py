@@ -7,9 +7,6 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import asyncpg
@@ -18,7 +15,6 @@ import pytest
 from fleet import (
     DEPLOY_CONF,
     alive,
-    free_port,
     nginx_in_front,
     nginx_test,
     record_until,
@@ -26,8 +22,18 @@ from fleet import (
     worker_pids,
     write_nginx,
 )
-from support import LoadResult, db_totals, kill, spawn, wait_until
-from test_durability import violations
+from support import (
+    LoadResult,
+    db_totals,
+    free_port,
+    kill,
+    run_cli,
+    serve_args,
+    spawn,
+    unique,
+    violations,
+    wait_until,
+)
 
 
 def test_deploy_config_passes_nginx_t_and_never_resends_a_post(tmp_path: Path) -> None:
@@ -53,7 +59,7 @@ async def test_fleet_behind_nginx_survives_kill9_and_a_rolling_restart(
     acknowledged increments, at most plus those whose answer was lost, none twice; a copy of the
     killed instance's WAL drained under another node id (two nodes claiming one log) is caught
     as double counting by the same check."""
-    keys = [f"fleet-{uuid.uuid4().hex[:6]}-{i}" for i in range(200)]
+    keys = [unique(f"fleet-{i}-") for i in range(200)]
     ports = [free_port() for _ in range(3)]
 
     def args(i: int) -> list[str]:
@@ -89,12 +95,8 @@ async def test_fleet_behind_nginx_survives_kill9_and_a_rolling_restart(
     assert await _flushed(pg_url, nodes) == 3  # nginx spread the load over all three
 
     copy = tmp_path / "node0-copy"
-    (copy / "node_id").write_text(uuid.uuid4().hex + "\n")
-    drained = subprocess.run(
-        [sys.executable, "-m", "incrementer", "wal", "drain", "--data-dir", str(copy),
-         "--database-url", pg_url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    (copy / "node_id").write_text(unique() + "\n")
+    drained = run_cli("wal", "drain", "--data-dir", str(copy), "--database-url", pg_url)
     assert drained.returncode == 0, drained.stderr
     assert "applied" in drained.stdout
     assert violations(seen.acked, seen.in_flight, await db_totals(pg_url, keys)) != []
@@ -110,10 +112,9 @@ async def test_workers_behind_nginx_survive_kill9_of_a_worker(
     db_url = (
         f"sqlite:///{tmp_path / 'c.db'}" if db == "sqlite" else request.getfixturevalue("pg_url")
     )
-    keys = [f"group-{uuid.uuid4().hex[:6]}-{i}" for i in range(200)]
+    keys = [unique(f"group-{i}-") for i in range(200)]
     port = free_port()
-    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
-            "--port", str(port), "--log-level", "info"]  # fmt: skip
+    args = serve_args(tmp_path, db_url, "--port", str(port), "--log-level", "info")
     group = await asyncio.to_thread(spawn_group, args, 3)
     seen = LoadResult()
     try:

@@ -18,9 +18,11 @@ from support import (
     kill,
     load,
     run_service,
+    serve_args,
     settings_for,
     spawned,
-    uid,
+    totals_are,
+    unique,
     wait_until,
 )
 
@@ -53,7 +55,7 @@ async def refuse_writes(db_url: str, table: str, when: str) -> str:
     """A trigger that makes every INSERT or UPDATE of a row of `table` matching the SQL condition
     `when` (on NEW) fail, the way a database refuses a write (a constraint, a full disk).
     Returns its name, for allow_writes."""
-    name = f"refuse_{table}_{uid()}"
+    name = f"refuse_{table}_{unique()}"
     message = f"refused by the test trigger {name}"
     if parse_database_url(db_url)[0] == "sqlite":
         for event in ("INSERT", "UPDATE"):
@@ -94,7 +96,7 @@ async def test_a_refused_ledger_write_leaves_the_counters_unchanged(
 ) -> None:
     """When the database refuses the applied_seq write, apply_batch raises BackendError and no
     counter moved; once the database accepts it again the retry lands exactly once."""
-    node, old, new = uid(), f"old-{uid()}", f"new-{uid()}"
+    node, old, new = unique(), unique("old-"), unique("new-")
     seq = 1
     before: dict[str, int] = {}
     if history == "node with an applied batch":
@@ -119,7 +121,7 @@ async def test_a_refused_counter_write_leaves_the_ledger_unchanged(
 ) -> None:
     """When the database refuses one counter's write, the batch's other counters and its
     applied_seq are not committed either, and the retry lands exactly once."""
-    node, good, poison = uid(), f"good-{uid()}", f"poison-{uid()}"
+    node, good, poison = unique(), unique("good-"), unique("poison-")
     await store.apply_batch(node, 1, {good: 1})
     trigger = await refuse_writes(db_url, "counters", f"NEW.key = '{poison}'")
     try:
@@ -137,13 +139,6 @@ async def test_a_refused_counter_write_leaves_the_ledger_unchanged(
 # --- load shedding -----------------------------------------------------------------------------
 
 
-def _serve_args(tmp_path: Path, db_url: str, **flags: str) -> list[str]:
-    args = ["--database-url", db_url, "--data-dir", str(tmp_path / "data")]
-    for name, value in flags.items():
-        args += [f"--{name.replace('_', '-')}", value]
-    return args
-
-
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
@@ -152,11 +147,11 @@ async def test_shed_increments_are_not_logged_so_a_restart_does_not_apply_them(
 ) -> None:
     """An increment refused with 503 (--max-pending-keys spent) is not in the WAL: after kill -9
     and a restart the database holds exactly the increments that got 202, by every route."""
-    prefix = uid()
+    prefix = unique()
     pending = [f"{prefix}-pending-{i}" for i in range(6)]
     refused = [f"{prefix}-refused-{i}" for i in range(4)]
     # No flush but the one --flush-max-keys triggers, and that one cannot commit.
-    args = _serve_args(
+    args = serve_args(
         tmp_path,
         sqlite_url,
         flush_interval="600",
@@ -218,7 +213,7 @@ async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
     """POST /increments is refused when the keys already pending plus the batch's new keys would
     pass --max-pending-keys, and accepted when they exactly reach it (duplicates and pending
     keys in the batch cost nothing); a refused batch changes nothing."""
-    prefix = uid()
+    prefix = unique()
     pending = [f"{prefix}-pending-{i}" for i in range(3)]
     new = [f"{prefix}-new-{i}" for i in range(6)]
     # No flush during the test: the interval is far away and the buffer stays under
@@ -266,11 +261,11 @@ async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buf
     """While a flush keeps failing, GET /counters/{key} is the persisted value plus the batch in
     flight plus the buffer, readyz says why it is not ready and how old the oldest increment
     is; once the database accepts the batch, it lands once and the read is unchanged."""
-    key, other = f"read-{uid()}", f"other-{uid()}"
+    key, other = unique("read-"), unique("other-")
     settings = settings_for(tmp_path, sqlite_url, lag_bound=1.0)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         assert (await client.post("/increment", json={"key": key, "value": 10})).status_code == 202
-        await wait_until(lambda: _totals_are(sqlite_url, {key: 10}))
+        await wait_until(lambda: totals_are(sqlite_url, {key: 10}))
         ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
         assert (await client.post("/increment", json={"key": key, "value": 3})).status_code == 202
         await wait_until(lambda: svc.flusher.inflight is not None and svc.metrics.flush_failures)
@@ -286,7 +281,7 @@ async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buf
         assert "database_unavailable" in [r["code"] for r in ready["reasons"]], ready
         assert "refused by the test trigger" in (svc.flusher.db_error or "")
         await allow_writes(sqlite_url, "incrementer_nodes", ledger)
-        await wait_until(lambda: _totals_are(sqlite_url, {key: 17, other: 1}))
+        await wait_until(lambda: totals_are(sqlite_url, {key: 17, other: 1}))
         assert (await client.get(f"/counters/{key}")).json() == {"key": key, "value": 17}
         await wait_until(lambda: _ready(client))
 
@@ -310,10 +305,6 @@ async def test_readyz_follows_an_idle_database_going_away_and_back(
         await wait_until(lambda: _ready(client))
 
 
-async def _totals_are(db_url: str, expected: dict[str, int]) -> bool:
-    return await db_totals(db_url, expected) == expected
-
-
 async def _ready(client: httpx.AsyncClient) -> bool:
     resp = await client.get("/readyz")
     return resp.status_code == 200 and resp.json()["reasons"] == []
@@ -331,7 +322,7 @@ async def test_every_route_coalesces_and_starts_the_lag_clock_at_the_oldest_incr
     """Increments of one key by JSON (the fast path), form or batch add up in the buffer, and the
     lag readyz reports runs from the first of them: not before it was sent, not after it was
     acknowledged."""
-    key = f"coalesce-{uid()}"
+    key = unique("coalesce-")
     settings = settings_for(tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0)
 
     async def send(client: httpx.AsyncClient, value: int) -> None:
@@ -365,7 +356,7 @@ async def test_wal_fsync_mode_acknowledges_only_after_the_fsync(
     """In --durability wal-fsync, pipelined increments on many connections are all answered 202
     through the fsync worker, every fsync covers what was written before it, and the totals are
     exact."""
-    prefix = uid()
+    prefix = unique()
     items = [(f"{prefix}-{i % 50}", 1 + i % 3) for i in range(3000)]
     settings = settings_for(tmp_path, db_url, durability="wal-fsync")
     async with run_service(settings) as svc:
@@ -399,7 +390,7 @@ async def test_a_stop_while_the_database_refuses_keeps_the_batch_for_the_next_st
 ) -> None:
     """A graceful stop while every flush fails gives up at the shutdown deadline instead of
     hanging, and the next start replays the WAL and applies the batch exactly once."""
-    key = f"stop-{uid()}"
+    key = unique("stop-")
     settings = settings_for(tmp_path, sqlite_url, shutdown_timeout=0.5)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
@@ -417,7 +408,7 @@ async def test_the_buffer_is_cut_when_it_holds_flush_max_keys_keys(
 ) -> None:
     """With the interval far away, the buffer is flushed as soon as it holds --flush-max-keys
     distinct keys, not one key later, and not before."""
-    prefix = uid()
+    prefix = unique()
     settings = settings_for(
         tmp_path, sqlite_url, flush_interval=600.0, lag_bound=3600.0, flush_max_keys=3
     )

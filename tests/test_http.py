@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from h11_client import parse_answers, read_until_closed
 from support import (
+    add_api_key,
     exchange,
+    get_request,
     host_port,
     increment_request,
     run_service,
     settings_for,
     skip_or_fail,
 )
-
-from incrementer.auth import admin as keys
 
 
 @pytest.fixture
@@ -37,19 +37,15 @@ async def url(tmp_path: Path, sqlite_url: str):  # type: ignore[no-untyped-def]
         yield svc.url
 
 
-def get(path: str, extra: bytes = b"") -> bytes:
-    return b"GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path.encode(), extra)
-
-
 async def test_pipelined_requests_answered_in_order(url: str) -> None:
     """Requests sent in one write, reads between writes, are answered in order."""
     data = (
         increment_request("p", 1)
-        + get("/counters/p")
+        + get_request("/counters/p")
         + increment_request("p", 2)
-        + get("/nope")
-        + get("/counters/p")
-        + get("/healthz")
+        + get_request("/nope")
+        + get_request("/counters/p")
+        + get_request("/healthz")
     )
     responses = await exchange(url, data, 6)
     assert [r.status for r in responses] == [202, 200, 202, 404, 200, 200]
@@ -66,7 +62,7 @@ async def test_chunked_body(url: str) -> None:
         + b"%x\r\n%s\r\n" % (5, body[:5])
         + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:])
         + b"0\r\n\r\n"
-        + get("/counters/chunked")
+        + get_request("/counters/chunked")
     )
     responses = await exchange(url, data, 2)
     assert [r.status for r in responses] == [202, 200]
@@ -106,9 +102,9 @@ async def test_oversized_body_and_headers(url: str) -> None:
     )
     [resp] = await exchange(url, chunked, 1)
     assert resp.status == 413
-    [resp] = await exchange(url, get("/healthz", b"X-Big: " + b"a" * 3000 + b"\r\n"), 1)
+    [resp] = await exchange(url, get_request("/healthz", b"X-Big: " + b"a" * 3000 + b"\r\n"), 1)
     assert resp.status == 431
-    [resp] = await exchange(url, get("/" + "a" * 3000), 1)
+    [resp] = await exchange(url, get_request("/" + "a" * 3000), 1)
     assert resp.status == 414
 
 
@@ -122,16 +118,20 @@ async def test_garbage_bytes_get_400_and_others_are_served(url: str) -> None:
     ):
         responses = await exchange(url, garbage, 1)
         assert [r.status for r in responses] == [400], garbage
-    responses = await exchange(url, increment_request("after-garbage", 1) + get("/healthz"), 2)
+    responses = await exchange(
+        url, increment_request("after-garbage", 1) + get_request("/healthz"), 2
+    )
     assert [r.status for r in responses] == [202, 200]
 
 
 async def test_connection_close_and_http10(url: str) -> None:
     """Connection: close and HTTP/1.0 requests get one answer and the server closes."""
-    responses = await exchange(url, increment_request("c", 1, close=True) + get("/healthz"), 2)
+    responses = await exchange(
+        url, increment_request("c", 1, close=True) + get_request("/healthz"), 2
+    )
     assert [r.status for r in responses] == [202]
     assert responses[0].headers["connection"] == "close"
-    responses = await exchange(url, b"GET /healthz HTTP/1.0\r\n\r\n" + get("/healthz"), 2)
+    responses = await exchange(url, b"GET /healthz HTTP/1.0\r\n\r\n" + get_request("/healthz"), 2)
     assert [r.status for r in responses] == [200]
 
 
@@ -149,7 +149,7 @@ async def test_idle_connection_closed(url: str) -> None:
     """A keep-alive connection idle past --idle-timeout is closed by the server."""
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(get("/healthz"))
+    writer.write(get_request("/healthz"))
     assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
     assert await asyncio.wait_for(reader.read(), 6) == b""
     writer.close()
@@ -164,7 +164,7 @@ async def test_connection_limit(tmp_path: Path, sqlite_url: str) -> None:
         for _, writer in held:
             writer.write(b"GET /healthz HTTP/1.1\r\n")  # a request begun: not idle
         await asyncio.sleep(0.05)
-        [resp] = await exchange(svc.url, get("/healthz"), 1)
+        [resp] = await exchange(svc.url, get_request("/healthz"), 1)
         assert resp.status == 503
         reader, writer = held[0]
         writer.write(b"Host: t\r\n\r\n")
@@ -216,7 +216,10 @@ async def test_many_tiny_chunks_are_linear(url: str) -> None:
     chunks = b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(len(body)))
     data = (
         b"POST /increment HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n" + get("/counters/tiny-chunks")
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
+        + get_request("/counters/tiny-chunks")
     )
     responses = await exchange(url, data, 2)
     assert [r.status for r in responses] == [202, 200]
@@ -228,7 +231,7 @@ async def test_half_closed_client_gets_every_answer_in_order(url: str) -> None:
     asynchronous read, then the 400 for the garbage after it, then the close."""
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(get("/counters/half-closed") + b"BAD / HTTP/1.1\r\n\r\n")
+    writer.write(get_request("/counters/half-closed") + b"BAD / HTTP/1.1\r\n\r\n")
     writer.write_eof()
     received = await asyncio.wait_for(reader.read(), 5)
     writer.close()
@@ -261,14 +264,14 @@ async def test_trailer_content_type_expect_and_host_are_ignored(url: str) -> Non
     [refused] = await exchange(url, plain, 1)
     assert refused.status == 415, refused
     assert json.loads(refused.body)["error"] == "unsupported_media_type"
-    [read] = await exchange(url, get("/counters/trailed"), 1)
+    [read] = await exchange(url, get_request("/counters/trailed"), 1)
     assert json.loads(read.body)["value"] == 1
 
 
 async def test_trailer_authorization_does_not_authenticate(tmp_path: Path, sqlite_url: str) -> None:
     """With keys required, a valid key sent only in a chunked body's trailer gets 401 and counts
     nothing; the same key as a header gets 202."""
-    key = await keys.create(sqlite_url, "trailer", None, None)
+    key = await add_api_key(sqlite_url, "trailer")
     authorization = b"Authorization: Bearer %s\r\n" % key.encode()
     async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
         data = chunked_increment("trailer-auth", JSON_TYPE, authorization)
@@ -278,7 +281,7 @@ async def test_trailer_authorization_does_not_authenticate(tmp_path: Path, sqlit
         data = chunked_increment("trailer-auth", JSON_TYPE + authorization, b"")
         [accepted] = await exchange(svc.url, data, 1)
         assert accepted.status == 202
-        [read] = await exchange(svc.url, get("/counters/trailer-auth", authorization), 1)
+        [read] = await exchange(svc.url, get_request("/counters/trailer-auth", authorization), 1)
         assert json.loads(read.body)["value"] == 1
 
 
@@ -286,8 +289,8 @@ async def test_trailer_authorization_does_not_escape_a_rate_limit(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     """A key past its rate limit gets 429 even with another key's Authorization in a trailer."""
-    slow = await keys.create(sqlite_url, "slow", 0.001, 1)
-    other = await keys.create(sqlite_url, "other", None, None)
+    slow = await add_api_key(sqlite_url, "slow", rate=0.001, burst=1)
+    other = await add_api_key(sqlite_url, "other")
     slow_header = b"Authorization: Bearer %s\r\n" % slow.encode()
     other_header = b"Authorization: Bearer %s\r\n" % other.encode()
     async with run_service(settings_for(tmp_path, sqlite_url, auth="required")) as svc:
@@ -312,7 +315,7 @@ async def test_two_host_headers_are_refused(url: str) -> None:
     ):
         for version in (b"HTTP/1.1", b"HTTP/1.0"):
             data = b"GET /healthz %s\r\n%s\r\n%s\r\n\r\n" % (version, first, second)
-            answers = await exchange(url, data + get("/healthz"), 2)
+            answers = await exchange(url, data + get_request("/healthz"), 2)
             assert [r.status for r in answers] == [400], (data, answers)
             assert json.loads(answers[0].body)["error"] == "duplicate_host"
             assert answers[0].headers["connection"] == "close"
@@ -373,5 +376,5 @@ async def test_ab_keep_alive_completes(tmp_path: Path, sqlite_url: str) -> None:
         assert re.search(r"Complete requests:\s+100\n", report), report
         assert re.search(r"Failed requests:\s+0\n", report), report
         assert re.search(r"Keep-Alive requests:\s+100\n", report), report
-        [read] = await exchange(svc.url, get("/counters/ab-keep-alive"), 1)
+        [read] = await exchange(svc.url, get_request("/counters/ab-keep-alive"), 1)
         assert json.loads(read.body)["value"] == 100

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -23,9 +22,11 @@ from support import (
     exchange,
     kill,
     run_service,
+    serve_args,
     settings_for,
     spawn,
     spawned,
+    unique,
     wait_until,
 )
 
@@ -39,10 +40,6 @@ from incrementer.store.migrate import migrate
 
 REPLAYED = "idempotent-replayed"
 Items = list[tuple[str, int]]
-
-
-def unique(prefix: str = "k") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def body(items: Items) -> bytes:
@@ -80,7 +77,7 @@ async def metric(client: httpx.AsyncClient, url: str, line: str) -> float:
 
 async def test_retry_to_the_same_instance_is_applied_once(tmp_path: Path, db_url: str) -> None:
     """A retry before and after the flush gets 202 with Idempotent-Replayed and adds nothing."""
-    a, b, key = unique(), unique(), unique("idem")
+    a, b, key = unique(), unique(), unique("idem-")
     items = [(a, 3), (b, 4), (a, 5)]
     async with (
         instance(tmp_path, db_url, "one", flush_interval=5) as svc,
@@ -105,7 +102,7 @@ async def test_reused_key_with_another_body_gets_422_and_changes_nothing(
     tmp_path: Path, db_url: str
 ) -> None:
     """The same key with other increments: 422, before the flush, after it, on another instance."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     async with (
         instance(tmp_path, db_url, "one") as one,
         instance(tmp_path, db_url, "two") as two,
@@ -126,7 +123,7 @@ async def test_reused_key_with_another_body_gets_422_and_changes_nothing(
 
 async def test_single_increment_route_takes_the_key_too(tmp_path: Path, sqlite_url: str) -> None:
     """POST /increment with an Idempotency-Key is a batch of one: a retry is a replay."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     async with instance(tmp_path, sqlite_url, "one") as svc, httpx.AsyncClient() as client:
         answers = [
             await client.post(
@@ -195,7 +192,7 @@ async def test_a_longest_key_is_accepted_and_two_keys_are_refused(
 
 async def test_retry_to_a_second_instance_is_applied_once(tmp_path: Path, db_url: str) -> None:
     """Flushed by one instance, retried to another: the database lookup answers it as a replay."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     async with (
         instance(tmp_path, db_url, "one") as one,
         instance(tmp_path, db_url, "two") as two,
@@ -214,7 +211,7 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
 ) -> None:
     """Both instances take the key in before either flushes: both say 202 (neither can know),
     and the flush transaction applies the first copy to commit, never both."""
-    a, b, key = unique(), unique(), unique("idem")
+    a, b, key = unique(), unique(), unique("idem-")
     first: Items = [(a, 5), (b, 1)]
     second = first if bodies == "same" else [(a, 50)]
     async with (
@@ -244,7 +241,7 @@ async def test_concurrent_retries_to_two_instances_are_applied_once(
         httpx.AsyncClient(limits=httpx.Limits(max_connections=40)) as client,
     ):
         for round_number in range(3):
-            idem = [unique("idem") for _ in keys]
+            idem = [unique("idem-") for _ in keys]
             sends = [
                 send(client, url, [(k, round_number + 1), (keys[0], 1)], key)
                 for k, key in zip(keys, idem, strict=True)
@@ -260,17 +257,13 @@ async def test_concurrent_retries_to_two_instances_are_applied_once(
 # --- crashes and failures -----------------------------------------------------------------------
 
 
-def serve_args(tmp_path: Path, db_url: str, *flags: str) -> list[str]:
-    return ["--database-url", db_url, "--data-dir", str(tmp_path / "data"), *flags]
-
-
 @pytest.mark.parametrize("flushed", [False, True], ids=["unflushed", "flushed"])
 async def test_retry_after_kill9_and_restart_is_applied_once(
     tmp_path: Path, db_url: str, flushed: bool
 ) -> None:
     """kill -9 after the 202, restart, retry: a replay, from the WAL (the batch was not yet
     flushed) or from the database (it was)."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     interval = "0.05" if flushed else "5"
     args = serve_args(tmp_path, db_url, "--flush-interval", interval)
     async with httpx.AsyncClient() as client:
@@ -294,7 +287,7 @@ async def test_retry_after_kill9_and_restart_is_applied_once(
 async def test_expired_keys_are_swept(tmp_path: Path, db_url: str) -> None:
     """After --idempotency-window the key is gone from the database and from memory: the same
     batch is then new again (and counts again)."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     async with (
         instance(tmp_path, db_url, "one", idempotency_window=2.0) as svc,
         httpx.AsyncClient() as client,
@@ -329,7 +322,7 @@ class FailingWrites(SegmentIO):
 async def test_a_batch_whose_wal_write_failed_is_forgotten(tmp_path: Path, db_url: str) -> None:
     """503 wal_unavailable when the batch cannot be logged; its retry is then new, not a replay
     of increments that were never recorded, and counts once."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     async with instance(tmp_path, db_url, "one") as svc, httpx.AsyncClient() as client:
         assert isinstance(svc.wal, WriteAheadLog)
         disk = FailingWrites()
@@ -348,7 +341,7 @@ async def test_database_down_takes_batches_unchecked_and_settles_them_once(
 ) -> None:
     """With the database unreachable a known-elsewhere key cannot be looked up: the batch is
     taken in (202), and its flush, once the database is back, finds the key and leaves it out."""
-    a, key = unique(), unique("idem")
+    a, key = unique(), unique("idem-")
     async with (
         proxy_to(pg_url) as (proxy, proxied_url),
         instance(tmp_path, pg_url, "one") as one,
@@ -380,7 +373,7 @@ async def test_store_applies_each_key_once_across_nodes(tmp_path: Path, db_url: 
     store = open_store(db_url)
     await store.open()
     try:
-        a, b, key = unique(), unique(), unique("idem")
+        a, b, key = unique(), unique(), unique("idem-")
         keyed = IdempotentBatch(key, "d1", {a: 5})
         first = await store.apply_batch("node-a", 1, {a: 5}, [keyed])
         copy = IdempotentBatch(key, "d1", {a: 5})

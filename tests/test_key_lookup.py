@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from support import run_service, settings_for, wait_until
+from support import add_api_key, run_service, settings_for, unique, wait_until
 
-from incrementer.auth import admin as keys
 from incrementer.config import Settings
 from incrementer.service import Service
-from incrementer.store import open_store
-from incrementer.store.base import ApiKey
 from incrementer.store.sqlite import SQLiteStore
 
 LOOKUP = "FROM api_keys WHERE key_id ="
@@ -51,10 +47,10 @@ async def test_a_key_created_while_serving_works_on_its_first_request(
 ) -> None:
     """With the next reload an hour away, a key created after the start is taken at once, on
     every protected route, and its later requests take the cache (no second lookup)."""
-    await keys.create(db_url, f"old-{tmp_path.name}", None, None)
+    await add_api_key(db_url, unique("old-"))
     settings = settings_for(tmp_path, db_url, auth="required", auth_refresh=3600)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
-        fresh = await keys.create(db_url, f"new-{tmp_path.name}", None, None)
+        fresh = await add_api_key(db_url, unique("new-"))
         body = {"key": "first-request", "value": 1}
         assert (
             await client.post("/increment", json=body, headers=bearer(fresh))
@@ -63,7 +59,7 @@ async def test_a_key_created_while_serving_works_on_its_first_request(
             await client.post("/increment", json=body, headers=bearer(fresh))
         read = await client.get("/counters/first-request", headers=bearer(fresh))
         assert read.json()["value"] == 6
-        other = await keys.create(db_url, f"reader-{tmp_path.name}", None, None)
+        other = await add_api_key(db_url, unique("reader-"))
         assert (await client.get("/metrics", headers=bearer(other))).status_code == 200
         assert svc.key_source is not None and svc.key_source.lookups == 2  # one per new key
 
@@ -72,7 +68,7 @@ async def test_concurrent_first_requests_share_one_lookup(tmp_path: Path, sqlite
     """Twenty connections bringing the same new key at once cause one query, and all get in."""
     settings = settings_for(tmp_path, sqlite_url, auth="required", auth_refresh=3600)
     async with traced(settings) as (svc, statements):
-        fresh = await keys.create(sqlite_url, "crowd", None, None)
+        fresh = await add_api_key(sqlite_url, "crowd")
 
         async def one() -> int:
             async with httpx.AsyncClient(base_url=svc.url) as client:
@@ -101,13 +97,7 @@ async def test_an_unknown_key_is_looked_up_once_until_the_next_reload(
         assert statuses == [401] * 50
         assert lookups(statements) == 1
 
-        store = open_store(sqlite_url)
-        await store.open()
-        try:
-            digest = hashlib.sha256(made_up.encode()).hexdigest()
-            await store.create_api_key(ApiKey("late", "abcdef123456", digest))
-        finally:
-            await store.close()
+        await add_api_key(sqlite_url, "late", key=made_up)
 
         async def accepted() -> bool:
             return (await client.post("/increment", json=body)).status_code == 202
@@ -120,7 +110,7 @@ async def test_a_flood_of_made_up_keys_is_capped_per_second(
 ) -> None:
     """Two hundred different made-up keys as fast as they come: at most --auth-lookup-rate
     queries a second (plus one second's burst), not one each; a known key is not held up."""
-    known = await keys.create(sqlite_url, "known", None, None)
+    known = await add_api_key(sqlite_url, "known")
     rate = 5.0
     settings = settings_for(
         tmp_path, sqlite_url, auth="required", auth_refresh=3600, auth_lookup_rate=rate
@@ -147,7 +137,7 @@ async def test_lookups_off_new_keys_wait_for_the_reload(tmp_path: Path, sqlite_u
         tmp_path, sqlite_url, auth="required", auth_refresh=0.5, auth_lookup_rate=0
     )
     async with traced(settings) as (svc, statements), httpx.AsyncClient(base_url=svc.url) as client:
-        fresh = await keys.create(sqlite_url, "patient", None, None)
+        fresh = await add_api_key(sqlite_url, "patient")
 
         async def accepted() -> bool:
             resp = await client.post(

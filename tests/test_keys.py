@@ -6,38 +6,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 import httpx
 import pytest
-from support import run_service, settings_for, wait_until
+from support import add_api_key, run_cli, run_service, settings_for, unique, wait_until
 
 from incrementer.auth import admin as keys
 from incrementer.store import open_store
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "incrementer", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-    )
 
 
 def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
     """keys list prints a header row over aligned columns; --json gives every field but the
     secret, revoked keys included."""
     url = f"sqlite:///{tmp_path / 'k.db'}"
-    secret = cli("keys", "create", "alice", "--rate", "100", "--database-url", url, cwd=tmp_path)
+    secret = run_cli(
+        "keys", "create", "alice", "--rate", "100", "--database-url", url, cwd=tmp_path
+    )
     assert secret.returncode == 0, secret.stderr
-    assert cli("keys", "create", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
-    assert cli("keys", "revoke", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
-    listed = cli("keys", "list", "--database-url", url, cwd=tmp_path)
+    assert run_cli("keys", "create", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
+    assert run_cli("keys", "revoke", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
+    listed = run_cli("keys", "list", "--database-url", url, cwd=tmp_path)
     header, alice, bob = listed.stdout.splitlines()
     assert header.split() == ["NAME", "KEY", "ID", "STATE", "RATE", "BURST", "CREATED"]
     assert alice.split()[:4] == [
@@ -49,7 +39,7 @@ def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
     assert bob.split()[2] == "revoked"
     assert alice.index("active") == header.index("STATE")  # aligned under the header
     assert secret.stdout.split(".")[1].strip() not in listed.stdout
-    rows = json.loads(cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path).stdout)
+    rows = json.loads(run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path).stdout)
     assert [(r["name"], r["active"], r["rate"]) for r in rows] == [
         ("alice", True, 100.0),
         ("bob", False, None),
@@ -61,7 +51,7 @@ def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
 async def test_a_revoked_name_can_be_used_again(tmp_path: Path, db_url: str) -> None:
     """A name holds one unrevoked key: a second create is refused until the first is revoked,
     then the name takes a new key."""
-    name = f"reuse-{tmp_path.name}"
+    name = unique("reuse-")
     await keys.create(db_url, name, None, None)
     with pytest.raises(click.ClickException, match="already exists"):
         await keys.create(db_url, name, None, None)
@@ -74,8 +64,8 @@ async def test_a_revoked_name_can_be_used_again(tmp_path: Path, db_url: str) -> 
 async def test_rotation_keeps_the_old_key_for_its_grace_period(tmp_path: Path, db_url: str) -> None:
     """keys rotate: the new key works at once, the old one keeps working during --grace and
     stops after a revoke; with no grace it stops at the next reload."""
-    name = f"rotate-{tmp_path.name}"
-    first = await keys.create(db_url, name, None, None)
+    name = unique("rotate-")
+    first = await add_api_key(db_url, name)
     settings = settings_for(tmp_path, db_url, auth="required", auth_refresh=0.2)
     body = {"key": "rotated", "value": 1}
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
@@ -109,11 +99,11 @@ async def test_a_reload_that_changes_the_key_set_logs_one_line(
 ) -> None:
     """One info line names the keys a reload found new or gone; reloads that change nothing
     say nothing."""
-    await keys.create(sqlite_url, "kept", None, None)
+    await add_api_key(sqlite_url, "kept")
     settings = settings_for(tmp_path, sqlite_url, auth="required", auth_refresh=0.1)
     caplog.set_level(logging.INFO, logger="incrementer.auth")
     async with run_service(settings):
-        await keys.create(sqlite_url, "added", None, None)
+        await add_api_key(sqlite_url, "added")
         await wait_until(lambda: _reload_lines(caplog), timeout=5)
         await keys.revoke(sqlite_url, "kept")
         await wait_until(lambda: len(_reload_lines(caplog)) == 2, timeout=5)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from support import exchange, run_service, settings_for
+from support import add_api_key, exchange, run_service, settings_for
 
 from incrementer import build
 from incrementer.api.routes import REJECT_REASONS, ROUTE_STATUSES
-from incrementer.auth import admin as keys
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -62,7 +61,7 @@ async def test_the_declared_label_values_cover_what_happens(
     """A workload of refusals of every kind (bad bodies, media types, methods, paths, keys,
     encodings, HTTP errors, missing and rate-limited keys) adds no label value the first
     scrape did not already show."""
-    limited = await keys.create(sqlite_url, "limited", 0.001, 1)
+    limited = await add_api_key(sqlite_url, "limited", rate=0.001, burst=1)
     settings = settings_for(tmp_path, sqlite_url, auth="required", max_body_bytes=1000)
     auth = {"Authorization": f"Bearer {limited}"}
     async with (
@@ -81,7 +80,7 @@ async def test_the_declared_label_values_cover_what_happens(
             b'{"key":1,"value":1}',
             b"[]",
         ]
-        other = await keys.create(sqlite_url, "other", None, None)
+        other = await add_api_key(sqlite_url, "other")
         good = {"Authorization": f"Bearer {other}"}
         for body in bodies:
             for path in ("/increment", "/increments"):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
+from support import add_api_key, pg_database, unique
 
 from incrementer.auth.keyring import new_key
 from incrementer.store import INT64_MAX, open_store
@@ -37,19 +37,9 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'counters.db'}"
         return
     admin: str = request.getfixturevalue("pg_admin_url")
-    name = f"incrementer_tz_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_execute(admin, f'CREATE DATABASE "{name}"'))
-    asyncio.run(_execute(admin, f"ALTER DATABASE \"{name}\" SET TimeZone = 'Asia/Tokyo'"))
-    yield f"{admin.rsplit('/', 1)[0]}/{name}"
-    asyncio.run(_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _execute(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    name = unique("incrementer_tz_")
+    with pg_database(admin, name, f"ALTER DATABASE \"{name}\" SET TimeZone = 'Asia/Tokyo'") as url:
+        yield url
 
 
 def _sqlite(url: str) -> sqlite3.Connection:
@@ -64,14 +54,12 @@ async def test_every_timestamp_written_says_its_zone(fresh_url: str) -> None:
     """After the migrations, each timestamp column is TIMESTAMPTZ on PostgreSQL and ISO 8601
     UTC text with a Z on SQLite, in rows the service writes (counters, the ledger, overflows,
     keys created and revoked)."""
-    await asyncio.to_thread(migrate, fresh_url)
+    await add_api_key(fresh_url, "who")  # migrates first
     store = open_store(fresh_url)
     await store.open()
     try:
         await store.apply_batch("node", 1, {"k": 1, "big": INT64_MAX})
         await store.apply_batch("node", 2, {"big": 1})  # overflows: a counter_overflows row
-        _, key_id, key_hash = new_key()
-        await store.create_api_key(ApiKey("who", key_id, key_hash))
         assert await store.revoke_api_key("who")
     finally:
         await store.close()

@@ -18,13 +18,13 @@ import httpx
 import yaml
 from fleet import one_per_worker, spawn_group, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
-from support import run_service, settings_for, skip_or_fail, wait_until
+from support import run_service, serve_args, settings_for, skip_or_fail, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "incrementer.json"
 STATUS_PAGE = ROOT / "src" / "incrementer" / "api" / "status.html"
-TOP = ROOT / "src" / "incrementer" / "top.py"
+TOP = ROOT / "src" / "incrementer" / "cli" / "top.py"
 
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"job", "instance"}
@@ -226,7 +226,7 @@ async def test_the_ready_gauge_of_a_group_is_the_groups_verdict(
     """Under --workers, incrementer_ready (what IncrementerNotReady and the dashboard read) is 1
     for a ready group, not one per worker, and 0 while any worker is unresponsive (frozen with
     SIGSTOP), as /readyz says, whichever worker answers the scrape."""
-    args = ["--database-url", sqlite_url, "--data-dir", str(tmp_path / "data")]
+    args = serve_args(tmp_path, sqlite_url)
     group = await asyncio.to_thread(spawn_group, args, 2)
     frozen = worker_pids(group)[1]
     try:

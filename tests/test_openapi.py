@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,11 +17,7 @@ from schemathesis import AuthContext, GenerationMode, checks
 from schemathesis.auths import set_on_case
 from schemathesis.core.failures import AcceptedNegativeData, Failure, FailureGroup
 from schemathesis.openapi.checks import JsonSchemaError, UndefinedStatusCode
-from support import Spawned, spawned
-
-from incrementer.store import open_store
-from incrementer.store.base import ApiKey
-from incrementer.store.migrate import migrate
+from support import Spawned, add_api_key, sqlite_server
 
 DOCUMENT_BYTES = resources.files("incrementer.api").joinpath("openapi.json").read_bytes()
 DOCUMENT: dict[str, Any] = json.loads(DOCUMENT_BYTES)
@@ -46,28 +41,14 @@ CHECKS: list[Callable[..., bool | None]] = [
 ]
 
 
-async def _add_keys(database_url: str) -> None:
-    await asyncio.to_thread(migrate, database_url)
-    store = open_store(database_url)
-    await store.open()
-    try:
-        for name, key, rate in (("conformance", API_KEY, None), ("limited", LIMITED_KEY, 0.001)):
-            key_id = key.removeprefix("ik_").split(".")[0]
-            digest = hashlib.sha256(key.encode()).hexdigest()
-            await store.create_api_key(ApiKey(name, key_id, digest, rate, 1))
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawned]:
     tmp = tmp_path_factory.mktemp("openapi")
     database_url = f"sqlite:///{tmp / 'counters.db'}"
-    asyncio.run(_add_keys(database_url))
-    args = ["--database-url", database_url, "--data-dir", str(tmp / "data"), "--auth", "required"]
-    with spawned([*args, "--flush-interval", "0.05"]) as srv:
+    asyncio.run(add_api_key(database_url, "conformance", key=API_KEY, burst=1))
+    asyncio.run(add_api_key(database_url, "limited", key=LIMITED_KEY, rate=0.001, burst=1))
+    with sqlite_server(tmp, "--auth", "required") as (srv, _):
         yield srv
-        assert srv.stop() == 0, srv.read_log()
 
 
 schema = schemathesis.openapi.from_dict(copy.deepcopy(DOCUMENT), config=CONFIG)

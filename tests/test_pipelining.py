@@ -13,14 +13,13 @@ import asyncio
 import json
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from h11_client import Answer, parse_answers
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from support import ErrorLog, host_port, run_service, settings_for
+from support import ErrorLog, host_port, run_service, settings_for, unique
 
 MAX_BODY = 1024
 MAX_HEADER = 2048
@@ -239,7 +238,7 @@ def check(steps: list[Step], key: str, answers: list[Answer], leftover: bytes) -
 
 def check_sequence(url: str, steps: list[Step]) -> None:
     """Send `steps` in one write on a fresh connection and check every answer, then the total."""
-    key = f"pl-{uuid.uuid4().hex[:12]}"
+    key = unique("pl-")
     data = b"".join(render(step, key) for step in steps)
     received = read_until_closed(url, data)
     total = check(steps, key, *parse_answers([step.method for step in steps], received))

@@ -3,24 +3,18 @@ URL is printed, and the unauthenticated /readyz names no host, user, database or
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from proxy import proxy_to
-from support import run_service, settings_for, spawned, wait_until
+from support import add_api_key, run_service, serve_args, settings_for, spawned, unique, wait_until
 
-from incrementer.auth.keyring import new_key
-from incrementer.store import open_store
-from incrementer.store.base import ApiKey
-from incrementer.store.migrate import migrate
 from incrementer.urls import redact_url, scrub
 
-SECRET = "hunter2-" + uuid.uuid4().hex[:6]
+SECRET = unique("hunter2-")
 
 
 @pytest.mark.parametrize(
@@ -60,7 +54,7 @@ async def test_password_in_the_query_is_never_logged_nor_shown(
     async with proxy_to(pg_url) as (proxy, via_proxy):
         url = f"{via_proxy}?password={SECRET}"
         parts = urlsplit(url)
-        key = await _add_key(url)
+        key = await add_api_key(url)
         settings = settings_for(tmp_path, url, auth="required", flush_interval=0.05)
         caplog.set_level(logging.INFO)
         async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
@@ -86,22 +80,10 @@ async def test_password_in_the_query_is_never_logged_nor_shown(
     assert SECRET not in logged
 
 
-async def _add_key(url: str) -> str:
-    await asyncio.to_thread(migrate, url)
-    key, key_id, key_hash = new_key()
-    store = open_store(url)
-    await store.open()
-    try:
-        await store.create_api_key(ApiKey(f"k-{uuid.uuid4().hex[:6]}", key_id, key_hash))
-    finally:
-        await store.close()
-    return key
-
-
 def test_start_log_of_a_subprocess_hides_the_query_password(tmp_path: Path, pg_url: str) -> None:
     """The start-up line names the database without its password."""
     url = f"{pg_url}?password={SECRET}"
-    with spawned(["--database-url", url, "--data-dir", str(tmp_path / "d")]) as server:
+    with spawned(serve_args(tmp_path, url)) as server:
         assert server.stop() == 0
     log = server.read_log()
     assert "password=***" in log

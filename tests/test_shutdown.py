@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 from proxy import proxy_to
-from support import db_totals, kill, spawn, spawned
+from support import db_totals, kill, serve_args, spawn, spawned, unique
 
 SHUTDOWN_TIMEOUT = 3.0
 
@@ -22,19 +21,11 @@ async def test_sigterm_with_a_frozen_database_exits_by_the_shutdown_timeout(
     """PostgreSQL frozen under the service: SIGTERM ends the process soon after
     --shutdown-timeout (not after the driver's own minute-long timeouts), exit status 1, the log
     says why and what stays in the WAL; the next start applies exactly the acknowledged."""
-    key = f"frozen-{uuid.uuid4().hex[:8]}"
-    data = tmp_path / "data"
+    key = unique("frozen-")
     async with proxy_to(pg_url) as (proxy, via_proxy):
-        args = [
-            "--database-url",
-            via_proxy,
-            "--data-dir",
-            str(data),
-            "--shutdown-timeout",
-            str(SHUTDOWN_TIMEOUT),
-            "--flush-interval",
-            "0.05",
-        ]
+        args = serve_args(
+            tmp_path, via_proxy, shutdown_timeout=str(SHUTDOWN_TIMEOUT), flush_interval="0.05"
+        )
         server = await asyncio.to_thread(spawn, args)
         try:
             async with httpx.AsyncClient(base_url=server.url) as client:
@@ -57,7 +48,7 @@ async def test_sigterm_with_a_frozen_database_exits_by_the_shutdown_timeout(
         assert took < SHUTDOWN_TIMEOUT + 20, log  # the driver alone would wait 60 s
         assert "shutdown deadline" in log and "the database did not answer" in log, log
         assert "stay in the WAL" in log and "replayed at the next start" in log, log
-    with spawned(["--database-url", pg_url, "--data-dir", str(data)]) as server:
+    with spawned(serve_args(tmp_path, pg_url)) as server:
         assert server.stop() == 0, server.read_log()
     assert await db_totals(pg_url, [key]) == {key: 50}
 
@@ -66,8 +57,7 @@ async def test_a_frozen_database_is_reported_with_a_reason(tmp_path: Path, pg_ur
     """A database that stops answering is reported with what failed (a timed-out ping), never
     an empty reason."""
     async with proxy_to(pg_url) as (proxy, via_proxy):
-        args = ["--database-url", via_proxy, "--data-dir", str(tmp_path / "d")]
-        args += ["--shutdown-timeout", "1"]
+        args = serve_args(tmp_path, via_proxy, shutdown_timeout="1")
         server = await asyncio.to_thread(spawn, args)
         try:
             proxy.freeze()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from live_server import keyed_server, load_while
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
-from support import skip_or_fail, spawned
+from support import serve_args, skip_or_fail, spawned
 
 from incrementer.api.pages import StatusPage
 
@@ -184,7 +184,7 @@ async def test_status_page_needs_no_key_when_keys_are_off(tmp_path: Path, browse
     shows as not ready with its reasons; when the server goes away the page says it is
     unreachable."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
-    args = ["--database-url", database_url, "--data-dir", str(tmp_path / "data")]
+    args = serve_args(tmp_path, database_url)
     with spawned(args) as server:
         status = await open_status(browser, server.url)
         await status.wait_updates(2)

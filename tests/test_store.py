@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import uid
+from support import pg_database, unique
 
 from incrementer.store import (
     INT64_MAX,
@@ -52,7 +52,7 @@ async def fetch_direct(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 async def test_apply_then_read_totals(store: Store) -> None:
     """Deltas of successive batches add up, and read returns the persisted totals."""
-    node, a, b = uid(), uid(), uid()
+    node, a, b = unique(), unique(), unique()
     assert (await store.apply_batch(node, 1, {a: 3, b: 1})).applied
     assert (await store.apply_batch(node, 2, {a: 4})).applied
     assert (await store.read(a, node)).value == 7
@@ -61,7 +61,7 @@ async def test_apply_then_read_totals(store: Store) -> None:
 
 async def test_same_seq_twice_is_skipped(store: Store) -> None:
     """Re-applying the same (node, seq) is a no-op reported as applied=False."""
-    node, key = uid(), uid()
+    node, key = unique(), unique()
     assert (await store.apply_batch(node, 1, {key: 5})).applied
     again = await store.apply_batch(node, 1, {key: 5})
     assert not again.applied
@@ -70,7 +70,7 @@ async def test_same_seq_twice_is_skipped(store: Store) -> None:
 
 async def test_lower_seq_is_skipped(store: Store) -> None:
     """A batch below the node's applied_seq is skipped and leaves applied_seq alone."""
-    node, key = uid(), uid()
+    node, key = unique(), unique()
     await store.apply_batch(node, 10, {key: 1})
     assert not (await store.apply_batch(node, 9, {key: 100})).applied
     read = await store.read(key, node)
@@ -79,7 +79,7 @@ async def test_lower_seq_is_skipped(store: Store) -> None:
 
 async def test_nodes_are_independent(store: Store) -> None:
     """Each node has its own applied_seq; the same seq from two nodes is applied twice."""
-    node_a, node_b, key = uid(), uid(), uid()
+    node_a, node_b, key = unique(), unique(), unique()
     assert (await store.apply_batch(node_a, 5, {key: 1})).applied
     assert (await store.apply_batch(node_b, 5, {key: 1})).applied
     assert (await store.apply_batch(node_b, 1, {key: 1})).applied is False
@@ -90,12 +90,12 @@ async def test_nodes_are_independent(store: Store) -> None:
 
 async def test_applied_seq_of_unknown_node_is_zero(store: Store) -> None:
     """A node that never flushed has applied_seq 0."""
-    assert await store.applied_seq(uid()) == 0
+    assert await store.applied_seq(unique()) == 0
 
 
 async def test_negative_deltas(store: Store) -> None:
     """Negative deltas subtract and totals may go below zero."""
-    node, key = uid(), uid()
+    node, key = unique(), unique()
     await store.apply_batch(node, 1, {key: 5})
     await store.apply_batch(node, 2, {key: -8})
     assert (await store.read(key, node)).value == -3
@@ -104,7 +104,7 @@ async def test_negative_deltas(store: Store) -> None:
 @pytest.mark.parametrize(("start", "delta"), [(INT64_MAX - 5, 10), (INT64_MIN + 5, -10)])
 async def test_overflow_is_isolated(store: Store, db_url: str, start: int, delta: int) -> None:
     """A total leaving int64 parks its delta in counter_overflows; the batch's other keys apply."""
-    node, edge, other = uid(), uid(), uid()
+    node, edge, other = unique(), unique(), unique()
     await store.apply_batch(node, 1, {edge: start})
     result = await store.apply_batch(node, 2, {edge: delta, other: 7})
     assert result.applied
@@ -123,9 +123,9 @@ async def test_overflow_is_isolated(store: Store, db_url: str, start: int, delta
 
 async def test_many_overflows_in_one_batch(store: Store) -> None:
     """Several keys overflowing both ways in one batch are all parked; the rest all apply."""
-    node = uid()
-    high, low = [uid() for _ in range(3)], [uid() for _ in range(3)]
-    fine = [uid() for _ in range(100)]
+    node = unique()
+    high, low = [unique() for _ in range(3)], [unique() for _ in range(3)]
+    fine = [unique() for _ in range(100)]
     await store.apply_batch(
         node, 1, {**dict.fromkeys(high, INT64_MAX), **dict.fromkeys(low, INT64_MIN)}
     )
@@ -140,7 +140,7 @@ async def test_many_overflows_in_one_batch(store: Store) -> None:
 
 async def test_delta_outside_int64_is_parked(store: Store, db_url: str) -> None:
     """A delta that is itself outside int64 goes to counter_overflows with its exact digits."""
-    node, huge, tiny, other = uid(), uid(), uid(), uid()
+    node, huge, tiny, other = unique(), unique(), unique(), unique()
     result = await store.apply_batch(node, 1, {huge: 2**70, tiny: -(2**64), other: 1})
     assert result.overflowed == {huge: 2**70, tiny: -(2**64)}
     assert (await store.read(huge, node)).value is None
@@ -153,7 +153,7 @@ async def test_delta_outside_int64_is_parked(store: Store, db_url: str) -> None:
 
 async def test_large_batch_is_exact(store: Store, db_url: str) -> None:
     """A 50k-key batch lands exactly: every key once, with its own delta."""
-    node, prefix = uid(), uid()
+    node, prefix = unique(), unique()
     deltas = {f"{prefix}:{i:05d}": i + 1 for i in range(50_000)}
     assert (await store.apply_batch(node, 1, deltas)).applied
     assert (await store.apply_batch(node, 2, deltas)).applied
@@ -166,22 +166,22 @@ async def test_large_batch_is_exact(store: Store, db_url: str) -> None:
 
 async def test_read_unknown_key(store: Store) -> None:
     """Reading a key never written gives value None."""
-    read = await store.read(uid(), uid())
+    read = await store.read(unique(), unique())
     assert (read.value, read.applied_seq) == (None, 0)
 
 
 async def test_read_returns_applied_seq(store: Store) -> None:
     """read() reports the node's applied_seq alongside the value."""
-    node, key = uid(), uid()
+    node, key = unique(), unique()
     await store.apply_batch(node, 42, {key: 1})
     read = await store.read(key, node)
     assert (read.value, read.applied_seq) == (1, 42)
-    assert (await store.read(uid(), node)).applied_seq == 42
+    assert (await store.read(unique(), node)).applied_seq == 42
 
 
 async def test_empty_batch_records_seq(store: Store) -> None:
     """An empty batch still advances applied_seq, so its seq is never re-applied."""
-    node = uid()
+    node = unique()
     assert (await store.apply_batch(node, 3, {})).applied
     assert await store.applied_seq(node) == 3
 
@@ -190,14 +190,14 @@ async def test_bad_seq_is_refused(store: Store) -> None:
     """seq outside 1..INT64_MAX is a caller bug, refused before touching the database."""
     for seq in (0, -1, INT64_MAX + 1):
         with pytest.raises(ValueError, match="seq"):
-            await store.apply_batch(uid(), seq, {uid(): 1})
+            await store.apply_batch(unique(), seq, {unique(): 1})
 
 
 async def test_list_keys_by_prefix(store: Store) -> None:
     """list_keys returns keys starting with the prefix, ordered, limited; LIKE wildcards are
     plain characters."""
-    base = uid()
-    node = uid()
+    base = unique()
+    node = unique()
     keys = [f"{base}a%", f"{base}a_1", f"{base}ab", f"{base}a\U0010ffffz", f"{base}b", f"{base}"]
     await store.apply_batch(node, 1, {k: n for n, k in enumerate(keys, 1)})
     listed = await store.list_keys(f"{base}a", 100)
@@ -205,7 +205,7 @@ async def test_list_keys_by_prefix(store: Store) -> None:
     assert await store.list_keys(f"{base}a%", 100) == [(f"{base}a%", 1)]
     assert await store.list_keys(f"{base}a_", 100) == [(f"{base}a_1", 2)]
     assert [k for k, _ in await store.list_keys(base, 2)] == sorted(keys)[:2]
-    assert await store.list_keys(uid(), 10) == []
+    assert await store.list_keys(unique(), 10) == []
 
 
 async def test_ping(store: Store) -> None:
@@ -218,7 +218,7 @@ async def test_ping(store: Store) -> None:
 
 async def test_ping_of_a_dropped_postgres_database_raises_backend_error(pg_admin_url: str) -> None:
     """ping() of a PostgreSQL database that is gone raises BackendError (what readyz reports)."""
-    name = f"incrementer_ping_{uid()}"
+    name = unique("incrementer_ping_")
     admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -243,8 +243,8 @@ async def test_concurrent_writers_add_up(db_url: str) -> None:
     for s in stores:
         await s.open()
     try:
-        keys = [uid() for _ in range(200)]
-        nodes = [uid(), uid()]
+        keys = [unique() for _ in range(200)]
+        nodes = [unique(), unique()]
 
         async def flush(s: Store, node: str, reverse: bool) -> None:
             for seq in range(1, 11):
@@ -266,7 +266,7 @@ async def test_concurrent_flushes_of_one_batch_apply_once(db_url: str) -> None:
     for s in stores:
         await s.open()
     try:
-        node, key = uid(), uid()
+        node, key = unique(), unique()
         results = await asyncio.gather(*(s.apply_batch(node, 1, {key: 1}) for s in stores))
         assert sorted(r.applied for r in results) == [False, False, True]
         assert (await stores[0].read(key, node)).value == 1
@@ -299,18 +299,8 @@ def fresh_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
     if db_url.startswith("sqlite"):
         yield f"sqlite:///{tmp_path / 'fresh' / 'counters.db'}"
         return
-    name = f"{db_url.rsplit('/', 1)[1]}_fresh_{uid()}"
-    asyncio.run(_pg_admin(db_url, f'CREATE DATABASE "{name}"'))
-    yield f"{db_url.rsplit('/', 1)[0]}/{name}"
-    asyncio.run(_pg_admin(db_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _pg_admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    with pg_database(db_url, unique(f"{db_url.rsplit('/', 1)[1]}_fresh_")) as url:
+        yield url
 
 
 def test_concurrent_migrate_applies_once(fresh_db_url: str) -> None:
@@ -397,7 +387,7 @@ async def test_postgres_unreachable_fails_fast() -> None:
 
 async def test_postgres_unknown_database_fails_fast(pg_url: str) -> None:
     """open() of a database that does not exist raises BackendError naming it."""
-    store = open_store(f"{pg_url.rsplit('/', 1)[0]}/no_such_db_{uid()}")
+    store = open_store(f"{pg_url.rsplit('/', 1)[0]}/no_such_db_{unique()}")
     with pytest.raises(BackendError, match="no_such_db"):
         await store.open()
 
@@ -417,7 +407,7 @@ async def test_postgres_connection_loss_is_a_backend_error(pg_url: str) -> None:
     await store.open()
     blocker = await asyncpg.connect(pg_url)
     try:
-        node, key = uid(), uid()
+        node, key = unique(), unique()
         await store.apply_batch(node, 1, {key: 1})
         # Park the flush on the node row lock, then kill its connection while it waits.
         blocker_tx = blocker.transaction()
@@ -482,7 +472,7 @@ def test_prefix_upper_bound() -> None:
 
 async def test_keys_with_separators_and_empty_keys_land_exactly(store: Store) -> None:
     """Keys holding the unit separator, commas or nothing at all are stored exactly."""
-    node = uid()
+    node = unique()
     odd = [f"{node}\x1fa", f"{node},b", f"{node}\x1f", "", f"{node}-plain"]
     await store.apply_batch(node, 1, {k: i + 1 for i, k in enumerate(odd)})
     await store.apply_batch(node, 2, {"": 10})

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from support import db_totals, uid
+from support import db_totals, unique
 
 from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store
 from incrementer.store.migrate import migrate
@@ -18,7 +18,7 @@ from incrementer.urls import redact_url
 async def test_deltas_of_exactly_the_int64_limits_are_applied(store: Store, db_url: str) -> None:
     """A delta of exactly INT64_MAX or INT64_MIN on a new key is a counter, not an overflow,
     and so is the largest seq."""
-    node, top, bottom = uid(), uid(), uid()
+    node, top, bottom = unique(), unique(), unique()
     result = await store.apply_batch(node, INT64_MAX, {top: INT64_MAX, bottom: INT64_MIN})
     assert result.applied and result.overflowed == {}
     assert await db_totals(db_url, [top, bottom]) == {top: INT64_MAX, bottom: INT64_MIN}
@@ -31,7 +31,7 @@ async def test_one_delta_outside_int64_is_parked_alone(
 ) -> None:
     """A batch whose only out-of-range delta is on one side parks that key and applies the rest,
     a delta of exactly the limit on that side included."""
-    node, bad, good, edge = uid(), uid(), uid(), uid()
+    node, bad, good, edge = unique(), unique(), unique(), unique()
     limit = INT64_MAX if delta > 0 else INT64_MIN
     result = await store.apply_batch(node, 1, {bad: delta, good: 1, edge: limit})
     assert result.applied and result.overflowed == {bad: delta}
@@ -44,9 +44,9 @@ async def test_an_unopened_store_refuses_every_call(db_url: str) -> None:
     with pytest.raises(RuntimeError, match="is not open"):
         await store.ping()
     with pytest.raises(RuntimeError, match="is not open"):
-        await store.apply_batch(uid(), 1, {uid(): 1})
+        await store.apply_batch(unique(), 1, {unique(): 1})
     with pytest.raises(RuntimeError, match="is not open"):
-        await store.read(uid(), uid())
+        await store.read(unique(), unique())
     await store.close()  # closing what was never opened is harmless
 
 
@@ -72,7 +72,7 @@ async def test_sqlite_store_serves_concurrent_calls_and_closes_clean(sqlite_url:
     path = sqlite_url.removeprefix("sqlite:///")
     store = SQLiteStore(path)
     await store.open()
-    node, keys = uid(), [uid() for _ in range(5)]
+    node, keys = unique(), [unique() for _ in range(5)]
     try:
         flushes = [store.apply_batch(node, seq, dict.fromkeys(keys, 1)) for seq in range(1, 41)]
         reads = [store.read(keys[0], node) for _ in range(40)]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from live_server import keyed_server, load_while
-from support import spawned
+from support import serve_args, spawned
 
 from incrementer.cli.top import Scrape, figures
 
@@ -86,7 +86,7 @@ async def test_top_finds_the_server_its_settings_describe(tmp_path: Path) -> Non
     """Without a URL, top reads the server's --host and --port where serve would: from
     INCREMENTER_PORT (as under the systemd environment file) or from a --config file."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
-    with spawned(["--database-url", database_url, "--data-dir", str(tmp_path / "data")]) as server:
+    with spawned(serve_args(tmp_path, database_url)) as server:
         port = server.url.rsplit(":", 1)[1]
         config = tmp_path / "incrementer.toml"
         config.write_text(f'host = "0.0.0.0"\nport = {port}\n')
@@ -104,7 +104,7 @@ async def test_top_finds_the_server_its_settings_describe(tmp_path: Path) -> Non
 def test_top_keeps_redrawing_until_interrupted(tmp_path: Path) -> None:
     """Without --once, top redraws every interval, and Ctrl+C (SIGINT) ends it with status 0."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
-    with spawned(["--database-url", database_url, "--data-dir", str(tmp_path / "data")]) as server:
+    with spawned(serve_args(tmp_path, database_url)) as server:
         proc = subprocess.Popen(
             [sys.executable, "-m", "incrementer", "top", server.url, "--interval", "0.2"],
             stdout=subprocess.PIPE,

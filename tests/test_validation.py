@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import httpx
-from support import db_totals, run_service, settings_for
+from support import db_totals, run_service, settings_for, unique
 
 INT64_MAX = 2**63 - 1
 
@@ -14,7 +13,7 @@ INT64_MAX = 2**63 - 1
 async def test_batch_limits_and_codes(tmp_path: Path, sqlite_url: str) -> None:
     """An empty batch is 400 empty_batch; --max-batch-items items are accepted and one more is
     400 batch_too_large; a bad item is named by its index; refused batches change nothing."""
-    prefix = uuid.uuid4().hex[:8]
+    prefix = unique()
     settings = settings_for(tmp_path, sqlite_url, max_batch_items=3)
     items = [{"key": f"{prefix}-{i}", "value": 1} for i in range(4)]
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:

@@ -10,7 +10,6 @@ import errno
 import os
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from support import (
     counter_path,
     db_totals,
     exchange,
+    get_request,
     host_port,
     increment_request,
     kill,
@@ -27,6 +27,7 @@ from support import (
     settings_for,
     skip_or_fail,
     spawned,
+    unique,
     wait_until,
 )
 
@@ -62,10 +63,6 @@ class DiskFault(SegmentIO):
         super().fdatasync(fd)
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
 def batch_request(items: list[tuple[str, int]]) -> bytes:
     import msgspec
 
@@ -74,10 +71,6 @@ def batch_request(items: list[tuple[str, int]]) -> bytes:
         b"POST /increments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
     ) + body
-
-
-def get(path: str) -> bytes:
-    return b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode()
 
 
 def inject(svc: object) -> DiskFault:
@@ -95,7 +88,7 @@ async def test_an_increment_that_cannot_be_logged_gets_503_and_is_never_applied(
 ) -> None:
     """A failed WAL write: its increments get 503 wal_unavailable with Retry-After and are taken
     back; health and reads answer in order; readiness recovers by itself once writes work."""
-    key, other = unique("logged"), unique("never")
+    key, other = unique("logged-"), unique("never-")
     settings = settings_for(tmp_path, sqlite_url, durability=durability)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         disk = inject(svc)
@@ -103,10 +96,10 @@ async def test_an_increment_that_cannot_be_logged_gets_503_and_is_never_applied(
         disk.write_error = error
         answers = await exchange(
             svc.url,
-            get("/healthz")
+            get_request("/healthz")
             + increment_request(key, 10)
             + batch_request([(key, 100), (other, 1)])
-            + get(counter_path(key)),
+            + get_request(counter_path(key)),
             4,
         )
         assert [r.status for r in answers] == [200, 503, 503, 200]
@@ -151,7 +144,7 @@ async def test_wal_fsync_sends_no_202_before_its_fdatasync_returns(
         disk.hold = threading.Event()
         reader, writer = await asyncio.open_connection(*host_port(svc.url))
         try:
-            writer.write(increment_request(unique("held"), 1))
+            writer.write(increment_request(unique("held-"), 1))
             assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(reader.read(1), 0.5)  # the fsync is still held
@@ -168,7 +161,7 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
 ) -> None:
     """A failed fdatasync is never retried on its file: later frames go to a new segment, and
     the requests it covered get their 202 only once the database holds their increments."""
-    key = unique("fsync")
+    key = unique("fsync-")
     settings = settings_for(tmp_path, db_url, durability="wal-fsync")
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         disk = inject(svc)
@@ -217,7 +210,7 @@ async def test_a_full_disk_refuses_with_503_then_recovers_and_a_kill_9_keeps_exa
     """A real full filesystem under the data dir: 503s while full, 200 on /healthz, /readyz 503
     then 200 once space is freed; after kill -9 and restart the database holds exactly the
     increments that got 202."""
-    key = unique("disk")
+    key = unique("disk-")
     data = tiny_tmpfs(tmp_path / "small", "1m")
     args = ["--database-url", sqlite_url, "--flush-interval", "5"]
     with data as mount:
@@ -257,7 +250,7 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
 ) -> None:
     """Two requests on one connection, one in the fsync that fails and one written while it
     ran: both wait for the database, then leave in order, and the connection owes nothing."""
-    key = unique("order")
+    key = unique("order-")
     settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
     async with run_service(settings) as svc:
         disk = inject(svc)
@@ -267,7 +260,7 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
         try:
             writer.write(increment_request(key, 1))
             assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
-            writer.write(increment_request(key, 2) + get(counter_path(key)))
+            writer.write(increment_request(key, 2) + get_request(counter_path(key)))
             await asyncio.sleep(0.2)  # the second tick is written behind the held fsync
             disk.hold.set()
             answers = [await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) for _ in "ab"]

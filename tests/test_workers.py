@@ -10,25 +10,32 @@ import random
 import re
 import signal
 import socket
-import subprocess
-import sys
-import uuid
 from importlib import resources
 from pathlib import Path
 
 import httpx
 import pytest
 from fleet import alive, one_per_worker, spawn_group, worker_pids
-from support import LoadResult, Spawned, db_totals, load, spawn, wait_until
+from support import (
+    LoadResult,
+    Spawned,
+    db_totals,
+    load,
+    merge,
+    run_cli,
+    serve_args,
+    spawn,
+    unique,
+    violations,
+    wait_until,
+)
 from test_config import resolved
-from test_durability import merge, violations
 
 from incrementer.config import usable_cpus
 
 
 def group_args(tmp_path: Path, db_url: str, *more: str) -> list[str]:
-    return ["--database-url", db_url, "--data-dir", str(tmp_path / "data"),
-            "--log-level", "info", *more]  # fmt: skip
+    return serve_args(tmp_path, db_url, "--log-level", "info", *more)
 
 
 # configuration
@@ -49,10 +56,7 @@ def test_bad_workers_values_are_refused_naming_the_option(
 ) -> None:
     """--workers 0, negative, not a number, or far above the CPUs: one line naming the flag,
     exit 2, nothing started."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "incrementer", "serve", "--workers", value],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+    proc = run_cli("serve", "--workers", value, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr  # one line
     shown = re.escape(value)
@@ -86,7 +90,7 @@ async def test_sigint_drains_every_worker_and_exits_0(tmp_path: Path, db_url: st
     """SIGINT to the supervisor under load (durability memory, so only the final flushes can
     save the increments): every worker drains and flushes, the group exits 0, and the database
     holds every acknowledged increment."""
-    keys = [f"drain-{uuid.uuid4().hex[:6]}-{i}" for i in range(100)]
+    keys = [unique(f"drain-{i}-") for i in range(100)]
     args = group_args(tmp_path, db_url, "--durability", "memory", "--flush-interval", "5")
     group = await asyncio.to_thread(spawn_group, args, 3)
     try:
@@ -124,11 +128,9 @@ def test_a_group_refuses_a_port_something_listens_on(tmp_path: Path, sqlite_url:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "incrementer", "serve", "--workers", "2", "--port", str(port),
-             *group_args(tmp_path, sqlite_url)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        proc = run_cli(
+            "serve", "--workers", "2", "--port", str(port), *group_args(tmp_path, sqlite_url)
+        )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"incrementer: cannot start: cannot bind 127.0.0.1:{port}")
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -170,7 +172,7 @@ async def test_a_killed_supervisor_takes_its_workers_with_it(
 ) -> None:
     """SIGKILL of the supervisor: its workers get SIGTERM from the kernel, drain (their
     increments reach the database) and exit; none keeps serving the port."""
-    key = f"orphan-{uuid.uuid4().hex[:6]}"
+    key = unique("orphan-")
     group = await asyncio.to_thread(spawn_group, group_args(tmp_path, sqlite_url), 2)
     pids = worker_pids(group)
     conns = await one_per_worker(group.url, 2)
@@ -222,7 +224,7 @@ async def test_metrics_describe_the_whole_group(tmp_path: Path, sqlite_url: str)
         conns = await one_per_worker(group.url, 2)
         for index, count in ((0, 7), (1, 4)):
             for _ in range(count):
-                assert await conns[index].increment(f"m-{uuid.uuid4().hex}", 1) == 202
+                assert await conns[index].increment(unique("m-"), 1) == 202
 
         async def scraped() -> dict[str, float]:
             text = (await conns[0].request("GET", "/metrics")).body.decode()
@@ -367,7 +369,7 @@ async def test_growing_and_shrinking_strand_nothing(tmp_path: Path, db_url: str)
     killed with SIGKILL while everything it acknowledged is still only in its WALs: each start
     drains the dirs it will not serve from (the lone process's, worker-2, then worker-0 and
     worker-1), so the database ends with exactly every acknowledged increment."""
-    keys = [f"shrink-{uuid.uuid4().hex[:6]}-{i}" for i in range(100)]
+    keys = [unique(f"shrink-{i}-") for i in range(100)]
     # No flush while a phase runs: what a phase accepts is in its WALs when it is killed.
     args = group_args(tmp_path, db_url, "--flush-interval", "9", "--flush-interval-max", "9",
                       "--lag-bound", "30")  # fmt: skip
