@@ -111,6 +111,9 @@ def test_top_keeps_redrawing_until_interrupted(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
             env=ENV,
+            # As a terminal's foreground job gets Ctrl+C: a test run started in the background
+            # of a shell (`./scripts/test &`) has SIGINT ignored, and its children with it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
