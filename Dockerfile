@@ -19,6 +19,9 @@ RUN headers="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["includ
     apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev $extra \
     && rm -rf /var/lib/apt/lists/*
+# pip trusts the system's CA store (not its own bundle): a build behind a TLS-inspecting proxy
+# works with the host's /etc/ssl/certs mounted (podman build --volume /etc/ssl/certs:...:ro).
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY src ./src
@@ -34,10 +37,15 @@ RUN groupadd --gid 10001 incrementer \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /var/lib/incrementer \
         --shell /usr/sbin/nologin incrementer \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/incrementer
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python3 -m venv /opt/incrementer \
-    && /opt/incrementer/bin/pip install --no-cache-dir --no-index --find-links /wheels incrementer \
+# The wheels only: no compiler, no source tree. (A bind mount from the builder instead of this
+# COPY would keep the wheels out of the layers, but buildah 1.28, Debian 12's podman, does not
+# mount a builder stage it took from its cache.)
+COPY --from=builder /wheels /tmp/wheels
+RUN python3 -m venv /opt/incrementer \
+    && /opt/incrementer/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
+        incrementer \
     && /opt/incrementer/bin/pip uninstall --yes --quiet pip setuptools \
+    && rm -rf /tmp/wheels \
     && find /opt/incrementer -name __pycache__ -prune -exec rm -rf {} +
 ENV PATH=/opt/incrementer/bin:$PATH \
     PYTHONUNBUFFERED=1 \
