@@ -228,4 +228,3 @@ def counters_locked(database: str) -> Iterator[None]:
     finally:
         loop.run_until_complete(conn.close())
         loop.close()
-
