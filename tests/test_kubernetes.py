@@ -229,12 +229,13 @@ async def test_the_overlay_scales_on_a_requests_metric_the_service_exports(
     series = rule["seriesQuery"].split("{")[0]
     assert rule["name"]["matches"] == f"^{series}$"
     assert 'route=~"increments?"' in rule["metricsQuery"]
-    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
-        async with httpx.AsyncClient(base_url=svc.url) as client:
-            assert (
-                await client.post("/increment", json={"key": "k", "value": 1})
-            ).status_code == 202
-            text = (await client.get("/metrics")).text
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        accepted = await client.post("/increment", json={"key": "k", "value": 1})
+        assert accepted.status_code == 202
+        text = (await client.get("/metrics")).text
     routes = {
         sample.labels.get("route")
         for family in text_string_to_metric_families(text)
