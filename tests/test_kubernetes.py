@@ -5,7 +5,6 @@ with the image (grace period, probes, selectors, the data dir, the autoscaler's 
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support import run_service, settings_for, skip_or_fail
 
+from bench.harness.containers import dockerfile
 from incrementer.config import EXIT_GRACE, Settings
 from incrementer.process.supervisor import KILL_GRACE
 
@@ -110,13 +110,6 @@ def test_the_validation_catches_a_misspelt_field_and_a_wrong_type() -> None:
         assert len(problems) == 1 and where in problems[0], problems
 
 
-def dockerfile(instruction: str) -> str:
-    """The argument of the Dockerfile's (last) INSTRUCTION."""
-    found = re.findall(rf"^{instruction} (.+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
-    assert found, instruction
-    return str(found[-1])
-
-
 def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in container.get("env", [])}
 
@@ -151,8 +144,7 @@ def test_the_pods_keep_their_wal_on_their_own_claim_and_run_as_the_image_user() 
     (mount,) = container["volumeMounts"]
     volume = dockerfile("VOLUME").strip('[]"')
     assert mount == {"name": claim["metadata"]["name"], "mountPath": volume}
-    data_dir = re.search(r"INCREMENTER_DATA_DIR=(\S+)", (ROOT / "Dockerfile").read_text())
-    assert data_dir and data_dir.group(1).startswith(volume + "/")
+    assert dockerfile("INCREMENTER_DATA_DIR").startswith(volume + "/")
     uid = int(dockerfile("USER").split(":")[0])
     assert pod["securityContext"]["runAsUser"] == uid and pod["securityContext"]["fsGroup"] == uid
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -190,9 +182,8 @@ def test_the_drain_job_mounts_a_left_claim_where_the_pod_had_it() -> None:
     pod_spec = statefulset["spec"]["template"]["spec"]
     spec = job["spec"]["template"]["spec"]
     (container,) = spec["containers"]
-    data_dir = re.search(r"INCREMENTER_DATA_DIR=(\S+)", (ROOT / "Dockerfile").read_text())
-    assert data_dir
-    assert container["args"] == ["wal", "drain", "--data-dir", data_dir.group(1)]
+    data_dir = dockerfile("INCREMENTER_DATA_DIR")
+    assert container["args"] == ["wal", "drain", "--data-dir", data_dir]
     (volume,) = spec["volumes"]
     template = statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
     claim = f"{template}-{statefulset['metadata']['name']}-N"

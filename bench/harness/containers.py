@@ -12,6 +12,7 @@ made by scripts/container-base (debootstrap) and kept in podman's image store be
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -102,3 +103,16 @@ class Podman:
     def image_bytes(self, image: str) -> int:
         """The image's size as podman reports it (uncompressed layers)."""
         return int(self.run("image", "inspect", "--format={{.Size}}", image).stdout)
+
+
+def dockerfile(instruction: str) -> str:
+    """The argument of the Dockerfile's last INSTRUCTION (USER, VOLUME, EXPOSE...), or of its
+    `ENV NAME=value` line for an environment variable's NAME."""
+    text = (ROOT / "Dockerfile").read_text()
+    if instruction.isupper() and " " not in instruction and "_" not in instruction:
+        found = re.findall(rf"^{instruction} (.+)$", text, re.MULTILINE)
+    else:
+        found = re.findall(rf"\b{instruction}=(\S+)", text)
+    if not found:
+        raise LookupError(f"the Dockerfile has no {instruction}")
+    return str(found[-1])
