@@ -22,7 +22,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from bench.harness.containers import BASE_IMAGE, IMAGE, NO_HEALTH_TIMER, Podman
+from bench.harness.containers import BASE_IMAGE, IMAGE, Podman
 from bench.harness.paths import RESULTS, WORK
 from bench.harness.targets import free_port
 
@@ -40,17 +40,7 @@ def cold_start(podman: Podman, volume: str, timeout: float = 60) -> float:
     name, port = f"incrementer-bench-{uuid.uuid4().hex[:8]}", free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    podman.run(
-        "run",
-        "--detach",
-        f"--name={name}",
-        "--network=host",
-        "--read-only",
-        *NO_HEALTH_TIMER,
-        f"--volume={volume}:/var/lib/incrementer",
-        f"--env=INCREMENTER_PORT={port}",
-        IMAGE,
-    )
+    podman.start(IMAGE, name, volume, {"INCREMENTER_PORT": str(port)})
     try:
         while not ready(url):
             if time.monotonic() - started > timeout:

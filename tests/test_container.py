@@ -27,9 +27,7 @@ from support import (
     wait_until,
 )
 
-from bench.harness.containers import IMAGE, NO_HEALTH_TIMER, Podman, missing_tools
-
-DATA = "/var/lib/incrementer"
+from bench.harness.containers import DATA, IMAGE, Podman, missing_tools
 
 
 @pytest.fixture(scope="session")
@@ -73,22 +71,11 @@ def volume(podman: Podman) -> Iterator[str]:
 def container(
     podman: Podman, image: str, volume: str, env: dict[str, str]
 ) -> Iterator[tuple[str, str]]:
-    """`podman run` the image detached, on the host network with a read-only root file system
-    (as the Kubernetes manifests run it), `volume` on its data dir: (name, URL) once /readyz
+    """The image started (Podman.start) with `volume` and `env`: (name, URL) once /readyz
     answers 200. Removed on leaving."""
     name, port = unique("incrementer-test-"), free_port()
     settings = {"INCREMENTER_PORT": str(port), "INCREMENTER_LOG_LEVEL": "info", **env}
-    podman.run(
-        "run",
-        "--detach",
-        f"--name={name}",
-        "--network=host",
-        "--read-only",
-        *NO_HEALTH_TIMER,
-        f"--volume={volume}:{DATA}",
-        *(f"--env={key}={value}" for key, value in settings.items()),
-        image,
-    )
+    podman.start(image, name, volume, settings)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(podman, name, url)

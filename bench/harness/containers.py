@@ -22,6 +22,8 @@ from pathlib import Path
 from bench.harness.paths import ROOT
 
 BASE_IMAGE = "localhost/incrementer-base:bookworm"
+DATA = "/var/lib/incrementer"
+"""The image's VOLUME: its data dir (the WAL) and, with the SQLite default, its database."""
 IMAGE = "localhost/incrementer:latest"
 GLOBAL_FLAGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")
 CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\n"
@@ -99,6 +101,22 @@ class Podman:
             timeout=1800,
         )
         return time.monotonic() - started
+
+    def start(self, image: str, name: str, volume: str, env: dict[str, str]) -> None:
+        """`podman run` `image` detached as `name`, on the host network with a read-only root
+        file system (as the Kubernetes manifests run it), `volume` on its data volume and `env`
+        as its variables."""
+        self.run(
+            "run",
+            "--detach",
+            f"--name={name}",
+            "--network=host",
+            "--read-only",
+            *NO_HEALTH_TIMER,
+            f"--volume={volume}:{DATA}",
+            *(f"--env={key}={value}" for key, value in env.items()),
+            image,
+        )
 
     def image_bytes(self, image: str) -> int:
         """The image's size as podman reports it (uncompressed layers)."""
