@@ -3,8 +3,9 @@ copy check-jsonschema ships), read the same by podman-compose, and wired as the 
 two instances each on its own WAL volume, stopped within their drain, nginx with the shipped
 config (only its upstream servers replaced), Prometheus with the shipped rules and a scrape
 config promtool accepts, Grafana with the shipped dashboard. It is not run here: PostgreSQL,
-nginx, Prometheus and Grafana come from registry images, which cannot be pulled on this machine
-(docs/testing.md)."""
+nginx, Prometheus and Grafana come from registry images, which cannot be pulled on this machine,
+and Debian 12's podman 4.3.1 cannot start its dependent services under podman-compose
+(docs/operations.md, "Compose")."""
 
 from __future__ import annotations
 
