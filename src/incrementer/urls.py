@@ -1,5 +1,5 @@
-"""URLs the service is given (its database's, and its secrets within them): parsed, checked and
-redacted here, below every other module, so that the settings can refuse a bad URL at
+"""URLs the service is given (its database's and its rate-limit store's, and their secrets): parsed,
+checked and redacted here, below every other module, so that the settings can refuse a bad URL at
 construction and every log line, error and health answer can print one without its password.
 """
 
@@ -57,6 +57,33 @@ def _check_postgres_url(url: str) -> None:
         )
     if not (parts.path.strip("/") or query.get("dbname")):
         raise ValueError(f"database URL {shown!r} names no database; use {ACCEPTED_FORMS}")
+
+
+REDIS_FORMS = "redis://[:password@]host[:port][/db] or rediss://... (TLS)"
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL (the rate-limit store) names its host; its database, if given, is a number.
+    ValueError, naming the URL without its password, for anything else."""
+    shown = redact_url(url)
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss") or "://" not in url:
+        raise ValueError(f"unsupported rate-limit store URL {shown!r}; use {REDIS_FORMS}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        raise ValueError(
+            f"rate-limit store URL {shown!r}: the port must be a number from 1 to 65535; "
+            f"use {REDIS_FORMS}"
+        ) from None
+    if not parts.hostname:
+        raise ValueError(f"rate-limit store URL {shown!r} names no host; use {REDIS_FORMS}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(
+            f"rate-limit store URL {shown!r}: the database must be a number; use {REDIS_FORMS}"
+        )
 
 
 # Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;

@@ -55,11 +55,22 @@ def build(
     return b"".join(head)
 
 
+def accepted(clock: Clock, fields: bytes, close: bool, http10: bool) -> bytes:
+    """A 202 with header lines of the handler's own (a rate limit's fields), which no
+    pre-built one has."""
+    return build(clock, 202, headers=fields + KEEP_ALIVE if http10 else fields, close=close)
+
+
+def with_fields(response: bytes, fields: bytes) -> bytes:
+    """The response with `fields` (complete header lines) after its status line."""
+    line_end = response.index(b"\r\n") + 2
+    return response[:line_end] + fields + response[line_end:]
+
+
 def kept_alive(response: bytes) -> bytes:
     """The response with `Connection: keep-alive`: an HTTP/1.0 client that asked to keep the
     connection reuses it only when told so, and otherwise waits for the close."""
-    line_end = response.index(b"\r\n") + 2
-    return response[:line_end] + KEEP_ALIVE + response[line_end:]
+    return with_fields(response, KEEP_ALIVE)
 
 
 def json(

@@ -1,0 +1,150 @@
+"""Keeping this process's rate-limit buckets in step with the buckets its group or fleet shares.
+
+Every `interval` (--rate-limit-sync, 0.05 s) one exchange with the shared store (budgets.py)
+reports, for every limit active here, the requests let through since the last exchange, and sets
+each local bucket to the shared level it gets back. The request path never waits on it: it
+spends from the local bucket. A limit is active here from its first request until ACTIVE_FOR
+seconds after its last; outside that, its bucket enforces this process's share of the limit
+alone (keyring.TokenBucket.local_share), as every bucket does while the store is unreachable and
+limits fail open. Failing closed instead, every limited request is refused (429) until the store
+answers again. Either way one log line says so when it starts and one when it ends, the
+`incrementer_rate_limit_store_up` gauge drops to 0, and /readyz carries a warning (not a reason:
+every instance shares the store, and taking them all out of a load balancer would be an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from incrementer.auth.budgets import BudgetStore, BudgetStoreError, Usage
+from incrementer.auth.keyring import Sharing, TokenBucket
+from incrementer.metrics import Metrics
+
+log = logging.getLogger("incrementer.limits")
+
+ACTIVE_FOR = 10.0
+"""A limit is reconciled until this long after the last request this process let through."""
+IDLE_EVERY = 1.0
+"""With no limit active, exchange this often anyway: the count of processes stays current, and
+an unreachable store shows."""
+TIMEOUT_INTERVALS = 20
+"""An exchange unanswered after this many intervals (at least a second) counts as failed."""
+STORE_DOWN = "rate_limit_store_unavailable"
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: BudgetStore,
+        sharing: Sharing,
+        interval: float,
+        fail_open: bool,
+        metrics: Metrics,
+        member: str = "",
+    ) -> None:
+        self.store = store
+        self.sharing = sharing
+        self.interval = interval
+        self.fail_open = fail_open
+        self.metrics = metrics
+        self.member = member or f"{socket.gethostname()}:{os.getpid()}"
+        self.timeout = max(1.0, TIMEOUT_INTERVALS * interval)
+        self.active: dict[str, tuple[TokenBucket, float]] = {}
+        """Limits reconciled: name -> (this process's bucket, when it last let one through)."""
+        self.down_since: float | None = None
+        """When the store stopped answering (monotonic), while it does not."""
+        self.error = ""
+        self._exchanged_at = -IDLE_EVERY
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                await self.reconcile(time.monotonic())
+        finally:
+            await self.store.close()
+
+    async def reconcile(self, now: float) -> None:
+        """One exchange for every active limit (or a keep-alive exchange when none is)."""
+        self._collect(now)
+        if not self.active and now - self._exchanged_at < IDLE_EVERY:
+            return
+        self._exchanged_at = now
+        sent: list[tuple[TokenBucket, int]] = []
+        usage: list[Usage] = []
+        for name, (bucket, _) in self.active.items():
+            usage.append(Usage(name, bucket.taken, bucket.limit_rate, bucket.limit_burst))
+            sent.append((bucket, bucket.taken))
+            bucket.taken = 0
+        try:
+            shared = await asyncio.wait_for(self.store.exchange(self.member, usage), self.timeout)
+        except (BudgetStoreError, TimeoutError) as exc:
+            self._failed(str(exc) or f"no answer within {self.timeout:g} s", sent, now)
+            return
+        after = time.monotonic()
+        self.metrics.rate_limit_syncs["ok"] += 1
+        self.metrics.rate_limit_sync_seconds.observe(after - now)
+        self._recovered(after)
+        self.sharing.processes = shared.processes
+        for (bucket, _), level in zip(sent, shared.levels, strict=True):
+            bucket.shared(level, after)
+
+    def _collect(self, now: float) -> None:
+        """Take in the buckets that let a request through since the last exchange; let go of
+        those idle for ACTIVE_FOR (they enforce this process's share alone until used again)."""
+        reports, self.sharing.reports = self.sharing.reports, []
+        for bucket in reports:
+            self.active[bucket.name] = (bucket, now)
+        for name, (bucket, last) in list(self.active.items()):
+            if now - last > ACTIVE_FOR and not bucket.taken:
+                del self.active[name]
+                bucket.local_share(self.sharing.processes)
+
+    def _failed(self, why: str, sent: list[tuple[TokenBucket, int]], now: float) -> None:
+        self.metrics.rate_limit_syncs["failed"] += 1
+        for bucket, taken in sent:
+            # Reported again next time, up to one burst: an outage's own traffic stayed within
+            # the shares, and must not come back as a debt that blocks everyone afterwards.
+            bucket.taken = min(bucket.taken + taken, int(bucket.limit_burst))
+        self.error = why
+        if self.down_since is not None:
+            return
+        self.down_since = now
+        if self.fail_open:
+            for bucket, _ in sent:
+                bucket.local_share(self.sharing.processes)
+            log.warning(
+                "rate-limit store %s unreachable (%s): limits fail open, each of the %d "
+                "processes sharing them allows its share until it answers again",
+                self.store.where,
+                why,
+                self.sharing.processes,
+            )
+        else:
+            self.sharing.closed = True
+            log.error(
+                "rate-limit store %s unreachable (%s): limits fail closed, every limited "
+                "request is refused (429) until it answers again",
+                self.store.where,
+                why,
+            )
+
+    def _recovered(self, now: float) -> None:
+        if self.down_since is None:
+            return
+        log.info(
+            "rate-limit store %s reachable again after %.1f s; limits shared again",
+            self.store.where,
+            now - self.down_since,
+        )
+        self.down_since = None
+        self.error = ""
+        self.sharing.closed = False
+
+    def warnings(self) -> list[tuple[str, float]]:
+        """/readyz's warnings: (code, since when on the monotonic clock)."""
+        return [] if self.down_since is None else [(STORE_DOWN, self.down_since)]
