@@ -118,8 +118,8 @@ class Reconciler:
             for bucket, _ in sent:
                 bucket.local_share(self.sharing.processes)
             log.warning(
-                "rate-limit store %s unreachable (%s): limits fail open, each of the %d "
-                "processes sharing them allows its share until it answers again",
+                "rate-limit store %s unreachable (%s): limits fail open, this process "
+                "allowing 1/%d of each (its share) until the store answers again",
                 self.store.where,
                 why,
                 self.sharing.processes,
