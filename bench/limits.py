@@ -255,15 +255,27 @@ async def cost(database_url: str, workdir: Path, seconds: float, rounds: int) ->
                 Target("incrementer-wal-2w", "incrementer", "wal", workers=2),
                 limited,
             ),
-            ("one process, limits in Redis", INCREMENTER_WAL, (*limited, "--rate-limit-store", store.url)),
+            (
+                "one process, limits in Redis",
+                INCREMENTER_WAL,
+                (*limited, "--rate-limit-store", store.url),
+            ),
         ]
         pairs = []
         for label, target, flags in variants:
             pair = Pair(label)
             for round_ in range(rounds):
                 for on in (True, False):  # alternating, so drift hits both alike
-                    run = Target(target.name, target.kind, target.durability, flags=flags if on else (), workers=target.workers)
-                    async with running(run, workdir / f"cost-{len(pairs)}-{round_}-{on}", database_url) as server:
+                    run = Target(
+                        target.name,
+                        target.kind,
+                        target.durability,
+                        flags=flags if on else (),
+                        workers=target.workers,
+                    )
+                    async with running(
+                        run, workdir / f"cost-{len(pairs)}-{round_}-{on}", database_url
+                    ) as server:
                         load = Load(server.url, "10keys", f"c{round_}{on}-", round_, seconds, 32)
                         result = await run_wrk(load)
                     (pair.on if on else pair.off).append(result.rps)
