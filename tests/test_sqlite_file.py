@@ -24,32 +24,28 @@ async def test_a_database_file_gone_from_its_path_stops_the_flush(
     path = tmp_path / "counters.db"
     url = f"sqlite:///{path}"
     key = unique("file-")
-    async with run_service(settings_for(tmp_path, url)) as svc:
-        async with httpx.AsyncClient(base_url=svc.url) as client:
-            assert (
-                await client.post("/increment", json={"key": key, "value": 1})
-            ).status_code == 202
-            await wait_until(lambda: totals_are(url, {key: 1}))
-            aside = tmp_path / "aside.db"
-            os.rename(path, aside)
-            if change == "replaced":
-                shutil.copy(aside, path)
-            assert (
-                await client.post("/increment", json={"key": key, "value": 2})
-            ).status_code == 202
+    settings = settings_for(tmp_path, url)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        assert (await client.post("/increment", json={"key": key, "value": 1})).status_code == 202
+        await wait_until(lambda: totals_are(url, {key: 1}))
+        aside = tmp_path / "aside.db"
+        os.rename(path, aside)
+        if change == "replaced":
+            shutil.copy(aside, path)
+        assert (await client.post("/increment", json={"key": key, "value": 2})).status_code == 202
 
-            async def refused() -> bool:
-                ready = await client.get("/readyz")
-                codes = [r["code"] for r in ready.json()["reasons"]]
-                return ready.status_code == 503 and codes == ["database_unavailable"]
+        async def refused() -> bool:
+            ready = await client.get("/readyz")
+            codes = [r["code"] for r in ready.json()["reasons"]]
+            return ready.status_code == 503 and codes == ["database_unavailable"]
 
-            await wait_until(refused, timeout=15)
-            assert svc.flusher is not None and svc.flusher.db_error is not None
-            assert f"was {change}" in svc.flusher.db_error
-            assert svc.metrics.flush_failures >= 1
-            os.replace(aside, path)
-            await wait_until(lambda: totals_are(url, {key: 3}), timeout=15)
-            await wait_until(lambda: _ready(client), timeout=15)
+        await wait_until(refused, timeout=15)
+        assert svc.flusher is not None and svc.flusher.db_error is not None
+        assert f"was {change}" in svc.flusher.db_error
+        assert svc.metrics.flush_failures >= 1
+        os.replace(aside, path)
+        await wait_until(lambda: totals_are(url, {key: 3}), timeout=15)
+        await wait_until(lambda: _ready(client), timeout=15)
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
