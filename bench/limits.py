@@ -261,7 +261,7 @@ async def cost(database_url: str, workdir: Path, seconds: float, rounds: int) ->
                 (*limited, "--rate-limit-store", store.url),
             ),
         ]
-        pairs = []
+        pairs: list[Pair] = []
         for label, target, flags in variants:
             pair = Pair(label)
             for round_ in range(rounds):

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -43,15 +43,13 @@ from incrementer.node.datadir import DataDir
 from incrementer.process import rundir, sharedport
 from incrementer.process.budget_channel import BudgetServer
 from incrementer.process.metrics_files import Publisher
+from incrementer.process.slots import WorkerSlot, how
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate
 from incrementer.urls import redact_url
 
 log = logging.getLogger("incrementer.supervisor")
 
-STABLE_AFTER = 10.0  # a worker up this long before it died starts its backoff over
-BACKOFF_FIRST = 0.5  # the delay before the second restart of a worker that keeps dying
-BACKOFF_MAX = 30.0
 KILL_GRACE = 2.0  # past a worker's own shutdown ceiling, it is killed
 WATCH_EVERY = 1.0  # how often the watchdog reads the workers' heartbeats
 
@@ -59,28 +57,6 @@ WATCH_EVERY = 1.0  # how often the watchdog reads the workers' heartbeats
 class CannotStart(Exception):
     """The group cannot start: the port is taken, or a worker failed to start (its own log line
     says why)."""
-
-
-@dataclass
-class WorkerSlot:
-    """One of the N places in the group: the process filling it now (worker.py), and how it has
-    fared; a restart fills the same slot with a new generation."""
-
-    index: int
-    generation: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    notify: int = -1  # read end of the worker's "ready" pipe
-    started: float = 0.0
-    ready: bool = False
-    quick_deaths: int = 0  # deaths in a row, each soon after its start
-    restart_at: float | None = None
-    ready_at: float = 0.0  # wall clock: the heartbeat's age counts from here at most
-    killed_stuck: bool = False
-
-    @property
-    def ident(self) -> str:
-        """Names the worker's metrics files: unique in the group's life, unlike a pid."""
-        return f"w{self.index}g{self.generation}"
 
 
 class Supervisor:
@@ -316,17 +292,14 @@ class Supervisor:
         lived = time.monotonic() - worker.started
         if not self._all_ready_once and (not worker.ready or code == 2):
             raise CannotStart(f"worker {worker.index} exited with status {code} while starting")
-        worker.quick_deaths = 0 if lived >= STABLE_AFTER else worker.quick_deaths + 1
-        delay = 0.0
-        if worker.quick_deaths > 1:
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (worker.quick_deaths - 2))
+        delay = worker.restart_delay(lived)
         worker.restart_at = time.monotonic() + delay
         self.restarts += 1
         log.warning(
             "worker %d (pid %d) %s after %.1f s; restarting it%s",
             worker.index,
             proc.pid,
-            _how(code),
+            how(code),
             lived,
             f" in {delay:g} s (it keeps dying)" if delay else "",
         )
@@ -357,7 +330,7 @@ class Supervisor:
                 if code != 0:
                     status = 1
                     if not force:
-                        log.error("worker %d (pid %d) %s", worker.index, proc.pid, _how(code))
+                        log.error("worker %d (pid %d) %s", worker.index, proc.pid, how(code))
                 self._close_notify(worker)
                 rundir.forget(self.run_dir, worker.ident, worker.index)
                 worker.proc = None
@@ -435,9 +408,3 @@ class _SupervisorCollector:
             "Workers the supervisor restarted after they died.",
             value=s.restarts,
         )
-
-
-def _how(code: int) -> str:
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with status {code}"
