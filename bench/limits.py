@@ -21,6 +21,9 @@ Revocation: three instances on one PostgreSQL database with --auth-refresh 60, e
 10 ms with a key; the key is revoked (as `incrementer keys revoke` does), and the time until each
 instance answers 401 is reported.
 
+Exchange cost: the CPU one reconciliation costs per limit, with 1,000 limits per exchange, in the
+reconciling process and (from its commandstats) in Redis; and through a group's supervisor.
+
 Writes bench/results/limits-<date>.md. Needs PostgreSQL (as bench.run), wrk and redis-server.
 """
 
@@ -29,8 +32,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +51,9 @@ from bench.harness.paths import RESULTS
 from bench.harness.redisserver import RedisServer, free_port, redis_server
 from bench.harness.targets import INCREMENTER_WAL, Target, running
 from incrementer.auth import admin
+from incrementer.auth.budgets import BudgetStore, Usage
+from incrementer.auth.redis_budgets import RedisBudgets
+from incrementer.process.budget_channel import BudgetServer, SupervisorBudgets
 
 RATE, BURST = 50, 50
 LISTENING = re.compile(r"listening on (http://\S+?)(?: with \d+ workers|\s|$)")
@@ -283,6 +292,61 @@ async def cost(database_url: str, workdir: Path, seconds: float, rounds: int) ->
     return pairs
 
 
+# --- one exchange's cost ----------------------------------------------------------------------
+
+
+@dataclass
+class ExchangeCost:
+    store: str
+    process_us: float  # CPU of the reconciling process (and, for the supervisor, its server)
+    redis_us: float | None = None  # Redis's own CPU
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _per_key(store: BudgetStore, keys: int, exchanges: int) -> float:
+    usage = [Usage(f"key:k{i}", 3, float(RATE), float(BURST)) for i in range(keys)]
+    await store.exchange("bench", usage)
+    before = _cpu()
+    for _ in range(exchanges):
+        await store.exchange("bench", usage)
+    return (_cpu() - before) / exchanges / keys * 1e6
+
+
+async def exchange_cost(workdir: Path, keys: int = 1000, exchanges: int = 50) -> list[ExchangeCost]:
+    """CPU microseconds per limit and exchange, `keys` limits per exchange, for both stores."""
+    found = []
+    with redis_server(workdir / "exchange-redis") as server:
+        redis = RedisBudgets(server.url, 5.0)
+        try:
+            process = await _per_key(redis, keys, exchanges)
+        finally:
+            await redis.close()
+        stats = subprocess.run(
+            [machine.which("redis-cli") or "redis-cli", "-p", str(server.port), "info",
+             "commandstats"], capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        found_usec = re.search(r"cmdstat_evalsha:calls=(\d+),usec=(\d+)", stats)
+        redis_us = None
+        if found_usec:
+            calls, usec = int(found_usec.group(1)), int(found_usec.group(2))
+            redis_us = usec / calls / keys
+        found.append(ExchangeCost("Redis", process, redis_us))
+    supervisor = BudgetServer()
+    supervisor.start()
+    end = supervisor.connect()
+    channel = SupervisorBudgets(os.dup(end.fileno()), 1)
+    end.close()
+    try:
+        found.append(ExchangeCost("a group's supervisor", await _per_key(channel, keys, exchanges)))
+    finally:
+        await channel.close()
+    return found
+
+
 # --- revocation ------------------------------------------------------------------------------
 
 
@@ -339,6 +403,7 @@ def report(
     cost_seconds: float,
     rounds: int,
     revoked: list[float],
+    exchanges: Sequence[ExchangeCost],
 ) -> str:
     facts = machine.describe("")
     lines = [
@@ -373,6 +438,17 @@ def report(
                 f"| {pair.label} | {statistics.median(pair.on):,.0f} | "
                 f"{statistics.median(pair.off):,.0f} | {pair.ratio:.3f} |"
             )
+    if exchanges:
+        lines += [
+            "",
+            "## One exchange's cost, per limit (1,000 limits per exchange, CPU microseconds)",
+            "",
+            "| store | the reconciling process | Redis |",
+            "|---|---:|---:|",
+        ]
+        for cost_ in exchanges:
+            redis_us = "" if cost_.redis_us is None else f"{cost_.redis_us:.1f}"
+            lines.append(f"| {cost_.store} | {cost_.process_us:.1f} | {redis_us} |")
     if revoked:
         shown = ", ".join(f"{r * 1000:.0f} ms" for r in revoked)
         lines += [
@@ -409,7 +485,10 @@ async def main(argv: list[str] | None = None) -> int:
         revoked = [] if args.skip_revocation else await revocation(url, work)
         if revoked:
             print(f"revocation: {revoked}", flush=True)
-    text = report(args.seconds, accuracy, pairs, args.cost_seconds, args.rounds, revoked)
+    exchanges = await exchange_cost(work)
+    for item in exchanges:
+        print(f"exchange cost, {item.store}: {item.process_us:.1f} us/limit", flush=True)
+    text = report(args.seconds, accuracy, pairs, args.cost_seconds, args.rounds, revoked, exchanges)
     out = RESULTS / f"limits-{datetime.now():%Y-%m-%d-%H%M}.md"
     out.write_text(text)
     print(f"wrote {out}")

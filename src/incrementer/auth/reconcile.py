@@ -1,9 +1,11 @@
 """Keeping this process's rate-limit buckets in step with the buckets its group or fleet shares.
 
 Every `interval` (--rate-limit-sync, 0.05 s) one exchange with the shared store (budgets.py)
-reports, for every limit active here, the requests let through since the last exchange, and sets
-each local bucket to the shared level it gets back. The request path never waits on it: it
-spends from the local bucket. A limit is active here from its first request until ACTIVE_FOR
+reports, for every limit that let a request through here since the last one, how many, and sets
+each local bucket to the shared level it gets back; a limit active here but quiet since its last
+exchange rides along once every IDLE_EVERY only (its level matters once a request comes, and
+costs the store and this loop a key's work per exchange). The request path never waits on it:
+it spends from the local bucket. A limit is active here from its first request until ACTIVE_FOR
 seconds after its last; outside that, its bucket enforces this process's share of the limit
 alone (keyring.TokenBucket.local_share), as every bucket does while the store is unreachable and
 limits fail open. Failing closed instead, every limited request is refused (429) until the store
@@ -29,11 +31,23 @@ log = logging.getLogger("incrementer.limits")
 ACTIVE_FOR = 10.0
 """A limit is reconciled until this long after the last request this process let through."""
 IDLE_EVERY = 1.0
-"""With no limit active, exchange this often anyway: the count of processes stays current, and
-an unreachable store shows."""
+"""A quiet limit is exchanged this often; with none active, an empty exchange this often keeps
+the count of processes current and shows an unreachable store."""
 TIMEOUT_INTERVALS = 20
 """An exchange unanswered after this many intervals (at least a second) counts as failed."""
 STORE_DOWN = "rate_limit_store_unavailable"
+
+
+class Active:
+    """A limit this process reconciles: its bucket, when it last let a request through, when it
+    was last exchanged."""
+
+    __slots__ = ("bucket", "exchanged_at", "used_at")
+
+    def __init__(self, bucket: TokenBucket, now: float) -> None:
+        self.bucket = bucket
+        self.used_at = now
+        self.exchanged_at = -IDLE_EVERY
 
 
 class Reconciler:
@@ -53,8 +67,8 @@ class Reconciler:
         self.metrics = metrics
         self.member = member or f"{socket.gethostname()}:{os.getpid()}"
         self.timeout = max(1.0, TIMEOUT_INTERVALS * interval)
-        self.active: dict[str, tuple[TokenBucket, float]] = {}
-        """Limits reconciled: name -> (this process's bucket, when it last let one through)."""
+        self.active: dict[str, Active] = {}
+        """Limits reconciled, by name."""
         self.down_since: float | None = None
         """When the store stopped answering (monotonic), while it does not."""
         self.error = ""
@@ -71,15 +85,19 @@ class Reconciler:
     async def reconcile(self, now: float) -> None:
         """One exchange for every active limit (or a keep-alive exchange when none is)."""
         self._collect(now)
-        if not self.active and now - self._exchanged_at < IDLE_EVERY:
-            return
-        self._exchanged_at = now
         sent: list[tuple[TokenBucket, int]] = []
         usage: list[Usage] = []
-        for name, (bucket, _) in self.active.items():
+        for name, active in self.active.items():
+            bucket = active.bucket
+            if not bucket.taken and now - active.exchanged_at < IDLE_EVERY:
+                continue
+            active.exchanged_at = now
             usage.append(Usage(name, bucket.taken, bucket.limit_rate, bucket.limit_burst))
             sent.append((bucket, bucket.taken))
             bucket.taken = 0
+        if not usage and now - self._exchanged_at < IDLE_EVERY:
+            return
+        self._exchanged_at = now
         try:
             shared = await asyncio.wait_for(self.store.exchange(self.member, usage), self.timeout)
         except (BudgetStoreError, TimeoutError) as exc:
@@ -98,11 +116,15 @@ class Reconciler:
         those idle for ACTIVE_FOR (they enforce this process's share alone until used again)."""
         reports, self.sharing.reports = self.sharing.reports, []
         for bucket in reports:
-            self.active[bucket.name] = (bucket, now)
-        for name, (bucket, last) in list(self.active.items()):
-            if now - last > ACTIVE_FOR and not bucket.taken:
+            active = self.active.get(bucket.name)
+            if active is None or active.bucket is not bucket:
+                self.active[bucket.name] = Active(bucket, now)
+            else:
+                active.used_at = now
+        for name, active in list(self.active.items()):
+            if now - active.used_at > ACTIVE_FOR and not active.bucket.taken:
                 del self.active[name]
-                bucket.local_share(self.sharing.processes)
+                active.bucket.local_share(self.sharing.processes)
 
     def _failed(self, why: str, sent: list[tuple[TokenBucket, int]], now: float) -> None:
         self.metrics.rate_limit_syncs["failed"] += 1
