@@ -111,3 +111,16 @@ async def test_no_limit_no_fields_and_a_client_address_limit_says_per_ip(
         resp = await client.post("/increment", json={"key": "n", "value": 1})
         found = fields(resp)
         assert found is not None and found[0] == '"per-ip";q=20;w=2'
+
+
+def test_a_202_with_fields_is_the_one_build_would_make() -> None:
+    """The fast path's 202 with a limit's fields, put together from pre-built parts, is byte for
+    byte what responses.build makes, kept alive, closing, and for HTTP/1.0."""
+    from incrementer.http import responses
+
+    clock = responses.Clock(0.0)
+    fields = b'RateLimit-Policy: "per-key";q=5;w=1\r\nRateLimit: "per-key";r=4;t=1\r\n'
+    for close, http10 in ((False, False), (True, False), (False, True)):
+        headers = fields + responses.KEEP_ALIVE if http10 else fields
+        expected = responses.build(clock, 202, headers=headers, close=close)
+        assert responses.accepted(clock, fields, close, http10) == expected

@@ -56,6 +56,9 @@ class TokenBucket:
     __slots__ = (
         "burst",
         "fields_prefix",
+        "last_fields",
+        "last_left",
+        "last_wait",
         "limit_burst",
         "limit_rate",
         "name",
@@ -80,6 +83,10 @@ class TokenBucket:
         self.stamp = now
         self.taken = 0
         self.fields_prefix = policy_fields(name.partition(":")[0], rate, burst)
+        # The last fields built, reused while they read the same (a bucket at its burst does).
+        self.last_left = -1
+        self.last_wait = -1
+        self.last_fields = b""
         if sharing is not None:
             self.local_share(sharing.processes)
 
@@ -130,11 +137,18 @@ class TokenBucket:
         seconds until one more is (t)."""
         tokens = self.tokens
         whole = math.floor(tokens)
-        if tokens >= self.burst:
-            return self.fields_prefix + b"%d\r\n" % whole
-        later = max(whole + 1, 1)
-        wait = math.ceil((later - tokens) / self.rate)
-        return self.fields_prefix + b"%d;t=%d\r\n" % (max(whole, 0), wait)
+        wait = 0
+        if tokens < self.burst:
+            wait = math.ceil((max(whole + 1, 1) - tokens) / self.rate)
+        left = max(whole, 0)
+        if left == self.last_left and wait == self.last_wait:
+            return self.last_fields
+        if wait:
+            built = self.fields_prefix + b"%d;t=%d\r\n" % (left, wait)
+        else:
+            built = self.fields_prefix + b"%d\r\n" % left
+        self.last_left, self.last_wait, self.last_fields = left, wait, built
+        return built
 
 
 def policy_fields(policy: str, rate: float, burst: float) -> bytes:
