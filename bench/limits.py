@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from bench.harness import database, machine
+from bench.harness import database, machine, procfs
 from bench.harness.load import Load, run_wrk
 from bench.harness.paths import RESULTS
 from bench.harness.redisserver import RedisServer, free_port, redis_server
@@ -245,13 +245,22 @@ async def accuracy_fleet(
 
 @dataclass
 class Pair:
+    """One variant's runs: req/s and the server's CPU microseconds per request (all its
+    processes), with the limit on and off."""
+
     label: str
     on: list[float] = field(default_factory=list)
     off: list[float] = field(default_factory=list)
+    cpu_on: list[float] = field(default_factory=list)
+    cpu_off: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         return statistics.median(self.on) / statistics.median(self.off)
+
+    @property
+    def cpu_ratio(self) -> float:
+        return statistics.median(self.cpu_on) / statistics.median(self.cpu_off)
 
 
 async def cost(database_url: str, workdir: Path, seconds: float, rounds: int) -> list[Pair]:
@@ -286,8 +295,12 @@ async def cost(database_url: str, workdir: Path, seconds: float, rounds: int) ->
                         run, workdir / f"cost-{len(pairs)}-{round_}-{on}", database_url
                     ) as server:
                         load = Load(server.url, "10keys", f"c{round_}{on}-", round_, seconds, 32)
+                        before = procfs.process_group(server.pid)
                         result = await run_wrk(load)
+                        spent = (procfs.process_group(server.pid) - before).total
                     (pair.on if on else pair.off).append(result.rps)
+                    cpu = spent / max(1, result.requests) * 1e6
+                    (pair.cpu_on if on else pair.cpu_off).append(cpu)
             pairs.append(pair)
     return pairs
 
@@ -430,14 +443,23 @@ def report(
             f"## Cost: wrk 10keys, 32 connections, {cost_seconds:g} s, {rounds} rounds each, "
             "limit on (never refusing) against off, alternating",
             "",
-            "| variant | req/s, limit on (median) | req/s, off (median) | on / off |",
-            "|---|---:|---:|---:|",
+            "| variant | req/s on | req/s off | on / off | server CPU µs/request on | off | "
+            "on / off |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for pair in pairs:
             lines.append(
                 f"| {pair.label} | {statistics.median(pair.on):,.0f} | "
-                f"{statistics.median(pair.off):,.0f} | {pair.ratio:.3f} |"
+                f"{statistics.median(pair.off):,.0f} | {pair.ratio:.3f} | "
+                f"{statistics.median(pair.cpu_on):.2f} | {statistics.median(pair.cpu_off):.2f} | "
+                f"{pair.cpu_ratio:.3f} |"
             )
+        lines += [
+            "",
+            "Medians of the rounds. Server CPU per request (every process of the server, from "
+            "/proc) is what a request costs whatever else the machine does; req/s also moves "
+            "with the machine's other load.",
+        ]
     if exchanges:
         lines += [
             "",
@@ -466,22 +488,28 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-revocation", action="store_true")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-limits-"))
     accuracy: dict[str, Counts] = {}
     async with database.fresh_database("limits") as url:
-        accuracy["one process (reference)"] = await accuracy_alone(url, work, args.seconds)
-        accuracy["--workers 3"] = await accuracy_group(url, work, args.seconds)
-        accuracy["3 instances, one Redis"] = await accuracy_fleet(url, work, args.seconds)
-        accuracy["3 instances, one Redis, load moving half way"] = await accuracy_fleet(
-            url, work, args.seconds, moving=True
-        )
+        if not args.skip_accuracy:
+            accuracy["one process (reference)"] = await accuracy_alone(url, work, args.seconds)
+            accuracy["--workers 3"] = await accuracy_group(url, work, args.seconds)
+            accuracy["3 instances, one Redis"] = await accuracy_fleet(url, work, args.seconds)
+            accuracy["3 instances, one Redis, load moving half way"] = await accuracy_fleet(
+                url, work, args.seconds, moving=True
+            )
         for label, counts in accuracy.items():
             print(f"{label}: {counts.accepted} accepted ({counts.statuses})", flush=True)
         pairs = [] if args.skip_cost else await cost(url, work, args.cost_seconds, args.rounds)
         for pair in pairs:
-            print(f"cost, {pair.label}: on/off {pair.ratio:.3f}", flush=True)
+            print(
+                f"cost, {pair.label}: req/s on/off {pair.ratio:.3f}, "
+                f"CPU per request on/off {pair.cpu_ratio:.3f}",
+                flush=True,
+            )
         revoked = [] if args.skip_revocation else await revocation(url, work)
         if revoked:
             print(f"revocation: {revoked}", flush=True)
