@@ -68,6 +68,7 @@ async def test_redis_going_away_and_back(tmp_path: Path, sqlite_url: str, mode: 
                 else:
                     assert statuses == {429}
                     assert all(a.headers["retry-after"] == "1" for a in answers)
+                    assert all(a.headers["ratelimit"].endswith(";r=0;t=1") for a in answers)
                 free = await client.post(
                     "/increment",
                     json={"key": "down", "value": 1},

@@ -135,6 +135,9 @@ class TokenBucket:
         """The RateLimit-Policy and RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)
         for the bucket as it is now: the requests left (r) and, unless the bucket is full, the
         seconds until one more is (t)."""
+        sharing = self.sharing
+        if sharing is not None and sharing.closed:
+            return self.fields_prefix + b"0;t=1\r\n"  # as take() says while failing closed
         tokens = self.tokens
         whole = math.floor(tokens)
         wait = 0

@@ -78,7 +78,10 @@ class Reconciler:
         try:
             while True:
                 await asyncio.sleep(self.interval)
-                await self.reconcile(time.monotonic())
+                try:
+                    await self.reconcile(time.monotonic())
+                except Exception:  # a bug of ours: say so, keep reconciling
+                    log.exception("internal error reconciling the shared rate limits")
         finally:
             await self.store.close()
 
@@ -137,8 +140,8 @@ class Reconciler:
             return
         self.down_since = now
         if self.fail_open:
-            for bucket, _ in sent:
-                bucket.local_share(self.sharing.processes)
+            for active in self.active.values():
+                active.bucket.local_share(self.sharing.processes)
             log.warning(
                 "rate-limit store %s unreachable (%s): limits fail open, this process "
                 "allowing 1/%d of each (its share) until the store answers again",
