@@ -135,17 +135,11 @@ class Service:
             self.member,
             self.reconciler,
         )
+        worker = None if self.member is None else self.member.index
         app = App(
             intake,
             Increments(validator, intake, keyed, self.metrics),
-            Reads(
-                validator,
-                self.store,
-                self.flusher,
-                node_id,
-                self.metrics,
-                None if self.member is None else self.member.index,
-            ),
+            Reads(validator, self.store, self.flusher, node_id, self.metrics, worker),
             readiness,
             Pages(self.metrics),
             self.metrics,
@@ -220,35 +214,21 @@ class Service:
 
     async def _sharing(self) -> Sharing | None:
         """The rate limits' sharing with the other processes of the fleet (Redis) or the group
-        (the supervisor), None for a process alone. The first exchange runs now, so a store
-        that cannot be reached shows in the start-up log (the service starts all the same,
-        failing open or closed)."""
+        (the supervisor), None for a process alone."""
         s = self.settings
         store: BudgetStore
         if s.rate_limit_store:
-            store = RedisBudgets(s.rate_limit_store, s.rate_limit_sync * 20)
-            member = ""
+            store, member = RedisBudgets(s.rate_limit_store, s.rate_limit_sync * 20), ""
         elif self.member is not None:
             store, member = self.member.budgets(), f"worker-{self.member.index}"
         else:
             return None
-        sharing = Sharing(store.processes)
         fail_open = s.rate_limit_store_down == "open"
-        reconciler = Reconciler(store, sharing, s.rate_limit_sync, fail_open, self.metrics, member)
-        await reconciler.reconcile(time.monotonic())
-        if reconciler.down_since is None:
-            log.info(
-                "rate limits shared through %s with %d processes", store.where, sharing.processes
-            )
-        self.reconciler = reconciler
-        self._background.append(asyncio.create_task(reconciler.run(), name="limits"))
-        self.metrics.gauge(
-            "incrementer_rate_limit_store_up",
-            "1 while the store of the shared rate limits answers, 0 while limits fail open or "
-            "closed without it.",
-            lambda: 0.0 if reconciler.down_since is not None else 1.0,
+        self.reconciler = await Reconciler.started(
+            store, s.rate_limit_sync, fail_open, self.metrics, member
         )
-        return sharing
+        self._background.append(asyncio.create_task(self.reconciler.run(), name="limits"))
+        return self.reconciler.sharing
 
     async def _prune(self, limiter: ClientLimiter) -> None:
         while True:

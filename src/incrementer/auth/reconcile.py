@@ -74,6 +74,29 @@ class Reconciler:
         self.error = ""
         self._exchanged_at = -IDLE_EVERY
 
+    @classmethod
+    async def started(
+        cls, store: BudgetStore, interval: float, fail_open: bool, metrics: Metrics, member: str
+    ) -> Reconciler:
+        """A reconciler whose first exchange has run, so that a store that cannot be reached
+        shows in the start-up log (the service starts all the same, failing open or closed),
+        with its gauge registered; run() it."""
+        reconciler = cls(store, Sharing(store.processes), interval, fail_open, metrics, member)
+        await reconciler.reconcile(time.monotonic())
+        if reconciler.down_since is None:
+            log.info(
+                "rate limits shared through %s with %d processes",
+                store.where,
+                reconciler.sharing.processes,
+            )
+        metrics.gauge(
+            "incrementer_rate_limit_store_up",
+            "1 while the store of the shared rate limits answers, 0 while limits fail open or "
+            "closed without it.",
+            lambda: 0.0 if reconciler.down_since is not None else 1.0,
+        )
+        return reconciler
+
     async def run(self) -> None:
         try:
             while True:
