@@ -8,6 +8,7 @@ root as a module:
     .venv/bin/python -m bench.client        # the Python client beside wrk
     .venv/bin/python -m bench.sizing        # the figures docs/operations.md sizes a deployment by
     .venv/bin/python -m bench.spread        # how the kernel spreads connections over N processes
+    .venv/bin/python -m bench.limits        # shared rate limits: accuracy, cost, revocation
     .venv/bin/python -m bench.profile_load  # py-spy on the service under wrk
 
 Beneath the scripts, each package imports only those listed after it:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from chaos_proxy import chaos_proxy
-from incrementer_client import AsyncClient, Client, Full, Refused
+from incrementer_client import AsyncClient, Client, Full, Refused, _batching
 from incrementer_client._batching import INT64_MAX, Backoff, Pending, retry_after
 from support import (
     RekeyingTransport,
@@ -132,8 +132,16 @@ def test_the_harness_catches_retries_under_new_keys(shared: tuple[Spawned, str])
     assert sum(found.values()) > len(keys)
 
 
-def test_rate_limited_batches_are_retried_after_retry_after(tmp_path: Path) -> None:
-    """429 with Retry-After: the batch waits and is sent again until it counts."""
+@pytest.mark.parametrize("honoured", [True, False])
+def test_a_spent_rate_limit_holds_the_next_batch_and_a_429_is_retried(
+    tmp_path: Path, honoured: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against --rate-limit 2 --rate-burst 1, each 202 says the quota is spent (RateLimit r=0,
+    t=1): the client holds its next batch that long, so none is refused. With the RateLimit
+    field ignored, the next batches get 429 with Retry-After, wait it out and are sent again.
+    Either way everything counts once."""
+    if not honoured:
+        monkeypatch.setattr(_batching, "rate_limit_wait", lambda value: None)
     keys = [unique() for _ in range(6)]
     with sqlite_server(tmp_path, "--rate-limit", "2", "--rate-burst", "1") as (srv, database_url):
         with Client(srv.url, max_batch=2) as client:
@@ -143,7 +151,19 @@ def test_rate_limited_batches_are_retried_after_retry_after(tmp_path: Path) -> N
             stats = client.stats
         expected = {key: 3 for key in keys}
         assert eventually(lambda: totals(database_url, keys), expected) == expected
-    assert stats.retries >= 1 and stats.dropped == 0
+    assert stats.dropped == 0 and stats.batches == 3
+    assert (stats.retries == 0) if honoured else (stats.retries >= 1)
+
+
+def test_the_rate_limit_field_is_read_as_the_draft_says() -> None:
+    """A RateLimit item with nothing left (r=0) and a wait (t) holds the client that long; one
+    with quota left, without t, or malformed (ignored, as the draft asks) does not."""
+    assert _batching.rate_limit_wait('"per-key";r=0;t=3') == 3.0
+    assert _batching.rate_limit_wait('"a";r=5, "b";r=0;t=7') == 7.0
+    assert _batching.rate_limit_wait('"per-key";r=2;t=1') is None
+    assert _batching.rate_limit_wait('"per-key";r=0') is None
+    assert _batching.rate_limit_wait("r=0;t=3") is None
+    assert _batching.rate_limit_wait('"per-key";r=0;t=100000') == 300.0
 
 
 def test_backoff_honours_retry_after_and_grows_with_jitter() -> None:

@@ -107,3 +107,26 @@ def test_json_logs_and_default_sqlite_quickstart(tmp_path: Path) -> None:
     assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
     assert (tmp_path / "incrementer.db").exists()
     assert (tmp_path / "incrementer-data" / "node_id").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("rate_limit_store", "redis://:pw@/0", "names no host"),
+        ("rate_limit_store", "memcached://h:1", "unsupported rate-limit store URL"),
+        ("rate_limit_store", "redis://h:99999/0", "the port must be a number"),
+        ("rate_limit_store_down", "maybe", "must be one of open, closed"),
+        ("rate_limit_sync", 0.0, "above 0 and at most 1"),
+        ("rate_limit_sync", 5.0, "above 0 and at most 1"),
+        ("worker_timeout", 0.0, "must be a positive number of seconds"),
+    ],
+)
+def test_the_shared_limits_and_the_watchdog_refuse_bad_values(
+    field: str, value: object, why: str
+) -> None:
+    """The options of the shared rate limits and of the watchdog refuse a bad value naming the
+    option and the value (a store URL's password as ***)."""
+    with pytest.raises(ConfigError, match=f"invalid {field.replace('_', '-')}=") as caught:
+        Settings(**{field: value})
+    assert why in str(caught.value) and "pw" not in str(caught.value)
+    Settings(rate_limit_store="rediss://user:pw@cache.internal:6380/3", worker_timeout=0.5)

@@ -51,6 +51,19 @@ def test_deploy_config_passes_nginx_t_and_never_resends_a_post(tmp_path: Path) -
     assert "proxy_http_version 1.1;" in directives
 
 
+def test_the_consistent_hash_alternative_passes_nginx_t(tmp_path: Path) -> None:
+    """The commented alternative of the shipped config, pinning each API key to one instance
+    (`hash $http_authorization consistent`), is valid nginx once uncommented."""
+    main = write_nginx(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"], free_port())
+    conf = main.parent / "incrementer.conf"
+    text = conf.read_text()
+    alternative = "#     hash $http_authorization consistent;"
+    assert alternative in text
+    conf.write_text(text.replace(alternative, "hash $http_authorization consistent;"))
+    checked = nginx_test(main)
+    assert checked.returncode == 0, checked.stderr
+
+
 async def test_fleet_behind_nginx_survives_kill9_and_a_rolling_restart(
     tmp_path: Path, pg_url: str
 ) -> None:

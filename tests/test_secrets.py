@@ -32,6 +32,10 @@ SECRET = unique("hunter2-")
         ("postgresql://u:@h/db", "postgresql://u:***@h/db"),
         ("sqlite:///counters.db", "sqlite:///counters.db"),
         ("postgresql://u@h/db?passfile=/x", "postgresql://u@h/db?passfile=/x"),
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://default:pw@h:6380/2", "rediss://default:***@h:6380/2"),
+        ("redis://h:6379/0?password=pw", "redis://h:6379/0?password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
     ],
 )
 def test_every_url_form_is_redacted(url: str, shown: str) -> None:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from incrementer.urls import parse_database_url, redact_url
+from incrementer.urls import check_redis_url, parse_database_url, redact_url
 
 Durability = Literal["memory", "wal", "wal-fsync"]
 DURABILITY_MODES: tuple[Durability, ...] = ("memory", "wal", "wal-fsync")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_MODES = ("auto", "required", "off")
+STORE_DOWN_MODES = ("open", "closed")
 ENV_PREFIX = "INCREMENTER_"
 # Each worker is a whole server with its own event loop: past a few per core they only take turns.
 WORKERS_PER_CPU_MAX = 4
@@ -75,10 +76,14 @@ class Settings:
     auth_lookup_rate: float = 20.0
     rate_limit: float = 0.0
     rate_burst: int = 0
+    rate_limit_store: str = ""
+    rate_limit_store_down: str = "open"
+    rate_limit_sync: float = 0.05
     idempotency_window: float = 86_400.0
     log_format: str = "text"
     log_level: str = "info"
     workers: int = 1
+    worker_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         _check(self.port, "port", 0 <= self.port <= 65535, "must be between 0 and 65535")
@@ -166,6 +171,33 @@ class Settings:
         )
         _check(self.rate_limit, "rate_limit", self.rate_limit >= 0, "must be >= 0 (0 = no limit)")
         _check(self.rate_burst, "rate_burst", self.rate_burst >= 0, "must be >= 0")
+        if self.rate_limit_store:
+            try:
+                check_redis_url(self.rate_limit_store)
+            except ValueError as exc:
+                shown = redact_url(self.rate_limit_store)
+                raise ConfigError(
+                    f"invalid rate-limit-store={shown!r}", str(exc), "rate_limit_store"
+                ) from None
+        _check(
+            self.rate_limit_store_down,
+            "rate_limit_store_down",
+            self.rate_limit_store_down in STORE_DOWN_MODES,
+            f"must be one of {', '.join(STORE_DOWN_MODES)}",
+        )
+        _check(
+            self.rate_limit_sync,
+            "rate_limit_sync",
+            0 < self.rate_limit_sync <= 1,
+            "must be a number of seconds above 0 and at most 1 (the overshoot a shared limit "
+            "allows grows with it)",
+        )
+        _check(
+            self.worker_timeout,
+            "worker_timeout",
+            self.worker_timeout > 0,
+            "must be a positive number of seconds",
+        )
         _check(
             self.log_format,
             "log_format",

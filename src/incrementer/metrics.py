@@ -76,6 +76,9 @@ class Metrics:
         self.idempotent_requests = {"accepted": 0, "unchecked": 0, "replayed": 0, "conflict": 0}
         self.idempotent_settled = {"applied": 0, "duplicate": 0, "conflict": 0}
         self.idempotency_keys_swept = 0
+        # Exchanges with the store of shared rate limits (auth/reconcile.py), by result.
+        self.rate_limit_syncs = {"ok": 0, "failed": 0}
+        self.rate_limit_sync_seconds = Histogram(LATENCY_BUCKETS)
         self.flushes = 0
         self.flush_failures = 0
         self.skipped_batches = 0
@@ -203,6 +206,19 @@ class Metrics:
             "incrementer_idempotency_keys_swept",
             "Idempotency keys deleted from the database after --idempotency-window.",
             value=self.idempotency_keys_swept,
+        )
+        syncs = CounterMetricFamily(
+            "incrementer_rate_limit_syncs",
+            "Exchanges with the store of the shared rate limits (a --workers group's supervisor, "
+            "or --rate-limit-store), by result.",
+            labels=["result"],
+        )
+        for result, count in self.rate_limit_syncs.items():
+            syncs.add_metric([result], count)
+        yield syncs
+        yield self.rate_limit_sync_seconds.family(
+            "incrementer_rate_limit_sync_duration_seconds",
+            "Time of one successful exchange with the store of the shared rate limits.",
         )
         yield self.flush_seconds.family(
             "incrementer_flush_duration_seconds", "Time to apply one batch."

@@ -24,7 +24,10 @@ from incrementer.api.increments import Increments
 from incrementer.api.pages import Pages
 from incrementer.api.readiness import Peers, Readiness
 from incrementer.api.reads import Reads
-from incrementer.auth.keyring import ClientLimiter, KeyRing
+from incrementer.auth.budgets import BudgetStore
+from incrementer.auth.keyring import ClientLimiter, KeyRing, Sharing
+from incrementer.auth.reconcile import Reconciler
+from incrementer.auth.redis_budgets import RedisBudgets
 from incrementer.auth.source import KeySource
 from incrementer.config import EXIT_GRACE, Settings
 from incrementer.delivery.durability import AckGate
@@ -64,6 +67,9 @@ class GroupMember(Peers, Protocol):
     def leave(self) -> None:
         """The final publish, after the final flush."""
 
+    def budgets(self) -> BudgetStore:
+        """The group's shared rate-limit buckets (the supervisor holds them)."""
+
 
 class Service:
     def __init__(self, settings: Settings, member: GroupMember | None = None) -> None:
@@ -79,6 +85,7 @@ class Service:
         self.server: HttpServer | None = None
         self.gate: AckGate | None = None
         self.key_source: KeySource | None = None
+        self.reconciler: Reconciler | None = None
         self.url = ""
         self._flush_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -120,12 +127,19 @@ class Service:
         keyring, limiter, self.key_source = await self._guards()
         keyed = KeyedBatches(intake, self.gate, self.store, self.flusher, self.metrics)
         readiness = Readiness(
-            self.flusher, self.gate, s.lag_bound, self.metrics, keyring, self.member
+            self.flusher,
+            self.gate,
+            s.lag_bound,
+            self.metrics,
+            keyring,
+            self.member,
+            self.reconciler,
         )
+        worker = None if self.member is None else self.member.index
         app = App(
             intake,
             Increments(validator, intake, keyed, self.metrics),
-            Reads(validator, self.store, self.flusher, node_id, self.metrics),
+            Reads(validator, self.store, self.flusher, node_id, self.metrics, worker),
             readiness,
             Pages(self.metrics),
             self.metrics,
@@ -182,11 +196,11 @@ class Service:
         if not s.auth_required:
             log.info("auth off: %s", "loopback bind" if s.loopback else "--insecure-no-auth")
             if s.rate_limit > 0:
-                limiter = ClientLimiter(s.rate_limit, s.default_burst)
+                limiter = ClientLimiter(s.rate_limit, s.default_burst, await self._sharing())
                 self._background.append(asyncio.create_task(self._prune(limiter)))
                 return None, limiter, None
             return None, None, None
-        keyring = KeyRing(s.rate_limit, s.default_burst)
+        keyring = KeyRing(s.rate_limit, s.default_burst, await self._sharing())
         source = KeySource(keyring, self.store, s.auth_refresh, s.auth_lookup_rate)
         if await source.load():
             log.info("auth required: %d active API keys", len(keyring.by_id))
@@ -197,6 +211,24 @@ class Service:
             )
         self._background.append(asyncio.create_task(source.refresh_forever()))
         return keyring, None, source
+
+    async def _sharing(self) -> Sharing | None:
+        """The rate limits' sharing with the other processes of the fleet (Redis) or the group
+        (the supervisor), None for a process alone."""
+        s = self.settings
+        store: BudgetStore
+        if s.rate_limit_store:
+            store, member = RedisBudgets(s.rate_limit_store, s.rate_limit_sync * 20), ""
+        elif self.member is not None:
+            store, member = self.member.budgets(), f"worker-{self.member.index}"
+        else:
+            return None
+        fail_open = s.rate_limit_store_down == "open"
+        self.reconciler = await Reconciler.started(
+            store, s.rate_limit_sync, fail_open, self.metrics, member
+        )
+        self._background.append(asyncio.create_task(self.reconciler.run(), name="limits"))
+        return self.reconciler.sharing
 
     async def _prune(self, limiter: ClientLimiter) -> None:
         while True:
@@ -307,6 +339,8 @@ class Service:
                 log.warning("closed %d connections that did not finish in time", forced)
         for task in self._background:
             task.cancel()
+        if self._background:  # let them close what they hold (the rate-limit store's client)
+            await asyncio.wait(self._background, timeout=1.0)
         if self.gate is not None and not await self.gate.close(deadline):
             self.clean = False
         if self.flusher is not None and self._flush_task is not None:

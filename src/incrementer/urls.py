@@ -1,11 +1,11 @@
-"""URLs the service is given (its database's, and its secrets within them): parsed, checked and
-redacted here, below every other module, so that the settings can refuse a bad URL at
+"""URLs the service is given (its database's and its rate-limit store's, and their secrets): parsed,
+checked and redacted here, below every other module, so that the settings can refuse a bad URL at
 construction and every log line, error and health answer can print one without its password.
 """
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 
 ACCEPTED_FORMS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
@@ -40,15 +40,7 @@ def _check_postgres_url(url: str) -> None:
     out from PG* environment variables and defaults (a local socket, a database named after the
     user): `postgresql://` alone would quietly migrate and write to whatever that finds."""
     shown = redact_url(url)
-    try:
-        parts = urlsplit(url)
-        if "," not in parts.netloc:  # several host:port pairs (failover) are the driver's to read
-            parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
-    except ValueError:
-        raise ValueError(
-            f"database URL {shown!r}: the port must be a number from 1 to 65535; "
-            f"use {ACCEPTED_FORMS}"
-        ) from None
+    parts = _split(url, "database URL", ACCEPTED_FORMS)
     query = dict(parse_qsl(parts.query))
     if not (parts.hostname or query.get("host")):
         raise ValueError(
@@ -57,6 +49,40 @@ def _check_postgres_url(url: str) -> None:
         )
     if not (parts.path.strip("/") or query.get("dbname")):
         raise ValueError(f"database URL {shown!r} names no database; use {ACCEPTED_FORMS}")
+
+
+def _split(url: str, what: str, forms: str) -> SplitResult:
+    """The URL's parts; ValueError, naming `what` and the URL without its password, for a port
+    that is not a number in range."""
+    try:
+        parts = urlsplit(url)
+        if "," not in parts.netloc:  # several host:port pairs (failover) are the driver's to read
+            parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        raise ValueError(
+            f"{what} {redact_url(url)!r}: the port must be a number from 1 to 65535; use {forms}"
+        ) from None
+    return parts
+
+
+REDIS_FORMS = "redis://[:password@]host[:port][/db] or rediss://... (TLS)"
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL (the rate-limit store) names its host; its database, if given, is a number.
+    ValueError, naming the URL without its password, for anything else."""
+    shown = redact_url(url)
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss") or "://" not in url:
+        raise ValueError(f"unsupported rate-limit store URL {shown!r}; use {REDIS_FORMS}")
+    parts = _split(url, "rate-limit store URL", REDIS_FORMS)
+    if not parts.hostname:
+        raise ValueError(f"rate-limit store URL {shown!r} names no host; use {REDIS_FORMS}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(
+            f"rate-limit store URL {shown!r}: the database must be a number; use {REDIS_FORMS}"
+        )
 
 
 # Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 
 from incrementer.api.increments import Increments
 from incrementer.api.pages import Pages
@@ -28,7 +29,7 @@ from incrementer.api.routes import (
 )
 from incrementer.auth.keyring import ClientLimiter, KeyRing, TokenBucket
 from incrementer.auth.source import KeySource
-from incrementer.http import FastPath, Handler, HttpConnection, Request, Result
+from incrementer.http import FastPath, Handler, HttpConnection, Request, Result, responses
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.validate import BadRequest
 from incrementer.metrics import Metrics
@@ -57,6 +58,8 @@ class App(Handler):
         self.limiter = limiter
         self.key_source = key_source
         self.guarded = keyring is not None or limiter is not None
+        self.charged: TokenBucket | None = None
+        """The bucket guard() just took a token from, for its answer's fields."""
         metrics.declare(
             [(route, status) for route, codes in ROUTE_STATUSES.items() for status in codes],
             REJECT_REASONS,
@@ -90,6 +93,8 @@ class App(Handler):
                 return False  # refused: nothing spent; handle() answers 429
         if self.intake.accept_json(body):
             self.metrics.accepted_requests += 1
+            if bucket is not None:
+                conn.accepted_fields = bucket.fields()
             return True
         if bucket is not None:
             bucket.refund()
@@ -131,6 +136,15 @@ class App(Handler):
             denied = self.guard(conn, request.authorization, route, keep_alive)
             if denied is not None:
                 return denied
+            bucket = self.charged
+            if bucket is not None:
+                self.charged = None
+                return _with_fields(self.route(conn, request, route, path), bucket.fields())
+        return self.route(conn, request, route, path)
+
+    def route(self, conn: HttpConnection, request: Request, route: str, path: bytes) -> Result:
+        """The answer of a route, once its guards let the request through."""
+        keep_alive = request.keep_alive
         if route == "increment":
             return self.increments.one(conn, request)
         if route == "increments":
@@ -159,7 +173,9 @@ class App(Handler):
     def guard(
         self, conn: HttpConnection, authorization: bytes, route: str, keep_alive: bool
     ) -> bytes | None:
-        """401 without a valid key (when keys are required), 429 over the rate limit."""
+        """401 without a valid key (when keys are required), 429 over the rate limit (with the
+        limit's fields and Retry-After). Let through, the request's bucket is `charged`, so its
+        answer carries the fields too."""
         bucket = None
         now = time.monotonic()
         if self.keyring is not None:
@@ -174,6 +190,18 @@ class App(Handler):
             wait = bucket.take(now)
             if wait:
                 self.metrics.count_rejected("rate_limited")
-                retry_after = b"Retry-After: %d\r\n" % math.ceil(wait)
-                return fail(self.metrics, conn, route, RATE_LIMITED, keep_alive, retry_after)
+                headers = b"Retry-After: %d\r\n" % math.ceil(wait) + bucket.fields()
+                return fail(self.metrics, conn, route, RATE_LIMITED, keep_alive, headers)
+        self.charged = bucket
         return None
+
+
+def _with_fields(result: Result, fields: bytes) -> Result:
+    """A route's answer with a rate limit's header fields."""
+    if isinstance(result, bytes):
+        return responses.with_fields(result, fields)
+    return _later_with_fields(result, fields)
+
+
+async def _later_with_fields(result: Awaitable[bytes], fields: bytes) -> bytes:
+    return responses.with_fields(await result, fields)

@@ -2,7 +2,9 @@
 traffic, with the reasons why not as codes and ages.
 
 A process is not ready while the database fails, while its oldest unflushed increment is older
-than --lag-bound, or while its WAL cannot be written. In a `--workers` group a load balancer
+than --lag-bound, or while its WAL cannot be written. Warnings say what is wrong without making
+it unready: the store of the shared rate limits unreachable (every instance shares it, so taking
+them all out of a load balancer for it would turn a degraded limit into an outage). In a `--workers` group a load balancer
 reaches whichever worker the kernel picks and must get the same verdict from each, so the answer
 is the group's: every worker adds what its peers last published (Peers, implemented by the
 process layer's Member), each reason naming its worker.
@@ -11,10 +13,11 @@ process layer's Member), each reason naming its worker.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from incrementer.auth.keyring import KeyRing
+from incrementer.auth.reconcile import Reconciler
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
 from incrementer.http import HttpConnection, responses
@@ -29,6 +32,7 @@ class Peer:
     reasons: list[dict[str, object]]
     lag: float
     pending_keys: int
+    warnings: list[dict[str, object]] = field(default_factory=list)
 
 
 class Peers(Protocol):
@@ -53,6 +57,7 @@ class Readiness:
         metrics: Metrics,
         keyring: KeyRing | None = None,
         peers: Peers | None = None,
+        limits: Reconciler | None = None,
     ) -> None:
         self.flusher = flusher
         self.gate = gate
@@ -61,6 +66,7 @@ class Readiness:
         self.keyring = keyring
         self.group = peers
         """The worker's group, in a `--workers` group: /readyz then answers for every worker."""
+        self.limits = limits
 
     def problems(self, now: float) -> list[tuple[str, float]]:
         """Why this process is not ready: (code, since when on the monotonic clock)."""
@@ -74,6 +80,10 @@ class Readiness:
         if gate.failure:
             found.append((gate.failure, gate.failed_since))
         return found
+
+    def warnings(self) -> list[tuple[str, float]]:
+        """What is wrong without making this process unready: (code, since when)."""
+        return [] if self.limits is None else self.limits.warnings()
 
     def lag(self, now: float) -> float:
         """Seconds the oldest unflushed increment of this process has waited."""
@@ -102,17 +112,20 @@ class Readiness:
         lag = self.lag(now)
         pending = self.pending_keys()
         reasons = [reason_entry(code, now - since) for code, since in self.problems(now)]
+        warnings = [reason_entry(code, now - since) for code, since in self.warnings()]
         group = self.group
         if group is not None:
-            for reason in reasons:
-                reason["worker"] = group.index
+            for entry in reasons + warnings:
+                entry["worker"] = group.index
             for peer in group.peers(now):
                 reasons += peer.reasons
+                warnings += peer.warnings
                 lag = max(lag, peer.lag)
                 pending += peer.pending_keys
         payload: dict[str, object] = {
             "status": "not_ready" if reasons else "ready",
             "reasons": reasons,
+            "warnings": warnings,
             "lag_seconds": round(lag, 3),
             "lag_bound_seconds": self.lag_bound,
             "pending_keys": pending,
@@ -125,6 +138,7 @@ class Readiness:
                 "database_error": flusher.db_error,
                 "wal_error": gate.failure_detail or None,
                 "overflowed_keys": {k: str(v) for k, v in flusher.overflowed.items()},
+                "rate_limit_store_error": (self.limits.error or None) if self.limits else None,
             }
         status = 503 if reasons else 200
         self.metrics.count_request("readyz", status)

@@ -1,5 +1,10 @@
 """GET /counters/{key}: the persisted value plus this process's unflushed delta.
 
+In a `--workers` group that is the answering worker's delta only, and the answer says which
+worker answered (`worker`): another worker's increments show once it flushes them (within its
+flush interval), as another instance's always have. Adding the whole group's would make every
+read wait on every worker, a stuck one included, for a view that is still not the fleet's.
+
 The read and the flush race: a batch that commits while the store is read may or may not be in
 the snapshot, so the read is repeated (up to READ_ATTEMPTS) until no commit happened during it;
 the flusher then projects what it holds that the snapshot does not (Flusher.project).
@@ -36,7 +41,10 @@ class Reads:
         flusher: Flusher,
         node_id: str,
         metrics: Metrics,
+        worker: int | None = None,
     ) -> None:
+        self.worker = worker
+        """This worker's index in its `--workers` group, None for a process alone."""
         self.validator = validator
         self.store = store
         self.flusher = flusher
@@ -80,6 +88,8 @@ class Reads:
         payload: dict[str, object] = {"key": key, "value": value}
         if overflow:
             payload["overflow"] = str(overflow)  # may exceed 64 bits: exact decimal text
+        if self.worker is not None:
+            payload["worker"] = self.worker  # whose unflushed increments `value` includes
         return ok(self.metrics, conn, "counters", payload, keep_alive)
 
 

@@ -1,4 +1,5 @@
-"""API keys (Bearer) and token-bucket rate limits.
+"""API keys (Bearer) and token-bucket rate limits, each bucket shared with the other processes of
+a group or a fleet when they share the limit (Sharing; reconcile.py keeps them in step).
 
 A key looks like `ik_<key_id>.<secret>`. key_id is public and finds the row; the SHA-256 of the
 whole key is compared in constant time. Successful lookups are cached by the raw header bytes until
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -27,23 +29,81 @@ def new_key() -> tuple[str, str, str]:
     return key, key_id, hashlib.sha256(key.encode()).hexdigest()
 
 
-class TokenBucket:
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+class Sharing:
+    """What the buckets of a process share with its reconciler (reconcile.py) when their limits
+    are shared with other processes (a `--workers` group, or a fleet on Redis): the buckets
+    that let a request through since the last exchange, how many processes share each limit,
+    and whether limited requests are refused outright (the store unreachable, fail-closed)."""
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
+    __slots__ = ("closed", "processes", "reports")
+
+    def __init__(self, processes: int) -> None:
+        self.reports: list[TokenBucket] = []
+        self.processes = max(1, processes)
+        self.closed = False
+
+
+class TokenBucket:
+    """A token bucket: `limit_rate` per second, up to `limit_burst`, the limit as configured.
+
+    Alone, a process enforces that limit with it. With `sharing`, the bucket is this process's
+    copy of a bucket the group or the fleet shares: every exchange with the shared store
+    (reconcile.py) sets its level to the shared one (`shared`), and `taken` counts what it let
+    through since, which the next exchange reports. A bucket no exchange covers (new here, idle
+    for a while, or the store unreachable and failing open) enforces this process's share of the
+    limit (`local_share`): rate and burst divided by the processes sharing it."""
+
+    __slots__ = (
+        "burst",
+        "fields_prefix",
+        "last_fields",
+        "last_left",
+        "last_wait",
+        "limit_burst",
+        "limit_rate",
+        "name",
+        "rate",
+        "sharing",
+        "stamp",
+        "taken",
+        "tokens",
+    )
+
+    def __init__(
+        self, rate: float, burst: float, now: float, name: str = "", sharing: Sharing | None = None
+    ) -> None:
+        self.limit_rate = rate
+        self.limit_burst = burst
+        self.name = name
+        """What the limit applies to, as the shared store knows it: `key:NAME` or `ip:ADDRESS`."""
+        self.sharing = sharing
         self.rate = rate
         self.burst = burst
         self.tokens = burst
         self.stamp = now
+        self.taken = 0
+        self.fields_prefix = policy_fields(name.partition(":")[0], rate, burst)
+        # The last fields built, reused while they read the same (a bucket at its burst does).
+        self.last_left = -1
+        self.last_wait = -1
+        self.last_fields = b""
+        if sharing is not None:
+            self.local_share(sharing.processes)
 
     def take(self, now: float) -> float:
         """Spend one token: 0.0 if allowed, else the seconds until one is available."""
+        sharing = self.sharing
+        if sharing is not None and sharing.closed:
+            return 1.0
         tokens = self.tokens + (now - self.stamp) * self.rate
         if tokens > self.burst:
             tokens = self.burst
         self.stamp = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0
+            if not self.taken and sharing is not None:
+                sharing.reports.append(self)  # the next exchange reports it
+            self.taken += 1
             return 0.0
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
@@ -51,6 +111,58 @@ class TokenBucket:
     def refund(self) -> None:
         """Give back the token of a successful take() whose request turned out not to count."""
         self.tokens += 1.0
+        self.taken -= 1
+
+    def local_share(self, processes: int) -> None:
+        """Enforce this process's share of the limit on its own, without the shared level: a
+        burst of at least one request, so a limit smaller than its processes still lets a
+        request through to start an exchange."""
+        self.rate = self.limit_rate / processes
+        self.burst = max(1.0, self.limit_burst / processes)
+        if self.tokens > self.burst:
+            self.tokens = self.burst
+
+    def shared(self, level: float, now: float) -> None:
+        """The shared store's answer: the shared bucket holds `level` after every report it
+        has, this process's last one included; what this process let through since it sent
+        that report (`taken`) is not in it yet."""
+        self.rate = self.limit_rate
+        self.burst = self.limit_burst
+        self.tokens = level - self.taken
+        self.stamp = now
+
+    def fields(self) -> bytes:
+        """The RateLimit-Policy and RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)
+        for the bucket as it is now: the requests left (r) and, unless the bucket is full, the
+        seconds until one more is (t)."""
+        sharing = self.sharing
+        if sharing is not None and sharing.closed:
+            return self.fields_prefix + b"0;t=1\r\n"  # as take() says while failing closed
+        tokens = self.tokens
+        whole = math.floor(tokens)
+        wait = 0
+        if tokens < self.burst:
+            wait = math.ceil((max(whole + 1, 1) - tokens) / self.rate)
+        left = max(whole, 0)
+        if left == self.last_left and wait == self.last_wait:
+            return self.last_fields
+        if wait:
+            built = self.fields_prefix + b"%d;t=%d\r\n" % (left, wait)
+        else:
+            built = self.fields_prefix + b"%d\r\n" % left
+        self.last_left, self.last_wait, self.last_fields = left, wait, built
+        return built
+
+
+def policy_fields(policy: str, rate: float, burst: float) -> bytes:
+    """The fields' constant part: the policy as a quota of `burst` requests per the seconds the
+    bucket takes to refill (rounded up: a window may not be a fraction), and the start of the
+    RateLimit field, to which only the remaining requests and the wait are added per answer."""
+    name = f'"per-{policy or "client"}"'
+    window = max(1, math.ceil(burst / rate)) if rate > 0 else 1
+    return (
+        f"RateLimit-Policy: {name};q={math.floor(burst)};w={window}\r\nRateLimit: {name};r="
+    ).encode()
 
 
 @dataclass(slots=True)
@@ -63,9 +175,12 @@ class Principal:
 class KeyRing:
     """The active API keys of the database, reloaded every --auth-refresh seconds."""
 
-    def __init__(self, default_rate: float, default_burst: int) -> None:
+    def __init__(
+        self, default_rate: float, default_burst: int, sharing: Sharing | None = None
+    ) -> None:
         self.default_rate = default_rate
         self.default_burst = default_burst
+        self.sharing = sharing
         self.by_id: dict[bytes, Principal] = {}
         self.cache: dict[bytes, Principal] = {}
 
@@ -95,8 +210,8 @@ class KeyRing:
         bucket = None
         if rate > 0:
             bucket = kept.bucket if kept is not None and kept.bucket is not None else None
-            if bucket is None or bucket.rate != rate or bucket.burst != max(burst, 1):
-                bucket = TokenBucket(rate, max(burst, 1), now)
+            if bucket is None or bucket.limit_rate != rate or bucket.limit_burst != max(burst, 1):
+                bucket = TokenBucket(rate, max(burst, 1), now, f"key:{key.name}", self.sharing)
         return Principal(key.name, bytes.fromhex(key.key_hash), bucket)
 
     def key_id(self, authorization: bytes) -> bytes | None:
@@ -139,9 +254,10 @@ class KeyRing:
 class ClientLimiter:
     """Per client IP buckets, for when auth is off."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, sharing: Sharing | None = None) -> None:
         self.rate = rate
         self.burst = max(burst, 1)
+        self.sharing = sharing
         self.buckets: dict[str, TokenBucket] = {}
 
     def bucket(self, ip: str, now: float) -> TokenBucket:
@@ -149,7 +265,9 @@ class ClientLimiter:
         if bucket is None:
             if len(self.buckets) >= IP_BUCKET_LIMIT:
                 self.prune(now)
-            bucket = self.buckets[ip] = TokenBucket(self.rate, self.burst, now)
+            bucket = self.buckets[ip] = TokenBucket(
+                self.rate, self.burst, now, f"ip:{ip}", self.sharing
+            )
         return bucket
 
     def prune(self, now: float) -> None:

@@ -1,6 +1,9 @@
-"""Where the keyring's API keys come from: a reload of every active key each --auth-refresh
-seconds, and between reloads a lookup by key id when a request brings a key the keyring does not
-know, so a key works on its first request.
+"""Where the keyring's API keys come from: a reload of every active key as soon as the database
+says they changed (store.watch_api_keys: PostgreSQL's NOTIFY, SQLite's data_version), when a
+rotated key's grace period ends, and every --auth-refresh seconds in any case (the safety net for
+a change the watch missed); between reloads, a lookup by key id when a request brings a key the
+keyring does not know, so a key works on its first request. A reload that finds the same keys
+changes nothing (the hot path's cache stays warm); one that finds others logs one line.
 
 The lookup runs on the general path only (`App.fast_accept` reads the keyring's cache and never
 waits), and it is bounded so that a flood of made-up keys cannot become a flood of queries:
@@ -15,17 +18,20 @@ waits), and it is bounded so that a flood of made-up keys cannot become a flood 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from datetime import datetime
 
 from incrementer.auth.keyring import KeyRing, TokenBucket
-from incrementer.store.base import BackendError, Store
+from incrementer.store.base import ApiKey, BackendError, Store
 
 log = logging.getLogger("incrementer.auth")
 
 LOOKUP_TIMEOUT = 5.0  # a frozen database answers 401 after this, rather than holding the request
 ABSENT_LIMIT = 10_000  # key ids remembered as absent; past it the expired ones are forgotten
 THROTTLE_WARNING_INTERVAL = 60.0
+GRACE_MARGIN = 1.0  # revocation times are kept to the second: reload just after one passes
 
 
 class KeySource:
@@ -41,31 +47,66 @@ class KeySource:
         self._bucket = TokenBucket(lookup_rate, max(1.0, lookup_rate), time.monotonic())
         self._throttled = 0
         self._warned_at = -THROTTLE_WARNING_INTERVAL
+        self._loaded: list[ApiKey] = []
+        self._changed = asyncio.Event()
+        self.reloads = 0
+        """Reloads that found the keys changed (tests read it)."""
 
     async def load(self) -> int:
         """The first load, at start: BackendError propagates (the service cannot start)."""
         keys = await self.store.api_keys()
         self.keyring.load(keys, time.monotonic())
+        self._loaded = keys
         return len(keys)
 
+    def changed(self) -> None:
+        """The keys may have changed in the database: reload now."""
+        self._changed.set()
+
     async def refresh_forever(self) -> None:
-        """Reload every --auth-refresh seconds; one log line when the key set changed."""
+        """Reload when told of a change, when a grace period ends, or every --auth-refresh
+        seconds; one log line when the key set changed."""
+        watch = asyncio.create_task(self.store.watch_api_keys(self.changed), name="key-watch")
         failing = False
-        while True:
-            await asyncio.sleep(self.refresh)
-            try:
-                keys = await self.store.api_keys()
-            except BackendError as exc:
-                if not failing:
-                    log.warning("cannot reload API keys, keeping the current set: %s", exc)
-                failing = True
-                continue
-            failing = False
-            before = _key_set(self.keyring)
-            self.keyring.load(keys, time.monotonic())
-            change = describe_change(before, _key_set(self.keyring))
-            if change:
-                log.info("API keys reloaded: %d active; %s", len(keys), change)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self._until_next_reload())
+                self._changed.clear()
+                try:
+                    keys = await self.store.api_keys()
+                except BackendError as exc:
+                    if not failing:
+                        log.warning("cannot reload API keys, keeping the current set: %s", exc)
+                    failing = True
+                    continue
+                failing = False
+                self._apply(keys)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    def _apply(self, keys: list[ApiKey]) -> None:
+        if keys == self._loaded:
+            return
+        self._loaded = keys
+        self.reloads += 1
+        before = _key_set(self.keyring)
+        self.keyring.load(keys, time.monotonic())
+        change = describe_change(before, _key_set(self.keyring))
+        if change:
+            log.info("API keys reloaded: %d active; %s", len(keys), change)
+
+    def _until_next_reload(self) -> float:
+        """--auth-refresh, or less when a loaded key's grace period ends sooner."""
+        now = time.time()
+        wait = self.refresh
+        for key in self._loaded:
+            if key.revoked_at is not None:
+                ends = datetime.fromisoformat(key.revoked_at).timestamp()
+                wait = min(wait, max(0.0, ends - now) + GRACE_MARGIN)
+        return wait
 
     def wanted(self, authorization: bytes) -> bytes | None:
         """The key id to look up before this request is authenticated, None when there is
@@ -108,6 +149,7 @@ class KeySource:
             self._remember_absent(key_id, now)
             return
         self.keyring.add(key, now)
+        self._loaded = [*self._loaded, key]  # so that a reload without it drops it
         log.info("API key %r (%s) added on its first request", key.name, key.key_id)
 
     def _remember_absent(self, key_id: bytes, now: float) -> None:

@@ -19,6 +19,7 @@ from incrementer.config import (
     ENV_PREFIX,
     LOG_FORMATS,
     LOG_LEVELS,
+    STORE_DOWN_MODES,
     Settings,
     load_toml,
 )
@@ -60,6 +61,19 @@ HELP = {
     ),
     "rate_limit": "Default requests/s per API key (per client IP with auth off); 0 = unlimited.",
     "rate_burst": "Default bucket size for --rate-limit; 0 = one second's worth.",
+    "rate_limit_store": (
+        "redis://[:PASSWORD@]HOST:PORT/DB (or rediss:// for TLS): every instance and worker "
+        "shares each rate limit through this Redis; empty = each --workers group shares its "
+        "own (through its supervisor), a lone process keeps its own."
+    ),
+    "rate_limit_store_down": (
+        "While the rate-limit store is unreachable: open (each process allows its share of "
+        "every limit) or closed (limited requests get 429)."
+    ),
+    "rate_limit_sync": (
+        "Seconds between a process's exchanges with the shared rate-limit store; a limit may "
+        "be overshot by about one interval of traffic."
+    ),
     "idempotency_window": (
         "Seconds an Idempotency-Key is remembered (a retry within it is applied once); keys "
         "older than this are swept from the database."
@@ -70,9 +84,14 @@ HELP = {
         "Server processes sharing --host:--port, each with its own data dir (--data-dir/worker-N) "
         "under one supervisor; auto = one per usable CPU; 1 = this process serves alone."
     ),
+    "worker_timeout": (
+        "Seconds a --workers worker's event loop may go without a heartbeat before the "
+        "supervisor kills and replaces it."
+    ),
 }
 CHOICES = {
     "auth": AUTH_MODES,
+    "rate_limit_store_down": STORE_DOWN_MODES,
     "durability": DURABILITY_MODES,
     "log_format": LOG_FORMATS,
     "log_level": LOG_LEVELS,

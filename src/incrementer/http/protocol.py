@@ -66,6 +66,7 @@ class HttpConnection(Pipeline):
     """One connection: reads requests (RequestReader), answers them in order (Pipeline)."""
 
     __slots__ = (
+        "accepted_fields",
         "fast_method",
         "fast_type",
         "fast_url",
@@ -81,6 +82,9 @@ class HttpConnection(Pipeline):
         self.server = server
         self.handler = server.handler
         self.fast_method, self.fast_url, self.fast_type = server.fast_path
+        self.accepted_fields = b""
+        """Header lines the handler's fast_accept adds to the 202 it takes (its rate limit's
+        fields); empty for most, which get the pre-built 202."""
         self.peer = ""
         self.last_active = self.clock.now
         self.silent = True  # not a byte received yet
@@ -177,15 +181,24 @@ class HttpConnection(Pipeline):
                 self.internal_error(exc, f"the fast path ({self.url!r})")
                 return
             if taken:
+                fields = self.accepted_fields
                 if parser.should_keep_alive():
-                    if self.connection and self._http10():
+                    http10 = self.connection != b"" and self._http10()
+                    if fields:
+                        self.accepted_fields = b""
+                        self.emit(responses.accepted(self.clock, fields, False, http10))
+                    elif http10:
                         self.emit(self.clock.accepted_keep_alive)
                     else:
                         self.emit(self.clock.accepted)
                     if self.draining:
                         self.close_after()
                 else:
-                    self.emit(self.clock.accepted_close)
+                    if fields:
+                        self.accepted_fields = b""
+                        self.emit(responses.accepted(self.clock, fields, True, False))
+                    else:
+                        self.emit(self.clock.accepted_close)
                     self.close_after()
                 return
             # Declined: nothing happened, the general path below answers.

@@ -23,7 +23,14 @@ KEEP_ALIVE = b"Connection: keep-alive\r\n"
 class Clock:
     """Coarse wall and monotonic time plus the Date header, refreshed by the server once a second."""
 
-    __slots__ = ("accepted", "accepted_close", "accepted_keep_alive", "date", "now")
+    __slots__ = (
+        "accepted",
+        "accepted_close",
+        "accepted_head",
+        "accepted_keep_alive",
+        "date",
+        "now",
+    )
 
     def __init__(self, now: float) -> None:
         self.refresh(now)
@@ -34,6 +41,7 @@ class Clock:
         self.accepted = build(self, 202)
         self.accepted_close = build(self, 202, close=True)
         self.accepted_keep_alive = build(self, 202, headers=KEEP_ALIVE)  # for HTTP/1.0 clients
+        self.accepted_head = _STATUS_LINES[202] + SERVER + self.date  # a 202 with fields of its own
 
 
 def build(
@@ -55,11 +63,28 @@ def build(
     return b"".join(head)
 
 
+EMPTY_KEPT = b"Content-Length: 0\r\n\r\n"
+EMPTY_CLOSED = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def accepted(clock: Clock, fields: bytes, close: bool, http10: bool) -> bytes:
+    """A 202 with header lines of the handler's own (a rate limit's fields), which no
+    pre-built one has: the pre-built head and tail around them, as build() would make it."""
+    if http10:
+        fields += KEEP_ALIVE
+    return clock.accepted_head + fields + (EMPTY_CLOSED if close else EMPTY_KEPT)
+
+
+def with_fields(response: bytes, fields: bytes) -> bytes:
+    """The response with `fields` (complete header lines) after its status line."""
+    line_end = response.index(b"\r\n") + 2
+    return response[:line_end] + fields + response[line_end:]
+
+
 def kept_alive(response: bytes) -> bytes:
     """The response with `Connection: keep-alive`: an HTTP/1.0 client that asked to keep the
     connection reuses it only when told so, and otherwise waits for the close."""
-    line_end = response.index(b"\r\n") + 2
-    return response[:line_end] + KEEP_ALIVE + response[line_end:]
+    return with_fields(response, KEEP_ALIVE)
 
 
 def json(

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from incrementer import faults
 from incrementer.api.readiness import Peer, Readiness, reason_entry
 from incrementer.metrics import Metrics
+from incrementer.process.budget_channel import SupervisorBudgets
 from incrementer.process.metrics_files import MergedCollector, Publisher
 from incrementer.process.rundir import metrics_dir, ready_dir, ready_file
 
@@ -38,8 +40,19 @@ class Member:
     """One worker's place in its group: publishing, its peers' readiness, and the word to the
     supervisor that it serves (a line on a pipe, once it listens)."""
 
-    def __init__(self, index: int, ident: str, run_dir: Path, supervisor: int, notify_fd: int):
+    def __init__(
+        self,
+        index: int,
+        ident: str,
+        run_dir: Path,
+        supervisor: int,
+        notify_fd: int,
+        budget_fd: int = -1,
+        workers: int = 1,
+    ) -> None:
         self.index = index
+        self.budget_fd = budget_fd
+        self.workers = workers
         self.ident = ident
         self.run_dir = run_dir
         self.supervisor = supervisor
@@ -48,6 +61,7 @@ class Member:
         self._readiness: Readiness | None = None
         self._stop: Callable[[], None] = lambda: None
         self._orphaned = False
+        self._publish_failed = False
 
     def join(self, metrics: Metrics, readiness: Readiness, stop: Callable[[], None]) -> None:
         """Publish this process's metrics and readiness; answer /metrics for all (readiness
@@ -66,8 +80,15 @@ class Member:
         os.write(self.notify_fd, b"ready\n")
         os.close(self.notify_fd)
 
+    def budgets(self) -> SupervisorBudgets:
+        """The group's shared rate-limit buckets, through the supervisor."""
+        if self.budget_fd < 0:
+            raise RuntimeError("the supervisor gave this worker no budget channel")
+        return SupervisorBudgets(self.budget_fd, self.workers)
+
     async def run(self) -> None:
         while True:
+            faults.hang_if_asked()
             self.publish()
             self._check_supervisor()
             await asyncio.sleep(PUBLISH_EVERY)
@@ -90,13 +111,21 @@ class Member:
             "at": now,
             "pid": os.getpid(),
             "problems": readiness.problems(now),
+            "warnings": readiness.warnings(),
             "lag": readiness.lag(now),
             "pending_keys": readiness.pending_keys(),
         }
         path = ready_file(self.run_dir, self.index)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)  # a reader sees the old state or the new, never half
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, path)  # a reader sees the old state or the new, never half
+        except OSError as exc:  # a full disk: the supervisor's watchdog reads this file's age
+            if not self._publish_failed:
+                log.error("cannot publish this worker's state to %s: %s", path, exc)
+            self._publish_failed = True
+        else:
+            self._publish_failed = False
 
     def peers(self, now: float) -> list[Peer]:
         """The other live workers' last published readiness (monotonic clock: one per host)."""
@@ -116,7 +145,9 @@ class Member:
                 reasons = [
                     reason_entry(code, now - since, index) for code, since in state["problems"]
                 ]
-            found.append(Peer(index, reasons, float(state["lag"]), int(state["pending_keys"])))
+            warnings = [reason_entry(code, now - since, index) for code, since in state["warnings"]]
+            lag, pending = float(state["lag"]), int(state["pending_keys"])
+            found.append(Peer(index, reasons, lag, pending, warnings))
         return sorted(found, key=lambda peer: peer.index)
 
     def leave(self) -> None:

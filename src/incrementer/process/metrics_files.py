@@ -24,6 +24,7 @@ GAUGE_MODES = {
     "incrementer_build_info": "livemax",
     # Each worker's gauge is the group's verdict; a frozen worker's stale 1 must not hide it.
     "incrementer_ready": "livemin",
+    "incrementer_rate_limit_store_up": "livemin",  # one worker cut off is the group's problem
     "process_start_time_seconds": "livemin",
     "process_max_fds": "livemin",
 }

@@ -4,13 +4,20 @@
 - `ready/worker-N.json`: each worker's readiness, as it last published it (member.py).
 
 The supervisor empties it when the group starts and removes a worker's live gauges and readiness
-when it reaps it; the counters of a dead worker stay, as their counts happened.
+when it reaps it (prometheus-client's mark_process_dead, given the ident the files are named
+by), so /metrics keeps no stale gauge of a dead worker; the counters of a dead worker stay, as
+their counts happened, and are counted once: the restarted worker writes files of a new ident.
+The readiness file doubles as the worker's heartbeat: its event loop rewrites it four times a
+second, so its age says how long the loop has been stuck (the supervisor's watchdog reads it).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
 
 
 def metrics_dir(run_dir: Path) -> Path:
@@ -34,6 +41,13 @@ def reset(run_dir: Path) -> None:
 
 def forget(run_dir: Path, ident: str, index: int) -> None:
     """A worker process has exited: drop its live gauges and its readiness; its counters stay."""
-    for path in metrics_dir(run_dir).glob(f"gauge_live*_{ident}.db"):
-        path.unlink(missing_ok=True)
+    mark_process_dead(ident, str(metrics_dir(run_dir)))  # type: ignore[no-untyped-call]
     ready_file(run_dir, index).unlink(missing_ok=True)
+
+
+def heartbeat(run_dir: Path, index: int) -> float | None:
+    """When worker `index` last published (wall clock), None if it has not."""
+    try:
+        return os.stat(ready_file(run_dir, index)).st_mtime
+    except FileNotFoundError:
+        return None

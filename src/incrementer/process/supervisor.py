@@ -4,8 +4,11 @@ The supervisor owns processes and knows nothing about requests (gunicorn's arbit
 In order: lock the data dir, reserve the port, migrate once, drain what a larger group or a lone
 process left in the data dirs no worker of this group will use (node/retire.py), start N workers, then
 loop: reap a worker that exits, restart it (at once the first time, with a growing delay while
-it keeps dying soon after its start), and on SIGTERM or SIGINT send every worker SIGTERM and wait
-for their drains. A second signal kills the workers (their WALs keep what they accepted).
+it keeps dying soon after its start), kill one whose event loop has been stuck for
+--worker-timeout (the watchdog; it is then restarted like any dead worker), and on SIGTERM or
+SIGINT send every worker SIGTERM and wait for their drains. A second signal kills the workers
+(their WALs keep what they accepted). Beside the loop, a thread holds the group's shared
+rate-limit buckets (budget_channel.py), unless they are in Redis.
 
 Each worker is a fresh interpreter (`python -m incrementer.process.worker`, no state inherited from this
 process) running the Service a lone process runs, on its own data dir `<data-dir>/worker-<i>`,
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -38,42 +41,22 @@ from incrementer.config import EXIT_GRACE, Settings
 from incrementer.node import retire
 from incrementer.node.datadir import DataDir
 from incrementer.process import rundir, sharedport
+from incrementer.process.budget_channel import BudgetServer
 from incrementer.process.metrics_files import Publisher
+from incrementer.process.slots import WorkerSlot, how
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate
 from incrementer.urls import redact_url
 
 log = logging.getLogger("incrementer.supervisor")
 
-STABLE_AFTER = 10.0  # a worker up this long before it died starts its backoff over
-BACKOFF_FIRST = 0.5  # the delay before the second restart of a worker that keeps dying
-BACKOFF_MAX = 30.0
 KILL_GRACE = 2.0  # past a worker's own shutdown ceiling, it is killed
+WATCH_EVERY = 1.0  # how often the watchdog reads the workers' heartbeats
 
 
 class CannotStart(Exception):
     """The group cannot start: the port is taken, or a worker failed to start (its own log line
     says why)."""
-
-
-@dataclass
-class WorkerSlot:
-    """One of the N places in the group: the process filling it now (worker.py), and how it has
-    fared; a restart fills the same slot with a new generation."""
-
-    index: int
-    generation: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    notify: int = -1  # read end of the worker's "ready" pipe
-    started: float = 0.0
-    ready: bool = False
-    quick_deaths: int = 0  # deaths in a row, each soon after its start
-    restart_at: float | None = None
-
-    @property
-    def ident(self) -> str:
-        """Names the worker's metrics files: unique in the group's life, unlike a pid."""
-        return f"w{self.index}g{self.generation}"
 
 
 class Supervisor:
@@ -89,6 +72,7 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._wakeup_r = self._wakeup_w = -1
         self._metrics: Publisher | None = None
+        self._budgets: BudgetServer | None = None
         self._all_ready_once = False
         self._stopping = False
 
@@ -131,6 +115,9 @@ class Supervisor:
         registry.register(_SupervisorCollector(self))
         self._metrics = Publisher(registry, rundir.metrics_dir(self.run_dir), "supervisor", {})
         self._metrics.publish()
+        if not s.rate_limit_store:
+            self._budgets = BudgetServer()
+            self._budgets.start()
 
     async def _migrate_and_retire(self) -> None:
         """Once for the group, before any worker starts: migrations (so N workers do not queue
@@ -163,7 +150,10 @@ class Supervisor:
         worker.generation += 1
         worker.restart_at = None
         worker.ready = False
+        worker.killed_stuck = False
         notify_r, notify_w = os.pipe()
+        budgets = self._budgets.connect() if self._budgets is not None else None
+        budget_fd = budgets.fileno() if budgets is not None else -1
         settings = replace(
             self.settings,
             data_dir=retire.worker_dir(self.settings.data_dir, worker.index),
@@ -176,6 +166,8 @@ class Supervisor:
             "supervisor": os.getpid(),
             "run_dir": str(self.run_dir),
             "notify_fd": notify_w,
+            "budget_fd": budget_fd,
+            "workers": len(self.workers),
             "settings": {
                 f.name: str(v) if isinstance(v := getattr(settings, f.name), Path) else v
                 for f in fields(settings)
@@ -185,10 +177,12 @@ class Supervisor:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "incrementer.process.worker"],
                 stdin=subprocess.PIPE,
-                pass_fds=(notify_w,),
+                pass_fds=(notify_w,) if budgets is None else (notify_w, budget_fd),
             )
         finally:
             os.close(notify_w)
+            if budgets is not None:
+                budgets.close()
         assert proc.stdin is not None
         with proc.stdin:
             proc.stdin.write(json.dumps(spec).encode())
@@ -199,7 +193,8 @@ class Supervisor:
 
     def _loop(self) -> int:
         while True:
-            self._wait(self._next_restart_in())
+            due = self._next_restart_in()
+            self._wait(WATCH_EVERY if due is None else min(due, WATCH_EVERY))
             for signum in self._take_signals():
                 if signum == signal.SIGCHLD:
                     continue
@@ -210,10 +205,35 @@ class Supervisor:
                 )
                 return self._stop_workers(force=False)
             self._reap()
+            self._watch()
             now = time.monotonic()
             for worker in self.workers:
                 if worker.restart_at is not None and worker.restart_at <= now:
                     self._spawn(worker)
+
+    def _watch(self) -> None:
+        """Kill a serving worker whose event loop has not published for --worker-timeout (it
+        takes its share of new connections and answers none); the reaper restarts it, and the
+        new worker replays its WAL, so nothing it acknowledged is lost."""
+        limit = self.settings.worker_timeout
+        now = time.time()
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None or not worker.ready or worker.killed_stuck:
+                continue
+            beat = max(rundir.heartbeat(self.run_dir, worker.index) or 0.0, worker.ready_at)
+            if now - beat <= limit:
+                continue
+            log.error(
+                "worker %d (pid %d) has not answered for %.0f s (--worker-timeout %g): killing it",
+                worker.index,
+                proc.pid,
+                now - beat,
+                limit,
+            )
+            worker.killed_stuck = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     def _wait(self, timeout: float | None) -> None:
         """Until a signal (the wakeup fd), a worker's word, or the timeout."""
@@ -235,6 +255,7 @@ class Supervisor:
             data = b""
         if data.startswith(b"ready") and not self._stopping:
             worker.ready = True
+            worker.ready_at = time.time()
             if self._all_ready_once and worker.proc is not None:
                 log.info("worker %d serving again (pid %d)", worker.index, worker.proc.pid)
             elif all(w.ready for w in self.workers):
@@ -271,17 +292,14 @@ class Supervisor:
         lived = time.monotonic() - worker.started
         if not self._all_ready_once and (not worker.ready or code == 2):
             raise CannotStart(f"worker {worker.index} exited with status {code} while starting")
-        worker.quick_deaths = 0 if lived >= STABLE_AFTER else worker.quick_deaths + 1
-        delay = 0.0
-        if worker.quick_deaths > 1:
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (worker.quick_deaths - 2))
+        delay = worker.restart_delay(lived)
         worker.restart_at = time.monotonic() + delay
         self.restarts += 1
         log.warning(
             "worker %d (pid %d) %s after %.1f s; restarting it%s",
             worker.index,
             proc.pid,
-            _how(code),
+            how(code),
             lived,
             f" in {delay:g} s (it keeps dying)" if delay else "",
         )
@@ -312,7 +330,7 @@ class Supervisor:
                 if code != 0:
                     status = 1
                     if not force:
-                        log.error("worker %d (pid %d) %s", worker.index, proc.pid, _how(code))
+                        log.error("worker %d (pid %d) %s", worker.index, proc.pid, how(code))
                 self._close_notify(worker)
                 rundir.forget(self.run_dir, worker.ident, worker.index)
                 worker.proc = None
@@ -390,9 +408,3 @@ class _SupervisorCollector:
             "Workers the supervisor restarted after they died.",
             value=s.restarts,
         )
-
-
-def _how(code: int) -> str:
-    if code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with status {code}"

@@ -5,7 +5,9 @@
 The supervisor writes the spec on stdin (stdin rather than arguments or the environment: the
 settings hold the database URL, perhaps with a password, and arguments are visible to every user):
 the worker's index and ident, the supervisor's pid, the run directory, the fd of the pipe that
-says "ready", and the settings, already resolved, with this worker's own data dir.
+says "ready", the fd of its end of the rate-limit budget channel (-1 when the limits are shared
+through Redis instead) and the group's size, and the settings, already resolved, with this
+worker's own data dir.
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ def main() -> None:
     settings = Settings.build(spec["settings"])
     logs.configure(settings.log_level, settings.log_format, worker=index)
     member = Member(
-        index, spec["ident"], Path(spec["run_dir"]), spec["supervisor"], spec["notify_fd"]
+        index,
+        spec["ident"],
+        Path(spec["run_dir"]),
+        spec["supervisor"],
+        spec["notify_fd"],
+        spec["budget_fd"],
+        spec["workers"],
     )
     service = Service(settings, member)
     try:

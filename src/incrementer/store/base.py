@@ -13,7 +13,7 @@ per key, wherever and however often it arrived.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -191,6 +191,11 @@ class Store(Protocol):
         """In one transaction: schedule the name's unrevoked key to be revoked `grace` seconds
         from now and insert `new` under the same name; False (nothing changed) if the name has
         no unrevoked key."""
+
+    async def watch_api_keys(self, changed: Callable[[], None]) -> None:
+        """Until cancelled, call changed() soon after another process may have changed the API
+        keys (PostgreSQL: a NOTIFY from the change; SQLite: the file's data_version moved). A
+        change it misses is the periodic reload's to find."""
 
 
 def prefix_upper_bound(prefix: str) -> str | None:  # for list_keys, which has no caller yet

@@ -8,12 +8,13 @@ functions, no advisory locks (docs/operations.md says which parts are untested t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
 
+from incrementer.store import pg_listen
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
@@ -330,10 +331,12 @@ class PostgresStore:
     async def create_api_key(self, key: ApiKey) -> None:
         with self._duplicate_name(key.name), self._errors():
             await _insert_key(self._require_pool(), key)
+        await pg_listen.notify(self._require_pool())
 
     async def revoke_api_key(self, name: str) -> bool:
         with self._errors():
             status = await self._require_pool().execute(REVOKE_KEY, name)
+        await pg_listen.notify(self._require_pool())
         return bool(status != "UPDATE 0")
 
     async def rotate_api_key(self, name: str, new: ApiKey, grace: float) -> bool:
@@ -342,7 +345,11 @@ class PostgresStore:
                 if await conn.execute(SCHEDULE_REVOKE, name, grace) == "UPDATE 0":
                     return False
                 await _insert_key(conn, new)
+        await pg_listen.notify(self._require_pool())
         return True
+
+    async def watch_api_keys(self, changed: Callable[[], None]) -> None:
+        await pg_listen.listen(self.dsn, self._where, changed)
 
     @contextmanager
     def _duplicate_name(self, name: str) -> Iterator[None]:

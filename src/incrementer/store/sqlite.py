@@ -34,6 +34,7 @@ from incrementer.store.base import (
     taken_back,
     utc_text,
 )
+from incrementer.store.sqlite_file import DatabaseFile, watch_data_version
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -114,6 +115,7 @@ class SQLiteStore:
         # Each connection is only ever touched from its own executor's single thread.
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
+        self._file = DatabaseFile(path)
 
     async def open(self) -> None:
         if self.read_only and not Path(self.path).is_file():
@@ -149,7 +151,11 @@ class SQLiteStore:
         self._writer = self._reader = None
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchall())
+        def ping(conn: sqlite3.Connection) -> None:
+            self._file.check()
+            conn.execute("SELECT 1").fetchall()
+
+        await self._read(ping)
 
     async def applied_seq(self, node_id: str) -> int:
         rows = await self._read(lambda conn: conn.execute(SELECT_APPLIED, (node_id,)).fetchall())
@@ -242,6 +248,9 @@ class SQLiteStore:
 
         return await self._on(self._require(self._writer), rotate)
 
+    async def watch_api_keys(self, changed: Callable[[], None]) -> None:
+        await watch_data_version(self._read, changed)
+
     def _writer_conn(self) -> sqlite3.Connection:
         return self._require(self._write_conn)
 
@@ -278,6 +287,7 @@ class SQLiteStore:
         # the last flushes on power loss, while the flusher has already released their batch
         # (and the WAL may be recycled): a committed flush must stay committed.
         conn.execute("PRAGMA synchronous = FULL")
+        self._file.remember()
 
     def _open_reader(self) -> None:
         conn = self._connect()
@@ -295,6 +305,7 @@ class SQLiteStore:
         self, node_id: str, seq: int, deltas: dict[str, int], keyed: list[IdempotentBatch]
     ) -> ApplyResult:
         conn = self._writer_conn()
+        self._file.check()
         now = _utc_now()
         conn.execute("BEGIN IMMEDIATE")
         try:

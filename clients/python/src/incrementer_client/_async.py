@@ -207,6 +207,10 @@ class AsyncClient:
         attempt = 0
         while True:
             attempt += 1
+            pause = self._delivery.pause(monotonic())
+            if pause:  # the server's rate limit said to wait (its RateLimit field)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
             try:
                 response = await self._http.post(
                     "/increments", content=batch.body, headers={"Idempotency-Key": batch.key}

@@ -28,6 +28,9 @@ INT64_MAX: Final = 2**63 - 1
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 # Retry-After values past this are treated as this: a retry is never put off for hours.
 MAX_RETRY_AFTER: Final = 300.0
+# One item of a RateLimit field (draft-ietf-httpapi-ratelimit-headers): the remaining quota r
+# and, when more is coming, the seconds t until it does.
+_RATELIMIT_ITEM = re.compile(r'^\s*"[^"]*"((?:;[a-z][a-z0-9*_.-]*=[^;,]*)*)\s*$')
 
 
 class Full(Exception):
@@ -282,23 +285,47 @@ class Backoff:
         return max(jittered, asked or 0.0)
 
 
+def rate_limit_wait(value: str | None) -> float | None:
+    """Seconds until the server's rate limit lets another request through, from its RateLimit
+    field: t of an item whose remaining quota r is 0, capped; None when no item says so (or
+    the field is malformed, which the draft says to ignore)."""
+    wait: float | None = None
+    for item in (value or "").split(","):
+        found = _RATELIMIT_ITEM.match(item)
+        if found is None:
+            return None
+        params = dict(p.split("=", 1) for p in found.group(1).split(";")[1:])
+        try:
+            if int(params["r"]) == 0 and "t" in params:
+                wait = max(wait or 0.0, float(int(params["t"])))
+        except (KeyError, ValueError):
+            return None
+    return None if wait is None else min(wait, MAX_RETRY_AFTER)
+
+
 class Answer(NamedTuple):
     """What one attempt came to: what to do next, and why (for the log and the errors)."""
 
     action: str
     problem: str = ""
     asked: float | None = None
-    """Seconds the server's Retry-After asked for."""
+    """Seconds the server asked to wait before a retry: its Retry-After, else its RateLimit
+    field's (the draft gives Retry-After precedence)."""
     replayed: bool = False
+    hold: float | None = None
+    """Seconds before anything more is sent: the rate limit's quota is spent for now."""
 
 
 def read_answer(status: int, headers: Mapping[str, str], body: bytes, items: int) -> Answer:
+    hold = rate_limit_wait(headers.get("RateLimit"))
     if status == 202:
-        return Answer(ACKNOWLEDGED, replayed=headers.get("Idempotent-Replayed") == "true")
+        replayed = headers.get("Idempotent-Replayed") == "true"
+        return Answer(ACKNOWLEDGED, replayed=replayed, hold=hold)
     error, detail = _error(body)
     action = verdict(status, error, items)
     problem = f"{status} {error}: {detail}" if error else f"{status} {body[:200]!r}"
-    return Answer(action, problem, retry_after(headers.get("Retry-After")))
+    asked = retry_after(headers.get("Retry-After"))
+    return Answer(action, problem, hold if asked is None else asked, hold=hold)
 
 
 def _error(body: bytes) -> tuple[str, str]:
@@ -330,6 +357,12 @@ class Delivery:
         self.refusal = ""
         """Why increments were last dropped, for Refused."""
         self.dropped_batches = 0
+        self.resume_at = 0.0
+        """No batch is sent before this (monotonic): a rate limit said its quota is spent."""
+
+    def pause(self, now: float) -> float:
+        """Seconds to wait before sending the next batch."""
+        return max(0.0, self.resume_at - now)
 
     def step(
         self, batch: Batch, answer: Answer, attempt: int, now: float, stop_at: float
@@ -338,6 +371,8 @@ class Delivery:
         when it is done with), or the pause before sending it again, the same bytes under the
         same key."""
         action = answer.action
+        if answer.hold is not None:
+            self.resume_at = max(self.resume_at, now + answer.hold)
         if action == ACKNOWLEDGED:
             stats = self.stats
             stats.acknowledged += batch.calls

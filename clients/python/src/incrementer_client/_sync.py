@@ -226,6 +226,10 @@ class Client:
         attempt = 0
         while True:
             attempt += 1
+            with self._cond:
+                pause = self._delivery.pause(monotonic())
+            if pause:  # the server's rate limit said to wait (its RateLimit field)
+                self._stopping.wait(pause)
             try:
                 response = self._http.post(
                     "/increments", content=batch.body, headers={"Idempotency-Key": batch.key}
