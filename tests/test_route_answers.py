@@ -91,9 +91,7 @@ async def test_json_sent_as_a_form_is_told_the_content_type(
     assert missing.status_code == 404
 
 
-async def test_a_missing_counter_says_what_a_read_includes(
-    tmp_path: Path, sqlite_url: str
-) -> None:
+async def test_a_missing_counter_says_what_a_read_includes(tmp_path: Path, sqlite_url: str) -> None:
     """The 404 of an unknown counter says that unflushed increments on other instances are not
     included, and how to read your own writes."""
     async with (
