@@ -112,7 +112,7 @@ def test_config_errors_name_their_source(tmp_path: Path) -> None:
     proc = run_cli(
         "serve", "--host", "192.0.2.1", "--data-dir", "d", "--log-level", "error", cwd=tmp_path
     )
-    assert "cannot listen on 192.0.2.1 port 3333" in one_line_failure(proc, RUNTIME)
+    assert "cannot listen on 192.0.2.1:3333: no interface" in one_line_failure(proc, RUNTIME)
 
 
 def leaf_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -31,6 +31,7 @@ from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
 from incrementer.delivery.keyed_batches import KeyedBatches
 from incrementer.http import HttpServer, Limits
+from incrementer.http.server import cannot_listen
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
@@ -153,9 +154,7 @@ class Service:
         try:
             host, port = await self.server.start(s.host, s.port, reuse_port=reuse_port)
         except OSError as exc:  # a name that does not resolve, an address not ours, a port taken
-            raise OSError(
-                f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}"
-            ) from exc
+            raise OSError(cannot_listen(s.host, s.port, exc)) from exc
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         log.info(

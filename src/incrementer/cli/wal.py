@@ -19,7 +19,7 @@ from incrementer.cli.errors import RUNTIME_ERRORS
 from incrementer.cli.options import CONFIGURED, settings_options
 from incrementer.config import Settings
 from incrementer.ingest.wal_reader import WalSummary, summarize
-from incrementer.node.datadir import DataDirError, peek_node_id
+from incrementer.node.datadir import DataDirError, check_is_directory, peek_node_id
 from incrementer.store import open_store
 
 
@@ -68,6 +68,7 @@ class WalReport:
 
 async def inspect(data_dir: Path, database_url: str | None) -> WalReport:
     """The report for data_dir; database_url (None: not configured) is opened read-only."""
+    check_is_directory(data_dir)
     if not data_dir.is_dir():
         raise DataDirError(f"no data dir at {data_dir}: nothing to inspect (see --data-dir)")
     wal_path = data_dir / "wal"
@@ -122,6 +123,7 @@ def wal_drain(settings: Settings) -> None:
     its worker dirs; safe to run twice: the second run finds nothing after the applied seq."""
     from incrementer.node import retire as retiring
 
+    check_is_directory(settings.data_dir)
     if not settings.data_dir.is_dir():
         raise click.UsageError(f"no data dir at {settings.data_dir}")
     try:

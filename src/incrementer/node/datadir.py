@@ -42,6 +42,7 @@ class DataDir:
     def lock(self) -> None:
         """Only the lock: a supervisor holds its data dir this way, and a drain before it reads
         the node id (it never creates one)."""
+        check_is_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
@@ -82,6 +83,16 @@ class DataDir:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def check_is_directory(path: Path) -> None:
+    """A data dir that names something else (a file, often the database file by mistake) is
+    refused in those words, not with the file system's `File exists`."""
+    if path.exists() and not path.is_dir():
+        raise DataDirError(
+            f"data dir {path} is not a directory (--data-dir names a directory for the WAL, "
+            "the node id and the lock)"
+        )
 
 
 def peek_node_id(path: Path) -> str | None:
