@@ -140,6 +140,20 @@ def test_every_command_documents_config_environment_and_h() -> None:
     assert CliRunner().invoke(cli.main, ["-h"]).exit_code == 0
 
 
+def test_client_commands_describe_the_server_they_talk_to() -> None:
+    """`top -h` and `incr -h` describe --host and --port as where the server is, not what to
+    bind, and every option that reads a variable names it (incr --api-key too)."""
+    for command in (["top"], ["incr"]):
+        result = CliRunner().invoke(cli.main, [*command, "-h"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "Address of the server to talk to" in result.output, command
+        assert "Port of the server to talk to" in result.output, command
+        assert "to bind" not in result.output and "picks a free one" not in result.output
+        assert "[env: INCREMENTER_API_KEY]" in result.output, command
+    serve = CliRunner().invoke(cli.main, ["serve", "-h"], terminal_width=200).output
+    assert "Address to bind." in serve and "0 picks a free one" in serve
+
+
 def test_config_file_and_environment_reach_every_subcommand(tmp_path: Path) -> None:
     """migrate, keys create/list/rotate/revoke and wal inspect take their settings from
     --config and from INCREMENTER_*, the variable winning over the file."""

@@ -101,6 +101,15 @@ async def test_top_finds_the_server_its_settings_describe(tmp_path: Path) -> Non
     assert f"incrementer at {server.url}  ready" in from_file.stdout, from_file.stderr
 
 
+async def test_top_takes_host_port_as_its_url(tmp_path: Path) -> None:
+    """`top 127.0.0.1:PORT` (no scheme), as `incr --url` takes it, reads that server."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    with spawned(serve_args(tmp_path, database_url)) as server:
+        done = await top(server.url.removeprefix("http://"), "--once", "--interval", "0.2")
+    assert done.returncode == 0, done.stderr
+    assert f"incrementer at {server.url}  ready" in done.stdout
+
+
 def test_top_keeps_redrawing_until_interrupted(tmp_path: Path) -> None:
     """Without --once, top redraws every interval, and Ctrl+C (SIGINT) ends it with status 0."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"

@@ -289,7 +289,7 @@ def run(
     "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
 )
 @click.option("--once", is_flag=True, help="Print one interval's figures and exit.")
-@settings_options("host", "port")
+@settings_options("host", "port", connect=True)
 def top(
     url: str | None, api_key: str | None, interval: float, once: bool, settings: Settings
 ) -> None:
