@@ -141,3 +141,12 @@ def test_a_restarted_server_counts_from_zero_not_below() -> None:
     assert figures(before, after, {})["accepted_per_s"] == 150.0
     later = Scrape(14.0, {name: [({}, 700.0)]}, {})
     assert figures(after, later, {})["accepted_per_s"] == 200.0
+
+
+def test_rates_are_over_the_servers_interval() -> None:
+    """With incrementer_clock_seconds in both scrapes, a rate divides by the server's interval
+    (4 s here), not by when this process happened to read them (1 s apart)."""
+    name = "incrementer_accepted_increments_total"
+    before = Scrape(10.0, {name: [({}, 0.0)], "incrementer_clock_seconds": [({}, 500.0)]}, {})
+    after = Scrape(11.0, {name: [({}, 800.0)], "incrementer_clock_seconds": [({}, 504.0)]}, {})
+    assert figures(before, after, {})["accepted_per_s"] == 200.0

@@ -167,6 +167,8 @@ class Service:
         )
         if self.member is not None:
             self.member.ready()
+        else:
+            log.info("status page: %s/status", self.url)
 
     async def _retire_worker_dirs(self) -> None:
         """A process serving alone from a data dir a `--workers` group used: what the workers
@@ -277,6 +279,14 @@ class Service:
             "incrementer_open_connections",
             "Open HTTP connections.",
             lambda: len(server.connections),
+        )
+        # Rates need the time between two scrapes by the server's clock: a browser tab in the
+        # background, or throttled, runs its timers late, and its own clock would say so.
+        metrics.gauge(
+            "incrementer_clock_seconds",
+            "This host's monotonic clock when the scrape was taken, in seconds from an arbitrary "
+            "start (the same for every process on the host): the time between two scrapes.",
+            time.monotonic,
         )
         wal = self.wal
         if isinstance(wal, WriteAheadLog):

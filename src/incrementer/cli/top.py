@@ -45,6 +45,19 @@ class Scrape:
     samples: Samples
     ready: dict[str, Any]  # the /readyz body
 
+    @property
+    def server_at(self) -> float | None:
+        """The server's clock at the scrape (incrementer_clock_seconds), if it says."""
+        return total(self.samples, "incrementer_clock_seconds")
+
+
+def elapsed(prev: Scrape, cur: Scrape) -> float:
+    """Seconds between two scrapes by the server's clock (what its counters moved in), else
+    by this process's."""
+    before, now = prev.server_at, cur.server_at
+    seconds = now - before if before is not None and now is not None else cur.at - prev.at
+    return max(seconds, 1e-9)
+
 
 def normalize(url: str) -> str:
     url = url.strip().rstrip("/")
@@ -93,7 +106,7 @@ def total(
 def figures(prev: Scrape, cur: Scrape, last: Figures) -> Figures:
     """Rates and means over the interval between two scrapes, as the status page computes them.
     A counter that went down belongs to a restarted process: all of it is new."""
-    seconds = max(cur.at - prev.at, 1e-9)
+    seconds = elapsed(prev, cur)
 
     def grew(name: str) -> float | None:
         now, before = total(cur.samples, name), total(prev.samples, name)

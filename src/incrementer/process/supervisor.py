@@ -245,6 +245,7 @@ class Supervisor:
                     len(self.workers),
                     ", ".join(str(w.proc.pid) for w in self.workers if w.proc is not None),
                 )
+                log.info("status page: %s/status", self.url)
             self._publish()
         self._close_notify(worker)
 
