@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
-from support import free_port, unique
+from support import free_port, skip_or_fail, unique
 
 from incrementer.cli import main as cli
 
@@ -119,6 +120,9 @@ def test_the_recipe_without_systemd_runs_as_written(tmp_path: Path, pg_admin_url
     """The runbook's "Without systemd" recipe, run in bash as written: a role and a database
     created, migrated, a key made, the service started, then the curl and incr steps count 2 on
     `home`. The test gives it a role, a database and a port of its own."""
+    for tool in ("bash", "curl", "psql", "createdb"):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"{tool} is not installed (Debian: curl, postgresql-client)")
     setup, serve, try_it = code_blocks(
         section(OPERATIONS, "### Without systemd: a first run on PostgreSQL")
     )
