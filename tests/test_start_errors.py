@@ -3,12 +3,14 @@ with and without --workers, saying what to do, and nothing created on the way.""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
-from support import run_cli
+from support import db_totals, run_cli, spawned, unique
 
 RUNTIME = 1
 
@@ -76,3 +78,35 @@ def test_an_sqlite_file_in_a_missing_directory_is_refused(
     said = "SQLite database nonexistent/dir/x.db: its directory nonexistent/dir does not exist"
     assert said in failure_line(proc)
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_a_data_dir_is_refused_by_a_database_it_did_not_write_for(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The README's SQLite quickstart, then PostgreSQL in the same directory: the data dir's WAL
+    still holds the frames SQLite applied, and the new database has applied none of them, so
+    `serve` and `wal drain` refuse rather than count them again; the same PostgreSQL database
+    under another host name has applied them, and starts."""
+    sqlite = f"sqlite:///{tmp_path / 'counters.db'}"
+    key = unique()
+    with spawned(["--database-url", sqlite, "--data-dir", "data"], cwd=tmp_path) as first:
+        assert (
+            httpx.post(f"{first.url}/increment", json={"key": key, "value": 2}).status_code == 202
+        )
+        assert first.stop() == 0
+    for command in (["serve"], ["wal", "drain"]):
+        proc = run_cli(*command, "--database-url", pg_url, "--data-dir", "data", cwd=tmp_path)
+        line = failure_line(proc)
+        assert "data dir data belongs to another database (sqlite:///" in line, line
+        assert "Give this database its own --data-dir" in line
+    assert asyncio.run(db_totals(pg_url, [key])) == {}
+
+    own = ["--data-dir", "pg-data", "--database-url", pg_url]
+    with spawned(own, cwd=tmp_path) as on_postgres:
+        assert httpx.post(f"{on_postgres.url}/increment", json={"key": key, "value": 5}).is_success
+        assert on_postgres.stop() == 0
+    renamed = pg_url.replace("@127.0.0.1:", "@localhost:")
+    assert renamed != pg_url
+    with spawned(["--data-dir", "pg-data", "--database-url", renamed], cwd=tmp_path) as again:
+        assert again.stop() == 0
+    assert asyncio.run(db_totals(pg_url, [key])) == {key: 5}

@@ -40,11 +40,11 @@ from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.metrics import Metrics
 from incrementer.node import retire
-from incrementer.node.datadir import DataDir
+from incrementer.node.datadir import DataDir, claim_database
 from incrementer.store import open_store
 from incrementer.store.base import BackendError, IdempotentBatch
 from incrementer.store.migrate import migrate
-from incrementer.urls import redact_url
+from incrementer.urls import database_identity, redact_url
 
 log = logging.getLogger("incrementer")
 
@@ -100,6 +100,8 @@ class Service:
         if self.member is None:
             await self._retire_worker_dirs()
         applied_seq = await self.store.applied_seq(node_id)
+        identity = database_identity(s.database_url)
+        await asyncio.to_thread(claim_database, self.data_dir, identity, applied_seq)
         wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
         intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger)
@@ -174,7 +176,10 @@ class Service:
         """A process serving alone from a data dir a `--workers` group used: what the workers
         left in their WALs is applied (node/retire.py) before this node serves, so shrinking the
         group to one process strands nothing."""
-        for node in await retire.retire(self.data_dir, self.store, 0, include_top=False):
+        database = database_identity(self.settings.database_url)
+        for node in await retire.retire(
+            self.data_dir, self.store, 0, include_top=False, database=database
+        ):
             if node.frames or not node.was_retired:
                 log.info("retired %s", node.describe())
 

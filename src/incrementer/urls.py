@@ -5,6 +5,7 @@ construction and every log line, error and health answer can print one without i
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 ACCEPTED_FORMS = (
@@ -57,6 +58,21 @@ def _check_postgres_url(url: str) -> None:
         )
     if not (parts.path.strip("/") or query.get("dbname")):
         raise ValueError(f"database URL {shown!r} names no database; use {ACCEPTED_FORMS}")
+
+
+def database_identity(url: str) -> str:
+    """Which database a URL names, without who connects or how: an SQLite file's absolute
+    path, or PostgreSQL's host, port and database (no user, password or options), so that a
+    data dir can tell the database it flushed to from another one."""
+    engine, target = parse_database_url(url)
+    if engine == "sqlite":
+        return "sqlite:///" + str(Path(target).resolve())
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    hosts = parts.netloc.rpartition("@")[2].lower() or query.get("host", "")
+    if hosts and ":" not in hosts.rpartition("]")[2] and "," not in hosts:
+        hosts += ":5432"
+    return f"postgresql://{hosts}/{parts.path.strip('/') or query.get('dbname', '')}"
 
 
 # Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;

@@ -41,7 +41,7 @@ from incrementer.process import rundir, sharedport
 from incrementer.process.metrics_files import Publisher
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate
-from incrementer.urls import redact_url
+from incrementer.urls import database_identity, redact_url
 
 log = logging.getLogger("incrementer.supervisor")
 
@@ -143,7 +143,10 @@ class Supervisor:
         store = open_store(s.database_url)
         await store.open()
         try:
-            for node in await retire.retire(self.data_dir, store, keep_workers=s.workers):
+            database = database_identity(s.database_url)
+            for node in await retire.retire(
+                self.data_dir, store, keep_workers=s.workers, database=database
+            ):
                 if node.frames or (node.node_id and not node.was_retired):
                     log.info("retired %s", node.describe())
         finally:
