@@ -150,3 +150,20 @@ def test_rates_are_over_the_servers_interval() -> None:
     before = Scrape(10.0, {name: [({}, 0.0)], "incrementer_clock_seconds": [({}, 500.0)]}, {})
     after = Scrape(11.0, {name: [({}, 800.0)], "incrementer_clock_seconds": [({}, 504.0)]}, {})
     assert figures(before, after, {})["accepted_per_s"] == 200.0
+
+
+def test_without_rich_top_says_how_to_install_it_from_a_checkout() -> None:
+    """Where rich is missing, top says in one line how to get it from a checkout
+    (`pip install '.[top]'`), which is where a new user stands (no package index has it)."""
+    blocked = (
+        "import sys; sys.modules['rich'] = None; from incrementer.cli.main import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocked, "top", "--once"],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "incrementer: top: needs rich, the top extra: pip install '.[top]'"
+    )
+    assert len(done.stderr.splitlines()) == 1, done.stderr

@@ -262,7 +262,10 @@ def run(
         from rich.console import Console
         from rich.live import Live
     except ImportError:
-        raise TopError("needs rich: pip install 'incrementer[top]'") from None
+        raise TopError(
+            "needs rich, the top extra: pip install '.[top]' in a checkout of incrementer "
+            "(pip install 'incrementer[top]' where it is a package in your index)"
+        ) from None
     console = console or Console()
     url = normalize(url)
     view = View(url)
