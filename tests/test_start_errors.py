@@ -86,7 +86,7 @@ def test_a_data_dir_is_refused_by_a_database_it_did_not_write_for(
     """The README's SQLite quickstart, then PostgreSQL in the same directory: the data dir's WAL
     still holds the frames SQLite applied, and the new database has applied none of them, so
     `serve` and `wal drain` refuse rather than count them again; the same PostgreSQL database
-    under another host name has applied them, and starts."""
+    reached under another host name is the same database, and starts."""
     sqlite = f"sqlite:///{tmp_path / 'counters.db'}"
     key = unique()
     with spawned(["--database-url", sqlite, "--data-dir", "data"], cwd=tmp_path) as first:

@@ -61,18 +61,15 @@ def _check_postgres_url(url: str) -> None:
 
 
 def database_identity(url: str) -> str:
-    """Which database a URL names, without who connects or how: an SQLite file's absolute
-    path, or PostgreSQL's host, port and database (no user, password or options), so that a
-    data dir can tell the database it flushed to from another one."""
+    """Which database a URL names, as far as telling one from another needs: an SQLite file's
+    absolute path, or a PostgreSQL database's name. Not PostgreSQL's host and port: one
+    database is reached under several (a proxy, a failover, a renamed host), while two of one
+    name on two servers are rare; never a user, a password or an option."""
     engine, target = parse_database_url(url)
     if engine == "sqlite":
         return "sqlite:///" + str(Path(target).resolve())
     parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    hosts = parts.netloc.rpartition("@")[2].lower() or query.get("host", "")
-    if hosts and ":" not in hosts.rpartition("]")[2] and "," not in hosts:
-        hosts += ":5432"
-    return f"postgresql://{hosts}/{parts.path.strip('/') or query.get('dbname', '')}"
+    return "postgresql:///" + (parts.path.strip("/") or dict(parse_qsl(parts.query))["dbname"])
 
 
 # Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;
