@@ -1,7 +1,7 @@
 """Build hook: the request hot path is compiled with mypyc (part of mypy) into C extensions.
 
 The same modules stay importable as plain Python: set INCREMENTER_PURE_PYTHON=1 at install time
-to skip the compiler (no C compiler needed then; the service's own code then costs ~55% more
+to skip the compiler (no C compiler needed then; the service's own code then costs ~60% more
 CPU per request: docs/operations.md).
 Everything else about the package is declared in pyproject.toml.
 """

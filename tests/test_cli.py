@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import click
+import httpx
 import pytest
 from click.testing import CliRunner
-from support import free_port, run_cli
+from fleet import spawn_group
+from support import free_port, run_cli, serve_args
 
 from incrementer.cli import main as cli
 from incrementer.ingest.wal import WriteAheadLog
@@ -112,7 +114,7 @@ def test_config_errors_name_their_source(tmp_path: Path) -> None:
     proc = run_cli(
         "serve", "--host", "192.0.2.1", "--data-dir", "d", "--log-level", "error", cwd=tmp_path
     )
-    assert "cannot listen on 192.0.2.1 port 3333" in one_line_failure(proc, RUNTIME)
+    assert "cannot listen on 192.0.2.1:3333: no interface" in one_line_failure(proc, RUNTIME)
 
 
 def leaf_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -138,6 +140,20 @@ def test_every_command_documents_config_environment_and_h() -> None:
             assert "[env: INCREMENTER_CONFIG]" in result.output, path
             assert "environment variable shown with it" in result.output, path
     assert CliRunner().invoke(cli.main, ["-h"]).exit_code == 0
+
+
+def test_client_commands_describe_the_server_they_talk_to() -> None:
+    """`top -h` and `incr -h` describe --host and --port as where the server is, not what to
+    bind, and every option that reads a variable names it (incr --api-key too)."""
+    for command in (["top"], ["incr"]):
+        result = CliRunner().invoke(cli.main, [*command, "-h"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "Address of the server to talk to" in result.output, command
+        assert "Port of the server to talk to" in result.output, command
+        assert "to bind" not in result.output and "picks a free one" not in result.output
+        assert "[env: INCREMENTER_API_KEY]" in result.output, command
+    serve = CliRunner().invoke(cli.main, ["serve", "-h"], terminal_width=200).output
+    assert "Address to bind." in serve and "0 picks a free one" in serve
 
 
 def test_config_file_and_environment_reach_every_subcommand(tmp_path: Path) -> None:
@@ -233,6 +249,33 @@ async def test_wal_inspect_tells_applied_from_pending(tmp_path: Path, db_url: st
     assert "pending" not in unknown.stdout
     assert "give --database-url" in unknown.stdout
     assert json.loads(run_cli(*args, "--json", cwd=tmp_path).stdout)["pending_frames"] is None
+
+
+def test_wal_inspect_reads_every_worker_of_a_workers_data_dir(tmp_path: Path) -> None:
+    """On the data dir of a `--workers 2` group (no WAL of its own), wal inspect reports each
+    worker-N's WAL, applied and pending per node with a database URL, in text and JSON."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    data_dir = tmp_path / "data"
+    group = spawn_group(serve_args(tmp_path, database_url), 2)
+    try:
+        for _ in range(20):  # new connections: the kernel spreads them over both workers
+            assert httpx.post(f"{group.url}/increment", json={"key": "w", "value": 1}).is_success
+    finally:
+        assert group.stop() == 0
+    assert not (data_dir / "wal").exists()
+    args = ("wal", "inspect", "--data-dir", str(data_dir), "--database-url", database_url)
+    told = run_cli(*args, cwd=tmp_path)
+    assert told.returncode == 0, told.stderr
+    assert told.stdout.startswith(f"{data_dir}: a --workers group's data dir; each worker's WAL:")
+    for index in (0, 1):
+        assert f"WAL in {data_dir / f'worker-{index}' / 'wal'}: " in told.stdout
+    assert told.stdout.count("frames with 0 increments pending") == 2  # drained: all applied
+    payload = json.loads(run_cli(*args, "--json", cwd=tmp_path).stdout)
+    assert (payload["frames"], payload["node_id"]) == (0, None)
+    workers = payload["workers"]
+    assert [w["path"] for w in workers] == [str(data_dir / "worker-0"), str(data_dir / "worker-1")]
+    assert sum(w["records"] for w in workers) == 20
+    assert all(w["pending_records"] == 0 and w["node_id"] for w in workers)
 
 
 def test_shell_completion_script_is_there(tmp_path: Path) -> None:

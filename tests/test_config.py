@@ -79,6 +79,37 @@ def test_bad_values_name_the_option(tmp_path: Path) -> None:
         Settings.build({}, _toml(tmp_path, "colour = 1\n"))
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("prot = 3400\n", "unknown option 'prot' (in {file}): did you mean 'port'?"),
+        ("flush_intervall = 1\n", "did you mean 'flush_interval'?"),
+        ("[incrementer]\nmax-key-byte = 9\n", "did you mean 'max-key-bytes'?"),
+        ("[server]\nport = 1\n", "unknown option 'server' (in {file}): no such option"),
+        ('port = "abc"\n', "invalid port='abc' (in {file}, key port): expected a whole number"),
+        ("port = 3.5\n", "invalid port=3.5 (in {file}, key port): expected a whole number"),
+        ('flush_interval = "fast"\n', "invalid flush-interval='fast' (in {file}, key"),
+        ('flush_interval = "inf"\n', "expected a number"),
+        ("data_dir = 1\n", "invalid data-dir=1 (in {file}, key data_dir): expected a path"),
+        ('migrate = "yes"\n', "expected true or false"),
+        ("max_body_bytes = true\n", "expected a whole number"),
+    ],
+)
+def test_config_file_mistakes_are_said_in_our_words(tmp_path: Path, text: str, says: str) -> None:
+    """A misspelt key gets "did you mean ...?"; a bad value says what was expected, never
+    Python's own text (`invalid literal for int()`), and a fraction is not a whole number."""
+    path = _toml(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        Settings.build({}, path)
+    assert says.format(file=path) in str(raised.value)
+    assert "literal" not in str(raised.value) and "convert" not in str(raised.value)
+
+
+def test_whole_numbers_may_be_written_as_text(tmp_path: Path) -> None:
+    """A whole number as text (`port = " 4000 "`) is read as one."""
+    assert Settings.build({}, _toml(tmp_path, 'port = " 4000 "\n')).port == 4000
+
+
 def _toml(directory: Path, text: str) -> Path:
     path = directory / "bad.toml"
     path.write_text(text)

@@ -124,6 +124,26 @@ async def test_garbage_bytes_get_400_and_others_are_served(url: str) -> None:
     assert [r.status for r in responses] == [202, 200]
 
 
+async def test_unknown_methods_get_501_and_a_close(url: str) -> None:
+    """A well-formed request whose method the server does not know (FOO, BREW, alone or
+    pipelined after a good request) gets 501 method_not_implemented, then the close (RFC 9110
+    15.6.2); a known method on a route that takes another is still 405, garbage still 400."""
+    for method in (b"FOO", b"BREW", b"M-FOO"):
+        responses = await exchange(url, method + b" /increment HTTP/1.1\r\nHost: t\r\n\r\n", 2)
+        assert [r.status for r in responses] == [501], method
+        payload = json.loads(responses[0].body)
+        assert payload["error"] == "method_not_implemented", payload
+        assert method.decode() in payload["detail"]
+        assert responses[0].headers.get("connection") == "close"
+    pipelined = get_request("/healthz") + b"BREW /coffee HTTP/1.1\r\nHost: t\r\n\r\n"
+    assert [r.status for r in await exchange(url, pipelined, 3)] == [200, 501]
+    [wrong_route] = await exchange(url, b"PUT /increment HTTP/1.1\r\nHost: t\r\n\r\n", 1)
+    assert wrong_route.status == 405
+    for garbage in (b"G\x00T / HTTP/1.1\r\n\r\n", b"FOO BAR\r\n\r\n", get_request("/") + b"\x01"):
+        statuses = [r.status for r in await exchange(url, garbage, 2)]
+        assert statuses[-1] == 400, (garbage, statuses)
+
+
 async def test_connection_close_and_http10(url: str) -> None:
     """Connection: close and HTTP/1.0 requests get one answer and the server closes."""
     responses = await exchange(
@@ -228,7 +248,7 @@ async def test_many_tiny_chunks_are_linear(url: str) -> None:
 
 async def test_half_closed_client_gets_every_answer_in_order(url: str) -> None:
     """A client that pipelines and then half-closes (`printf ... | socat`) gets the answer to an
-    asynchronous read, then the 400 for the garbage after it, then the close."""
+    asynchronous read, then the 501 for the unknown method after it, then the close."""
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(get_request("/counters/half-closed") + b"BAD / HTTP/1.1\r\n\r\n")
@@ -238,7 +258,7 @@ async def test_half_closed_client_gets_every_answer_in_order(url: str) -> None:
     answers, _ = parse_answers(itertools.repeat("GET"), received)
     assert [(r.status, json.loads(r.body)["error"]) for r in answers] == [
         (404, "not_found"),
-        (400, "malformed_http"),
+        (501, "method_not_implemented"),
     ]
 
 

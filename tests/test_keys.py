@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -92,6 +93,27 @@ async def test_rotation_keeps_the_old_key_for_its_grace_period(tmp_path: Path, d
         await wait_until(lambda: stopped(third), timeout=5)
     listed = [k for k in await keys.listing(db_url) if k.name == name]
     assert len(listed) == 3 and not any(k.active for k in listed)
+
+
+def test_rotate_keeps_the_old_key_an_hour_by_default(tmp_path: Path) -> None:
+    """`keys rotate NAME` without --grace leaves the old key working for an hour, and says until
+    when; `--grace 0` revokes it at once."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert run_cli("keys", "create", "app", "--database-url", url, cwd=tmp_path).returncode == 0
+    before = datetime.now(UTC)
+    rotated = run_cli("keys", "rotate", "app", "--database-url", url, cwd=tmp_path)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "keeps working for 3600 s more, until 20" in rotated.stderr
+    assert "--grace 0 revokes it now" in rotated.stderr
+    listed = run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path)
+    old, new = json.loads(listed.stdout)
+    assert (old["active"], new["active"]) == (True, True)
+    until = datetime.fromisoformat(old["revoked_at"].replace("Z", "+00:00"))
+    assert timedelta(minutes=55) < until - before < timedelta(minutes=65)
+    now = run_cli("keys", "rotate", "app", "--grace", "0", "--database-url", url, cwd=tmp_path)
+    assert "the old one is revoked now" in now.stderr
+    listed = run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path)
+    assert [k["active"] for k in json.loads(listed.stdout)] == [True, False, True]
 
 
 async def test_a_reload_that_changes_the_key_set_logs_one_line(

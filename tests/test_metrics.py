@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -85,3 +86,20 @@ async def test_slowloris_clients_do_not_starve_normal_ones(tmp_path: Path, sqlit
         assert all(a.startswith(b"HTTP/1.1 408") for a in answers)
         for _, writer in slow:
             writer.close()
+
+
+async def test_the_clock_gauge_is_the_servers_time_at_each_scrape(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """incrementer_clock_seconds is the host's monotonic clock at the scrape: one series, which
+    grows between two scrapes by the time between them (what rates are computed over)."""
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        before = time.monotonic()
+        first = samples((await client.get("/metrics")).text)[("incrementer_clock_seconds", ())]
+        await asyncio.sleep(0.3)
+        second = samples((await client.get("/metrics")).text)[("incrementer_clock_seconds", ())]
+        after = time.monotonic()
+    assert before <= first < second <= after

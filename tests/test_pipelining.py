@@ -111,7 +111,7 @@ def render(step: Step, key: str) -> bytes:
     if kind == "close":
         return _request(b"GET", b"/healthz", host + b"Connection: close\r\n")
     if kind == "malformed":
-        return b"BAD / HTTP/1.1\r\n\r\n"
+        return b"B@D / HTTP/1.1\r\n\r\n"  # not a method token: 400 (an unknown token is 501)
     if kind == "uri_too_long":
         return _request(b"GET", b"/" + b"a" * (MAX_HEADER + 100), host)
     if kind == "headers_too_large":

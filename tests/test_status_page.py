@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from fleet import spawn_group
 from live_server import keyed_server, load_while
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 from support import serve_args, skip_or_fail, spawned
@@ -204,6 +205,110 @@ async def test_status_page_needs_no_key_when_keys_are_off(tmp_path: Path, browse
         await status.page.wait_for_selector("#readiness[data-state=unreachable]", timeout=10_000)
     assert status.exceptions == []
     assert all("Failed to load resource" in error for error in status.errors), status.errors
+
+
+def scrape(clock: float, requests: int, workers: int | None) -> str:
+    """A /metrics text as a group of `workers` (None: a lone process) would answer it."""
+    lines = [
+        f'incrementer_http_requests_total{{route="increment",status="202"}} {requests}',
+        f"incrementer_accepted_increments_total {requests * 10}",
+        "incrementer_rejected_increments_total 0",
+        f"incrementer_clock_seconds {clock}",
+        "incrementer_pending_keys 7",
+    ]
+    if workers is not None:
+        lines.append(f"incrementer_workers {workers}")
+    return "\n".join(lines) + "\n"
+
+
+async def fake_server(page: Page, scrapes: list[str]) -> list[int]:
+    """Serve the packaged page at http://status.test/status, and `scrapes` in turn as its
+    /metrics (the last one again once they run out); how many were read, as a one-item list."""
+    page_html = StatusPage.load()
+    policy = re.search(rb"Content-Security-Policy: ([^\r]*)", page_html.headers)
+    assert policy is not None
+    served = [0]
+
+    async def status(route: Any) -> None:
+        headers = {"Content-Type": "text/html", "Content-Security-Policy": policy.group(1).decode()}
+        await route.fulfill(status=200, body=page_html.body, headers=headers)
+
+    async def metrics(route: Any) -> None:
+        text = scrapes[min(served[0], len(scrapes) - 1)]
+        served[0] += 1
+        await route.fulfill(status=200, body=text, headers={"Content-Type": "text/plain"})
+
+    async def readyz(route: Any) -> None:
+        ready = {**NOT_READY, "status": "ready", "reasons": [], "lag_seconds": 0.0}
+        await route.fulfill(status=200, json=ready)
+
+    await page.route("http://status.test/status", status)
+    await page.route("http://status.test/metrics", metrics)
+    await page.route("http://status.test/readyz", readyz)
+    return served
+
+
+async def test_rates_use_the_servers_clock_when_the_tab_runs_slow(browser: Browser) -> None:
+    """A throttled tab (its timers and clock advancing 1 s while the server's advance 2 s, as a
+    background tab's do) still shows the rate the server counted: 600 requests in 2 server
+    seconds is 300/s, not the 600/s the tab's own clock would make of it."""
+    page = await browser.new_page()
+    status = Watched(page)
+    served = await fake_server(page, [scrape(1000.0 + 2 * i, 600 * i, workers=3) for i in range(4)])
+    await page.clock.install(time=1_700_000_000)
+    await page.clock.pause_at(1_700_000_010)
+    await page.goto("http://status.test/status")
+    await page.wait_for_function("() => document.getElementById('workers').textContent !== ''")
+    for expected_updates in (1, 2, 3):
+        await page.clock.run_for(1000)  # one tick of the page: one second by the tab's clock
+        await status.wait_updates(expected_updates)
+        assert await status.figure("requests_per_s") == 300.0, served
+        assert await status.figure("accepted_per_s") == 3000.0
+    assert await page.text_content("#workers") == "3 workers"
+    assert status.exceptions == [] and status.errors == []
+
+
+async def test_charts_have_axes_from_the_first_update(browser: Browser) -> None:
+    """After the first interval, every chart has a value axis from 0 to a round maximum, a time
+    axis of the last two minutes, and its point drawn; a lone process shows as one process."""
+    page = await browser.new_page()
+    status = Watched(page)
+    await fake_server(page, [scrape(50.0, 0, None), scrape(51.0, 37, None)])
+    await page.goto("http://status.test/status")
+    await status.wait_updates(1)
+    charts = await page.query_selector_all("section .chart")
+    assert len(charts) == 8
+    for chart in charts:
+        axes = await chart.inner_text()
+        assert "2 min ago" in axes and "now" in axes, axes
+        maximum = await chart.query_selector(".y-max")
+        assert maximum is not None and (await maximum.inner_text()).strip() not in ("", "0")
+        dots = await chart.query_selector_all("circle[visibility=visible]")
+        assert dots, await chart.inner_html()
+    requests = await page.query_selector("section:first-child .y-max")
+    assert requests is not None and await requests.inner_text() == "50"  # 37/s, rounded up
+    assert await page.text_content("#workers") == "1 process"
+    assert status.exceptions == []
+
+
+def test_the_start_log_names_the_status_page(tmp_path: Path) -> None:
+    """A lone process and a `--workers 2` group each log the status page's URL once they
+    listen, where a new user reads the listening URL; the group's /metrics gives the page its
+    worker count and one server clock."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    with spawned(serve_args(tmp_path, database_url, "--log-level", "info")) as alone:
+        assert alone.stop() == 0
+    group = spawn_group(serve_args(tmp_path, database_url, "--log-level", "info"), 2)
+    try:
+        metrics = httpx.get(f"{group.url}/metrics").text
+    finally:
+        assert group.stop() == 0
+    # What the page reads from a group: its worker count, and one clock (the answering worker's).
+    assert re.search(r"^incrementer_workers 2\.0$", metrics, re.MULTILINE), metrics
+    assert len(re.findall(r"^incrementer_clock_seconds ", metrics, re.MULTILINE)) == 1
+    for server in (alone, group):
+        logged = server.read_log()
+        assert logged.count(f"status page: {server.url}/status") == 1, logged
 
 
 async def test_a_script_from_elsewhere_is_refused_by_the_page_policy(

@@ -297,6 +297,7 @@ async def test_postgres_counters_are_set_up_for_hot_updates(pg_url: str) -> None
 def fresh_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
     """A database no migration has touched yet."""
     if db_url.startswith("sqlite"):
+        (tmp_path / "fresh").mkdir()  # the directory must exist: only the file is created
         yield f"sqlite:///{tmp_path / 'fresh' / 'counters.db'}"
         return
     with pg_database(db_url, unique(f"{db_url.rsplit('/', 1)[1]}_fresh_")) as url:

@@ -10,6 +10,7 @@ import pytest
 from support import db_totals, unique
 
 from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store
+from incrementer.store.base import BackendError
 from incrementer.store.migrate import migrate
 from incrementer.store.sqlite import SQLiteStore
 from incrementer.urls import redact_url
@@ -50,19 +51,19 @@ async def test_an_unopened_store_refuses_every_call(db_url: str) -> None:
     await store.close()  # closing what was never opened is harmless
 
 
-async def test_sqlite_file_in_missing_directories(tmp_path: Path) -> None:
-    """Migrating, and opening, an SQLite file whose parent directories do not exist creates them."""
-    migrated = tmp_path / "a" / "b" / "counters.db"
-    await asyncio.to_thread(migrate, f"sqlite:///{migrated}")
-    assert migrated.exists()
-    opened = tmp_path / "c" / "d" / "counters.db"
-    store = SQLiteStore(str(opened))
-    await store.open()
-    try:
-        await store.ping()
-    finally:
+async def test_sqlite_file_in_missing_directories_is_refused(tmp_path: Path) -> None:
+    """Migrating, or opening, an SQLite file whose directory does not exist (or is a file) is
+    refused, naming the directory, and creates nothing: a mistyped path must not quietly start
+    an empty database of counters."""
+    for url_path in (tmp_path / "a" / "b" / "counters.db", tmp_path / "file" / "counters.db"):
+        (tmp_path / "file").touch()
+        with pytest.raises(BackendError, match=f"its directory {url_path.parent} "):
+            await asyncio.to_thread(migrate, f"sqlite:///{url_path}")
+        store = SQLiteStore(str(url_path))
+        with pytest.raises(BackendError, match="never directories"):
+            await store.open()
         await store.close()
-    assert opened.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 async def test_sqlite_store_serves_concurrent_calls_and_closes_clean(sqlite_url: str) -> None:

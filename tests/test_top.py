@@ -101,6 +101,15 @@ async def test_top_finds_the_server_its_settings_describe(tmp_path: Path) -> Non
     assert f"incrementer at {server.url}  ready" in from_file.stdout, from_file.stderr
 
 
+async def test_top_takes_host_port_as_its_url(tmp_path: Path) -> None:
+    """`top 127.0.0.1:PORT` (no scheme), as `incr --url` takes it, reads that server."""
+    database_url = f"sqlite:///{tmp_path / 'counters.db'}"
+    with spawned(serve_args(tmp_path, database_url)) as server:
+        done = await top(server.url.removeprefix("http://"), "--once", "--interval", "0.2")
+    assert done.returncode == 0, done.stderr
+    assert f"incrementer at {server.url}  ready" in done.stdout
+
+
 def test_top_keeps_redrawing_until_interrupted(tmp_path: Path) -> None:
     """Without --once, top redraws every interval, and Ctrl+C (SIGINT) ends it with status 0."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
@@ -132,3 +141,29 @@ def test_a_restarted_server_counts_from_zero_not_below() -> None:
     assert figures(before, after, {})["accepted_per_s"] == 150.0
     later = Scrape(14.0, {name: [({}, 700.0)]}, {})
     assert figures(after, later, {})["accepted_per_s"] == 200.0
+
+
+def test_rates_are_over_the_servers_interval() -> None:
+    """With incrementer_clock_seconds in both scrapes, a rate divides by the server's interval
+    (4 s here), not by when this process happened to read them (1 s apart)."""
+    name = "incrementer_accepted_increments_total"
+    before = Scrape(10.0, {name: [({}, 0.0)], "incrementer_clock_seconds": [({}, 500.0)]}, {})
+    after = Scrape(11.0, {name: [({}, 800.0)], "incrementer_clock_seconds": [({}, 504.0)]}, {})
+    assert figures(before, after, {})["accepted_per_s"] == 200.0
+
+
+def test_without_rich_top_says_how_to_install_it_from_a_checkout() -> None:
+    """Where rich is missing, top says in one line how to get it from a checkout
+    (`pip install '.[top]'`), which is where a new user stands (no package index has it)."""
+    blocked = (
+        "import sys; sys.modules['rich'] = None; from incrementer.cli.main import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocked, "top", "--once"],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "incrementer: top: needs rich, the top extra: pip install '.[top]'"
+    )
+    assert len(done.stderr.splitlines()) == 1, done.stderr

@@ -132,7 +132,7 @@ def test_a_group_refuses_a_port_something_listens_on(tmp_path: Path, sqlite_url:
             "serve", "--workers", "2", "--port", str(port), *group_args(tmp_path, sqlite_url)
         )
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith(f"incrementer: cannot start: cannot bind 127.0.0.1:{port}")
+    assert proc.stderr.startswith(f"incrementer: cannot start: cannot listen on 127.0.0.1:{port}")
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "data" / "worker-0").exists()
 

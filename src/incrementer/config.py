@@ -7,8 +7,11 @@ value and where the value came from (the flag, the variable, or the file and its
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -261,6 +264,10 @@ class Settings:
         where: dict[str, str] = {}
         if config_file is not None:
             for name, (key, value) in load_toml(config_file).items():
+                if name not in FIELD_TYPES:
+                    raise ConfigError(
+                        f"unknown option {key!r} (in {config_file})", did_you_mean(key), name
+                    )
                 values[name] = value
                 where[name] = f"in {config_file}, key {key}"
         for name, value in explicit.items():
@@ -282,31 +289,70 @@ def _check(value: object, name: str, ok: bool, why: str) -> None:
 FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 
 
+# What a value of each field type must be, in the words an error says it with.
+EXPECTED = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "Path": "a path (a string)",
+    "str": "a string",
+    "Durability": "a string",
+}
+_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
 def coerce(name: str, value: Any) -> Any:
-    """Turn a TOML/CLI value into the field's type, with an error naming the option."""
+    """Turn a TOML/CLI value into the field's type, with an error naming the option and saying
+    what it expected (never Python's own text: `invalid literal for int()`)."""
     kind = FIELD_TYPES.get(name)
     if kind is None:
-        raise ConfigError(f"unknown option {name.replace('_', '-')!r}", option=name)
+        raise ConfigError(f"unknown option {name.replace('_', '-')!r}", did_you_mean(name), name)
     if name == "workers":
         return parse_workers(value)
-    try:
-        if kind == "int" and not isinstance(value, bool):
-            return int(value)
-        if kind == "float" and not isinstance(value, bool):
-            return float(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            raise ValueError("expected true or false")
-        if kind == "Path":
-            return Path(value)
-        if kind in ("str", "Durability"):
-            if not isinstance(value, str):
-                raise ValueError("expected a string")
+    converted = _converted(str(kind), value)
+    if converted is None:
+        raise ConfigError(
+            f"invalid {name.replace('_', '-')}={value!r}", f"expected {EXPECTED[str(kind)]}", name
+        )
+    return converted
+
+
+def _converted(kind: str, value: Any) -> Any:
+    """value as kind, or None when it is not one (a bool is never a number, a fraction never a
+    whole number, infinity and NaN never a number of seconds)."""
+    if isinstance(value, bool) or kind == "bool":
+        return value if isinstance(value, bool) and kind == "bool" else None
+    if kind == "int":
+        if isinstance(value, int):
             return value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", str(exc), name) from None
-    raise ConfigError(f"invalid {name.replace('_', '-')}={value!r}", f"expected {kind}", name)
+        return int(value) if isinstance(value, str) and _WHOLE.fullmatch(value) else None
+    if kind == "float":
+        number: float | None = None
+        if isinstance(value, int | float):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+        return number if number is not None and math.isfinite(number) else None
+    if not isinstance(value, str):
+        return None
+    return Path(value) if kind == "Path" else value
+
+
+def did_you_mean(key: str) -> str:
+    """The option a misspelt key was probably meant to be, spelt as the key was (dashes or
+    underscores); else where the options are listed."""
+    dashed = "-" in key
+    names = [name.replace("_", "-") if dashed else name for name in FIELD_TYPES]
+    close = difflib.get_close_matches(key.lower(), names, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return (
+        "no such option (settings go at the top level or under [incrementer]; "
+        "`incrementer serve -h` lists them)"
+    )
 
 
 def usable_cpus() -> int:

@@ -34,6 +34,7 @@ from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
 from incrementer.delivery.keyed_batches import KeyedBatches
 from incrementer.http import HttpServer, Limits
+from incrementer.http.server import cannot_listen
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
@@ -42,11 +43,11 @@ from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.metrics import Metrics
 from incrementer.node import retire
-from incrementer.node.datadir import DataDir
+from incrementer.node.datadir import DataDir, claim_database
 from incrementer.store import open_store
 from incrementer.store.base import BackendError, IdempotentBatch
 from incrementer.store.migrate import migrate
-from incrementer.urls import redact_url
+from incrementer.urls import database_identity, redact_url
 
 log = logging.getLogger("incrementer")
 
@@ -106,6 +107,8 @@ class Service:
         if self.member is None:
             await self._retire_worker_dirs()
         applied_seq = await self.store.applied_seq(node_id)
+        identity = database_identity(s.database_url)
+        await asyncio.to_thread(claim_database, self.data_dir, identity, applied_seq)
         wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
         intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger)
@@ -167,9 +170,7 @@ class Service:
         try:
             host, port = await self.server.start(s.host, s.port, reuse_port=reuse_port)
         except OSError as exc:  # a name that does not resolve, an address not ours, a port taken
-            raise OSError(
-                f"cannot listen on {s.host} port {s.port}: {exc.strerror or exc}"
-            ) from exc
+            raise OSError(cannot_listen(s.host, s.port, exc)) from exc
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}"
         log.info(
@@ -182,12 +183,17 @@ class Service:
         )
         if self.member is not None:
             self.member.ready()
+        else:
+            log.info("status page: %s/status", self.url)
 
     async def _retire_worker_dirs(self) -> None:
         """A process serving alone from a data dir a `--workers` group used: what the workers
         left in their WALs is applied (node/retire.py) before this node serves, so shrinking the
         group to one process strands nothing."""
-        for node in await retire.retire(self.data_dir, self.store, 0, include_top=False):
+        database = database_identity(self.settings.database_url)
+        for node in await retire.retire(
+            self.data_dir, self.store, 0, include_top=False, database=database
+        ):
             if node.frames or not node.was_retired:
                 log.info("retired %s", node.describe())
 
@@ -310,6 +316,14 @@ class Service:
             "incrementer_open_connections",
             "Open HTTP connections.",
             lambda: len(server.connections),
+        )
+        # Rates need the time between two scrapes by the server's clock: a browser tab in the
+        # background, or throttled, runs its timers late, and its own clock would say so.
+        metrics.gauge(
+            "incrementer_clock_seconds",
+            "This host's monotonic clock when the scrape was taken, in seconds from an arbitrary "
+            "start (the same for every process on the host): the time between two scrapes.",
+            time.monotonic,
         )
         wal = self.wal
         if isinstance(wal, WriteAheadLog):

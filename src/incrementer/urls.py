@@ -5,6 +5,7 @@ construction and every log line, error and health answer can print one without i
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import SplitResult, parse_qsl, unquote, unquote_plus, urlsplit
 
 ACCEPTED_FORMS = (
@@ -83,6 +84,18 @@ def check_redis_url(url: str) -> None:
         raise ValueError(
             f"rate-limit store URL {shown!r}: the database must be a number; use {REDIS_FORMS}"
         )
+
+
+def database_identity(url: str) -> str:
+    """Which database a URL names, as far as telling one from another needs: an SQLite file's
+    absolute path, or a PostgreSQL database's name. Not PostgreSQL's host and port: one
+    database is reached under several (a proxy, a failover, a renamed host), while two of one
+    name on two servers are rare; never a user, a password or an option."""
+    engine, target = parse_database_url(url)
+    if engine == "sqlite":
+        return "sqlite:///" + str(Path(target).resolve())
+    parts = urlsplit(url)
+    return "postgresql:///" + (parts.path.strip("/") or dict(parse_qsl(parts.query))["dbname"])
 
 
 # Query parameters libpq and asyncpg read a secret from (their names are case-sensitive there;

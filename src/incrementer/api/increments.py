@@ -47,7 +47,9 @@ class Increments:
                 item = self.validator.form_one(request.body)
             else:
                 raise unsupported(
-                    request.content_type, "application/json or application/x-www-form-urlencoded"
+                    request.content_type,
+                    "application/json or application/x-www-form-urlencoded",
+                    request.body,
                 )
             if request.idempotency_key is not None:  # a batch of one
                 outcome = self.keyed.take(request.idempotency_key, [item])
@@ -66,7 +68,7 @@ class Increments:
         keep_alive = request.keep_alive
         try:
             if media_type(request.content_type) != JSON:
-                raise unsupported(request.content_type, "application/json")
+                raise unsupported(request.content_type, "application/json", request.body)
             items = self.validator.json_many(request.body)
             if request.idempotency_key is not None:
                 outcome = self.keyed.take(request.idempotency_key, items)

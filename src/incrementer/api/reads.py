@@ -30,7 +30,14 @@ BAD_ESCAPE = BadRequest(
     "The key is not valid percent-encoding: every % starts a two-digit hex escape (%25 for %).",
 )
 BAD_UTF8 = BadRequest("invalid_key", "The key is not valid percent-encoded UTF-8.")
-NO_SUCH_COUNTER = BadRequest("not_found", "No such counter.", 404)
+NO_SUCH_COUNTER = BadRequest(
+    "not_found",
+    "No such counter: the database has none, and the process that answered holds no unflushed "
+    "increment to it. Unflushed increments on other instances (or other --workers processes) "
+    "are not included: they count here once flushed, normally within a second. To read your own "
+    "writes at once, read on the connection that wrote them.",
+    404,
+)
 
 
 class Reads:

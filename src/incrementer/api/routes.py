@@ -8,7 +8,7 @@ start (Metrics.declare), as is each reason an increment can be refused for.
 from __future__ import annotations
 
 from incrementer.http import HttpConnection, responses
-from incrementer.ingest.validate import BadRequest
+from incrementer.ingest.validate import BadRequest, looks_like_json
 from incrementer.metrics import Metrics
 
 JSON = b"application/json"
@@ -41,7 +41,7 @@ ROUTE_STATUSES = {
     "openapi": (200, 405),
     "status": (200, 405),
     "unknown": (404,),
-    "invalid": (400, 408, 413, 414, 417, 431),
+    "invalid": (400, 408, 413, 414, 417, 431, 501),
 }
 REJECT_REASONS = (
     # ingest/validate.py
@@ -96,11 +96,14 @@ def media_type(content_type: bytes) -> bytes:
     return content_type.split(b";", 1)[0].strip().lower()
 
 
-def unsupported(content_type: bytes, accepted: str) -> BadRequest:
+def unsupported(content_type: bytes, accepted: str, body: bytes = b"") -> BadRequest:
     shown = content_type.decode("latin-1")[:100] or "(none)"
+    hint = ""
+    if looks_like_json(body) and media_type(content_type) != JSON:
+        hint = " The body looks like JSON: send it with Content-Type: application/json."
     return BadRequest(
         "unsupported_media_type",
-        f"Content-Type {shown!r} is not supported by this route; send {accepted}.",
+        f"Content-Type {shown!r} is not supported by this route; send {accepted}.{hint}",
         415,
     )
 

@@ -4,6 +4,7 @@ database (auth/admin.py does the work)."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import click
 
@@ -15,6 +16,11 @@ from incrementer.config import Settings
 def keys() -> None:
     """Create, list, rotate and revoke API keys (stored hashed in the service's database)."""
 
+
+# A rotation is routine (a leaked key is revoked at once with --grace 0, or `keys revoke`), so
+# by default the old key keeps working long enough for every client to be given the new one:
+# revoking it at once stops every client that has not switched yet.
+DEFAULT_GRACE = 3600.0
 
 rate_option = click.option(
     "--rate", type=float, help="Requests per second for this key (default: --rate-limit)."
@@ -44,9 +50,10 @@ def keys_create(name: str, rate: float | None, burst: int | None, settings: Sett
 @click.option(
     "--grace",
     type=float,
-    default=0.0,
+    default=DEFAULT_GRACE,
     show_default=True,
-    help="Seconds the old key keeps working, for clients to switch to the new one.",
+    help="Seconds the old key keeps working, for clients to switch to the new one; 0 revokes "
+    "it now (a leaked key).",
 )
 @rate_option
 @burst_option
@@ -61,10 +68,16 @@ def keys_rotate(
 
     key = asyncio.run(key_admin.rotate(settings.database_url, name, grace, rate, burst))
     click.echo(key)
-    when = f"in {grace:g} s" if grace else "now"
+    if grace:
+        until = datetime.now(UTC) + timedelta(seconds=grace)
+        when = (
+            f"keeps working for {grace:g} s more, until {until:%Y-%m-%dT%H:%M:%SZ} "
+            "(--grace 0 revokes it now)"
+        )
+    else:
+        when = "is revoked now"
     click.echo(
-        f"rotated API key {name!r}: the new key is shown only now; the old one is revoked {when}",
-        err=True,
+        f"rotated API key {name!r}: the new key is shown only now; the old one {when}", err=True
     )
 
 

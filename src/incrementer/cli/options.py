@@ -89,6 +89,12 @@ HELP = {
         "supervisor kills and replaces it."
     ),
 }
+# The same settings as commands that talk to a running server read them: where it listens.
+CONNECT_HELP = {
+    "host": "Address of the server to talk to (as its --host; a wildcard bind is reached on "
+    "loopback).",
+    "port": "Port of the server to talk to (as its --port).",
+}
 CHOICES = {
     "auth": AUTH_MODES,
     "rate_limit_store_down": STORE_DOWN_MODES,
@@ -107,11 +113,16 @@ SOURCES_NOTE = (
 CONFIGURED = "incrementer.configured"  # ctx.meta: the settings given anywhere, not defaulted
 
 
-def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def settings_options(
+    *names: str, connect: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--config, plus one flag per named Settings field (every field when none are named), each
     also read from INCREMENTER_<NAME>. The command receives `settings`, built and validated from
     flags > environment > file > defaults; a bad value is a usage error naming where it was set.
-    Defaults live in Settings, so the file can sit between the environment and them."""
+    Defaults live in Settings, so the file can sit between the environment and them. connect:
+    the command talks to a running server, so --host and --port say where it is, not what to
+    bind."""
+    help_texts = {**HELP, **CONNECT_HELP} if connect else HELP
     chosen = [f for f in fields(Settings) if not names or f.name in names]
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,7 +139,8 @@ def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[...
 
         command.__doc__ = f"{inspect.cleandoc(func.__doc__ or '')}\n\n{SOURCES_NOTE}"
         for field in reversed(chosen):
-            command = _setting_option(field.name, str(field.type), field.default)(command)
+            option = _setting_option(field.name, str(field.type), field.default, help_texts)
+            command = option(command)
         return click.option(
             "--config",
             type=click.Path(path_type=Path, dir_okay=False),
@@ -140,10 +152,12 @@ def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[...
     return decorate
 
 
-def _setting_option(name: str, kind: str, default: Any) -> Callable[..., Any]:
+def _setting_option(
+    name: str, kind: str, default: Any, help_texts: dict[str, str]
+) -> Callable[..., Any]:
     flag = name.replace("_", "-")
     envvar = ENV_PREFIX + name.upper()
-    help_text = f"{HELP[name]} [default: {default}] [env: {envvar}]"
+    help_text = f"{help_texts[name]} [default: {default}] [env: {envvar}]"
     if kind == "bool":
         return click.option(
             f"--{flag}/--no-{flag}", name, default=None, envvar=envvar, help=help_text

@@ -45,6 +45,19 @@ class Scrape:
     samples: Samples
     ready: dict[str, Any]  # the /readyz body
 
+    @property
+    def server_at(self) -> float | None:
+        """The server's clock at the scrape (incrementer_clock_seconds), if it says."""
+        return total(self.samples, "incrementer_clock_seconds")
+
+
+def elapsed(prev: Scrape, cur: Scrape) -> float:
+    """Seconds between two scrapes by the server's clock (what its counters moved in), else
+    by this process's."""
+    before, now = prev.server_at, cur.server_at
+    seconds = now - before if before is not None and now is not None else cur.at - prev.at
+    return max(seconds, 1e-9)
+
 
 def normalize(url: str) -> str:
     url = url.strip().rstrip("/")
@@ -93,7 +106,7 @@ def total(
 def figures(prev: Scrape, cur: Scrape, last: Figures) -> Figures:
     """Rates and means over the interval between two scrapes, as the status page computes them.
     A counter that went down belongs to a restarted process: all of it is new."""
-    seconds = max(cur.at - prev.at, 1e-9)
+    seconds = elapsed(prev, cur)
 
     def grew(name: str) -> float | None:
         now, before = total(cur.samples, name), total(prev.samples, name)
@@ -249,7 +262,10 @@ def run(
         from rich.console import Console
         from rich.live import Live
     except ImportError:
-        raise TopError("needs rich: pip install 'incrementer[top]'") from None
+        raise TopError(
+            "needs rich, the top extra: pip install '.[top]' in a checkout of incrementer "
+            "(pip install 'incrementer[top]' where it is a package in your index)"
+        ) from None
     console = console or Console()
     url = normalize(url)
     view = View(url)
@@ -289,7 +305,7 @@ def run(
     "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds."
 )
 @click.option("--once", is_flag=True, help="Print one interval's figures and exit.")
-@settings_options("host", "port")
+@settings_options("host", "port", connect=True)
 def top(
     url: str | None, api_key: str | None, interval: float, once: bool, settings: Settings
 ) -> None:

@@ -1,6 +1,7 @@
-"""`incrementer wal inspect` and `wal drain`. Inspect: what the WAL of a data dir holds, and with a database URL, how much
-of it the database has applied (the ledger's applied seq for the data dir's node) and how much is
-pending. Read-only: nothing is created, locked or migrated, so it runs beside the live service.
+"""`incrementer wal inspect` and `wal drain`. Inspect: what the WAL of a data dir holds (and
+each worker-N's in it, for a `--workers` group's dir), and with a database URL, how much of it
+the database has applied (the ledger's applied seq for each node) and how much is pending.
+Read-only: nothing is created, locked or migrated, so it runs beside the live service.
 
 Without the ledger the figures say what is on disk, not what is pending: a segment stays until
 every frame in it is applied, so most frames on disk are usually applied already.
@@ -19,7 +20,8 @@ from incrementer.cli.errors import RUNTIME_ERRORS
 from incrementer.cli.options import CONFIGURED, settings_options
 from incrementer.config import Settings
 from incrementer.ingest.wal_reader import WalSummary, summarize
-from incrementer.node.datadir import DataDirError, peek_node_id
+from incrementer.node.datadir import DataDirError, check_is_directory, peek_node_id
+from incrementer.node.retire import worker_dirs
 from incrementer.store import open_store
 
 
@@ -30,6 +32,12 @@ class WalReport:
     summary: WalSummary
     ledger: str | None
     """Why the applied seq is unknown, when it is: no database URL, or no node id yet."""
+
+    @classmethod
+    def empty(cls, data_dir: Path) -> WalReport:
+        """What a data dir without a WAL of its own holds: nothing."""
+        summary = WalSummary([], 0, 0, 0, 0, 0, None, [])
+        return cls(data_dir / "wal", peek_node_id(data_dir), summary, None)
 
     def as_json(self) -> dict[str, Any]:
         payload = dataclasses.asdict(self.summary)
@@ -66,28 +74,49 @@ class WalReport:
         return lines
 
 
-async def inspect(data_dir: Path, database_url: str | None) -> WalReport:
-    """The report for data_dir; database_url (None: not configured) is opened read-only."""
+async def inspect(data_dir: Path, database_url: str | None) -> list[WalReport]:
+    """A report for each WAL in data_dir: its own, then each worker-N's (a `--workers` group
+    keeps one per worker); database_url (None: not configured) is opened read-only, once."""
+    check_is_directory(data_dir)
     if not data_dir.is_dir():
         raise DataDirError(f"no data dir at {data_dir}: nothing to inspect (see --data-dir)")
-    wal_path = data_dir / "wal"
-    if not wal_path.is_dir():
+    node_dirs = [data_dir, *(path for _, path in worker_dirs(data_dir))]
+    with_wal = [path for path in node_dirs if (path / "wal").is_dir()]
+    if not with_wal:
         raise DataDirError(f"no WAL in {data_dir} (a data dir of --durability memory?)")
-    node_id = peek_node_id(data_dir)
-    applied: int | None = None
-    ledger = None
-    if database_url is None:
-        ledger = "give --database-url to compare with the database's ledger"
-    elif node_id is None:
-        ledger = f"{data_dir} has no node id yet, so no ledger entry"
-    else:
+    node_ids = {path: peek_node_id(path) for path in with_wal}
+    applied: dict[str, int] = {}
+    if database_url is not None and any(node_ids.values()):
         store = open_store(database_url, read_only=True)
         await store.open()
         try:
-            applied = await store.applied_seq(node_id)
+            for known in filter(None, node_ids.values()):
+                applied[known] = await store.applied_seq(known)
         finally:
             await store.close()
-    return WalReport(wal_path, node_id, summarize(wal_path, applied), ledger)
+    reports = []
+    for path, node_id in node_ids.items():
+        ledger = None
+        if database_url is None:
+            ledger = "give --database-url to compare with the database's ledger"
+        elif node_id is None:
+            ledger = f"{path} has no node id yet, so no ledger entry"
+        seq = applied.get(node_id) if node_id else None
+        reports.append(WalReport(path / "wal", node_id, summarize(path / "wal", seq), ledger))
+    return reports
+
+
+def json_payload(data_dir: Path, reports: list[WalReport]) -> dict[str, Any]:
+    """The data dir's own WAL at the top level (empty figures when it has none: a `--workers`
+    group's dir), each worker's under `workers`."""
+    own = [r for r in reports if r.wal_path.parent == data_dir]
+    payload = own[0].as_json() if own else WalReport.empty(data_dir).as_json()
+    payload["workers"] = [
+        {**r.as_json(), "path": str(r.wal_path.parent)}
+        for r in reports
+        if r.wal_path.parent != data_dir
+    ]
+    return payload
 
 
 @click.group()
@@ -99,19 +128,25 @@ def wal() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @settings_options("data_dir", "database_url")
 def wal_inspect(settings: Settings, as_json: bool) -> None:
-    """Segments, frames, increments and seq range of the WAL in --data-dir; with a database URL
-    (flag, environment or file), how many of them the database has applied and how many are
-    pending. Reads only: creates, locks and migrates nothing."""
+    """Segments, frames, increments and seq range of the WAL in --data-dir, and of each
+    worker-N's in it (a --workers group's data dir); with a database URL (flag, environment or
+    file), how many of them the database has applied and how many are pending. Reads only:
+    creates, locks and migrates nothing."""
     configured = click.get_current_context().meta[CONFIGURED]
     database_url = settings.database_url if "database_url" in configured else None
-    report = asyncio.run(inspect(settings.data_dir, database_url))
+    reports = asyncio.run(inspect(settings.data_dir, database_url))
     if as_json:
         import msgspec
 
-        click.echo(msgspec.json.encode(report.as_json()).decode())
+        click.echo(msgspec.json.encode(json_payload(settings.data_dir, reports)).decode())
         return
-    for line in report.lines():
-        click.echo(line)
+    if reports[0].wal_path.parent != settings.data_dir:
+        click.echo(f"{settings.data_dir}: a --workers group's data dir; each worker's WAL:")
+    for number, report in enumerate(reports):
+        if number:
+            click.echo("")
+        for line in report.lines():
+            click.echo(line)
 
 
 @wal.command("drain")
@@ -122,6 +157,7 @@ def wal_drain(settings: Settings) -> None:
     its worker dirs; safe to run twice: the second run finds nothing after the applied seq."""
     from incrementer.node import retire as retiring
 
+    check_is_directory(settings.data_dir)
     if not settings.data_dir.is_dir():
         raise click.UsageError(f"no data dir at {settings.data_dir}")
     try:

@@ -16,6 +16,7 @@ import httptools
 
 from incrementer.http import responses
 from incrementer.http.pipeline import Gate, Pipeline, Result
+from incrementer.http.reader import unknown_method
 from incrementer.http.request import Reject, Request
 
 if TYPE_CHECKING:
@@ -139,6 +140,10 @@ class HttpConnection(Pipeline):
                 self._fail(400, "upgrade_unsupported", "Protocol upgrades are not supported.")
             else:
                 self.end()
+        except httptools.HttpParserInvalidMethodError:  # before its base class, HttpParserError
+            if not self.closing:
+                refusal = unknown_method(data)
+                self._fail(refusal.status, refusal.code, refusal.detail)
         except httptools.HttpParserError as exc:
             if self.closing:
                 return  # bytes after a request that closes the connection: ignored

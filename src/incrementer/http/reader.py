@@ -9,6 +9,7 @@ connection's (protocol.py); the order in which answers leave is the pipeline's (
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httptools
 
@@ -153,3 +154,31 @@ def _second_host() -> Reject:
     # RFC 9112 section 3.2: two Host fields could name two different targets (one seen by a
     # proxy in front, the other by us), so the request is refused whole.
     return Reject(400, "duplicate_host", "A request may carry only one Host header.")
+
+
+# A request line (RFC 9112 3) whose method is a token (RFC 9110 5.6.2), where a line starts.
+_REQUEST_LINE = re.compile(
+    rb"(?:\A|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+) [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r?\n"
+)
+
+
+def unknown_method(data: bytes) -> Reject:
+    """The refusal of a request llhttp stopped at its method (data: the bytes being read). A
+    well-formed request line whose method llhttp does not know (FOO, BREW) asks for a method this
+    server does not implement: 501 (RFC 9110 15.6.2). Anything else there is not HTTP: 400.
+    Only this error path pays for finding the request line among the bytes read."""
+    found = _REQUEST_LINE.findall(data)
+    if found:
+        method = found[-1]
+        try:
+            httptools.HttpRequestParser(object()).feed_data(method + b" / HTTP/1.1\r\n")
+        except httptools.HttpParserInvalidMethodError:
+            shown = method[:40].decode("ascii")
+            return Reject(
+                501,
+                "method_not_implemented",
+                f"Method {shown!r} is not implemented: this server answers GET, HEAD and POST.",
+            )
+        except httptools.HttpParserError:
+            pass
+    return Reject(400, "malformed_http", "Malformed HTTP request: invalid method.")

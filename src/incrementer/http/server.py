@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -91,3 +92,25 @@ class HttpServer:
         if self._server is not None:
             await self._server.wait_closed()
         return forced
+
+
+# Why a bind fails, for the errors people meet, and what to do about it.
+_BIND_FAILURES = {
+    errno.EADDRINUSE: (
+        "address already in use: another process listens on that port (an incrementer still "
+        "running?); stop it, or choose another --port"
+    ),
+    errno.EADDRNOTAVAIL: "no interface of this host has that address; check --host",
+    errno.EACCES: "permission denied (ports below 1024 need privileges); choose another --port",
+}
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """The one sentence for a failed bind, whoever binds: a process serving alone, or the
+    supervisor of a `--workers` group reserving the port."""
+    shown = f"[{host}]" if ":" in host else host
+    if isinstance(exc, socket.gaierror):
+        why = f"cannot resolve host {host!r} ({exc.strerror}); check --host"
+    else:
+        why = _BIND_FAILURES.get(exc.errno or 0) or exc.strerror or str(exc)
+    return f"cannot listen on {shown}:{port}: {why}"

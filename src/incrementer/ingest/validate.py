@@ -34,6 +34,14 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
 _FIELD_AT = re.compile(r"at `\$(?:\[\d+\])?\.(\w+)`")
 
+# The commonest curl mistake: `curl -d '{"key":...}'` sends JSON labelled as a form.
+SENT_AS_FORM = BadRequest(
+    "malformed_form",
+    "The body looks like JSON but was sent as a form (Content-Type: "
+    "application/x-www-form-urlencoded, curl -d's default): send it with Content-Type: "
+    "application/json (curl -H 'Content-Type: application/json' or curl --json).",
+)
+
 # One validated increment: the key's UTF-8 bytes (what the WAL stores), the key, the value.
 Validated = tuple[bytes, str, int]
 
@@ -76,6 +84,8 @@ class Validator:
         raise AssertionError("unreachable: an item failed validation above")
 
     def form_one(self, body: bytes) -> Validated:
+        if looks_like_json(body):
+            raise SENT_AS_FORM
         try:
             pairs = parse_qsl(
                 body.decode("ascii"),
@@ -135,6 +145,11 @@ class Validator:
                 )
             raise BadRequest("invalid_value", f"{where}Field 'value' must be a positive integer.")
         return key_bytes, key, value
+
+
+def looks_like_json(body: bytes) -> bool:
+    """An object or an array: never a form of ours, whose only fields are key and value."""
+    return body.lstrip()[:1] in (b"{", b"[")
 
 
 def _decode_failure(exc: Exception) -> BadRequest:

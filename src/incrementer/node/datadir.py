@@ -12,6 +12,8 @@ log = logging.getLogger("incrementer")
 
 RETIRED = "RETIRED"
 """Written by a drain (drain.py) once everything in the WAL is in the database."""
+DATABASE = "DATABASE"
+"""The database the node applies its WAL to (urls.database_identity), recorded at each start."""
 
 
 class DataDirError(Exception):
@@ -42,6 +44,7 @@ class DataDir:
     def lock(self) -> None:
         """Only the lock: a supervisor holds its data dir this way, and a drain before it reads
         the node id (it never creates one)."""
+        check_is_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
@@ -82,6 +85,47 @@ class DataDir:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def claim_database(data_dir: DataDir, identity: str, applied_seq: int) -> None:
+    """Record that data_dir's node applies its WAL to the database `identity`, refusing a
+    database that is not the one recorded when that would count twice: this one has applied
+    nothing of the node's (applied_seq 0) while the WAL holds frames, which the database they
+    were written for may already have (a WAL keeps applied frames until its segment is
+    recycled). The same database under another name has applied some, and passes."""
+    recorded_at = data_dir.path / DATABASE
+    try:
+        recorded = recorded_at.read_text().strip()
+    except FileNotFoundError:
+        recorded = ""
+    if recorded == identity:
+        return
+    if recorded and applied_seq == 0 and _holds_frames(data_dir.wal_path):
+        raise DataDirError(
+            f"data dir {data_dir.path} belongs to another database ({recorded}): its WAL holds "
+            f"increments written for that one, and {identity} has applied none of them, so "
+            "they would count again here. Give this database its own --data-dir; if it is the "
+            f"same database under another name, delete {recorded_at}"
+        )
+    tmp = recorded_at.with_suffix(".tmp")
+    tmp.write_text(identity + "\n")
+    os.replace(tmp, recorded_at)
+
+
+def _holds_frames(wal_path: Path) -> bool:
+    from incrementer.ingest.wal_reader import summarize
+
+    return wal_path.is_dir() and summarize(wal_path).frames > 0
+
+
+def check_is_directory(path: Path) -> None:
+    """A data dir that names something else (a file, often the database file by mistake) is
+    refused in those words, not with the file system's `File exists`."""
+    if path.exists() and not path.is_dir():
+        raise DataDirError(
+            f"data dir {path} is not a directory (--data-dir names a directory for the WAL, "
+            "the node id and the lock)"
+        )
 
 
 def peek_node_id(path: Path) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from incrementer.ingest.wal import WriteAheadLog
-from incrementer.node.datadir import RETIRED, DataDir
+from incrementer.node.datadir import RETIRED, DataDir, claim_database
 from incrementer.store.base import Store
 
 BATCH_KEYS = 20_000
@@ -80,15 +80,20 @@ class Drained:
         return text
 
 
-async def drain_node(data_dir: DataDir, store: Store, batch_keys: int = BATCH_KEYS) -> Drained:
+async def drain_node(
+    data_dir: DataDir, store: Store, batch_keys: int = BATCH_KEYS, database: str = ""
+) -> Drained:
     """Apply what data_dir's WAL holds beyond the node's applied seq, then mark it retired.
-    The caller holds data_dir's lock and an open store on the node's database."""
+    The caller holds data_dir's lock and an open store on the node's database, whose identity
+    (urls.database_identity) `database` is: a WAL written for another database is refused."""
     path = data_dir.path
     node_id = data_dir.existing_node_id()
     was_retired = (path / RETIRED).exists()
     if not node_id:
         return Drained(path, "", 0, 0, 0, 0, 0, 0, was_retired)
     before = await store.applied_seq(node_id)
+    if database:
+        await asyncio.to_thread(claim_database, data_dir, database, before)
     applied, frames, increments, keys, overflowed = before, 0, 0, 0, 0
     if data_dir.wal_path.is_dir():
         wal = await asyncio.to_thread(WriteAheadLog.open, data_dir.wal_path)
@@ -134,7 +139,11 @@ def _mark_retired(path: Path, node_id: str, applied_seq: int) -> None:
 
 
 async def retire(
-    data_dir: DataDir, store: Store, keep_workers: int, include_top: bool = True
+    data_dir: DataDir,
+    store: Store,
+    keep_workers: int,
+    include_top: bool = True,
+    database: str = "",
 ) -> list[Drained]:
     """Drain the nodes under data_dir that will not serve: its own (include_top, when a
     supervisor takes over a dir a single process served from) and every worker dir from index
@@ -143,14 +152,14 @@ async def retire(
     were drained (each drain stands on its own)."""
     done = []
     if include_top:
-        done.append(await drain_node(data_dir, store))
+        done.append(await drain_node(data_dir, store, database=database))
     for index, path in worker_dirs(data_dir.path):
         if index < keep_workers:
             continue
         node = DataDir(path)
         node.lock()
         try:
-            done.append(await drain_node(node, store))
+            done.append(await drain_node(node, store, database=database))
         finally:
             node.close()
     return done
@@ -161,6 +170,7 @@ async def drain_data_dir(path: Path, database_url: str) -> list[Drained]:
     at database_url (migrated first, as `serve` would)."""
     from incrementer.store import open_store
     from incrementer.store.migrate import migrate
+    from incrementer.urls import database_identity
 
     top = DataDir(path)
     top.lock()
@@ -169,7 +179,9 @@ async def drain_data_dir(path: Path, database_url: str) -> list[Drained]:
         store = open_store(database_url)
         await store.open()
         try:
-            return await retire(top, store, keep_workers=0)
+            return await retire(
+                top, store, keep_workers=0, database=database_identity(database_url)
+            )
         finally:
             await store.close()
     finally:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import socket
 
+from incrementer.http.server import cannot_listen
+
 
 class PortTaken(Exception):
     """The host does not resolve, or something already listens on the port."""
@@ -32,7 +34,7 @@ def reserve(host: str, port: int) -> tuple[list[socket.socket], int]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise PortTaken(f"cannot resolve host {host!r}: {exc}") from None
+        raise PortTaken(cannot_listen(host, port, exc)) from None
     reserved: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -44,7 +46,7 @@ def reserve(host: str, port: int) -> tuple[list[socket.socket], int]:
             try:
                 sock.bind((address[0], port, *address[2:]))
             except OSError as exc:
-                raise PortTaken(f"cannot bind {address[0]}:{port}: {exc.strerror}") from None
+                raise PortTaken(cannot_listen(host, port, exc)) from None
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             port = sock.getsockname()[1]
     except BaseException:

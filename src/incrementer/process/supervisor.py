@@ -46,7 +46,7 @@ from incrementer.process.metrics_files import Publisher
 from incrementer.process.slots import WorkerSlot, how
 from incrementer.store import open_store
 from incrementer.store.migrate import migrate
-from incrementer.urls import redact_url
+from incrementer.urls import database_identity, redact_url
 
 log = logging.getLogger("incrementer.supervisor")
 
@@ -130,7 +130,10 @@ class Supervisor:
         store = open_store(s.database_url)
         await store.open()
         try:
-            for node in await retire.retire(self.data_dir, store, keep_workers=s.workers):
+            database = database_identity(s.database_url)
+            for node in await retire.retire(
+                self.data_dir, store, keep_workers=s.workers, database=database
+            ):
                 if node.frames or (node.node_id and not node.was_retired):
                     log.info("retired %s", node.describe())
         finally:
@@ -266,6 +269,7 @@ class Supervisor:
                     len(self.workers),
                     ", ".join(str(w.proc.pid) for w in self.workers if w.proc is not None),
                 )
+                log.info("status page: %s/status", self.url)
             self._publish()
         self._close_notify(worker)
 

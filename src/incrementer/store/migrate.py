@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from incrementer.store.base import BackendError
+from incrementer.store.sqlite import check_directory
 from incrementer.urls import parse_database_url, redact_url, scrub
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def migrate(
 def _sqlite_yoyo_url(path: str) -> str:
     # yoyo opens `file:<path>?cache=shared` as an SQLite URI, which percent-decodes: quoting keeps
     # names containing '?', '#' or '%' intact.
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    check_directory(path)
     return "sqlite:///" + quote(path)
 
 

@@ -277,7 +277,7 @@ class SQLiteStore:
         return conn
 
     def _open_writer(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        check_directory(self.path)
         conn = self._connect()
         self._write_conn = conn
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
@@ -395,3 +395,16 @@ def _current_values(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]
         sql = f"SELECT key, value FROM counters WHERE key IN ({marks})"
         current.update(conn.execute(sql, chunk).fetchall())
     return current
+
+
+def check_directory(path: str) -> None:
+    """The directory an SQLite database is to be created in must exist: only the file is
+    created, so a mistyped directory is refused rather than quietly made, with an empty
+    database of counters in it."""
+    directory = Path(path).parent
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise BackendError(
+            f"SQLite database {path}: its directory {directory} {what} (incrementer creates "
+            "the database file, never directories: create it, or correct the path)"
+        )

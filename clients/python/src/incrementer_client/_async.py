@@ -22,6 +22,7 @@ from incrementer_client._batching import (
     full,
     read_answer,
 )
+from incrementer_client._endpoint import base_url
 
 log = logging.getLogger("incrementer_client")
 
@@ -71,7 +72,7 @@ class AsyncClient:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.AsyncClient(
-            base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+            base_url=base_url(url), headers=headers, timeout=timeout, transport=transport
         )
 
     # the caller's side

@@ -20,6 +20,8 @@ from email.utils import parsedate_to_datetime
 from time import time
 from typing import Final, Literal, NamedTuple
 
+from incrementer_client._endpoint import permanent
+
 log = logging.getLogger("incrementer_client")
 
 INT64_MIN: Final = -(2**63)
@@ -340,8 +342,9 @@ def _error(body: bytes) -> tuple[str, str]:
 
 
 def failure(exc: BaseException) -> Answer:
-    """An attempt that got no answer (connect, read, write, timeout, protocol): retried."""
-    return Answer(RETRY, f"{type(exc).__name__}: {exc}")
+    """An attempt that got no answer (connect, read, write, timeout, protocol): retried, unless
+    no retry can get past it (_endpoint.permanent), which is refused like a 4xx."""
+    return Answer(REFUSED if permanent(exc) else RETRY, f"{type(exc).__name__}: {exc}")
 
 
 class Delivery:

@@ -24,6 +24,7 @@ from incrementer_client._batching import (
     full,
     read_answer,
 )
+from incrementer_client._endpoint import base_url
 
 log = logging.getLogger("incrementer_client")
 
@@ -86,7 +87,7 @@ class Client:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+            base_url=base_url(url), headers=headers, timeout=timeout, transport=transport
         )
         self._thread = threading.Thread(target=self._run, name="incrementer-client", daemon=True)
         self._thread.start()
