@@ -24,11 +24,17 @@ async def test_a_read_on_the_writing_connection_sees_the_write(tmp_path: Path) -
     try:
         for _ in range(10):
             conn = await Conn.open(group.url)
-            key = unique()
-            assert await conn.increment(key, 3) == 202
-            read = await conn.request("GET", f"/counters/{key}")
-            assert (read.status, json.loads(read.body)) == (200, {"key": key, "value": 3})
-            await conn.close()
+            try:
+                key = unique()
+                assert await conn.increment(key, 3) == 202
+                read = await conn.request("GET", f"/counters/{key}")
+            finally:
+                await conn.close()
+            answer = json.loads(read.body)
+            assert read.status == 200
+            # A group's read names the worker that answered it.
+            assert answer == {"key": key, "value": 3, "worker": answer.get("worker")}
+            assert answer["worker"] in (0, 1)
         conns = await one_per_worker(group.url, 2)
         key = unique()
         assert await conns[0].increment(key, 1) == 202
