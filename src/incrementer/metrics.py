@@ -76,6 +76,7 @@ class Metrics:
         self.idempotent_requests = {"accepted": 0, "unchecked": 0, "replayed": 0, "conflict": 0}
         self.idempotent_settled = {"applied": 0, "duplicate": 0, "conflict": 0}
         self.idempotency_keys_swept = 0
+        self.bucket_rows_swept = 0  # counter_buckets rows deleted past --bucket-retention
         self.flushes = 0
         self.flush_failures = 0
         self.skipped_batches = 0
@@ -203,6 +204,11 @@ class Metrics:
             "incrementer_idempotency_keys_swept",
             "Idempotency keys deleted from the database after --idempotency-window.",
             value=self.idempotency_keys_swept,
+        )
+        yield CounterMetricFamily(
+            "incrementer_bucket_rows_swept",
+            "Time bucket rows deleted from the database after --bucket-retention.",
+            value=self.bucket_rows_swept,
         )
         yield self.flush_seconds.family(
             "incrementer_flush_duration_seconds", "Time to apply one batch."

@@ -21,19 +21,24 @@ from typing import Protocol
 from incrementer import build
 from incrementer.api.handler import App
 from incrementer.api.increments import Increments
+from incrementer.api.listing import Listing
 from incrementer.api.pages import Pages
+from incrementer.api.query import Periods
 from incrementer.api.readiness import Peers, Readiness
 from incrementer.api.reads import Reads
+from incrementer.api.series import Series
 from incrementer.auth.keyring import ClientLimiter, KeyRing
 from incrementer.auth.source import KeySource
 from incrementer.config import EXIT_GRACE, Settings
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
 from incrementer.delivery.keyed_batches import KeyedBatches
+from incrementer.delivery.retention import BucketSweeper
 from incrementer.http import HttpServer, Limits
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
+from incrementer.ingest.replay import replay_frame
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
@@ -41,7 +46,7 @@ from incrementer.metrics import Metrics
 from incrementer.node import retire
 from incrementer.node.datadir import DataDir
 from incrementer.store import open_store
-from incrementer.store.base import BackendError, IdempotentBatch
+from incrementer.store.base import BackendError
 from incrementer.store.migrate import migrate
 from incrementer.urls import redact_url
 
@@ -73,6 +78,9 @@ class Service:
         self.data_dir = DataDir(settings.data_dir)
         self.store = open_store(settings.database_url)
         self.buffer = CoalescingBuffer()
+        granularities = settings.granularities
+        self.finest = granularities[0] if granularities else 0
+        """The finest kept time bucket in seconds; 0 with --buckets off."""
         self.ledger = Ledger(settings.idempotency_window)
         self.wal: WriteAheadLog | MemorySequence | None = None
         self.flusher: Flusher | None = None
@@ -100,8 +108,10 @@ class Service:
             await self._retire_worker_dirs()
         applied_seq = await self.store.applied_seq(node_id)
         wal = await self._open_wal(applied_seq)
-        validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
-        intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger)
+        validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items, s.bucket_past)
+        intake = Intake(
+            self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger, self.finest
+        )
         self.gate = AckGate(
             loop, wal, intake, s.durability, s.fsync_interval, self.metrics, applied_seq
         )
@@ -116,24 +126,32 @@ class Service:
             s.flush_interval_max,
             s.flush_max_keys,
             self.metrics,
+            s.granularities,
         )
         keyring, limiter, self.key_source = await self._guards()
         keyed = KeyedBatches(intake, self.gate, self.store, self.flusher, self.metrics)
         readiness = Readiness(
             self.flusher, self.gate, s.lag_bound, self.metrics, keyring, self.member
         )
+        kept = Periods(s.granularities, s.retention, s.max_series_points)
+        read_parts = (validator, self.store, self.flusher, node_id, self.metrics)
         app = App(
             intake,
             Increments(validator, intake, keyed, self.metrics),
-            Reads(validator, self.store, self.flusher, node_id, self.metrics),
+            Reads(*read_parts),
             readiness,
             Pages(self.metrics),
             self.metrics,
             keyring,
             limiter,
             self.key_source,
+            Series(*read_parts, kept),
+            Listing(*read_parts, kept, s.max_read_keys),
         )
         self._background.append(asyncio.create_task(self._sweep_idempotency_keys()))
+        if s.granularities:
+            sweeper = BucketSweeper(self.store, s.retention, self.metrics)
+            self._background.append(asyncio.create_task(sweeper.run()))
         limits = Limits(
             s.max_body_bytes,
             s.max_header_bytes,
@@ -228,16 +246,11 @@ class Service:
         else:
             wal = await asyncio.to_thread(WriteAheadLog.open, self.data_dir.wal_path)
             frames = increments = 0
+            finest = self.finest
             for frame in wal.replay_frames(applied_seq):
                 frames += 1
-                for key, value in frame.entries:
-                    self.buffer.add(key, value)
                 increments += len(frame.entries)
-                for keyed in frame.batches:
-                    deltas: dict[str, int] = {}
-                    for key, value in keyed.entries:
-                        deltas[key] = deltas.get(key, 0) + value
-                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, deltas))
+                for keyed in replay_frame(self.buffer, frame, finest):
                     self.ledger.hold(keyed.key, keyed.digest)
             if frames:
                 log.info(
