@@ -191,7 +191,10 @@ class Service:
         """A process serving alone from a data dir a `--workers` group used: what the workers
         left in their WALs is applied (node/retire.py) before this node serves, so shrinking the
         group to one process strands nothing."""
-        for node in await retire.retire(self.data_dir, self.store, 0, include_top=False):
+        granularities = self.settings.granularities
+        for node in await retire.retire(
+            self.data_dir, self.store, 0, include_top=False, granularities=granularities
+        ):
             if node.frames or not node.was_retired:
                 log.info("retired %s", node.describe())
 

@@ -143,7 +143,9 @@ class Supervisor:
         store = open_store(s.database_url)
         await store.open()
         try:
-            for node in await retire.retire(self.data_dir, store, keep_workers=s.workers):
+            for node in await retire.retire(
+                self.data_dir, store, keep_workers=s.workers, granularities=s.granularities
+            ):
                 if node.frames or (node.node_id and not node.was_retired):
                     log.info("retired %s", node.describe())
         finally:
