@@ -116,14 +116,14 @@ class Intake:
         return current
 
     def _start_of(self, at_ms: int) -> int:
-        """The finest bucket an increment counts in: its own time's, else the open frame's
-        (stamped if this is the frame's first increment)."""
-        if not at_ms:
-            at_ms = self.wal.frame_ms
-            if not at_ms:
-                self.stamp()
-                at_ms = self.wal.frame_ms
-        seconds = at_ms // 1000
+        """The finest bucket an increment counts in: its own time's, else the open frame's.
+        Either way the open frame is stamped first if this is its first increment: a frame
+        holding increments with their own times is written with its time too."""
+        frame_ms = self.wal.frame_ms
+        if not frame_ms:
+            self.stamp()
+            frame_ms = self.wal.frame_ms
+        seconds = (at_ms or frame_ms) // 1000
         return seconds - seconds % self.finest
 
     def accept(self, item: Validated, at_ms: int = 0) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import zlib
+from time import time_ns
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,10 @@ class WriteAheadLog(SequencedLog):
             seq = self._next_seq
             self._next_seq = seq + 1
             magic = MAGIC
+            if self._times and not self.frame_ms:
+                # Own times without a frame time would leave the frame's other entries without
+                # a bucket: the intake stamps first, this only keeps the format whole.
+                self.frame_ms = time_ns() // 1_000_000
             if self.frame_ms:
                 magic = MAGIC_TIMED
                 times = self._times
