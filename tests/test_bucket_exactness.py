@@ -139,7 +139,9 @@ async def test_every_bucket_is_exact_after_kill_9_during_the_load(
         assert await bucket_mismatches(server.url, load.oracle, dict(load.totals)) == []
         # The harness catches a bucket one off: the checker is not blind.
         victim = keys[0]
-        await db_execute(db_url, "UPDATE counters SET minute_value = minute_value + 1 WHERE key = $1", victim)
+        await db_execute(
+            db_url, "UPDATE counters SET minute_value = minute_value + 1 WHERE key = $1", victim
+        )
         found = await bucket_mismatches(server.url, load.oracle, dict(load.totals))
         assert any(line.startswith(f"{victim} minute") for line in found), found
         assert server.stop() == 0
@@ -206,7 +208,8 @@ async def test_a_wal_written_with_buckets_off_replays_into_the_totals_only(
         async with httpx.AsyncClient(base_url=server.url) as client:
             for key, want in ((plain, 0), (timed, 5)):
                 resp = await client.get(
-                    f"/counters/{key}/series", params={"granularity": "minute", "from": str(at - 60)}
+                    f"/counters/{key}/series",
+                    params={"granularity": "minute", "from": str(at - 60)},
                 )
                 assert resp.json()["sum"] == want, key
                 if want:

@@ -129,7 +129,9 @@ async def test_a_key_that_would_overflow_counts_in_no_bucket(store: Store) -> No
     """A delta set aside for overflow is in none of the key's buckets: they still sum to the
     in-range value."""
     node, key, fine = unique(), unique(), unique()
-    await store.apply_batch(node, 1, {key: INT64_MAX - 1}, (), Buckets(ALL, {T0: {key: INT64_MAX - 1}}))
+    await store.apply_batch(
+        node, 1, {key: INT64_MAX - 1}, (), Buckets(ALL, {T0: {key: INT64_MAX - 1}})
+    )
     result = await store.apply_batch(
         node, 2, {key: 5, fine: 1}, (), Buckets(ALL, {T0 + 60: {key: 5, fine: 1}})
     )

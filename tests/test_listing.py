@@ -74,7 +74,8 @@ async def test_a_listing_lists_every_key_once_while_keys_are_added(
             # New keys on both sides of where the listing is.
             fresh = [f"{base}:{rng.randrange(10**6):06d}x" for _ in range(3)]
             await client.post("/increments", json=[{"key": k, "value": 1} for k in fresh])
-            await wait_until(lambda: totals_are(db_url, dict.fromkeys(fresh, 1)))
+            landed = dict.fromkeys(fresh, 1)
+            await wait_until(lambda landed=landed: totals_are(db_url, landed))
         assert listed == sorted(listed)
         assert len(listed) == len(set(listed))
         assert set(existing) <= set(listed)
@@ -97,7 +98,9 @@ async def test_the_top_of_a_prefix_and_a_prefix_too_broad(
     ):
         await client.post("/increments", json=[{"key": k, "value": v} for k, v in values.items()])
         await wait_until(lambda: totals_are(db_url, values))
-        resp = await client.get("/counters", params={"prefix": base, "order": "value", "limit": "3"})
+        resp = await client.get(
+            "/counters", params={"prefix": base, "order": "value", "limit": "3"}
+        )
         assert resp.json() == {
             "counters": [
                 {"key": f"{base}b", "value": 10},

@@ -164,7 +164,9 @@ async def test_without_buckets_an_at_is_checked_and_only_the_total_counts(
         httpx.AsyncClient(base_url=svc.url) as client,
     ):
         at = time.time() - 60
-        assert (await client.post("/increment", json={"key": key, "value": 2, "at": at})).status_code == 202
+        assert (
+            await client.post("/increment", json={"key": key, "value": 2, "at": at})
+        ).status_code == 202
         late = await client.post("/increment", json={"key": key, "value": 2, "at": at - 7200})
         assert late.status_code == 422
         assert (await client.get(counter_path(key))).json() == {"key": key, "value": 2}
@@ -213,7 +215,9 @@ async def test_a_key_ending_in_series_is_still_read_as_a_counter(
         httpx.AsyncClient(base_url=svc.url) as client,
     ):
         for key in ("series", "a/series"):
-            assert (await client.post("/increment", json={"key": key, "value": 3})).status_code == 202
+            assert (
+                await client.post("/increment", json={"key": key, "value": 3})
+            ).status_code == 202
             assert (await client.get(counter_path(key))).json() == {"key": key, "value": 3}
         resp = await client.get("/counters/a/series?granularity=minute")
         assert resp.json()["key"] == "a" and resp.json()["sum"] == 0
@@ -236,7 +240,9 @@ async def test_buckets_older_than_the_retention_read_zero(tmp_path: Path, db_url
         await store.open()
         try:
             for seq, start in enumerate((old, old + 120), 1):
-                await store.apply_batch(unique(), seq, {key: 5}, (), Buckets((60, 3600, 86400), {start: {key: 5}}))
+                await store.apply_batch(
+                    unique(), seq, {key: 5}, (), Buckets((60, 3600, 86400), {start: {key: 5}})
+                )
         finally:
             await store.close()
         params = {"granularity": "minute", "from": str(old - 60), "to": str(old + 180)}
@@ -257,8 +263,12 @@ async def test_read_routes_need_a_key_and_are_rate_limited(tmp_path: Path, sqlit
     reads as increments; HEAD gives GET's status and headers without the body."""
     key = await add_api_key(sqlite_url, rate=0.001, burst=3)
     settings = settings_for(tmp_path, sqlite_url, buckets="minute", auth="required")
-    paths = ["/counters/k/series?granularity=minute", "/counters?key=k", "/counters?prefix=k",
-             "/counters?prefix=k&order=value"]
+    paths = [
+        "/counters/k/series?granularity=minute",
+        "/counters?key=k",
+        "/counters?prefix=k",
+        "/counters?prefix=k&order=value",
+    ]
     async with (
         run_service(settings) as svc,
         httpx.AsyncClient(base_url=svc.url) as client,

@@ -25,10 +25,10 @@ import logging
 import os
 import threading
 import zlib
-from time import time_ns
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import time_ns
 from types import TracebackType
 from typing import Final
 
