@@ -66,14 +66,14 @@ class LayoutResult:
         return self.keys / statistics.median(self.seconds)
 
 
-def batches(keys: int, share: float, count: int, per_minute: int, seed: int = 1) -> list[tuple[int, list[str]]]:
+def batches(
+    keys: int, share: float, count: int, per_minute: int, seed: int = 1
+) -> list[tuple[int, list[str]]]:
     """(the minute's start, the keys flushed) of each batch, sorted keys."""
     rng = random.Random(seed)
     names = [f"layout-{i:07d}" for i in range(keys)]
     size = int(keys * share)
-    return [
-        (START + 60 * (n // per_minute), sorted(rng.sample(names, size))) for n in range(count)
-    ]
+    return [(START + 60 * (n // per_minute), sorted(rng.sample(names, size))) for n in range(count)]
 
 
 async def measure(layout: str, plan: list[tuple[int, list[str]]]) -> LayoutResult:
