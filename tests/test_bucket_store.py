@@ -16,7 +16,7 @@ from incrementer.store.buckets import Buckets, fold, uniform
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 ALL = (MINUTE, HOUR, DAY)
-T0 = 1_796_515_200  # 2026-12-05T00:00:00Z, a day's start
+T0 = 1_796_515_200  # 2026-12-06T00:00:00Z, a day's start
 
 Oracle = dict[tuple[str, int, int], int]
 
