@@ -217,3 +217,17 @@ def test_fold_adds_rolls_and_sets_aside_late_deltas(layout: str) -> None:
     folded = fold(lengths, current, deltas)
     assert folded.inline == {"k": [(T0 + 120, 3), (T0, 16)]}
     assert folded.cells == {("k", MINUTE, T0): 1, ("k", MINUTE, T0 + 60): 12}
+
+
+async def test_keys_holding_the_separator_take_the_array_form(store: Store) -> None:
+    """A key holding the joined texts' separator (written by something other than the API)
+    goes as arrays, in a batch within one bucket and in one across buckets alike."""
+    node = unique()
+    odd, plain = unique("a\x1fb"), unique()
+    deltas = {T0: {odd: 2, plain: 1}}
+    await store.apply_batch(node, 1, {odd: 2, plain: 1}, (), Buckets(ALL, deltas))
+    across = {T0 + 60: {odd: 3}, T0 + 120: {odd: 4, plain: 1}}
+    await store.apply_batch(node, 2, {odd: 7, plain: 1}, (), Buckets(ALL, across))
+    assert await stored(store, odd, MINUTE, node) == {T0: 2, T0 + 60: 3, T0 + 120: 4}
+    assert await stored(store, plain, HOUR, node) == {T0: 2}
+    assert (await store.read(odd, node)).value == 9

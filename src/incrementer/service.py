@@ -134,19 +134,19 @@ class Service:
             self.flusher, self.gate, s.lag_bound, self.metrics, keyring, self.member
         )
         kept = Periods(s.granularities, s.retention, s.max_series_points)
-        read_parts = (validator, self.store, self.flusher, node_id, self.metrics)
+        read_parts = (validator, self.store, self.flusher, node_id, self.metrics, kept)
         app = App(
             intake,
             Increments(validator, intake, keyed, self.metrics),
-            Reads(*read_parts),
+            Reads(*read_parts, s.max_read_keys),
             readiness,
             Pages(self.metrics),
             self.metrics,
             keyring,
             limiter,
             self.key_source,
-            Series(*read_parts, kept),
-            Listing(*read_parts, kept, s.max_read_keys),
+            Series(*read_parts, s.max_read_keys),
+            Listing(*read_parts, s.max_read_keys),
         )
         self._background.append(asyncio.create_task(self._sweep_idempotency_keys()))
         if s.granularities:

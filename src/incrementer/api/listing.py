@@ -27,7 +27,7 @@ import msgspec
 
 from incrementer import periods
 from incrementer.api.query import (
-    Periods,
+    ReadRoute,
     Unavailable,
     consistently,
     number,
@@ -35,11 +35,9 @@ from incrementer.api.query import (
     unavailable,
 )
 from incrementer.api.routes import fail, ok
-from incrementer.delivery.flush import Flusher
 from incrementer.http import HttpConnection, Request, Result
-from incrementer.ingest.validate import BadRequest, Validator
-from incrementer.metrics import Metrics
-from incrementer.store.base import KeyList, ManyRead, Store, Window
+from incrementer.ingest.validate import BadRequest
+from incrementer.store.base import KeyList, ManyRead, Window
 
 PARAMETERS = ("key", "granularity", "from", "to", "prefix", "limit", "cursor", "order")
 READ_MANY = ("key", "granularity", "from", "to")
@@ -64,25 +62,7 @@ def route_of(url: bytes) -> str:
     return "top" if params.get("order") == ["value"] else "list"
 
 
-class Listing:
-    def __init__(
-        self,
-        validator: Validator,
-        store: Store,
-        flusher: Flusher,
-        node_id: str,
-        metrics: Metrics,
-        kept: Periods,
-        max_keys: int,
-    ) -> None:
-        self.validator = validator
-        self.store = store
-        self.flusher = flusher
-        self.node_id = node_id
-        self.metrics = metrics
-        self.kept = kept
-        self.max_keys = max_keys
-
+class Listing(ReadRoute):
     def answer(self, conn: HttpConnection, request: Request, route: str) -> Result:
         keep_alive = request.keep_alive
         try:

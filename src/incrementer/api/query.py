@@ -19,7 +19,7 @@ from incrementer.delivery.flush import Flusher
 from incrementer.http import HttpConnection
 from incrementer.ingest.validate import BadRequest, Validator
 from incrementer.metrics import Metrics
-from incrementer.store.base import BackendError, Window
+from incrementer.store.base import BackendError, Store, Window
 
 T = TypeVar("T")
 HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -158,6 +158,30 @@ class Periods:
 
     def horizon(self, length: int, now: float) -> int:
         return periods.horizon(length, self.retention.get(length), now)
+
+
+class ReadRoute:
+    """What every read route holds: the key rules, the store, the flusher whose unflushed
+    deltas a read adds, this node's id (its applied_seq in the ledger), the metrics, the time
+    buckets kept and the most keys one read may name (--max-read-keys)."""
+
+    def __init__(
+        self,
+        validator: Validator,
+        store: Store,
+        flusher: Flusher,
+        node_id: str,
+        metrics: Metrics,
+        kept: Periods,
+        max_keys: int,
+    ) -> None:
+        self.validator = validator
+        self.store = store
+        self.flusher = flusher
+        self.node_id = node_id
+        self.metrics = metrics
+        self.kept = kept
+        self.max_keys = max_keys
 
 
 def _time(params: dict[str, list[str]], name: str, now: float) -> float:

@@ -7,32 +7,15 @@ the flusher then projects what it holds that the snapshot does not (Flusher.proj
 
 from __future__ import annotations
 
-from incrementer.api.query import Unavailable, consistently, path_key, unavailable
+from incrementer.api.query import ReadRoute, Unavailable, consistently, path_key, unavailable
 from incrementer.api.routes import fail, ok
-from incrementer.delivery.flush import Flusher
 from incrementer.http import HttpConnection, Result
-from incrementer.ingest.validate import BadRequest, Validator
-from incrementer.metrics import Metrics
-from incrementer.store.base import Store
+from incrementer.ingest.validate import BadRequest
 
 NO_SUCH_COUNTER = BadRequest("not_found", "No such counter.", 404)
 
 
-class Reads:
-    def __init__(
-        self,
-        validator: Validator,
-        store: Store,
-        flusher: Flusher,
-        node_id: str,
-        metrics: Metrics,
-    ) -> None:
-        self.validator = validator
-        self.store = store
-        self.flusher = flusher
-        self.node_id = node_id
-        self.metrics = metrics
-
+class Reads(ReadRoute):
     def counter(self, conn: HttpConnection, raw_key: bytes, keep_alive: bool) -> Result:
         """raw_key: the percent-encoded path segment after /counters/."""
         try:

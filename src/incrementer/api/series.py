@@ -15,7 +15,7 @@ import time
 
 from incrementer import periods
 from incrementer.api.query import (
-    Periods,
+    ReadRoute,
     Unavailable,
     consistently,
     parse_query,
@@ -23,33 +23,15 @@ from incrementer.api.query import (
     unavailable,
 )
 from incrementer.api.routes import fail, ok
-from incrementer.delivery.flush import Flusher
 from incrementer.http import HttpConnection, Request, Result
-from incrementer.ingest.validate import BadRequest, Validator
-from incrementer.metrics import Metrics
-from incrementer.store.base import Store, Window
+from incrementer.ingest.validate import BadRequest
+from incrementer.store.base import Window
 
 SERIES = b"/series"
 PARAMETERS = ("granularity", "from", "to")
 
 
-class Series:
-    def __init__(
-        self,
-        validator: Validator,
-        store: Store,
-        flusher: Flusher,
-        node_id: str,
-        metrics: Metrics,
-        kept: Periods,
-    ) -> None:
-        self.validator = validator
-        self.store = store
-        self.flusher = flusher
-        self.node_id = node_id
-        self.metrics = metrics
-        self.kept = kept
-
+class Series(ReadRoute):
     def series(self, conn: HttpConnection, request: Request, raw_key: bytes) -> Result:
         """raw_key: the percent-encoded path segment between /counters/ and /series."""
         keep_alive = request.keep_alive
