@@ -287,3 +287,23 @@ async def test_read_routes_need_a_key_and_are_rate_limited(tmp_path: Path, sqlit
         assert limited.status_code == 429
         assert "retry-after" in limited.headers
         assert (await client.post(paths[0], headers=auth)).status_code == 405
+
+
+async def test_in_memory_mode_each_tick_counts_at_its_own_time(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """With --durability memory nothing is written per tick, yet each tick's increments count
+    at that tick's time, not at the first one's since the last flush."""
+    key = unique()
+    settings = settings_for(
+        tmp_path, sqlite_url, buckets="minute", durability="memory", flush_interval=5.0
+    )
+    async with (
+        run_service(settings) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        assert (await client.post("/increment", json={"key": key, "value": 1})).status_code == 202
+        assert svc.wal is not None
+        assert svc.wal.frame_ms == 0  # the tick ended: the next increment stamps a new time
+        resp = await client.get(series_path(key), params={"granularity": "minute"})
+        assert resp.json()["sum"] == 1
