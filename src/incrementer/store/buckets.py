@@ -12,10 +12,11 @@ added to counter_buckets directly. So a bucket holds its counter_buckets row plu
 value when the inline bucket is that one: `Stored.value_of`.
 
 Why this layout, measured (bench/buckets.py, docs/performance.md): a flush that wrote one row
-per granularity beside each total (four rows for minute, hour and day) managed about 0.3x the
-keys per second of totals alone on PostgreSQL, and writing only the minute bucket (for roll-ups
-later) about 0.4x. Inline, a flush writes one row per key, slightly wider, plus a row when a
-bucket rolls: about once a minute per key, where a busy key is flushed many times a minute.
+per granularity beside each total (four rows for minute, hour and day) managed 0.13x the keys
+per second of totals alone on PostgreSQL, and writing only the minute bucket (for roll-ups
+later, not counted) 0.36x; inline, 0.62x. A flush writes one row per key, wider, plus a row
+when a bucket rolls: about once a minute per key, where a busy key is flushed many times a
+minute.
 counter_buckets is then written about once per key and bucket, so its primary key can carry
 `value` (INCLUDE) at little cost: a series is read from the index alone.
 
