@@ -250,3 +250,29 @@ async def test_a_workers_group_keeps_every_bucket_exact(tmp_path: Path, pg_url: 
 
 def kill_9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+async def test_every_bucket_is_exact_through_a_database_outage(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL cut off during the load (flushes fail and are retried unchanged, the
+    connection dropped mid-transaction), then back: every bucket exact, every series summing
+    to its total."""
+    from proxy import proxy_to
+
+    keys = [unique("o") for _ in range(6)]
+    load = Batches(keys, seed=31, count=200)
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        # Started on a thread: the proxy serves from this loop while the server migrates.
+        server = await asyncio.to_thread(spawn, bucket_args(tmp_path, via_proxy))
+        try:
+            sending = asyncio.create_task(load.send(server.url, set(), stop_after=30))
+            await asyncio.sleep(0.2)
+            await proxy.cut()
+            await asyncio.sleep(2)
+            await proxy.restore()
+            await sending
+            await load.send(server.url, set())  # whatever a cut connection left unanswered
+            await wait_until(lambda: totals_are(pg_url, dict(load.totals)), timeout=30)
+            assert await bucket_mismatches(server.url, load.oracle, dict(load.totals)) == []
+            assert "flush failed" in server.read_log()
+        finally:
+            assert await asyncio.to_thread(server.stop) == 0
