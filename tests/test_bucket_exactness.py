@@ -2,7 +2,8 @@
 event times over many buckets, the server killed with SIGKILL during the load (and right after
 a flush commits), restarted, every batch sent again under its Idempotency-Key; then each
 bucket of each key equals an independent count of the batches, and each key's series sums to
-its total. The same checker is shown catching a bucket that is one off. Also: an idempotent
+its total. The same checker is shown catching a bucket that is one off. Also: a database
+outage during the load, an idempotent
 batch sent to two instances counts once in every bucket, a WAL written with buckets off
 replays into the totals only, and a --workers group keeps all of it."""
 
