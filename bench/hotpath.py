@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.hotpath [--durability wal] [--keys 10] [--per-tick 20]
                                       [--requests 300000] [--profile] [--lean] [--auth]
-                                      [--batch N [--idempotent]]
+                                      [--batch N [--idempotent]] [--buckets minute,hour,day]
 
 wrk numbers on a shared 2-core machine move by 20% from run to run; this does not, so it is the
 tool for checking whether a change to the hot path helps. It starts the real Service (SQLite in a
@@ -20,7 +20,8 @@ does). --batch N sends POST /increments of N random keys instead (bench.run's ba
 N = 50), and --idempotent gives each one an Idempotency-Key of its own: the cost of the header,
 its database lookup (SQLite, on the reader thread, whose CPU counts too) included. Costs are then
 per increment, not per request. No flush runs, so idempotent batches stay held in memory: keep
-N x --requests to a few million.
+N x --requests to a few million. --buckets runs the service counting per time bucket (each
+increment also summed under its minute at arrival).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ async def drive_service(args: argparse.Namespace, tmp: Path) -> list[float]:
         # room for every idempotent batch (held until its flush) that --batch sends.
         max_pending_keys=max(2_000_000, 2 * args.requests * args.batch),
         log_level="warning",
+        buckets=args.buckets,
     )
     service = Service(settings)
     await service.start()
@@ -212,6 +214,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--idempotent", action="store_true", help="with --batch: an Idempotency-Key per request"
     )
+    parser.add_argument(
+        "--buckets", default="", help="--buckets of the service, e.g. minute,hour,day"
+    )
     args = parser.parse_args(argv)
     if args.idempotent and not args.batch:
         parser.error("--idempotent needs --batch")
@@ -225,7 +230,9 @@ def main(argv: list[str]) -> int:
             samples = uvloop.run(drive_service(args, Path(tmp)))
         what = (
             f"incrementer ({'compiled' if build.compiled() else 'pure Python'}), "
-            f"durability {args.durability}" + (", auth on" if args.auth else "")
+            f"durability {args.durability}"
+            + (", auth on" if args.auth else "")
+            + (f", buckets {args.buckets}" if args.buckets else "")
         )
     best, median = min(samples), statistics.median(samples)
     unit = "request"

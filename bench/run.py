@@ -6,7 +6,8 @@
 
 Targets: nginx `return 202` (the HTTP ceiling), python-lean (bench/servers/lean.py, the Python
 floor), incrementer in each --durability mode, incrementer-wal-auth (wal with --auth required and
-a never-refusing rate limit: the guard rails' cost), incrementer-wal-deferred (wal with no flush
+a never-refusing rate limit: the guard rails' cost), incrementer-wal-buckets (wal with --buckets
+minute,hour,day: counting per time bucket), incrementer-wal-deferred (wal with no flush
 during the load: the service without PostgreSQL competing for the cores), naive
 (bench/servers/naive.py, one upsert per request), and the scale-out pair nginx-2w and
 incrementer-wal-2w (two worker processes each, bench/report/scaleout.py). After the closed-loop
@@ -53,6 +54,7 @@ from bench.harness.paths import RESULTS, ROOT, WORK
 from bench.harness.targets import (
     INCREMENTER_2W,
     INCREMENTER_AUTH,
+    INCREMENTER_BUCKETS,
     INCREMENTER_DEFERRED,
     INCREMENTER_MODES,
     LEAN,
@@ -61,7 +63,7 @@ from bench.harness.targets import (
     NGINX_2W,
     Target,
 )
-from bench.report import checks, markdown, plot, scaleout, tables
+from bench.report import buckets, checks, markdown, plot, scaleout, tables
 from bench.report.compare import representatives
 
 ALL_TARGETS = [
@@ -71,6 +73,7 @@ ALL_TARGETS = [
     *INCREMENTER_MODES,
     INCREMENTER_2W,
     INCREMENTER_AUTH,
+    INCREMENTER_BUCKETS,
     INCREMENTER_DEFERRED,
     NAIVE,
 ]
@@ -309,10 +312,14 @@ def main(argv: list[str]) -> int:
             for line in tables.flush_lines(flush):
                 console.print(line)
 
-    found = checks.checks(results, every, flush) + scaleout.checks(results, every)
+    found = (
+        checks.checks(results, every, flush)
+        + scaleout.checks(results, every)
+        + buckets.checks(results, every)
+    )
     console.print(tables.results_table(results, every))
     console.print(tables.cpu_table(results))
-    for table in scaleout.rich_tables(results, every):
+    for table in scaleout.rich_tables(results, every) + buckets.rich_tables(results, every):
         console.print(table)
     console.print(checks.checks_table(found))
     md_path = results_path(args.results_dir, stamp)
@@ -332,11 +339,11 @@ def main(argv: list[str]) -> int:
         "Service": "incrementer serve with its defaults but --durability (and, for "
         "incrementer-wal-auth, --auth required with an API key rated 10M requests/s; for "
         "incrementer-wal-deferred, " + " ".join(INCREMENTER_DEFERRED.flags) + ": no flush "
-        "during the load; for incrementer-wal-2w, --workers 2), on PostgreSQL; each run on a "
+        "during the load; for incrementer-wal-2w, --workers 2; for incrementer-wal-buckets, --buckets minute,hour,day), on PostgreSQL; each run on a "
         "fresh database and data dir. 10mkeys runs only " + ", ".join(ONLY_FOR["10mkeys"]),
         "Asserts": "disabled (PYTHONOPTIMIZE)" if os.environ.get("PYTHONOPTIMIZE") else "on",
     }
-    extra = scaleout.sections(results, every)
+    extra = scaleout.sections(results, every) + buckets.sections(results, every)
     text = markdown.markdown(
         stamp, command, machine_info, settings, results, every, found, png_path, flush, extra
     )

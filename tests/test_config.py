@@ -161,3 +161,41 @@ def test_the_shared_limits_and_the_watchdog_refuse_bad_values(
         Settings(**{field: value})
     assert why in str(caught.value) and "pw" not in str(caught.value)
     Settings(rate_limit_store="rediss://user:pw@cache.internal:6380/3", worker_timeout=0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named", "why"),
+    [
+        ({"buckets": "minute,week"}, "buckets='minute,week'", "unknown granularity 'week'"),
+        ({"buckets": "hour,hour"}, "buckets='hour,hour'", "named twice"),
+        ({"bucket_retention": "minute=2"}, "bucket-retention='minute=2'", "is not a duration"),
+        ({"bucket_retention": "minute=0d"}, "bucket-retention='minute=0d'", "is not a duration"),
+        ({"bucket_retention": "second=1d"}, "bucket-retention='second=1d'", "GRANULARITY=DURATION"),
+        (
+            {"buckets": "minute", "bucket_retention": "minute=30m"},
+            "bucket-retention='minute=30m'",
+            "not longer than --bucket-past",
+        ),
+        ({"bucket_past": -1.0}, "bucket-past=-1.0", "must be >= 0"),
+        ({"max_read_keys": 0}, "max-read-keys=0", "at least 1"),
+        ({"max_series_points": 0}, "max-series-points=0", "at least 1"),
+    ],
+)
+def test_bucket_settings_are_checked_naming_the_option(
+    overrides: dict[str, object], named: str, why: str
+) -> None:
+    """Time bucket and read settings refuse bad values with an error naming the option, the
+    value and what is wrong."""
+    with pytest.raises(ConfigError) as refused:
+        Settings(**overrides)  # type: ignore[arg-type]
+    assert named in str(refused.value) and why in str(refused.value)
+
+
+def test_bucket_settings_read_as_lengths_and_retention() -> None:
+    """--buckets in any order gives the lengths ascending; a retention names only the kept
+    granularities, defaults for those not named, forever as None."""
+    settings = Settings(buckets="day, minute", bucket_retention="day=forever,minute=36h")
+    assert settings.granularities == (60, 86400)
+    assert settings.retention == {60: 36 * 3600, 86400: None}
+    assert Settings().granularities == () and Settings().retention == {}
+    assert Settings(buckets="hour").retention == {3600: 90 * 86400}

@@ -143,3 +143,51 @@ def test_wal_drain_of_a_missing_dir_is_an_error(tmp_path: Path, sqlite_url: str)
     assert done.returncode == 2
     assert f"no data dir at {tmp_path / 'nope'}" in done.stderr
     assert not (tmp_path / "nope").exists()
+
+
+async def test_a_drain_settles_idempotent_batches_and_counts_their_buckets(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A killed instance's WAL holding a keyed batch that another instance applied meanwhile
+    (a retry that reached both): the drain applies it once, by its key, as a flush would; and
+    with --buckets, each increment lands in the bucket it was counted in."""
+    import time
+
+    import httpx
+
+    key = unique("drained-")
+    at = int(time.time()) - 600
+    batch = [{"key": key, "value": 4, "at": at}, {"key": key, "value": 1}]
+    headers = {"Idempotency-Key": unique("retried-")}
+    buckets = ["--buckets", "minute,hour,day"]
+    killed = await asyncio.to_thread(spawn, serve_args(tmp_path / "a", db_url, *NO_FLUSH, *buckets))
+    other = await asyncio.to_thread(spawn, serve_args(tmp_path / "b", db_url, *buckets))
+    async with httpx.AsyncClient() as client:
+        for server in (killed, other):
+            resp = await client.post(server.url + "/increments", json=batch, headers=headers)
+            assert resp.status_code == 202
+    killed.stop(signal.SIGKILL)
+    assert other.stop(signal.SIGTERM) == 0
+    assert await db_totals(db_url, [key]) == {key: 5}
+    drained = run_cli(
+        "wal",
+        "drain",
+        "--data-dir",
+        str(tmp_path / "a" / "data"),
+        "--database-url",
+        db_url,
+        *buckets,
+    )
+    assert drained.returncode == 0, drained.stderr
+    assert await db_totals(db_url, [key]) == {key: 5}
+    await asyncio.to_thread(migrate, db_url)
+    store = open_store(db_url)
+    await store.open()
+    try:
+        from incrementer.store.base import Window
+
+        minute = await store.read_series(key, Window(60, at - 600, at + 1200), unique())
+        assert sum(minute.stored.points().values()) == 5
+        assert minute.stored.points()[at - at % 60] == 4
+    finally:
+        await store.close()

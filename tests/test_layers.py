@@ -25,7 +25,7 @@ LAYERS = [
     {"http", "store"},
     {"foundation"},
 ]
-FOUNDATION = {"config", "logs", "metrics", "build", "faults", "urls", "__init__"}
+FOUNDATION = {"config", "logs", "metrics", "build", "faults", "urls", "periods", "__init__"}
 ISOLATED = {"http"}
 """Packages that import nothing else from incrementer, not even the foundation."""
 

@@ -101,7 +101,17 @@ async def test_the_declared_label_values_cover_what_happens(
         await client.get("/counters/a", headers=auth)  # the bucket is spent: 429
         for path in ("/counters/%ZZ", "/counters/never", "/nope", "/increment", "/counters/"):
             await client.get(path, headers=good)
-        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/counters/a"):
+        reads = (
+            "/counters/a/series?granularity=minute",  # 400: no buckets kept
+            "/counters?key=a&key=",
+            "/counters?prefix=a&order=value",
+            "/counters?prefix=a&cursor=x",
+            "/counters?key=a",
+        )
+        for path in reads:
+            await client.get(path, headers=good)
+            await client.get(path)  # no key: 401
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/counters/a", *reads):
             await client.post(path, headers=good)
         await exchange(svc.url, b"GET /healthz HTTP/1.1\r\n\r\n", 1)  # no Host: 400
         await exchange(

@@ -47,7 +47,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawned]:
     database_url = f"sqlite:///{tmp / 'counters.db'}"
     asyncio.run(add_api_key(database_url, "conformance", key=API_KEY, burst=1))
     asyncio.run(add_api_key(database_url, "limited", key=LIMITED_KEY, rate=0.001, burst=1))
-    with sqlite_server(tmp, "--auth", "required") as (srv, _):
+    # Time buckets on, so the series and windowed reads answer 200 too; a body limit above
+    # the default, so a batch of maxItems + 1 items with an "at" each reaches the item-count
+    # check (400) rather than the size limit (413).
+    flags = ("--buckets", "minute,hour,day", "--max-body-bytes", str(4 * 2**20))
+    with sqlite_server(tmp, "--auth", "required", *flags) as (srv, _):
         yield srv
 
 
@@ -78,6 +82,8 @@ def test_served_document_is_the_packaged_one(server: Spawned) -> None:
         "POST /increment",
         "POST /increments",
         "GET /counters/{key}",
+        "GET /counters/{key}/series",
+        "GET /counters",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",

@@ -194,18 +194,25 @@ async def test_bad_seq_is_refused(store: Store) -> None:
 
 
 async def test_list_keys_by_prefix(store: Store) -> None:
-    """list_keys returns keys starting with the prefix, ordered, limited; LIKE wildcards are
-    plain characters."""
+    """list_keys returns keys starting with the prefix, ordered, limited, after a given key,
+    with the node's applied seq; LIKE wildcards are plain characters."""
     base = unique()
     node = unique()
     keys = [f"{base}a%", f"{base}a_1", f"{base}ab", f"{base}a\U0010ffffz", f"{base}b", f"{base}"]
     await store.apply_batch(node, 1, {k: n for n, k in enumerate(keys, 1)})
-    listed = await store.list_keys(f"{base}a", 100)
-    assert listed == sorted((k, n) for n, k in enumerate(keys, 1) if k.startswith(f"{base}a"))
-    assert await store.list_keys(f"{base}a%", 100) == [(f"{base}a%", 1)]
-    assert await store.list_keys(f"{base}a_", 100) == [(f"{base}a_1", 2)]
-    assert [k for k, _ in await store.list_keys(base, 2)] == sorted(keys)[:2]
-    assert await store.list_keys(unique(), 10) == []
+
+    async def listed(prefix: str, limit: int, after: str | None = None) -> list[tuple[str, int]]:
+        page = await store.list_keys(prefix, limit, after, node)
+        assert page.applied_seq == 1
+        return [(key, value) for key, value, _ in page.rows]
+
+    under_a = sorted((k, n) for n, k in enumerate(keys, 1) if k.startswith(f"{base}a"))
+    assert await listed(f"{base}a", 100) == under_a
+    assert await listed(f"{base}a", 100, under_a[1][0]) == under_a[2:]
+    assert await listed(f"{base}a%", 100) == [(f"{base}a%", 1)]
+    assert await listed(f"{base}a_", 100) == [(f"{base}a_1", 2)]
+    assert [k for k, _ in await listed(base, 2)] == sorted(keys)[:2]
+    assert await listed(unique(), 10) == []
 
 
 async def test_ping(store: Store) -> None:

@@ -273,3 +273,31 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
             writer.close()
         assert svc.server is not None
         await wait_until(lambda: all(c.unreleased == 0 for c in svc.server.connections))
+
+
+async def test_a_failed_write_takes_increments_back_out_of_their_buckets(
+    tmp_path: Path, db_url: str
+) -> None:
+    """With time buckets on, the increments of a failed WAL write (their own "at" or their
+    arrival) are taken back out of their buckets too: the series holds only what was logged."""
+    import time
+
+    key = unique("timed-")
+    at = int(time.time()) - 600
+    settings = settings_for(tmp_path, db_url, buckets="minute,hour,day", flush_interval=2.0)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        disk = inject(svc)
+        logged = {"key": key, "value": 1, "at": at}
+        assert (await client.post("/increment", json=logged)).status_code == 202
+        disk.write_error = errno.EIO
+        for body in ({"key": key, "value": 10}, {"key": key, "value": 100, "at": at}):
+            assert (await client.post("/increment", json=body)).status_code == 503
+        refused = [{"key": key, "value": 1000, "at": at - 60}, {"key": key, "value": 5}]
+        assert (await client.post("/increments", json=refused)).status_code == 503
+        disk.write_error = 0
+        params = {"granularity": "minute", "from": str(at - 120)}
+        for _ in range(2):  # unflushed, then flushed
+            series = (await client.get(counter_path(key) + "/series", params=params)).json()
+            assert series["sum"] == 1
+            assert [p for p in series["points"] if p[1]] == [[at - at % 60, 1]]
+            await wait_until(lambda: db_totals(db_url, [key]))

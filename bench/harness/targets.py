@@ -132,6 +132,10 @@ INCREMENTER_DEFERRED = Target(
     lagging=True,
 )
 NAIVE = Target("naive", "naive")
+# Counting per time bucket (--buckets minute,hour,day) beside incrementer-wal: what it costs.
+INCREMENTER_BUCKETS = Target(
+    "incrementer-wal-buckets", "incrementer", "wal", flags=("--buckets", "minute,hour,day")
+)
 # Scale-out on one host: two processes each, sharing the port with SO_REUSEPORT (nginx's
 # `listen ... reuseport`; incrementer's workers each bind it, the supervisor only reserves it).
 # On two cores shared with wrk and PostgreSQL they cannot show throughput scaling; they show what

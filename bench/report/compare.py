@@ -16,6 +16,7 @@ from bench.harness.measure import RunResult
 NGINX, NGINX_2W, LEAN, NAIVE = "nginx", "nginx-2w", "python-lean", "naive"
 WAL, MEMORY = "incrementer-wal", "incrementer-memory"
 WAL_AUTH, WAL_2W = "incrementer-wal-auth", "incrementer-wal-2w"
+WAL_BUCKETS = "incrementer-wal-buckets"
 
 
 def representatives(every: list[RunResult]) -> list[RunResult]:

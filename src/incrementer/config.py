@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from incrementer import periods
 from incrementer.urls import check_redis_url, parse_database_url, redact_url
 
 Durability = Literal["memory", "wal", "wal-fsync"]
@@ -87,6 +88,12 @@ class Settings:
     log_level: str = "info"
     workers: int = 1
     worker_timeout: float = 30.0
+    # Counting per period (time buckets) and the read side.
+    buckets: str = ""
+    bucket_retention: str = "minute=2d,hour=90d,day=5y"
+    bucket_past: float = 3600.0
+    max_read_keys: int = 1000
+    max_series_points: int = 2000
 
     def __post_init__(self) -> None:
         _check(self.port, "port", 0 <= self.port <= 65535, "must be between 0 and 65535")
@@ -214,6 +221,8 @@ class Settings:
             f"must be one of {', '.join(LOG_LEVELS)}",
         )
 
+        self._check_buckets()
+
         cpus = usable_cpus()
         _check(self.workers, "workers", self.workers >= 1, "must be at least 1, or auto")
         _check(
@@ -224,6 +233,43 @@ class Settings:
             "worker is a whole server, and beyond the cores they only take turns; auto starts "
             "one per CPU",
         )
+
+    def _check_buckets(self) -> None:
+        try:
+            granularities = periods.parse_granularities(self.buckets)
+        except ValueError as exc:
+            raise ConfigError(f"invalid buckets={self.buckets!r}", str(exc), "buckets") from None
+        try:
+            retention = periods.parse_retention(self.bucket_retention)
+        except ValueError as exc:
+            raise ConfigError(
+                f"invalid bucket-retention={self.bucket_retention!r}", str(exc), "bucket_retention"
+            ) from None
+        _check(self.bucket_past, "bucket_past", self.bucket_past >= 0, "must be >= 0 seconds")
+        for length in granularities:
+            kept = retention[length]
+            _check(
+                self.bucket_retention,
+                "bucket_retention",
+                kept is None or kept > self.bucket_past + length,
+                f"keeps {periods.describe(length)} buckets for {kept} s, not longer than "
+                f"--bucket-past ({self.bucket_past:g} s) plus one bucket: an increment accepted "
+                'with an "at" could land in a bucket already swept',
+            )
+        for name in ("max_read_keys", "max_series_points"):
+            value = getattr(self, name)
+            _check(value, name, value >= 1, "must be at least 1")
+
+    @property
+    def granularities(self) -> tuple[int, ...]:
+        """The bucket lengths kept (--buckets), in seconds, ascending; () when off."""
+        return periods.parse_granularities(self.buckets)
+
+    @property
+    def retention(self) -> dict[int, int | None]:
+        """Seconds each kept granularity's buckets are kept (None: forever)."""
+        retention = periods.parse_retention(self.bucket_retention)
+        return {length: retention[length] for length in self.granularities}
 
     @property
     def loopback(self) -> bool:

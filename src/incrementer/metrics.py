@@ -79,6 +79,7 @@ class Metrics:
         # Exchanges with the store of shared rate limits (auth/reconcile.py), by result.
         self.rate_limit_syncs = {"ok": 0, "failed": 0}
         self.rate_limit_sync_seconds = Histogram(LATENCY_BUCKETS)
+        self.bucket_rows_swept = 0  # counter_buckets rows deleted past --bucket-retention
         self.flushes = 0
         self.flush_failures = 0
         self.skipped_batches = 0
@@ -219,6 +220,11 @@ class Metrics:
         yield self.rate_limit_sync_seconds.family(
             "incrementer_rate_limit_sync_duration_seconds",
             "Time of one successful exchange with the store of the shared rate limits.",
+        )
+        yield CounterMetricFamily(
+            "incrementer_bucket_rows_swept",
+            "Time bucket rows deleted from the database after --bucket-retention.",
+            value=self.bucket_rows_swept,
         )
         yield self.flush_seconds.family(
             "incrementer_flush_duration_seconds", "Time to apply one batch."

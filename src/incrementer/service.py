@@ -21,9 +21,12 @@ from typing import Protocol
 from incrementer import build
 from incrementer.api.handler import App
 from incrementer.api.increments import Increments
+from incrementer.api.listing import Listing
 from incrementer.api.pages import Pages
+from incrementer.api.query import Periods
 from incrementer.api.readiness import Peers, Readiness
 from incrementer.api.reads import Reads
+from incrementer.api.series import Series
 from incrementer.auth.budgets import BudgetStore
 from incrementer.auth.keyring import ClientLimiter, KeyRing, Sharing
 from incrementer.auth.reconcile import Reconciler
@@ -33,11 +36,13 @@ from incrementer.config import EXIT_GRACE, Settings
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
 from incrementer.delivery.keyed_batches import KeyedBatches
+from incrementer.delivery.retention import BucketSweeper
 from incrementer.http import HttpServer, Limits
 from incrementer.http.server import cannot_listen
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
 from incrementer.ingest.intake import Intake
+from incrementer.ingest.replay import replay_frame
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.validate import Validator
 from incrementer.ingest.wal import WriteAheadLog
@@ -45,7 +50,7 @@ from incrementer.metrics import Metrics
 from incrementer.node import retire
 from incrementer.node.datadir import DataDir, claim_database
 from incrementer.store import open_store
-from incrementer.store.base import BackendError, IdempotentBatch
+from incrementer.store.base import BackendError
 from incrementer.store.migrate import migrate
 from incrementer.urls import database_identity, redact_url
 
@@ -80,6 +85,9 @@ class Service:
         self.data_dir = DataDir(settings.data_dir)
         self.store = open_store(settings.database_url)
         self.buffer = CoalescingBuffer()
+        granularities = settings.granularities
+        self.finest = granularities[0] if granularities else 0
+        """The finest kept time bucket in seconds; 0 with --buckets off."""
         self.ledger = Ledger(settings.idempotency_window)
         self.wal: WriteAheadLog | MemorySequence | None = None
         self.flusher: Flusher | None = None
@@ -110,8 +118,10 @@ class Service:
         identity = database_identity(s.database_url)
         await asyncio.to_thread(claim_database, self.data_dir, identity, applied_seq)
         wal = await self._open_wal(applied_seq)
-        validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items)
-        intake = Intake(self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger)
+        validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items, s.bucket_past)
+        intake = Intake(
+            self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger, self.finest
+        )
         self.gate = AckGate(
             loop, wal, intake, s.durability, s.fsync_interval, self.metrics, applied_seq
         )
@@ -126,6 +136,7 @@ class Service:
             s.flush_interval_max,
             s.flush_max_keys,
             self.metrics,
+            s.granularities,
         )
         keyring, limiter, self.key_source = await self._guards()
         keyed = KeyedBatches(intake, self.gate, self.store, self.flusher, self.metrics)
@@ -139,18 +150,25 @@ class Service:
             self.reconciler,
         )
         worker = None if self.member is None else self.member.index
+        kept = Periods(s.granularities, s.retention, s.max_series_points)
+        read_parts = (validator, self.store, self.flusher, node_id, self.metrics, kept)
         app = App(
             intake,
             Increments(validator, intake, keyed, self.metrics),
-            Reads(validator, self.store, self.flusher, node_id, self.metrics, worker),
+            Reads(*read_parts, s.max_read_keys, worker),
             readiness,
             Pages(self.metrics),
             self.metrics,
             keyring,
             limiter,
             self.key_source,
+            Series(*read_parts, s.max_read_keys, worker),
+            Listing(*read_parts, s.max_read_keys, worker),
         )
         self._background.append(asyncio.create_task(self._sweep_idempotency_keys()))
+        if s.granularities:
+            sweeper = BucketSweeper(self.store, s.retention, self.metrics)
+            self._background.append(asyncio.create_task(sweeper.run()))
         limits = Limits(
             s.max_body_bytes,
             s.max_header_bytes,
@@ -191,8 +209,14 @@ class Service:
         left in their WALs is applied (node/retire.py) before this node serves, so shrinking the
         group to one process strands nothing."""
         database = database_identity(self.settings.database_url)
+        granularities = self.settings.granularities
         for node in await retire.retire(
-            self.data_dir, self.store, 0, include_top=False, database=database
+            self.data_dir,
+            self.store,
+            0,
+            include_top=False,
+            database=database,
+            granularities=granularities,
         ):
             if node.frames or not node.was_retired:
                 log.info("retired %s", node.describe())
@@ -266,16 +290,11 @@ class Service:
         else:
             wal = await asyncio.to_thread(WriteAheadLog.open, self.data_dir.wal_path)
             frames = increments = 0
+            finest = self.finest
             for frame in wal.replay_frames(applied_seq):
                 frames += 1
-                for key, value in frame.entries:
-                    self.buffer.add(key, value)
                 increments += len(frame.entries)
-                for keyed in frame.batches:
-                    deltas: dict[str, int] = {}
-                    for key, value in keyed.entries:
-                        deltas[key] = deltas.get(key, 0) + value
-                    self.buffer.keep(IdempotentBatch(keyed.key, keyed.digest, deltas))
+                for keyed in replay_frame(self.buffer, frame, finest):
                     self.ledger.hold(keyed.key, keyed.digest)
             if frames:
                 log.info(

@@ -1,7 +1,7 @@
 """The application's side of a connection: the fast path, routing, and the guards (API key, rate
 limit) in front of every protected route. The one compiled part of api/: every request runs
 through it; the routes behind it answer by their own modules (increments.py, reads.py,
-readiness.py, pages.py).
+series.py, listing.py, readiness.py, pages.py).
 """
 
 from __future__ import annotations
@@ -11,22 +11,26 @@ import time
 from collections.abc import Awaitable
 
 from incrementer.api.increments import Increments
+from incrementer.api.listing import Listing, route_of
 from incrementer.api.pages import Pages
 from incrementer.api.readiness import Readiness
 from incrementer.api.reads import Reads
 from incrementer.api.routes import (
     COUNTERS,
+    COUNTERS_ROOT,
     JSON,
     NOT_FOUND,
     RATE_LIMITED,
     REJECT_REASONS,
     ROUTE_STATUSES,
     ROUTES,
+    SERIES,
     UNAUTHORIZED,
     WWW_AUTHENTICATE,
     fail,
     origin_form,
 )
+from incrementer.api.series import Series
 from incrementer.auth.keyring import ClientLimiter, KeyRing, TokenBucket
 from incrementer.auth.source import KeySource
 from incrementer.http import FastPath, Handler, HttpConnection, Request, Result, responses
@@ -47,6 +51,8 @@ class App(Handler):
         keyring: KeyRing | None = None,
         limiter: ClientLimiter | None = None,
         key_source: KeySource | None = None,
+        series: Series | None = None,
+        listing: Listing | None = None,
     ) -> None:
         self.intake = intake
         self.increments = increments
@@ -57,6 +63,8 @@ class App(Handler):
         self.keyring = keyring
         self.limiter = limiter
         self.key_source = key_source
+        self.series = series
+        self.listing = listing
         self.guarded = keyring is not None or limiter is not None
         self.charged: TokenBucket | None = None
         """The bucket guard() just took a token from, for its answer's fields."""
@@ -116,7 +124,11 @@ class App(Handler):
         if path[:1] != b"/":
             path = origin_form(path)
         if path.startswith(COUNTERS):
-            route, allowed, protected = "counters", b"GET", True
+            # /counters/{key}/series; a key that ends in /series itself is read as %2Fseries.
+            series = path.endswith(SERIES) and len(path) > len(COUNTERS) + len(SERIES)
+            route, allowed, protected = "series" if series else "counters", b"GET", True
+        elif path == COUNTERS_ROOT:
+            route, allowed, protected = route_of(request.url), b"GET", True
         else:
             found = ROUTES.get(path)
             if found is None:
@@ -151,6 +163,10 @@ class App(Handler):
             return self.increments.many(conn, request)
         if route == "counters":
             return self.reads.counter(conn, path[len(COUNTERS) :], keep_alive)
+        if route == "series" and self.series is not None:
+            return self.series.series(conn, request, path[len(COUNTERS) : -len(SERIES)])
+        if route in ("list", "top", "read_many") and self.listing is not None:
+            return self.listing.answer(conn, request, route)
         if route == "readyz":
             return self.readiness.readyz(conn, request.authorization, keep_alive)
         pages = self.pages

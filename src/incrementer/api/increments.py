@@ -41,8 +41,9 @@ class Increments:
         keep_alive = request.keep_alive
         try:
             kind = media_type(request.content_type)
+            at_ms = 0
             if kind == JSON:
-                item = self.validator.json_one(request.body)
+                item, at_ms = self.validator.json_one(request.body)
             elif kind == FORM:
                 item = self.validator.form_one(request.body)
             else:
@@ -52,9 +53,10 @@ class Increments:
                     request.body,
                 )
             if request.idempotency_key is not None:  # a batch of one
-                outcome = self.keyed.take(request.idempotency_key, [item])
+                times = [at_ms] if at_ms else None
+                outcome = self.keyed.take(request.idempotency_key, [item], times)
                 return self._keyed(conn, "increment", outcome, keep_alive)
-            self.intake.accept(item)
+            self.intake.accept(item, at_ms)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
             return fail(self.metrics, conn, "increment", exc, keep_alive)
@@ -69,11 +71,11 @@ class Increments:
         try:
             if media_type(request.content_type) != JSON:
                 raise unsupported(request.content_type, "application/json", request.body)
-            items = self.validator.json_many(request.body)
+            items, times = self.validator.json_many(request.body)
             if request.idempotency_key is not None:
-                outcome = self.keyed.take(request.idempotency_key, items)
+                outcome = self.keyed.take(request.idempotency_key, items, times or None)
                 return self._keyed(conn, "increments", outcome, keep_alive)
-            self.intake.accept_many(items)
+            self.intake.accept_many(items, times or None)
         except BadRequest as exc:
             self.metrics.count_rejected(exc.code)
             return fail(self.metrics, conn, "increments", exc, keep_alive)

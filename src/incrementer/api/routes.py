@@ -1,6 +1,7 @@
 """The route table, what each route may answer, and the answers every route gives alike.
 
-Routes are found by exact path (`/counters/{key}` by its prefix); every answer is counted in
+Routes are found by exact path (`/counters/{key}` and `/counters/{key}/series` by their prefix
+and suffix; GET /counters is `list`, `top` or `read_many` by its query); every answer is counted in
 /metrics under its route and status, and each status a route can give is exported at 0 from the
 start (Metrics.declare), as is each reason an increment can be refused for.
 """
@@ -16,6 +17,8 @@ FORM = b"application/x-www-form-urlencoded"
 RETRY_AFTER = b"Retry-After: 1\r\n"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="incrementer"\r\n'
 COUNTERS = b"/counters/"
+COUNTERS_ROOT = b"/counters"
+SERIES = b"/series"
 
 # path -> (route name for metrics, allowed method, needs a key when auth is on)
 ROUTES = {
@@ -32,9 +35,13 @@ ROUTES = {
 # route, "unknown": paths with no route) and every reason an increment is refused for: /metrics
 # exports each at 0 from the start (Metrics.declare).
 ROUTE_STATUSES = {
-    "increment": (202, 400, 401, 405, 415, 429, 503),
-    "increments": (202, 400, 401, 405, 415, 429, 503),
+    "increment": (202, 400, 401, 405, 415, 422, 429, 503),
+    "increments": (202, 400, 401, 405, 415, 422, 429, 503),
     "counters": (200, 400, 401, 404, 405, 429, 503),
+    "series": (200, 400, 401, 405, 429, 503),
+    "list": (200, 400, 401, 405, 429, 503),
+    "top": (200, 400, 401, 405, 422, 429, 503),
+    "read_many": (200, 400, 401, 405, 429, 503),
     "metrics": (200, 401, 405, 429),
     "healthz": (200, 405),
     "readyz": (200, 405, 503),
@@ -55,6 +62,8 @@ REJECT_REASONS = (
     "key_too_long",
     "invalid_value",
     "value_out_of_range",
+    "invalid_at",
+    "at_out_of_range",
     "empty_batch",
     "batch_too_large",
     # the routes, the guards, the buffer and the WAL

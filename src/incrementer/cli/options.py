@@ -84,6 +84,20 @@ HELP = {
         "Server processes sharing --host:--port, each with its own data dir (--data-dir/worker-N) "
         "under one supervisor; auto = one per usable CPU; 1 = this process serves alone."
     ),
+    "buckets": (
+        "Also count per time bucket: any of minute,hour,day (UTC); empty = totals only. "
+        "Read with GET /counters/{key}/series."
+    ),
+    "bucket_retention": (
+        "How long each granularity's buckets are kept, e.g. minute=2d,hour=90d,day=5y "
+        "(units s, m, h, d, w, y; forever = never swept); one not named keeps its default."
+    ),
+    "bucket_past": (
+        'Seconds into the past an increment\'s "at" may lie (older: 422); at most 60 s ahead '
+        "of this server's clock."
+    ),
+    "max_read_keys": "Most keys in one read: keys of GET /counters?key=..., a page, a top N.",
+    "max_series_points": "Most buckets (points) one series or windowed read may span.",
     "worker_timeout": (
         "Seconds a --workers worker's event loop may go without a heartbeat before the "
         "supervisor kills and replaces it."

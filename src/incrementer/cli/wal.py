@@ -150,18 +150,23 @@ def wal_inspect(settings: Settings, as_json: bool) -> None:
 
 
 @wal.command("drain")
-@settings_options("data_dir", "database_url")
+@settings_options("data_dir", "database_url", "buckets")
 def wal_drain(settings: Settings) -> None:
     """Apply what a stopped instance's WAL in --data-dir holds (its own and its worker-N dirs'),
     exactly once, and mark it retired. Refused while a live process holds the data dir or one of
-    its worker dirs; safe to run twice: the second run finds nothing after the applied seq."""
+    its worker dirs; safe to run twice: the second run finds nothing after the applied seq.
+    Give the instance's --buckets, so its increments count in their time buckets too."""
     from incrementer.node import retire as retiring
 
     check_is_directory(settings.data_dir)
     if not settings.data_dir.is_dir():
         raise click.UsageError(f"no data dir at {settings.data_dir}")
     try:
-        drained = asyncio.run(retiring.drain_data_dir(settings.data_dir, settings.database_url))
+        drained = asyncio.run(
+            retiring.drain_data_dir(
+                settings.data_dir, settings.database_url, settings.granularities
+            )
+        )
     except RUNTIME_ERRORS as exc:
         raise click.ClickException(f"cannot drain {settings.data_dir}: {exc}") from None
     for node in drained:

@@ -20,7 +20,8 @@ from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
-from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, Store
+from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, Store, Window
+from incrementer.store.buckets import Buckets
 
 log = logging.getLogger("incrementer.flush")
 
@@ -48,8 +49,11 @@ class Flusher:
         flush_interval_max: float,
         flush_max_keys: int,
         metrics: Metrics,
+        granularities: tuple[int, ...] = (),
     ) -> None:
         self.buffer = buffer
+        self.granularities = granularities
+        """The kept bucket lengths (--buckets), ascending; () with time buckets off."""
         self.wal = wal
         self.gate = gate
         self.store = store
@@ -93,6 +97,34 @@ class Flusher:
             else:
                 overflow += delta
         return value, overflow, pending
+
+    def project_buckets(
+        self, key: str, window: Window, applied_seq: int, value: int
+    ) -> dict[int, int]:
+        """start -> this node's unflushed delta of key in each bucket of the window that has
+        one, given a snapshot that saw applied_seq and the key's persisted value: what the
+        flush will add to those buckets. A part (the batch in flight, then the buffer) whose
+        total delta for the key the flush would set aside for overflow adds to no bucket, as in
+        the stores."""
+        found: dict[int, int] = {}
+        length = window.length
+        inflight = self.inflight
+        parts = [inflight] if inflight is not None and inflight.seq > applied_seq else []
+        for deltas, buckets in [(p.deltas, p.buckets) for p in parts] + [
+            (self.buffer.deltas, self.buffer.buckets)
+        ]:
+            delta = deltas.get(key)
+            if delta is None:
+                continue
+            if not (INT64_MIN <= delta <= INT64_MAX and INT64_MIN <= value + delta <= INT64_MAX):
+                continue
+            value += delta
+            for finest, per_key in buckets.items():
+                counted = per_key.get(key)
+                start = finest - finest % length
+                if counted and window.start <= start < window.end:
+                    found[start] = found.get(start, 0) + counted
+        return found
 
     def oldest_pending_age(self, now: float) -> float:
         oldest = self.inflight.oldest if self.inflight is not None else now
@@ -143,8 +175,9 @@ class Flusher:
         while True:
             started = time.monotonic()
             try:
+                buckets = Buckets(self.granularities, batch.buckets) if batch.buckets else None
                 result = await self.store.apply_batch(
-                    self.node_id, batch.seq, batch.deltas, batch.keyed
+                    self.node_id, batch.seq, batch.deltas, batch.keyed, buckets
                 )
             except BackendError as exc:
                 failures += 1

@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
-from incrementer.ingest.idempotency import digest, encode, parse_key
+from incrementer.ingest.idempotency import digest, encode, own_times, parse_key
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.validate import BadRequest, Validated
 from incrementer.metrics import Metrics
@@ -43,6 +43,9 @@ class Lookup(NamedTuple):
     digest: bytes
     encoded: bytes
     items: list[Validated]
+    times: list[int]
+    """Each item's own time in ms (0: none); [] when no item has one."""
+    own_times: list[tuple[int, int]]
 
 
 Outcome = int | Lookup
@@ -72,13 +75,17 @@ class KeyedBatches:
         self.flusher = flusher
         self.counts = metrics.idempotent_requests
 
-    def take(self, raw_key: bytes, items: list[Validated]) -> Outcome:
+    def take(
+        self, raw_key: bytes, items: list[Validated], times: list[int] | None = None
+    ) -> Outcome:
         """ACCEPTED or REPLAYED, at once when this process knows the key or the database is
         down; else a Lookup for look_up(). Raises BadRequest (an invalid key, 400, or a reused
-        one, 422) and Overloaded."""
+        one, 422) and Overloaded. `times`: each item's own time in ms (0: none), or None."""
         key = parse_key(raw_key)
         encoded = encode(items)
-        raw_digest = digest(encoded)
+        times = times or []
+        own = own_times(items, times) if times else []
+        raw_digest = digest(encoded, own)
         hex_digest = raw_digest.hex()
         known = self._known(key, hex_digest)
         if known is not None:
@@ -86,10 +93,10 @@ class KeyedBatches:
         if self.flusher.db_error is not None:
             # Answered in this tick like a plain batch: the tick's commit writes it, or turns
             # the 202 into a 503 and takes the batch back.
-            self.intake.accept_keyed(key, raw_digest, encoded, items)
+            self.intake.accept_keyed(key, raw_digest, encoded, items, times, own)
             self.counts["unchecked"] += 1
             return ACCEPTED
-        return Lookup(key, raw_digest, encoded, items)
+        return Lookup(key, raw_digest, encoded, items, times, own)
 
     def _known(self, key: str, hex_digest: str) -> int | None:
         stored = self.ledger.known(key, time.monotonic())
@@ -104,7 +111,7 @@ class KeyedBatches:
     async def look_up(self, batch: Lookup) -> int:
         """ACCEPTED or REPLAYED once the database has been asked about the key; BadRequest
         (422), Overloaded, WalUnavailable as take()."""
-        key, raw_digest, encoded, items = batch
+        key, raw_digest, encoded, items, times, own = batch
         outcome = "accepted"
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT):
@@ -117,7 +124,7 @@ class KeyedBatches:
         known = self._known(key, raw_digest.hex())
         if known is not None:
             return known
-        self.intake.accept_keyed(key, raw_digest, encoded, items)
+        self.intake.accept_keyed(key, raw_digest, encoded, items, times, own)
         # This answer leaves in a later tick than the append: write now, so that a failed
         # write is known before it says 202 (and a flush never cuts an unwritten batch).
         if not self.gate.log_now():

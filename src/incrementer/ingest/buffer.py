@@ -1,4 +1,5 @@
-"""The coalescing buffer: key -> summed delta since the last cut, plus when it became dirty."""
+"""The coalescing buffer: key -> summed delta since the last cut, plus when it became dirty; with
+time buckets on, also (bucket start -> key -> summed delta), the second coalescing key."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Batch:
     wins in the flush transaction."""
     held: int
     """Deltas held in `keyed` (memory the intake's budget counts)."""
+    buckets: dict[int, dict[str, int]]
+    """With time buckets on: start of the finest bucket (s) -> key -> delta, every increment
+    of `deltas` that was counted in a bucket."""
 
 
 class CoalescingBuffer:
@@ -31,13 +35,24 @@ class CoalescingBuffer:
     the batch is kept in `keyed` until then.
     """
 
-    __slots__ = ("deltas", "held", "keyed", "oldest")
+    __slots__ = ("buckets", "current", "deltas", "held", "keyed", "oldest")
 
     def __init__(self) -> None:
         self.deltas: dict[str, int] = {}
         self.oldest = 0.0
         self.keyed: list[IdempotentBatch] = []
         self.held = 0
+        self.buckets: dict[int, dict[str, int]] = {}
+        self.current: dict[str, int] = {}
+        """The bucket the open WAL frame's increments are counted in (arrival time): the
+        intake sets it when it stamps a frame (Intake.stamp)."""
+
+    def bucket(self, start: int) -> dict[str, int]:
+        """The deltas of the finest bucket starting at `start` (s), made when first needed."""
+        found = self.buckets.get(start)
+        if found is None:
+            found = self.buckets[start] = {}
+        return found
 
     def add(self, key: str, value: int) -> None:
         deltas = self.deltas
@@ -55,10 +70,16 @@ class CoalescingBuffer:
             deltas[key] = get(key, 0) + value
 
     def add_keyed(
-        self, key: str, digest: str, items: list[tuple[bytes, str, int]]
+        self,
+        key: str,
+        digest: str,
+        items: list[tuple[bytes, str, int]],
+        starts: list[int] | None = None,
     ) -> IdempotentBatch:
         """add_many() of an idempotent batch's increments, summed per key into the batch kept
-        until its flush as well, in the same pass."""
+        until its flush as well, in the same pass. `starts`: with time buckets on, the bucket
+        each item is counted in (its deltas are kept per bucket in the batch too, so a flush
+        that finds the batch applied before takes them back out of every bucket)."""
         deltas = self.deltas
         if not deltas and items:
             self.oldest = monotonic()
@@ -69,6 +90,14 @@ class CoalescingBuffer:
             deltas[name] = get(name, 0) + value
             own[name] = own_get(name, 0) + value
         batch = IdempotentBatch(key, digest, own)
+        if starts is not None:
+            for (_, name, value), start in zip(items, starts, strict=True):
+                into = self.bucket(start)
+                into[name] = into.get(name, 0) + value
+                mine = batch.buckets.get(start)
+                if mine is None:
+                    mine = batch.buckets[start] = {}
+                mine[name] = mine.get(name, 0) + value
         self.keep(batch)
         return batch
 
@@ -81,8 +110,12 @@ class CoalescingBuffer:
         return len(self.deltas)
 
     def swap(self, seq: int) -> Batch:
-        batch = Batch(seq, self.deltas, self.oldest, self.keyed, self.held)
+        """Cut the batch at seq, right after the WAL sealed its frame (the next frame is
+        stamped afresh, which points `current` into the new buckets)."""
+        batch = Batch(seq, self.deltas, self.oldest, self.keyed, self.held, self.buckets)
         self.deltas = {}
         self.keyed = []
         self.held = 0
+        self.buckets = {}
+        self.current = {}
         return batch

@@ -11,7 +11,9 @@ is looked up in the database first (delivery/keyed_batches.py).
 Two batches are the same when their increments are: the same keys with the same values in the
 same order. The digest is the SHA-256 of those increments in the WAL's entry encoding (u16 key
 length, i64 value, UTF-8 key), which the WAL then stores as they are, so JSON spelling
-(whitespace, member order, escapes) does not matter and nothing is encoded twice.
+(whitespace, member order, escapes) does not matter and nothing is encoded twice. When any
+increment carries its own time ("at"), the digest covers those times too (each as u32 offset of
+its entry, i64 ms, as the WAL stores them): the same counts at other times are another batch.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from collections.abc import Iterable
 from typing import Final
 
 from incrementer.ingest.validate import BadRequest, Validated
-from incrementer.ingest.wal_reader import ENTRY
+from incrementer.ingest.wal_reader import ENTRY, TIME
 
 MAX_KEY_LENGTH: Final = 128
 SETTLED_LIMIT: Final = 100_000
 """Settled keys remembered at most (the oldest are forgotten first; the database still has them)."""
 
 _pack_entry: Final = ENTRY.pack
+_pack_time: Final = TIME.pack
 
 
 def parse_key(raw: bytes) -> str:
@@ -53,8 +56,23 @@ def encode(items: list[Validated]) -> bytes:
     return bytes(out)
 
 
-def digest(encoded: bytes) -> bytes:
-    return hashlib.sha256(encoded).digest()
+def own_times(items: list[Validated], times: list[int]) -> list[tuple[int, int]]:
+    """(offset in encode(items), ms) of each item that carries its own time (times[i] != 0)."""
+    found = []
+    offset = 0
+    for (key, _, _), at_ms in zip(items, times, strict=True):
+        if at_ms:
+            found.append((offset, at_ms))
+        offset += ENTRY.size + len(key)
+    return found
+
+
+def digest(encoded: bytes, times: list[tuple[int, int]] | None = None) -> bytes:
+    """SHA-256 of the batch's entries, followed by its own times when it has any."""
+    hashed = hashlib.sha256(encoded)
+    for offset, at_ms in times or ():
+        hashed.update(_pack_time(offset, at_ms))
+    return hashed.digest()
 
 
 class Ledger:

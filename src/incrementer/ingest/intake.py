@@ -1,8 +1,14 @@
-"""Accepting validated increments: memory budget, then WAL append, then the coalescing buffer."""
+"""Accepting validated increments: memory budget, then WAL append, then the coalescing buffer.
+
+With time buckets on (--buckets), every increment is also summed under the start of its finest
+bucket: the bucket of its own "at", or of the WAL frame's time (its arrival). A frame gets its
+time from the first increment appended to it (`stamp`), and the log writes that time with the
+frame, so a replay counts every increment in the bucket it was counted in here.
+"""
 
 from __future__ import annotations
 
-from time import monotonic
+from time import monotonic, time_ns
 
 from incrementer.ingest.buffer import CoalescingBuffer
 from incrementer.ingest.idempotency import Ledger
@@ -23,6 +29,7 @@ class Intake:
         "_max_value",
         "_min_value",
         "buffer",
+        "finest",
         "key_budget",
         "ledger",
         "max_pending_keys",
@@ -38,8 +45,11 @@ class Intake:
         max_pending_keys: int,
         metrics: Metrics,
         ledger: Ledger,
+        finest: int = 0,
     ) -> None:
         self.buffer = buffer
+        self.finest = finest
+        """The finest kept bucket length in seconds; 0 with time buckets off."""
         self.wal = wal
         self.max_pending_keys = max_pending_keys
         self.key_budget = max_pending_keys
@@ -65,6 +75,8 @@ class Intake:
             raw = inc.key.encode()
         except ValueError:  # msgspec.DecodeError, UnicodeDecodeError, UnicodeEncodeError
             return False
+        if inc.at is not None:
+            return False  # the general path checks and records its own time
         key = inc.key
         value = inc.value
         if not (
@@ -85,22 +97,56 @@ class Intake:
             deltas[key] = value
         else:
             return False
+        if self.finest:
+            current = buffer.current if self.wal.frame_ms else self.stamp()
+            current[key] = current.get(key, 0) + value
         # After the buffer, unlike accept(): nothing runs in between on the one event-loop
         # thread, and the frame is written before any response of this tick leaves.
         self.wal.append(raw, value)
         return True
 
-    def accept(self, item: Validated) -> None:
-        """One validated increment (the general path of POST /increment)."""
+    def stamp(self) -> dict[str, int]:
+        """Give the open WAL frame its time, now, and make the bucket of that time the buffer's
+        current one (the frame's increments without an "at" of their own are counted there)."""
+        ms = time_ns() // 1_000_000
+        self.wal.frame_ms = ms
+        seconds = ms // 1000
+        current = self.buffer.bucket(seconds - seconds % self.finest)
+        self.buffer.current = current
+        return current
+
+    def _start_of(self, at_ms: int) -> int:
+        """The finest bucket an increment counts in: its own time's, else the open frame's.
+        Either way the open frame is stamped first if this is its first increment: a frame
+        holding increments with their own times is written with its time too."""
+        frame_ms = self.wal.frame_ms
+        if not frame_ms:
+            self.stamp()
+            frame_ms = self.wal.frame_ms
+        seconds = (at_ms or frame_ms) // 1000
+        return seconds - seconds % self.finest
+
+    def accept(self, item: Validated, at_ms: int = 0) -> None:
+        """One validated increment (the general path of POST /increment); `at_ms`, its own time
+        (0: none), places it in a time bucket when they are on and is ignored otherwise."""
         key_bytes, key, value = item
-        deltas = self.buffer.deltas
+        buffer = self.buffer
+        deltas = buffer.deltas
         # A key already pending costs no memory, so only new keys are shed.
         if len(deltas) >= self.key_budget and key not in deltas:
             raise Overloaded
-        self.wal.append(key_bytes, value)
-        self.buffer.add(key, value)
+        if self.finest:
+            into = buffer.bucket(self._start_of(at_ms))
+            into[key] = into.get(key, 0) + value
+            if at_ms:
+                self.wal.append_at(key_bytes, value, at_ms)
+            else:
+                self.wal.append(key_bytes, value)
+        else:
+            self.wal.append(key_bytes, value)
+        buffer.add(key, value)
 
-    def retract(self, entries: list[tuple[str, int]], batch_keys: list[str]) -> None:
+    def retract(self, entries: list[tuple[str, int, int]], batch_keys: list[str]) -> None:
         """Take back increments whose WAL write failed: never logged, so never to be applied.
         batch_keys are the idempotent batches among them: forgotten, so their retry is taken in
         afresh rather than answered as a replay of something that never counted.
@@ -112,7 +158,7 @@ class Intake:
         if batch_keys:
             self._drop_keyed(set(batch_keys))
         deltas = self.buffer.deltas
-        for key, value in entries:
+        for key, value, at_ms in entries:
             pending = deltas.get(key)
             if pending is None:
                 continue  # not added after all (a bug between append and add answered 500)
@@ -120,6 +166,23 @@ class Intake:
                 del deltas[key]
             else:
                 deltas[key] = pending - value
+            if at_ms and self.finest:
+                self._retract_bucket(key, value, at_ms)
+
+    def _retract_bucket(self, key: str, value: int, at_ms: int) -> None:
+        seconds = at_ms // 1000
+        start = seconds - seconds % self.finest
+        buckets = self.buffer.buckets
+        into = buckets.get(start)
+        if into is None or key not in into:
+            return
+        if into[key] == value:
+            del into[key]
+            if not into:
+                # The write that failed sealed the open frame: the next one is stamped afresh.
+                del buckets[start]
+        else:
+            into[key] -= value
 
     def _drop_keyed(self, keys: set[str]) -> None:
         buffer = self.buffer
@@ -134,30 +197,60 @@ class Intake:
         self.ledger.release(keys)
 
     def accept_keyed(
-        self, key: str, digest: bytes, encoded: bytes, items: list[Validated]
+        self,
+        key: str,
+        digest: bytes,
+        encoded: bytes,
+        items: list[Validated],
+        times: list[int] | None = None,
+        own_times: list[tuple[int, int]] | None = None,
     ) -> IdempotentBatch:
         """An idempotent batch, all or nothing: logged with its key and digest (`encoded`: its
-        increments as the WAL stores them), summed into the buffer, held until its flush. What
-        it holds counts against the budget as well as its new keys until then."""
+        increments as the WAL stores them; `own_times`, where its entries with an "at" of their
+        own are in it: ingest/idempotency.py), summed into the buffer, held until its flush.
+        What it holds counts against the budget as well as its new keys until then. `times`:
+        each item's own time in ms (0: none), or None when no item has one."""
         deltas = self.buffer.deltas
         if len(deltas) + 2 * len(items) > self.key_budget:  # only then count what is new
             new_keys = {name for _, name, _ in items if name not in deltas}
             if len(deltas) + len(new_keys) + len(items) > self.key_budget:
                 raise Overloaded
-        self.wal.append_batch(key.encode("ascii"), digest, encoded)
-        batch = self.buffer.add_keyed(key, digest.hex(), items)
+        starts = None
+        if self.finest:
+            start_of = self._start_of
+            starts = [start_of(at_ms) for at_ms in times] if times else [start_of(0)] * len(items)
+            self.wal.append_batch(key.encode("ascii"), digest, encoded, own_times or ())
+        else:
+            self.wal.append_batch(key.encode("ascii"), digest, encoded)
+        batch = self.buffer.add_keyed(key, digest.hex(), items, starts)
         self.key_budget -= len(batch.deltas)
         self.ledger.hold(key, batch.digest)
         self.metrics.accepted_batch_increments += len(items)
         return batch
 
-    def accept_many(self, items: list[Validated]) -> None:
-        """All or nothing: the budget is checked for the whole batch before anything is added."""
-        deltas = self.buffer.deltas
+    def accept_many(self, items: list[Validated], times: list[int] | None = None) -> None:
+        """All or nothing: the budget is checked for the whole batch before anything is added.
+        `times`: each item's own time in ms (0: none), or None when no item has one."""
+        buffer = self.buffer
+        deltas = buffer.deltas
         if len(deltas) + len(items) > self.key_budget:  # only then count the keys that are new
             new_keys = {key for _, key, _ in items if key not in deltas}
             if len(deltas) + len(new_keys) > self.key_budget:
                 raise Overloaded
-        self.wal.append_many(items)
-        self.buffer.add_many(items)
+        if self.finest:
+            current = buffer.bucket(self._start_of(0))
+            if times:
+                start_of = self._start_of
+                for (_, name, value), at_ms in zip(items, times, strict=True):
+                    into = buffer.bucket(start_of(at_ms)) if at_ms else current
+                    into[name] = into.get(name, 0) + value
+                self.wal.append_many(items, times)
+            else:
+                get = current.get
+                for _, name, value in items:
+                    current[name] = get(name, 0) + value
+                self.wal.append_many(items)
+        else:
+            self.wal.append_many(items)
+        buffer.add_many(items)
         self.metrics.accepted_batch_increments += len(items)

@@ -15,7 +15,14 @@ class SequencedLog:
 
     A base class rather than a Protocol: the compiled intake (setup.py) then calls append()
     through the class's method table instead of looking the method up by name per request.
+
+    `frame_ms` is the open frame's time in ms since the epoch, 0 until the intake stamps it
+    (only with time buckets on): every entry of the frame without a time of its own is counted
+    in the bucket of that time, and a log records it with the frame. Sealing resets it.
     """
+
+    def __init__(self) -> None:
+        self.frame_ms = 0
 
     @property
     def last_seq(self) -> int:
@@ -32,10 +39,21 @@ class SequencedLog:
     def append(self, key: bytes, value: int) -> None:
         raise NotImplementedError
 
-    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
+    def append_at(self, key: bytes, value: int, at_ms: int) -> None:
         raise NotImplementedError
 
-    def append_batch(self, key: bytes, digest: bytes, encoded: bytes) -> None:
+    def append_many(
+        self, items: Sequence[tuple[bytes, str, int]], times: Sequence[int] = ()
+    ) -> None:
+        raise NotImplementedError
+
+    def append_batch(
+        self,
+        key: bytes,
+        digest: bytes,
+        encoded: bytes,
+        times: Sequence[tuple[int, int]] = (),
+    ) -> None:
         raise NotImplementedError
 
     def seal(self) -> int:
@@ -53,7 +71,7 @@ class SequencedLog:
     def recycle(self, applied_seq: int) -> int:
         raise NotImplementedError
 
-    def discard_unwritten(self) -> tuple[list[tuple[str, int]], list[str]]:
+    def discard_unwritten(self) -> tuple[list[tuple[str, int, int]], list[str]]:
         raise NotImplementedError
 
     def abandon_segment(self) -> int:
@@ -70,6 +88,7 @@ class MemorySequence(SequencedLog):
     """WriteAheadLog's seq and seal without I/O, for `--durability memory`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._next_seq = 1
         self._dirty = False
 
@@ -88,17 +107,29 @@ class MemorySequence(SequencedLog):
     def append(self, key: bytes, value: int) -> None:
         self._dirty = True
 
-    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
+    def append_at(self, key: bytes, value: int, at_ms: int) -> None:
+        self._dirty = True
+
+    def append_many(
+        self, items: Sequence[tuple[bytes, str, int]], times: Sequence[int] = ()
+    ) -> None:
         if items:
             self._dirty = True
 
-    def append_batch(self, key: bytes, digest: bytes, encoded: bytes) -> None:
+    def append_batch(
+        self,
+        key: bytes,
+        digest: bytes,
+        encoded: bytes,
+        times: Sequence[tuple[int, int]] = (),
+    ) -> None:
         self._dirty = True
 
     def seal(self) -> int:
         if self._dirty:
             self._dirty = False
             self._next_seq += 1
+        self.frame_ms = 0
         return self._next_seq - 1
 
     def advance_to(self, seq: int) -> None:
@@ -116,7 +147,7 @@ class MemorySequence(SequencedLog):
     def recycle(self, applied_seq: int) -> int:
         return 0
 
-    def discard_unwritten(self) -> tuple[list[tuple[str, int]], list[str]]:
+    def discard_unwritten(self) -> tuple[list[tuple[str, int, int]], list[str]]:
         return [], []  # nothing is ever written, so nothing fails to be
 
     def abandon_segment(self) -> int:

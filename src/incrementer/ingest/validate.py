@@ -7,16 +7,24 @@ error path.
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import parse_qsl
 
 import msgspec
 
+from incrementer import periods
 from incrementer.store.base import INT64_MAX, INT64_MIN
+
+FUTURE_SKEW = 60.0
+"""Seconds an increment's "at" may lie ahead of this server's clock (the client's clock may run
+ahead of ours by that much); further ahead is refused like a time too far in the past."""
 
 
 class Increment(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     key: str
     value: int
+    at: str | float | None = None
+    """When it happened (RFC 3339 or seconds since the epoch): the time bucket it counts in."""
 
 
 class BadRequest(Exception):
@@ -47,23 +55,35 @@ Validated = tuple[bytes, str, int]
 
 
 class Validator:
-    """Validation rules of one service instance (key size, sign of values)."""
+    """Validation rules of one service instance (key size, sign of values, how far into the
+    past an increment's "at" may lie)."""
 
-    def __init__(self, max_key_bytes: int, allow_negative: bool, max_batch_items: int) -> None:
+    def __init__(
+        self,
+        max_key_bytes: int,
+        allow_negative: bool,
+        max_batch_items: int,
+        bucket_past: float = 3600.0,
+    ) -> None:
         self.max_key_bytes = max_key_bytes
         self.min_value = INT64_MIN if allow_negative else 1
         self.max_batch_items = max_batch_items
+        self.bucket_past = bucket_past
         self.decode_one = msgspec.json.Decoder(Increment).decode
         self._decode_many = msgspec.json.Decoder(list[Increment]).decode
 
-    def json_one(self, body: bytes) -> Validated:
+    def json_one(self, body: bytes) -> tuple[Validated, int]:
+        """The increment and its own time in ms since the epoch (0: none, it counts at its
+        arrival)."""
         try:
             inc = self.decode_one(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _decode_failure(exc) from None
-        return self.check(inc.key, inc.value)
+        item = self.check(inc.key, inc.value)
+        return item, 0 if inc.at is None else self.at_ms(inc.at)
 
-    def json_many(self, body: bytes) -> list[Validated]:
+    def json_many(self, body: bytes) -> tuple[list[Validated], list[int]]:
+        """The increments, and each one's own time in ms (0: none) when any has one, else []."""
         try:
             items = self._decode_many(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -76,12 +96,36 @@ class Validator:
             )
         check = self.check
         try:
-            return [check(inc.key, inc.value) for inc in items]
+            checked = [check(inc.key, inc.value) for inc in items]
         except BadRequest:
-            pass  # find which item, for the message: only on the error path
-        for i, inc in enumerate(items):
-            check(inc.key, inc.value, f"item {i}: ")
-        raise AssertionError("unreachable: an item failed validation above")
+            # find which item, for the message: only on the error path
+            for i, inc in enumerate(items):
+                check(inc.key, inc.value, f"item {i}: ")
+            raise AssertionError("unreachable: an item failed validation above") from None
+        if all(inc.at is None for inc in items):
+            return checked, []
+        return checked, [
+            0 if inc.at is None else self.at_ms(inc.at, f"item {i}: ")
+            for i, inc in enumerate(items)
+        ]
+
+    def at_ms(self, at: str | float, where: str = "") -> int:
+        """An increment's "at" in ms since the epoch: BadRequest 400 when it is not a time, 422
+        when it lies more than --bucket-past before now or FUTURE_SKEW after."""
+        try:
+            seconds = periods.parse_time(at)
+        except ValueError as exc:
+            raise BadRequest("invalid_at", f"{where}Field 'at' {exc}.") from None
+        now = time.time()
+        if not now - self.bucket_past <= seconds <= now + FUTURE_SKEW:
+            raise BadRequest(
+                "at_out_of_range",
+                f"{where}Field 'at' ({periods.text(seconds)}) must lie within "
+                f"{self.bucket_past:g} s before this server's time ({periods.text(now)}) "
+                f"and {FUTURE_SKEW:g} s after it (--bucket-past).",
+                422,
+            )
+        return max(1, round(seconds * 1000))
 
     def form_one(self, body: bytes) -> Validated:
         if looks_like_json(body):
@@ -171,4 +215,8 @@ def _diagnose(exc: msgspec.ValidationError) -> BadRequest:
         return BadRequest("invalid_value", f"Field 'value' must be an integer: {message}")
     if field is not None and field.group(1) == "key":
         return BadRequest("invalid_key", f"Field 'key' must be a string: {message}")
+    if field is not None and field.group(1) == "at":
+        return BadRequest(
+            "invalid_at", f"Field 'at' must be RFC 3339 text or seconds since the epoch: {message}"
+        )
     return BadRequest("invalid_body", message)

@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import time_ns
 from types import TracebackType
 from typing import Final
 
@@ -38,10 +39,14 @@ from incrementer.ingest.wal_reader import (
     BATCH_RANGE,
     ENTRIES_LEN,
     ENTRY,
+    FRAME_TIME,
     HEADER,
     MAGIC,
     MAGIC_KEYED,
+    MAGIC_TIMED,
     SEQ,
+    TIME,
+    TIMES_COUNT,
     Frame,
     WalCorruptError,
     WalSummary,
@@ -71,6 +76,10 @@ _pack_seq: Final = SEQ.pack
 _pack_header: Final = HEADER.pack
 _pack_entries_len: Final = ENTRIES_LEN.pack
 _pack_batch_range: Final = BATCH_RANGE.pack
+_pack_frame_time: Final = FRAME_TIME.pack
+_pack_times_count: Final = TIMES_COUNT.pack
+_pack_time: Final = TIME.pack
+_TIME_BYTES: Final = TIME.size
 _crc32: Final = zlib.crc32
 _NEW_SEGMENT: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
 
@@ -114,6 +123,7 @@ class WriteAheadLog(SequencedLog):
         self, directory: Path, dir_fd: int, segments: list[_Segment], segment_bytes: int
     ) -> None:
         """Use WriteAheadLog.open(); this takes ownership of dir_fd and the recovered segments."""
+        super().__init__()
         self.directory = directory
         self.segment_bytes = segment_bytes
         self._dir_fd = dir_fd
@@ -122,6 +132,7 @@ class WriteAheadLog(SequencedLog):
         self._next_seq = segments[-1].last_seq + 1 if segments else 1
         self._frame = bytearray()  # entries of the open frame
         self._batches = bytearray()  # the open frame's idempotent batches: sealed as MAGIC_KEYED
+        self._times = bytearray()  # the open frame's entries with a time of their own (MAGIC_TIMED)
         self._pending = bytearray()  # sealed frames not yet written
         self._pending_first_seq = 0
         self._pending_last_seq = 0
@@ -225,24 +236,54 @@ class WriteAheadLog(SequencedLog):
         frame += _pack_entry(len(key), value)
         frame += key
 
-    def append_many(self, items: Sequence[tuple[bytes, str, int]]) -> None:
-        """append(key bytes, value) of every (key bytes, key, value), in one call."""
+    def append_at(self, key: bytes, value: int, at_ms: int) -> None:
+        """append() of an increment that carries its own time (ms since the epoch): the frame
+        records it beside the entry, so replay counts it in the bucket it was counted in."""
+        frame = self._frame
+        self._times += _pack_time(len(frame), at_ms)
+        frame += _pack_entry(len(key), value)
+        frame += key
+
+    def append_many(
+        self, items: Sequence[tuple[bytes, str, int]], times: Sequence[int] = ()
+    ) -> None:
+        """append(key bytes, value) of every (key bytes, key, value), in one call; `times`, when
+        given, holds each item's own time in ms (0: none, the frame's time applies)."""
         frame = self._frame
         pack = _pack_entry
+        if times:
+            own = self._times
+            for (key, _, value), at_ms in zip(items, times, strict=True):
+                if at_ms:
+                    own += _pack_time(len(frame), at_ms)
+                frame += pack(len(key), value)
+                frame += key
+            return
         for key, _, value in items:
             frame += pack(len(key), value)
             frame += key
 
-    def append_batch(self, key: bytes, digest: bytes, encoded: bytes) -> None:
+    def append_batch(
+        self,
+        key: bytes,
+        digest: bytes,
+        encoded: bytes,
+        times: Sequence[tuple[int, int]] = (),
+    ) -> None:
         """Add an idempotent batch to the open frame: its entries, already encoded as append()
         would (they are what the digest is of), and a record of its key, digest and where its
-        entries are."""
+        entries are. `times`: (offset in encoded, ms) of its entries that carry their own time."""
         frame = self._frame
+        base = len(frame)
+        if times:
+            own = self._times
+            for offset, at_ms in times:
+                own += _pack_time(base + offset, at_ms)
         batches = self._batches
         batches.append(len(key))
         batches += key
         batches += digest
-        batches += _pack_batch_range(len(frame), len(encoded))
+        batches += _pack_batch_range(base, len(encoded))
         frame += encoded
 
     def seal(self) -> int:
@@ -252,7 +293,20 @@ class WriteAheadLog(SequencedLog):
             seq = self._next_seq
             self._next_seq = seq + 1
             magic = MAGIC
-            if self._batches:
+            if self._times and not self.frame_ms:
+                # Own times without a frame time would leave the frame's other entries without
+                # a bucket: the intake stamps first, this only keeps the format whole.
+                self.frame_ms = time_ns() // 1_000_000
+            if self.frame_ms:
+                magic = MAGIC_TIMED
+                times = self._times
+                frame[:0] = _pack_frame_time(self.frame_ms) + _pack_entries_len(len(frame))
+                frame += _pack_times_count(len(times) // _TIME_BYTES)
+                frame += times
+                frame += self._batches
+                times.clear()
+                self._batches.clear()
+            elif self._batches:
                 magic = MAGIC_KEYED
                 frame[:0] = _pack_entries_len(len(frame))
                 frame += self._batches
@@ -264,6 +318,7 @@ class WriteAheadLog(SequencedLog):
             if not self._pending_first_seq:
                 self._pending_first_seq = seq
             self._pending_last_seq = seq
+        self.frame_ms = 0
         return self._next_seq - 1
 
     def write(self) -> int:
@@ -358,11 +413,12 @@ class WriteAheadLog(SequencedLog):
                 self._new_segment_needed = True
         return self._segments[-1].last_seq if self._segments else 0
 
-    def discard_unwritten(self) -> tuple[list[tuple[str, int]], list[str]]:
+    def discard_unwritten(self) -> tuple[list[tuple[str, int, int]], list[str]]:
         """After write() failed: drop the frames not handed to the OS and return their entries
-        and the keys of their idempotent batches (the caller takes those back: they were never
-        logged). Their seqs are handed out again, so the log stays gapless."""
-        entries: list[tuple[str, int]] = []
+        (key, value, bucket time in ms or 0) and the keys of their idempotent batches (the
+        caller takes those back: they were never logged). Their seqs are handed out again, so
+        the log stays gapless."""
+        entries: list[tuple[str, int, int]] = []
         batch_keys: list[str] = []
         self.seal()  # the open frame too, so every payload reads the same way
         pending = bytes(self._pending)
@@ -370,11 +426,11 @@ class WriteAheadLog(SequencedLog):
         while offset < len(pending):
             magic, length, _, _ = HEADER.unpack_from(pending, offset)
             start = offset + HEADER.size
-            frame_entries, batches = decode_payload(
-                pending[start : start + length], magic == MAGIC_KEYED
-            )
-            entries.extend(frame_entries)
-            batch_keys.extend(batch.key for batch in batches)
+            decoded = decode_payload(pending[start : start + length], magic)
+            times = decoded.times or [0] * len(decoded.entries)
+            for (key, value), at_ms in zip(decoded.entries, times, strict=True):
+                entries.append((key, value, at_ms))
+            batch_keys.extend(batch.key for batch in decoded.batches)
             offset = start + length
         if self._pending_first_seq:
             self._next_seq = self._pending_first_seq

@@ -11,6 +11,15 @@ length`: its increments are the entries at that byte range of the entries. Frame
 batches keep MAGIC and the format above byte for byte, so logs written before batches existed
 read as they always did; a reader that predates MAGIC_KEYED stops at such a frame as damage
 instead of misreading it.
+
+A frame written while time buckets are on (--buckets) starts with MAGIC_TIMED b"IWAT", and its
+payload is `i64 frame time (ms since the epoch) | u32 entries_len | entries | u32 count | count
+times | batches (as in MAGIC_KEYED)`, each time `u32 offset | i64 ms`: the entry at that byte
+offset of the entries happened then (an increment sent with its own "at"); every other entry of
+the frame arrived at the frame time. Replay puts each increment back into the bucket it was
+counted in. Frames of the two older kinds keep their format and replay as before (into the
+totals only: they were accepted with buckets off); a reader that predates MAGIC_TIMED stops at
+such a frame as damage.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import os
 import re
 import struct
 import zlib
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +37,8 @@ from typing import NamedTuple, Protocol
 
 MAGIC = b"IWAL"
 MAGIC_KEYED = b"IWAK"
+MAGIC_TIMED = b"IWAT"
+MAGICS = (MAGIC, MAGIC_KEYED, MAGIC_TIMED)
 _MAGIC_PREFIX = b"IWA"  # what both magics start with: how a scan finds the next frame
 HEADER = struct.Struct("<4sIQI")
 SEQ = struct.Struct("<Q")
@@ -34,6 +46,9 @@ ENTRY = struct.Struct("<Hq")
 DIGEST_BYTES = 32
 ENTRIES_LEN = struct.Struct("<I")
 BATCH_RANGE = struct.Struct("<II")
+FRAME_TIME = struct.Struct("<q")
+TIMES_COUNT = struct.Struct("<I")
+TIME = struct.Struct("<Iq")
 _SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
 _ZERO_HEADER = bytes(HEADER.size)
 
@@ -65,7 +80,7 @@ def frame_at(buf: Buffer, offset: int) -> tuple[int, int] | str:
     if size - offset < HEADER.size:
         return "incomplete frame header"
     magic, length, seq, crc = HEADER.unpack_from(buf, offset)
-    if magic != MAGIC and magic != MAGIC_KEYED:
+    if magic not in MAGICS:
         if buf[offset : offset + HEADER.size] == _ZERO_HEADER:
             return "zeros instead of a frame"
         return "bad magic"
@@ -94,19 +109,44 @@ class KeyedBatch(NamedTuple):
 
     key: str
     digest: str
-    """Hex SHA-256 of the batch's entries in the encoding above."""
+    """Hex SHA-256 of the batch's entries in the encoding above (and of their own times, when
+    any has one)."""
     entries: list[tuple[str, int]]
+    times: list[int] = []
+    """The bucket time (ms) of each of `entries`, in a MAGIC_TIMED frame; [] otherwise."""
 
 
-def decode_payload(payload: bytes, keyed: bool) -> tuple[list[tuple[str, int]], list[KeyedBatch]]:
-    """Every (key, value) entry of one frame payload (a MAGIC_KEYED frame's when keyed), and
-    the idempotent batches among them; ValueError if the payload is malformed."""
-    if not keyed:
-        return decode_entries(payload), []
-    entries_end = _entries_end(payload, 0, len(payload))
-    section = payload[ENTRIES_LEN.size : entries_end]
-    batches = []
+class Payload(NamedTuple):
+    """What one frame's payload holds."""
+
+    entries: list[tuple[str, int]]
+    batches: list[KeyedBatch]
+    times: list[int]
+    """The bucket time (ms since the epoch) of each entry, in a MAGIC_TIMED frame; [] in a frame
+    written with buckets off."""
+
+
+def decode_payload(payload: bytes, magic: bytes) -> Payload:
+    """Every (key, value) entry of one frame payload, the idempotent batches among them and the
+    entries' times; ValueError if the payload is malformed."""
+    if magic == MAGIC:
+        return Payload(decode_entries(payload), [], [])
+    start = 0
+    frame_ms = 0
+    if magic == MAGIC_TIMED:
+        if len(payload) < FRAME_TIME.size:
+            raise ValueError("truncated frame time")
+        frame_ms = FRAME_TIME.unpack_from(payload, 0)[0]
+        start = FRAME_TIME.size
+    entries_end = _entries_end(payload, start, len(payload))
+    section = payload[start + ENTRIES_LEN.size : entries_end]
     offset = entries_end
+    own: dict[int, int] = {}
+    if magic == MAGIC_TIMED:
+        own, offset = _own_times(payload, offset, len(section))
+    entries, offsets = _entries_at(section)
+    times = [own.get(at, frame_ms) for at in offsets] if magic == MAGIC_TIMED else []
+    batches = []
     while offset < len(payload):
         key_end = offset + 1 + payload[offset]
         range_at = key_end + DIGEST_BYTES
@@ -115,15 +155,34 @@ def decode_payload(payload: bytes, keyed: bool) -> tuple[list[tuple[str, int]], 
         first, length = BATCH_RANGE.unpack_from(payload, range_at)
         if first + length > len(section):
             raise ValueError(f"batch record at offset {offset} points past the entries")
+        low, high = bisect_left(offsets, first), bisect_left(offsets, first + length)
         batches.append(
             KeyedBatch(
                 payload[offset + 1 : key_end].decode("ascii"),
                 payload[key_end:range_at].hex(),
-                decode_entries(section[first : first + length]),
+                entries[low:high],
+                times[low:high],
             )
         )
         offset = range_at + BATCH_RANGE.size
-    return decode_entries(section), batches
+    return Payload(entries, batches, times)
+
+
+def _own_times(payload: bytes, offset: int, entries_bytes: int) -> tuple[dict[int, int], int]:
+    """{entry offset: ms} of a MAGIC_TIMED payload's times at offset, and where they end."""
+    if offset + TIMES_COUNT.size > len(payload):
+        raise ValueError(f"truncated times count at offset {offset}")
+    count: int = TIMES_COUNT.unpack_from(payload, offset)[0]
+    offset += TIMES_COUNT.size
+    end = offset + count * TIME.size
+    if end > len(payload):
+        raise ValueError(f"times run past the payload end at offset {offset}")
+    own = {}
+    for at, ms in TIME.iter_unpack(payload[offset:end]):
+        if at >= entries_bytes:
+            raise ValueError(f"a time points past the entries (offset {at})")
+        own[at] = ms
+    return own, end
 
 
 def _entries_end(buf: Buffer, start: int, end: int) -> int:
@@ -139,12 +198,19 @@ def _entries_end(buf: Buffer, start: int, end: int) -> int:
 
 def decode_entries(payload: bytes) -> list[tuple[str, int]]:
     """The (key, value) entries of a payload of entries; ValueError if it is malformed."""
+    return _entries_at(payload)[0]
+
+
+def _entries_at(payload: bytes) -> tuple[list[tuple[str, int]], list[int]]:
+    """The entries of a payload of entries and the byte offset of each."""
     entries = []
+    offsets = []
     unpack = ENTRY.unpack_from
     offset, size = 0, len(payload)
     try:
         while offset < size:
             key_len, value = unpack(payload, offset)
+            offsets.append(offset)
             start = offset + ENTRY.size
             offset = start + key_len
             if offset > size:
@@ -152,13 +218,15 @@ def decode_entries(payload: bytes) -> list[tuple[str, int]]:
             entries.append((payload[start:offset].decode(), value))
     except struct.error as exc:
         raise ValueError(f"truncated entry at payload offset {offset}") from exc
-    return entries
+    return entries, offsets
 
 
-def count_entries(buf: Buffer, start: int, end: int, keyed: bool = False) -> int:
-    """How many entries the payload buf[start:end] (a MAGIC_KEYED frame's when keyed) holds;
+def count_entries(buf: Buffer, start: int, end: int, magic: bytes = MAGIC) -> int:
+    """How many entries the payload buf[start:end] of a frame with that magic holds;
     ValueError if it is malformed."""
-    if keyed:
+    if magic == MAGIC_TIMED:
+        start += FRAME_TIME.size
+    if magic != MAGIC:
         end = _entries_end(buf, start, end)
         start += ENTRIES_LEN.size
     count = 0
@@ -241,8 +309,8 @@ def _scan_frames(buf: mmap.mmap, scan: SegmentScan, count_records: bool) -> None
             return
         if count_records:
             try:
-                keyed = buf[offset : offset + len(MAGIC_KEYED)] == MAGIC_KEYED
-                records = count_entries(buf, offset + HEADER.size, end, keyed)
+                magic = bytes(buf[offset : offset + len(MAGIC)])
+                records = count_entries(buf, offset + HEADER.size, end, magic)
             except ValueError as exc:
                 scan.problems.append(f"{scan.path}: frame seq {seq}: malformed payload: {exc}")
                 records = 0
@@ -269,6 +337,9 @@ class Frame(NamedTuple):
     entries: list[tuple[str, int]]
     """Every increment of the frame, those of its idempotent batches included."""
     batches: list[KeyedBatch]
+    times: list[int] = []
+    """The bucket time (ms since the epoch) of each entry; [] in a frame written with buckets
+    off."""
 
 
 def replay_segments(
@@ -295,7 +366,7 @@ def replay_frames(segments: Iterable[ReplaySegment], after_seq: int) -> Iterator
                 if len(header) < HEADER.size:
                     raise _replay_error(segment.path, offset, "incomplete frame header")
                 magic, length, seq, crc = HEADER.unpack(header)
-                if magic != MAGIC and magic != MAGIC_KEYED:
+                if magic not in MAGICS:
                     raise _replay_error(segment.path, offset, "bad magic")
                 if seq <= after_seq:
                     file.seek(length, os.SEEK_CUR)
@@ -315,10 +386,10 @@ def replay_frames(segments: Iterable[ReplaySegment], after_seq: int) -> Iterator
                         f"whose applied seq {after_seq} is behind this log)",
                     )
                 try:
-                    entries, batches = decode_payload(payload, magic == MAGIC_KEYED)
+                    decoded = decode_payload(payload, magic)
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise _replay_error(segment.path, offset, f"malformed payload: {exc}") from exc
-                yield Frame(seq, entries, batches)
+                yield Frame(seq, decoded.entries, decoded.batches, decoded.times)
                 expected = seq + 1
                 offset += HEADER.size + length
 

@@ -7,7 +7,10 @@ them in batches cut at frame boundaries, each batch carrying the seq of its last
 as the flusher's batches do. So the exactly-once ledger needs nothing new: a drain interrupted at
 any point (a crash, a database failure) leaves the ledger at the last batch committed, and the next
 drain, or the next node to serve from the dir, replays only what is after it. Then the dir is
-marked retired (`RETIRED`), which a node serving from it again removes.
+marked retired (`RETIRED`), which a node serving from it again removes. Frames go through a
+coalescing buffer as a start-up replay puts them (ingest/replay.py), so a drain applies what a
+flush would: idempotent batches settled by their keys, and, with the time buckets the drain is
+given (the settings' --buckets), each increment in the bucket it was counted in.
 
 The lock is what makes a drain safe next to a live node: a process holding the dir refuses it.
 """
@@ -21,9 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from incrementer.ingest.buffer import Batch, CoalescingBuffer
+from incrementer.ingest.replay import replay_frame
 from incrementer.ingest.wal import WriteAheadLog
 from incrementer.node.datadir import RETIRED, DataDir, claim_database
 from incrementer.store.base import Store
+from incrementer.store.buckets import Buckets
 
 BATCH_KEYS = 20_000
 """Distinct keys per applied batch (the default --flush-max-keys): one transaction stays small."""
@@ -81,7 +87,11 @@ class Drained:
 
 
 async def drain_node(
-    data_dir: DataDir, store: Store, batch_keys: int = BATCH_KEYS, database: str = ""
+    data_dir: DataDir,
+    store: Store,
+    batch_keys: int = BATCH_KEYS,
+    database: str = "",
+    granularities: tuple[int, ...] = (),
 ) -> Drained:
     """Apply what data_dir's WAL holds beyond the node's applied seq, then mark it retired.
     The caller holds data_dir's lock and an open store on the node's database, whose identity
@@ -97,22 +107,24 @@ async def drain_node(
     applied, frames, increments, keys, overflowed = before, 0, 0, 0, 0
     if data_dir.wal_path.is_dir():
         wal = await asyncio.to_thread(WriteAheadLog.open, data_dir.wal_path)
+        finest = granularities[0] if granularities else 0
         try:
-            deltas: dict[str, int] = {}
+            buffer = CoalescingBuffer()
             last = before
-            for seq, entries in wal.replay(before):
+            for frame in wal.replay_frames(before):
                 frames += 1
-                increments += len(entries)
-                for key, value in entries:
-                    deltas[key] = deltas.get(key, 0) + value
-                last = seq
-                if len(deltas) >= batch_keys:
-                    overflowed += await _apply(store, node_id, last, deltas)
-                    keys += len(deltas)
-                    applied, deltas = last, {}
-            if deltas:
-                overflowed += await _apply(store, node_id, last, deltas)
-                keys += len(deltas)
+                increments += len(frame.entries)
+                replay_frame(buffer, frame, finest)
+                last = frame.seq
+                if len(buffer) >= batch_keys:
+                    batch = buffer.swap(last)
+                    overflowed += await _apply(store, node_id, batch, granularities)
+                    keys += len(batch.deltas)
+                    applied = last
+            if len(buffer) or buffer.keyed:
+                batch = buffer.swap(last)
+                overflowed += await _apply(store, node_id, batch, granularities)
+                keys += len(batch.deltas)
                 applied = last
             wal.recycle(applied)
         finally:
@@ -124,8 +136,9 @@ async def drain_node(
     )
 
 
-async def _apply(store: Store, node_id: str, seq: int, deltas: dict[str, int]) -> int:
-    result = await store.apply_batch(node_id, seq, deltas)
+async def _apply(store: Store, node_id: str, batch: Batch, granularities: tuple[int, ...]) -> int:
+    buckets = Buckets(granularities, batch.buckets) if batch.buckets else None
+    result = await store.apply_batch(node_id, batch.seq, batch.deltas, batch.keyed, buckets)
     return len(result.overflowed)
 
 
@@ -144,6 +157,7 @@ async def retire(
     keep_workers: int,
     include_top: bool = True,
     database: str = "",
+    granularities: tuple[int, ...] = (),
 ) -> list[Drained]:
     """Drain the nodes under data_dir that will not serve: its own (include_top, when a
     supervisor takes over a dir a single process served from) and every worker dir from index
@@ -152,22 +166,28 @@ async def retire(
     were drained (each drain stands on its own)."""
     done = []
     if include_top:
-        done.append(await drain_node(data_dir, store, database=database))
+        done.append(
+            await drain_node(data_dir, store, database=database, granularities=granularities)
+        )
     for index, path in worker_dirs(data_dir.path):
         if index < keep_workers:
             continue
         node = DataDir(path)
         node.lock()
         try:
-            done.append(await drain_node(node, store, database=database))
+            done.append(
+                await drain_node(node, store, database=database, granularities=granularities)
+            )
         finally:
             node.close()
     return done
 
 
-async def drain_data_dir(path: Path, database_url: str) -> list[Drained]:
+async def drain_data_dir(
+    path: Path, database_url: str, granularities: tuple[int, ...] = ()
+) -> list[Drained]:
     """`incrementer wal drain`: every node under path (its own, its workers'), on the database
-    at database_url (migrated first, as `serve` would)."""
+    at database_url (migrated first, as `serve` would), with the time buckets given."""
     from incrementer.store import open_store
     from incrementer.store.migrate import migrate
     from incrementer.urls import database_identity
@@ -180,7 +200,11 @@ async def drain_data_dir(path: Path, database_url: str) -> list[Drained]:
         await store.open()
         try:
             return await retire(
-                top, store, keep_workers=0, database=database_identity(database_url)
+                top,
+                store,
+                keep_workers=0,
+                database=database_identity(database_url),
+                granularities=granularities,
             )
         finally:
             await store.close()

@@ -132,7 +132,11 @@ class Supervisor:
         try:
             database = database_identity(s.database_url)
             for node in await retire.retire(
-                self.data_dir, store, keep_workers=s.workers, database=database
+                self.data_dir,
+                store,
+                keep_workers=s.workers,
+                database=database,
+                granularities=s.granularities,
             ):
                 if node.frames or (node.node_id and not node.was_retired):
                     log.info("retired %s", node.describe())

@@ -9,6 +9,9 @@ deltas already, and the same transaction inserts each one's key into `idempotenc
 whose insert does not win (the batch was applied before, from this instance or another) has its
 batch's deltas taken back out before the counters are written, so each is applied exactly once
 per key, wherever and however often it arrived.
+
+With time buckets on, a batch also carries its deltas per time bucket (store/buckets.py: the
+layout, and the rule both engines apply), written in the same transaction as the totals.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
+
+from incrementer.store.buckets import Buckets, Stored
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -32,6 +37,8 @@ class IdempotentBatch:
     deltas: dict[str, int]
     """Its increments summed per key (a dict of str and int: never traversed by the cyclic
     garbage collector, however long a database outage keeps it held)."""
+    buckets: dict[int, dict[str, int]] = field(default_factory=dict)
+    """With time buckets on: its increments per finest bucket start, then per key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +124,46 @@ def sum_deltas(joined: str | None) -> int:
     return sum(int(delta) for delta in joined.split(",")) if joined else 0
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesRead:
+    """A key's buckets of one granularity over a range, read in one snapshot with its total and
+    this node's applied_seq."""
+
+    value: int | None
+    """The key's total (None: unknown key)."""
+    applied_seq: int
+    stored: Stored
+
+
+@dataclass(frozen=True, slots=True)
+class ManyRead:
+    """Several keys read in one snapshot with this node's applied_seq."""
+
+    applied_seq: int
+    values: dict[str, tuple[int | None, int]]
+    """key -> (its total, None if unknown; the sum of its overflowed deltas)."""
+    windows: dict[str, Stored] = field(default_factory=dict)
+    """With a window (a granularity and a range): key -> its stored buckets in it."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyList:
+    """A page of keys in key order, read in one snapshot with this node's applied_seq."""
+
+    rows: list[tuple[str, int, int]]
+    """(key, value, sum of its overflowed deltas)."""
+    applied_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Buckets of one granularity with starts in [start, end)."""
+
+    length: int
+    start: int
+    end: int
+
+
 class DuplicateKeyName(Exception):
     """An API key with that name already exists."""
 
@@ -146,14 +193,18 @@ class Store(Protocol):
         seq: int,
         deltas: Mapping[str, int],
         keyed: Sequence[IdempotentBatch] = (),
+        buckets: Buckets | None = None,
     ) -> ApplyResult:
         """Add every delta and record applied_seq=seq in one transaction, unless seq <= applied_seq.
 
         `keyed` are the idempotent batches whose deltas are among `deltas`: each one's key is
         inserted into `idempotency_keys` in the same transaction, and the deltas of a batch whose
-        key is already there are left out (`ApplyResult.duplicates`).
+        key is already there are left out (`ApplyResult.duplicates`), from every bucket too.
+        `buckets`: the batch's deltas per time bucket, folded into the stored buckets in the
+        same transaction (store/buckets.py).
         A key whose new total would leave signed 64-bit (or whose delta alone does) is not added to
-        `counters`; its delta is added to `counter_overflows` in the same transaction instead.
+        `counters`; its delta is added to `counter_overflows` in the same transaction instead,
+        and counts in none of its buckets (so does a key one of whose buckets would leave it).
         Raises BackendError on any database failure; nothing is applied then.
         """
 
@@ -167,11 +218,34 @@ class Store(Protocol):
         """The persisted value of key (None if unknown), its overflowed deltas and node_id's
         applied_seq, one snapshot."""
 
-    async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
-        """Up to limit (key, value) pairs whose key starts with prefix, ordered by key.
+    async def read_many(
+        self, keys: Sequence[str], node_id: str, window: Window | None = None
+    ) -> ManyRead:
+        """The totals (and overflowed deltas) of keys, with a window also their stored buckets
+        in it, and node_id's applied_seq, one snapshot (GET /counters?key=...)."""
 
-        No route calls it yet: it is kept, tested in both backends, for the prefix listing of
-        the read side (GET /counters?prefix=)."""
+    async def read_series(self, key: str, window: Window, node_id: str) -> SeriesRead:
+        """A key's stored buckets in the window, its total and node_id's applied_seq, one
+        snapshot (GET /counters/{key}/series)."""
+
+    async def list_keys(
+        self, prefix: str, limit: int, after: str | None = None, node_id: str = ""
+    ) -> KeyList:
+        """Up to limit keys that start with prefix (and sort after `after`, when given), in key
+        order, with their values and overflowed deltas and node_id's applied_seq, one snapshot
+        (GET /counters?prefix=...)."""
+
+    async def top_keys(
+        self, prefix: str, limit: int, scan: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        """The limit keys under prefix with the highest values (ties by key), from at most
+        `scan` + 1 keys under it; and how many keys were looked at (more than `scan`: the
+        answer would be a guess, the caller refuses the prefix). No index on value: it would
+        make every flush's update a non-HOT one on PostgreSQL (docs/design.md)."""
+
+    async def sweep_buckets(self, length: int, before: int, limit: int) -> int:
+        """Delete at most limit counter_buckets rows of that granularity starting before
+        `before` (epoch s); how many went."""
 
     async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         """API keys ordered by name; revoked ones only when asked."""
@@ -198,7 +272,7 @@ class Store(Protocol):
         change it misses is the periodic reload's to find."""
 
 
-def prefix_upper_bound(prefix: str) -> str | None:  # for list_keys, which has no caller yet
+def prefix_upper_bound(prefix: str) -> str | None:
     """The bound such that `prefix <= key < bound` holds exactly for keys starting with prefix.
 
     Code point order, which is how SQLite and the `counters.key` column on PostgreSQL (COLLATE

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from incrementer.store import pg_listen
+from incrementer.store import postgres_reads as reads
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
@@ -23,13 +24,20 @@ from incrementer.store.base import (
     BackendError,
     DuplicateKeyName,
     IdempotentBatch,
+    KeyList,
     KeyRead,
+    ManyRead,
+    SeriesRead,
+    Window,
     losers,
     prefix_upper_bound,
     sum_deltas,
     taken_back,
     utc_text,
 )
+from incrementer.store.buckets import Buckets, without
+from incrementer.store.buckets import taken_back as bucket_taken_back
+from incrementer.store.postgres_buckets import BucketedWrite
 from incrementer.urls import redact_url, scrub
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
@@ -111,11 +119,9 @@ SELECT_READ = (
     " (SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2),"
     " (SELECT string_agg(delta, ',') FROM counter_overflows WHERE key = $1)"
 )
-# A key range rather than LIKE: the range needs no wildcard escaping and uses the primary key
-# index. It is exact because `key` is declared COLLATE "C" (migration 0003): code point order,
-# whatever the database's default collation.
-LIST_FROM = "SELECT key, value FROM counters WHERE key >= $1 ORDER BY key LIMIT $2"
-LIST_RANGE = "SELECT key, value FROM counters WHERE key >= $1 AND key < $3 ORDER BY key LIMIT $2"
+# Listing (postgres_reads.py) takes a key range rather than LIKE: the range needs no wildcard
+# escaping and uses the primary key index. It is exact because `key` is declared COLLATE "C"
+# (migration 0003): code point order, whatever the database's default collation.
 
 
 # Active: not revoked, or revoked at a time still to come (a rotation's grace period).
@@ -213,25 +219,29 @@ class PostgresStore:
         seq: int,
         deltas: Mapping[str, int],
         keyed: Sequence[IdempotentBatch] = (),
+        buckets: Buckets | None = None,
     ) -> ApplyResult:
         """See Store.apply_batch. If the caller is cancelled while COMMIT is in flight the batch
         may be applied: retry it with the same seq, which makes the retry a no-op.
 
         Round trips per flush: BEGIN, claim the seq, upsert, COMMIT (plus the idempotency keys'
-        insert when the batch has keyed batches, and the overflow insert when there is one).
-        Overflow is rare, so it costs nothing until PostgreSQL refuses a sum; then the
-        transaction is retried without the offending keys.
+        insert when the batch has keyed batches, the overflow insert when there is one, and,
+        with time buckets, an insert of older buckets' deltas when a key has deltas for more
+        than one bucket: postgres_buckets.py). Overflow is rare, so it costs nothing until
+        PostgreSQL refuses a sum; then the transaction is retried without the offending keys.
         """
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
+        if buckets is not None and not buckets.granularities:
+            buckets = None
         base = dict(deltas)
         isolated: set[str] = set()  # keys set aside for overflow by an earlier round
         with self._errors():
             async with self._connection() as conn:
                 for _ in range(MAX_UPSERT_ROUNDS):
                     upserts, overflowed = _split(base, isolated)
-                    keys, values_list = list(upserts), list(upserts.values())
-                    joined = await _joined(keys, values_list)  # before BEGIN: locks held less
+                    # Before BEGIN: locks held less.
+                    write = await _prepare(upserts, overflowed, buckets)
                     try:
                         async with _transaction(conn):
                             if not await self._claim(conn, node_id, seq):
@@ -241,12 +251,9 @@ class PostgresStore:
                                 lost = await self._record_keys(conn, keyed, duplicates)
                                 if lost:  # rare: recount without the batches applied before
                                     upserts, overflowed = _split(taken_back(base, lost), isolated)
-                                    keys, values_list = list(upserts), list(upserts.values())
-                                    joined = await _joined(keys, values_list)
-                            if joined is not None:
-                                await conn.execute(UPSERT_COUNTERS_JOINED, *joined)
-                            elif keys:
-                                await conn.execute(UPSERT_COUNTERS, keys, values_list)
+                                    kept = buckets and _kept(buckets, lost)
+                                    write = await _prepare(upserts, overflowed, kept or None)
+                            await write.write(conn)
                             if overflowed:
                                 await conn.execute(
                                     INSERT_OVERFLOWS,
@@ -259,8 +266,7 @@ class PostgresStore:
                             applied=True, overflowed=overflowed, duplicates=duplicates
                         )
                     except asyncpg.NumericValueOutOfRangeError:
-                        for row in await conn.fetch(FIND_OVERFLOWS, keys, values_list):
-                            isolated.add(row[0])
+                        isolated |= await write.find_overflows(conn)
         raise BackendError(
             f"PostgreSQL at {self._where}: counters kept overflowing under concurrent writers "
             f"after {MAX_UPSERT_ROUNDS} rounds; the batch will be retried"
@@ -304,17 +310,40 @@ class PostgresStore:
             overflow=sum_deltas(row[2]),
         )
 
-    async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
+    async def read_many(
+        self, keys: Sequence[str], node_id: str, window: Window | None = None
+    ) -> ManyRead:
+        with self._errors():
+            async with self._connection() as conn:
+                return await reads.read_many(conn, keys, node_id, window)
+
+    async def read_series(self, key: str, window: Window, node_id: str) -> SeriesRead:
+        with self._errors():
+            async with self._connection() as conn:
+                return await reads.read_series(conn, key, window, node_id)
+
+    async def list_keys(
+        self, prefix: str, limit: int, after: str | None = None, node_id: str = ""
+    ) -> KeyList:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        upper = prefix_upper_bound(prefix)
-        pool = self._require_pool()
         with self._errors():
-            if upper is None:
-                rows = await pool.fetch(LIST_FROM, prefix, limit)
-            else:
-                rows = await pool.fetch(LIST_RANGE, prefix, limit, upper)
-        return [(str(r[0]), int(r[1])) for r in rows]
+            async with self._connection() as conn:
+                return await reads.list_keys(
+                    conn, prefix, prefix_upper_bound(prefix), limit, after, node_id
+                )
+
+    async def top_keys(
+        self, prefix: str, limit: int, scan: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        with self._errors():
+            async with self._connection() as conn:
+                return await reads.top_keys(conn, prefix, prefix_upper_bound(prefix), limit, scan)
+
+    async def sweep_buckets(self, length: int, before: int, limit: int) -> int:
+        with self._errors():
+            async with self._connection() as conn:
+                return await reads.sweep(conn, length, before, limit)
 
     async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         with self._errors():
@@ -470,3 +499,39 @@ async def _joined(keys: list[str], values: list[int]) -> tuple[str, str] | None:
         key_texts.append(text)
         value_texts.append(",".join(map(str, values[start : start + ENCODE_PIECE])))
     return SEPARATOR.join(key_texts), ",".join(value_texts)
+
+
+class _TotalsWrite:
+    """A flush's upsert of the totals alone (time buckets off)."""
+
+    def __init__(self, upserts: dict[str, int], joined: tuple[str, str] | None) -> None:
+        self.keys, self.values = list(upserts), list(upserts.values())
+        self.joined = joined
+
+    async def write(self, conn: Any) -> None:
+        if self.joined is not None:
+            await conn.execute(UPSERT_COUNTERS_JOINED, *self.joined)
+        elif self.keys:
+            await conn.execute(UPSERT_COUNTERS, self.keys, self.values)
+
+    async def find_overflows(self, conn: Any) -> set[str]:
+        return {row[0] for row in await conn.fetch(FIND_OVERFLOWS, self.keys, self.values)}
+
+
+async def _prepare(
+    upserts: dict[str, int], overflowed: dict[str, int], buckets: Buckets | None
+) -> _TotalsWrite | BucketedWrite:
+    """What the flush transaction will write: the texts are joined here, before BEGIN."""
+    if buckets is None:
+        return _TotalsWrite(upserts, await _joined(list(upserts), list(upserts.values())))
+    kept = Buckets(buckets.granularities, without(buckets.deltas, set(overflowed)))
+    bucketed = BucketedWrite(upserts, kept)
+    await bucketed.prepare(lambda: _joined(list(upserts), list(upserts.values())))
+    return bucketed
+
+
+def _kept(buckets: Buckets, lost: Sequence[IdempotentBatch]) -> Buckets:
+    """The bucket deltas less those of the idempotent batches applied before."""
+    return Buckets(
+        buckets.granularities, bucket_taken_back(buckets.deltas, [b.buckets for b in lost])
+    )

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from incrementer.store import sqlite_buckets
+from incrementer.store import sqlite_reads as reads
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
@@ -27,13 +29,19 @@ from incrementer.store.base import (
     BackendError,
     DuplicateKeyName,
     IdempotentBatch,
+    KeyList,
     KeyRead,
+    ManyRead,
+    SeriesRead,
+    Window,
     losers,
     prefix_upper_bound,
     sum_deltas,
     taken_back,
     utc_text,
 )
+from incrementer.store.buckets import Buckets
+from incrementer.store.buckets import taken_back as bucket_taken_back
 from incrementer.store.sqlite_file import DatabaseFile, watch_data_version
 
 T = TypeVar("T")
@@ -167,14 +175,17 @@ class SQLiteStore:
         seq: int,
         deltas: Mapping[str, int],
         keyed: Sequence[IdempotentBatch] = (),
+        buckets: Buckets | None = None,
     ) -> ApplyResult:
         """See Store.apply_batch. If the caller is cancelled the transaction still runs to its end,
         so the batch may be applied: retry it with the same seq, which makes the retry a no-op."""
         if not 1 <= seq <= INT64_MAX:
             raise ValueError(f"seq must be in 1..{INT64_MAX}, got {seq}")
+        if buckets is not None and not (buckets.granularities and buckets.deltas):
+            buckets = None
         # A copy: the writer thread works on it while the event loop goes on.
         writer = self._require(self._writer)
-        work = partial(self._apply, node_id, seq, dict(deltas), list(keyed))
+        work = partial(self._apply, node_id, seq, dict(deltas), list(keyed), buckets)
         return await self._on(writer, work)
 
     async def idempotency_digest(self, key: str) -> str | None:
@@ -197,18 +208,50 @@ class SQLiteStore:
         value, applied, overflowed = rows[0]
         return KeyRead(value=value, applied_seq=applied or 0, overflow=sum_deltas(overflowed))
 
-    async def list_keys(self, prefix: str, limit: int) -> list[tuple[str, int]]:
+    async def read_many(
+        self, keys: Sequence[str], node_id: str, window: Window | None = None
+    ) -> ManyRead:
+        return await self._read(
+            partial(reads.read_many, keys=list(keys), node_id=node_id, window=window)
+        )
+
+    async def read_series(self, key: str, window: Window, node_id: str) -> SeriesRead:
+        return await self._read(partial(reads.read_series, key=key, window=window, node_id=node_id))
+
+    async def list_keys(
+        self, prefix: str, limit: int, after: str | None = None, node_id: str = ""
+    ) -> KeyList:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        upper = prefix_upper_bound(prefix)
-        if upper is None:
-            sql = "SELECT key, value FROM counters WHERE key >= ? ORDER BY key LIMIT ?"
-            params: tuple[object, ...] = (prefix, limit)
-        else:
-            sql = "SELECT key, value FROM counters WHERE key >= ? AND key < ? ORDER BY key LIMIT ?"
-            params = (prefix, upper, limit)
-        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
-        return [(str(k), int(v)) for k, v in rows]
+        return await self._read(
+            partial(
+                reads.list_keys,
+                prefix=prefix,
+                upper=prefix_upper_bound(prefix),
+                limit=limit,
+                after=after,
+                node_id=node_id,
+            )
+        )
+
+    async def top_keys(
+        self, prefix: str, limit: int, scan: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        return await self._read(
+            partial(
+                reads.top_keys,
+                prefix=prefix,
+                upper=prefix_upper_bound(prefix),
+                limit=limit,
+                scan=scan,
+            )
+        )
+
+    async def sweep_buckets(self, length: int, before: int, limit: int) -> int:
+        def sweep() -> int:
+            return reads.sweep(self._writer_conn(), length, before, limit)
+
+        return await self._on(self._require(self._writer), sweep)
 
     async def api_keys(self, include_revoked: bool = False) -> list[ApiKey]:
         sql = SELECT_KEYS if include_revoked else SELECT_KEYS_ACTIVE
@@ -302,7 +345,12 @@ class SQLiteStore:
             conn.close()
 
     def _apply(
-        self, node_id: str, seq: int, deltas: dict[str, int], keyed: list[IdempotentBatch]
+        self,
+        node_id: str,
+        seq: int,
+        deltas: dict[str, int],
+        keyed: list[IdempotentBatch],
+        buckets: Buckets | None,
     ) -> ApplyResult:
         conn = self._writer_conn()
         self._file.check()
@@ -323,6 +371,9 @@ class SQLiteStore:
                 lost = losers(keyed, inserted)
                 if lost:
                     deltas = taken_back(deltas, lost)
+                    if buckets is not None:
+                        kept = bucket_taken_back(buckets.deltas, [b.buckets for b in lost])
+                        buckets = Buckets(buckets.granularities, kept)
                     for batch in lost:
                         found = conn.execute(SELECT_IDEMPOTENCY_DIGEST, (batch.key,)).fetchall()
                         duplicates[batch.key] = str(found[0][0])
@@ -337,6 +388,9 @@ class SQLiteStore:
                     upserts.append((key, delta, now))
                 else:
                     overflowed[key] = delta
+            if buckets is not None:
+                written = sqlite_buckets.write(conn, buckets, deltas, overflowed, now)
+                upserts = [u for u in upserts if u[0] not in written and u[0] not in overflowed]
             conn.executemany(UPSERT_COUNTER, upserts)
             conn.executemany(
                 INSERT_OVERFLOW, [(node_id, seq, k, str(d), now) for k, d in overflowed.items()]

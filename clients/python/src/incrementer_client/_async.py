@@ -17,12 +17,21 @@ from incrementer_client._batching import (
     Pending,
     Refused,
     WhenFull,
+    at_seconds,
     check_options,
     failure,
     full,
     read_answer,
 )
 from incrementer_client._endpoint import base_url
+from incrementer_client._reading import (
+    Series,
+    Time,
+    many_answer,
+    many_request,
+    series_answer,
+    series_request,
+)
 
 log = logging.getLogger("incrementer_client")
 
@@ -77,15 +86,16 @@ class AsyncClient:
 
     # the caller's side
 
-    async def incr(self, key: str, value: int = 1) -> None:
+    async def incr(self, key: str, value: int = 1, at: Time | None = None) -> None:
         """Add value to the counter key; see Client.incr."""
+        stamp = 0 if at is None else at_seconds(at)
         if self._task is None:
             self._start()
         pending = self._pending
         while True:
             if self._closed:
                 raise RuntimeError("the client is closed")
-            if pending.add(key, value):
+            if pending.add(key, value, stamp):
                 break
             if not self._block:
                 raise full(pending, self._http.base_url, self._delivery.last_error)
@@ -136,6 +146,30 @@ class AsyncClient:
             if stopper is not None:
                 stopper.cancel()
         await self._http.aclose()
+
+    async def series(
+        self,
+        key: str,
+        granularity: str,
+        start: Time | None = None,
+        end: Time | None = None,
+    ) -> Series:
+        """See Client.series."""
+        path, params = series_request(key, granularity, start, end)
+        response = await self._http.get(path, params=params)
+        return series_answer(response.status_code, response.content)
+
+    async def read_many(
+        self,
+        keys: list[str],
+        granularity: str | None = None,
+        start: Time | None = None,
+        end: Time | None = None,
+    ) -> dict[str, int]:
+        """See Client.read_many."""
+        path, params = many_request(keys, granularity, start, end)
+        response = await self._http.get(path, params=params)
+        return many_answer(response.status_code, response.content)
 
     @property
     def stats(self) -> ClientStats:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from time import time
 from typing import Final, Literal, NamedTuple
@@ -67,38 +69,81 @@ class ClientStats:
 class Batch:
     """One POST /increments: its key, its body and the increments in it."""
 
-    __slots__ = ("body", "calls", "first_attempt", "items", "key")
+    __slots__ = ("body", "calls", "first_attempt", "items", "key", "times")
 
-    def __init__(self, items: list[tuple[str, int]], calls: int) -> None:
+    def __init__(
+        self, items: list[tuple[str, int]], calls: int, times: list[int] | None = None
+    ) -> None:
         self.items = items
+        self.times = times or []
+        """Each item's own time, whole seconds since the epoch (0: none); [] when no item has
+        one."""
         self.calls = calls
         """incr() calls folded into it (for the stats)."""
         self.key = str(uuid.uuid4())
-        self.body = encode(items)
+        self.body = encode(items, self.times)
         self.first_attempt = 0.0
 
     def halves(self) -> list[Batch]:
         """Two new batches (new keys) of its increments: for a batch the server refused whole."""
         middle = len(self.items) // 2
         calls = self.calls * middle // len(self.items)
-        return [Batch(self.items[:middle], calls), Batch(self.items[middle:], self.calls - calls)]
+        times = self.times
+        return [
+            Batch(self.items[:middle], calls, times[:middle]),
+            Batch(self.items[middle:], self.calls - calls, times[middle:]),
+        ]
 
     def rekeyed(self) -> Batch:
-        return Batch(self.items, self.calls)
+        return Batch(self.items, self.calls, self.times)
 
 
-def encode(items: list[tuple[str, int]]) -> bytes:
+def encode(items: list[tuple[str, int]], times: list[int] | None = None) -> bytes:
     """The JSON body of POST /increments. Keys hold no control characters (incr refuses them),
     so only a quote or a backslash needs escaping: without either, plain formatting writes the
-    same JSON as json.dumps at a quarter of its cost."""
+    same JSON as json.dumps at a quarter of its cost. `times`: each item's "at" in seconds
+    since the epoch (0: none)."""
     keys = "".join([key for key, _ in items])
+    stamps = times or [0] * len(items)
     if '"' in keys or "\\" in keys:
         return json.dumps(
-            [{"key": key, "value": value} for key, value in items],
+            [
+                {"key": key, "value": value, **({"at": at} if at else {})}
+                for (key, value), at in zip(items, stamps, strict=True)
+            ],
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode()
-    return ("[" + ",".join([f'{{"key":"{k}","value":{v}}}' for k, v in items]) + "]").encode()
+    return (
+        "["
+        + ",".join(
+            [
+                f'{{"key":"{k}","value":{v},"at":{at}}}' if at else f'{{"key":"{k}","value":{v}}}'
+                for (k, v), at in zip(items, stamps, strict=True)
+            ]
+        )
+        + "]"
+    ).encode()
+
+
+def at_seconds(at: datetime | float) -> int:
+    """An increment's time as whole seconds since the epoch (rounded down: a bucket, a minute
+    at the finest, starts on a whole second, so this never moves an increment to another)."""
+    if isinstance(at, datetime):
+        if at.tzinfo is None:
+            raise ValueError(
+                "at must be an aware datetime (with a tzinfo), or seconds since the epoch"
+            )
+        seconds = at.timestamp()
+    elif isinstance(at, int | float) and not isinstance(at, bool):
+        seconds = float(at)
+    else:
+        raise TypeError(
+            f"at must be a datetime or seconds since the epoch, got {type(at).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"at must be a time after 1970, got {at!r}")
+    return math.floor(seconds)
 
 
 WhenFull = Literal["raise", "block"]
@@ -147,22 +192,28 @@ class Pending:
         self.max_key_bytes = max_key_bytes
         self.min_value = INT64_MIN if allow_negative else 1
         self.deltas: dict[str, int] = {}
-        self.spill: list[tuple[str, int]] = []
-        """Sums that would have left signed 64-bit: sent as items of their own."""
+        self.timed: dict[tuple[str, int], int] = {}
+        """Increments with their own time: (key, at in whole seconds) -> sum."""
+        self.spill: list[tuple[str, int, int]] = []
+        """Sums that would have left signed 64-bit, with their time (0: none): sent as items
+        of their own."""
         self.calls = 0
         self.held = 0
         """Keys in batches cut and not yet answered for good: memory the bound counts."""
 
-    def add(self, key: str, value: int) -> bool:
-        """Fold one increment in; False (nothing changed) when it is a new key and max_pending
-        keys are already held. TypeError or ValueError for what the server would refuse."""
+    def add(self, key: str, value: int, at: int = 0) -> bool:
+        """Fold one increment in (`at`: its time in whole seconds, 0 for none); False (nothing
+        changed) when it is a new key and max_pending keys are already held. TypeError or
+        ValueError for what the server would refuse."""
         if type(value) is not int or not self.min_value <= value <= INT64_MAX:
             raise _bad_value(value, self.min_value)
+        if at:
+            return self._add_timed(key, value, at)
         deltas = self.deltas
         old = deltas.get(key)
         if old is None:
             self._check_key(key)
-            if len(deltas) + self.held >= self.max_pending:
+            if len(self) + self.held >= self.max_pending:
                 return False
             deltas[key] = value
         else:
@@ -170,8 +221,24 @@ class Pending:
             if INT64_MIN <= total <= INT64_MAX:
                 deltas[key] = total
             else:
-                self.spill.append((key, old))
+                self.spill.append((key, old, 0))
                 deltas[key] = value
+        self.calls += 1
+        return True
+
+    def _add_timed(self, key: str, value: int, at: int) -> bool:
+        timed = self.timed
+        old = timed.get((key, at))
+        if old is None:
+            self._check_key(key)
+            if len(self) + self.held >= self.max_pending:
+                return False
+            timed[(key, at)] = value
+        elif INT64_MIN <= old + value <= INT64_MAX:
+            timed[(key, at)] = old + value
+        else:
+            self.spill.append((key, old, at))
+            timed[(key, at)] = value
         self.calls += 1
         return True
 
@@ -192,17 +259,26 @@ class Pending:
             raise ValueError(f"key {key!r} is not valid Unicode (a lone surrogate)") from None
 
     def __len__(self) -> int:
-        return len(self.deltas)
+        return len(self.deltas) + len(self.timed)
 
     def cut(self) -> list[Batch]:
         """Everything pending as batches of at most max_batch increments and max_body_bytes."""
-        items = [*self.deltas.items(), *self.spill]
+        items = [*self.deltas.items()]
+        times = [0] * len(items)
+        for (key, at), value in self.timed.items():
+            items.append((key, value))
+            times.append(at)
+        for key, value, at in self.spill:
+            items.append((key, value))
+            times.append(at)
         calls = self.calls
         self.deltas = {}
+        self.timed = {}
         self.spill = []
         self.calls = 0
         if not items:
             return []
+        timed = any(times)
         batches: list[Batch] = []
         step = self.max_batch
         left = calls  # the last chunk takes what the proportional shares leave
@@ -210,7 +286,8 @@ class Pending:
             chunk = items[start : start + step]
             share = calls * len(chunk) // len(items) if start + step < len(items) else left
             left -= share
-            batches.extend(self._fitted(Batch(chunk, share)))
+            own = times[start : start + step] if timed else None
+            batches.extend(self._fitted(Batch(chunk, share, own)))
         self.held += sum(len(b.items) for b in batches)
         return batches
 
@@ -252,7 +329,8 @@ def verdict(status: int, error: str, items: int) -> str:
         return RETRY
     if status == 422 and error == "idempotency_key_reused":
         return REKEY
-    if status in (400, 413) and items > 1 and error != "malformed_json":
+    refused_whole = status in (400, 413) or (status == 422 and error == "at_out_of_range")
+    if refused_whole and items > 1 and error != "malformed_json":
         # One bad item (a key or value the server's settings refuse) or a batch over its
         # limits: halves until the bad item is alone, so the others still count.
         return SPLIT

@@ -19,12 +19,21 @@ from incrementer_client._batching import (
     Pending,
     Refused,
     WhenFull,
+    at_seconds,
     check_options,
     failure,
     full,
     read_answer,
 )
 from incrementer_client._endpoint import base_url
+from incrementer_client._reading import (
+    Series,
+    Time,
+    many_answer,
+    many_request,
+    series_answer,
+    series_request,
+)
 
 log = logging.getLogger("incrementer_client")
 
@@ -98,16 +107,20 @@ class Client:
 
     # the caller's side
 
-    def incr(self, key: str, value: int = 1) -> None:
+    def incr(self, key: str, value: int = 1, at: Time | None = None) -> None:
         """Add value to the counter key. Returns at once; never waits on the network (only, with
-        when_full="block", for room). TypeError/ValueError for a key or value the server would
-        refuse, Full when max_pending keys are held and key is new."""
+        when_full="block", for room). `at`: when it happened (an aware datetime or seconds since
+        the epoch), for a server that counts per time bucket: it must lie within the server's
+        --bucket-past (1 h) when it arrives, or the server refuses it (logged, dropped).
+        TypeError/ValueError for a key or value the server would refuse, Full when max_pending
+        keys are held and key is new."""
+        stamp = 0 if at is None else at_seconds(at)
         with self._lock:
             pending = self._pending
             while True:
                 if self._closed:
                     raise RuntimeError("the client is closed")
-                if pending.add(key, value):
+                if pending.add(key, value, stamp):
                     break
                 if not self._block:
                     raise full(pending, self._http.base_url, self._delivery.last_error)
@@ -158,6 +171,34 @@ class Client:
         self._http.close()
         if self._exit_hook is not None:
             atexit.unregister(self._exit_hook)
+
+    def series(
+        self,
+        key: str,
+        granularity: str,
+        start: Time | None = None,
+        end: Time | None = None,
+    ) -> Series:
+        """key's counts per `granularity` bucket (minute, hour, day: one the server keeps) from
+        start to end (by default, the server's: the last hour, day or 30 days to now). Waits
+        for the answer; ReadError if the server refuses, httpx's errors if it cannot be
+        reached. Counts not yet sent by this client are not in it: flush() first."""
+        path, params = series_request(key, granularity, start, end)
+        response = self._http.get(path, params=params)
+        return series_answer(response.status_code, response.content)
+
+    def read_many(
+        self,
+        keys: list[str],
+        granularity: str | None = None,
+        start: Time | None = None,
+        end: Time | None = None,
+    ) -> dict[str, int]:
+        """Each key's total in one request; with a granularity, each key's count from start to
+        end instead (a quota check: `read_many(keys, "day")` is today's counts). See series."""
+        path, params = many_request(keys, granularity, start, end)
+        response = self._http.get(path, params=params)
+        return many_answer(response.status_code, response.content)
 
     @property
     def stats(self) -> ClientStats:

@@ -1,0 +1,233 @@
+"""Time buckets in the database layer, engine by engine: every bucket equals the sum of the deltas
+counted in it, however batches fall across buckets, late or out of order, with idempotent
+batches applied twice, with overflow, and after the retention sweep."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import pytest
+from support import unique
+
+from incrementer.store import INT64_MAX, Store
+from incrementer.store.base import IdempotentBatch, Window
+from incrementer.store.buckets import Buckets, fold, uniform
+
+MINUTE, HOUR, DAY = 60, 3600, 86400
+ALL = (MINUTE, HOUR, DAY)
+T0 = 1_796_515_200  # 2026-12-06T00:00:00Z, a day's start
+
+Oracle = dict[tuple[str, int, int], int]
+
+
+def count(oracle: Oracle, deltas: dict[int, dict[str, int]], lengths: tuple[int, ...]) -> None:
+    """What an independent count of the same deltas says each bucket holds."""
+    for finest, per_key in deltas.items():
+        for key, delta in per_key.items():
+            for length in lengths:
+                oracle[(key, length, finest - finest % length)] += delta
+
+
+async def stored(store: Store, key: str, length: int, node: str) -> dict[int, int]:
+    """The key's buckets of that length over two days around T0, nonzero ones only."""
+    read = await store.read_series(key, Window(length, T0 - DAY, T0 + 2 * DAY), node)
+    return {start: value for start, value in read.stored.points().items() if value}
+
+
+async def check(store: Store, oracle: Oracle, keys: list[str], lengths: tuple[int, ...]) -> None:
+    node = unique()
+    for key in keys:
+        for length in lengths:
+            expected = {s: v for (k, g, s), v in oracle.items() if k == key and g == length and v}
+            assert await stored(store, key, length, node) == expected, (key, length)
+
+
+def totals_of(deltas: dict[int, dict[str, int]]) -> dict[str, int]:
+    totals: dict[str, int] = defaultdict(int)
+    for per_key in deltas.values():
+        for key, delta in per_key.items():
+            totals[key] += delta
+    return dict(totals)
+
+
+async def test_random_batches_land_in_the_buckets_an_oracle_counts(store: Store) -> None:
+    """Batches within one minute (the uniform upsert), across boundaries, with late deltas for
+    earlier buckets and from two nodes with different clocks: every bucket of every key equals
+    an independent count, and each key's buckets of a granularity sum to its total."""
+    rng = random.Random(7)
+    keys = [unique("b") for _ in range(12)]
+    oracle: Oracle = defaultdict(int)
+    nodes = [unique(), unique()]
+    seqs = [0, 0]
+    for n in range(40):
+        node = n % 2
+        minute = T0 + 60 * rng.randrange(0, 36 * 60)  # over a day and a half
+        if rng.random() < 0.4:
+            starts = [minute]  # one bucket, every key's whole delta in it: the uniform upsert
+        else:
+            starts = [minute - 60 * rng.randrange(0, 200) for _ in range(rng.randrange(1, 4))]
+        deltas: dict[int, dict[str, int]] = {}
+        for start in starts:
+            chosen = rng.sample(keys, rng.randrange(1, len(keys)))
+            deltas.setdefault(start, {}).update({k: rng.randrange(1, 50) for k in chosen})
+        totals = totals_of(deltas)
+        if len(deltas) == 1:
+            assert uniform(totals, Buckets(ALL, deltas)) == starts[0]
+        seqs[node] += 1
+        result = await store.apply_batch(nodes[node], seqs[node], totals, (), Buckets(ALL, deltas))
+        assert result.applied
+        count(oracle, deltas, ALL)
+    await check(store, oracle, keys, ALL)
+    for key in keys:
+        total = (await store.read(key, nodes[0])).value
+        for length in ALL:
+            assert sum((await stored(store, key, length, nodes[0])).values()) == total
+
+
+async def test_totals_counted_with_buckets_off_are_in_no_bucket(store: Store) -> None:
+    """A total whose delta holds increments counted with buckets off (an old WAL replayed) adds
+    to the total only; the buckets hold what was counted in them."""
+    node, key = unique(), unique()
+    deltas = {T0: {key: 3}}
+    await store.apply_batch(node, 1, {key: 10}, (), Buckets(ALL, deltas))
+    assert (await store.read(key, node)).value == 10
+    assert await stored(store, key, MINUTE, node) == {T0: 3}
+
+
+async def test_only_the_kept_granularities_are_written(store: Store) -> None:
+    """With --buckets hour, no minute or day bucket is written."""
+    node, key = unique(), unique()
+    await store.apply_batch(node, 1, {key: 5}, (), Buckets((HOUR,), {T0 + 3600: {key: 5}}))
+    assert await stored(store, key, HOUR, node) == {T0 + 3600: 5}
+    assert await stored(store, key, MINUTE, node) == {}
+    assert await stored(store, key, DAY, node) == {}
+
+
+async def test_an_idempotent_batch_applied_twice_counts_once_in_every_bucket(
+    store: Store,
+) -> None:
+    """The same keyed batch flushed by two nodes, in different buckets on each (their clocks
+    differ): the copy that commits second is taken back out of its buckets too."""
+    a, b = unique(), unique()
+    key, other = unique(), unique()
+    digest = "ab" * 32
+    first = IdempotentBatch(unique("ik"), digest, {key: 4}, {T0: {key: 4}})
+    again = IdempotentBatch(first.key, digest, {key: 4}, {T0 + 120: {key: 4}})
+    await store.apply_batch(a, 1, {key: 4}, [first], Buckets(ALL, {T0: {key: 4}}))
+    result = await store.apply_batch(
+        b, 1, {key: 4, other: 1}, [again], Buckets(ALL, {T0 + 120: {key: 4, other: 1}})
+    )
+    assert result.duplicates == {first.key: digest}
+    assert (await store.read(key, a)).value == 4
+    assert await stored(store, key, MINUTE, a) == {T0: 4}
+    assert await stored(store, key, DAY, a) == {T0: 4}
+    assert await stored(store, other, MINUTE, a) == {T0 + 120: 1}
+
+
+async def test_a_key_that_would_overflow_counts_in_no_bucket(store: Store) -> None:
+    """A delta set aside for overflow is in none of the key's buckets: they still sum to the
+    in-range value."""
+    node, key, fine = unique(), unique(), unique()
+    await store.apply_batch(
+        node, 1, {key: INT64_MAX - 1}, (), Buckets(ALL, {T0: {key: INT64_MAX - 1}})
+    )
+    result = await store.apply_batch(
+        node, 2, {key: 5, fine: 1}, (), Buckets(ALL, {T0 + 60: {key: 5, fine: 1}})
+    )
+    assert result.overflowed == {key: 5}
+    assert await stored(store, key, MINUTE, node) == {T0: INT64_MAX - 1}
+    assert await stored(store, fine, MINUTE, node) == {T0 + 60: 1}
+
+
+async def test_a_bucket_that_would_overflow_isolates_its_key(store: Store) -> None:
+    """With negative deltas a bucket can leave 64 bits while the total does not: the key's
+    delta goes to counter_overflows instead, its buckets unchanged, the others applied."""
+    node, key, fine = unique(), unique(), unique()
+    await store.apply_batch(node, 1, {key: INT64_MAX}, (), Buckets(ALL, {T0: {key: INT64_MAX}}))
+    await store.apply_batch(node, 2, {key: -10}, (), Buckets(ALL, {T0 + 60: {key: -10}}))
+    # +5 in T0's day bucket (INT64_MAX already) and -5 in a minute of it: the total is fine.
+    deltas = {T0: {key: 5}, T0 + 120: {key: -5, fine: 2}}
+    result = await store.apply_batch(node, 3, {key: 0, fine: 2}, (), Buckets(ALL, deltas))
+    assert key in result.overflowed
+    assert (await store.read(key, node)).value == INT64_MAX - 10
+    assert await stored(store, key, DAY, node) == {T0: INT64_MAX - 10}
+    assert await stored(store, fine, DAY, node) == {T0: 2}
+
+
+async def test_the_sweep_deletes_expired_buckets_in_bounded_deletes(store: Store) -> None:
+    """sweep_buckets deletes at most its limit, only the granularity and the age asked for."""
+    node, key = unique(), unique()
+    old = T0 - 400 * DAY  # older than any other test's buckets: only this test's rows go
+    for minute in range(7):  # each batch rolls the previous minute out of the row
+        start = old + 60 * minute
+        await store.apply_batch(
+            node, minute + 1, {key: 1}, (), Buckets((MINUTE, HOUR), {start: {key: 1}})
+        )
+    window = Window(MINUTE, old, old + HOUR)
+    assert len((await store.read_series(key, window, node)).stored.points()) == 7
+    before = old + 5 * 60
+    assert await store.sweep_buckets(MINUTE, before, 2) == 2
+    assert await store.sweep_buckets(MINUTE, before, 100) == 3
+    assert await store.sweep_buckets(MINUTE, before, 100) == 0
+    assert sorted((await store.read_series(key, window, node)).stored.points()) == [
+        old + 300,
+        old + 360,
+    ]
+    hours = await store.read_series(key, Window(HOUR, old, old + DAY), node)
+    assert hours.stored.points() == {old: 7}
+
+
+async def test_many_keys_are_read_in_one_snapshot_with_their_windows(store: Store) -> None:
+    """read_many returns each key's total and overflow, and with a window its stored buckets;
+    an unknown key reads as None."""
+    node, a, b = unique(), unique(), unique()
+    await store.apply_batch(node, 1, {a: 2, b: 3}, (), Buckets(ALL, {T0: {a: 2, b: 3}}))
+    await store.apply_batch(node, 2, {a: 4}, (), Buckets(ALL, {T0 + HOUR: {a: 4}}))
+    missing = unique()
+    read = await store.read_many([a, b, missing], node)
+    assert read.applied_seq == 2
+    assert read.values == {a: (6, 0), b: (3, 0), missing: (None, 0)}
+    windowed = await store.read_many([a, b], node, Window(HOUR, T0, T0 + DAY))
+    assert windowed.windows[a].points() == {T0: 2, T0 + HOUR: 4}
+    assert windowed.windows[b].points() == {T0: 3}
+
+
+async def test_top_ranks_a_prefix_and_says_how_many_it_looked_at(store: Store) -> None:
+    """top_keys returns the highest values under the prefix, ties by key, and counts up to
+    scan + 1 keys, so a caller can tell a prefix broader than it wants to rank."""
+    node, base = unique(), unique()
+    values = {f"{base}a": 5, f"{base}b": 9, f"{base}c": 5, f"{base}d": 1}
+    await store.apply_batch(node, 1, values)
+    rows, seen = await store.top_keys(base, 3, 10)
+    assert rows == [(f"{base}b", 9), (f"{base}a", 5), (f"{base}c", 5)]
+    assert seen == 4
+    assert (await store.top_keys(base, 3, 2))[1] == 3
+
+
+@pytest.mark.parametrize("layout", ["minute-first", "day-first"])
+def test_fold_adds_rolls_and_sets_aside_late_deltas(layout: str) -> None:
+    """The rule both engines follow: a delta for the kept bucket adds to it, a later one rolls
+    it to counter_buckets, an earlier one goes to counter_buckets directly."""
+    lengths = (MINUTE, DAY)
+    current = {"k": [(T0 + 60, 10), (T0, 10)]}
+    deltas = {T0: {"k": 1}, T0 + 60: {"k": 2}, T0 + 120: {"k": 3}}
+    if layout == "day-first":
+        deltas = dict(reversed(list(deltas.items())))  # the order of the mapping does not matter
+    folded = fold(lengths, current, deltas)
+    assert folded.inline == {"k": [(T0 + 120, 3), (T0, 16)]}
+    assert folded.cells == {("k", MINUTE, T0): 1, ("k", MINUTE, T0 + 60): 12}
+
+
+async def test_keys_holding_the_separator_take_the_array_form(store: Store) -> None:
+    """A key holding the joined texts' separator (written by something other than the API)
+    goes as arrays, in a batch within one bucket and in one across buckets alike."""
+    node = unique()
+    odd, plain = unique("a\x1fb"), unique()
+    deltas = {T0: {odd: 2, plain: 1}}
+    await store.apply_batch(node, 1, {odd: 2, plain: 1}, (), Buckets(ALL, deltas))
+    across = {T0 + 60: {odd: 3}, T0 + 120: {odd: 4, plain: 1}}
+    await store.apply_batch(node, 2, {odd: 7, plain: 1}, (), Buckets(ALL, across))
+    assert await stored(store, odd, MINUTE, node) == {T0: 2, T0 + 60: 3, T0 + 120: 4}
+    assert await stored(store, plain, HOUR, node) == {T0: 2}
+    assert (await store.read(odd, node)).value == 9
