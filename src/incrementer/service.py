@@ -71,7 +71,7 @@ class Service:
         self.member = member
         self.metrics = Metrics()
         self.data_dir = DataDir(settings.data_dir)
-        self.store = open_store(settings.database_url)
+        self.store = open_store(settings.database_url, timeout=settings.database_timeout)
         self.buffer = CoalescingBuffer()
         self.ledger = Ledger(settings.idempotency_window)
         self.wal: WriteAheadLog | MemorySequence | None = None
@@ -116,6 +116,7 @@ class Service:
             s.flush_interval_max,
             s.flush_max_keys,
             self.metrics,
+            database_timeout=s.database_timeout,
         )
         keyring, limiter, self.key_source = await self._guards()
         keyed = KeyedBatches(intake, self.gate, self.store, self.flusher, self.metrics)

@@ -29,6 +29,12 @@ from incrementer.store.base import (
     taken_back,
     utc_text,
 )
+from incrementer.store.pglink import (
+    connect_timeout,
+    connection_class,
+    server_settings,
+    statement_timeout,
+)
 from incrementer.urls import redact_url, scrub
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
@@ -133,6 +139,9 @@ SCHEDULE_REVOKE = (
     " WHERE name = $1 AND revoked_at IS NULL"
 )
 MIGRATE_HINT = "the schema is missing or older than this version: run `incrementer migrate`"
+# --database-timeout's default: how long the database may stay silent before a connection is
+# given up and the database reported unresponsive (store/pglink.py).
+DATABASE_TIMEOUT = 3.0
 
 
 class PostgresStore:
@@ -144,8 +153,7 @@ class PostgresStore:
         *,
         min_size: int = 1,
         max_size: int = 4,
-        connect_timeout: float = 10.0,
-        command_timeout: float | None = 60.0,
+        timeout: float = DATABASE_TIMEOUT,
         close_timeout: float = 10.0,
         read_only: bool = False,
     ) -> None:
@@ -153,8 +161,9 @@ class PostgresStore:
         self.read_only = read_only
         self.min_size = min_size
         self.max_size = max_size
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
+        self.timeout = timeout
+        """Silence allowed on a link (store/pglink.py); half of it bounds one connect."""
+        self.command_timeout = statement_timeout(timeout)
         self.close_timeout = close_timeout
         self._where = redact_url(dsn)
         self._pool: Any = None
@@ -166,9 +175,10 @@ class PostgresStore:
                 self.dsn,
                 min_size=self.min_size,
                 max_size=self.max_size,
-                timeout=self.connect_timeout,
+                timeout=connect_timeout(self.timeout),
                 command_timeout=self.command_timeout,
                 server_settings=self._server_settings(),
+                connection_class=connection_class(self.timeout),
             )
         except (*DB_ERRORS, ValueError) as exc:
             # ValueError: asyncpg's complaint about a malformed DSN.
@@ -177,7 +187,7 @@ class PostgresStore:
             ) from exc
 
     def _server_settings(self) -> dict[str, str]:
-        settings = {"application_name": "incrementer"}
+        settings = {"application_name": "incrementer", **server_settings(self.timeout)}
         if self.read_only:
             # The CLI's read-only commands: PostgreSQL itself refuses any write they might make.
             settings["default_transaction_read_only"] = "on"
