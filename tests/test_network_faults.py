@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import asyncpg
 import httpx
 import pytest
 from delay_proxy import delayed
+from fleet import nginx_in_front, record_until
 from netns import Namespace, namespace, unavailable
 from support import (
     LoadResult,
@@ -28,6 +30,7 @@ from support import (
     load_until,
     serve_args,
     skip_or_fail,
+    spawn,
     spawned,
     unique,
     violations,
@@ -44,6 +47,7 @@ DETECT_WITHIN = 5.0  # the cut seen by /readyz and the log
 READY_WITHIN = 2.0  # ready again after the heal
 RSS_GROWTH_MAX = 32 * 1024 * 1024  # the buffer holds a fixed set of keys: memory must not climb
 PROBE_EVERY = 0.1
+ROUTED_AROUND_FOR = 6.0  # the end of a fleet partition, when nginx must be routing around it
 KEYS = 500
 
 
@@ -271,3 +275,43 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_the_ledger(
         assert found, "a batch applied twice went unnoticed"
         high = {k: result.acked.get(k, 0) + result.in_flight.get(k, 0) for k in run.keys}
         assert any(totals.get(k, 0) > high[k] for k in run.keys), found
+
+
+async def test_nginx_routes_around_an_instance_cut_off_from_it(
+    isolated: Isolated, tmp_path: Path
+) -> None:
+    """Three instances on one PostgreSQL behind nginx (the deploy config), under load; the link
+    between nginx and one instance is cut (DROP on its port) and later healed. Requests already
+    sent to it wait for nginx's proxy_read_timeout and get 504 (their outcome unknown); nginx
+    then routes around the instance and the other two acknowledge the load; the database ends
+    with exactly what was acknowledged, at most plus what was in flight, nothing twice."""
+    keys = [unique("part-") for _ in range(200)]
+    ports = [free_port() for _ in range(3)]
+    instances = []
+    seen = LoadResult()
+    try:
+        for i, port in enumerate(ports):
+            args = serve_args(tmp_path / f"node{i}", isolated.cluster.url, "--port", str(port))
+            instances.append(await asyncio.to_thread(spawn, args))
+        with nginx_in_front(tmp_path / "nginx", [f"127.0.0.1:{p}" for p in ports]) as url:
+            stop = asyncio.Event()
+            loader = asyncio.create_task(record_until(url, stop, keys, seen, connections=16))
+            await wait_until(lambda: seen.statuses.get(202, 0) > 2000, timeout=30)
+            isolated.net.drop(ports[2])
+            # The deploy config's proxy_read_timeout (15 s) ends the requests stuck on the cut
+            # link; their failures make nginx mark the instance down (max_fails).
+            await asyncio.sleep(max(PARTITION, 24.0) - ROUTED_AROUND_FOR)
+            before = seen.statuses.get(202, 0)
+            await asyncio.sleep(ROUTED_AROUND_FOR)
+            routed_around = seen.statuses.get(202, 0) - before
+            isolated.net.flush_rules()
+            await asyncio.sleep(2.0)
+            stop.set()
+            await loader
+    finally:
+        codes = [await asyncio.to_thread(i.stop, signal.SIGTERM) for i in instances]
+    assert codes == [0, 0, 0], [i.read_log()[-2000:] for i in instances]
+    print(f"nginx partition: {routed_around} acknowledged late in the cut; {seen.statuses}")
+    assert routed_around > 1000, seen.statuses
+    totals = await db_totals(isolated.local_url(), keys)
+    assert violations(seen.acked, seen.in_flight, totals) == []
