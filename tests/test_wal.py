@@ -16,7 +16,7 @@ from incrementer.ingest.wal import (
     WriteAheadLog,
     summarize,
 )
-from incrementer.ingest.wal_reader import HEADER, segment_name
+from incrementer.ingest.wal_reader import HEADER, scan_segment, segment_name
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -287,6 +287,37 @@ def _flip_last_payload_byte(path: Path) -> int:
 
 
 @pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data, last: data[: last + 7], "incomplete frame header"),
+        (lambda data, last: data[: last + HEADER.size], "incomplete payload"),
+        (lambda data, last: data + bytes(HEADER.size), "zeros instead of a frame"),
+        (lambda data, last: data + b"not a frame header at all", "bad magic"),
+        (lambda data, last: data[:-1] + bytes([data[-1] ^ 0x40]), "crc mismatch"),
+    ],
+    ids=["short-header", "header-only", "zeros", "garbage", "flipped"],
+)
+def test_a_scan_names_the_damage_its_offset_and_the_bytes_left(
+    tmp_path: Path, damage: Callable[[bytes, int], bytes], reason: str
+) -> None:
+    """scan_segment() says what is wrong with a damaged tail (a header cut short, a header with no
+    payload, zeros, garbage, a bad crc), where it starts and how many bytes follow, and that no
+    valid frame follows it."""
+    path = _log_with_frames(tmp_path)
+    data = path.read_bytes()
+    last = frame_offsets(path)[-1]
+    damaged = damage(data, last)
+    path.write_bytes(damaged)
+    scan = scan_segment(path, 1)
+    offset = min(last if len(damaged) <= len(data) else len(data), len(damaged))
+    left = len(damaged) - offset
+    assert scan.describe_damage() == (
+        f"{path}: {reason} at byte offset {offset} ({left} bytes to the end of the file)"
+    )
+    assert scan.tail_only and scan.resume_offset is None
+
+
+@pytest.mark.parametrize(
     "tear", [_tear_mid_header, _tear_mid_payload, _flip_last_payload_byte], ids=lambda f: f.__name__
 )
 def test_torn_last_frame_is_dropped_with_a_warning(
@@ -510,6 +541,41 @@ def test_summarize_reports_damage_instead_of_raising(tmp_path: Path) -> None:
     assert summary.torn_tail is None
     assert len(summary.problems) == 1 and f"byte offset {offset}" in summary.problems[0]
     assert summary.frames == 1
+
+
+def test_summarize_counts_what_is_pending_above_the_applied_seq(tmp_path: Path) -> None:
+    """With the database's applied seq, summarize() counts the frames and increments above it,
+    per segment and in total; without it, it counts none."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, FRAMES)
+    summary = summarize(tmp_path, applied_seq=2)
+    assert [(s.pending_frames, s.pending_records) for s in summary.segments] == [
+        (0, 0), (0, 0), (1, 2), (1, 1),
+    ]  # fmt: skip
+    assert (summary.applied_seq, summary.pending_frames, summary.pending_records) == (2, 2, 3)
+    unasked = summarize(tmp_path)
+    assert (unasked.applied_seq, unasked.pending_frames, unasked.pending_records) == (None,) * 3
+    assert {(s.pending_frames, s.pending_records) for s in unasked.segments} == {(None, None)}
+
+
+def test_summarize_names_overlapping_and_empty_segments(tmp_path: Path) -> None:
+    """A segment starting at the previous one's last seq, and an empty segment with later ones
+    after it, are each reported as a problem naming the file (open() would refuse them)."""
+    _log_with_frames(tmp_path)
+    other = tmp_path / "other"
+    with WriteAheadLog.open(other) as wal:
+        wal.advance_to(3)
+        write_frames(wal, [[("dup", 1)]])
+    overlapping = tmp_path / segment_name(4)
+    overlapping.write_bytes((other / segment_name(4)).read_bytes())
+    empty = tmp_path / segment_name(2)
+    empty.write_bytes(b"")
+    summary = summarize(tmp_path)
+    assert summary.problems == [
+        f"{empty}: no frames, yet later segments exist",
+        f"{overlapping}: starts at seq 4, not after seq 4",
+    ]
+    assert (summary.first_seq, summary.last_seq, summary.frames) == (1, 4, 5)
 
 
 def test_summary_encodes_as_json(tmp_path: Path) -> None:

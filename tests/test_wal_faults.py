@@ -273,3 +273,35 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
             writer.close()
         assert svc.server is not None
         await wait_until(lambda: all(c.unreleased == 0 for c in svc.server.connections))
+
+
+@pytest.mark.parametrize(
+    ("connection", "answered"),
+    [
+        (b"", None),
+        (b"Connection: close\r\n", "close"),
+        (b"Connection: keep-alive\r\n", "keep-alive"),
+    ],
+    ids=["keep-alive-1.1", "close", "keep-alive-1.0"],
+)
+async def test_a_refused_increment_keeps_the_connection_header_its_202_had(
+    tmp_path: Path, sqlite_url: str, connection: bytes, answered: str | None
+) -> None:
+    """The 503 that replaces the 202 of an increment whose WAL write failed says in full that
+    nothing was recorded, and carries the Connection header the 202 would have: none on HTTP/1.1
+    keep-alive, close when the client asked, keep-alive for an HTTP/1.0 keep-alive client."""
+    version = b"1.0" if connection == b"Connection: keep-alive\r\n" else b"1.1"
+    body = b'{"key":"%s","value":1}' % unique("refused-").encode()
+    request = (
+        b"POST /increment HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n" % (version, len(body), connection)
+    ) + body
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        inject(svc).write_error = errno.EIO
+        [answer] = await exchange(svc.url, request, 1)
+    assert answer.status == 503
+    assert answer.headers.get("connection") == answered
+    assert answer.body == (
+        b'{"error":"wal_unavailable","detail":"The write-ahead log could not be written, so '
+        b'nothing was recorded; retry shortly."}'
+    )
