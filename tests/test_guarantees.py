@@ -422,3 +422,77 @@ async def test_the_buffer_is_cut_when_it_holds_flush_max_keys_keys(
         assert await db_totals(sqlite_url, [f"{prefix}-{i}" for i in range(3)]) == {
             f"{prefix}-{i}": 1 for i in range(3)
         }
+
+
+async def test_flush_failures_are_counted_and_logged_first_and_every_20th(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the database is gone every failed flush is counted, and logged on the first attempt
+    and every 20th with what failed; the batch lands once the database is back."""
+    key = unique("failing-")
+    async with (
+        proxy_to(pg_url) as (proxy, via_proxy),
+        run_service(settings_for(tmp_path, via_proxy)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        await proxy.cut()
+        with caplog.at_level("WARNING", logger="incrementer.flush"):
+            assert (await client.post("/increment", json={"key": key, "value": 3})).status_code
+            await wait_until(lambda: "(attempt 20)" in caplog.text, timeout=30)
+            await proxy.restore()
+            await wait_until(lambda: totals_are(pg_url, {key: 3}), timeout=15)
+        failures = svc.metrics.flush_failures
+    attempts = [r.getMessage() for r in caplog.records if "flush failed" in r.getMessage()]
+    assert attempts[0].startswith("flush failed (attempt 1), retrying with backoff: PostgreSQL at")
+    assert [a.split(")")[0] for a in attempts] == [
+        f"flush failed (attempt {n}" for n in [1, *range(20, failures + 1, 20)]
+    ]
+    assert 20 <= failures < 40 or len(attempts) > 2, failures
+
+
+async def test_a_flush_the_database_never_answers_is_reported_within_the_timeout(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that takes the flush and never answers (frozen link): after --database-timeout
+    the log says so and /readyz says database_unresponsive while the flush still waits; once the
+    statement bound abandons it, the batch is retried on a new connection and lands once."""
+    key = unique("silent-")
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        settings = settings_for(tmp_path, via_proxy, database_timeout=0.5)
+        async with (
+            run_service(settings) as svc,
+            httpx.AsyncClient(base_url=svc.url) as client,
+        ):
+            proxy.freeze()
+            with caplog.at_level("WARNING", logger="incrementer.flush"):
+                await client.post("/increment", json={"key": key, "value": 2})
+                await wait_until(lambda: _not_ready_because(client, "database_unresponsive"))
+                said = [r.getMessage() for r in caplog.records]
+                assert any(
+                    m.startswith("database unresponsive: no answer to the flush of batch seq=")
+                    and m.endswith("within 0.5 s (--database-timeout); still waiting")
+                    for m in said
+                ), said
+                assert svc.flusher.inflight is not None
+                proxy.frozen = False
+                await wait_until(lambda: totals_are(pg_url, {key: 2}), timeout=20)
+                await wait_until(lambda: _ready(client))
+
+
+async def test_an_idle_database_that_stops_answering_pings_is_unresponsive(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing to flush, a database whose link goes silent fails the next ping after
+    --database-timeout: /readyz says database_unresponsive and the log says why."""
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        settings = settings_for(tmp_path, via_proxy, database_timeout=0.5)
+        async with (
+            run_service(settings) as svc,
+            httpx.AsyncClient(base_url=svc.url) as client,
+        ):
+            await wait_until(lambda: _ready(client))
+            with caplog.at_level("WARNING", logger="incrementer.flush"):
+                proxy.freeze()
+                await wait_until(lambda: _not_ready_because(client, "database_unresponsive"))
+            assert svc.flusher.db_error == "no answer to a ping within 0.5 s (--database-timeout)"
+            assert "database unresponsive: no answer to a ping within 0.5 s" in caplog.text

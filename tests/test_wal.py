@@ -556,6 +556,12 @@ def test_summarize_counts_what_is_pending_above_the_applied_seq(tmp_path: Path) 
     unasked = summarize(tmp_path)
     assert (unasked.applied_seq, unasked.pending_frames, unasked.pending_records) == (None,) * 3
     assert {(s.pending_frames, s.pending_records) for s in unasked.segments} == {(None, None)}
+    one = tmp_path / "one"
+    _log_with_frames(one)
+    [segment] = summarize(one, applied_seq=1).segments
+    assert (segment.frames, segment.records, segment.pending_frames, segment.pending_records) == (
+        4, 8, 3, 6,
+    )  # fmt: skip
 
 
 def test_summarize_names_overlapping_and_empty_segments(tmp_path: Path) -> None:

@@ -305,3 +305,33 @@ async def test_a_refused_increment_keeps_the_connection_header_its_202_had(
         b'{"error":"wal_unavailable","detail":"The write-ahead log could not be written, so '
         b'nothing was recorded; retry shortly."}'
     )
+
+
+async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One failed WAL write refusing two pipelined increments: one error line saying what failed
+    and how many requests were refused, one failure counted; a probe write a second later
+    succeeds and one line says so, with the outage's code and the requests refused meanwhile."""
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        disk = inject(svc)
+        disk.write_error = errno.EIO
+        with caplog.at_level("WARNING", logger="incrementer.durability"):
+            answers = await exchange(
+                svc.url, increment_request(unique("a-"), 1) + increment_request(unique("b-"), 1), 2
+            )
+            disk.write_error = 0
+            assert svc.gate is not None
+            await wait_until(lambda: svc.gate is not None and not svc.gate.failure, timeout=10)
+        assert [a.status for a in answers] == [503, 503]
+        assert svc.metrics.wal_failures["write"] == 1
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == (
+        "ERROR",
+        "WAL write failed: [Errno 5] Input/output error; 2 requests refused with 503; "
+        "probing once a second until it succeeds",
+    )
+    level, recovered = lines[1]
+    assert level == "WARNING" and len(lines) == 2, lines
+    assert recovered.startswith("WAL healthy again (a probe write succeeded) after ")
+    assert recovered.endswith(" s of wal_write_failed; 2 requests were refused meanwhile")
