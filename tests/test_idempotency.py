@@ -434,6 +434,20 @@ def test_ledger_forgets_settled_keys_after_the_window() -> None:
     assert ledger.known("p", now=13.0) == "d0"
 
 
+def test_ledger_expiry_counts_every_key_gone_and_keeps_one_exactly_at_the_window() -> None:
+    """expire() removes every settled key older than the window and says how many; a key
+    exactly as old as the window stays; releasing a key never held is harmless."""
+    ledger = Ledger(window=10.0, limit=10)
+    for key, when in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+        ledger.settle(key, "d", now=when)
+    assert ledger.expire(now=12.0) == 2
+    assert ledger.known("c", now=12.0) == "d"
+    ledger.release(["never-held"])
+    ledger.hold("held", "d")
+    ledger.release(["held"])
+    assert ledger.known("held", now=12.0) is None
+
+
 def test_settings_reject_a_window_that_is_not_positive() -> None:
     """--idempotency-window must be a positive number of seconds."""
     from incrementer.config import ConfigError, Settings

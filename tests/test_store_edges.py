@@ -88,3 +88,20 @@ def test_a_password_holding_at_signs_and_colons_is_redacted_whole() -> None:
     """redact_url hides the whole password, '@' and ':' in it included, and keeps the user."""
     url = "postgresql://app:p@ss:w@rd@db.example:5432/counters"
     assert redact_url(url) == "postgresql://app:***@db.example:5432/counters"
+
+
+def test_a_postgres_error_is_described_never_empty() -> None:
+    """A timeout says it timed out and after how long (asyncpg's carry no message, also when one
+    causes another error); another error without a message is named by its type."""
+    from incrementer.store.postgres import PostgresStore
+
+    store = PostgresStore("postgresql://u:secret@db.example/x", timeout=2.0)
+    waited = "timed out waiting for an answer (command timeout 20 s)"
+    assert store._describe(TimeoutError()) == waited
+    caused = ConnectionError()
+    caused.__context__ = TimeoutError()
+    assert store._describe(caused) == waited
+    assert store._describe(ConnectionError()) == "ConnectionError"
+    assert (
+        store._describe(OSError("refused by u:secret@db.example")) == "refused by u:***@db.example"
+    )

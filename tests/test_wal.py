@@ -654,3 +654,17 @@ def test_memory_sequence_io_is_a_no_op() -> None:
     assert seq.written_bytes == seq.synced_bytes == 0
     seq.close()
     assert seq.seal() == 1
+
+
+def test_abandoning_the_segment_moves_the_next_write_to_a_new_one(tmp_path: Path) -> None:
+    """abandon_segment() returns the last seq written (0 before any) and the next write goes to
+    a new segment, the abandoned one left as it was."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.abandon_segment() == 0
+        write_frames(wal, FRAMES[:2])
+        assert wal.abandon_segment() == 2
+        before = (tmp_path / segment_name(1)).read_bytes()
+        write_frames(wal, FRAMES[2:])
+    assert segments(tmp_path) == [segment_name(1), segment_name(3)]
+    assert (tmp_path / segment_name(1)).read_bytes() == before
+    assert replay_all(tmp_path) == list(enumerate(FRAMES, start=1))
