@@ -495,4 +495,6 @@ async def test_an_idle_database_that_stops_answering_pings_is_unresponsive(
                 proxy.freeze()
                 await wait_until(lambda: _not_ready_because(client, "database_unresponsive"))
             assert svc.flusher.db_error == "no answer to a ping within 0.5 s (--database-timeout)"
+            reasons = (await client.get("/readyz")).json()["reasons"]
+            assert reasons[0]["for_seconds"] < 10, reasons  # since the failure, not the boot
             assert "database unresponsive: no answer to a ping within 0.5 s" in caplog.text

@@ -11,6 +11,7 @@ import pytest
 
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.wal import (
+    SegmentIO,
     WalCorruptError,
     WalLockedError,
     WriteAheadLog,
@@ -668,3 +669,42 @@ def test_abandoning_the_segment_moves_the_next_write_to_a_new_one(tmp_path: Path
     assert segments(tmp_path) == [segment_name(1), segment_name(3)]
     assert (tmp_path / segment_name(1)).read_bytes() == before
     assert replay_all(tmp_path) == list(enumerate(FRAMES, start=1))
+
+
+class _RefusingIO(SegmentIO):
+    """Writes fail while `failing`."""
+
+    failing = True
+
+    def write(self, fd: int, data: memoryview) -> int:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        return super().write(fd, data)
+
+
+def test_a_failed_write_returns_every_unwritten_frame_and_its_seqs_are_reused(
+    tmp_path: Path,
+) -> None:
+    """After a failed write, discard_unwritten() returns the entries of every frame not handed
+    to the OS (two sealed ones and the open one) and the next frames take their seqs; after a
+    second failure the same holds from there, and the log on disk stays gapless."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, [FRAMES[0]])
+        io = _RefusingIO()
+        wal.io = io
+        for entries in FRAMES[1:3]:
+            for key, value in entries:
+                wal.append(key.encode(), value)
+            wal.seal()
+        wal.append(b"open", 7)
+        with pytest.raises(OSError):
+            wal.write()
+        entries, keys = wal.discard_unwritten()
+        assert entries == [*FRAMES[1], *FRAMES[2], ("open", 7)] and keys == []
+        with pytest.raises(OSError):
+            write_frames(wal, [FRAMES[3]])
+        assert wal.discard_unwritten() == (FRAMES[3], [])
+        io.failing = False
+        write_frames(wal, [FRAMES[3]])
+        assert wal.last_seq == 2
+    assert replay_all(tmp_path) == [(1, FRAMES[0]), (2, FRAMES[3])]

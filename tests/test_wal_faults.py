@@ -311,27 +311,37 @@ async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
     tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One failed WAL write refusing two pipelined increments: one error line saying what failed
-    and how many requests were refused, one failure counted; a probe write a second later
-    succeeds and one line says so, with the outage's code and the requests refused meanwhile."""
+    and how many requests were refused, one failure counted, the detail kept for /readyz; a
+    probe write a second later succeeds and one line says so, with how long the outage lasted,
+    its code and the requests refused meanwhile. A second outage counts its own."""
     async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
-        disk = inject(svc)
+        disk, gate = inject(svc), svc.gate
+        assert gate is not None
         disk.write_error = errno.EIO
-        with caplog.at_level("WARNING", logger="incrementer.durability"):
+        with caplog.at_level("WARNING"):
             answers = await exchange(
                 svc.url, increment_request(unique("a-"), 1) + increment_request(unique("b-"), 1), 2
             )
+            assert gate.failure_detail == "WAL write failed: [Errno 5] Input/output error"
             disk.write_error = 0
-            assert svc.gate is not None
-            await wait_until(lambda: svc.gate is not None and not svc.gate.failure, timeout=10)
-        assert [a.status for a in answers] == [503, 503]
-        assert svc.metrics.wal_failures["write"] == 1
+            await wait_until(lambda: not gate.failure, timeout=10)
+            assert gate.failure_detail == ""
+            disk.write_error = errno.EIO  # a second outage counts from zero
+            [again] = await exchange(svc.url, increment_request(unique("c-"), 1), 1)
+            disk.write_error = 0
+            await wait_until(lambda: not gate.failure, timeout=10)
+        assert [a.status for a in answers] == [503, 503] and again.status == 503
+        assert svc.metrics.wal_failures["write"] == 2
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 4, lines  # nothing else, no error from a timer callback either
+    assert lines[3][1].endswith(" s of wal_write_failed; 1 requests were refused meanwhile")
     assert lines[0] == (
         "ERROR",
         "WAL write failed: [Errno 5] Input/output error; 2 requests refused with 503; "
         "probing once a second until it succeeds",
     )
     level, recovered = lines[1]
-    assert level == "WARNING" and len(lines) == 2, lines
+    assert level == "WARNING", lines
     assert recovered.startswith("WAL healthy again (a probe write succeeded) after ")
+    assert 0.5 < float(recovered.split(" after ")[1].split(" s ")[0]) < 10
     assert recovered.endswith(" s of wal_write_failed; 2 requests were refused meanwhile")
