@@ -17,7 +17,16 @@ from incrementer.ingest.wal import (
     WriteAheadLog,
     summarize,
 )
-from incrementer.ingest.wal_reader import HEADER, scan_segment, segment_name
+from incrementer.ingest.wal_reader import (
+    BATCH_RANGE,
+    ENTRIES_LEN,
+    ENTRY,
+    HEADER,
+    count_entries,
+    decode_payload,
+    scan_segment,
+    segment_name,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -708,3 +717,67 @@ def test_a_failed_write_returns_every_unwritten_frame_and_its_seqs_are_reused(
         write_frames(wal, [FRAMES[3]])
         assert wal.last_seq == 2
     assert replay_all(tmp_path) == [(1, FRAMES[0]), (2, FRAMES[3])]
+
+
+def _entry(key: bytes, value: int) -> bytes:
+    return ENTRY.pack(len(key), value) + key
+
+
+def _keyed(entries: bytes, records: bytes) -> bytes:
+    return ENTRIES_LEN.pack(len(entries)) + entries + records
+
+
+_ENTRIES = _entry(b"ab", 1) + _entry(b"c", -2)
+_RECORD = b"\x01K" + bytes(32)  # a batch record up to its range: key "K", a digest
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"\x00\x00", "truncated entries length at byte offset 3"),
+        (
+            ENTRIES_LEN.pack(99) + _ENTRIES,
+            "entries length runs past the payload end at byte offset 3",
+        ),
+        (_keyed(_ENTRIES[:5], b""), "truncated entry at byte offset 7"),
+        (
+            _keyed(_entry(b"ab", 1)[:-1], b""),
+            "entry key runs past the payload end at byte offset 18",
+        ),
+    ],
+    ids=["short-length", "long-length", "short-entry", "short-key"],
+)
+def test_counting_a_malformed_keyed_payload_says_where(payload: bytes, error: str) -> None:
+    """count_entries() refuses a keyed payload whose parts do not fit, naming the byte offset
+    in the buffer (here 3: the payload sits after three other bytes)."""
+    buf = b"pre" + payload
+    with pytest.raises(ValueError, match=f"^{error}$"):
+        count_entries(buf, 3, len(buf), keyed=True)
+
+
+def test_counting_payloads_that_fit_exactly() -> None:
+    """Payloads whose parts end exactly at the payload's end are counted, keyed or not (plain is
+    the default)."""
+    buf = b"pre" + _ENTRIES
+    assert count_entries(buf, 3, len(buf)) == 2
+    for entries, count in ((b"", 0), (_ENTRIES, 2)):
+        keyed = b"pre" + _keyed(entries, b"")
+        assert count_entries(keyed, 3, len(keyed), keyed=True) == count
+
+
+@pytest.mark.parametrize(
+    ("records", "error"),
+    [
+        (_RECORD + b"\x00" * 7, "batch record runs past the payload end at offset 27"),
+        (_RECORD + BATCH_RANGE.pack(10, 20), "batch record at offset 27 points past the entries"),
+    ],
+    ids=["short-record", "range-past-entries"],
+)
+def test_decoding_a_malformed_batch_record_says_where(records: bytes, error: str) -> None:
+    """decode_payload() refuses a keyed payload whose batch record is cut short or points past
+    the entries, naming the record's offset."""
+    with pytest.raises(ValueError, match=f"^{error}$"):
+        decode_payload(_keyed(_ENTRIES, records), keyed=True)
+    whole = BATCH_RANGE.pack(0, len(_ENTRIES))
+    entries, [batch] = decode_payload(_keyed(_ENTRIES, _RECORD + whole), keyed=True)
+    assert entries == batch.entries == [("ab", 1), ("c", -2)] and batch.key == "K"
