@@ -1,6 +1,7 @@
 """A TCP proxy that delays every byte it passes by a random latency (200 ms +- 50 by default), in
 both directions, keeping their order: what the tc netem qdisc would do, which this kernel lacks.
-It runs on its own threads, in the network namespace of the thread that creates it."""
+It runs on its own threads (socketserver), in the network namespace of the thread that creates
+it."""
 
 from __future__ import annotations
 
@@ -8,65 +9,68 @@ import contextlib
 import queue
 import random
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Iterator
 
+Chunks = queue.Queue[tuple[float, bytes]]
 
-class DelayProxy:
+
+class DelayProxy(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
     def __init__(self, target_port: int, delay: float = 0.2, jitter: float = 0.05) -> None:
+        super().__init__(("127.0.0.1", 0), _Link)
         self.target = ("127.0.0.1", target_port)
         self.delay = delay
         self.jitter = jitter
+        self.port = int(self.server_address[1])
         self.delayed = 0
         """Chunks passed on late, both directions."""
         self._rng = random.Random(0)
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._listener.getsockname()[1])
-        self._closed = False
         self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.1,), daemon=True).start()
 
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-
-    def _latency(self) -> float:
+    def latency(self) -> float:
         with self._lock:
             self.delayed += 1
             return self.delay + self._rng.uniform(-self.jitter, self.jitter)
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets += (client, upstream)
-            for source, sink in ((client, upstream), (upstream, client)):
-                chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
-                threading.Thread(
-                    target=self._read, args=(source, sink, chunks), daemon=True
-                ).start()
-                threading.Thread(
-                    target=self._write, args=(sink, source, chunks), daemon=True
-                ).start()
+    def track(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            self._sockets += sockets
 
-    def _read(
-        self, source: socket.socket, sink: socket.socket, chunks: queue.Queue[tuple[float, bytes]]
-    ) -> None:
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+
+class _Link(socketserver.BaseRequestHandler):
+    """One client connection: its bytes to the target and the target's back, each late."""
+
+    server: DelayProxy
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        try:
+            upstream = socket.create_connection(self.server.target, timeout=5)
+        except OSError:
+            return
+        upstream.settimeout(None)
+        self.server.track(client, upstream)
+        back: Chunks = queue.Queue()
+        threading.Thread(target=self._read, args=(upstream, back), daemon=True).start()
+        threading.Thread(target=_write, args=(client, upstream, back), daemon=True).start()
+        forth: Chunks = queue.Queue()
+        threading.Thread(target=_write, args=(upstream, client, forth), daemon=True).start()
+        self._read(client, forth)
+
+    def _read(self, source: socket.socket, chunks: Chunks) -> None:
         due = 0.0
         while True:
             try:
@@ -74,26 +78,25 @@ class DelayProxy:
             except OSError:
                 data = b""
             # Never earlier than the chunk before: a random latency must not reorder the stream.
-            due = max(due, time.monotonic() + self._latency())
+            due = max(due, time.monotonic() + self.server.latency())
             chunks.put((due, data))
             if not data:
                 return
 
-    def _write(
-        self, sink: socket.socket, source: socket.socket, chunks: queue.Queue[tuple[float, bytes]]
-    ) -> None:
-        while True:
-            due, data = chunks.get()
-            time.sleep(max(0.0, due - time.monotonic()))
-            try:
-                if not data:
-                    sink.shutdown(socket.SHUT_WR)
-                    return
-                sink.sendall(data)
-            except OSError:
-                source.close()
-                sink.close()
+
+def _write(sink: socket.socket, source: socket.socket, chunks: Chunks) -> None:
+    while True:
+        due, data = chunks.get()
+        time.sleep(max(0.0, due - time.monotonic()))
+        try:
+            if not data:
+                sink.shutdown(socket.SHUT_WR)
                 return
+            sink.sendall(data)
+        except OSError:
+            source.close()
+            sink.close()
+            return
 
 
 @contextlib.contextmanager
