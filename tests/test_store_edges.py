@@ -105,3 +105,11 @@ def test_a_postgres_error_is_described_never_empty() -> None:
     assert (
         store._describe(OSError("refused by u:secret@db.example")) == "refused by u:***@db.example"
     )
+
+
+def test_overflowed_deltas_are_summed_exactly() -> None:
+    """The comma-joined deltas of counter_overflows sum exactly, past 64 bits and with signs."""
+    from incrementer.store.base import sum_deltas
+
+    assert sum_deltas(None) == 0 and sum_deltas("") == 0
+    assert sum_deltas(f"{2**63},{2**63},-1") == 2**64 - 1
