@@ -309,7 +309,7 @@ async def test_readyz_follows_an_idle_database_going_away_and_back(
             await wait_until(lambda: _ready(client))
     said = [r.getMessage() for r in caplog.records if r.name == "incrementer.flush"]
     assert len(said) == 2 and failed == svc.metrics.flush_failures == 0, said
-    assert said[0].startswith("database unreachable: PostgreSQL at 127.0.0.1"), said
+    assert said[0].startswith("database unreachable: PostgreSQL at postgresql://"), said
     assert said[1] == "database reachable again"
 
 
