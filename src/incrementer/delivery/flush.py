@@ -190,9 +190,10 @@ class Flusher:
                 self._database_failed(reason, UNRESPONSIVE)
             return await flush
         except asyncio.CancelledError:
-            # The flush is the store's to finish or cancel: its own cleanup closes the
-            # connection; the batch stays in flight for the next run or start.
+            # Cancelled as it would have been without the watchdog: the store's cleanup closes
+            # the connection before this returns; the batch stays in flight for the next start.
             flush.cancel()
+            await asyncio.wait((flush,))
             raise
 
     def _failed(self, reason: str, failures: int) -> None:
