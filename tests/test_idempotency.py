@@ -340,7 +340,8 @@ async def test_database_down_takes_batches_unchecked_and_settles_them_once(
     tmp_path: Path, pg_url: str
 ) -> None:
     """With the database unreachable a known-elsewhere key cannot be looked up: the batch is
-    taken in (202), and its flush, once the database is back, finds the key and leaves it out."""
+    taken in (202), and its flush, once the database is back, finds the key and leaves it out;
+    from then on this instance knows the key, and a retry during the next outage is a replay."""
     a, key = unique(), unique("idem-")
     async with (
         proxy_to(pg_url) as (proxy, proxied_url),
@@ -358,9 +359,38 @@ async def test_database_down_takes_batches_unchecked_and_settles_them_once(
         duplicates = await metric(
             client, two.url, 'incrementer_idempotent_batches_settled_total{result="duplicate"}'
         )
+        await proxy.cut()
+        await wait_until(lambda: two.flusher is not None and two.flusher.db_error is not None)
+        remembered = await send(client, two.url, [(a, 4)], key)
+        await proxy.restore()
     assert unchecked.status_code == 202 and REPLAYED not in unchecked.headers
+    assert remembered.status_code == 202 and remembered.headers[REPLAYED] == "true"
     assert duplicates == 1
     assert await db_totals(pg_url, [a]) == {a: 4}
+
+
+async def test_a_flushed_batch_is_remembered_through_a_database_outage(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Once its flush has applied a keyed batch, the instance remembers the key with the batch's
+    digest: during a later outage a retry is a replay and other increments under it get 422,
+    with no database to ask."""
+    a, key = unique(), unique("idem-")
+    async with (
+        proxy_to(pg_url) as (proxy, proxied_url),
+        instance(tmp_path, proxied_url, "one") as one,
+        httpx.AsyncClient() as client,
+    ):
+        await send(client, one.url, [(a, 2)], key)
+        await wait_until(lambda: one.flusher is not None and not one.flusher.pending_keys())
+        await proxy.cut()
+        await wait_until(lambda: one.flusher is not None and one.flusher.db_error is not None)
+        retry = await send(client, one.url, [(a, 2)], key)
+        other = await send(client, one.url, [(a, 3)], key)
+        await proxy.restore()
+    assert retry.status_code == 202 and retry.headers[REPLAYED] == "true"
+    assert other.status_code == 422
+    assert await db_totals(pg_url, [a]) == {a: 2}
 
 
 # --- the store and the WAL on their own ---------------------------------------------------------
