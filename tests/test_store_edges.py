@@ -113,3 +113,45 @@ def test_overflowed_deltas_are_summed_exactly() -> None:
 
     assert sum_deltas(None) == 0 and sum_deltas("") == 0
     assert sum_deltas(f"{2**63},{2**63},-1") == 2**64 - 1
+
+
+async def test_postgres_connections_carry_the_database_timeout_at_both_ends(pg_url: str) -> None:
+    """With --database-timeout 3: each pooled socket has keepalive (a probe after 1 s idle, then
+    every 1 s, 3 of them) and TCP_USER_TIMEOUT 3000 ms; the server's end has the same limits and a
+    30 s statement_timeout; a connection attempt is bounded at 1.5 s."""
+    import socket
+
+    from incrementer.store import pglink
+    from incrementer.store.postgres import PostgresStore
+
+    assert pglink.server_settings(3.0) == {
+        "tcp_user_timeout": "3000",
+        "tcp_keepalives_idle": "1",
+        "tcp_keepalives_interval": "1",
+        "tcp_keepalives_count": "3",
+        "statement_timeout": "30000",
+    }
+    assert (pglink.connect_timeout(3.0), pglink.statement_timeout(3.0)) == (1.5, 30.0)
+    assert pglink.server_settings(0.2)["tcp_keepalives_idle"] == "1"  # whole seconds, at least 1
+    assert pglink.server_settings(10.0)["tcp_keepalives_interval"] == "3"
+    store = PostgresStore(pg_url, timeout=3.0)
+    await store.open()
+    try:
+        async with store._connection() as conn:
+            shown = [
+                await conn.fetchval(f"SHOW {name}")
+                for name in ("tcp_user_timeout", "tcp_keepalives_idle", "statement_timeout")
+            ]
+            sock = conn._transport.get_extra_info("socket")
+            options = [
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            ]
+    finally:
+        await store.close()
+    assert shown == ["3000", "1", "30s"]
+    assert options == [1, 1, 1, 3, 3000]
+    assert store.command_timeout == 30.0
