@@ -207,10 +207,11 @@ async def test_retry_to_a_second_instance_is_applied_once(tmp_path: Path, db_url
 
 @pytest.mark.parametrize("bodies", ["same", "different"])
 async def test_copies_unflushed_on_two_instances_are_applied_once(
-    tmp_path: Path, db_url: str, bodies: str
+    tmp_path: Path, db_url: str, bodies: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Both instances take the key in before either flushes: both say 202 (neither can know),
-    and the flush transaction applies the first copy to commit, never both."""
+    and the flush transaction applies the first copy to commit, never both; the later copy is
+    counted as a duplicate, or, with another body, as one conflict, logged with the key."""
     a, b, key = unique(), unique(), unique("idem-")
     first: Items = [(a, 5), (b, 1)]
     second = first if bodies == "same" else [(a, 50)]
@@ -223,7 +224,19 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
         answers.append(await send(client, two.url, second, key))
         # a plain increment beside the copy, in the same flush, must still count
         await client.post(two.url + "/increments", json=[{"key": b, "value": 10}])
+        settled = one.metrics.idempotent_settled
     # Both stopped, "two" first: its final flush commits its copy, "one"'s then finds the key.
+    outcome = "duplicate" if bodies == "same" else "conflict"
+    assert settled[outcome] == 1 and settled["applied"] == 0, settled
+    conflicts = [r.getMessage() for r in caplog.records if "another body" in r.getMessage()]
+    assert conflicts == (
+        []
+        if bodies == "same"
+        else [
+            f"idempotency key {key!r} was applied before with another body; this batch of 2 "
+            "keys (accepted while the first was unflushed elsewhere) was not applied"
+        ]
+    )
     assert [r.status_code for r in answers] == [202, 202]
     assert not any(REPLAYED in r.headers for r in answers)
     totals = await db_totals(db_url, [a, b])

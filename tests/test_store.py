@@ -211,8 +211,9 @@ async def test_list_keys_by_prefix(store: Store) -> None:
         await store.list_keys(base, -1)
     # A prefix with no upper bound (all U+10FFFF) is listed from the prefix up.
     top = "\U0010ffff\U0010ffff"
-    await store.apply_batch(unique("top-"), 1, {top + base: 5})
+    await store.apply_batch(unique("top-"), 1, {top + base: 5, top + base + "z": 6})
     assert (top + base, 5) in await store.list_keys(top, 1000)
+    assert len(await store.list_keys(top, 1)) == 1
 
 
 async def test_ping(store: Store) -> None:

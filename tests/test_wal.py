@@ -22,6 +22,8 @@ from incrementer.ingest.wal_reader import (
     ENTRIES_LEN,
     ENTRY,
     HEADER,
+    MAGIC,
+    SEQ,
     count_entries,
     decode_payload,
     scan_segment,
@@ -478,12 +480,15 @@ def test_torn_non_last_segment_is_refused(tmp_path: Path) -> None:
 
 
 def test_seq_gap_inside_a_segment_is_refused(tmp_path: Path) -> None:
-    """A missing frame in the middle of a segment (valid crcs, wrong seq) raises."""
+    """A missing frame in the middle of a segment (valid crcs, wrong seq) raises, and a summary
+    says which seq came where which was expected."""
     path = _log_with_frames(tmp_path)
     offsets = frame_offsets(path)
     data = path.read_bytes()
     path.write_bytes(data[: offsets[1]] + data[offsets[2] :])
     _assert_refused(tmp_path, path, offsets[1])
+    [problem] = summarize(tmp_path).problems
+    assert problem.startswith(f"{path}: frame seq 3 where seq 2 was expected at byte offset ")
 
 
 @pytest.mark.parametrize("first", [3, 4], ids=["below", "at"])
@@ -781,3 +786,35 @@ def test_decoding_a_malformed_batch_record_says_where(records: bytes, error: str
     whole = BATCH_RANGE.pack(0, len(_ENTRIES))
     entries, [batch] = decode_payload(_keyed(_ENTRIES, _RECORD + whole), keyed=True)
     assert entries == batch.entries == [("ab", 1), ("c", -2)] and batch.key == "K"
+
+
+def test_a_frame_with_a_good_crc_and_a_malformed_payload_is_a_problem(tmp_path: Path) -> None:
+    """A frame whose crc holds but whose payload cannot be read (written by a bug, never by a
+    torn write) is counted as a frame of no increments and named as a problem."""
+    import zlib
+
+    payload = ENTRY.pack(5, 1) + b"ab"  # a key of 5 bytes with 2 present
+    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
+    path = tmp_path / segment_name(1)
+    path.write_bytes(HEADER.pack(MAGIC, len(payload), 1, crc) + payload)
+    summary = summarize(tmp_path)
+    assert (summary.frames, summary.records, summary.last_seq) == (1, 0, 1)
+    assert summary.problems == [
+        f"{path}: frame seq 1: malformed payload: entry key runs past the payload end at byte "
+        f"offset {HEADER.size + len(payload)}"
+    ]
+
+
+def test_a_scan_after_damage_names_the_first_valid_frame_that_follows(tmp_path: Path) -> None:
+    """Damage followed by two valid frames: the scan resumes at the first of them, not the
+    last, and says the damage is not a torn tail."""
+    path = _log_with_frames(tmp_path)
+    offsets = frame_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[1] + HEADER.size] ^= 0x01  # frame 2's payload: its crc fails
+    path.write_bytes(bytes(data))
+    scan = scan_segment(path, 1)
+    assert (scan.damage, scan.damage_offset, scan.resume_offset) == (
+        "crc mismatch", offsets[1], offsets[2],
+    )  # fmt: skip
+    assert not scan.tail_only

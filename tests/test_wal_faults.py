@@ -160,7 +160,8 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
     tmp_path: Path, db_url: str
 ) -> None:
     """A failed fdatasync is never retried on its file: later frames go to a new segment, and
-    the requests it covered get their 202 only once the database holds their increments."""
+    the requests it covered get their 202 only once the database holds their increments; the
+    failure is counted once per failed fsync and kept with its errno for /readyz."""
     key = unique("fsync-")
     settings = settings_for(tmp_path, db_url, durability="wal-fsync")
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
@@ -169,15 +170,22 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
         disk.sync_errors = [errno.EIO]
         assert (await client.post("/increment", json={"key": key, "value": 2})).status_code == 202
         assert await db_totals(db_url, [key]) == {key: 3}, "answered before it was durable"
+        assert svc.gate is not None and svc.gate.failure_detail == (
+            "WAL fsync failed: [Errno 5] Input/output error"
+        )
         [failed_fd] = disk.failed_fds
         synced_before = len(disk.synced_fds)
         assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
         assert failed_fd not in disk.synced_fds[synced_before:], "synced the failed file again"
         assert svc.metrics.wal_failures["fsync"] == 1
         await wait_until(lambda: _ready(client), timeout=10)
+        disk.sync_errors = [errno.EIO]
+        assert (await client.post("/increment", json={"key": key, "value": 8})).status_code == 202
+        assert svc.metrics.wal_failures["fsync"] == 2
+        await wait_until(lambda: _ready(client), timeout=10)
         assert svc.server is not None
         assert [c.unreleased for c in svc.server.connections] == [0], "answers still owed"
-    assert await db_totals(db_url, [key]) == {key: 7}
+    assert await db_totals(db_url, [key]) == {key: 15}
 
 
 @contextlib.contextmanager
@@ -301,6 +309,8 @@ async def test_a_refused_increment_keeps_the_connection_header_its_202_had(
         [answer] = await exchange(svc.url, request, 1)
     assert answer.status == 503
     assert answer.headers.get("connection") == answered
+    assert answer.headers["retry-after"] == "1"
+    assert answer.headers["content-type"] == "application/json"
     assert answer.body == (
         b'{"error":"wal_unavailable","detail":"The write-ahead log could not be written, so '
         b'nothing was recorded; retry shortly."}'
@@ -317,24 +327,29 @@ async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
     async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
         disk, gate = inject(svc), svc.gate
         assert gate is not None
+        [accepted] = await exchange(svc.url, batch_request([(unique("ok-"), 1)]), 1)
+        assert accepted.status == 202
         disk.write_error = errno.EIO
         with caplog.at_level("WARNING"):
             answers = await exchange(
                 svc.url, increment_request(unique("a-"), 1) + increment_request(unique("b-"), 1), 2
             )
             assert gate.failure_detail == "WAL write failed: [Errno 5] Input/output error"
+            assert svc.metrics.requests[("increments", 202)] == 1  # the batch before still stands
+            await asyncio.sleep(1.5)  # the first probe fails too: the next one is scheduled
             disk.write_error = 0
             await wait_until(lambda: not gate.failure, timeout=10)
             assert gate.failure_detail == ""
-            disk.write_error = errno.EIO  # a second outage counts from zero
+            disk.write_error = errno.EIO  # a second outage counts from zero, every refusal
             [again] = await exchange(svc.url, increment_request(unique("c-"), 1), 1)
+            [more] = await exchange(svc.url, increment_request(unique("d-"), 1), 1)
             disk.write_error = 0
             await wait_until(lambda: not gate.failure, timeout=10)
-        assert [a.status for a in answers] == [503, 503] and again.status == 503
-        assert svc.metrics.wal_failures["write"] == 2
+        assert [a.status for a in answers] == [503, 503] and again.status == more.status == 503
+        assert svc.metrics.wal_failures["write"] == 3
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert len(lines) == 4, lines  # nothing else, no error from a timer callback either
-    assert lines[3][1].endswith(" s of wal_write_failed; 1 requests were refused meanwhile")
+    assert lines[3][1].endswith(" s of wal_write_failed; 2 requests were refused meanwhile")
     assert lines[0] == (
         "ERROR",
         "WAL write failed: [Errno 5] Input/output error; 2 requests refused with 503; "
@@ -343,5 +358,5 @@ async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
     level, recovered = lines[1]
     assert level == "WARNING", lines
     assert recovered.startswith("WAL healthy again (a probe write succeeded) after ")
-    assert 0.5 < float(recovered.split(" after ")[1].split(" s ")[0]) < 10
+    assert 1.5 < float(recovered.split(" after ")[1].split(" s ")[0]) < 10
     assert recovered.endswith(" s of wal_write_failed; 2 requests were refused meanwhile")

@@ -405,10 +405,7 @@ class PostgresStore:
     def _describe(self, exc: BaseException) -> str:
         """What failed, never empty: asyncpg's timeouts carry no message of their own."""
         if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
-            limit = self.command_timeout
-            return "timed out waiting for an answer" + (
-                f" (command timeout {limit:g} s)" if limit else ""
-            )
+            return f"timed out waiting for an answer (command timeout {self.command_timeout:g} s)"
         return scrub(str(exc), self.dsn) or type(exc).__name__
 
 
