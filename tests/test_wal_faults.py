@@ -157,7 +157,7 @@ async def test_wal_fsync_sends_no_202_before_its_fdatasync_returns(
 
 
 async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_for_the_database(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A failed fdatasync is never retried on its file: later frames go to a new segment, and
     the requests it covered get their 202 only once the database holds their increments; the
@@ -173,6 +173,10 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
         assert svc.gate is not None and svc.gate.failure_detail == (
             "WAL fsync failed: [Errno 5] Input/output error"
         )
+        assert svc.gate.failure == "wal_fsync_failed"
+        said = [r.getMessage() for r in caplog.records if r.name == "incrementer.durability"]
+        assert said[0].startswith("WAL fsync failed: [Errno 5] Input/output error; segment ")
+        assert " connections wait for the database commit of seq " in said[0]
         [failed_fd] = disk.failed_fds
         synced_before = len(disk.synced_fds)
         assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
