@@ -243,6 +243,33 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
     assert totals == ({a: 5, b: 11} if bodies == "same" else {a: 50, b: 10})
 
 
+async def test_after_a_conflict_the_losing_instance_answers_for_the_winning_body(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Two bodies under one key, each unflushed on its own instance: once both have flushed, the
+    instance whose copy lost answers the winning body as a replay and its own body with 422."""
+    a, key = unique(), unique("idem-")
+    bodies: list[Items] = [[(a, 1)], [(a, 100)]]
+    async with (
+        httpx.AsyncClient() as client,
+        instance(tmp_path, db_url, "one", flush_interval=5) as one,
+        instance(tmp_path, db_url, "two", flush_interval=5) as two,
+    ):
+        for svc, items in zip((one, two), bodies, strict=True):
+            assert (await send(client, svc.url, items, key)).status_code == 202
+        for svc in (one, two):
+            assert svc.flusher is not None
+            svc.flusher.stop(float("inf"))  # flush now, as at shutdown
+            await wait_until(lambda s=svc: not s.flusher.pending_keys())
+        lost = 0 if one.metrics.idempotent_settled["conflict"] else 1
+        loser = (one, two)[lost]
+        winning = await send(client, loser.url, bodies[1 - lost], key)
+        own = await send(client, loser.url, bodies[lost], key)
+    assert winning.status_code == 202 and winning.headers[REPLAYED] == "true"
+    assert own.status_code == 422
+    assert await db_totals(db_url, [a]) == {a: dict(bodies[1 - lost])[a]}
+
+
 async def test_concurrent_retries_to_two_instances_are_applied_once(
     tmp_path: Path, db_url: str
 ) -> None:
