@@ -155,3 +155,15 @@ async def test_postgres_connections_carry_the_database_timeout_at_both_ends(pg_u
     assert shown == ["3000", "1", "30s"]
     assert options == [1, 1, 1, 3, 3000]
     assert store.command_timeout == 30.0
+
+
+async def test_an_overflow_is_found_among_many_keys(store: Store, db_url: str) -> None:
+    """A counter that would leave 64 bits is found however many keys the batch has (past the
+    chunks SQLite reads current values in): it alone is parked, the other keys apply."""
+    node, high = unique(), unique("high-")
+    await store.apply_batch(node, 1, {high: INT64_MAX})
+    others = {unique(f"many-{i}-"): 1 for i in range(1_200)}
+    result = await store.apply_batch(node, 2, {**others, high: 1})
+    assert result.applied and result.overflowed == {high: 1}
+    totals = await db_totals(db_url, [high, *list(others)[-3:]])
+    assert totals == {high: INT64_MAX, **dict.fromkeys(list(others)[-3:], 1)}
