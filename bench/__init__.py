@@ -10,6 +10,7 @@ root as a module:
     .venv/bin/python -m bench.spread        # how the kernel spreads connections over N processes
     .venv/bin/python -m bench.limits        # shared rate limits: accuracy, cost, revocation
     .venv/bin/python -m bench.profile_load  # py-spy on the service under wrk
+    .venv/bin/python -m bench.soak          # 30 minutes at half the ceiling: memory, fds, p99, totals
 
 Beneath the scripts, each package imports only those listed after it:
 

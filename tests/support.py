@@ -363,9 +363,15 @@ async def load(
 
 
 async def load_until(
-    url: str, stop: asyncio.Event, keys: list[str], connections: int = 4, pipeline: int = 16
+    url: str,
+    stop: asyncio.Event,
+    keys: list[str],
+    connections: int = 4,
+    pipeline: int = 16,
+    pause: float = 0.0,
 ) -> LoadResult:
-    """Keep sending increments of 1 to random keys until `stop` is set."""
+    """Keep sending increments of 1 to random keys until `stop` is set; `pause` seconds after
+    each connection's rounds (a steady load rather than as fast as the machine allows)."""
     import random
 
     result = LoadResult()
@@ -375,6 +381,8 @@ async def load_until(
         while not stop.is_set():
             items = [(rng.choice(keys), 1) for _ in range(pipeline * 8)]
             await _one_connection(url, items, pipeline, result, stop_on_error=False)
+            if pause:
+                await asyncio.sleep(pause)
 
     await asyncio.gather(*(one(i) for i in range(connections)))
     return result

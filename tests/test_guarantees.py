@@ -26,7 +26,7 @@ from support import (
     wait_until,
 )
 
-from incrementer.store import BackendError, Store
+from incrementer.store import INT64_MAX, INT64_MIN, BackendError, Store
 from incrementer.urls import parse_database_url
 
 
@@ -287,22 +287,30 @@ async def test_a_read_counts_the_persisted_value_the_batch_in_flight_and_the_buf
 
 
 async def test_readyz_follows_an_idle_database_going_away_and_back(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With nothing to flush, the service still notices the database going away (readyz 503,
-    database unavailable) and coming back (readyz 200)."""
+    database unavailable, one log line saying why however many pings fail) and coming back
+    (readyz 200, one line)."""
     async with (
         proxy_to(pg_url) as (proxy, via_proxy),
         run_service(settings_for(tmp_path, via_proxy)) as svc,
         httpx.AsyncClient(base_url=svc.url) as client,
     ):
         await wait_until(lambda: _ready(client))
-        await proxy.cut()
-        await wait_until(lambda: _not_ready_because(client, "database_unavailable"))
-        assert (svc.flusher.db_error or "").startswith("PostgreSQL at"), svc.flusher.db_error
-        assert svc.flusher.pending_keys() == 0
-        await proxy.restore()
-        await wait_until(lambda: _ready(client))
+        with caplog.at_level("INFO", logger="incrementer.flush"):
+            await proxy.cut()
+            await wait_until(lambda: _not_ready_because(client, "database_unavailable"))
+            assert (svc.flusher.db_error or "").startswith("PostgreSQL at"), svc.flusher.db_error
+            assert svc.flusher.pending_keys() == 0
+            failed = svc.metrics.flush_failures
+            await asyncio.sleep(2.5)  # two more pings fail
+            await proxy.restore()
+            await wait_until(lambda: _ready(client))
+    said = [r.getMessage() for r in caplog.records if r.name == "incrementer.flush"]
+    assert len(said) == 2 and failed == svc.metrics.flush_failures == 0, said
+    assert said[0].startswith("database unreachable: PostgreSQL at postgresql://"), said
+    assert said[1] == "database reachable again"
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
@@ -422,3 +430,113 @@ async def test_the_buffer_is_cut_when_it_holds_flush_max_keys_keys(
         assert await db_totals(sqlite_url, [f"{prefix}-{i}" for i in range(3)]) == {
             f"{prefix}-{i}": 1 for i in range(3)
         }
+
+
+async def test_flush_failures_are_counted_and_logged_first_and_every_20th(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the database is gone every failed flush is counted, and logged on the first attempt
+    and every 20th with what failed; the batch lands once the database is back."""
+    key = unique("failing-")
+    async with (
+        proxy_to(pg_url) as (proxy, via_proxy),
+        run_service(settings_for(tmp_path, via_proxy)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        await proxy.cut()
+        with caplog.at_level("WARNING", logger="incrementer.flush"):
+            assert (await client.post("/increment", json={"key": key, "value": 3})).status_code
+            await wait_until(lambda: "(attempt 20)" in caplog.text, timeout=30)
+            await proxy.restore()
+            await wait_until(lambda: totals_are(pg_url, {key: 3}), timeout=15)
+        failures = svc.metrics.flush_failures
+    attempts = [r.getMessage() for r in caplog.records if "flush failed" in r.getMessage()]
+    assert attempts[0].startswith("flush failed (attempt 1), retrying with backoff: PostgreSQL at")
+    assert [a.split(")")[0] for a in attempts] == [
+        f"flush failed (attempt {n}" for n in [1, *range(20, failures + 1, 20)]
+    ]
+    assert 20 <= failures < 40 or len(attempts) > 2, failures
+
+
+async def test_a_flush_the_database_never_answers_is_reported_within_the_timeout(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that takes the flush and never answers (frozen link): after --database-timeout
+    the log says so and /readyz says database_unresponsive while the flush still waits; once the
+    statement bound abandons it, the batch is retried on a new connection and lands once."""
+    key = unique("silent-")
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        settings = settings_for(tmp_path, via_proxy, database_timeout=0.5)
+        async with (
+            run_service(settings) as svc,
+            httpx.AsyncClient(base_url=svc.url) as client,
+        ):
+            proxy.freeze()
+            with caplog.at_level("WARNING", logger="incrementer.flush"):
+                await client.post("/increment", json={"key": key, "value": 2})
+                await wait_until(lambda: _not_ready_because(client, "database_unresponsive"))
+                said = [r.getMessage() for r in caplog.records]
+                assert any(
+                    m.startswith("database unresponsive: no answer to the flush of batch seq=")
+                    and m.endswith("within 0.5 s (--database-timeout); still waiting")
+                    for m in said
+                ), said
+                assert svc.flusher.inflight is not None
+                proxy.frozen = False
+                await wait_until(lambda: totals_are(pg_url, {key: 2}), timeout=20)
+                await wait_until(lambda: _ready(client))
+
+
+async def test_an_idle_database_that_stops_answering_pings_is_unresponsive(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing to flush, a database whose link goes silent fails the next ping after
+    --database-timeout: /readyz says database_unresponsive and the log says why."""
+    async with proxy_to(pg_url) as (proxy, via_proxy):
+        settings = settings_for(tmp_path, via_proxy, database_timeout=0.5)
+        async with (
+            run_service(settings) as svc,
+            httpx.AsyncClient(base_url=svc.url) as client,
+        ):
+            await wait_until(lambda: _ready(client))
+            with caplog.at_level("WARNING", logger="incrementer.flush"):
+                proxy.freeze()
+                await wait_until(lambda: _not_ready_because(client, "database_unresponsive"))
+            assert svc.flusher.db_error == "no answer to a ping within 0.5 s (--database-timeout)"
+            reasons = (await client.get("/readyz")).json()["reasons"]
+            assert reasons[0]["for_seconds"] < 10, reasons  # since the failure, not the boot
+            said = [r.getMessage() for r in caplog.records if r.name == "incrementer.flush"]
+            assert said == [
+                "database unresponsive: no answer to a ping within 0.5 s (--database-timeout)"
+            ]
+
+
+async def test_a_projection_adds_each_pending_delta_by_the_rule_the_flush_applies(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Flusher.project(), which reads answer with: the batch in flight counts only when its seq is
+    above the snapshot's applied seq; a delta landing a counter exactly on a 64-bit bound is
+    added, one past it is set aside as overflow, and the overflows of the batch in flight and of
+    the buffer add up; a key with nothing pending is not pending."""
+    key, low, high = unique("proj-"), unique("low-"), unique("high-")
+    settings = settings_for(tmp_path, sqlite_url, allow_negative=True)
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        assert (await client.post("/increment", json={"key": key, "value": 5})).status_code == 202
+        await wait_until(lambda: svc.flusher.inflight is not None and svc.metrics.flush_failures)
+        for name, value in ((key, 7), (low, INT64_MIN), (high, INT64_MAX)):
+            answer = await client.post("/increment", json={"key": name, "value": value})
+            assert answer.status_code == 202
+        flusher = svc.flusher
+        assert flusher.inflight is not None
+        seq = flusher.inflight.seq
+        assert flusher.project(key, seq - 1, 0) == (12, 0, True)
+        assert flusher.project(key, seq, 0) == (7, 0, True)
+        assert flusher.project(key, seq, INT64_MAX - 7) == (INT64_MAX, 0, True)
+        assert flusher.project(key, seq, INT64_MAX - 6) == (INT64_MAX - 6, 7, True)
+        assert flusher.project(key, seq - 1, INT64_MAX) == (INT64_MAX, 12, True)
+        assert flusher.project(low, seq, 0) == (INT64_MIN, 0, True)
+        assert flusher.project(high, seq, 0) == (INT64_MAX, 0, True)
+        assert flusher.project(unique(), seq - 1, 3) == (3, 0, False)
+        await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+        await wait_until(lambda: totals_are(sqlite_url, {key: 12, low: INT64_MIN, high: INT64_MAX}))

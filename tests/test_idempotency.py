@@ -207,10 +207,11 @@ async def test_retry_to_a_second_instance_is_applied_once(tmp_path: Path, db_url
 
 @pytest.mark.parametrize("bodies", ["same", "different"])
 async def test_copies_unflushed_on_two_instances_are_applied_once(
-    tmp_path: Path, db_url: str, bodies: str
+    tmp_path: Path, db_url: str, bodies: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Both instances take the key in before either flushes: both say 202 (neither can know),
-    and the flush transaction applies the first copy to commit, never both."""
+    and the flush transaction applies the first copy to commit, never both; the later copy is
+    counted as a duplicate, or, with another body, as one conflict, logged with the key."""
     a, b, key = unique(), unique(), unique("idem-")
     first: Items = [(a, 5), (b, 1)]
     second = first if bodies == "same" else [(a, 50)]
@@ -223,11 +224,50 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
         answers.append(await send(client, two.url, second, key))
         # a plain increment beside the copy, in the same flush, must still count
         await client.post(two.url + "/increments", json=[{"key": b, "value": 10}])
+        settled = one.metrics.idempotent_settled
     # Both stopped, "two" first: its final flush commits its copy, "one"'s then finds the key.
+    outcome = "duplicate" if bodies == "same" else "conflict"
+    assert settled[outcome] == 1 and settled["applied"] == 0, settled
+    conflicts = [r.getMessage() for r in caplog.records if "another body" in r.getMessage()]
+    assert conflicts == (
+        []
+        if bodies == "same"
+        else [
+            f"idempotency key {key!r} was applied before with another body; this batch of 2 "
+            "keys (accepted while the first was unflushed elsewhere) was not applied"
+        ]
+    )
     assert [r.status_code for r in answers] == [202, 202]
     assert not any(REPLAYED in r.headers for r in answers)
     totals = await db_totals(db_url, [a, b])
     assert totals == ({a: 5, b: 11} if bodies == "same" else {a: 50, b: 10})
+
+
+async def test_after_a_conflict_the_losing_instance_answers_for_the_winning_body(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Two bodies under one key, each unflushed on its own instance: once both have flushed, the
+    instance whose copy lost answers the winning body as a replay and its own body with 422."""
+    a, key = unique(), unique("idem-")
+    bodies: list[Items] = [[(a, 1)], [(a, 100)]]
+    async with (
+        httpx.AsyncClient() as client,
+        instance(tmp_path, db_url, "one", flush_interval=5) as one,
+        instance(tmp_path, db_url, "two", flush_interval=5) as two,
+    ):
+        for svc, items in zip((one, two), bodies, strict=True):
+            assert (await send(client, svc.url, items, key)).status_code == 202
+        for svc in (one, two):
+            assert svc.flusher is not None
+            svc.flusher.stop(float("inf"))  # flush now, as at shutdown
+            await wait_until(lambda s=svc: not s.flusher.pending_keys())
+        lost = 0 if one.metrics.idempotent_settled["conflict"] else 1
+        loser = (one, two)[lost]
+        winning = await send(client, loser.url, bodies[1 - lost], key)
+        own = await send(client, loser.url, bodies[lost], key)
+    assert winning.status_code == 202 and winning.headers[REPLAYED] == "true"
+    assert own.status_code == 422
+    assert await db_totals(db_url, [a]) == {a: dict(bodies[1 - lost])[a]}
 
 
 async def test_concurrent_retries_to_two_instances_are_applied_once(
@@ -340,7 +380,8 @@ async def test_database_down_takes_batches_unchecked_and_settles_them_once(
     tmp_path: Path, pg_url: str
 ) -> None:
     """With the database unreachable a known-elsewhere key cannot be looked up: the batch is
-    taken in (202), and its flush, once the database is back, finds the key and leaves it out."""
+    taken in (202), and its flush, once the database is back, finds the key and leaves it out;
+    from then on this instance knows the key, and a retry during the next outage is a replay."""
     a, key = unique(), unique("idem-")
     async with (
         proxy_to(pg_url) as (proxy, proxied_url),
@@ -358,9 +399,38 @@ async def test_database_down_takes_batches_unchecked_and_settles_them_once(
         duplicates = await metric(
             client, two.url, 'incrementer_idempotent_batches_settled_total{result="duplicate"}'
         )
+        await proxy.cut()
+        await wait_until(lambda: two.flusher is not None and two.flusher.db_error is not None)
+        remembered = await send(client, two.url, [(a, 4)], key)
+        await proxy.restore()
     assert unchecked.status_code == 202 and REPLAYED not in unchecked.headers
+    assert remembered.status_code == 202 and remembered.headers[REPLAYED] == "true"
     assert duplicates == 1
     assert await db_totals(pg_url, [a]) == {a: 4}
+
+
+async def test_a_flushed_batch_is_remembered_through_a_database_outage(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Once its flush has applied a keyed batch, the instance remembers the key with the batch's
+    digest: during a later outage a retry is a replay and other increments under it get 422,
+    with no database to ask."""
+    a, key = unique(), unique("idem-")
+    async with (
+        proxy_to(pg_url) as (proxy, proxied_url),
+        instance(tmp_path, proxied_url, "one") as one,
+        httpx.AsyncClient() as client,
+    ):
+        await send(client, one.url, [(a, 2)], key)
+        await wait_until(lambda: one.flusher is not None and not one.flusher.pending_keys())
+        await proxy.cut()
+        await wait_until(lambda: one.flusher is not None and one.flusher.db_error is not None)
+        retry = await send(client, one.url, [(a, 2)], key)
+        other = await send(client, one.url, [(a, 3)], key)
+        await proxy.restore()
+    assert retry.status_code == 202 and retry.headers[REPLAYED] == "true"
+    assert other.status_code == 422
+    assert await db_totals(pg_url, [a]) == {a: 2}
 
 
 # --- the store and the WAL on their own ---------------------------------------------------------
@@ -432,6 +502,20 @@ def test_ledger_forgets_settled_keys_after_the_window() -> None:
     ledger.settle("d", "d4", now=13.0)  # past the limit: the oldest settled key goes
     assert ledger.known("b", now=13.0) is None
     assert ledger.known("p", now=13.0) == "d0"
+
+
+def test_ledger_expiry_counts_every_key_gone_and_keeps_one_exactly_at_the_window() -> None:
+    """expire() removes every settled key older than the window and says how many; a key
+    exactly as old as the window stays; releasing a key never held is harmless."""
+    ledger = Ledger(window=10.0, limit=10)
+    for key, when in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+        ledger.settle(key, "d", now=when)
+    assert ledger.expire(now=12.0) == 2
+    assert ledger.known("c", now=12.0) == "d"
+    ledger.release(["never-held"])
+    ledger.hold("held", "d")
+    ledger.release(["held"])
+    assert ledger.known("held", now=12.0) is None
 
 
 def test_settings_reject_a_window_that_is_not_positive() -> None:

@@ -213,6 +213,11 @@ async def test_list_keys_by_prefix(store: Store) -> None:
     assert await listed(f"{base}a_", 100) == [(f"{base}a_1", 2)]
     assert [k for k, _ in await listed(base, 2)] == sorted(keys)[:2]
     assert await listed(unique(), 10) == []
+    # A prefix with no upper bound (all U+10FFFF) is listed from the prefix up.
+    top = "\U0010ffff\U0010ffff"
+    await store.apply_batch(unique("top-"), 1, {top + base: 5, top + base + "z": 6})
+    assert (top + base, 5) in await listed(top, 1000)
+    assert len(await listed(top, 1)) == 1
 
 
 async def test_ping(store: Store) -> None:
@@ -476,6 +481,8 @@ def test_prefix_upper_bound() -> None:
     assert prefix_upper_bound("a\U0010ffff") == "b"
     assert prefix_upper_bound("\U0010ffff") is None
     assert prefix_upper_bound("a\ud7ff") == "a\ue000"
+    assert prefix_upper_bound("aX") == "aY"  # only U+10FFFF is stripped, not its neighbours
+    assert prefix_upper_bound("a\udffe") == "a\ue000"
 
 
 async def test_keys_with_separators_and_empty_keys_land_exactly(store: Store) -> None:

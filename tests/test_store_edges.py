@@ -89,3 +89,82 @@ def test_a_password_holding_at_signs_and_colons_is_redacted_whole() -> None:
     """redact_url hides the whole password, '@' and ':' in it included, and keeps the user."""
     url = "postgresql://app:p@ss:w@rd@db.example:5432/counters"
     assert redact_url(url) == "postgresql://app:***@db.example:5432/counters"
+
+
+def test_a_postgres_error_is_described_never_empty() -> None:
+    """A timeout says it timed out and after how long (asyncpg's carry no message, also when one
+    causes another error); another error without a message is named by its type."""
+    from incrementer.store.postgres import PostgresStore
+
+    store = PostgresStore("postgresql://u:secret@db.example/x", timeout=2.0)
+    waited = "timed out waiting for an answer (command timeout 20 s)"
+    assert store._describe(TimeoutError()) == waited
+    caused = ConnectionError()
+    caused.__context__ = TimeoutError()
+    assert store._describe(caused) == waited
+    assert store._describe(ConnectionError()) == "ConnectionError"
+    assert (
+        store._describe(OSError("refused by u:secret@db.example")) == "refused by u:***@db.example"
+    )
+
+
+def test_overflowed_deltas_are_summed_exactly() -> None:
+    """The comma-joined deltas of counter_overflows sum exactly, past 64 bits and with signs."""
+    from incrementer.store.base import sum_deltas
+
+    assert sum_deltas(None) == 0 and sum_deltas("") == 0
+    assert sum_deltas(f"{2**63},{2**63},-1") == 2**64 - 1
+
+
+async def test_postgres_connections_carry_the_database_timeout_at_both_ends(pg_url: str) -> None:
+    """With --database-timeout 3: each pooled socket has keepalive (a probe after 1 s idle, then
+    every 1 s, 3 of them) and TCP_USER_TIMEOUT 3000 ms; the server's end has the same limits and a
+    30 s statement_timeout; a connection attempt is bounded at 1.5 s."""
+    import socket
+
+    from incrementer.store import pglink
+    from incrementer.store.postgres import PostgresStore
+
+    assert pglink.server_settings(3.0) == {
+        "tcp_user_timeout": "3000",
+        "tcp_keepalives_idle": "1",
+        "tcp_keepalives_interval": "1",
+        "tcp_keepalives_count": "3",
+        "statement_timeout": "30000",
+    }
+    assert (pglink.connect_timeout(3.0), pglink.statement_timeout(3.0)) == (1.5, 30.0)
+    assert pglink.server_settings(0.2)["tcp_keepalives_idle"] == "1"  # whole seconds, at least 1
+    assert pglink.server_settings(10.0)["tcp_keepalives_interval"] == "3"
+    store = PostgresStore(pg_url, timeout=3.0)
+    await store.open()
+    try:
+        async with store._connection() as conn:
+            shown = [
+                await conn.fetchval(f"SHOW {name}")
+                for name in ("tcp_user_timeout", "tcp_keepalives_idle", "statement_timeout")
+            ]
+            sock = conn._transport.get_extra_info("socket")
+            options = [
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            ]
+    finally:
+        await store.close()
+    assert shown == ["3000", "1", "30s"]
+    assert options == [1, 1, 1, 3, 3000]
+    assert store.command_timeout == 30.0
+
+
+async def test_an_overflow_is_found_among_many_keys(store: Store, db_url: str) -> None:
+    """A counter that would leave 64 bits is found however many keys the batch has (past the
+    chunks SQLite reads current values in): it alone is parked, the other keys apply."""
+    node, high = unique(), unique("high-")
+    await store.apply_batch(node, 1, {high: INT64_MAX})
+    others = {unique(f"many-{i}-"): 1 for i in range(1_200)}
+    result = await store.apply_batch(node, 2, {**others, high: 1})
+    assert result.applied and result.overflowed == {high: 1}
+    totals = await db_totals(db_url, [high, *list(others)[-3:]])
+    assert totals == {high: INT64_MAX, **dict.fromkeys(list(others)[-3:], 1)}

@@ -11,12 +11,24 @@ import pytest
 
 from incrementer.ingest.sequence import MemorySequence
 from incrementer.ingest.wal import (
+    SegmentIO,
     WalCorruptError,
     WalLockedError,
     WriteAheadLog,
     summarize,
 )
-from incrementer.ingest.wal_reader import HEADER, segment_name
+from incrementer.ingest.wal_reader import (
+    BATCH_RANGE,
+    ENTRIES_LEN,
+    ENTRY,
+    HEADER,
+    MAGIC,
+    SEQ,
+    count_entries,
+    decode_payload,
+    scan_segment,
+    segment_name,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -287,6 +299,37 @@ def _flip_last_payload_byte(path: Path) -> int:
 
 
 @pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data, last: data[: last + 7], "incomplete frame header"),
+        (lambda data, last: data[: last + HEADER.size], "incomplete payload"),
+        (lambda data, last: data + bytes(HEADER.size), "zeros instead of a frame"),
+        (lambda data, last: data + b"not a frame header at all", "bad magic"),
+        (lambda data, last: data[:-1] + bytes([data[-1] ^ 0x40]), "crc mismatch"),
+    ],
+    ids=["short-header", "header-only", "zeros", "garbage", "flipped"],
+)
+def test_a_scan_names_the_damage_its_offset_and_the_bytes_left(
+    tmp_path: Path, damage: Callable[[bytes, int], bytes], reason: str
+) -> None:
+    """scan_segment() says what is wrong with a damaged tail (a header cut short, a header with no
+    payload, zeros, garbage, a bad crc), where it starts and how many bytes follow, and that no
+    valid frame follows it."""
+    path = _log_with_frames(tmp_path)
+    data = path.read_bytes()
+    last = frame_offsets(path)[-1]
+    damaged = damage(data, last)
+    path.write_bytes(damaged)
+    scan = scan_segment(path, 1)
+    offset = min(last if len(damaged) <= len(data) else len(data), len(damaged))
+    left = len(damaged) - offset
+    assert scan.describe_damage() == (
+        f"{path}: {reason} at byte offset {offset} ({left} bytes to the end of the file)"
+    )
+    assert scan.tail_only and scan.resume_offset is None
+
+
+@pytest.mark.parametrize(
     "tear", [_tear_mid_header, _tear_mid_payload, _flip_last_payload_byte], ids=lambda f: f.__name__
 )
 def test_torn_last_frame_is_dropped_with_a_warning(
@@ -437,12 +480,15 @@ def test_torn_non_last_segment_is_refused(tmp_path: Path) -> None:
 
 
 def test_seq_gap_inside_a_segment_is_refused(tmp_path: Path) -> None:
-    """A missing frame in the middle of a segment (valid crcs, wrong seq) raises."""
+    """A missing frame in the middle of a segment (valid crcs, wrong seq) raises, and a summary
+    says which seq came where which was expected."""
     path = _log_with_frames(tmp_path)
     offsets = frame_offsets(path)
     data = path.read_bytes()
     path.write_bytes(data[: offsets[1]] + data[offsets[2] :])
     _assert_refused(tmp_path, path, offsets[1])
+    [problem] = summarize(tmp_path).problems
+    assert problem.startswith(f"{path}: frame seq 3 where seq 2 was expected at byte offset ")
 
 
 @pytest.mark.parametrize("first", [3, 4], ids=["below", "at"])
@@ -510,6 +556,47 @@ def test_summarize_reports_damage_instead_of_raising(tmp_path: Path) -> None:
     assert summary.torn_tail is None
     assert len(summary.problems) == 1 and f"byte offset {offset}" in summary.problems[0]
     assert summary.frames == 1
+
+
+def test_summarize_counts_what_is_pending_above_the_applied_seq(tmp_path: Path) -> None:
+    """With the database's applied seq, summarize() counts the frames and increments above it,
+    per segment and in total; without it, it counts none."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, FRAMES)
+    summary = summarize(tmp_path, applied_seq=2)
+    assert [(s.pending_frames, s.pending_records) for s in summary.segments] == [
+        (0, 0), (0, 0), (1, 2), (1, 1),
+    ]  # fmt: skip
+    assert (summary.applied_seq, summary.pending_frames, summary.pending_records) == (2, 2, 3)
+    unasked = summarize(tmp_path)
+    assert (unasked.applied_seq, unasked.pending_frames, unasked.pending_records) == (None,) * 3
+    assert {(s.pending_frames, s.pending_records) for s in unasked.segments} == {(None, None)}
+    one = tmp_path / "one"
+    _log_with_frames(one)
+    [segment] = summarize(one, applied_seq=1).segments
+    assert (segment.frames, segment.records, segment.pending_frames, segment.pending_records) == (
+        4, 8, 3, 6,
+    )  # fmt: skip
+
+
+def test_summarize_names_overlapping_and_empty_segments(tmp_path: Path) -> None:
+    """A segment starting at the previous one's last seq, and an empty segment with later ones
+    after it, are each reported as a problem naming the file (open() would refuse them)."""
+    _log_with_frames(tmp_path)
+    other = tmp_path / "other"
+    with WriteAheadLog.open(other) as wal:
+        wal.advance_to(3)
+        write_frames(wal, [[("dup", 1)]])
+    overlapping = tmp_path / segment_name(4)
+    overlapping.write_bytes((other / segment_name(4)).read_bytes())
+    empty = tmp_path / segment_name(2)
+    empty.write_bytes(b"")
+    summary = summarize(tmp_path)
+    assert summary.problems == [
+        f"{empty}: no frames, yet later segments exist",
+        f"{overlapping}: starts at seq 4, not after seq 4",
+    ]
+    assert (summary.first_seq, summary.last_seq, summary.frames) == (1, 4, 5)
 
 
 def test_summary_encodes_as_json(tmp_path: Path) -> None:
@@ -582,3 +669,152 @@ def test_memory_sequence_io_is_a_no_op() -> None:
     assert seq.written_bytes == seq.synced_bytes == 0
     seq.close()
     assert seq.seal() == 1
+
+
+def test_abandoning_the_segment_moves_the_next_write_to_a_new_one(tmp_path: Path) -> None:
+    """abandon_segment() returns the last seq written (0 before any) and the next write goes to
+    a new segment, the abandoned one left as it was."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.abandon_segment() == 0
+        write_frames(wal, FRAMES[:2])
+        assert wal.abandon_segment() == 2
+        before = (tmp_path / segment_name(1)).read_bytes()
+        write_frames(wal, FRAMES[2:])
+    assert segments(tmp_path) == [segment_name(1), segment_name(3)]
+    assert (tmp_path / segment_name(1)).read_bytes() == before
+    assert replay_all(tmp_path) == list(enumerate(FRAMES, start=1))
+
+
+class _RefusingIO(SegmentIO):
+    """Writes fail while `failing`."""
+
+    failing = True
+
+    def write(self, fd: int, data: memoryview) -> int:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        return super().write(fd, data)
+
+
+def test_a_failed_write_returns_every_unwritten_frame_and_its_seqs_are_reused(
+    tmp_path: Path,
+) -> None:
+    """After a failed write, discard_unwritten() returns the entries of every frame not handed
+    to the OS (two sealed ones and the open one) and the next frames take their seqs; after a
+    second failure the same holds from there, and the log on disk stays gapless."""
+    with WriteAheadLog.open(tmp_path, segment_bytes=1) as wal:
+        write_frames(wal, [FRAMES[0]])
+        io = _RefusingIO()
+        wal.io = io
+        for entries in FRAMES[1:3]:
+            for key, value in entries:
+                wal.append(key.encode(), value)
+            wal.seal()
+        wal.append(b"open", 7)
+        with pytest.raises(OSError):
+            wal.write()
+        entries, keys = wal.discard_unwritten()
+        assert entries == [*FRAMES[1], *FRAMES[2], ("open", 7)] and keys == []
+        with pytest.raises(OSError):
+            write_frames(wal, [FRAMES[3]])
+        assert wal.discard_unwritten() == (FRAMES[3], [])
+        io.failing = False
+        write_frames(wal, [FRAMES[3]])
+        assert wal.last_seq == 2
+    assert replay_all(tmp_path) == [(1, FRAMES[0]), (2, FRAMES[3])]
+
+
+def _entry(key: bytes, value: int) -> bytes:
+    return ENTRY.pack(len(key), value) + key
+
+
+def _keyed(entries: bytes, records: bytes) -> bytes:
+    return ENTRIES_LEN.pack(len(entries)) + entries + records
+
+
+_ENTRIES = _entry(b"ab", 1) + _entry(b"c", -2)
+_RECORD = b"\x01K" + bytes(32)  # a batch record up to its range: key "K", a digest
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"\x00\x00", "truncated entries length at byte offset 3"),
+        (
+            ENTRIES_LEN.pack(99) + _ENTRIES,
+            "entries length runs past the payload end at byte offset 3",
+        ),
+        (_keyed(_ENTRIES[:5], b""), "truncated entry at byte offset 7"),
+        (
+            _keyed(_entry(b"ab", 1)[:-1], b""),
+            "entry key runs past the payload end at byte offset 18",
+        ),
+    ],
+    ids=["short-length", "long-length", "short-entry", "short-key"],
+)
+def test_counting_a_malformed_keyed_payload_says_where(payload: bytes, error: str) -> None:
+    """count_entries() refuses a keyed payload whose parts do not fit, naming the byte offset
+    in the buffer (here 3: the payload sits after three other bytes)."""
+    buf = b"pre" + payload
+    with pytest.raises(ValueError, match=f"^{error}$"):
+        count_entries(buf, 3, len(buf), keyed=True)
+
+
+def test_counting_payloads_that_fit_exactly() -> None:
+    """Payloads whose parts end exactly at the payload's end are counted, keyed or not (plain is
+    the default)."""
+    buf = b"pre" + _ENTRIES
+    assert count_entries(buf, 3, len(buf)) == 2
+    for entries, count in ((b"", 0), (_ENTRIES, 2)):
+        keyed = b"pre" + _keyed(entries, b"")
+        assert count_entries(keyed, 3, len(keyed), keyed=True) == count
+
+
+@pytest.mark.parametrize(
+    ("records", "error"),
+    [
+        (_RECORD + b"\x00" * 7, "batch record runs past the payload end at offset 27"),
+        (_RECORD + BATCH_RANGE.pack(10, 20), "batch record at offset 27 points past the entries"),
+    ],
+    ids=["short-record", "range-past-entries"],
+)
+def test_decoding_a_malformed_batch_record_says_where(records: bytes, error: str) -> None:
+    """decode_payload() refuses a keyed payload whose batch record is cut short or points past
+    the entries, naming the record's offset."""
+    with pytest.raises(ValueError, match=f"^{error}$"):
+        decode_payload(_keyed(_ENTRIES, records), keyed=True)
+    whole = BATCH_RANGE.pack(0, len(_ENTRIES))
+    entries, [batch] = decode_payload(_keyed(_ENTRIES, _RECORD + whole), keyed=True)
+    assert entries == batch.entries == [("ab", 1), ("c", -2)] and batch.key == "K"
+
+
+def test_a_frame_with_a_good_crc_and_a_malformed_payload_is_a_problem(tmp_path: Path) -> None:
+    """A frame whose crc holds but whose payload cannot be read (written by a bug, never by a
+    torn write) is counted as a frame of no increments and named as a problem."""
+    import zlib
+
+    payload = ENTRY.pack(5, 1) + b"ab"  # a key of 5 bytes with 2 present
+    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
+    path = tmp_path / segment_name(1)
+    path.write_bytes(HEADER.pack(MAGIC, len(payload), 1, crc) + payload)
+    summary = summarize(tmp_path)
+    assert (summary.frames, summary.records, summary.last_seq) == (1, 0, 1)
+    assert summary.problems == [
+        f"{path}: frame seq 1: malformed payload: entry key runs past the payload end at byte "
+        f"offset {HEADER.size + len(payload)}"
+    ]
+
+
+def test_a_scan_after_damage_names_the_first_valid_frame_that_follows(tmp_path: Path) -> None:
+    """Damage followed by two valid frames: the scan resumes at the first of them, not the
+    last, and says the damage is not a torn tail."""
+    path = _log_with_frames(tmp_path)
+    offsets = frame_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[offsets[1] + HEADER.size] ^= 0x01  # frame 2's payload: its crc fails
+    path.write_bytes(bytes(data))
+    scan = scan_segment(path, 1)
+    assert (scan.damage, scan.damage_offset, scan.resume_offset) == (
+        "crc mismatch", offsets[1], offsets[2],
+    )  # fmt: skip
+    assert not scan.tail_only

@@ -157,10 +157,11 @@ async def test_wal_fsync_sends_no_202_before_its_fdatasync_returns(
 
 
 async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_for_the_database(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A failed fdatasync is never retried on its file: later frames go to a new segment, and
-    the requests it covered get their 202 only once the database holds their increments."""
+    the requests it covered get their 202 only once the database holds their increments; the
+    failure is counted once per failed fsync and kept with its errno for /readyz."""
     key = unique("fsync-")
     settings = settings_for(tmp_path, db_url, durability="wal-fsync")
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
@@ -169,15 +170,26 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
         disk.sync_errors = [errno.EIO]
         assert (await client.post("/increment", json={"key": key, "value": 2})).status_code == 202
         assert await db_totals(db_url, [key]) == {key: 3}, "answered before it was durable"
+        assert svc.gate is not None and svc.gate.failure_detail == (
+            "WAL fsync failed: [Errno 5] Input/output error"
+        )
+        assert svc.gate.failure == "wal_fsync_failed"
+        said = [r.getMessage() for r in caplog.records if r.name == "incrementer.durability"]
+        assert said[0].startswith("WAL fsync failed: [Errno 5] Input/output error; segment ")
+        assert " connections wait for the database commit of seq " in said[0]
         [failed_fd] = disk.failed_fds
         synced_before = len(disk.synced_fds)
         assert (await client.post("/increment", json={"key": key, "value": 4})).status_code == 202
         assert failed_fd not in disk.synced_fds[synced_before:], "synced the failed file again"
         assert svc.metrics.wal_failures["fsync"] == 1
         await wait_until(lambda: _ready(client), timeout=10)
+        disk.sync_errors = [errno.EIO]
+        assert (await client.post("/increment", json={"key": key, "value": 8})).status_code == 202
+        assert svc.metrics.wal_failures["fsync"] == 2
+        await wait_until(lambda: _ready(client), timeout=10)
         assert svc.server is not None
         assert [c.unreleased for c in svc.server.connections] == [0], "answers still owed"
-    assert await db_totals(db_url, [key]) == {key: 7}
+    assert await db_totals(db_url, [key]) == {key: 15}
 
 
 @contextlib.contextmanager
@@ -301,3 +313,82 @@ async def test_a_failed_write_takes_increments_back_out_of_their_buckets(
             assert series["sum"] == 1
             assert [p for p in series["points"] if p[1]] == [[at - at % 60, 1]]
             await wait_until(lambda: db_totals(db_url, [key]))
+
+
+@pytest.mark.parametrize(
+    ("connection", "answered"),
+    [
+        (b"", None),
+        (b"Connection: close\r\n", "close"),
+        (b"Connection: keep-alive\r\n", "keep-alive"),
+    ],
+    ids=["keep-alive-1.1", "close", "keep-alive-1.0"],
+)
+async def test_a_refused_increment_keeps_the_connection_header_its_202_had(
+    tmp_path: Path, sqlite_url: str, connection: bytes, answered: str | None
+) -> None:
+    """The 503 that replaces the 202 of an increment whose WAL write failed says in full that
+    nothing was recorded, and carries the Connection header the 202 would have: none on HTTP/1.1
+    keep-alive, close when the client asked, keep-alive for an HTTP/1.0 keep-alive client."""
+    version = b"1.0" if connection == b"Connection: keep-alive\r\n" else b"1.1"
+    body = b'{"key":"%s","value":1}' % unique("refused-").encode()
+    request = (
+        b"POST /increment HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n" % (version, len(body), connection)
+    ) + body
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        inject(svc).write_error = errno.EIO
+        [answer] = await exchange(svc.url, request, 1)
+    assert answer.status == 503
+    assert answer.headers.get("connection") == answered
+    assert answer.headers["retry-after"] == "1"
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.body == (
+        b'{"error":"wal_unavailable","detail":"The write-ahead log could not be written, so '
+        b'nothing was recorded; retry shortly."}'
+    )
+
+
+async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One failed WAL write refusing two pipelined increments: one error line saying what failed
+    and how many requests were refused, one failure counted, the detail kept for /readyz; a
+    probe write a second later succeeds and one line says so, with how long the outage lasted,
+    its code and the requests refused meanwhile. A second outage counts its own."""
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        disk, gate = inject(svc), svc.gate
+        assert gate is not None
+        [accepted] = await exchange(svc.url, batch_request([(unique("ok-"), 1)]), 1)
+        assert accepted.status == 202
+        disk.write_error = errno.EIO
+        with caplog.at_level("WARNING"):
+            answers = await exchange(
+                svc.url, increment_request(unique("a-"), 1) + increment_request(unique("b-"), 1), 2
+            )
+            assert gate.failure_detail == "WAL write failed: [Errno 5] Input/output error"
+            assert svc.metrics.requests[("increments", 202)] == 1  # the batch before still stands
+            await asyncio.sleep(1.5)  # the first probe fails too: the next one is scheduled
+            disk.write_error = 0
+            await wait_until(lambda: not gate.failure, timeout=10)
+            assert gate.failure_detail == ""
+            disk.write_error = errno.EIO  # a second outage counts from zero, every refusal
+            [again] = await exchange(svc.url, increment_request(unique("c-"), 1), 1)
+            [more] = await exchange(svc.url, increment_request(unique("d-"), 1), 1)
+            disk.write_error = 0
+            await wait_until(lambda: not gate.failure, timeout=10)
+        assert [a.status for a in answers] == [503, 503] and again.status == more.status == 503
+        assert svc.metrics.wal_failures["write"] == 3
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 4, lines  # nothing else, no error from a timer callback either
+    assert lines[3][1].endswith(" s of wal_write_failed; 2 requests were refused meanwhile")
+    assert lines[0] == (
+        "ERROR",
+        "WAL write failed: [Errno 5] Input/output error; 2 requests refused with 503; "
+        "probing once a second until it succeeds",
+    )
+    level, recovered = lines[1]
+    assert level == "WARNING", lines
+    assert recovered.startswith("WAL healthy again (a probe write succeeded) after ")
+    assert 1.5 < float(recovered.split(" after ")[1].split(" s ")[0]) < 10
+    assert recovered.endswith(" s of wal_write_failed; 2 requests were refused meanwhile")

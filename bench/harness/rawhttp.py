@@ -32,10 +32,13 @@ async def request(
     body: bytes = b"",
     api_key: str = "",
     timeout: float = TIMEOUT,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """One request with `Connection: close`: status and body. A body goes as JSON; with
-    `api_key`, `Authorization: Bearer` it (/metrics needs a key when the service runs with auth)."""
+    `api_key`, `Authorization: Bearer` it (/metrics needs a key when the service runs with auth);
+    `headers` are added as they are."""
     auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+    auth += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     content = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(*address(url))

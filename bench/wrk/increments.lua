@@ -6,6 +6,7 @@
 --             10mkeys  POST /increment, keys drawn at random from 10,000,000: almost every
 --                      request adds a row (per-user counters)
 --             batch    POST /increments, arrays of BATCH (default 50) random keys of the 100k
+--             keys:N   POST /increment, keys drawn at random from PREFIX0 .. PREFIX(N-1)
 --   PREFIX    prefix of every key, distinct per run, so the database totals can be summed
 --   SEED      math.randomseed, so a run is reproducible
 --   KEY       API key: every request carries "Authorization: Bearer KEY" (none when absent)
@@ -19,6 +20,7 @@ local KEYSPACE = 100000
 local KEYSPACE_10M = 10000000
 
 local scenario, prefix, batch_size, path
+local keyspace                   -- keys:N: N
 local hot_requests = {}          -- 10keys: the ten requests, built once
 local n = 0                      -- requests built by this thread
 -- Per thread, and global so that done(), in the main Lua state, can read them with thread:get().
@@ -54,6 +56,9 @@ local function configure(args)
     end
   elseif scenario == "100kkeys" or scenario == "10mkeys" then
     path, value_per_request = "/increment", 1
+  elseif scenario:match("^keys:%d+$") then
+    path, value_per_request = "/increment", 1
+    keyspace = tonumber(scenario:sub(6))
   elseif scenario == "batch" then
     path, value_per_request = "/increments", batch_size
   else
@@ -79,6 +84,9 @@ function request()
     return wrk.format(nil, path, nil, body)
   elseif scenario == "10mkeys" then
     local body = '{"key":' .. json_key(math.random(0, KEYSPACE_10M - 1)) .. ',"value":1}'
+    return wrk.format(nil, path, nil, body)
+  elseif keyspace then
+    local body = '{"key":' .. json_key(math.random(0, keyspace - 1)) .. ',"value":1}'
     return wrk.format(nil, path, nil, body)
   end
   local items = {}

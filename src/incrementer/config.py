@@ -74,6 +74,7 @@ class Settings:
     request_timeout: float = 10.0
     shutdown_timeout: float = 10.0
     lag_bound: float = 10.0
+    database_timeout: float = 3.0
     auth: str = "auto"
     insecure_no_auth: bool = False
     auth_refresh: float = 10.0
@@ -126,6 +127,7 @@ class Settings:
             "shutdown_timeout",
             "lag_bound",
             "idempotency_window",
+            "database_timeout",
         ):
             value = getattr(self, name)
             _check(value, name, value > 0, "must be a positive number of seconds")

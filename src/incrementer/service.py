@@ -83,7 +83,7 @@ class Service:
         self.member = member
         self.metrics = Metrics()
         self.data_dir = DataDir(settings.data_dir)
-        self.store = open_store(settings.database_url)
+        self.store = open_store(settings.database_url, timeout=settings.database_timeout)
         self.buffer = CoalescingBuffer()
         granularities = settings.granularities
         self.finest = granularities[0] if granularities else 0
@@ -137,6 +137,7 @@ class Service:
             s.flush_max_keys,
             self.metrics,
             s.granularities,
+            database_timeout=s.database_timeout,
         )
         keyring, limiter, self.key_source = await self._guards()
         keyed = KeyedBatches(intake, self.gate, self.store, self.flusher, self.metrics)

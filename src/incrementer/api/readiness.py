@@ -73,7 +73,7 @@ class Readiness:
         flusher, gate = self.flusher, self.gate
         found: list[tuple[str, float]] = []
         if flusher.db_error is not None:
-            found.append(("database_unavailable", flusher.db_failing_since))
+            found.append((flusher.db_code, flusher.db_failing_since))
         lag = flusher.oldest_pending_age(now)
         if lag > self.lag_bound:
             found.append(("lag_above_bound", now - lag))

@@ -51,6 +51,11 @@ HELP = {
     "request_timeout": "Seconds to send one whole request, the first from the accept (slowloris).",
     "shutdown_timeout": "Seconds to finish requests and the final flush on SIGTERM.",
     "lag_bound": "Persistence lag above which /readyz answers 503.",
+    "database_timeout": (
+        "Seconds the database may stay silent (a flush or ping unanswered, a connection "
+        "unacknowledged) before /readyz and the log say it is unresponsive and a dead connection "
+        "is dropped; a statement is abandoned and retried after 10 times this."
+    ),
     "auth": "API keys: required, off (loopback binds only), auto (off on loopback, else required).",
     "insecure_no_auth": "Allow --auth off on a non-loopback bind (something in front authenticates).",
     "auth_refresh": "Seconds between reloads of the API keys (a revoked key stops within this).",

@@ -5,6 +5,11 @@ failed batch is retried unchanged (same seq, same deltas), so a commit whose ack
 is recognised by the store and skipped rather than applied twice. The idempotent batches it carries
 are settled in the same transaction (store/base.py); the commit tells the ledger which keys the
 database now holds.
+
+A watchdog bounds how long a flush in flight may go unanswered before anyone hears of it: after
+--database-timeout it says so (log, /readyz `database_unresponsive`) while the flush goes on
+waiting for the connection's own limits (store/pglink.py) to end it. Between retries the backoff
+stays short, so the first retry after a network heals lands within about a second.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ POLL = 0.01  # how often triggers are checked: cheap, and bounds the reaction ti
 # bigger ones, in which more increments coalesce into each row it writes.
 STRETCH = 4.0
 PING_EVERY = 1.0  # when idle, how often the database is pinged so readyz stays truthful
-PING_TIMEOUT = 5.0
-MAX_BACKOFF = 5.0
+# A retry is one connection attempt: cheap for the database, and a longer pause would be added
+# whole to the time the service takes to notice a healed network.
+MAX_BACKOFF = 0.25
+UNAVAILABLE = "database_unavailable"
+UNRESPONSIVE = "database_unresponsive"
 OVERFLOW_REPORT_LIMIT = 100
 
 
@@ -50,6 +58,7 @@ class Flusher:
         flush_max_keys: int,
         metrics: Metrics,
         granularities: tuple[int, ...] = (),
+        database_timeout: float = 3.0,
     ) -> None:
         self.buffer = buffer
         self.granularities = granularities
@@ -65,10 +74,14 @@ class Flusher:
         """The current interval: flush_interval, stretched while flushes are slow."""
         self.flush_max_keys = flush_max_keys
         self.metrics = metrics
+        self.database_timeout = database_timeout
+        """How long a flush or ping may go unanswered before the database counts as failing."""
         self.inflight: Batch | None = None
         self.commits = 0
         self.db_error: str | None = None
         """Why the last flush or ping failed, while the database is failing."""
+        self.db_code = UNAVAILABLE
+        """/readyz's code while db_error is set: UNRESPONSIVE while a flush waits unanswered."""
         self.db_failing_since = 0.0
         self.overflowed: dict[str, int] = {}
         self._stopping = False
@@ -175,10 +188,7 @@ class Flusher:
         while True:
             started = time.monotonic()
             try:
-                buckets = Buckets(self.granularities, batch.buckets) if batch.buckets else None
-                result = await self.store.apply_batch(
-                    self.node_id, batch.seq, batch.deltas, batch.keyed, buckets
-                )
+                result = await self._watched(batch)
             except BackendError as exc:
                 failures += 1
                 self._failed(str(exc), failures)
@@ -195,6 +205,29 @@ class Flusher:
                 return False
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _watched(self, batch: Batch) -> ApplyResult:
+        """apply_batch, saying so once it has gone --database-timeout without an answer."""
+        buckets = Buckets(self.granularities, batch.buckets) if batch.buckets else None
+        flush = asyncio.ensure_future(
+            self.store.apply_batch(self.node_id, batch.seq, batch.deltas, batch.keyed, buckets)
+        )
+        try:
+            done, _ = await asyncio.wait((flush,), timeout=self.database_timeout)
+            if not done and self.db_error is None:
+                reason = (
+                    f"no answer to the flush of batch seq={batch.seq} within "
+                    f"{self.database_timeout:g} s (--database-timeout); still waiting"
+                )
+                log.warning("database unresponsive: %s", reason)
+                self._database_failed(reason, UNRESPONSIVE)
+            return await flush
+        except asyncio.CancelledError:
+            # Cancelled as it would have been without the watchdog: the store's cleanup closes
+            # the connection before this returns; the batch stays in flight for the next start.
+            flush.cancel()
+            await asyncio.wait((flush,))
+            raise
 
     def _failed(self, reason: str, failures: int) -> None:
         self.metrics.flush_failures += 1
@@ -278,12 +311,16 @@ class Flusher:
     async def _ping(self) -> None:
         self._last_contact = time.monotonic()
         try:
-            await asyncio.wait_for(self.store.ping(), PING_TIMEOUT)
-        except (BackendError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer to a ping within {PING_TIMEOUT:g} s"
+            await asyncio.wait_for(self.store.ping(), self.database_timeout)
+        except TimeoutError:
+            reason = f"no answer to a ping within {self.database_timeout:g} s (--database-timeout)"
             if self.db_error is None:
-                log.warning("database unreachable: %s", reason)
-            self._database_failed(reason)
+                log.warning("database unresponsive: %s", reason)
+            self._database_failed(reason, UNRESPONSIVE)
+        except BackendError as exc:
+            if self.db_error is None:
+                log.warning("database unreachable: %s", exc)
+            self._database_failed(str(exc))
         except Exception as exc:
             log.exception("internal error pinging the database")
             self._database_failed(f"internal error: {exc!r}")
@@ -292,10 +329,11 @@ class Flusher:
                 log.info("database reachable again")
             self.db_error = None
 
-    def _database_failed(self, reason: str) -> None:
+    def _database_failed(self, reason: str, code: str = UNAVAILABLE) -> None:
         if self.db_error is None:
             self.db_failing_since = time.monotonic()
         self.db_error = reason
+        self.db_code = code
 
     def stop(self, deadline: float) -> None:
         """Flush what is pending, then return from run(); give up retrying at deadline."""

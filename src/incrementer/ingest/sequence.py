@@ -90,7 +90,7 @@ class MemorySequence(SequencedLog):
     def __init__(self) -> None:
         super().__init__()
         self._next_seq = 1
-        self._dirty = False
+        self._dirty = False  # pragma: no mutate
 
     @property
     def last_seq(self) -> int:
@@ -127,7 +127,7 @@ class MemorySequence(SequencedLog):
 
     def seal(self) -> int:
         if self._dirty:
-            self._dirty = False
+            self._dirty = False  # pragma: no mutate
             self._next_seq += 1
         self.frame_ms = 0
         return self._next_seq - 1

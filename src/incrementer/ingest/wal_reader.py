@@ -158,7 +158,7 @@ def decode_payload(payload: bytes, magic: bytes) -> Payload:
         low, high = bisect_left(offsets, first), bisect_left(offsets, first + length)
         batches.append(
             KeyedBatch(
-                payload[offset + 1 : key_end].decode("ascii"),
+                payload[offset + 1 : key_end].decode("ascii"),  # pragma: no mutate
                 payload[key_end:range_at].hex(),
                 entries[low:high],
                 times[low:high],

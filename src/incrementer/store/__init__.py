@@ -27,9 +27,10 @@ __all__ = [
 ]
 
 
-def open_store(url: str, read_only: bool = False) -> Store:
+def open_store(url: str, read_only: bool = False, timeout: float | None = None) -> Store:
     """The backend for url, not yet opened: call `await store.open()`. read_only: for commands
-    that only look (never create an SQLite file; PostgreSQL sessions refuse writes)."""
+    that only look (never create an SQLite file; PostgreSQL sessions refuse writes). timeout:
+    --database-timeout, the silence allowed on a PostgreSQL connection (store/pglink.py)."""
     engine, target = parse_database_url(url)
     if engine == "sqlite":
         from incrementer.store.sqlite import SQLiteStore
@@ -37,4 +38,6 @@ def open_store(url: str, read_only: bool = False) -> Store:
         return SQLiteStore(target, read_only=read_only)
     from incrementer.store.postgres import PostgresStore
 
-    return PostgresStore(target, read_only=read_only)
+    if timeout is None:
+        return PostgresStore(target, read_only=read_only)
+    return PostgresStore(target, read_only=read_only, timeout=timeout)

@@ -282,6 +282,6 @@ def prefix_upper_bound(prefix: str) -> str | None:
     if not stripped:
         return None
     nxt = ord(stripped[-1]) + 1
-    if 0xD800 <= nxt <= 0xDFFF:
+    if 0xD800 <= nxt <= 0xDFFF:  # pragma: no mutate
         nxt = 0xE000  # surrogates cannot be stored as UTF-8 text
     return stripped[:-1] + chr(nxt)

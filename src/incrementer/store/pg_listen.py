@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from incrementer.store.pglink import connection_class, server_settings
 from incrementer.urls import scrub
 
 log = logging.getLogger("incrementer.auth")
@@ -33,8 +34,10 @@ BACKOFF_MAX = 10.0
 ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-async def listen(dsn: str, where: str, changed: Callable[[], None]) -> None:
-    """Call changed() on every notification (and after every reconnection) until cancelled."""
+async def listen(dsn: str, where: str, changed: Callable[[], None], timeout: float) -> None:
+    """Call changed() on every notification (and after every reconnection) until cancelled.
+    timeout: --database-timeout, which bounds a silent link here as on the pool's connections
+    (keepalive and TCP_USER_TIMEOUT at both ends: store/pglink.py)."""
     backoff = BACKOFF_FIRST
     failing = False
     while True:
@@ -43,7 +46,11 @@ async def listen(dsn: str, where: str, changed: Callable[[], None]) -> None:
             conn = await asyncpg.connect(
                 dsn,
                 timeout=CONNECT_TIMEOUT,
-                server_settings={"application_name": "incrementer-listen"},
+                server_settings={
+                    "application_name": "incrementer-listen",
+                    **server_settings(timeout),
+                },
+                connection_class=connection_class(timeout),
             )
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())

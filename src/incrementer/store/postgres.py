@@ -37,6 +37,12 @@ from incrementer.store.base import (
 )
 from incrementer.store.buckets import Buckets, without
 from incrementer.store.buckets import taken_back as bucket_taken_back
+from incrementer.store.pglink import (
+    connect_timeout,
+    connection_class,
+    server_settings,
+    statement_timeout,
+)
 from incrementer.store.postgres_buckets import BucketedWrite
 from incrementer.urls import redact_url, scrub
 
@@ -140,6 +146,9 @@ SCHEDULE_REVOKE = (
     " WHERE name = $1 AND revoked_at IS NULL"
 )
 MIGRATE_HINT = "the schema is missing or older than this version: run `incrementer migrate`"
+# --database-timeout's default: how long the database may stay silent before a connection is
+# given up and the database reported unresponsive (store/pglink.py).
+DATABASE_TIMEOUT = 3.0
 
 
 class PostgresStore:
@@ -151,8 +160,7 @@ class PostgresStore:
         *,
         min_size: int = 1,
         max_size: int = 4,
-        connect_timeout: float = 10.0,
-        command_timeout: float | None = 60.0,
+        timeout: float = DATABASE_TIMEOUT,
         close_timeout: float = 10.0,
         read_only: bool = False,
     ) -> None:
@@ -160,8 +168,9 @@ class PostgresStore:
         self.read_only = read_only
         self.min_size = min_size
         self.max_size = max_size
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
+        self.timeout = timeout
+        """Silence allowed on a link (store/pglink.py); half of it bounds one connect."""
+        self.command_timeout = statement_timeout(timeout)
         self.close_timeout = close_timeout
         self._where = redact_url(dsn)
         self._pool: Any = None
@@ -173,9 +182,10 @@ class PostgresStore:
                 self.dsn,
                 min_size=self.min_size,
                 max_size=self.max_size,
-                timeout=self.connect_timeout,
+                timeout=connect_timeout(self.timeout),
                 command_timeout=self.command_timeout,
                 server_settings=self._server_settings(),
+                connection_class=connection_class(self.timeout),
             )
         except (*DB_ERRORS, ValueError) as exc:
             # ValueError: asyncpg's complaint about a malformed DSN.
@@ -184,7 +194,7 @@ class PostgresStore:
             ) from exc
 
     def _server_settings(self) -> dict[str, str]:
-        settings = {"application_name": "incrementer"}
+        settings = {"application_name": "incrementer", **server_settings(self.timeout)}
         if self.read_only:
             # The CLI's read-only commands: PostgreSQL itself refuses any write they might make.
             settings["default_transaction_read_only"] = "on"
@@ -206,7 +216,7 @@ class PostgresStore:
     async def ping(self) -> None:
         with self._errors():
             async with self._connection() as conn:
-                await conn.fetchval("SELECT 1")
+                await conn.fetchval("SELECT 1")  # pragma: no mutate
 
     async def applied_seq(self, node_id: str) -> int:
         with self._errors():
@@ -297,7 +307,7 @@ class PostgresStore:
             status = await self._require_pool().execute(
                 SWEEP_IDEMPOTENCY_KEYS, round(older_than * 1000)
             )
-        return int(status.rsplit(" ", 1)[-1])
+        return int(status.rsplit(" ", 1)[-1])  # pragma: no mutate
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         with self._errors():
@@ -378,7 +388,7 @@ class PostgresStore:
         return True
 
     async def watch_api_keys(self, changed: Callable[[], None]) -> None:
-        await pg_listen.listen(self.dsn, self._where, changed)
+        await pg_listen.listen(self.dsn, self._where, changed, self.timeout)
 
     @contextmanager
     def _duplicate_name(self, name: str) -> Iterator[None]:
@@ -431,10 +441,7 @@ class PostgresStore:
     def _describe(self, exc: BaseException) -> str:
         """What failed, never empty: asyncpg's timeouts carry no message of their own."""
         if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
-            limit = self.command_timeout
-            return "timed out waiting for an answer" + (
-                f" (command timeout {limit:g} s)" if limit else ""
-            )
+            return f"timed out waiting for an answer (command timeout {self.command_timeout:g} s)"
         return scrub(str(exc), self.dsn) or type(exc).__name__
 
 

@@ -336,7 +336,7 @@ class SQLiteStore:
         conn = self._connect()
         self._read_conn = conn
         conn.execute("PRAGMA query_only = 1")
-        conn.execute("SELECT 1").fetchall()
+        conn.execute("SELECT 1").fetchall()  # pragma: no mutate
 
     def _close_conn(self, attr: str) -> None:
         conn: sqlite3.Connection | None = getattr(self, attr)

@@ -1,0 +1,168 @@
+"""The soak's figures (bench/soak.py fills them in) and its markdown report: one row per period,
+the RSS slope after the warm-up, and the targets."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from bench.harness.metrics import Samples
+from bench.report.cells import md_table
+
+RSS_SLOPE_MAX = 1.0  # MiB per 10 minutes, after the warm-up
+P99_STEP_MAX = 2.0  # one period's p99 over the one before, either way
+WARMUP_MAX = 300.0  # seconds; at most a third of the run
+COLUMNS = [
+    "period", "keys", "req/s", "p99 ms", "persisted lag p99 s", "oldest pending max s",
+    "RSS MiB", "fds", "db restarts",
+]  # fmt: skip
+
+
+@dataclass
+class Period:
+    index: int
+    keys: int
+    rate: float  # requests/s achieved
+    p99_ms: float
+    acked_value: int
+    unknown: int  # requests without an answer (socket errors, timeouts)
+    lag_p99: float | None = None  # persisted lag of the batches committed in the period
+    lag_max: float = 0.0
+    rss: int = 0
+    fds: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class Soak:
+    duration: float
+    period: float
+    restart_every: float
+    ceiling: float
+    rate: float
+    started: str
+    periods: list[Period] = field(default_factory=list)
+    samples: list[tuple[float, int, int, float]] = field(default_factory=list)
+    """(seconds since the start, RSS bytes, open fds, /readyz lag) every second."""
+    restarts: list[float] = field(default_factory=list)
+    rotated_at: float | None = None
+    old_key_refused: bool | None = None
+    idempotent_batches: int = 0
+    idempotent_sends: int = 0
+    idempotent_value: int = 0
+    idempotent_unknown: int = 0
+    expected: int = 0
+    """Increments acknowledged to wrk (each a 202)."""
+    unknown: int = 0
+    scrape: Samples = field(default_factory=Samples)
+    """The last /metrics scrape, for the next period's persisted lag."""
+    total: int = 0
+    settle_seconds: float = 0.0
+    exact: bool = False
+
+
+def warmup(duration: float) -> float:
+    """Seconds left out of the RSS slope: the buffer, the WAL and the pools reach their size."""
+    return min(WARMUP_MAX, duration / 3)
+
+
+def rss_slope(samples: list[tuple[float, int, int, float]], after: float) -> float | None:
+    """MiB per 10 minutes: the least-squares slope of RSS over the samples past `after`."""
+    points = [(t, rss / 2**20) for t, rss, _, _ in samples if t >= after and rss]
+    if len(points) < 2:
+        return None
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_m = sum(m for _, m in points) / len(points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    if spread == 0:
+        return None
+    slope = sum((t - mean_t) * (m - mean_m) for t, m in points) / spread
+    return slope * 600
+
+
+def p99_step(periods: list[Period], after: int) -> float | None:
+    """The largest ratio between the p99s of two consecutive periods past the first `after`
+    (the larger over the smaller)."""
+    periods = periods[after:]
+    steps = [
+        max(a.p99_ms, b.p99_ms) / min(a.p99_ms, b.p99_ms)
+        for a, b in itertools.pairwise(periods)
+        if min(a.p99_ms, b.p99_ms) > 0
+    ]
+    return max(steps, default=None)
+
+
+def render(soak: Soak) -> str:
+    slope = rss_slope(soak.samples, warmup(soak.duration))
+    warm = warmup(soak.duration)
+    step = p99_step(soak.periods, min(len(soak.periods) - 2, int(-(-warm // soak.period))))
+    fds = [s[2] for s in soak.samples]
+    want = soak.expected + soak.idempotent_value
+    rows = [
+        [
+            str(p.index + 1),
+            f"{p.keys:,}",
+            f"{p.rate:,.0f}",
+            f"{p.p99_ms:.2f}",
+            _fmt(p.lag_p99, ""),
+            f"{p.lag_max:.2f}",
+            f"{p.rss / 2**20:.1f}",
+            str(p.fds),
+            str(p.restarts or ""),
+        ]
+        for p in soak.periods
+    ]
+    verdicts = [
+        ("RSS slope after warm-up", _fmt(slope, " MiB / 10 min"), f"< {RSS_SLOPE_MAX:g}",
+         slope is not None and slope < RSS_SLOPE_MAX),
+        ("p99, period to period", _fmt(step, "x"), f"<= {P99_STEP_MAX:g}x",
+         step is not None and step <= P99_STEP_MAX),
+        ("totals", f"{soak.total:,}: acknowledged {want:,}, unanswered "
+         f"{soak.unknown + soak.idempotent_unknown:,}",
+         "acknowledged <= total <= acknowledged + unanswered", soak.exact),
+    ]  # fmt: skip
+    lines = [
+        f"# Soak {soak.started} (UTC)",
+        "",
+        f"`python -m bench.soak --duration {soak.duration:g} --period {soak.period:g} "
+        f"--restart-every {soak.restart_every:g}`: incrementer (wal, --auth required) on its own "
+        f"PostgreSQL cluster, wrk paced at {soak.rate:,.0f} requests/s (half the ceiling of "
+        f"{soak.ceiling:,.0f} measured at the start), each period on new keys, from 10 to 1M.",
+        "",
+        "## Targets",
+        "",
+        md_table(
+            ["target", "measured", "bound", "met"],
+            [[name, got, bound, "yes" if met else "NO"] for name, got, bound, met in verdicts],
+        ),
+        "",
+        "## Per period",
+        "",
+        md_table(
+            COLUMNS,
+            rows,
+        ),
+        "",
+        "## Events",
+        "",
+        "- database restarts (`pg_ctl restart -m fast`) at: "
+        + (", ".join(f"{t:.0f} s" for t in soak.restarts) or "none"),
+        f"- API key rotated at {_fmt(soak.rotated_at, ' s')}; the old key refused at the end: "
+        f"{_yes(soak.old_key_refused)}",
+        f"- idempotent batches: {soak.idempotent_batches:,} ({soak.idempotent_sends:,} sends, "
+        f"each batch 2 or 3 times), counted once: {soak.idempotent_value:,}; with no answer: "
+        f"{soak.idempotent_unknown:,}",
+        f"- open file descriptors: {min(fds, default=0)} to {max(fds, default=0)}",
+        f"- requests without an answer: {soak.unknown:,}",
+        f"- nothing left unflushed {soak.settle_seconds:.2f} s after the load",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, unit: str) -> str:
+    return "-" if x is None else f"{x:.2f}{unit}"
+
+
+def _yes(x: bool | None) -> str:
+    return "-" if x is None else ("yes" if x else "no")
