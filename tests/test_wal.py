@@ -23,6 +23,7 @@ from incrementer.ingest.wal_reader import (
     ENTRY,
     HEADER,
     MAGIC,
+    MAGIC_KEYED,
     SEQ,
     count_entries,
     decode_payload,
@@ -33,6 +34,11 @@ from incrementer.ingest.wal_reader import (
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 Frame = list[tuple[str, int]]
+
+
+def untimed(entries: Frame) -> list[tuple[str, int, int]]:
+    """The entries as discard_unwritten() returns those of a frame written with buckets off."""
+    return [(key, value, 0) for key, value in entries]
 
 
 def write_frames(wal: WriteAheadLog, frames: list[Frame]) -> None:
@@ -714,10 +720,10 @@ def test_a_failed_write_returns_every_unwritten_frame_and_its_seqs_are_reused(
         with pytest.raises(OSError):
             wal.write()
         entries, keys = wal.discard_unwritten()
-        assert entries == [*FRAMES[1], *FRAMES[2], ("open", 7)] and keys == []
+        assert entries == untimed([*FRAMES[1], *FRAMES[2], ("open", 7)]) and keys == []
         with pytest.raises(OSError):
             write_frames(wal, [FRAMES[3]])
-        assert wal.discard_unwritten() == (FRAMES[3], [])
+        assert wal.discard_unwritten() == (untimed(FRAMES[3]), [])
         io.failing = False
         write_frames(wal, [FRAMES[3]])
         assert wal.last_seq == 2
@@ -757,7 +763,7 @@ def test_counting_a_malformed_keyed_payload_says_where(payload: bytes, error: st
     in the buffer (here 3: the payload sits after three other bytes)."""
     buf = b"pre" + payload
     with pytest.raises(ValueError, match=f"^{error}$"):
-        count_entries(buf, 3, len(buf), keyed=True)
+        count_entries(buf, 3, len(buf), MAGIC_KEYED)
 
 
 def test_counting_payloads_that_fit_exactly() -> None:
@@ -767,7 +773,7 @@ def test_counting_payloads_that_fit_exactly() -> None:
     assert count_entries(buf, 3, len(buf)) == 2
     for entries, count in ((b"", 0), (_ENTRIES, 2)):
         keyed = b"pre" + _keyed(entries, b"")
-        assert count_entries(keyed, 3, len(keyed), keyed=True) == count
+        assert count_entries(keyed, 3, len(keyed), MAGIC_KEYED) == count
 
 
 @pytest.mark.parametrize(
@@ -782,10 +788,12 @@ def test_decoding_a_malformed_batch_record_says_where(records: bytes, error: str
     """decode_payload() refuses a keyed payload whose batch record is cut short or points past
     the entries, naming the record's offset."""
     with pytest.raises(ValueError, match=f"^{error}$"):
-        decode_payload(_keyed(_ENTRIES, records), keyed=True)
+        decode_payload(_keyed(_ENTRIES, records), MAGIC_KEYED)
     whole = BATCH_RANGE.pack(0, len(_ENTRIES))
-    entries, [batch] = decode_payload(_keyed(_ENTRIES, _RECORD + whole), keyed=True)
-    assert entries == batch.entries == [("ab", 1), ("c", -2)] and batch.key == "K"
+    decoded = decode_payload(_keyed(_ENTRIES, _RECORD + whole), MAGIC_KEYED)
+    [batch] = decoded.batches
+    assert decoded.entries == batch.entries == [("ab", 1), ("c", -2)] and batch.key == "K"
+    assert decoded.times == batch.times == [], "a keyed frame has no times"
 
 
 def test_a_frame_with_a_good_crc_and_a_malformed_payload_is_a_problem(tmp_path: Path) -> None:
