@@ -257,12 +257,17 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_the_ledger(
         isolated.net.drop_answers_after_commit(isolated.port)
         await wait_until(lambda: isolated.net.commits_seen() > 0, timeout=10)
         await asyncio.sleep(4.0)  # past --database-timeout: the service gave the connection up
+        applied_before = 0
         if ledger == "erased":
             conn = await asyncpg.connect(isolated.local_url())
             try:
-                await conn.execute("UPDATE incrementer_nodes SET applied_seq = 0")
+                applied_before = await conn.fetchval(
+                    "SELECT max(applied_seq) FROM incrementer_nodes"
+                )
+                erased = await conn.execute("UPDATE incrementer_nodes SET applied_seq = 0")
             finally:
                 await conn.close()
+            assert erased == "UPDATE 1", erased
         isolated.net.flush_rules()
         await asyncio.sleep(3.0)
     result = run.load.result()
@@ -272,7 +277,9 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_the_ledger(
         assert found == []
         assert run.observed.first_line(cut, "was already applied; skipped"), run.server.read_log()
     else:
-        assert found, "a batch applied twice went unnoticed"
+        # What the service said from the cut on, should the planted double count go unseen.
+        said = [line for seen, line in run.observed.lines if seen >= cut][:40]
+        assert found, f"a batch applied twice went unnoticed (applied_seq {applied_before}): {said}"
         high = {k: result.acked.get(k, 0) + result.in_flight.get(k, 0) for k in run.keys}
         assert any(totals.get(k, 0) > high[k] for k in run.keys), found
 
