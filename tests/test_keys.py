@@ -30,11 +30,15 @@ def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
     assert run_cli("keys", "revoke", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
     listed = run_cli("keys", "list", "--database-url", url, cwd=tmp_path)
     header, alice, bob = listed.stdout.splitlines()
-    assert header.split() == ["NAME", "KEY", "ID", "STATE", "RATE", "BURST", "CREATED"]
-    assert alice.split()[:4] == [
+    assert header.split() == [
+        "NAME", "KEY", "ID", "STATE", "SCOPES", "PREFIX", "RATE", "BURST", "CREATED"
+    ]  # fmt: skip
+    assert alice.split()[:6] == [
         "alice",
         secret.stdout.split(".")[0].removeprefix("ik_"),
         "active",
+        "write,read,admin",
+        "-",
         "100",
     ]
     assert bob.split()[2] == "revoked"
@@ -45,7 +49,10 @@ def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
         ("alice", True, 100.0),
         ("bob", False, None),
     ]
-    assert set(rows[0]) == {"name", "key_id", "active", "rate", "burst", "created_at", "revoked_at"}
+    assert set(rows[0]) == {
+        "name", "key_id", "active", "scopes", "prefix", "rate", "burst", "created_at", "revoked_at"
+    }  # fmt: skip
+    assert (rows[0]["scopes"], rows[0]["prefix"]) == (["write", "read", "admin"], None)
     assert rows[0]["created_at"].endswith("Z") and rows[1]["revoked_at"].endswith("Z")
 
 
@@ -131,8 +138,8 @@ async def test_a_reload_that_changes_the_key_set_logs_one_line(
         await wait_until(lambda: len(_reload_lines(caplog)) == 2, timeout=5)
         await asyncio.sleep(0.5)  # several more reloads, nothing changed
     first, second = _reload_lines(caplog)
-    assert first.startswith("API keys reloaded: 2 active; new: added (")
-    assert second.startswith("API keys reloaded: 1 active; gone: kept (")
+    assert first.startswith("API keys reloaded: 2 active; new: 'added' (")
+    assert second.startswith("API keys reloaded: 1 active; gone: 'kept' (")
     store = open_store(sqlite_url)
     await store.open()
     try:
