@@ -152,3 +152,56 @@ def _reload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage() for r in caplog.records if r.getMessage().startswith("API keys reloaded")
     ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "evil\u2028INFO incrementer.auth: API key 'admin' revoked",  # line separator
+        "para\u2029graph",
+        "gnp.\u202eexe",  # right-to-left override
+        "isolate\u2066x\u2069",
+        "zero\u200bwidth",
+        "bom\ufeff",
+        "nel\x85",
+        "tab\there",
+    ],
+)
+def test_key_names_refuse_format_and_separator_characters(tmp_path: Path, name: str) -> None:
+    """Guards key names: control, format (bidi, zero-width) and line or paragraph separator
+    characters are a one-line usage error from keys create and keys rotate, naming the code
+    point, and nothing is stored."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    for command in ("create", "rotate"):
+        refused = run_cli("keys", command, name, "--database-url", url, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr and "U+" in refused.stderr
+    listed = run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path)
+    assert json.loads(listed.stdout or "[]") == []
+
+
+def test_key_names_are_quoted_in_log_lines() -> None:
+    """Guards the logs: a name is logged quoted (repr), so no character of it can end the line
+    or pass for another field, even for a name stored before names were checked."""
+    from incrementer.auth.source import describe_change
+
+    forged = "x\u2028INFO incrementer.auth: API key 'admin' revoked"
+    line = describe_change({}, {"0123456789ab": forged})
+    assert "\u2028" not in line and "\\u2028" in line
+    assert line == "new: " + repr(forged) + " (0123456789ab)"
+
+
+@pytest.mark.parametrize("grace", ["inf", "1e300", "nan", "-1", "-inf"])
+def test_rotate_refuses_a_grace_it_cannot_store(tmp_path: Path, grace: str) -> None:
+    """Guards keys rotate --grace: an infinite, huge, NaN or negative grace is a one-line
+    usage error, not a traceback, and the old key is left as it was."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert run_cli("keys", "create", "app", "--database-url", url, cwd=tmp_path).returncode == 0
+    refused = run_cli(
+        "keys", "rotate", "app", "--grace", grace, "--database-url", url, cwd=tmp_path
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr and "--grace" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    listed = run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path)
+    assert [(k["active"], k["revoked_at"]) for k in json.loads(listed.stdout)] == [(True, None)]

@@ -80,6 +80,8 @@ def _named(route: str, request: Request, path: bytes, validator: Validator) -> l
             return [validator.form_one(request.body)[1]]
         return []
     if route == "increments":
+        if media_type(request.content_type) != JSON:
+            return []
         return [item[1] for item in validator.json_many(request.body)[0]]
     if route == "counters":
         return [path_key(path[len(COUNTERS) :], validator)]
