@@ -41,14 +41,17 @@ def check_name(name: str, what: str = "NAME") -> str:
     format or line-separating characters, which `keys list`, the logs and a shell would show
     as nothing, reorder, or break into lines."""
     if not name.strip():
-        raise click.BadParameter("must not be blank", param_hint=what)
+        noun = "name" if what == "NAME" else "prefix"
+        raise click.BadParameter(f"an API key needs a {noun} that is not blank", param_hint=what)
     for c in name:
         category = unicodedata.category(c)
-        if category in REFUSED_CATEGORIES:
-            kind = "control" if category == "Cc" else "format or line separator"
-            raise click.BadParameter(
-                f"{name!r} holds U+{ord(c):04X}, a {kind} character", param_hint=what
-            )
+        if category == "Cc":
+            why = f"holds control characters (U+{ord(c):04X})"
+        elif category in REFUSED_CATEGORIES:
+            why = f"holds U+{ord(c):04X}, a format or line separator character"
+        else:
+            continue
+        raise click.BadParameter(f"{name!r} {why}", param_hint=what)
     return name
 
 
