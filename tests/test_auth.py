@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import hmac
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-from support import add_api_key, run_cli, run_service, settings_for, unique, wait_until
+from support import (
+    add_api_key,
+    exchange,
+    increment_request,
+    run_cli,
+    run_service,
+    settings_for,
+    unique,
+    wait_until,
+)
 
 from incrementer.auth.keyring import KeyRing, TokenBucket, new_key
 from incrementer.config import ConfigError, Settings
@@ -195,3 +205,93 @@ def test_settings_replace_keeps_validation() -> None:
     """Settings built by replace() are validated again (tests rely on it)."""
     with pytest.raises(ConfigError, match="port"):
         replace(Settings(), port=70000)
+
+
+def test_spelling_variants_of_one_key_do_not_evict_another() -> None:
+    """Guards the auth cache: 10,000 spacing and case variants of an attacker's own key share
+    one entry (or are refused), so the victim's cached entry stays; the cache is bounded, and
+    past its limit the least recently used key goes, not the whole cache."""
+    attacker, attacker_id, attacker_hash = new_key()
+    victim, victim_id, victim_hash = new_key()
+    ring = KeyRing(0, 0)
+    ring.load(
+        [ApiKey("attacker", attacker_id, attacker_hash), ApiKey("v", victim_id, victim_hash)], 0
+    )
+    victim_header = b"Bearer " + victim.encode()
+    assert ring.authenticate(victim_header) is not None
+    assert victim_header in ring.cache
+    token = attacker.encode()
+    for i in range(10_000):
+        pad = b" " * (i % 50)
+        variants = (b"Bearer " + pad + token + pad, b"bEaReR" + b"\t" * (i % 7 + 1) + token)
+        ring.authenticate(variants[i % 2])
+        ring.authenticate(bytes(c ^ 32 if i >> n & 1 and 65 <= c <= 122 else c for n, c in
+                                enumerate(b"Bearer")) + b" " + token)  # fmt: skip
+    assert victim_header in ring.cache
+    assert len(ring.cache) <= 2
+
+
+def test_the_cache_evicts_the_least_recently_used_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CACHE_LIMIT keys the least recently used entry goes, not the others."""
+    from incrementer.auth import keyring
+
+    monkeypatch.setattr(keyring, "CACHE_LIMIT", 4)
+    monkeypatch.setattr(keyring, "CACHE_CROWDED", 2)
+    made = [new_key() for _ in range(5)]
+    ring = KeyRing(0, 0)
+    ring.load([ApiKey(f"k{i}", key_id, h) for i, (_, key_id, h) in enumerate(made)], 0)
+    headers = [b"Bearer " + key.encode() for key, _, _ in made]
+    for header in headers[:4]:
+        assert ring.authenticate(header) is not None
+    assert ring.authenticate(headers[0]) is not None  # now the most recently used
+    assert ring.authenticate(headers[4]) is not None  # evicts headers[1], the least recent
+    assert set(ring.cache) == {headers[0], headers[2], headers[3], headers[4]}
+
+
+async def test_one_bearer_form_is_accepted(tmp_path: Path, sqlite_url: str) -> None:
+    """Guards the Authorization form: the scheme in any case, one space, the key; two spaces,
+    a tab, a trailing space or anything after the key are refused 401."""
+    key = await add_api_key(sqlite_url)
+    settings = settings_for(tmp_path, sqlite_url, auth="required")
+    body = {"key": unique("form-"), "value": 1}
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+            for _ in range(2):
+                answer = await client.post(
+                    "/increment", json=body, headers={"Authorization": f"{scheme} {key}"}
+                )
+                assert answer.status_code == 202, scheme
+        for padded in (f"Bearer  {key}", f"Bearer\t{key}", f"Bearer {key}, x", f"Bearer {key} x"):
+            for _ in range(2):
+                answer = await client.post(
+                    "/increment", json=body, headers={"Authorization": padded}
+                )
+                assert answer.status_code == 401, padded
+        for trailing in (b" ", b"\t", b"  "):  # kept by the parser; httpx will not send them
+            request = increment_request(unique("form-"), 1).replace(
+                b"Host: t\r\n",
+                b"Host: t\r\nAuthorization: Bearer %s%s\r\n" % (key.encode(), trailing),
+            )
+            assert (await exchange(svc.url, request, 1))[0].status == 401, trailing
+
+
+async def test_two_authorization_headers_get_400(tmp_path: Path, sqlite_url: str) -> None:
+    """Guards the HTTP layer: a request with two Authorization fields (any spelling) is refused
+    400 duplicate_authorization, whichever of them is valid, and nothing is counted."""
+    key = await add_api_key(sqlite_url)
+    settings = settings_for(tmp_path, sqlite_url, auth="required")
+    counter = unique("twice-")
+    async with run_service(settings) as svc:
+        for first, second in (
+            (b"Authorization", b"Authorization"),
+            (b"Authorization", b"authorization"),
+        ):
+            request = increment_request(counter, 1).replace(
+                b"Host: t\r\n",
+                b"Host: t\r\n%s: Bearer %s\r\n%s: Bearer ik_x.y\r\n"
+                % (first, key.encode(), second),
+            )
+            answers = await exchange(svc.url, request, 1)
+            assert answers[0].status == 400
+            assert json.loads(answers[0].body)["error"] == "duplicate_authorization"
+        assert svc.metrics.accepted_requests == 0

@@ -30,11 +30,15 @@ def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
     assert run_cli("keys", "revoke", "bob", "--database-url", url, cwd=tmp_path).returncode == 0
     listed = run_cli("keys", "list", "--database-url", url, cwd=tmp_path)
     header, alice, bob = listed.stdout.splitlines()
-    assert header.split() == ["NAME", "KEY", "ID", "STATE", "RATE", "BURST", "CREATED"]
-    assert alice.split()[:4] == [
+    assert header.split() == [
+        "NAME", "KEY", "ID", "STATE", "SCOPES", "PREFIX", "RATE", "BURST", "CREATED"
+    ]  # fmt: skip
+    assert alice.split()[:6] == [
         "alice",
         secret.stdout.split(".")[0].removeprefix("ik_"),
         "active",
+        "write,read,admin",
+        "-",
         "100",
     ]
     assert bob.split()[2] == "revoked"
@@ -45,7 +49,10 @@ def test_keys_list_has_a_header_and_json(tmp_path: Path) -> None:
         ("alice", True, 100.0),
         ("bob", False, None),
     ]
-    assert set(rows[0]) == {"name", "key_id", "active", "rate", "burst", "created_at", "revoked_at"}
+    assert set(rows[0]) == {
+        "name", "key_id", "active", "scopes", "prefix", "rate", "burst", "created_at", "revoked_at"
+    }  # fmt: skip
+    assert (rows[0]["scopes"], rows[0]["prefix"]) == (["write", "read", "admin"], None)
     assert rows[0]["created_at"].endswith("Z") and rows[1]["revoked_at"].endswith("Z")
 
 
@@ -131,8 +138,8 @@ async def test_a_reload_that_changes_the_key_set_logs_one_line(
         await wait_until(lambda: len(_reload_lines(caplog)) == 2, timeout=5)
         await asyncio.sleep(0.5)  # several more reloads, nothing changed
     first, second = _reload_lines(caplog)
-    assert first.startswith("API keys reloaded: 2 active; new: added (")
-    assert second.startswith("API keys reloaded: 1 active; gone: kept (")
+    assert first.startswith("API keys reloaded: 2 active; new: 'added' (")
+    assert second.startswith("API keys reloaded: 1 active; gone: 'kept' (")
     store = open_store(sqlite_url)
     await store.open()
     try:
@@ -145,3 +152,56 @@ def _reload_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage() for r in caplog.records if r.getMessage().startswith("API keys reloaded")
     ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "evil\u2028INFO incrementer.auth: API key 'admin' revoked",  # line separator
+        "para\u2029graph",
+        "gnp.\u202eexe",  # right-to-left override
+        "isolate\u2066x\u2069",
+        "zero\u200bwidth",
+        "bom\ufeff",
+        "nel\x85",
+        "tab\there",
+    ],
+)
+def test_key_names_refuse_format_and_separator_characters(tmp_path: Path, name: str) -> None:
+    """Guards key names: control, format (bidi, zero-width) and line or paragraph separator
+    characters are a one-line usage error from keys create and keys rotate, naming the code
+    point, and nothing is stored."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    for command in ("create", "rotate"):
+        refused = run_cli("keys", command, name, "--database-url", url, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr and "U+" in refused.stderr
+    listed = run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path)
+    assert json.loads(listed.stdout or "[]") == []
+
+
+def test_key_names_are_quoted_in_log_lines() -> None:
+    """Guards the logs: a name is logged quoted (repr), so no character of it can end the line
+    or pass for another field, even for a name stored before names were checked."""
+    from incrementer.auth.source import describe_change
+
+    forged = "x\u2028INFO incrementer.auth: API key 'admin' revoked"
+    line = describe_change({}, {"0123456789ab": forged})
+    assert "\u2028" not in line and "\\u2028" in line
+    assert line == "new: " + repr(forged) + " (0123456789ab)"
+
+
+@pytest.mark.parametrize("grace", ["inf", "1e300", "nan", "-1", "-inf"])
+def test_rotate_refuses_a_grace_it_cannot_store(tmp_path: Path, grace: str) -> None:
+    """Guards keys rotate --grace: an infinite, huge, NaN or negative grace is a one-line
+    usage error, not a traceback, and the old key is left as it was."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert run_cli("keys", "create", "app", "--database-url", url, cwd=tmp_path).returncode == 0
+    refused = run_cli(
+        "keys", "rotate", "app", "--grace", grace, "--database-url", url, cwd=tmp_path
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr and "--grace" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    listed = run_cli("keys", "list", "--json", "--database-url", url, cwd=tmp_path)
+    assert [(k["active"], k["revoked_at"]) for k in json.loads(listed.stdout)] == [(True, None)]

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Awaitable
 
+from incrementer.api.access import prefix_refused, scope_refused
 from incrementer.api.increments import Increments
 from incrementer.api.listing import Listing, route_of
 from incrementer.api.pages import Pages
@@ -31,7 +32,7 @@ from incrementer.api.routes import (
     origin_form,
 )
 from incrementer.api.series import Series
-from incrementer.auth.keyring import ClientLimiter, KeyRing, TokenBucket
+from incrementer.auth.keyring import ALL_SCOPES, ClientLimiter, KeyRing, Principal, TokenBucket
 from incrementer.auth.source import KeySource
 from incrementer.http import FastPath, Handler, HttpConnection, Request, Result, responses
 from incrementer.ingest.intake import Intake
@@ -68,6 +69,8 @@ class App(Handler):
         self.guarded = keyring is not None or limiter is not None
         self.charged: TokenBucket | None = None
         """The bucket guard() just took a token from, for its answer's fields."""
+        self.confined: Principal | None = None
+        """The key guard() just let through, when it has a prefix to check the request against."""
         metrics.declare(
             [(route, status) for route, codes in ROUTE_STATUSES.items() for status in codes],
             REJECT_REASONS,
@@ -83,15 +86,20 @@ class App(Handler):
         changed or spent, and handle() answers instead (and says what was wrong).
 
         With guards on, only a key already in the keyring's cache (handle() authenticates and
-        caches on first sight) or a client IP that already has a bucket goes this way; a token
-        taken for a body that then fails is given back, so handle() charges it exactly once.
+        caches on first sight) that may write anywhere (a key without the write scope, or with a
+        prefix, goes through handle(), which checks both), or a client IP that already has a
+        bucket goes this way; a token taken for a body that then fails is given back, so handle()
+        charges it exactly once.
         """
         bucket: TokenBucket | None = None
         if self.guarded:
-            if self.keyring is not None:
-                principal = self.keyring.cache.get(conn.authorization)
-                if principal is None:
+            keyring = self.keyring
+            if keyring is not None:
+                principal = keyring.cache.get(conn.authorization)
+                if principal is None or not principal.writes_anywhere:
                     return False
+                if keyring.crowded:
+                    keyring.used(conn.authorization, principal)
                 bucket = principal.bucket
             else:
                 bucket = self.limiter.buckets.get(conn.peer) if self.limiter is not None else None
@@ -148,6 +156,16 @@ class App(Handler):
             denied = self.guard(conn, request.authorization, route, keep_alive)
             if denied is not None:
                 return denied
+            confined = self.confined
+            if confined is not None and confined.prefix is not None:
+                self.confined = None
+                refused = prefix_refused(
+                    confined.prefix, route, request, path, self.increments.validator
+                )
+                if refused is not None:
+                    self.charged = None
+                    self.metrics.count_rejected("forbidden")
+                    return fail(self.metrics, conn, route, refused, keep_alive)
             bucket = self.charged
             if bucket is not None:
                 self.charged = None
@@ -189,9 +207,10 @@ class App(Handler):
     def guard(
         self, conn: HttpConnection, authorization: bytes, route: str, keep_alive: bool
     ) -> bytes | None:
-        """401 without a valid key (when keys are required), 429 over the rate limit (with the
-        limit's fields and Retry-After). Let through, the request's bucket is `charged`, so its
-        answer carries the fields too."""
+        """401 without a valid key (when keys are required), 403 for a key without the route's
+        scope, 429 over the rate limit (with the limit's fields and Retry-After). Let through,
+        the request's bucket is `charged`, so its answer carries the fields too, and a key with
+        a prefix is `confined`, for dispatch() to check the request's counters against it."""
         bucket = None
         now = time.monotonic()
         if self.keyring is not None:
@@ -199,6 +218,13 @@ class App(Handler):
             if principal is None:
                 self.metrics.count_rejected("unauthorized")
                 return fail(self.metrics, conn, route, UNAUTHORIZED, keep_alive, WWW_AUTHENTICATE)
+            if principal.scopes != ALL_SCOPES:
+                refused = scope_refused(route, principal.scopes)
+                if refused is not None:
+                    self.metrics.count_rejected("forbidden")
+                    return fail(self.metrics, conn, route, refused, keep_alive)
+            if principal.prefix is not None:
+                self.confined = principal
             bucket = principal.bucket
         elif self.limiter is not None:
             bucket = self.limiter.bucket(conn.peer, now)

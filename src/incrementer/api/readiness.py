@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from incrementer.auth.keyring import KeyRing
+from incrementer.auth.keyring import SCOPE_ADMIN, KeyRing
 from incrementer.auth.reconcile import Reconciler
 from incrementer.delivery.durability import AckGate
 from incrementer.delivery.flush import Flusher
@@ -101,8 +101,8 @@ class Readiness:
 
     def readyz(self, conn: HttpConnection, authorization: bytes, keep_alive: bool) -> bytes:
         """Codes and ages for anyone (a load balancer); the why (database errors, which may name
-        hosts, and overflowed key names) only for a caller with a valid API key, so never when
-        keys are off: the log has it all.
+        hosts, and overflowed key names, which may be other tenants') only for a caller with an
+        API key that has the admin scope, so never when keys are off: the log has it all.
 
         In a `--workers` group every reason names its worker; lag is the worst and pending keys
         the sum (the other workers' as they published them, at most a quarter of a second
@@ -133,7 +133,7 @@ class Readiness:
         }
         if group is not None:
             payload["worker"] = group.index
-        if self.keyring is not None and self.keyring.authenticate(authorization) is not None:
+        if self.admin(authorization):
             payload["details"] = {
                 "database_error": flusher.db_error,
                 "wal_error": gate.failure_detail or None,
@@ -143,6 +143,13 @@ class Readiness:
         status = 503 if reasons else 200
         self.metrics.count_request("readyz", status)
         return responses.json(conn.clock, status, payload, not keep_alive)
+
+    def admin(self, authorization: bytes) -> bool:
+        """The request carries a valid API key with the admin scope."""
+        if self.keyring is None:
+            return False
+        principal = self.keyring.authenticate(authorization)
+        return principal is not None and bool(principal.scopes & SCOPE_ADMIN)
 
 
 def reason_entry(code: str, seconds: float, worker: int | None = None) -> dict[str, object]:

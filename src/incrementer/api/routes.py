@@ -35,14 +35,14 @@ ROUTES = {
 # route, "unknown": paths with no route) and every reason an increment is refused for: /metrics
 # exports each at 0 from the start (Metrics.declare).
 ROUTE_STATUSES = {
-    "increment": (202, 400, 401, 405, 415, 422, 429, 503),
-    "increments": (202, 400, 401, 405, 415, 422, 429, 503),
-    "counters": (200, 400, 401, 404, 405, 429, 503),
-    "series": (200, 400, 401, 405, 429, 503),
-    "list": (200, 400, 401, 405, 429, 503),
-    "top": (200, 400, 401, 405, 422, 429, 503),
-    "read_many": (200, 400, 401, 405, 429, 503),
-    "metrics": (200, 401, 405, 429),
+    "increment": (202, 400, 401, 403, 405, 415, 422, 429, 503),
+    "increments": (202, 400, 401, 403, 405, 415, 422, 429, 503),
+    "counters": (200, 400, 401, 403, 404, 405, 429, 503),
+    "series": (200, 400, 401, 403, 405, 429, 503),
+    "list": (200, 400, 401, 403, 405, 429, 503),
+    "top": (200, 400, 401, 403, 405, 422, 429, 503),
+    "read_many": (200, 400, 401, 403, 405, 429, 503),
+    "metrics": (200, 401, 403, 405, 429),
     "healthz": (200, 405),
     "readyz": (200, 405, 503),
     "openapi": (200, 405),
@@ -69,6 +69,7 @@ REJECT_REASONS = (
     # the routes, the guards, the buffer and the WAL
     "unsupported_media_type",
     "unauthorized",
+    "forbidden",
     "rate_limited",
     "overloaded",
     "wal_unavailable",

@@ -2,8 +2,20 @@
 a group or a fleet when they share the limit (Sharing; reconcile.py keeps them in step).
 
 A key looks like `ik_<key_id>.<secret>`. key_id is public and finds the row; the SHA-256 of the
-whole key is compared in constant time. Successful lookups are cached by the raw header bytes until
-the next reload, so the hot path pays one dict lookup per request, not a hash.
+whole key is compared in constant time. The header takes one form only: the scheme `Bearer` (in any
+case, RFC 9110 11.1), one space, the key; padding (two spaces, a tab, a trailing space) is
+refused, so one key has one spelling that matters.
+
+Successful checks are cached until the next reload, keyed by the normalised form of the key
+(`Bearer <key>`, the scheme in this case): every spelling of one key shares one entry, so the cache
+holds at most one entry per valid key and a client cannot push another's out by sending its own key
+in many spellings. The hot path looks the raw header up directly, one dict lookup: the usual
+spelling is the normalised one, and any other takes the general path, which normalises it. Only
+past CACHE_LIMIT keys does an entry have to go: the least recently used one, and the hot path then
+also keeps the order of use (CACHE_CROWDED), so that below it a hit costs nothing more.
+
+Each key carries its scopes and prefix (SCOPE_WRITE, SCOPE_READ, SCOPE_ADMIN; api/access.py checks
+them); `writes_anywhere` says in one attribute whether the fast path may take an increment for it.
 """
 
 from __future__ import annotations
@@ -11,13 +23,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import secrets
 from dataclasses import dataclass
 
-from incrementer.store.base import ApiKey
+from incrementer.store.base import SCOPES, ApiKey
 
 KEY_PREFIX = b"ik_"
+BEARER = b"Bearer "
 CACHE_LIMIT = 10_000
+CACHE_CROWDED = CACHE_LIMIT // 2
+"""Past this many cached keys, hits keep the order of use too, for the LRU eviction."""
 KEY_ID_LIMIT = 64  # ours are 12 hex digits; anything much longer is not worth a query
 IP_BUCKET_LIMIT = 100_000
 
@@ -165,11 +181,40 @@ def policy_fields(policy: str, rate: float, burst: float) -> bytes:
     ).encode()
 
 
+SCOPE_WRITE, SCOPE_READ, SCOPE_ADMIN = 1, 2, 4
+ALL_SCOPES = SCOPE_WRITE | SCOPE_READ | SCOPE_ADMIN
+SCOPE_BITS = dict(zip(SCOPES, (SCOPE_WRITE, SCOPE_READ, SCOPE_ADMIN), strict=True))
+# RFC 9110 11.2's token68: what may follow `Bearer ` (one space); anything else is refused.
+_TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+
+
+def scope_mask(scopes: tuple[str, ...]) -> int:
+    mask = 0
+    for scope in scopes:
+        mask |= SCOPE_BITS.get(scope, 0)
+    return mask
+
+
+def bearer_token(authorization: bytes) -> bytes | None:
+    """The token of `Bearer <token>` (the scheme in any case, one space, a token68); None for
+    any other form, padded ones included."""
+    if authorization[:7].lower() != b"bearer ":
+        return None
+    token = authorization[7:]
+    return token if _TOKEN68.fullmatch(token) else None
+
+
 @dataclass(slots=True)
 class Principal:
     name: str
     digest: bytes
     bucket: TokenBucket | None
+    scopes: int = ALL_SCOPES
+    """SCOPE_* bits."""
+    prefix: str | None = None
+    """Set: the key may only use counters whose names start with it."""
+    writes_anywhere: bool = True
+    """Write scope and no prefix: the fast path may take an increment without looking further."""
 
 
 class KeyRing:
@@ -183,6 +228,9 @@ class KeyRing:
         self.sharing = sharing
         self.by_id: dict[bytes, Principal] = {}
         self.cache: dict[bytes, Principal] = {}
+        """Normalised header (`Bearer <key>`) -> its key, least recently used first once crowded."""
+        self.crowded = False
+        """More than CACHE_CROWDED entries: a hit then moves its entry to the end."""
 
     def load(self, keys: list[ApiKey], now: float) -> None:
         """Replace the key set; buckets of keys that stay keep their state. The keys of one name
@@ -196,6 +244,7 @@ class KeyRing:
             by_id[key.key_id.encode()] = loaded[key.name] = self._principal(key, kept, now)
         self.by_id = by_id
         self.cache = {}  # a revoked key must stop working now, not when its cache entry ages
+        self.crowded = False
 
     def add(self, key: ApiKey, now: float) -> None:
         """One key found since the last load (its first request): the next load keeps it if it
@@ -212,16 +261,23 @@ class KeyRing:
             bucket = kept.bucket if kept is not None and kept.bucket is not None else None
             if bucket is None or bucket.limit_rate != rate or bucket.limit_burst != max(burst, 1):
                 bucket = TokenBucket(rate, max(burst, 1), now, f"key:{key.name}", self.sharing)
-        return Principal(key.name, bytes.fromhex(key.key_hash), bucket)
+        scopes = scope_mask(key.scopes)
+        return Principal(
+            key.name,
+            bytes.fromhex(key.key_hash),
+            bucket,
+            scopes,
+            key.prefix,
+            bool(scopes & SCOPE_WRITE) and key.prefix is None,
+        )
 
     def key_id(self, authorization: bytes) -> bytes | None:
         """The key id of a Bearer header that is neither cached nor loaded, the one a lookup
         could find; None for a header that cannot hold a key, or whose key id is known."""
         if authorization in self.cache:
             return None
-        scheme, _, token = authorization.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token.startswith(KEY_PREFIX):
+        token = bearer_token(authorization)
+        if token is None or not token.startswith(KEY_PREFIX):
             return None
         key_id, dot, secret = token[len(KEY_PREFIX) :].partition(b".")
         if not (dot and secret and 0 < len(key_id) <= KEY_ID_LIMIT and key_id.isalnum()):
@@ -229,13 +285,28 @@ class KeyRing:
         return None if key_id in self.by_id else key_id
 
     def authenticate(self, authorization: bytes) -> Principal | None:
-        principal = self.cache.get(authorization)
-        if principal is not None:
-            return principal
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return None
-        token = token.strip()
+        cache = self.cache
+        principal = cache.get(authorization)
+        if principal is None:
+            token = bearer_token(authorization)
+            if token is None:
+                return None
+            authorization = BEARER + token  # the normalised form, which the cache is keyed by
+            principal = cache.get(authorization)
+            if principal is None:
+                return self._check(token, authorization)
+        if self.crowded:
+            self.used(authorization, principal)
+        return principal
+
+    def used(self, normalised: bytes, principal: Principal) -> None:
+        """Mark a cached key as the most recently used (dicts keep insertion order)."""
+        cache = self.cache
+        del cache[normalised]
+        cache[normalised] = principal
+
+    def _check(self, token: bytes, normalised: bytes) -> Principal | None:
+        """A token the cache does not hold: checked against the keyring, cached if valid."""
         if not token.startswith(KEY_PREFIX):
             return None
         key_id, dot, _ = token[len(KEY_PREFIX) :].partition(b".")
@@ -245,9 +316,11 @@ class KeyRing:
         expected = found.digest if found is not None else bytes(32)
         if not hmac.compare_digest(digest, expected) or found is None:
             return None
-        if len(self.cache) >= CACHE_LIMIT:
-            self.cache.clear()
-        self.cache[authorization] = found
+        cache = self.cache
+        if len(cache) >= CACHE_LIMIT:
+            del cache[next(iter(cache))]  # the least recently used
+        cache[normalised] = found
+        self.crowded = len(cache) > CACHE_CROWDED
         return found
 
 

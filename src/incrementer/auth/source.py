@@ -178,7 +178,7 @@ def _key_set(keyring: KeyRing) -> dict[str, str]:
 
 
 def describe_change(before: dict[str, str], after: dict[str, str]) -> str:
-    """'new: a (id), ...; gone: b (id)' between two {key id: name} sets; '' if they are equal."""
+    """ "new: 'a' (id), ...; gone: 'b' (id)" between two {key id: name} sets; '' if equal."""
     parts = []
     for label, ids in (
         ("new", after.keys() - before.keys()),
@@ -186,6 +186,7 @@ def describe_change(before: dict[str, str], after: dict[str, str]) -> str:
     ):
         if ids:
             names = before | after
-            listed = ", ".join(f"{names[i]} ({i})" for i in sorted(ids, key=lambda i: names[i]))
+            # Quoted (repr): a name cannot start a line of its own, nor pass for another field.
+            listed = ", ".join(f"{names[i]!r} ({i})" for i in sorted(ids, key=lambda i: names[i]))
             parts.append(f"{label}: {listed}")
     return "; ".join(parts)

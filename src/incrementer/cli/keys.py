@@ -28,19 +28,37 @@ rate_option = click.option(
 burst_option = click.option(
     "--burst", type=int, help="Bucket size for this key (default: --rate-burst)."
 )
+scope_help = (
+    "What the key may do, comma-separated: write (POST /increment, /increments), read (GET "
+    "/counters...), admin (GET /metrics, the details of /readyz)."
+)
+prefix_help = (
+    "Limit the key to counters whose names start with this: every key it increments or reads, "
+    "and the prefix of any listing or top N it asks for."
+)
 
 
 @keys.command("create")
 @click.argument("name")
 @rate_option
 @burst_option
+@click.option("--scope", "scope", default="write,read,admin", show_default=True, help=scope_help)
+@click.option("--prefix", help=prefix_help + " Default: any counter.")
 @settings_options("database_url")
-def keys_create(name: str, rate: float | None, burst: int | None, settings: Settings) -> None:
+def keys_create(
+    name: str,
+    rate: float | None,
+    burst: int | None,
+    scope: str,
+    prefix: str | None,
+    settings: Settings,
+) -> None:
     """Create a key and print it once: only its hash is stored. A name can hold one unrevoked
     key; the name of a revoked key can be used again."""
     from incrementer.auth import admin as key_admin
 
-    key = asyncio.run(key_admin.create(settings.database_url, name, rate, burst))
+    scopes = key_admin.check_scopes(scope)
+    key = asyncio.run(key_admin.create(settings.database_url, name, rate, burst, scopes, prefix))
     click.echo(key)
     click.echo(f"created API key {name!r}; it is shown only now, store it safely", err=True)
 
@@ -57,16 +75,28 @@ def keys_create(name: str, rate: float | None, burst: int | None, settings: Sett
 )
 @rate_option
 @burst_option
+@click.option("--scope", "scope", help=scope_help + " Default: the old key's.")
+@click.option("--prefix", help=prefix_help + " Default: the old key's.")
 @settings_options("database_url")
 def keys_rotate(
-    name: str, grace: float, rate: float | None, burst: int | None, settings: Settings
+    name: str,
+    grace: float,
+    rate: float | None,
+    burst: int | None,
+    scope: str | None,
+    prefix: str | None,
+    settings: Settings,
 ) -> None:
     """Issue a new key for NAME and print it once; the old key is revoked after --grace seconds
     (every instance stops taking it within --auth-refresh after that). The new key keeps the
-    old one's limits unless --rate or --burst are given."""
+    old one's limits, scopes and prefix unless --rate, --burst, --scope or --prefix are
+    given."""
     from incrementer.auth import admin as key_admin
 
-    key = asyncio.run(key_admin.rotate(settings.database_url, name, grace, rate, burst))
+    scopes = None if scope is None else key_admin.check_scopes(scope)
+    key = asyncio.run(
+        key_admin.rotate(settings.database_url, name, grace, rate, burst, scopes, prefix)
+    )
     click.echo(key)
     if grace:
         until = datetime.now(UTC) + timedelta(seconds=grace)
@@ -85,7 +115,8 @@ def keys_rotate(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @settings_options("database_url")
 def keys_list(settings: Settings, as_json: bool) -> None:
-    """List keys (names, ids, state, limits, dates; never secrets), revoked ones too. Reads
+    """List keys (names, ids, state, scopes, prefix, limits, dates; never secrets), revoked
+    ones too. Reads
     only: creates and migrates nothing."""
     from incrementer.auth import admin as key_admin
 

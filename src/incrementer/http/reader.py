@@ -2,7 +2,7 @@
 
 What a request is reduced to while it is parsed (the few headers kept, the body, sizes against
 the limits) and the refusals that can be decided while reading (414, 431, 413, 417, a missing or
-second Host). Where a complete request becomes an answer, on_message_complete, is the
+second Host, a second Authorization). Where a complete request becomes an answer, on_message_complete, is the
 connection's (protocol.py); the order in which answers leave is the pipeline's (pipeline.py).
 """
 
@@ -104,6 +104,8 @@ class RequestReader(asyncio.Protocol):
             self.content_length = value
             return
         if name == b"Authorization":
+            if self.authorization:
+                raise _second_authorization()
             self.authorization = value
             return
         attr = HEADER_ATTRS.get(name)
@@ -113,6 +115,8 @@ class RequestReader(asyncio.Protocol):
                 return
         if attr == "host" and self.host is not None:
             raise _second_host()
+        if attr == "authorization" and self.authorization:
+            raise _second_authorization()
         if attr:
             if attr == "idempotency_key" and self.idempotency_key is not None:
                 raise Reject(
@@ -154,6 +158,14 @@ def _second_host() -> Reject:
     # RFC 9112 section 3.2: two Host fields could name two different targets (one seen by a
     # proxy in front, the other by us), so the request is refused whole.
     return Reject(400, "duplicate_host", "A request may carry only one Host header.")
+
+
+def _second_authorization() -> Reject:
+    # Two credentials: which one a proxy in front checked or logged, and which one we would, is
+    # anyone's guess, so neither is used.
+    return Reject(
+        400, "duplicate_authorization", "A request may carry only one Authorization header."
+    )
 
 
 # A request line (RFC 9112 3) whose method is a token (RFC 9110 5.6.2), where a line starts.

@@ -91,6 +91,11 @@ class KeyRead:
     """The sum of the key's deltas kept in counter_overflows (0 if none): exact, any size."""
 
 
+SCOPES = ("write", "read", "admin")
+"""What an API key may do (migration 0008): write = the POST routes, read = the GET routes on
+counters, admin = /metrics and the details of /readyz. A key made before scopes has them all."""
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     """One row of api_keys. key_hash is the hex SHA-256 of the whole key; the key itself is
@@ -107,6 +112,22 @@ class ApiKey:
     rotate --grace`."""
     active: bool = True
     """Not revoked, or revoked at a time still to come (a rotation's grace period)."""
+    scopes: tuple[str, ...] = SCOPES
+    """Of SCOPES, in SCOPES' order."""
+    prefix: str | None = None
+    """Set: the key may only use counters whose names start with it."""
+
+
+def scopes_text(scopes: tuple[str, ...]) -> str:
+    """The scopes as stored: comma-separated, in SCOPES' order."""
+    return ",".join(s for s in SCOPES if s in scopes)
+
+
+def scopes_of(text: str) -> tuple[str, ...]:
+    """The stored text's scopes, in SCOPES' order (a name this version does not know is
+    dropped: a key never gains a right from an unknown word)."""
+    named = set(text.split(","))
+    return tuple(s for s in SCOPES if s in named)
 
 
 def utc_text(value: datetime | str | None) -> str | None:

@@ -31,6 +31,8 @@ from incrementer.store.base import (
     Window,
     losers,
     prefix_upper_bound,
+    scopes_of,
+    scopes_text,
     sum_deltas,
     taken_back,
     utc_text,
@@ -132,13 +134,15 @@ SELECT_READ = (
 
 # Active: not revoked, or revoked at a time still to come (a rotation's grace period).
 ACTIVE = "(revoked_at IS NULL OR revoked_at > now())"
-KEY_COLUMNS = f"name, key_id, key_hash, rate, burst, created_at, revoked_at, {ACTIVE}"
+KEY_COLUMNS = (
+    f"name, key_id, key_hash, rate, burst, created_at, revoked_at, {ACTIVE}, scopes, prefix"
+)
 SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name, created_at"
 SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {ACTIVE} ORDER BY name, created_at"
 SELECT_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 AND {ACTIVE}"
 INSERT_KEY = (
-    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, created_at)"
-    " VALUES ($1, $2, $3, $4, $5, now())"
+    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, scopes, prefix, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, now())"
 )
 REVOKE_KEY = f"UPDATE api_keys SET revoked_at = now() WHERE name = $1 AND {ACTIVE}"
 SCHEDULE_REVOKE = (
@@ -447,12 +451,24 @@ class PostgresStore:
 
 def _api_key(row: Any) -> ApiKey:
     created, revoked = utc_text(row[5]) or "", utc_text(row[6])
-    return ApiKey(row[0], row[1], row[2], row[3], row[4], created, revoked, bool(row[7]))
+    scopes = scopes_of(row[8])
+    return ApiKey(
+        row[0], row[1], row[2], row[3], row[4], created, revoked, bool(row[7]), scopes, row[9]
+    )
 
 
 async def _insert_key(conn: Any, key: ApiKey) -> None:
     """On a pool or a connection: both have execute()."""
-    await conn.execute(INSERT_KEY, key.name, key.key_id, key.key_hash, key.rate, key.burst)
+    await conn.execute(
+        INSERT_KEY,
+        key.name,
+        key.key_id,
+        key.key_hash,
+        key.rate,
+        key.burst,
+        scopes_text(key.scopes),
+        key.prefix,
+    )
 
 
 @asynccontextmanager

@@ -36,6 +36,8 @@ from incrementer.store.base import (
     Window,
     losers,
     prefix_upper_bound,
+    scopes_of,
+    scopes_text,
     sum_deltas,
     taken_back,
     utc_text,
@@ -90,13 +92,15 @@ SWEEP_IDEMPOTENCY_KEYS = (
 
 NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 ACTIVE = f"(revoked_at IS NULL OR revoked_at > {NOW})"
-KEY_COLUMNS = f"name, key_id, key_hash, rate, burst, created_at, revoked_at, {ACTIVE}"
+KEY_COLUMNS = (
+    f"name, key_id, key_hash, rate, burst, created_at, revoked_at, {ACTIVE}, scopes, prefix"
+)
 SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name, created_at"
 SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {ACTIVE} ORDER BY name, created_at"
 SELECT_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ? AND {ACTIVE}"
 INSERT_KEY = (
-    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, created_at)"
-    f" VALUES (?, ?, ?, ?, ?, {NOW})"
+    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, scopes, prefix, created_at)"
+    f" VALUES (?, ?, ?, ?, ?, ?, ?, {NOW})"
 )
 REVOKE_KEY = f"UPDATE api_keys SET revoked_at = {NOW} WHERE name = ? AND {ACTIVE}"
 SCHEDULE_REVOKE = (
@@ -429,14 +433,36 @@ def _utc_now() -> str:
 
 
 def _api_key(row: tuple[Any, ...]) -> ApiKey:
-    name, key_id, key_hash, rate, burst, created_at, revoked_at, active = row
+    name, key_id, key_hash, rate, burst, created_at, revoked_at, active, scopes, prefix = row
     created, revoked = utc_text(created_at) or "", utc_text(revoked_at)
-    return ApiKey(name, key_id, key_hash, rate, burst, created, revoked, bool(active))
+    return ApiKey(
+        name,
+        key_id,
+        key_hash,
+        rate,
+        burst,
+        created,
+        revoked,
+        bool(active),
+        scopes_of(scopes),
+        prefix,
+    )
 
 
 def _insert_key(conn: sqlite3.Connection, key: ApiKey) -> None:
     try:
-        conn.execute(INSERT_KEY, (key.name, key.key_id, key.key_hash, key.rate, key.burst))
+        conn.execute(
+            INSERT_KEY,
+            (
+                key.name,
+                key.key_id,
+                key.key_hash,
+                key.rate,
+                key.burst,
+                scopes_text(key.scopes),
+                key.prefix,
+            ),
+        )
     except sqlite3.IntegrityError:
         raise DuplicateKeyName(key.name) from None
 

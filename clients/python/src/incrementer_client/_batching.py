@@ -329,6 +329,10 @@ def verdict(status: int, error: str, items: int) -> str:
         return RETRY
     if status == 422 and error == "idempotency_key_reused":
         return REKEY
+    if status in (401, 403):
+        # No key, or a key the server will not let write these counters (no write scope, or a
+        # counter outside its prefix): the same key gets the same answer however often.
+        return REFUSED
     refused_whole = status in (400, 413) or (status == 422 and error == "at_out_of_range")
     if refused_whole and items > 1 and error != "malformed_json":
         # One bad item (a key or value the server's settings refuse) or a batch over its

@@ -15,7 +15,8 @@ Time = datetime | float
 
 class ReadError(Exception):
     """The server refused or failed a read: its HTTP status, error code and detail (a 503 with
-    `database_unavailable` passes; a 400 will not)."""
+    `database_unavailable` passes; a 400, or a 403 `forbidden` for a key without the read scope
+    or outside its prefix, will not)."""
 
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"{status} {code}: {detail}")
