@@ -32,7 +32,9 @@ from support import (
 
 from incrementer.config import ConfigError, Settings
 from incrementer.ingest.idempotency import ALLOWANCE_SLOTS, Allowance, digest, encode
+from incrementer.ingest.wal import WriteAheadLog, summarize
 from incrementer.service import Service
+from incrementer.store.base import scoped, unscoped
 from incrementer.store.migrate import migrate
 
 REPLAYED = "idempotent-replayed"
@@ -331,5 +333,28 @@ def test_no_limit_counts_nothing() -> None:
 
 def test_settings_refuse_a_negative_allowance() -> None:
     """A negative --idempotency-keys-per-client is a configuration error naming the option."""
-    with pytest.raises(ConfigError, match="idempotency-keys-per-client|idempotency_keys"):
+    with pytest.raises(ConfigError, match=r"idempotency.keys.per.client=-1"):
         Settings(idempotency_keys_per_client=-1)
+
+
+def test_a_scoped_key_of_any_length_survives_the_wal(tmp_path: Path) -> None:
+    """A batch's key is logged with its principal, however long (an API key's name has no
+    length limit; the older one-byte field held 255), and read back whole; a frame of the older
+    format beside it reads with the principal no request has."""
+    principal = "key:" + "é" * 200  # 400 bytes of UTF-8
+    key = scoped(principal, "order-1")
+    items = [(b"k", "k", 2)]
+    encoded = encode(items)
+    with WriteAheadLog.open(tmp_path) as wal:
+        wal.append_batch(key.encode(), digest(encoded), encoded)
+        wal.write()
+        wal.frame_ms = 1_700_000_000_000
+        wal.append_batch(scoped("ip:10.0.0.1", "order-1").encode(), digest(encoded), encoded)
+        wal.write()
+        frames = list(wal.replay_frames(0))
+    assert [batch.key for frame in frames for batch in frame.batches] == [
+        key,
+        "ip:10.0.0.1\norder-1",
+    ]
+    assert unscoped(key) == (principal, "order-1")
+    assert summarize(tmp_path).problems == []
