@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +34,14 @@ from support import (
 from incrementer.config import ConfigError, Settings
 from incrementer.ingest.idempotency import ALLOWANCE_SLOTS, Allowance, digest, encode
 from incrementer.ingest.wal import WriteAheadLog, summarize
+from incrementer.ingest.wal_reader import (
+    BATCH_RANGE,
+    ENTRIES_LEN,
+    HEADER,
+    MAGIC_KEYED,
+    SEQ,
+    segment_name,
+)
 from incrementer.service import Service
 from incrementer.store.base import scoped, unscoped
 from incrementer.store.migrate import migrate
@@ -358,3 +367,36 @@ def test_a_scoped_key_of_any_length_survives_the_wal(tmp_path: Path) -> None:
     ]
     assert unscoped(key) == (principal, "order-1")
     assert summarize(tmp_path).problems == []
+
+
+async def test_a_batch_logged_before_the_upgrade_replays_and_settles_under_no_ones_name(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A WAL frame of the format before keys were scoped (IWAK, by hand), replayed at start:
+    its batch is applied once, stored under the empty principal, and its sender's retry after
+    the upgrade is still a replay, before and after the flush."""
+    counter, key = unique("c-"), unique("old-")
+    items = [(counter.encode(), counter, 6)]
+    encoded = encode(items)
+    payload = (
+        ENTRIES_LEN.pack(len(encoded))
+        + encoded
+        + bytes([len(key)])
+        + key.encode()
+        + digest(encoded)
+        + BATCH_RANGE.pack(0, len(encoded))
+    )
+    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
+    wal_dir = tmp_path / "data" / "wal"
+    wal_dir.mkdir(parents=True)
+    frame = HEADER.pack(MAGIC_KEYED, len(payload), 1, crc) + payload
+    (wal_dir / segment_name(1)).write_bytes(frame)
+    async with instance(tmp_path, db_url, flush_interval=5) as svc, httpx.AsyncClient() as client:
+        pending = await send(client, svc.url, [(counter, 6)], key)
+        assert svc.flusher is not None
+        svc.flusher.stop(float("inf"))  # flush now, as at shutdown
+        await wait_until(lambda: svc.flusher is not None and not svc.flusher.pending_keys())
+        settled = await send(client, svc.url, [(counter, 6)], key)
+    assert pending.headers.get(REPLAYED) == settled.headers.get(REPLAYED) == "true"
+    assert await db_totals(db_url, [counter]) == {counter: 6}
+    assert await stored_rows(db_url, key) == [("", digest(encoded).hex())]
