@@ -205,9 +205,10 @@ class Intake:
         times: list[int] | None = None,
         own_times: list[tuple[int, int]] | None = None,
     ) -> IdempotentBatch:
-        """An idempotent batch, all or nothing: logged with its key (scoped by its sender) and digest (`encoded`: its
-        increments as the WAL stores them; `own_times`, where its entries with an "at" of their
-        own are in it: ingest/idempotency.py), summed into the buffer, held until its flush.
+        """An idempotent batch, all or nothing: logged with its key (scoped by its sender) and
+        digest (`encoded`: its increments as the WAL stores them; `own_times`, where its entries
+        with an "at" of their own are in it: ingest/idempotency.py), summed into the buffer,
+        held until its flush.
         What it holds counts against the budget as well as its new keys until then. `times`:
         each item's own time in ms (0: none), or None when no item has one."""
         deltas = self.buffer.deltas
