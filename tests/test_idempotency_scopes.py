@@ -400,3 +400,19 @@ async def test_a_batch_logged_before_the_upgrade_replays_and_settles_under_no_on
     assert pending.headers.get(REPLAYED) == settled.headers.get(REPLAYED) == "true"
     assert await db_totals(db_url, [counter]) == {counter: 6}
     assert await stored_rows(db_url, key) == [("", digest(encoded).hex())]
+
+
+async def test_new_keys_sent_at_once_stop_at_the_allowance(tmp_path: Path, db_url: str) -> None:
+    """Twenty fresh keys sent at once, their database lookups in flight together: exactly the
+    allowance of five is taken in (it is checked again after each lookup), the rest get 429."""
+    counter, fresh = unique("c-"), unique("fresh-")
+    async with (
+        instance(tmp_path, db_url, auth="off", idempotency_keys_per_client=5) as svc,
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as client,
+    ):
+        sends = [send(client, svc.url, [(counter, 1)], unique(fresh)) for _ in range(20)]
+        answers = await asyncio.gather(*sends)
+        await wait_until(lambda: svc.flusher is not None and not svc.flusher.pending_keys())
+    assert sorted(r.status_code for r in answers) == [202] * 5 + [429] * 15
+    assert await db_totals(db_url, [counter]) == {counter: 5}
+    assert await principal_rows(db_url, "ip:127.0.0.1", fresh) == 5
