@@ -35,7 +35,7 @@ from incrementer.ingest.wal import SegmentIO, WriteAheadLog, summarize
 from incrementer.ingest.wal_reader import ENTRY, HEADER, MAGIC, SEQ, segment_name
 from incrementer.service import Service
 from incrementer.store import open_store
-from incrementer.store.base import IdempotentBatch
+from incrementer.store.base import IdempotentBatch, scoped
 from incrementer.store.migrate import migrate
 
 REPLAYED = "idempotent-replayed"
@@ -234,7 +234,8 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
         if bodies == "same"
         else [
             f"idempotency key {key!r} was applied before with another body; this batch of 2 "
-            "keys (accepted while the first was unflushed elsewhere) was not applied"
+            "keys (accepted while the first was unflushed elsewhere) was not applied "
+            "(sent by 'ip:127.0.0.1')"
         ]
     )
     assert [r.status_code for r in answers] == [202, 202]
@@ -345,7 +346,7 @@ async def test_expired_keys_are_swept(tmp_path: Path, db_url: str) -> None:
 
 
 async def _missing(store: Any, key: str) -> bool:
-    return await store.idempotency_digest(key) is None
+    return await store.idempotency_digest(scoped("ip:127.0.0.1", key)) is None
 
 
 class FailingWrites(SegmentIO):

@@ -13,8 +13,9 @@ from incrementer.ingest.wal_reader import (
     ENTRY,
     HEADER,
     MAGIC,
-    MAGIC_KEYED,
+    MAGIC_SCOPED,
     MAGIC_TIMED,
+    MAGIC_TIMED_SCOPED,
     SEQ,
     segment_name,
 )
@@ -58,13 +59,13 @@ def test_every_increment_replays_with_the_time_it_was_counted_at(tmp_path: Path)
     assert batch.times == [T, T - 5000, T - 9000]
     assert batch.digest == digest(encoded, own).hex() != digest(encoded).hex()
     assert (second.entries, second.times) == ([("later", 1)], [])
-    assert magics(tmp_path) == [MAGIC_TIMED, MAGIC]
+    assert magics(tmp_path) == [MAGIC_TIMED_SCOPED, MAGIC]  # a batch's keys are scoped
     assert summarize(tmp_path).records == 8
 
 
 def test_frames_written_with_buckets_off_keep_the_old_format(tmp_path: Path) -> None:
     """Without a frame time a log writes what it wrote before time buckets existed: a plain
-    frame is the hand-built old frame byte for byte, a batch's frame is MAGIC_KEYED."""
+    frame is the hand-built old frame byte for byte, a batch's frame is MAGIC_SCOPED."""
     payload = ENTRY.pack(3, 7) + b"old"
     crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
     old = HEADER.pack(MAGIC, len(payload), 1, crc) + payload
@@ -75,7 +76,7 @@ def test_frames_written_with_buckets_off_keep_the_old_format(tmp_path: Path) -> 
         wal.append_batch(b"idem", digest(encode(items)), encode(items))
         wal.write()
     assert (tmp_path / "log" / segment_name(1)).read_bytes().startswith(old)
-    assert magics(tmp_path / "log") == [MAGIC, MAGIC_KEYED]
+    assert magics(tmp_path / "log") == [MAGIC, MAGIC_SCOPED]
 
 
 def test_own_times_never_leak_into_the_next_frame(tmp_path: Path) -> None:

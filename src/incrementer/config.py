@@ -85,6 +85,7 @@ class Settings:
     rate_limit_store_down: str = "open"
     rate_limit_sync: float = 0.05
     idempotency_window: float = 86_400.0
+    idempotency_keys_per_client: int = 1_000_000
     log_format: str = "text"
     log_level: str = "info"
     workers: int = 1
@@ -183,6 +184,12 @@ class Settings:
         )
         _check(self.rate_limit, "rate_limit", self.rate_limit >= 0, "must be >= 0 (0 = no limit)")
         _check(self.rate_burst, "rate_burst", self.rate_burst >= 0, "must be >= 0")
+        _check(
+            self.idempotency_keys_per_client,
+            "idempotency_keys_per_client",
+            self.idempotency_keys_per_client >= 0,
+            "must be >= 0 (0 = no limit)",
+        )
         if self.rate_limit_store:
             try:
                 check_redis_url(self.rate_limit_store)

@@ -71,9 +71,16 @@ class Metrics:
         self.rejected_connections = 0
         self.wal_failures = {"write": 0, "fsync": 0}
         # Idempotent batches: what each request with an Idempotency-Key got (unchecked: taken
-        # in without the database lookup, the database being down), and how each flush settled
+        # in without the database lookup, the database being down; refused: over the sender's
+        # --idempotency-keys-per-client), and how each flush settled
         # them (duplicate: the key was applied before with the same body, so this copy was not).
-        self.idempotent_requests = {"accepted": 0, "unchecked": 0, "replayed": 0, "conflict": 0}
+        self.idempotent_requests = {
+            "accepted": 0,
+            "unchecked": 0,
+            "replayed": 0,
+            "conflict": 0,
+            "refused": 0,
+        }
         self.idempotent_settled = {"applied": 0, "duplicate": 0, "conflict": 0}
         self.idempotency_keys_swept = 0
         # Exchanges with the store of shared rate limits (auth/reconcile.py), by result.

@@ -76,6 +76,10 @@ class GroupMember(Peers, Protocol):
     def budgets(self) -> BudgetStore:
         """The group's shared rate-limit buckets (the supervisor holds them)."""
 
+    @property
+    def workers(self) -> int:
+        """How many workers the group has."""
+
 
 class Service:
     def __init__(self, settings: Settings, member: GroupMember | None = None) -> None:
@@ -88,7 +92,13 @@ class Service:
         granularities = settings.granularities
         self.finest = granularities[0] if granularities else 0
         """The finest kept time bucket in seconds; 0 with --buckets off."""
-        self.ledger = Ledger(settings.idempotency_window)
+        # In a --workers group each worker allows its share of every client's new keys.
+        workers = 1 if member is None else member.workers
+        per_client = settings.idempotency_keys_per_client
+        self.ledger = Ledger(
+            settings.idempotency_window,
+            per_client=per_client and max(1, per_client // workers),
+        )
         self.wal: WriteAheadLog | MemorySequence | None = None
         self.flusher: Flusher | None = None
         self.server: HttpServer | None = None

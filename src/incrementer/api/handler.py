@@ -176,9 +176,9 @@ class App(Handler):
         """The answer of a route, once its guards let the request through."""
         keep_alive = request.keep_alive
         if route == "increment":
-            return self.increments.one(conn, request)
+            return self.increments.one(conn, request, self.principal(conn, request))
         if route == "increments":
-            return self.increments.many(conn, request)
+            return self.increments.many(conn, request, self.principal(conn, request))
         if route == "counters":
             return self.reads.counter(conn, path[len(COUNTERS) :], keep_alive)
         if route == "series" and self.series is not None:
@@ -195,6 +195,16 @@ class App(Handler):
         if route == "status":
             return pages.status(conn, keep_alive)
         return pages.document(conn, keep_alive)
+
+    def principal(self, conn: HttpConnection, request: Request) -> str:
+        """Whose a request's Idempotency-Key is: `key:NAME` (its API key's name) with keys on,
+        `ip:ADDRESS` (its client's) with them off; "" for a request without the header."""
+        if request.idempotency_key is None:
+            return ""
+        if self.keyring is not None:
+            found = self.keyring.authenticate(request.authorization)  # guard() let it through
+            return "key:" + ("" if found is None else found.name)  # no key's name is blank
+        return "ip:" + conn.peer
 
     async def _after_lookup(self, key_id: bytes, conn: HttpConnection, request: Request) -> bytes:
         """A key the keyring does not know yet: ask the database (KeySource bounds how often),

@@ -3,12 +3,15 @@ batches, Idempotency-Key, and every refusal with its reason (the fast path is ha
 
 from __future__ import annotations
 
+import math
+
 from incrementer.api.routes import FORM, JSON, RETRY_AFTER, fail, media_type, unsupported
 from incrementer.delivery.keyed_batches import (
     REPLAYED,
     KeyedBatches,
     Lookup,
     Outcome,
+    TooManyKeys,
     WalUnavailable,
 )
 from incrementer.http import HttpConnection, Request, Result, responses
@@ -36,8 +39,9 @@ class Increments:
         self.keyed = keyed
         self.metrics = metrics
 
-    def one(self, conn: HttpConnection, request: Request) -> Result:
-        """POST /increment: a JSON object or a form."""
+    def one(self, conn: HttpConnection, request: Request, principal: str) -> Result:
+        """POST /increment: a JSON object or a form. `principal`: whose Idempotency-Key the
+        request's is (`key:NAME` or `ip:ADDRESS`)."""
         keep_alive = request.keep_alive
         try:
             kind = media_type(request.content_type)
@@ -54,7 +58,7 @@ class Increments:
                 )
             if request.idempotency_key is not None:  # a batch of one
                 times = [at_ms] if at_ms else None
-                outcome = self.keyed.take(request.idempotency_key, [item], times)
+                outcome = self.keyed.take(principal, request.idempotency_key, [item], times)
                 return self._keyed(conn, "increment", outcome, keep_alive)
             self.intake.accept(item, at_ms)
         except BadRequest as exc:
@@ -62,18 +66,20 @@ class Increments:
             return fail(self.metrics, conn, "increment", exc, keep_alive)
         except Overloaded:
             return self._shed(conn, "increment", keep_alive)
+        except TooManyKeys as exc:
+            return self._too_many(conn, "increment", exc, keep_alive)
         self.metrics.accepted_requests += 1
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
-    def many(self, conn: HttpConnection, request: Request) -> Result:
-        """POST /increments: a JSON array, all or nothing."""
+    def many(self, conn: HttpConnection, request: Request, principal: str) -> Result:
+        """POST /increments: a JSON array, all or nothing. `principal` as for one()."""
         keep_alive = request.keep_alive
         try:
             if media_type(request.content_type) != JSON:
                 raise unsupported(request.content_type, "application/json", request.body)
             items, times = self.validator.json_many(request.body)
             if request.idempotency_key is not None:
-                outcome = self.keyed.take(request.idempotency_key, items, times or None)
+                outcome = self.keyed.take(principal, request.idempotency_key, items, times or None)
                 return self._keyed(conn, "increments", outcome, keep_alive)
             self.intake.accept_many(items, times or None)
         except BadRequest as exc:
@@ -81,6 +87,8 @@ class Increments:
             return fail(self.metrics, conn, "increments", exc, keep_alive)
         except Overloaded:
             return self._shed(conn, "increments", keep_alive)
+        except TooManyKeys as exc:
+            return self._too_many(conn, "increments", exc, keep_alive)
         self.metrics.count_request("increments", 202)
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
 
@@ -103,6 +111,8 @@ class Increments:
             return fail(self.metrics, conn, route, exc, keep_alive)
         except Overloaded:
             return self._shed(conn, route, keep_alive)
+        except TooManyKeys as exc:
+            return self._too_many(conn, route, exc, keep_alive)
         except WalUnavailable:
             self.metrics.count_rejected("wal_unavailable")
             return fail(self.metrics, conn, route, WAL_UNAVAILABLE, keep_alive, RETRY_AFTER)
@@ -115,6 +125,14 @@ class Increments:
         if outcome == REPLAYED:
             return responses.build(conn.clock, 202, close=not keep_alive, headers=REPLAYED_HEADER)
         return conn.clock.accepted if keep_alive else conn.clock.accepted_close
+
+    def _too_many(
+        self, conn: HttpConnection, route: str, exc: TooManyKeys, keep_alive: bool
+    ) -> bytes:
+        refusal = exc.refusal
+        self.metrics.count_rejected(refusal.code)
+        wait = b"Retry-After: %d\r\n" % max(1, math.ceil(exc.wait))
+        return fail(self.metrics, conn, route, refusal, keep_alive, wait)
 
     def _shed(self, conn: HttpConnection, route: str, keep_alive: bool) -> bytes:
         self.metrics.count_rejected("overloaded")

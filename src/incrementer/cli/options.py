@@ -83,6 +83,11 @@ HELP = {
         "Seconds an Idempotency-Key is remembered (a retry within it is applied once); keys "
         "older than this are swept from the database."
     ),
+    "idempotency_keys_per_client": (
+        "New Idempotency-Keys one API key (one client IP with auth off) may send per "
+        "--idempotency-window; more get 429 (a retry under a key already sent is still "
+        "answered). Each --workers worker allows its share. 0 = no limit."
+    ),
     "log_format": "text or json.",
     "log_level": "debug, info, warning or error.",
     "workers": (

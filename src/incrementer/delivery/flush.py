@@ -25,7 +25,15 @@ from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.intake import Intake
 from incrementer.ingest.sequence import SequencedLog
 from incrementer.metrics import Metrics
-from incrementer.store.base import INT64_MAX, INT64_MIN, ApplyResult, BackendError, Store, Window
+from incrementer.store.base import (
+    INT64_MAX,
+    INT64_MIN,
+    ApplyResult,
+    BackendError,
+    Store,
+    Window,
+    unscoped,
+)
 from incrementer.store.buckets import Buckets
 
 log = logging.getLogger("incrementer.flush")
@@ -301,11 +309,14 @@ class Flusher:
                 counts["duplicate"] += 1  # a retry that reached two instances before a flush
                 continue
             counts["conflict"] += 1
+            principal, key = unscoped(keyed.key)
             log.warning(
                 "idempotency key %r was applied before with another body; this batch of %d "
-                "keys (accepted while the first was unflushed elsewhere) was not applied",
-                keyed.key,
+                "keys (accepted while the first was unflushed elsewhere) was not applied "
+                "(sent by %r)",
+                key,
                 len(keyed.deltas),
+                principal,
             )
 
     async def _ping(self) -> None:

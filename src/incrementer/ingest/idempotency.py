@@ -14,6 +14,11 @@ length, i64 value, UTF-8 key), which the WAL then stores as they are, so JSON sp
 (whitespace, member order, escapes) does not matter and nothing is encoded twice. When any
 increment carries its own time ("at"), the digest covers those times too (each as u32 offset of
 its entry, i64 ms, as the WAL stores them): the same counts at other times are another batch.
+
+Keys belong to their sender, the principal: `key:NAME` (the API key's name) or `ip:ADDRESS`
+(the client's IP, with auth off). Everything here and below holds a key scoped by it
+(store/base.py `scoped`), so one principal's key is never another's replay or conflict, and
+`Allowance` bounds how many new keys each principal has taken in within the window.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from incrementer.ingest.wal_reader import ENTRY, TIME
 MAX_KEY_LENGTH: Final = 128
 SETTLED_LIMIT: Final = 100_000
 """Settled keys remembered at most (the oldest are forgotten first; the database still has them)."""
+
+ALLOWANCE_SLOTS: Final = 8
+"""The window is counted in slots of a eighth of it: a key counts for between one window and
+one window and a slot after it was taken in."""
 
 _pack_entry: Final = ENTRY.pack
 _pack_time: Final = TIME.pack
@@ -85,9 +94,10 @@ class Ledger:
     looked up in the database.
     """
 
-    def __init__(self, window: float, limit: int = SETTLED_LIMIT) -> None:
+    def __init__(self, window: float, limit: int = SETTLED_LIMIT, per_client: int = 0) -> None:
         self.window = window
         self.limit = limit
+        self.allowance = Allowance(per_client, window)
         self.pending: dict[str, str] = {}
         # key -> (digest, monotonic time settled), oldest first; OrderedDict: the oldest goes in O(1)
         self.settled: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -140,4 +150,58 @@ class Ledger:
                 break  # oldest first: the rest are younger
             settled.popitem(last=False)  # pragma: no mutate
             gone += 1
+        self.allowance.expire(now)
         return gone
+
+
+class Allowance:
+    """How many new idempotency keys each principal has had taken in lately, against `limit`
+    per window (0: no limit).
+
+    Counted per slot of window / ALLOWANCE_SLOTS, the last ALLOWANCE_SLOTS + 1 slots summed:
+    every key taken in within the window counts, so no window ever sees more than `limit` new
+    keys of one principal, nor the database more than that many of its rows from one window.
+    A key counts when it is taken in (a replay or a 422 takes nothing in); one taken back after
+    a failed WAL write still counts. Memory: a few integers per principal seen within the
+    window, whatever its number of keys.
+    """
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.slot = window / ALLOWANCE_SLOTS
+        self.counts: dict[str, dict[int, int]] = {}
+        """principal -> {slot number (monotonic time // slot): keys taken in during it}"""
+
+    def used(self, principal: str, now: float) -> int:
+        """The keys principal has taken in within the window (and at most a slot before it)."""
+        slots = self.counts.get(principal)
+        if not slots:
+            return 0
+        oldest = int(now // self.slot) - ALLOWANCE_SLOTS
+        for number in [n for n in slots if n < oldest]:
+            del slots[number]
+        return sum(slots.values())
+
+    def wait(self, principal: str, now: float) -> float:
+        """0.0 when principal may take in one more new key; else the seconds until its oldest
+        counted keys stop counting."""
+        if not self.limit or self.used(principal, now) < self.limit:
+            return 0.0
+        oldest = min(self.counts[principal])
+        return max((oldest + ALLOWANCE_SLOTS + 1) * self.slot - now, 0.001)
+
+    def charge(self, principal: str, now: float) -> None:
+        """One new key taken in for principal."""
+        if not self.limit:
+            return
+        slots = self.counts.get(principal)
+        if slots is None:
+            slots = self.counts[principal] = {}
+        number = int(now // self.slot)
+        slots[number] = slots.get(number, 0) + 1
+
+    def expire(self, now: float) -> None:
+        """Forget the principals none of whose keys count any more."""
+        gone = [principal for principal in self.counts if not self.used(principal, now)]
+        for principal in gone:
+            del self.counts[principal]

@@ -205,9 +205,10 @@ class Intake:
         times: list[int] | None = None,
         own_times: list[tuple[int, int]] | None = None,
     ) -> IdempotentBatch:
-        """An idempotent batch, all or nothing: logged with its key and digest (`encoded`: its
-        increments as the WAL stores them; `own_times`, where its entries with an "at" of their
-        own are in it: ingest/idempotency.py), summed into the buffer, held until its flush.
+        """An idempotent batch, all or nothing: logged with its key (scoped by its sender) and
+        digest (`encoded`: its increments as the WAL stores them; `own_times`, where its entries
+        with an "at" of their own are in it: ingest/idempotency.py), summed into the buffer,
+        held until its flush.
         What it holds counts against the budget as well as its new keys until then. `times`:
         each item's own time in ms (0: none), or None when no item has one."""
         deltas = self.buffer.deltas
@@ -219,9 +220,9 @@ class Intake:
         if self.finest:
             start_of = self._start_of
             starts = [start_of(at_ms) for at_ms in times] if times else [start_of(0)] * len(items)
-            self.wal.append_batch(key.encode("ascii"), digest, encoded, own_times or ())
+            self.wal.append_batch(key.encode(), digest, encoded, own_times or ())
         else:
-            self.wal.append_batch(key.encode("ascii"), digest, encoded)
+            self.wal.append_batch(key.encode(), digest, encoded)
         batch = self.buffer.add_keyed(key, digest.hex(), items, starts)
         self.key_budget -= len(batch.deltas)
         self.ledger.hold(key, batch.digest)

@@ -42,8 +42,10 @@ from incrementer.ingest.wal_reader import (
     FRAME_TIME,
     HEADER,
     MAGIC,
-    MAGIC_KEYED,
+    MAGIC_SCOPED,
     MAGIC_TIMED,
+    MAGIC_TIMED_SCOPED,
+    SCOPED_ID_LEN,
     SEQ,
     TIME,
     TIMES_COUNT,
@@ -76,6 +78,7 @@ _pack_seq: Final = SEQ.pack
 _pack_header: Final = HEADER.pack
 _pack_entries_len: Final = ENTRIES_LEN.pack
 _pack_batch_range: Final = BATCH_RANGE.pack
+_pack_scoped_id_len: Final = SCOPED_ID_LEN.pack
 _pack_frame_time: Final = FRAME_TIME.pack
 _pack_times_count: Final = TIMES_COUNT.pack
 _pack_time: Final = TIME.pack
@@ -131,7 +134,7 @@ class WriteAheadLog(SequencedLog):
         self._fd = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND) if segments else -1
         self._next_seq = segments[-1].last_seq + 1 if segments else 1
         self._frame = bytearray()  # entries of the open frame
-        self._batches = bytearray()  # the open frame's idempotent batches: sealed as MAGIC_KEYED
+        self._batches = bytearray()  # the open frame's idempotent batches: sealed as MAGIC_SCOPED
         self._times = bytearray()  # the open frame's entries with a time of their own (MAGIC_TIMED)
         self._pending = bytearray()  # sealed frames not yet written
         self._pending_first_seq = 0
@@ -271,8 +274,9 @@ class WriteAheadLog(SequencedLog):
         times: Sequence[tuple[int, int]] = (),
     ) -> None:
         """Add an idempotent batch to the open frame: its entries, already encoded as append()
-        would (they are what the digest is of), and a record of its key, digest and where its
-        entries are. `times`: (offset in encoded, ms) of its entries that carry their own time."""
+        would (they are what the digest is of), and a record of its key (scoped by its sender,
+        UTF-8), digest and where its entries are. `times`: (offset in encoded, ms) of its
+        entries that carry their own time."""
         frame = self._frame
         base = len(frame)
         if times:
@@ -280,7 +284,7 @@ class WriteAheadLog(SequencedLog):
             for offset, at_ms in times:
                 own += _pack_time(base + offset, at_ms)
         batches = self._batches
-        batches.append(len(key))
+        batches += _pack_scoped_id_len(len(key))
         batches += key
         batches += digest
         batches += _pack_batch_range(base, len(encoded))
@@ -298,7 +302,7 @@ class WriteAheadLog(SequencedLog):
                 # a bucket: the intake stamps first, this only keeps the format whole.
                 self.frame_ms = time_ns() // 1_000_000
             if self.frame_ms:
-                magic = MAGIC_TIMED
+                magic = MAGIC_TIMED_SCOPED if self._batches else MAGIC_TIMED
                 times = self._times
                 frame[:0] = _pack_frame_time(self.frame_ms) + _pack_entries_len(len(frame))
                 frame += _pack_times_count(len(times) // _TIME_BYTES)
@@ -307,7 +311,7 @@ class WriteAheadLog(SequencedLog):
                 times.clear()
                 self._batches.clear()
             elif self._batches:
-                magic = MAGIC_KEYED
+                magic = MAGIC_SCOPED
                 frame[:0] = _pack_entries_len(len(frame))
                 frame += self._batches
                 self._batches.clear()

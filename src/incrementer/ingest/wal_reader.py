@@ -20,6 +20,15 @@ the frame arrived at the frame time. Replay puts each increment back into the bu
 counted in. Frames of the two older kinds keep their format and replay as before (into the
 totals only: they were accepted with buckets off); a reader that predates MAGIC_TIMED stops at
 such a frame as damage.
+
+Idempotent batches are scoped by their sender (store/base.py `scoped`: the principal, a newline,
+the Idempotency-Key), which the one-byte ASCII key field cannot hold. A frame with batches is
+therefore written as MAGIC_SCOPED b"IWAS" (the layout of MAGIC_KEYED) or MAGIC_TIMED_SCOPED
+b"IWAU" (that of MAGIC_TIMED), whose batch records start `u16 id_len | scoped key (UTF-8)`
+instead. Frames of the older kinds still read: their batches' keys get the principal no request
+has (LEGACY_PRINCIPAL), as the rows stored before keys were scoped did. A timed frame without
+batches is still MAGIC_TIMED, and a reader that predates the scoped magics stops at such a frame
+as damage.
 """
 
 from __future__ import annotations
@@ -35,15 +44,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from incrementer.store.base import LEGACY_PRINCIPAL, scoped
+
 MAGIC = b"IWAL"
 MAGIC_KEYED = b"IWAK"
 MAGIC_TIMED = b"IWAT"
-MAGICS = (MAGIC, MAGIC_KEYED, MAGIC_TIMED)
+MAGIC_SCOPED = b"IWAS"
+MAGIC_TIMED_SCOPED = b"IWAU"
+MAGICS = (MAGIC, MAGIC_KEYED, MAGIC_TIMED, MAGIC_SCOPED, MAGIC_TIMED_SCOPED)
+TIMED_MAGICS = (MAGIC_TIMED, MAGIC_TIMED_SCOPED)
+SCOPED_MAGICS = (MAGIC_SCOPED, MAGIC_TIMED_SCOPED)
 _MAGIC_PREFIX = b"IWA"  # what both magics start with: how a scan finds the next frame
 HEADER = struct.Struct("<4sIQI")
 SEQ = struct.Struct("<Q")
 ENTRY = struct.Struct("<Hq")
 DIGEST_BYTES = 32
+SCOPED_ID_LEN = struct.Struct("<H")
 ENTRIES_LEN = struct.Struct("<I")
 BATCH_RANGE = struct.Struct("<II")
 FRAME_TIME = struct.Struct("<q")
@@ -108,6 +124,7 @@ class KeyedBatch(NamedTuple):
     those increments (also among the frame's entries)."""
 
     key: str
+    """Scoped by its sender (store/base.py `scoped`)."""
     digest: str
     """Hex SHA-256 of the batch's entries in the encoding above (and of their own times, when
     any has one)."""
@@ -133,7 +150,8 @@ def decode_payload(payload: bytes, magic: bytes) -> Payload:
         return Payload(decode_entries(payload), [], [])
     start = 0
     frame_ms = 0
-    if magic == MAGIC_TIMED:
+    timed = magic in TIMED_MAGICS
+    if timed:
         if len(payload) < FRAME_TIME.size:
             raise ValueError("truncated frame time")
         frame_ms = FRAME_TIME.unpack_from(payload, 0)[0]
@@ -142,13 +160,14 @@ def decode_payload(payload: bytes, magic: bytes) -> Payload:
     section = payload[start + ENTRIES_LEN.size : entries_end]
     offset = entries_end
     own: dict[int, int] = {}
-    if magic == MAGIC_TIMED:
+    if timed:
         own, offset = _own_times(payload, offset, len(section))
     entries, offsets = _entries_at(section)
-    times = [own.get(at, frame_ms) for at in offsets] if magic == MAGIC_TIMED else []
+    times = [own.get(at, frame_ms) for at in offsets] if timed else []
     batches = []
+    scoped_ids = magic in SCOPED_MAGICS
     while offset < len(payload):
-        key_end = offset + 1 + payload[offset]
+        key, key_end = _batch_key(payload, offset, scoped_ids)
         range_at = key_end + DIGEST_BYTES
         if range_at + BATCH_RANGE.size > len(payload):
             raise ValueError(f"batch record runs past the payload end at offset {offset}")
@@ -157,15 +176,23 @@ def decode_payload(payload: bytes, magic: bytes) -> Payload:
             raise ValueError(f"batch record at offset {offset} points past the entries")
         low, high = bisect_left(offsets, first), bisect_left(offsets, first + length)
         batches.append(
-            KeyedBatch(
-                payload[offset + 1 : key_end].decode("ascii"),  # pragma: no mutate
-                payload[key_end:range_at].hex(),
-                entries[low:high],
-                times[low:high],
-            )
+            KeyedBatch(key, payload[key_end:range_at].hex(), entries[low:high], times[low:high])
         )
         offset = range_at + BATCH_RANGE.size
     return Payload(entries, batches, times)
+
+
+def _batch_key(payload: bytes, offset: int, scoped_ids: bool) -> tuple[str, int]:
+    """The scoped key of the batch record at offset, and where the key ends."""
+    if not scoped_ids:
+        key_end = offset + 1 + payload[offset]
+        key = payload[offset + 1 : key_end].decode("ascii")  # pragma: no mutate
+        return scoped(LEGACY_PRINCIPAL, key), key_end
+    if offset + SCOPED_ID_LEN.size > len(payload):
+        raise ValueError(f"truncated batch key length at offset {offset}")
+    start = offset + SCOPED_ID_LEN.size
+    key_end = start + SCOPED_ID_LEN.unpack_from(payload, offset)[0]
+    return payload[start:key_end].decode(), key_end
 
 
 def _own_times(payload: bytes, offset: int, entries_bytes: int) -> tuple[dict[int, int], int]:
@@ -224,7 +251,7 @@ def _entries_at(payload: bytes) -> tuple[list[tuple[str, int]], list[int]]:
 def count_entries(buf: Buffer, start: int, end: int, magic: bytes = MAGIC) -> int:
     """How many entries the payload buf[start:end] of a frame with that magic holds;
     ValueError if it is malformed."""
-    if magic == MAGIC_TIMED:
+    if magic in TIMED_MAGICS:
         start += FRAME_TIME.size
     if magic != MAGIC:
         end = _entries_end(buf, start, end)

@@ -27,11 +27,31 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 
+SCOPE_SEPARATOR = "\n"
+LEGACY_PRINCIPAL = ""
+"""The principal of the idempotency keys stored before keys were scoped (migration 0009), and of
+the batches of WAL frames written then: no request has it."""
+
+
+def scoped(principal: str, key: str) -> str:
+    """One principal's Idempotency-Key as this process holds it (ledger, WAL, flush): the
+    principal, a newline, the key. A key is visible ASCII only (no newline), so the last newline
+    splits the two again, and no two principals' keys can be equal."""
+    return principal + SCOPE_SEPARATOR + key
+
+
+def unscoped(scope: str) -> tuple[str, str]:
+    """(principal, key) of a scoped key."""
+    principal, _, key = scope.rpartition(SCOPE_SEPARATOR)
+    return principal, key
+
+
 @dataclass(slots=True)
 class IdempotentBatch:
     """A batch sent with an Idempotency-Key, held until the flush that settles it."""
 
     key: str
+    """The key scoped by its sender (`scoped`): the database stores the two apart."""
     digest: str
     """Hex SHA-256 of the batch's increments (ingest/idempotency.py)."""
     deltas: dict[str, int]
@@ -229,8 +249,11 @@ class Store(Protocol):
         Raises BackendError on any database failure; nothing is applied then.
         """
 
-    async def idempotency_digest(self, key: str) -> str | None:
-        """The digest stored for an idempotency key, or None if the database does not have it."""
+    async def idempotency_digest(self, key: str, digest: str = "") -> str | None:
+        """The digest stored for a scoped idempotency key, or None if the database does not
+        have it. A row stored before keys were scoped (LEGACY_PRINCIPAL) under the same key
+        counts too, but only when its digest is `digest`: it may be the same batch, sent before
+        an upgrade and retried after it; with another digest it is someone else's."""
 
     async def sweep_idempotency_keys(self, older_than: float) -> int:
         """Delete idempotency keys recorded more than older_than seconds ago; how many."""

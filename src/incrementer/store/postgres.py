@@ -35,6 +35,7 @@ from incrementer.store.base import (
     scopes_text,
     sum_deltas,
     taken_back,
+    unscoped,
     utc_text,
 )
 from incrementer.store.buckets import Buckets, without
@@ -104,19 +105,29 @@ INSERT_OVERFLOWS = (
     " SELECT $1, $2, k, d, now() FROM unnest($3::text[], $4::text[]) AS t(k, d)"
 )
 SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1"
-# Idempotency keys (migration 0006), inserted by the flush that applies their batches, in its
-# transaction: the keys that come back won, the others were applied before. In key order, like
-# the counters and before them, so two flushes never wait on each other in a cycle. A second
-# flush inserting a key the first has inserted and not committed waits for that commit (then
-# loses) or its rollback (then wins): PostgreSQL settles the race.
+# Idempotency keys (migration 0006; scoped by principal since 0009), inserted by the flush that
+# applies their batches, in its transaction: the keys that come back won, the others were applied
+# before. In key order, like the counters and before them, so two flushes never wait on each
+# other in a cycle. A second flush inserting a key the first has inserted and not committed waits
+# for that commit (then loses) or its rollback (then wins): PostgreSQL settles the race.
 INSERT_IDEMPOTENCY_KEYS = (
-    "INSERT INTO idempotency_keys (key, digest, created_at)"
-    " SELECT k, d, now() FROM unnest($1::text[], $2::text[]) AS t(k, d)"
-    ' ORDER BY k COLLATE "C"'
-    " ON CONFLICT (key) DO NOTHING RETURNING key"
+    "INSERT INTO idempotency_keys (principal, key, digest, created_at)"
+    " SELECT p, k, d, now() FROM unnest($1::text[], $2::text[], $3::text[]) AS t(p, k, d)"
+    ' ORDER BY p COLLATE "C", k COLLATE "C"'
+    " ON CONFLICT (principal, key) DO NOTHING RETURNING principal, key"
 )
-SELECT_IDEMPOTENCY_DIGEST = "SELECT digest FROM idempotency_keys WHERE key = $1"
-SELECT_IDEMPOTENCY_DIGESTS = "SELECT key, digest FROM idempotency_keys WHERE key = ANY($1::text[])"
+# The principal's own row first; a row stored before keys were scoped only with the same digest.
+# Two lookups by the primary key, not one OR that would scan the principal's rows.
+SELECT_IDEMPOTENCY_DIGEST = (
+    "SELECT digest, 0 FROM idempotency_keys WHERE principal = $1 AND key = $2"
+    " UNION ALL SELECT digest, 1 FROM idempotency_keys"
+    " WHERE principal = '' AND key = $2 AND digest = $3"
+    " ORDER BY 2 LIMIT 1"
+)
+SELECT_IDEMPOTENCY_DIGESTS = (
+    "SELECT i.principal, i.key, i.digest FROM idempotency_keys i"
+    " JOIN unnest($1::text[], $2::text[]) AS t(p, k) ON i.principal = t.p AND i.key = t.k"
+)
 SWEEP_IDEMPOTENCY_KEYS = (
     "DELETE FROM idempotency_keys WHERE created_at < now() - $1::bigint * INTERVAL '1 millisecond'"
 )
@@ -291,19 +302,25 @@ class PostgresStore:
     ) -> list[IdempotentBatch]:
         """Insert the keyed batches' idempotency keys; the batches applied before (their key
         was there already), whose stored digests go into duplicates."""
+        principals, keys = _unscoped_columns(keyed)
         rows = await conn.fetch(
-            INSERT_IDEMPOTENCY_KEYS, [b.key for b in keyed], [b.digest for b in keyed]
+            INSERT_IDEMPOTENCY_KEYS, principals, keys, [b.digest for b in keyed]
         )
-        lost = losers(keyed, {row[0] for row in rows})
+        won = {(row[0], row[1]) for row in rows}
+        lost = losers(keyed, {b.key for b in keyed if unscoped(b.key) in won})
         if lost:
-            found = await conn.fetch(SELECT_IDEMPOTENCY_DIGESTS, [b.key for b in lost])
-            duplicates.update((row[0], row[1]) for row in found)
+            found = await conn.fetch(SELECT_IDEMPOTENCY_DIGESTS, *_unscoped_columns(lost))
+            stored = {(row[0], row[1]): row[2] for row in found}
+            duplicates.update((b.key, stored[unscoped(b.key)]) for b in lost)
         return lost
 
-    async def idempotency_digest(self, key: str) -> str | None:
+    async def idempotency_digest(self, key: str, digest: str = "") -> str | None:
+        principal, unscoped_key = unscoped(key)
         with self._errors():
             async with self._connection() as conn:
-                found = await conn.fetchval(SELECT_IDEMPOTENCY_DIGEST, key)
+                found = await conn.fetchval(
+                    SELECT_IDEMPOTENCY_DIGEST, principal, unscoped_key, digest
+                )
         return None if found is None else str(found)
 
     async def sweep_idempotency_keys(self, older_than: float) -> int:
@@ -558,3 +575,9 @@ def _kept(buckets: Buckets, lost: Sequence[IdempotentBatch]) -> Buckets:
     return Buckets(
         buckets.granularities, bucket_taken_back(buckets.deltas, [b.buckets for b in lost])
     )
+
+
+def _unscoped_columns(keyed: Sequence[IdempotentBatch]) -> tuple[list[str], list[str]]:
+    """The principals and the keys of scoped idempotency keys, as two columns."""
+    pairs = [unscoped(batch.key) for batch in keyed]
+    return [p for p, _ in pairs], [k for _, k in pairs]

@@ -40,6 +40,7 @@ from incrementer.store.base import (
     scopes_text,
     sum_deltas,
     taken_back,
+    unscoped,
     utc_text,
 )
 from incrementer.store.buckets import Buckets
@@ -76,14 +77,22 @@ SELECT_READ = (
     " (SELECT group_concat(delta, ',') FROM counter_overflows WHERE key = ?1)"
 )
 
-# Idempotency keys (migration 0006): written by the flush that applies their batch, in its
-# transaction, so the insert decides whether the batch's deltas count.
+# Idempotency keys (migration 0006; scoped by principal since 0009): written by the flush that
+# applies their batch, in its transaction, so the insert decides whether the batch's deltas count.
 INSERT_IDEMPOTENCY_KEY = (
-    "INSERT INTO idempotency_keys (key, digest, created_at)"
-    " VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
-    " ON CONFLICT (key) DO NOTHING"
+    "INSERT INTO idempotency_keys (principal, key, digest, created_at)"
+    " VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+    " ON CONFLICT (principal, key) DO NOTHING"
 )
-SELECT_IDEMPOTENCY_DIGEST = "SELECT digest FROM idempotency_keys WHERE key = ?"
+SELECT_IDEMPOTENCY_DIGEST = "SELECT digest FROM idempotency_keys WHERE principal = ? AND key = ?"
+# The principal's own row first; a row stored before keys were scoped only with the same digest.
+# Two lookups by the primary key, not one OR that would scan the principal's rows.
+SELECT_IDEMPOTENCY_LOOKUP = (
+    "SELECT digest, 0 FROM idempotency_keys WHERE principal = ?1 AND key = ?2"
+    " UNION ALL SELECT digest, 1 FROM idempotency_keys"
+    " WHERE principal = '' AND key = ?2 AND digest = ?3"
+    " ORDER BY 2 LIMIT 1"
+)
 # Timestamps are ISO 8601 UTC text of one form (migration 0005): they compare as text.
 SWEEP_IDEMPOTENCY_KEYS = (
     "DELETE FROM idempotency_keys WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
@@ -192,9 +201,12 @@ class SQLiteStore:
         work = partial(self._apply, node_id, seq, dict(deltas), list(keyed), buckets)
         return await self._on(writer, work)
 
-    async def idempotency_digest(self, key: str) -> str | None:
+    async def idempotency_digest(self, key: str, digest: str = "") -> str | None:
+        principal, unscoped_key = unscoped(key)
         rows = await self._read(
-            lambda conn: conn.execute(SELECT_IDEMPOTENCY_DIGEST, (key,)).fetchall()
+            lambda conn: conn.execute(
+                SELECT_IDEMPOTENCY_LOOKUP, (principal, unscoped_key, digest)
+            ).fetchall()
         )
         return str(rows[0][0]) if rows else None
 
@@ -370,7 +382,9 @@ class SQLiteStore:
                 inserted = {
                     batch.key
                     for batch in keyed
-                    if conn.execute(INSERT_IDEMPOTENCY_KEY, (batch.key, batch.digest)).rowcount
+                    if conn.execute(
+                        INSERT_IDEMPOTENCY_KEY, (*unscoped(batch.key), batch.digest)
+                    ).rowcount
                 }
                 lost = losers(keyed, inserted)
                 if lost:
@@ -379,7 +393,9 @@ class SQLiteStore:
                         kept = bucket_taken_back(buckets.deltas, [b.buckets for b in lost])
                         buckets = Buckets(buckets.granularities, kept)
                     for batch in lost:
-                        found = conn.execute(SELECT_IDEMPOTENCY_DIGEST, (batch.key,)).fetchall()
+                        found = conn.execute(
+                            SELECT_IDEMPOTENCY_DIGEST, unscoped(batch.key)
+                        ).fetchall()
                         duplicates[batch.key] = str(found[0][0])
             current = _current_values(conn, list(deltas))
             upserts: list[tuple[str, int, str]] = []
