@@ -22,7 +22,7 @@ from incrementer.http.request import Reject, Request
 if TYPE_CHECKING:
     from incrementer.http.server import HttpServer
 
-__all__ = ["FastPath", "Gate", "Handler", "HttpConnection", "Request", "Result"]
+__all__ = ["FastPath", "Gate", "Handler", "HttpConnection", "Request", "Result", "room_maker"]
 
 
 class FastPath(NamedTuple):
@@ -299,3 +299,21 @@ class HttpConnection(Pipeline):
     def reclaim(self) -> None:
         """Closed by the server to make room for a new connection (server.admit)."""
         self._close_now()
+
+
+def room_maker(connections: dict[HttpConnection, None], peer: str) -> HttpConnection | None:
+    """The connection to close for a new one (of `peer`'s, or of anyone's when it is ""): the
+    one idle the longest, else the one sending its first request since the earliest; None when
+    every one is busy. A scan in accept order (ties go to the earliest accepted), compiled with
+    this module, as it runs at every accept while a limit is reached."""
+    idle: HttpConnection | None = None
+    unfinished: HttpConnection | None = None
+    for conn in connections:
+        if peer and conn.peer != peer:
+            continue
+        if conn.reusable:
+            if idle is None or conn.last_active < idle.last_active:
+                idle = conn
+        elif unfinished is None and conn.sending_first_request:
+            unfinished = conn
+    return idle if idle is not None else unfinished

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from incrementer.http import responses
 from incrementer.http.pipeline import Gate
-from incrementer.http.protocol import Handler, HttpConnection
+from incrementer.http.protocol import Handler, HttpConnection, room_maker
 
 log = logging.getLogger("incrementer.http")
 
@@ -102,19 +102,9 @@ class HttpServer:
             self.per_peer.pop(peer, None)
 
     def _reclaim(self, peer: str) -> bool:
-        """Close one connection (of `peer`, or of anyone when it is ""): the longest idle, else
-        the one sending its first request since the earliest; False when none qualifies."""
-        idle: HttpConnection | None = None
-        unfinished: HttpConnection | None = None
-        for conn in self.connections:  # in accept order: among equals, the earliest goes
-            if peer and conn.peer != peer:
-                continue
-            if conn.reusable:
-                if idle is None or conn.last_active < idle.last_active:
-                    idle = conn
-            elif unfinished is None and conn.sending_first_request:
-                unfinished = conn
-        victim = idle or unfinished
+        """Close one connection (of `peer`, or of anyone when it is "") to make room; False
+        when none can be closed without breaking an exchange."""
+        victim = room_maker(self.connections, peer)
         if victim is None:
             return False
         self.release(victim)
