@@ -176,13 +176,16 @@ async def test_idle_connection_closed(url: str) -> None:
 
 
 async def test_connection_limit(tmp_path: Path, sqlite_url: str) -> None:
-    """Past --max-connections, with no connection idle, new connections get 503 and are closed;
-    existing ones work."""
-    async with run_service(settings_for(tmp_path, sqlite_url, max_connections=2)) as svc:
+    """Past --max-connections, with no connection idle or still on its first request, new
+    connections get 503 and are closed; existing ones work."""
+    settings = settings_for(tmp_path, sqlite_url, max_connections=2, max_connections_per_ip=2)
+    async with run_service(settings) as svc:
         host, port = host_port(svc.url)
         held = [await asyncio.open_connection(host, port) for _ in range(2)]
-        for _, writer in held:
-            writer.write(b"GET /healthz HTTP/1.1\r\n")  # a request begun: not idle
+        for reader, writer in held:
+            writer.write(get_request("/healthz"))
+            assert (await asyncio.wait_for(reader.readuntil(b"}"), 5)).startswith(b"HTTP/1.1 200")
+            writer.write(b"GET /healthz HTTP/1.1\r\n")  # the next request begun: not idle
         await asyncio.sleep(0.05)
         [resp] = await exchange(svc.url, get_request("/healthz"), 1)
         assert resp.status == 503

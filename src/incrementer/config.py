@@ -70,6 +70,7 @@ class Settings:
     max_header_bytes: int = 8192
     max_batch_items: int = 10_000
     max_connections: int = 10_000
+    max_connections_per_ip: int = 0  # 0: a quarter of max_connections (connections_per_ip)
     idle_timeout: float = 60.0
     request_timeout: float = 10.0
     shutdown_timeout: float = 10.0
@@ -150,6 +151,12 @@ class Settings:
         ):
             value = getattr(self, name)
             _check(value, name, value >= 1, "must be at least 1")
+        _check(
+            self.max_connections_per_ip,
+            "max_connections_per_ip",
+            self.max_connections_per_ip >= 0,
+            "must be >= 0 (0 = a quarter of max-connections)",
+        )
         _check(
             self.max_key_bytes,
             "max_key_bytes",
@@ -279,6 +286,12 @@ class Settings:
         """Seconds each kept granularity's buckets are kept (None: forever)."""
         retention = periods.parse_retention(self.bucket_retention)
         return {length: retention[length] for length in self.granularities}
+
+    @property
+    def connections_per_ip(self) -> int:
+        """Open connections one client address may hold: --max-connections-per-ip, else a
+        quarter of --max-connections (at least one)."""
+        return self.max_connections_per_ip or max(1, self.max_connections // 4)
 
     @property
     def loopback(self) -> bool:

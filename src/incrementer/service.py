@@ -186,6 +186,7 @@ class Service:
             s.max_connections,
             s.idle_timeout,
             s.request_timeout,
+            s.connections_per_ip,
         )
         self.server = HttpServer(app, self.gate, limits)
         self.metrics.build_info = {"version": build.version(), "build": build.name()}

@@ -9,6 +9,7 @@ Shell completion comes from click: `eval "$(_INCREMENTER_COMPLETE=bash_source in
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -43,6 +44,10 @@ def serve(settings: Settings) -> None:
     from incrementer.service import Service
 
     logs.configure(settings.log_level, settings.log_format)
+    # What the server writes is its owner's alone, whatever umask it was started with: each file
+    # it creates is made 0600 and each directory 0700 explicitly, and this also covers the files
+    # its libraries create (prometheus-client's metrics files in a --workers group's run dir).
+    os.umask(os.umask(0o077) | 0o077)
     if settings.workers > 1:
         from incrementer.process.supervisor import CannotStart, Supervisor
 

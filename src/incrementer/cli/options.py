@@ -46,7 +46,15 @@ HELP = {
     "max_body_bytes": "Largest request body accepted (413 above).",
     "max_header_bytes": "Largest request line plus headers accepted (431 above).",
     "max_batch_items": "Most increments in one POST /increments.",
-    "max_connections": "Open connections; past it the longest-idle one makes room, else 503.",
+    "max_connections": (
+        "Open connections; past it the longest-idle one makes room, else the one sending its "
+        "first request the longest, else 503."
+    ),
+    "max_connections_per_ip": (
+        "Open connections from one client address; past it that address's longest-idle (or "
+        "longest-unfinished first request) makes room, else 503; 0 = a quarter of "
+        "--max-connections (behind a proxy, set it to --max-connections)."
+    ),
     "idle_timeout": "Seconds a keep-alive connection may sit idle between requests.",
     "request_timeout": "Seconds to send one whole request, the first from the accept (slowloris).",
     "shutdown_timeout": "Seconds to finish requests and the final flush on SIGTERM.",

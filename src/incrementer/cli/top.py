@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable
@@ -76,10 +77,44 @@ def fetch(url: str, api_key: str | None, timeout: float = TIMEOUT) -> Scrape:
     return Scrape(time.monotonic(), samples, ready)
 
 
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the port spelt out when it is the scheme's default."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return (
+        scheme,
+        (parts.hostname or "").lower(),
+        parts.port or {"http": 80, "https": 443}.get(scheme),
+    )
+
+
+class SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, but never carries the API key to another origin
+    (scheme, host and port), as browsers, curl and httpx do not: urllib's own handler copies
+    every header, Authorization included, to wherever the server points."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and origin(newurl) != origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(SameOriginCredentials)
+
+
 def _get(url: str, headers: dict[str, str], timeout: float, ok: tuple[int, ...] = (200,)) -> str:
     request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             return str(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         if exc.code in ok:

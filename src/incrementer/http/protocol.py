@@ -22,7 +22,7 @@ from incrementer.http.request import Reject, Request
 if TYPE_CHECKING:
     from incrementer.http.server import HttpServer
 
-__all__ = ["FastPath", "Gate", "Handler", "HttpConnection", "Request", "Result"]
+__all__ = ["FastPath", "Gate", "Handler", "HttpConnection", "Request", "Result", "room_maker"]
 
 
 class FastPath(NamedTuple):
@@ -71,6 +71,7 @@ class HttpConnection(Pipeline):
         "fast_method",
         "fast_type",
         "fast_url",
+        "first_request",
         "handler",
         "last_active",
         "peer",
@@ -89,6 +90,7 @@ class HttpConnection(Pipeline):
         self.peer = ""
         self.last_active = self.clock.now
         self.silent = True  # not a byte received yet
+        self.first_request = True  # no request completed on it yet
 
     # asyncio callbacks
 
@@ -99,28 +101,25 @@ class HttpConnection(Pipeline):
         # The first request is timed like any other, from the accept: a connection that never
         # sends a byte is closed after --request-timeout, not held for --idle-timeout.
         self.request_started = self.clock.now
-        server = self.server
-        connections = server.connections
-        if len(connections) >= server.max_connections and not _close_longest_idle(connections):
+        refusal = self.server.admit(self)
+        if refusal:
             self.handler.refused_connection()
             self.transport.write(
                 responses.error(
                     self.clock,
                     503,
                     "too_many_connections",
-                    "The server is at its connection limit.",
+                    refusal,
                     close=True,
                     headers=b"Retry-After: 1\r\n",
                 )
             )
             self.transport.close()
             self.closing = True
-            return
-        connections[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.pop(self, None)
+        self.server.release(self)
         if self.task is not None:
             self.task.cancel()
 
@@ -168,6 +167,7 @@ class HttpConnection(Pipeline):
 
     def on_message_complete(self) -> None:
         self.request_started = 0.0
+        self.first_request = False
         if self.closing:
             return  # pipelined after a request that closes the connection: never answered
         parser = self.parser
@@ -289,16 +289,31 @@ class HttpConnection(Pipeline):
             and not transport.get_write_buffer_size()
         )
 
+    @property
+    def sending_first_request(self) -> bool:
+        """Has sent part of its first request and not the rest: nothing was answered on it and
+        nothing is owed, so closing it under pressure breaks no exchange the server began (a
+        client sending this slowly is most likely holding the slot on purpose)."""
+        return self.first_request and not self.silent and not self.closing
 
-def _close_longest_idle(connections: dict[HttpConnection, None]) -> bool:
-    """At --max-connections, make room for a new connection by closing the one idle the longest
-    (as nginx reuses idle keep-alive connections). False when no connection is idle."""
-    oldest: HttpConnection | None = None
-    for conn in connections:  # in accept order: among equals, the earliest accepted goes
-        if conn.reusable and (oldest is None or conn.last_active < oldest.last_active):
-            oldest = conn
-    if oldest is None:
-        return False
-    del connections[oldest]
-    oldest._close_now()
-    return True
+    def reclaim(self) -> None:
+        """Closed by the server to make room for a new connection (server.admit)."""
+        self._close_now()
+
+
+def room_maker(connections: dict[HttpConnection, None], peer: str) -> HttpConnection | None:
+    """The connection to close for a new one (of `peer`'s, or of anyone's when it is ""): the
+    one idle the longest, else the one sending its first request since the earliest; None when
+    every one is busy. A scan in accept order (ties go to the earliest accepted), compiled with
+    this module, as it runs at every accept while a limit is reached."""
+    idle: HttpConnection | None = None
+    unfinished: HttpConnection | None = None
+    for conn in connections:
+        if peer and conn.peer != peer:
+            continue
+        if conn.reusable:
+            if idle is None or conn.last_active < idle.last_active:
+                idle = conn
+        elif unfinished is None and conn.sending_first_request:
+            unfinished = conn
+    return idle if idle is not None else unfinished

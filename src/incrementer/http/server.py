@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from incrementer.http import responses
 from incrementer.http.pipeline import Gate
-from incrementer.http.protocol import Handler, HttpConnection
+from incrementer.http.protocol import Handler, HttpConnection, room_maker
 
 log = logging.getLogger("incrementer.http")
 
@@ -25,6 +25,8 @@ class Limits:
     max_connections: int
     idle_timeout: float
     request_timeout: float
+    max_connections_per_ip: int = 0
+    """Open connections from one client address; 0: no such limit."""
 
 
 class HttpServer:
@@ -35,9 +37,12 @@ class HttpServer:
         self.clock = responses.Clock(time.monotonic())
         # In accept order (a dict as an ordered set): the longest-idle search breaks ties by it.
         self.connections: dict[HttpConnection, None] = {}
+        self.per_peer: dict[str, int] = {}
+        """Open connections by client address (those counted in connections)."""
         self.max_body_bytes = limits.max_body_bytes
         self.max_header_bytes = limits.max_header_bytes
         self.max_connections = limits.max_connections
+        self.max_connections_per_ip = limits.max_connections_per_ip
         self.idle_timeout = limits.idle_timeout
         self.request_timeout = limits.request_timeout
         self._server: asyncio.Server | None = None
@@ -61,6 +66,50 @@ class HttpServer:
         self._tick = loop.call_later(1.0, self._on_tick)
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
+
+    def admit(self, conn: HttpConnection) -> str:
+        """Count a new connection in, making room if a limit is reached; the reason it is
+        refused (the 503's detail) when no room can be made, else "".
+
+        At a client address's limit (--max-connections-per-ip) room is made among that
+        address's own connections only; at --max-connections, among all. Either way the
+        connection idle the longest goes first (as nginx reuses idle keep-alive connections),
+        then the one that has been sending its first request the longest: a connection that
+        sends a request's first bytes and never the rest holds its slot for --request-timeout,
+        and a few clients doing that on purpose would otherwise lock everyone else out."""
+        peer = conn.peer
+        per_ip = self.max_connections_per_ip
+        if peer and per_ip and self.per_peer.get(peer, 0) >= per_ip:
+            if not self._reclaim(peer):
+                return "Too many connections from this address."
+        elif len(self.connections) >= self.max_connections and not self._reclaim(""):
+            return "The server is at its connection limit."
+        self.connections[conn] = None
+        if peer:
+            self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        return ""
+
+    def release(self, conn: HttpConnection) -> None:
+        """A connection is closed or being closed: it no longer counts against the limits."""
+        if conn not in self.connections:
+            return
+        del self.connections[conn]
+        peer = conn.peer
+        left = self.per_peer.get(peer, 0) - 1
+        if left > 0:
+            self.per_peer[peer] = left
+        else:
+            self.per_peer.pop(peer, None)
+
+    def _reclaim(self, peer: str) -> bool:
+        """Close one connection (of `peer`, or of anyone when it is "") to make room; False
+        when none can be closed without breaking an exchange."""
+        victim = room_maker(self.connections, peer)
+        if victim is None:
+            return False
+        self.release(victim)
+        victim.reclaim()
+        return True
 
     def _on_tick(self) -> None:
         loop = asyncio.get_running_loop()

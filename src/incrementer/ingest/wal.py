@@ -159,7 +159,7 @@ class WriteAheadLog(SequencedLog):
         if segment_bytes < 1:
             raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
         if not directory.is_dir():
-            directory.mkdir(parents=True)
+            directory.mkdir(mode=0o700, parents=True)  # segments are the data: owner only
             _fsync_dir(directory.parent)
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -367,7 +367,7 @@ class WriteAheadLog(SequencedLog):
 
     def _start_segment(self, first_seq: int) -> None:
         path = self.directory / segment_name(first_seq)
-        fd = os.open(path, _NEW_SEGMENT, 0o644)
+        fd = os.open(path, _NEW_SEGMENT, 0o600)
         with self._lock:
             if self._fd >= 0:
                 self._rotated_fds.append(self._fd)
@@ -446,7 +446,7 @@ class WriteAheadLog(SequencedLog):
         """Write and fdatasync one page in a scratch file beside the segments, then remove it:
         raises OSError while the disk still refuses. Safe in a worker thread."""
         path = self.directory / PROBE_NAME
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # pragma: no mutate
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # pragma: no mutate
         try:
             with memoryview(_PROBE_PAGE) as view:
                 done = 0

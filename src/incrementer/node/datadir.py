@@ -46,8 +46,9 @@ class DataDir:
         the node id (it never creates one)."""
         check_is_directory(self.path)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            # Owner only, whatever the umask: the WAL holds every increment not yet flushed.
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise DataDirError(f"cannot use data dir {self.path}: {exc.strerror}") from None
         try:
@@ -74,9 +75,7 @@ class DataDir:
         path = self.path / "node_id"
         node_id = uuid.uuid4().hex
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(node_id + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        write_private(tmp, node_id + "\n", sync=True)
         os.replace(tmp, path)
         return node_id
 
@@ -108,8 +107,21 @@ def claim_database(data_dir: DataDir, identity: str, applied_seq: int) -> None:
             f"same database under another name, delete {recorded_at}"
         )
     tmp = recorded_at.with_suffix(".tmp")
-    tmp.write_text(identity + "\n")
+    write_private(tmp, identity + "\n")
     os.replace(tmp, recorded_at)
+
+
+def write_private(path: Path, text: str, sync: bool = False) -> None:
+    """Write a small file readable by the owner only (0600 whatever the umask), replacing
+    any file there; sync: fsync it before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a leftover file keeps its mode through O_CREAT: set it
+        os.write(fd, text.encode())
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _holds_frames(wal_path: Path) -> bool:

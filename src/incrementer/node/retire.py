@@ -27,7 +27,7 @@ from pathlib import Path
 from incrementer.ingest.buffer import Batch, CoalescingBuffer
 from incrementer.ingest.replay import replay_frame
 from incrementer.ingest.wal import WriteAheadLog
-from incrementer.node.datadir import RETIRED, DataDir, claim_database
+from incrementer.node.datadir import RETIRED, DataDir, claim_database, write_private
 from incrementer.store.base import Store
 from incrementer.store.buckets import Buckets
 
@@ -145,9 +145,7 @@ async def _apply(store: Store, node_id: str, batch: Batch, granularities: tuple[
 def _mark_retired(path: Path, node_id: str, applied_seq: int) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tmp = path / (RETIRED + ".tmp")
-    tmp.write_text(f"node {node_id} drained through seq {applied_seq} at {when}\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    write_private(tmp, f"node {node_id} drained through seq {applied_seq} at {when}\n", sync=True)
     os.replace(tmp, path / RETIRED)
 
 

@@ -35,8 +35,9 @@ def ready_file(run_dir: Path, index: int) -> Path:
 def reset(run_dir: Path) -> None:
     """A new group starts with no figures: the files of an earlier group would be summed in."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    metrics_dir(run_dir).mkdir(parents=True)
-    ready_dir(run_dir).mkdir()
+    run_dir.mkdir(mode=0o700, parents=True)  # owner only, like the data dir it sits in
+    metrics_dir(run_dir).mkdir(mode=0o700)
+    ready_dir(run_dir).mkdir(mode=0o700)
 
 
 def forget(run_dir: Path, ident: str, index: int) -> None:

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from incrementer.store.base import BackendError
 from incrementer.store.sqlite import check_directory
+from incrementer.store.sqlite_file import create_private
 from incrementer.urls import parse_database_url, redact_url, scrub
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def _sqlite_yoyo_url(path: str) -> str:
     # yoyo opens `file:<path>?cache=shared` as an SQLite URI, which percent-decodes: quoting keeps
     # names containing '?', '#' or '%' intact.
     check_directory(path)
+    create_private(path)
     return "sqlite:///" + quote(path)
 
 

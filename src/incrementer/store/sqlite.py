@@ -45,7 +45,7 @@ from incrementer.store.base import (
 )
 from incrementer.store.buckets import Buckets
 from incrementer.store.buckets import taken_back as bucket_taken_back
-from incrementer.store.sqlite_file import DatabaseFile, watch_data_version
+from incrementer.store.sqlite_file import DatabaseFile, create_private, watch_data_version
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -337,6 +337,7 @@ class SQLiteStore:
 
     def _open_writer(self) -> None:
         check_directory(self.path)
+        create_private(self.path)
         conn = self._connect()
         self._write_conn = conn
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]

@@ -25,6 +25,19 @@ from incrementer.store.base import BackendError
 WATCH_EVERY = 0.2
 
 
+def create_private(path: str) -> None:
+    """Create the database file readable by its owner only (0600, whatever the umask) before
+    SQLite or yoyo opens it: it holds the API keys' hashes, and SQLite gives its -wal and -shm
+    files the main file's mode. An existing file is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # SQLite's own open reports what is wrong with the path, in its words
+    os.close(fd)
+
+
 class DatabaseFile:
     """The identity (device, inode) of the file the connections opened."""
 

@@ -81,7 +81,13 @@ class AsyncClient:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.AsyncClient(
-            base_url=base_url(url), headers=headers, timeout=timeout, transport=transport
+            base_url=base_url(url),
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            # A redirect is answered as a refusal, never followed: the API key goes only to
+            # the origin it was given for (httpx's default, made explicit).
+            follow_redirects=False,
         )
 
     # the caller's side
