@@ -97,9 +97,9 @@ class Intake:
         `client`: who sends it (an API key's name, or the client IP).
 
         False when anything is off (bad JSON, a key or value the fast check does not pass, the
-        key budget or the client's share spent): nothing was changed, and the general path (Validator.json_one, then
-        accept) decodes again and answers with the precise error. The check is
-        Validator.check's first branch, repeated here to save three calls per request.
+        key budget or the client's share spent): nothing was changed, and the general path
+        (Validator.json_one, then accept) decodes again and answers with the precise error. The
+        check is Validator.check's first branch, repeated here to save three calls per request.
         """
         try:
             inc = self._decode(body)
