@@ -75,6 +75,12 @@ def test_bad_values_name_the_option(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"invalid max-pending-keys=1999"):
         Settings(max_pending_keys=1999, flush_max_keys=1000)
     Settings(max_pending_keys=2000, flush_max_keys=1000)
+    with pytest.raises(ConfigError, match=r"invalid max-pending-keys-per-client=2001: .*2000"):
+        Settings(max_pending_keys=2000, flush_max_keys=1000, max_pending_keys_per_client=2001)
+    with pytest.raises(ConfigError, match=r"invalid max-pending-keys-per-client=-1"):
+        Settings(max_pending_keys_per_client=-1)
+    assert Settings(max_pending_keys=2000, flush_max_keys=1000).client_key_share == 500
+    assert Settings(max_pending_keys_per_client=7).client_key_share == 7
     with pytest.raises(ConfigError, match=r"unknown option 'colour'"):
         Settings.build({}, _toml(tmp_path, "colour = 1\n"))
 

@@ -181,7 +181,13 @@ async def test_overload_sheds_new_keys_with_503(tmp_path: Path, pg_url: str) -> 
     """Past --max-pending-keys, new keys get 503 + Retry-After; pending keys still count."""
     prefix = unique()
     async with proxy_to(pg_url) as (proxy, via_proxy):
-        settings = settings_for(tmp_path, via_proxy, max_pending_keys=100, flush_max_keys=50)
+        settings = settings_for(
+            tmp_path,
+            via_proxy,
+            max_pending_keys=100,
+            max_pending_keys_per_client=100,  # one client: the whole budget is its share
+            flush_max_keys=50,
+        )
         async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
             await proxy.cut()
             statuses = []

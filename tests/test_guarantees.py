@@ -158,6 +158,7 @@ async def test_shed_increments_are_not_logged_so_a_restart_does_not_apply_them(
         lag_bound="3600",
         flush_max_keys="3",
         max_pending_keys="6",
+        max_pending_keys_per_client="6",  # one client here: the whole budget is its share
     )
     expected = {key: i + 1 for i, key in enumerate(pending)}
     with spawned(args) as server:
@@ -225,6 +226,7 @@ async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
         lag_bound=3600.0,
         flush_max_keys=4,
         max_pending_keys=8,
+        max_pending_keys_per_client=8,  # one client: the whole budget is its share
     )
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         for key in pending:

@@ -165,3 +165,46 @@ async def test_lookups_off_new_keys_wait_for_the_reload(tmp_path: Path, sqlite_u
 
         await wait_until(accepted, timeout=10)
         assert lookups(statements) == 0
+
+
+async def test_a_flood_from_one_address_leaves_lookups_for_another(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Guards one --auth-lookup-rate shared by everyone: 127.0.0.1 sending made-up keys to
+    /readyz without pause spends only its own lookups (about 5 a second), and keys created a
+    moment before work on their first request from 127.0.0.2 (within that address's own 5)."""
+    settings = settings_for(
+        tmp_path, sqlite_url, auth="required", auth_refresh=3600, auth_lookup_rate=5
+    )
+    async with traced(settings) as (svc, statements):
+        stop = asyncio.Event()
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            transport = httpx.AsyncHTTPTransport(local_address="127.0.0.1")
+            async with httpx.AsyncClient(base_url=svc.url, transport=transport) as client:
+                while not stop.is_set():
+                    made_up = f"ik_{sent:012x}.flood"
+                    await client.get("/readyz", headers=bearer(made_up))  # 200, no details
+                    sent += 1
+
+        flooding = asyncio.create_task(flood())
+        started = time.monotonic()
+        try:
+            await wait_until(lambda: sent >= 50)
+            transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+            async with httpx.AsyncClient(base_url=svc.url, transport=transport) as client:
+                for i in range(3):
+                    fresh = await add_api_key(sqlite_url, unique(f"new{i}-"))
+                    resp = await client.post(
+                        "/increment", json={"key": "n", "value": 1}, headers=bearer(fresh)
+                    )
+                    assert resp.status_code == 202, resp.text
+        finally:
+            stop.set()
+            await flooding
+        elapsed = time.monotonic() - started
+    made = lookups(statements)
+    assert made <= 5 * (1 + elapsed) + 3 + 1, (made, sent, elapsed)  # the flood's, and 3 keys
+    assert made < sent

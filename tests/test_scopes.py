@@ -29,7 +29,12 @@ from incrementer.store.migrate import migrate
 
 
 async def scoped_key(
-    database_url: str, scopes: tuple[str, ...], prefix: str | None = None, name: str = ""
+    database_url: str,
+    scopes: tuple[str, ...],
+    prefix: str | None = None,
+    name: str = "",
+    rate: float | None = None,
+    burst: int | None = None,
 ) -> str:
     """A key stored as `keys create --scope ... --prefix ...` stores one."""
     await asyncio.to_thread(migrate, database_url)
@@ -38,7 +43,15 @@ async def scoped_key(
     await store.open()
     try:
         await store.create_api_key(
-            ApiKey(name or unique("scoped-"), key_id, key_hash, scopes=scopes, prefix=prefix)
+            ApiKey(
+                name or unique("scoped-"),
+                key_id,
+                key_hash,
+                rate,
+                burst,
+                scopes=scopes,
+                prefix=prefix,
+            )
         )
     finally:
         await store.close()
@@ -143,6 +156,30 @@ async def test_a_prefix_confines_writes_and_reads(tmp_path: Path, db_url: str) -
                 )
                 assert forbidden(answer), (prefix, extra, answer.text)
     assert await db_totals(db_url, [mine, theirs]) == {mine: 2}
+
+
+async def test_a_prefixed_key_refused_by_its_rate_limit_confines_no_one_else(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Guards the hand-over between the guard and the prefix check: a key with a prefix refused
+    429 by its own rate limit must not leave its prefix to be checked against the next request,
+    another key's, which may write anywhere."""
+    slow = await scoped_key(db_url, ("write",), prefix="mine/", rate=0.001, burst=1)
+    free = await scoped_key(db_url, ("write", "read", "admin"))
+    mine, other = "mine/" + unique("k-"), unique("elsewhere-")
+    settings = settings_for(tmp_path, db_url, auth="required")
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        batch = [{"key": mine, "value": 1}]
+        assert (
+            await client.post("/increments", json=batch, headers=bearer(slow))
+        ).status_code == 202
+        limited = await client.post("/increments", json=batch, headers=bearer(slow))
+        assert limited.status_code == 429, limited.text
+        wrote = await client.post(
+            "/increments", json=[{"key": other, "value": 5}], headers=bearer(free)
+        )
+        assert wrote.status_code == 202, wrote.text
+    assert await db_totals(db_url, [mine, other]) == {mine: 1, other: 5}
 
 
 async def test_keys_made_before_scopes_keep_every_right(tmp_path: Path, db_url: str) -> None:

@@ -69,6 +69,8 @@ def flush_held(seconds: float, max_keys: int, lag_bound: float) -> tuple[str, ..
     return (
         "--flush-interval", f"{seconds:g}", "--flush-interval-max", f"{seconds:g}",
         "--flush-max-keys", str(max_keys), "--max-pending-keys", str(2 * max_keys),
+        # One load generator is one client: it may take the whole budget.
+        "--max-pending-keys-per-client", str(2 * max_keys),
         "--lag-bound", f"{lag_bound:g}",
     )  # fmt: skip
 
@@ -98,6 +100,7 @@ class Target:
     auth: bool = False  # --auth required, with an API key created in the run's database
     flags: tuple[str, ...] = ()  # more `incrementer serve` options
     lagging: bool = False  # lags by design: left out of the lag plot, which it would flatten
+    python: str = ""  # the interpreter whose incrementer is run; "" = this one (bench.budgets)
     workers: int = 1  # nginx worker_processes, or incrementer --workers
 
     @property
@@ -195,7 +198,7 @@ def command_for(target: Target, workdir: Path, database_url: str) -> Launch:
         return Launch(nginx_argv(workdir, conf), url, workdir)
     if target.kind == "incrementer":
         argv = [
-            sys.executable, "-m", "incrementer", "serve", "--port", str(port),
+            target.python or sys.executable, "-m", "incrementer", "serve", "--port", str(port),
             "--database-url", database_url, "--data-dir", str(workdir / "data"),
             "--durability", target.durability, "--log-level", "warning",
             *(["--auth", "required"] if target.auth else []),

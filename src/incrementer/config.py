@@ -64,6 +64,7 @@ class Settings:
     flush_interval_max: float = 0.5
     flush_max_keys: int = 20_000
     max_pending_keys: int = 1_000_000
+    max_pending_keys_per_client: int = 0
     max_key_bytes: int = 256
     allow_negative: bool = False
     max_body_bytes: int = 1_048_576
@@ -170,6 +171,13 @@ class Settings:
             f"must be at least twice flush-max-keys ({self.flush_max_keys}): while a batch of "
             "up to flush-max-keys keys is being flushed, the buffer needs as much room again, "
             "or new keys are refused with a healthy database",
+        )
+        _check(
+            self.max_pending_keys_per_client,
+            "max_pending_keys_per_client",
+            0 <= self.max_pending_keys_per_client <= self.max_pending_keys,
+            f"must be between 0 (a quarter of max-pending-keys) and max-pending-keys "
+            f"({self.max_pending_keys})",
         )
         _check(
             self.auth, "auth", self.auth in AUTH_MODES, f"must be one of {', '.join(AUTH_MODES)}"
@@ -313,6 +321,12 @@ class Settings:
     def auth_required(self) -> bool:
         """auto: keys are required unless the service is bound to loopback only."""
         return self.auth == "required" or (self.auth == "auto" and not self.loopback)
+
+    @property
+    def client_key_share(self) -> int:
+        """New keys one client may make pending between two flush cuts (0 in the option: a
+        quarter of --max-pending-keys)."""
+        return self.max_pending_keys_per_client or max(1, self.max_pending_keys // 4)
 
     @property
     def default_burst(self) -> int:

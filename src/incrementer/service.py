@@ -130,7 +130,14 @@ class Service:
         wal = await self._open_wal(applied_seq)
         validator = Validator(s.max_key_bytes, s.allow_negative, s.max_batch_items, s.bucket_past)
         intake = Intake(
-            self.buffer, wal, validator, s.max_pending_keys, self.metrics, self.ledger, self.finest
+            self.buffer,
+            wal,
+            validator,
+            s.max_pending_keys,
+            self.metrics,
+            self.ledger,
+            self.finest,
+            s.client_key_share,
         )
         self.gate = AckGate(
             loop, wal, intake, s.durability, s.fsync_interval, self.metrics, applied_seq

@@ -32,10 +32,11 @@ from incrementer.api.routes import (
     origin_form,
 )
 from incrementer.api.series import Series
+from incrementer.auth.budgets import charge
 from incrementer.auth.keyring import ALL_SCOPES, ClientLimiter, KeyRing, Principal, TokenBucket
 from incrementer.auth.source import KeySource
 from incrementer.http import FastPath, Handler, HttpConnection, Request, Result, responses
-from incrementer.ingest.intake import Intake
+from incrementer.ingest.intake import ACCOUNT, Account, Intake
 from incrementer.ingest.validate import BadRequest
 from incrementer.metrics import Metrics
 
@@ -71,6 +72,8 @@ class App(Handler):
         """The bucket guard() just took a token from, for its answer's fields."""
         self.confined: Principal | None = None
         """The key guard() just let through, when it has a prefix to check the request against."""
+        self.client = ""
+        """Who guard() just let through: the API key's name, or the client IP."""
         metrics.declare(
             [(route, status) for route, codes in ROUTE_STATUSES.items() for status in codes],
             REJECT_REASONS,
@@ -92,6 +95,7 @@ class App(Handler):
         charges it exactly once.
         """
         bucket: TokenBucket | None = None
+        client = conn.peer
         if self.guarded:
             keyring = self.keyring
             if keyring is not None:
@@ -101,13 +105,14 @@ class App(Handler):
                 if keyring.crowded:
                     keyring.used(conn.authorization, principal)
                 bucket = principal.bucket
+                client = principal.name
             else:
                 bucket = self.limiter.buckets.get(conn.peer) if self.limiter is not None else None
                 if bucket is None:
                     return False
             if bucket is not None and bucket.take(time.monotonic()):
                 return False  # refused: nothing spent; handle() answers 429
-        if self.intake.accept_json(body):
+        if self.intake.accept_json(body, client):
             self.metrics.accepted_requests += 1
             if bucket is not None:
                 conn.accepted_fields = bucket.fields()
@@ -152,6 +157,8 @@ class App(Handler):
             key_id = self.key_source.wanted(request.authorization)
             if key_id is not None:
                 return self._after_lookup(key_id, conn, request)
+        bucket = None
+        client = conn.peer
         if protected and self.guarded:
             denied = self.guard(conn, request.authorization, route, keep_alive)
             if denied is not None:
@@ -167,10 +174,38 @@ class App(Handler):
                     self.metrics.count_rejected("forbidden")
                     return fail(self.metrics, conn, route, refused, keep_alive)
             bucket = self.charged
-            if bucket is not None:
-                self.charged = None
-                return _with_fields(self.route(conn, request, route, path), bucket.fields())
+            client = self.client
+            self.charged = None
+        if route == "increment" or route == "increments":
+            return self._taken(conn, request, route, path, bucket, client)
+        if bucket is not None:
+            return _with_fields(self.route(conn, request, route, path), bucket.fields())
         return self.route(conn, request, route, path)
+
+    def _taken(
+        self,
+        conn: HttpConnection,
+        request: Request,
+        route: str,
+        path: bytes,
+        bucket: TokenBucket | None,
+        client: str,
+    ) -> Result:
+        """A route that takes increments, on `client`'s account: its new keys count against
+        the client's share of the pending keys (ingest/intake.py), and a batch costs its rate
+        limit one token per increment taken (guard() took the first)."""
+        account = Account(client)
+        # Not reset after the route: an answer that waits runs in a task created from this
+        # context once handle() returns (the account must still be this request's there).
+        ACCOUNT.set(account)
+        result = self.route(conn, request, route, path)
+        if bucket is None:
+            return result
+        if isinstance(result, bytes):
+            if account.items > 1:
+                charge(bucket, account.items - 1)
+            return responses.with_fields(result, bucket.fields())
+        return _charged_later(result, account, bucket)
 
     def route(self, conn: HttpConnection, request: Request, route: str, path: bytes) -> Result:
         """The answer of a route, once its guards let the request through."""
@@ -210,7 +245,7 @@ class App(Handler):
         """A key the keyring does not know yet: ask the database (KeySource bounds how often),
         then answer as if it had been known all along."""
         assert self.key_source is not None
-        await self.key_source.look_up(key_id)
+        await self.key_source.look_up(key_id, conn.peer)
         result = self.dispatch(conn, request, False)
         return result if isinstance(result, bytes) else await result
 
@@ -222,6 +257,7 @@ class App(Handler):
         the request's bucket is `charged`, so its answer carries the fields too, and a key with
         a prefix is `confined`, for dispatch() to check the request's counters against it."""
         bucket = None
+        confined = None
         now = time.monotonic()
         if self.keyring is not None:
             principal = self.keyring.authenticate(authorization)
@@ -234,17 +270,21 @@ class App(Handler):
                     self.metrics.count_rejected("forbidden")
                     return fail(self.metrics, conn, route, refused, keep_alive)
             if principal.prefix is not None:
-                self.confined = principal
+                confined = principal
             bucket = principal.bucket
+            self.client = principal.name
         elif self.limiter is not None:
             bucket = self.limiter.bucket(conn.peer, now)
+            self.client = conn.peer
         if bucket is not None:
             wait = bucket.take(now)
             if wait:
                 self.metrics.count_rejected("rate_limited")
                 headers = b"Retry-After: %d\r\n" % math.ceil(wait) + bucket.fields()
                 return fail(self.metrics, conn, route, RATE_LIMITED, keep_alive, headers)
+        # Set only for a request let through: dispatch() takes both back at once.
         self.charged = bucket
+        self.confined = confined
         return None
 
 
@@ -257,3 +297,12 @@ def _with_fields(result: Result, fields: bytes) -> Result:
 
 async def _later_with_fields(result: Awaitable[bytes], fields: bytes) -> bytes:
     return responses.with_fields(await result, fields)
+
+
+async def _charged_later(result: Awaitable[bytes], account: Account, bucket: TokenBucket) -> bytes:
+    """_taken()'s charge and fields for an answer that waited (an idempotent batch is taken in
+    after a database lookup)."""
+    answer = await result
+    if account.items > 1:
+        charge(bucket, account.items - 1)
+    return responses.with_fields(answer, bucket.fields())

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from incrementer.auth.keyring import TokenBucket
+
 MEMBER_TTL = 5.0
 """A process counts as sharing the limits until this long after its last exchange."""
 
@@ -66,6 +68,17 @@ class BudgetStore:
 
     async def close(self) -> None:
         """Release connections."""
+
+
+def charge(bucket: TokenBucket, tokens: int) -> None:
+    """Take `tokens` more from a bucket that let a request through (a batch costs one token per
+    increment, and the first was taken to let it in): the bucket may go below zero, and the
+    client then waits until the rate has refilled it. Reported like any token taken."""
+    bucket.tokens -= tokens
+    sharing = bucket.sharing
+    if not bucket.taken and sharing is not None:
+        sharing.reports.append(bucket)  # an exchange has reported the first token already
+    bucket.taken += tokens
 
 
 def settle(level: float, stamp: float, now: float, taken: int, rate: float, burst: float) -> float:

@@ -10,9 +10,11 @@ waits), and it is bounded so that a flood of made-up keys cannot become a flood 
 - a key id the database does not have is remembered as absent until the next reload would have
   found it anyway (--auth-refresh seconds): asking again costs a dict lookup;
 - requests waiting for the same key id share one query;
-- at most --auth-lookup-rate queries a second (a token bucket, one second's worth of burst); past
-  it a key not yet known is answered 401 without a query, and a warning says so, once a minute
-  at most. Keys already known are not affected.
+- at most --auth-lookup-rate queries a second per client IP (a token bucket each, one second's
+  worth of burst), and LOOKUP_CEILING times that from all clients together; past either, a key
+  not yet known is answered 401 without a query, and a warning says so, once a minute at most.
+  Keys already known are not affected, and one address flooding made-up keys spends only its
+  own budget: a key created a moment ago still works on its first request from elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import time
 from datetime import datetime
 
-from incrementer.auth.keyring import KeyRing, TokenBucket
+from incrementer.auth.keyring import ClientLimiter, KeyRing, TokenBucket
 from incrementer.store.base import ApiKey, BackendError, Store
 
 log = logging.getLogger("incrementer.auth")
@@ -32,6 +34,9 @@ LOOKUP_TIMEOUT = 5.0  # a frozen database answers 401 after this, rather than ho
 ABSENT_LIMIT = 10_000  # key ids remembered as absent; past it the expired ones are forgotten
 THROTTLE_WARNING_INTERVAL = 60.0
 GRACE_MARGIN = 1.0  # revocation times are kept to the second: reload just after one passes
+LOOKUP_CEILING = 10
+"""All clients together may make this many times --auth-lookup-rate lookups a second: the
+database's bound when many addresses send made-up keys."""
 
 
 class KeySource:
@@ -44,7 +49,9 @@ class KeySource:
         """Queries made for single keys (tests and the log read it)."""
         self.absent: dict[bytes, float] = {}  # key id -> monotonic time until it is asked again
         self._in_flight: dict[bytes, asyncio.Future[None]] = {}
-        self._bucket = TokenBucket(lookup_rate, max(1.0, lookup_rate), time.monotonic())
+        ceiling = lookup_rate * LOOKUP_CEILING
+        self._bucket = TokenBucket(ceiling, max(1.0, ceiling), time.monotonic())
+        self._per_client = ClientLimiter(lookup_rate, max(1, int(lookup_rate)))
         self._throttled = 0
         self._warned_at = -THROTTLE_WARNING_INTERVAL
         self._loaded: list[ApiKey] = []
@@ -120,9 +127,10 @@ class KeySource:
             return None
         return key_id
 
-    async def look_up(self, key_id: bytes) -> None:
+    async def look_up(self, key_id: bytes, client: str = "") -> None:
         """Ask the database for key_id once: found, it joins the keyring; absent, it is
-        remembered. A failure or the rate cap changes nothing: the request is answered 401."""
+        remembered. A failure or the rate cap (`client`'s, the client IP, or everyone's)
+        changes nothing: the request is answered 401."""
         now = time.monotonic()
         if key_id in self.keyring.by_id or self.absent.get(key_id, 0.0) > now:
             return  # settled by another request's lookup since this one asked
@@ -130,7 +138,12 @@ class KeySource:
         if shared is not None:
             await asyncio.shield(shared)  # a waiter's cancellation must not cancel the others'
             return
+        own = self._per_client.bucket(client, now)
+        if own.take(now):
+            self._throttle(now)
+            return
         if self._bucket.take(now):
+            own.refund()
             self._throttle(now)
             return
         done = asyncio.get_running_loop().create_future()
@@ -164,9 +177,11 @@ class KeySource:
         if now - self._warned_at < THROTTLE_WARNING_INTERVAL:
             return
         log.warning(
-            "API key lookups over --auth-lookup-rate (%g/s): %d unknown keys answered 401 "
-            "without a lookup (a flood of made-up keys?); known keys are not affected",
+            "API key lookups over --auth-lookup-rate (%g/s per client address, %g/s in all): "
+            "%d unknown keys answered 401 without a lookup (a flood of made-up keys?); known "
+            "keys are not affected",
             self.lookup_rate,
+            self.lookup_rate * LOOKUP_CEILING,
             self._throttled,
         )
         self._warned_at = now

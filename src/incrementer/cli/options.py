@@ -41,6 +41,11 @@ HELP = {
     ),
     "flush_max_keys": "Flush early once this many distinct keys are dirty.",
     "max_pending_keys": "Distinct unflushed keys before new keys get 503 + Retry-After.",
+    "max_pending_keys_per_client": (
+        "New keys one client (API key name, or client IP with auth off) may make pending "
+        "before the next flush cut; past it that client's new keys get 503 + Retry-After while "
+        "others' are accepted. Per process; 0 = a quarter of --max-pending-keys."
+    ),
     "max_key_bytes": "Longest key accepted, in UTF-8 bytes.",
     "allow_negative": "Accept zero and negative values.",
     "max_body_bytes": "Largest request body accepted (413 above).",

@@ -35,13 +35,16 @@ class CoalescingBuffer:
     the batch is kept in `keyed` until then.
     """
 
-    __slots__ = ("buckets", "current", "deltas", "held", "keyed", "oldest")
+    __slots__ = ("buckets", "current", "deltas", "held", "keyed", "oldest", "owners")
 
     def __init__(self) -> None:
         self.deltas: dict[str, int] = {}
         self.oldest = 0.0
         self.keyed: list[IdempotentBatch] = []
         self.held = 0
+        self.owners: dict[str, int] = {}
+        """Client (API key name or IP) -> the keys of `deltas` it made pending: what the
+        intake holds against each client's share (Intake.client_share)."""
         self.buckets: dict[int, dict[str, int]] = {}
         self.current: dict[str, int] = {}
         """The bucket the open WAL frame's increments are counted in (arrival time): the
@@ -116,6 +119,7 @@ class CoalescingBuffer:
         self.deltas = {}
         self.keyed = []
         self.held = 0
+        self.owners = {}
         self.buckets = {}
         self.current = {}
         return batch

@@ -4,10 +4,19 @@ With time buckets on (--buckets), every increment is also summed under the start
 bucket: the bucket of its own "at", or of the WAL frame's time (its arrival). A frame gets its
 time from the first increment appended to it (`stamp`), and the log writes that time with the
 frame, so a replay counts every increment in the bucket it was counted in here.
+
+Each client (an API key's name, or the client IP with auth off) may make at most `client_share`
+new keys pending between two flush cuts (--max-pending-keys-per-client), so one client cannot
+spend the whole --max-pending-keys budget on its own keys: past its share its new keys are shed,
+and everyone else's are still taken. Keys already pending cost nothing, whoever sends them. The
+request being served says who it is for through `ACCOUNT` (the fast path passes the name
+instead); a batch's account also learns how many increments it brought, which the rate limit
+charges (api/handler.py).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from time import monotonic, time_ns
 
 from incrementer.ingest.buffer import CoalescingBuffer
@@ -22,6 +31,23 @@ class Overloaded(Exception):
     """Too many distinct unflushed keys: shed load (503 + Retry-After) instead of growing."""
 
 
+class Account:
+    """Who the request being served is for, and what its increments cost: set by the handler
+    (ACCOUNT) before a route runs, read by the intake when it takes the request's increments."""
+
+    __slots__ = ("items", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.items = 0
+        """Increments taken for this request (a batch's length), once taken."""
+
+
+ACCOUNT: ContextVar[Account | None] = ContextVar("incrementer_account", default=None)
+"""The request being served. A context variable, not an attribute: an idempotent batch is taken
+in after a database lookup, in the request's own task, while other requests have been served."""
+
+
 class Intake:
     __slots__ = (
         "_decode",
@@ -29,6 +55,7 @@ class Intake:
         "_max_value",
         "_min_value",
         "buffer",
+        "client_share",
         "finest",
         "key_budget",
         "ledger",
@@ -46,8 +73,11 @@ class Intake:
         metrics: Metrics,
         ledger: Ledger,
         finest: int = 0,
+        client_share: int = 0,
     ) -> None:
         self.buffer = buffer
+        self.client_share = client_share or max(1, max_pending_keys // 4)
+        """New keys one client may make pending between two flush cuts."""
         self.finest = finest
         """The finest kept bucket length in seconds; 0 with time buckets off."""
         self.wal = wal
@@ -62,13 +92,14 @@ class Intake:
         self._min_value = validator.min_value
         self._max_value = INT64_MAX  # an attribute: the compiled check reads no module global
 
-    def accept_json(self, body: bytes) -> bool:
+    def accept_json(self, body: bytes, client: str) -> bool:
         """POST /increment's whole success path in one call: decode, check, budget, WAL, buffer.
+        `client`: who sends it (an API key's name, or the client IP).
 
         False when anything is off (bad JSON, a key or value the fast check does not pass, the
-        key budget spent): nothing was changed, and the general path (Validator.json_one, then
-        accept) decodes again and answers with the precise error. The check is
-        Validator.check's first branch, repeated here to save three calls per request.
+        key budget or the client's share spent): nothing was changed, and the general path
+        (Validator.json_one, then accept) decodes again and answers with the precise error. The
+        check is Validator.check's first branch, repeated here to save three calls per request.
         """
         try:
             inc = self._decode(body)
@@ -92,6 +123,11 @@ class Intake:
         if pending is not None:
             deltas[key] = pending + value
         elif len(deltas) < self.key_budget:
+            owners = buffer.owners
+            held = owners.get(client, 0)
+            if held >= self.client_share:
+                return False
+            owners[client] = held + 1
             if not deltas:
                 buffer.oldest = monotonic()
             deltas[key] = value
@@ -132,9 +168,16 @@ class Intake:
         key_bytes, key, value = item
         buffer = self.buffer
         deltas = buffer.deltas
+        account = ACCOUNT.get()
         # A key already pending costs no memory, so only new keys are shed.
-        if len(deltas) >= self.key_budget and key not in deltas:
-            raise Overloaded
+        if key not in deltas:
+            if len(deltas) >= self.key_budget:
+                raise Overloaded
+            if account is not None:
+                held = buffer.owners.get(account.name, 0)
+                if held >= self.client_share:
+                    raise Overloaded
+                buffer.owners[account.name] = held + 1
         if self.finest:
             into = buffer.bucket(self._start_of(at_ms))
             into[key] = into.get(key, 0) + value
@@ -145,6 +188,34 @@ class Intake:
         else:
             self.wal.append(key_bytes, value)
         buffer.add(key, value)
+        if account is not None:
+            account.items += 1
+
+    def _admit(self, items: list[Validated], extra: int) -> Account | None:
+        """Raise Overloaded unless a batch's new keys (plus `extra`, what it holds until its
+        flush) fit the budget and its client's share; the request's account, if any."""
+        deltas = self.buffer.deltas
+        account = ACCOUNT.get()
+        held = self.buffer.owners.get(account.name, 0) if account is not None else 0
+        over_budget = len(deltas) + len(items) + extra > self.key_budget
+        if over_budget or (account is not None and held + len(items) > self.client_share):
+            # Only then count the keys that are new.
+            new = len({name for _, name, _ in items if name not in deltas})
+            if len(deltas) + new + extra > self.key_budget:
+                raise Overloaded
+            if account is not None and held + new > self.client_share:
+                raise Overloaded
+        return account
+
+    def _charged(self, account: Account | None, before: int, items: int) -> None:
+        """Count a batch just added: the new keys against its client's share, its increments
+        for the rate limit."""
+        if account is not None:
+            added = len(self.buffer.deltas) - before
+            if added:
+                owners = self.buffer.owners
+                owners[account.name] = owners.get(account.name, 0) + added
+            account.items += items
 
     def retract(self, entries: list[tuple[str, int, int]], batch_keys: list[str]) -> None:
         """Take back increments whose WAL write failed: never logged, so never to be applied.
@@ -211,11 +282,8 @@ class Intake:
         held until its flush.
         What it holds counts against the budget as well as its new keys until then. `times`:
         each item's own time in ms (0: none), or None when no item has one."""
-        deltas = self.buffer.deltas
-        if len(deltas) + 2 * len(items) > self.key_budget:  # only then count what is new
-            new_keys = {name for _, name, _ in items if name not in deltas}
-            if len(deltas) + len(new_keys) + len(items) > self.key_budget:
-                raise Overloaded
+        account = self._admit(items, len(items))
+        before = len(self.buffer.deltas)
         starts = None
         if self.finest:
             start_of = self._start_of
@@ -224,6 +292,7 @@ class Intake:
         else:
             self.wal.append_batch(key.encode(), digest, encoded)
         batch = self.buffer.add_keyed(key, digest.hex(), items, starts)
+        self._charged(account, before, len(items))
         self.key_budget -= len(batch.deltas)
         self.ledger.hold(key, batch.digest)
         self.metrics.accepted_batch_increments += len(items)
@@ -233,11 +302,8 @@ class Intake:
         """All or nothing: the budget is checked for the whole batch before anything is added.
         `times`: each item's own time in ms (0: none), or None when no item has one."""
         buffer = self.buffer
-        deltas = buffer.deltas
-        if len(deltas) + len(items) > self.key_budget:  # only then count the keys that are new
-            new_keys = {key for _, key, _ in items if key not in deltas}
-            if len(deltas) + len(new_keys) > self.key_budget:
-                raise Overloaded
+        account = self._admit(items, 0)
+        before = len(buffer.deltas)
         if self.finest:
             current = buffer.bucket(self._start_of(0))
             if times:
@@ -254,4 +320,5 @@ class Intake:
         else:
             self.wal.append_many(items)
         buffer.add_many(items)
+        self._charged(account, before, len(items))
         self.metrics.accepted_batch_increments += len(items)
