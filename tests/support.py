@@ -144,6 +144,8 @@ def spawn(
             _drain_in_background(spawned)
             return spawned
     proc.kill()
+    proc.wait()
+    proc.stderr.close()
     raise AssertionError("server did not start in time:\n" + "".join(lines))
 
 

@@ -38,6 +38,7 @@ from support import (
 )
 
 from bench.harness.cluster import Cluster, binaries
+from incrementer.store.migrate import migrate
 
 # How long each fault lasts. CI keeps the suite short; INCREMENTER_TEST_PARTITION_SECONDS=30 runs
 # the blackhole for the 30 s an operator would see from a real partition.
@@ -79,6 +80,9 @@ def isolated() -> Iterator[Isolated]:
         try:
             cluster.init()
             cluster.start()
+            # Migrated here, on the link no fault touches: through the delaying proxy the
+            # schema's hundreds of round trips would outlast the service's start-up wait.
+            migrate(cluster.url)
             yield Isolated(net, cluster)
         finally:
             cluster.destroy()
