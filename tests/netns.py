@@ -72,15 +72,20 @@ class Namespace:
     def drop_answers_after_commit(self, port: int) -> None:
         """The link dies right after a COMMIT reaches the server: the packet carrying it passes,
         then nothing more comes back from port (its acknowledgement included), so the client
-        cannot know whether the transaction committed."""
+        cannot know whether the transaction committed.
+
+        The rule that drops the answers goes in first (it matches nothing until a COMMIT is
+        seen; the two rules match opposite directions, so their order in the chain does not
+        matter): added second, a COMMIT passing between the two commands would get its answer
+        through and the cut would fall on the next transaction before its COMMIT was sent."""
+        self.iptables(
+            "-A", "INPUT", "-p", "tcp", "--sport", str(port),
+            "-m", "recent", "--name", "commit_seen", "--rcheck", "-j", "DROP",
+        )  # fmt: skip
         self.iptables(
             "-A", "INPUT", "-p", "tcp", "--dport", str(port),
             "-m", "string", "--algo", "bm", "--string", "COMMIT",
             "-m", "recent", "--name", "commit_seen", "--set", "-j", "ACCEPT",
-        )  # fmt: skip
-        self.iptables(
-            "-A", "INPUT", "-p", "tcp", "--sport", str(port),
-            "-m", "recent", "--name", "commit_seen", "--rcheck", "-j", "DROP",
         )  # fmt: skip
 
     def commits_seen(self) -> int:
