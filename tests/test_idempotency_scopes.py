@@ -23,6 +23,7 @@ from fleet import Conn, one_per_worker, spawn_group
 from support import (
     Response,
     add_api_key,
+    db_execute,
     db_totals,
     run_service,
     serve_args,
@@ -194,7 +195,7 @@ async def test_rows_stored_before_the_upgrade_answer_only_their_own_batch(
     same = [(counter, 4)]
     insert = "INSERT INTO idempotency_keys (key, digest) VALUES ($1, $2)"
     for key, hex_digest in ((before, "00" * 32), (recorded, digest(encode(_items(same))).hex())):
-        await _execute(db_url, insert, key, hex_digest)
+        await db_execute(db_url, insert, key, hex_digest)
     async with instance(tmp_path, db_url) as svc, httpx.AsyncClient() as client:
         assert await stored_rows(db_url, before) == [("", "00" * 32)]
         other = await send(client, svc.url, [(counter, 1)], before)
@@ -207,22 +208,6 @@ async def test_rows_stored_before_the_upgrade_answer_only_their_own_batch(
 
 def _items(items: Items) -> list[tuple[bytes, str, int]]:
     return [(k.encode(), k, v) for k, v in items]
-
-
-async def _execute(db_url: str, sql: str, *args: Any) -> None:
-    if db_url.startswith("sqlite:///"):
-        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
-        try:
-            conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)
-            conn.commit()
-        finally:
-            conn.close()
-        return
-    pg = await asyncpg.connect(db_url)
-    try:
-        await pg.execute(sql, *args)
-    finally:
-        await pg.close()
 
 
 # --- new keys per client ------------------------------------------------------------------------
