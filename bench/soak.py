@@ -10,7 +10,10 @@ whether the totals are exact.
   bench/harness/cluster.py), which is restarted (`pg_ctl restart -m fast`) every --restart-every
   seconds: the service keeps acknowledging from its WAL and flushes once the database is back;
 - the ceiling: wrk closed-loop for --ceiling-seconds; then wrk paced at half of it (or --rate),
-  one run per --period, each on new keys, the key space growing from 10 to 1,000,000 over the run;
+  one run per --period, each on new keys; the key space climbs from 10 to 1,000,000 within each
+  cycle as long as the warm-up, and starts again at 10: the warm-up reaches the largest working
+  set, and every cycle after it repeats the same traffic, so memory that still grows is a leak and
+  not the scenario (a single climb over the whole run grows the working set until its end);
 - half-way, the API key is rotated (the old one keeps working for two periods, then is revoked:
   the load moves to the new key, and the old one must then get 401);
 - beside the load, idempotent batches, each sent two or three times under its Idempotency-Key;
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sys
 import time
@@ -40,7 +44,7 @@ from bench.harness.cluster import Cluster, binaries
 from bench.harness.load import Load, run_wrk
 from bench.harness.paths import RESULTS, WORK
 from bench.harness.targets import Target, create_api_key, free_port, running
-from bench.report.soak import Period, Soak, render
+from bench.report.soak import Period, Soak, render, warmup
 from incrementer.auth import admin
 
 TARGET = Target("incrementer-soak", "incrementer", "wal", auth=True, flags=("--auth-refresh", "2"))
@@ -51,12 +55,18 @@ IDEMPOTENT_ITEMS = 5
 TOTALS_TIMEOUT = 60.0
 
 
-def churn(index: int, count: int) -> int:
-    """Keys of period index: from KEYS_FROM to KEYS_TO, evenly on a log scale."""
-    if count <= 1:
-        return KEYS_FROM
-    growth: float = (KEYS_TO / KEYS_FROM) ** (index / (count - 1))
+def churn(index: int, cycle: int) -> int:
+    """Keys of period index: from KEYS_FROM to KEYS_TO evenly on a log scale over each cycle of
+    `cycle` periods, then from KEYS_FROM again."""
+    if cycle <= 1:
+        return KEYS_TO
+    growth: float = (KEYS_TO / KEYS_FROM) ** (index % cycle / (cycle - 1))
     return round(KEYS_FROM * growth)
+
+
+def cycle_periods(duration: float, period: float) -> int:
+    """Periods per climb from 10 keys to 1M: those of the warm-up, at least two."""
+    return max(2, math.ceil(warmup(duration) / period))
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -119,7 +129,7 @@ async def soak(args: argparse.Namespace, cluster: Cluster, workdir: Path, prefix
                 if index == count // 2 and count > 1:
                     keys.append(await admin.rotate(cluster.url, "bench", args.period, None, None))
                     result.rotated_at = time.monotonic() - start
-                await _period(server.url, keys[-1], prefix, index, count, rate, result, start)
+                await _period(server.url, keys[-1], prefix, index, rate, result, start)
         finally:
             done.set()
             await asyncio.gather(*side)
@@ -135,12 +145,11 @@ async def _period(
     api_key: str,
     prefix: str,
     index: int,
-    count: int,
     rate: float,
     result: Soak,
     start: float,
 ) -> None:
-    keys = churn(index, count)
+    keys = churn(index, cycle_periods(result.duration, result.period))
     began = time.monotonic() - start
     run = await run_wrk(
         Load(

@@ -13,21 +13,24 @@ from support import skip_or_fail
 
 from bench.harness import machine
 from bench.harness.cluster import binaries
-from bench.soak import churn
+from bench.soak import churn, cycle_periods
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_churn_goes_from_10_keys_to_a_million() -> None:
-    """The key space of the soak's periods grows from 10 to 1,000,000 on a log scale."""
-    assert [churn(i, 7) for i in range(7)] == [10, 68, 464, 3162, 21544, 146780, 1000000]
-    assert churn(0, 1) == 10
+def test_churn_climbs_from_10_keys_to_a_million_once_per_warm_up() -> None:
+    """The key space of the soak's periods climbs from 10 to 1,000,000 on a log scale within
+    each cycle as long as the warm-up (five minutes of one-minute periods), then starts again."""
+    assert [churn(i, 5) for i in range(7)] == [10, 178, 3162, 56234, 1000000, 10, 178]
+    assert cycle_periods(1800, 60) == 5
+    assert cycle_periods(30, 5) == 2
+    assert [churn(i, 2) for i in range(3)] == [10, 1000000, 10]
 
 
 def test_a_short_soak_keeps_the_totals_exact(tmp_path: Path) -> None:
-    """30 s at half the measured ceiling with 10 to 1M keys, the database restarted every 10 s,
-    the API key rotated half-way (the old one refused after its grace) and idempotent batches
-    retried: the totals are exact and the report says so, period by period."""
+    """30 s at half the measured ceiling with 10 to 1M keys in each 10 s, the database restarted
+    every 10 s, the API key rotated half-way (the old one refused after its grace) and idempotent
+    batches retried: the totals are exact and the report says so, period by period."""
     if machine.which("wrk") is None:
         skip_or_fail("wrk is not installed (Debian: apt-get install -y wrk)")
     if binaries() is None:

@@ -127,7 +127,8 @@ def render(soak: Soak) -> str:
         f"`python -m bench.soak --duration {soak.duration:g} --period {soak.period:g} "
         f"--restart-every {soak.restart_every:g}`: incrementer (wal, --auth required) on its own "
         f"PostgreSQL cluster, wrk paced at {soak.rate:,.0f} requests/s (half the ceiling of "
-        f"{soak.ceiling:,.0f} measured at the start), each period on new keys, from 10 to 1M.",
+        f"{soak.ceiling:,.0f} measured at the start), each period on new keys, the key space "
+        f"climbing from 10 to 1M once per warm-up ({warm:g} s) and again after it.",
         "",
         "## Targets",
         "",
