@@ -16,7 +16,9 @@ whether the totals are exact.
   not the scenario (a single climb over the whole run grows the working set until its end);
 - half-way, the API key is rotated (the old one keeps working for two periods, then is revoked:
   the load moves to the new key, and the old one must then get 401);
-- beside the load, idempotent batches, each sent two or three times under its Idempotency-Key;
+- beside the load, idempotent batches, each sent two or three times under its Idempotency-Key,
+  with a two-minute --idempotency-window so that keys expire, here and in the database, all
+  through the run;
 - every second the service's RSS, open file descriptors and /readyz lag are sampled.
 
 The report (bench/results/soak-DATE.md) has one row per period (p99, lag, RSS, fds) and the targets:
@@ -47,7 +49,16 @@ from bench.harness.targets import Target, create_api_key, free_port, running
 from bench.report.soak import Period, Soak, render, warmup
 from incrementer.auth import admin
 
-TARGET = Target("incrementer-soak", "incrementer", "wal", auth=True, flags=("--auth-refresh", "2"))
+# A two-minute idempotency window: keys expire, in memory and in the database's sweep, many times
+# over the run (with the default 24 h the ledger only grows for a whole soak, toward its bound).
+IDEMPOTENCY_WINDOW = 120
+TARGET = Target(
+    "incrementer-soak",
+    "incrementer",
+    "wal",
+    auth=True,
+    flags=("--auth-refresh", "2", "--idempotency-window", str(IDEMPOTENCY_WINDOW)),
+)
 CONNECTIONS = 32
 KEYS_FROM, KEYS_TO = 10, 1_000_000
 IDEMPOTENT_EVERY = 0.2  # seconds between two idempotent batches
@@ -110,7 +121,7 @@ async def soak(args: argparse.Namespace, cluster: Cluster, workdir: Path, prefix
         rate = args.rate or ceiling.rps / 2
         result = Soak(
             args.duration, args.period, args.restart_every, ceiling.rps, rate,
-            time.strftime("%Y-%m-%d-%H%M", time.gmtime()),
+            time.strftime("%Y-%m-%d-%H%M", time.gmtime()), IDEMPOTENCY_WINDOW,
         )  # fmt: skip
         result.expected += ceiling.acked_value
         result.unknown += ceiling.sent - ceiling.requests + ceiling.socket_errors

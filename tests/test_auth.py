@@ -277,19 +277,21 @@ async def test_one_bearer_form_is_accepted(tmp_path: Path, sqlite_url: str) -> N
 
 async def test_two_authorization_headers_get_400(tmp_path: Path, sqlite_url: str) -> None:
     """Guards the HTTP layer: a request with two Authorization fields (any spelling) is refused
-    400 duplicate_authorization, whichever of them is valid, and nothing is counted."""
+    400 duplicate_authorization, whichever of them is valid (an empty first one too), and
+    nothing is counted."""
     key = await add_api_key(sqlite_url)
     settings = settings_for(tmp_path, sqlite_url, auth="required")
     counter = unique("twice-")
     async with run_service(settings) as svc:
         for first, second in (
-            (b"Authorization", b"Authorization"),
-            (b"Authorization", b"authorization"),
+            (b"Authorization: Bearer " + key.encode(), b"Authorization: Bearer ik_x.y"),
+            (b"Authorization: Bearer " + key.encode(), b"authorization: Bearer ik_x.y"),
+            (b"Authorization: Bearer ik_x.y", b"Authorization: Bearer " + key.encode()),
+            (b"Authorization:", b"Authorization: Bearer " + key.encode()),
+            (b"authorization: ", b"AUTHORIZATION: Bearer " + key.encode()),
         ):
             request = increment_request(counter, 1).replace(
-                b"Host: t\r\n",
-                b"Host: t\r\n%s: Bearer %s\r\n%s: Bearer ik_x.y\r\n"
-                % (first, key.encode(), second),
+                b"Host: t\r\n", b"Host: t\r\n%s\r\n%s\r\n" % (first, second)
             )
             answers = await exchange(svc.url, request, 1)
             assert answers[0].status == 400

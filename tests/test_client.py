@@ -246,18 +246,40 @@ def test_a_full_client_raises_or_blocks_until_there_is_room(shared: tuple[Spawne
 
 def test_incr_never_waits_on_the_network() -> None:
     """A server that accepts connections and never answers: incr() still returns at once (the
-    sending thread is the one stuck), and close(timeout) gives up and says how many."""
+    sending thread is the one stuck), and close(timeout) gives up at its deadline, without
+    waiting out the read timeout of the request in flight, and says how many."""
     silent = socket.create_server(("127.0.0.1", 0))  # accepted by the kernel, never answered
     url = f"http://127.0.0.1:{silent.getsockname()[1]}"
     try:
-        # A short read timeout: close() still waits for the request in flight to time out
-        # (each batch sent before the close deadline holds the thread its whole timeout).
-        client = Client(url, flush_interval=0.01, timeout=3)
+        client = Client(url, flush_interval=0.01, timeout=3600)
         for i in range(100_000):
             client.incr(f"k{i % 100}")
         assert client.stats.pending == 100_000
-        client.close(timeout=0.5)
-        assert client.stats.dropped == 100_000
+        closing = threading.Thread(target=client.close, args=(0.5,))
+        closing.start()
+        closing.join(60)  # an hour's read timeout would hold it far past this
+        assert not closing.is_alive()
+        assert client.stats.dropped == 100_000 and client.stats.pending == 0
+        assert client.stats.acknowledged == 0
+        with pytest.raises(RuntimeError):
+            client.incr("k0")
+    finally:
+        silent.close()
+
+
+async def test_aclose_gives_up_on_a_request_in_flight_at_its_deadline() -> None:
+    """The async client against a server that never answers: aclose(timeout) cancels the
+    request in flight at the deadline instead of waiting out its read timeout, and counts what
+    it gave up."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        client = AsyncClient(url, flush_interval=0.01, timeout=3600)
+        for i in range(1_000):
+            await client.incr(f"k{i % 10}")
+        await asyncio.sleep(0.1)  # the batch is sent and its answer awaited
+        await asyncio.wait_for(client.aclose(0.5), 60)  # not the hour of the read timeout
+        assert client.stats.dropped == 1_000 and client.stats.pending == 0
     finally:
         silent.close()
 

@@ -41,6 +41,7 @@ class Soak:
     ceiling: float
     rate: float
     started: str
+    idempotency_window: float = 0.0
     periods: list[Period] = field(default_factory=list)
     samples: list[tuple[float, int, int, float]] = field(default_factory=list)
     """(seconds since the start, RSS bytes, open fds, /readyz lag) every second."""
@@ -125,7 +126,8 @@ def render(soak: Soak) -> str:
         f"# Soak {soak.started} (UTC)",
         "",
         f"`python -m bench.soak --duration {soak.duration:g} --period {soak.period:g} "
-        f"--restart-every {soak.restart_every:g}`: incrementer (wal, --auth required) on its own "
+        f"--restart-every {soak.restart_every:g}`: incrementer (wal, --auth required, "
+        f"--idempotency-window {soak.idempotency_window:g}) on its own "
         f"PostgreSQL cluster, wrk paced at {soak.rate:,.0f} requests/s (half the ceiling of "
         f"{soak.ceiling:,.0f} measured at the start), each period on new keys, the key space "
         f"climbing from 10 to 1M once per warm-up ({warm:g} s) and again after it.",

@@ -2,8 +2,9 @@
 
 What a request is reduced to while it is parsed (the few headers kept, the body, sizes against
 the limits) and the refusals that can be decided while reading (414, 431, 413, 417, a missing or
-second Host, a second Authorization). Where a complete request becomes an answer, on_message_complete, is the
-connection's (protocol.py); the order in which answers leave is the pipeline's (pipeline.py).
+second Host, a second Authorization, even after an empty one). Where a complete request becomes
+an answer, on_message_complete, is the connection's (protocol.py); the order in which answers
+leave is the pipeline's (pipeline.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class RequestReader(asyncio.Protocol):
 
     __slots__ = (
         "authorization",
+        "authorization_sent",
         "body",
         "body_bytes",
         "clock",
@@ -63,6 +65,7 @@ class RequestReader(asyncio.Protocol):
         self.content_type = b""
         self.content_length = b""
         self.authorization = b""
+        self.authorization_sent = False  # an empty first field counts: a second is refused
         self.connection = b""
         self.expect = b""
         self.host: bytes | None = None  # None: no Host field (yet)
@@ -104,8 +107,9 @@ class RequestReader(asyncio.Protocol):
             self.content_length = value
             return
         if name == b"Authorization":
-            if self.authorization:
+            if self.authorization_sent:
                 raise _second_authorization()
+            self.authorization_sent = True
             self.authorization = value
             return
         attr = HEADER_ATTRS.get(name)
@@ -115,8 +119,10 @@ class RequestReader(asyncio.Protocol):
                 return
         if attr == "host" and self.host is not None:
             raise _second_host()
-        if attr == "authorization" and self.authorization:
-            raise _second_authorization()
+        if attr == "authorization":
+            if self.authorization_sent:
+                raise _second_authorization()
+            self.authorization_sent = True
         if attr:
             if attr == "idempotency_key" and self.idempotency_key is not None:
                 raise Reject(

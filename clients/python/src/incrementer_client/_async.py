@@ -34,6 +34,7 @@ from incrementer_client._reading import (
 )
 
 log = logging.getLogger("incrementer_client")
+CLOSE_GRACE = 0.05  # seconds past the close deadline for the task to drop what is left
 
 
 class AsyncClient:
@@ -52,7 +53,7 @@ class AsyncClient:
         max_batch: int = 1000,
         max_pending: int = 1_000_000,
         when_full: WhenFull = "raise",
-        timeout: float = 10.0,
+        timeout: float | None = 10.0,
         retry_for: float = 3600.0,
         max_key_bytes: int = 256,
         allow_negative: bool = False,
@@ -76,6 +77,7 @@ class AsyncClient:
         self._in_flight = 0
         self._closed = False
         self._stop_at = float("inf")
+        self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
         headers = {"Content-Type": "application/json", "User-Agent": "incrementer-client"}
         if api_key:
@@ -148,7 +150,16 @@ class AsyncClient:
                 stopper = asyncio.get_running_loop().call_later(
                     max(0.0, timeout), self._stopping.set
                 )
-            await task
+            wait = None if timeout is None else max(0.0, timeout) + CLOSE_GRACE
+            try:
+                await asyncio.wait_for(asyncio.shield(task), wait)
+            except TimeoutError:  # a request still in flight: cancelled, its increments dropped
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self._delivery.abandon(self._unanswered())
+                self._pending.cut()
+                self._in_flight = 0
             if stopper is not None:
                 stopper.cancel()
         await self._http.aclose()
@@ -229,7 +240,6 @@ class AsyncClient:
             for batch in batches:
                 await self._deliver(batch)
                 self._pending.answered(batch)
-                self._in_flight -= batch.calls
                 await self._notify()  # room for blocked incr() calls
             self._delivered = cut
             await self._notify()
@@ -254,7 +264,13 @@ class AsyncClient:
                     await asyncio.wait_for(self._stopping.wait(), pause)
             try:
                 response = await self._http.post(
-                    "/increments", content=batch.body, headers={"Idempotency-Key": batch.key}
+                    "/increments",
+                    content=batch.body,
+                    headers={"Idempotency-Key": batch.key},
+                    # once closing, no attempt outlasts the close deadline
+                    timeout=self._delivery.attempt_timeout(
+                        self._timeout, self._stop_at, monotonic()
+                    ),
                 )
                 answer = read_answer(
                     response.status_code, response.headers, response.content, len(batch.items)
@@ -265,6 +281,8 @@ class AsyncClient:
                 log.exception("unexpected error sending batch %s", batch.key)
                 answer = failure(exc)
             step = self._delivery.step(batch, answer, attempt, monotonic(), self._stop_at)
+            if step == []:  # answered for good: acknowledged or dropped
+                self._in_flight -= batch.calls
             if isinstance(step, list):
                 return step
             with contextlib.suppress(TimeoutError):

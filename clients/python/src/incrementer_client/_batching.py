@@ -488,6 +488,22 @@ class Delivery:
             )
         return max(0.0, min(self.backoff.delay(attempt, answer.asked), stop_at - now))
 
+    def attempt_timeout(self, configured: float | None, stop_at: float, now: float) -> float | None:
+        """An attempt's timeout: the client's, cut to what is left before the close deadline."""
+        if stop_at == float("inf"):
+            return configured
+        left = max(0.0, stop_at - now)
+        return left if configured is None else min(configured, left)
+
+    def abandon(self, calls: int) -> None:
+        """The close deadline passed with a request still in flight: its increments and those
+        behind it are given up (the server may still apply what it got)."""
+        if calls:
+            self.stats.dropped += calls
+            self.dropped_batches += 1
+            self.refusal = "given up at the close deadline with a request still in flight"
+            log.error("dropped %d increments: %s", calls, self.refusal)
+
     def _drop(self, batch: Batch, why: str) -> None:
         self.stats.dropped += batch.calls
         self.dropped_batches += 1

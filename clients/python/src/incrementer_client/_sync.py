@@ -36,6 +36,7 @@ from incrementer_client._reading import (
 )
 
 log = logging.getLogger("incrementer_client")
+CLOSE_GRACE = 0.05  # seconds past the close deadline for the thread to drop what is left
 
 
 class Client:
@@ -66,7 +67,7 @@ class Client:
         max_batch: int = 1000,
         max_pending: int = 1_000_000,
         when_full: WhenFull = "raise",
-        timeout: float = 10.0,
+        timeout: float | None = 10.0,
         retry_for: float = 3600.0,
         max_key_bytes: int = 256,
         allow_negative: bool = False,
@@ -92,6 +93,9 @@ class Client:
         self._closed = False
         self._stop_at = float("inf")
         self._stopping = threading.Event()  # set at the close deadline: backoffs end early
+        self._finished = False  # the sending thread is done with the connections
+        self._abandoned = False  # close() gave up waiting for the sending thread
+        self._timeout = timeout
         headers = {"Content-Type": "application/json", "User-Agent": "incrementer-client"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -157,8 +161,9 @@ class Client:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop the thread and close connections. Past timeout, what is still
-        unacknowledged is dropped and logged. Never raises for what the server refused (the
-        log and stats say)."""
+        unacknowledged is dropped and logged, a request still in flight included: close returns
+        at the deadline without waiting out its read timeout. Never raises for what the server
+        refused (the log and stats say)."""
         deadline = float("inf") if timeout is None else monotonic() + timeout
         with self._cond:
             if self._closed:
@@ -171,9 +176,16 @@ class Client:
             timer = threading.Timer(max(0.0, timeout), self._stopping.set)
             timer.daemon = True
             timer.start()
-        self._thread.join()
+        self._thread.join(None if timeout is None else max(0.0, timeout) + CLOSE_GRACE)
         if timer is not None:
             timer.cancel()
+        with self._cond:
+            if not self._finished:  # a request still in flight: it is left to end on its own
+                self._abandoned = True
+                self._delivery.abandon(self._unanswered())
+                self._pending.cut()
+                self._in_flight = 0
+                return
         self._http.close()
         if self._exit_hook is not None:
             atexit.unregister(self._exit_hook)
@@ -252,13 +264,16 @@ class Client:
                 self._deliver(batch)
                 with self._cond:
                     self._pending.answered(batch)
-                    self._in_flight -= batch.calls
                     self._cond.notify_all()  # room for blocked incr() calls
             with self._cond:
                 self._delivered = cut
                 self._cond.notify_all()
-            if last:
-                return
+                if last or self._abandoned:
+                    self._finished = True
+                    abandoned = self._abandoned
+                    break
+        if abandoned:  # close() returned without closing the connections: done here
+            self._http.close()
 
     def _deliver(self, batch: Batch) -> None:
         """Until the server answers for good: acknowledged, or refused (then dropped, after
@@ -275,12 +290,18 @@ class Client:
         while True:
             attempt += 1
             with self._cond:
+                if self._abandoned:
+                    return []
                 pause = self._delivery.pause(monotonic())
+                timeout = self._delivery.attempt_timeout(self._timeout, self._stop_at, monotonic())
             if pause:  # the server's rate limit said to wait (its RateLimit field)
                 self._stopping.wait(pause)
             try:
                 response = self._http.post(
-                    "/increments", content=batch.body, headers={"Idempotency-Key": batch.key}
+                    "/increments",
+                    content=batch.body,
+                    headers={"Idempotency-Key": batch.key},
+                    timeout=timeout,  # once closing, no attempt outlasts the close deadline
                 )
                 answer = read_answer(
                     response.status_code, response.headers, response.content, len(batch.items)
@@ -291,7 +312,11 @@ class Client:
                 log.exception("unexpected error sending batch %s", batch.key)
                 answer = failure(exc)
             with self._cond:
+                if self._abandoned:  # close() has counted it already
+                    return []
                 step = self._delivery.step(batch, answer, attempt, monotonic(), self._stop_at)
+                if step == []:  # answered for good: acknowledged or dropped
+                    self._in_flight -= batch.calls
             if isinstance(step, list):
                 return step
             self._stopping.wait(step)
