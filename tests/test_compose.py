@@ -91,7 +91,8 @@ def test_podman_compose_reads_every_service() -> None:
 
 def test_each_instance_has_its_own_wal_volume_and_drains_before_it_is_killed() -> None:
     """incrementer-1 and -2 mount distinct named volumes on the image's data volume, wait for
-    the migration, and get a stop grace period above --shutdown-timeout plus the exit grace."""
+    the migration, get a stop grace period above --shutdown-timeout plus the exit grace, and
+    leave the per-address connection cap to nginx (every connection comes from it)."""
     services = stack()["services"]
     volume = dockerfile("VOLUME").strip('[]"')
     mounts = []
@@ -105,6 +106,9 @@ def test_each_instance_has_its_own_wal_volume_and_drains_before_it_is_killed() -
         assert grace > Settings().shutdown_timeout + EXIT_GRACE
         assert service["depends_on"]["setup"]["condition"] == "service_completed_successfully"
         assert service["environment"]["INCREMENTER_MIGRATE"] == "false"
+        # behind nginx, one address is every client: the per-address cap is nginx's
+        per_ip = int(service["environment"]["INCREMENTER_MAX_CONNECTIONS_PER_IP"])
+        assert per_ip == Settings().max_connections
     assert len(set(mounts)) == 2
 
 

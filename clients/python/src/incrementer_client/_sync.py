@@ -180,13 +180,13 @@ class Client:
         if timer is not None:
             timer.cancel()
         with self._cond:
-            if not self._finished:  # a request still in flight: it is left to end on its own
-                self._abandoned = True
+            abandoned = self._abandoned = not self._finished
+            if abandoned:  # a request still in flight: the thread closes the connections
                 self._delivery.abandon(self._unanswered())
                 self._pending.cut()
                 self._in_flight = 0
-                return
-        self._http.close()
+        if not abandoned:
+            self._http.close()
         if self._exit_hook is not None:
             atexit.unregister(self._exit_hook)
 
@@ -293,9 +293,9 @@ class Client:
                 if self._abandoned:
                     return []
                 pause = self._delivery.pause(monotonic())
-                timeout = self._delivery.attempt_timeout(self._timeout, self._stop_at, monotonic())
             if pause:  # the server's rate limit said to wait (its RateLimit field)
                 self._stopping.wait(pause)
+            timeout = self._delivery.attempt_timeout(self._timeout, self._stop_at, monotonic())
             try:
                 response = self._http.post(
                     "/increments",
