@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import skip_or_fail
 
 from bench.harness import machine
 from bench.harness.cluster import binaries
+from bench.report.soak import Period, p99_drift, p99_step
 from bench.soak import churn, cycle_periods
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,17 @@ def test_churn_climbs_from_10_keys_to_a_million_once_per_warm_up() -> None:
     assert cycle_periods(1800, 60) == 5
     assert cycle_periods(30, 5) == 2
     assert [churn(i, 2) for i in range(3)] == [10, 1000000, 10]
+
+
+def test_p99_is_judged_against_the_next_period_and_the_same_traffic_a_cycle_later() -> None:
+    """The report's two p99 figures: the largest step between consecutive periods, and between
+    periods one key-space cycle apart (the same traffic), both past the warm-up."""
+    p99s = [50.0, 1.0, 3.0, 1.2, 3.3, 1.1, 7.0]
+    periods = [Period(i, 10, 1.0, ms, 0, 0) for i, ms in enumerate(p99s)]
+    assert p99_step(periods, 1) == pytest.approx(7.0 / 1.1)  # 50 ms is the warm-up's
+    assert p99_step(periods[:-1], 1) == pytest.approx(3.3 / 1.1)
+    assert p99_drift(periods, 1, 2) == pytest.approx(7.0 / 3.3)
+    assert p99_drift(periods[:-1], 1, 2) == pytest.approx(1.2 / 1.0)
 
 
 def test_a_short_soak_keeps_the_totals_exact(tmp_path: Path) -> None:
@@ -48,6 +61,7 @@ def test_a_short_soak_keeps_the_totals_exact(tmp_path: Path) -> None:
     periods = [line for line in report.splitlines() if line.startswith("| ") and "," in line]
     assert len([p for p in periods if p.split("|")[1].strip().isdigit()]) == 6, report
     assert "the old key refused at the end: yes" in report
+    assert "| p99, period to period at the same traffic (2 periods apart) |" in report
     restarts = next(line for line in report.splitlines() if "database restarts" in line)
     assert restarts.count(" s") >= 2, restarts
     assert "counted once: 0;" not in report

@@ -42,6 +42,8 @@ class Soak:
     rate: float
     started: str
     idempotency_window: float = 0.0
+    cycle: int = 0
+    """Periods per climb of the key space from 10 to 1M (the same traffic recurs this far apart)."""
     periods: list[Period] = field(default_factory=list)
     samples: list[tuple[float, int, int, float]] = field(default_factory=list)
     """(seconds since the start, RSS bytes, open fds, /readyz lag) every second."""
@@ -93,10 +95,26 @@ def p99_step(periods: list[Period], after: int) -> float | None:
     return max(steps, default=None)
 
 
+def p99_drift(periods: list[Period], after: int, cycle: int) -> float | None:
+    """The largest ratio between the p99s of two periods of the same traffic (one key-space
+    cycle apart), both past the first `after` (the larger over the smaller)."""
+    if cycle < 1:
+        return None
+    periods = periods[after:]
+    steps = [
+        max(a.p99_ms, b.p99_ms) / min(a.p99_ms, b.p99_ms)
+        for a, b in zip(periods, periods[cycle:], strict=False)
+        if min(a.p99_ms, b.p99_ms) > 0
+    ]
+    return max(steps, default=None)
+
+
 def render(soak: Soak) -> str:
     slope = rss_slope(soak.samples, warmup(soak.duration))
     warm = warmup(soak.duration)
-    step = p99_step(soak.periods, min(len(soak.periods) - 2, int(-(-warm // soak.period))))
+    after = min(len(soak.periods) - 2, int(-(-warm // soak.period)))
+    step = p99_step(soak.periods, after)
+    drift = p99_drift(soak.periods, after, soak.cycle)
     fds = [s[2] for s in soak.samples]
     want = soak.expected + soak.idempotent_value
     rows = [
@@ -118,6 +136,8 @@ def render(soak: Soak) -> str:
          slope is not None and slope < RSS_SLOPE_MAX),
         ("p99, period to period", _fmt(step, "x"), f"<= {P99_STEP_MAX:g}x",
          step is not None and step <= P99_STEP_MAX),
+        (f"p99, period to period at the same traffic ({soak.cycle} periods apart)",
+         _fmt(drift, "x"), f"<= {P99_STEP_MAX:g}x", drift is not None and drift <= P99_STEP_MAX),
         ("totals", f"{soak.total:,}: acknowledged {want:,}, unanswered "
          f"{soak.unknown + soak.idempotent_unknown:,}",
          "acknowledged <= total <= acknowledged + unanswered", soak.exact),
