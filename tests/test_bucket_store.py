@@ -155,6 +155,44 @@ async def test_a_bucket_that_would_overflow_isolates_its_key(store: Store) -> No
     assert await stored(store, fine, DAY, node) == {T0: 2}
 
 
+async def test_a_total_that_would_overflow_isolates_its_key_whose_buckets_would_not(
+    store: Store,
+) -> None:
+    """A key whose total would leave 64 bits while its buckets stay in range (its big count is in
+    a bucket long gone) is isolated by its total; a new key of INT64_MAX in the same batch and a
+    small one are applied, buckets and all."""
+    node, key, big, fine = unique(), unique(), unique(), unique()
+    old = T0 - 400 * DAY
+    await store.apply_batch(
+        node, 1, {key: INT64_MAX - 1}, (), Buckets(ALL, {old: {key: INT64_MAX - 1}})
+    )
+    deltas = {T0: {key: 5, big: INT64_MAX, fine: 1}}
+    result = await store.apply_batch(node, 2, totals_of(deltas), (), Buckets(ALL, deltas))
+    assert result.overflowed == {key: 5}
+    assert (await store.read(key, node)).value == INT64_MAX - 1
+    assert (await store.read(big, node)).value == INT64_MAX
+    assert await stored(store, key, MINUTE, node) == {old: INT64_MAX - 1}  # nothing at T0
+    assert await stored(store, big, DAY, node) == {T0: INT64_MAX}
+    assert await stored(store, fine, MINUTE, node) == {T0: 1}
+
+
+async def test_a_current_bucket_that_would_overflow_isolates_its_key(store: Store) -> None:
+    """A key's current bucket (the one its row holds) would leave 64 bits while its total would
+    not (a late negative delta went to an earlier day): the key is isolated, its buckets and
+    total unchanged, and the others in the batch applied."""
+    node, key, fine = unique(), unique(), unique()
+    await store.apply_batch(node, 1, {key: INT64_MAX}, (), Buckets(ALL, {T0: {key: INT64_MAX}}))
+    late = {T0 - DAY: {key: -10}}
+    await store.apply_batch(node, 2, totals_of(late), (), Buckets(ALL, late))
+    deltas = {T0 + 30: {key: 5, fine: 2}}
+    result = await store.apply_batch(node, 3, totals_of(deltas), (), Buckets(ALL, deltas))
+    assert result.overflowed == {key: 5}
+    assert (await store.read(key, node)).value == INT64_MAX - 10
+    assert await stored(store, key, MINUTE, node) == {T0 - DAY: -10, T0: INT64_MAX}
+    assert await stored(store, key, DAY, node) == {T0 - DAY: -10, T0: INT64_MAX}
+    assert await stored(store, fine, MINUTE, node) == {T0: 2}
+
+
 async def test_the_sweep_deletes_expired_buckets_in_bounded_deletes(store: Store) -> None:
     """sweep_buckets deletes at most its limit, only the granularity and the age asked for."""
     node, key = unique(), unique()
