@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from incrementer.store import (
     Store,
     open_store,
 )
-from incrementer.store.base import prefix_upper_bound
+from incrementer.store.base import SCOPES, ApiKey, DuplicateKeyName, prefix_upper_bound
 from incrementer.store.migrate import MIGRATIONS_DIR, migrate
 from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
@@ -504,3 +505,42 @@ async def test_keys_with_separators_and_empty_keys_land_exactly(store: Store) ->
     await store.apply_batch(node, 4, big)
     assert (await store.read(f"{node}\x1flate", node)).value == 7
     assert (await store.read(f"{node}-big{ENCODE_PIECE + 9}", node)).value == 1
+
+
+async def test_api_keys_round_trip_through_the_store(store: Store) -> None:
+    """An API key is read back field by field as created (rate, burst, scopes, prefix, the
+    creation time in UTC); revoking it sets its revocation time and hides it from lookups; a
+    rotation schedules the old key's end for later (still active) beside the new key; a second
+    unrevoked key under a name is refused."""
+    name = unique("api-")
+    key = ApiKey(name, unique("id"), "ab" * 32, 5.5, 11, scopes=("read",), prefix="tenant/")
+    before = datetime.now(UTC).replace(microsecond=0)
+    await store.create_api_key(key)
+    found = await store.api_key(key.key_id)
+    assert found is not None
+    created = datetime.strptime(found.created_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert before - timedelta(seconds=5) <= created <= datetime.now(UTC) + timedelta(seconds=5)
+    assert found == ApiKey(
+        name, key.key_id, "ab" * 32, 5.5, 11, found.created_at, None, True, ("read",), "tenant/"
+    )
+    assert [k for k in await store.api_keys() if k.name == name] == [found]
+    with pytest.raises(DuplicateKeyName):
+        await store.create_api_key(ApiKey(name, unique("id"), "cd" * 32))
+
+    new = ApiKey(name, unique("id"), "ef" * 32)
+    assert await store.rotate_api_key(name, new, 3600)
+    old = await store.api_key(key.key_id)
+    assert old is not None and old.active and old.revoked_at is not None
+    assert old.revoked_at > found.created_at  # an hour from now
+    fresh = await store.api_key(new.key_id)
+    assert fresh is not None and fresh.scopes == SCOPES and fresh.prefix is None
+    assert fresh.rate is None and fresh.burst is None and fresh.revoked_at is None
+
+    assert await store.revoke_api_key(name)
+    assert await store.api_key(key.key_id) is None and await store.api_key(new.key_id) is None
+    assert [k for k in await store.api_keys() if k.name == name] == []
+    revoked = [k for k in await store.api_keys(include_revoked=True) if k.name == name]
+    assert sorted(k.key_id for k in revoked) == sorted([key.key_id, new.key_id])
+    assert all(not k.active and k.revoked_at is not None for k in revoked)
+    assert not await store.revoke_api_key(name)
+    assert not await store.rotate_api_key(name, ApiKey(name, unique("id"), "01" * 32), 60)
