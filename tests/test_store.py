@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -544,3 +545,41 @@ async def test_api_keys_round_trip_through_the_store(store: Store) -> None:
     assert all(not k.active and k.revoked_at is not None for k in revoked)
     assert not await store.revoke_api_key(name)
     assert not await store.rotate_api_key(name, ApiKey(name, unique("id"), "01" * 32), 60)
+
+
+async def test_a_watcher_hears_of_key_changes_made_by_another_store(
+    store: Store, db_url: str
+) -> None:
+    """watch_api_keys calls back after another store (another process, in production) creates
+    or revokes a key, and not while nothing changes: SQLite's data_version, PostgreSQL's NOTIFY
+    to a LISTENing connection (which also calls back once when it connects, for what changed
+    while nobody listened)."""
+    calls: list[float] = []
+    watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(time.monotonic())))
+    other = open_store(db_url)
+    await other.open()
+    try:
+        await asyncio.sleep(1.0)  # several looks at an unchanged file; the LISTEN set up
+        assert len(calls) == (1 if db_url.startswith("postgres") else 0)
+        quiet = len(calls)
+        await asyncio.sleep(1.0)
+        assert len(calls) == quiet
+        name = unique("watched-")
+        await other.create_api_key(ApiKey(name, unique("id"), "ab" * 32))
+        for _ in range(100):  # up to 10 s: a bound, not a timing
+            if calls:
+                break
+            await asyncio.sleep(0.1)
+        assert calls, "the creation was not heard"
+        heard = len(calls)
+        assert await other.revoke_api_key(name)
+        for _ in range(100):
+            if len(calls) > heard:
+                break
+            await asyncio.sleep(0.1)
+        assert len(calls) > heard, "the revocation was not heard"
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await other.close()
