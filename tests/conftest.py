@@ -99,3 +99,18 @@ def error_log() -> Iterator[ErrorLog]:
         yield handler
     finally:
         root.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _statements_built_afresh() -> None:
+    """Forget the SQL texts the stores memoise (functools.cache), so each test builds them again.
+    Mutation testing forks each mutant's tests from a session that already built them: without
+    this, a mutant of a statement builder would never run, and would survive untested."""
+    import incrementer.store.postgres_buckets as buckets_sql
+    import incrementer.store.postgres_reads as reads_sql
+
+    for module in (buckets_sql, reads_sql):
+        for value in vars(module).values():
+            clear = getattr(value, "cache_clear", None)
+            if callable(clear):
+                clear()

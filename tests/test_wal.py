@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from incrementer.ingest import idempotency
 from incrementer.ingest.sequence import MemorySequence
+from incrementer.ingest.validate import Validated
 from incrementer.ingest.wal import (
     SegmentIO,
     WalCorruptError,
@@ -827,3 +829,32 @@ def test_a_scan_after_damage_names_the_first_valid_frame_that_follows(tmp_path: 
         "crc mismatch", offsets[1], offsets[2],
     )  # fmt: skip
     assert not scan.tail_only
+
+
+def test_an_idempotent_batchs_own_times_come_back_on_their_own_entries(tmp_path: Path) -> None:
+    """The times some increments of an idempotent batch carry (own_times: offsets into its
+    encoded entries) come back from the WAL on those entries, after plain entries in the same
+    frame; the others take the frame's time. The digest tells apart the same counts with the
+    time on another entry of the same length."""
+    items: list[Validated] = [(k.encode(), k, v) for k, v in (("aa", 1), ("bb", 2), ("cc", 3))]
+    frame_ms, own_ms = 1_796_515_200_000, 1_796_515_140_000
+    times = [0, own_ms, own_ms + 1]
+    encoded = idempotency.encode(items)
+    own = idempotency.own_times(items, times)
+    with WriteAheadLog.open(tmp_path) as wal:
+        wal.append(b"plain", 7)
+        wal.frame_ms = frame_ms
+        wal.append_batch(b"key:t\x00order-1", bytes(32), encoded, own)
+        wal.write()
+    with WriteAheadLog.open(tmp_path) as wal:
+        (frame,) = list(wal.replay_frames(0))
+    assert frame.entries == [("plain", 7), ("aa", 1), ("bb", 2), ("cc", 3)]
+    assert frame.times == [frame_ms, frame_ms, own_ms, own_ms + 1]
+    (batch,) = frame.batches
+    assert batch.times == [frame_ms, own_ms, own_ms + 1]
+    moved = idempotency.own_times(items, [0, own_ms + 1, own_ms])
+    assert idempotency.digest(encoded, own) != idempotency.digest(encoded, moved)
+    elsewhere = idempotency.own_times(items, [own_ms, 0, own_ms + 1])
+    assert idempotency.digest(encoded, own) != idempotency.digest(encoded, elsewhere)
+    with pytest.raises(ValueError):
+        idempotency.own_times(items, times[:2])  # one time per item, or a bug
