@@ -12,7 +12,7 @@ from support import unique
 
 from incrementer.store import INT64_MAX, Store
 from incrementer.store.base import IdempotentBatch, Window
-from incrementer.store.buckets import Buckets, fold, uniform
+from incrementer.store.buckets import Buckets, fold, taken_back, uniform
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 ALL = (MINUTE, HOUR, DAY)
@@ -269,3 +269,13 @@ async def test_keys_holding_the_separator_take_the_array_form(store: Store) -> N
     assert await stored(store, odd, MINUTE, node) == {T0: 2, T0 + 60: 3, T0 + 120: 4}
     assert await stored(store, plain, HOUR, node) == {T0: 2}
     assert (await store.read(odd, node)).value == 9
+
+
+def test_taken_back_subtracts_each_lost_batch_bucket_by_bucket() -> None:
+    """The deltas of idempotent batches applied before come out of the flush's buckets one by
+    one: a bucket the flush lacks is skipped (not the rest of that batch), a key the bucket
+    lacks goes negative, a key or bucket left at zero goes, and the input is not changed."""
+    deltas = {1: {"a": 5, "b": 2}, 2: {"a": 1}, 3: {"c": 4}}
+    lost = [{9: {"a": 1}, 1: {"a": 2, "b": 2}}, {2: {"a": 1}, 1: {"d": 3, "e": 0}}, {3: {"c": 1}}]
+    assert taken_back(deltas, lost) == {1: {"a": 3, "d": -3}, 3: {"c": 3}}
+    assert deltas == {1: {"a": 5, "b": 2}, 2: {"a": 1}, 3: {"c": 4}}
