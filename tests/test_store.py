@@ -583,3 +583,23 @@ async def test_a_watcher_hears_of_key_changes_made_by_another_store(
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await other.close()
+
+
+async def test_listing_and_ranking_stay_inside_the_prefix(store: Store) -> None:
+    """list_keys and top_keys see only keys that start with the prefix, not the keys sorting
+    just past it; the top N counts how many keys it looked at (0 for none); a listing of
+    limit 0 is empty with the node's applied_seq, a negative limit a ValueError."""
+    base, node = unique("rank"), unique()
+    inside = {f"{base}/a": 3, f"{base}/b": 9}
+    outside = {f"{base}0": 100, f"{base}0/x": 50}  # "0" sorts right after "/"
+    await store.apply_batch(node, 1, {**inside, **outside})
+    top, looked_at = await store.top_keys(f"{base}/", 10, 1000)
+    assert top == [(f"{base}/b", 9), (f"{base}/a", 3)] and looked_at == 2
+    assert await store.top_keys(f"{base}/none/", 10, 1000) == ([], 0)
+    listed = await store.list_keys(f"{base}/", 10, None, node)
+    assert [row[0] for row in listed.rows] == [f"{base}/a", f"{base}/b"]
+    empty = await store.list_keys(f"{base}/", 0, None, node)
+    assert empty.rows == [] and empty.applied_seq == 1
+    assert (await store.list_keys(f"{base}/none/", 5, None, node)).applied_seq == 1
+    with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
+        await store.list_keys(f"{base}/", -1)
