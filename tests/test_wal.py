@@ -26,6 +26,7 @@ from incrementer.ingest.wal_reader import (
     HEADER,
     MAGIC,
     MAGIC_KEYED,
+    MAGIC_SCOPED,
     SEQ,
     count_entries,
     decode_payload,
@@ -858,3 +859,23 @@ def test_an_idempotent_batchs_own_times_come_back_on_their_own_entries(tmp_path:
     assert idempotency.digest(encoded, own) != idempotency.digest(encoded, elsewhere)
     with pytest.raises(ValueError):
         idempotency.own_times(items, times[:2])  # one time per item, or a bug
+
+
+@pytest.mark.parametrize(
+    ("records", "error"),
+    [
+        (b"\x02", "truncated batch key length at offset 27"),
+        (b"\x02\x00", "batch record runs past the payload end at offset 27"),
+        (b"\x05\x00key:K", "batch record runs past the payload end at offset 27"),
+    ],
+    ids=["length cut", "length only", "key only"],
+)
+def test_decoding_a_scoped_batch_record_cut_short_says_where(records: bytes, error: str) -> None:
+    """decode_payload() refuses a scoped batch record (a two-byte key length, then the key)
+    cut inside its length, right after it, or after its key, naming the record's offset; the
+    whole record decodes with its scoped key."""
+    with pytest.raises(ValueError, match=f"^{error}$"):
+        decode_payload(_keyed(_ENTRIES, records), MAGIC_SCOPED)
+    record = b"\x05\x00key:K" + bytes(32) + BATCH_RANGE.pack(0, len(_ENTRIES))
+    [batch] = decode_payload(_keyed(_ENTRIES, record), MAGIC_SCOPED).batches
+    assert batch.key == "key:K" and batch.entries == [("ab", 1), ("c", -2)]
