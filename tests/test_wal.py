@@ -23,11 +23,14 @@ from incrementer.ingest.wal_reader import (
     BATCH_RANGE,
     ENTRIES_LEN,
     ENTRY,
+    FRAME_TIME,
     HEADER,
     MAGIC,
     MAGIC_KEYED,
     MAGIC_SCOPED,
+    MAGIC_TIMED,
     SEQ,
+    TIMES_COUNT,
     count_entries,
     decode_payload,
     scan_segment,
@@ -770,13 +773,15 @@ def test_counting_a_malformed_keyed_payload_says_where(payload: bytes, error: st
 
 
 def test_counting_payloads_that_fit_exactly() -> None:
-    """Payloads whose parts end exactly at the payload's end are counted, keyed or not (plain is
-    the default)."""
+    """Payloads whose parts end exactly at the payload's end are counted, keyed, timed or not
+    (plain is the default), wherever the payload sits in the buffer."""
     buf = b"pre" + _ENTRIES
     assert count_entries(buf, 3, len(buf)) == 2
     for entries, count in ((b"", 0), (_ENTRIES, 2)):
         keyed = b"pre" + _keyed(entries, b"")
         assert count_entries(keyed, 3, len(keyed), MAGIC_KEYED) == count
+        timed = b"pre" + FRAME_TIME.pack(1) + _keyed(entries, TIMES_COUNT.pack(0))
+        assert count_entries(timed, 3, len(timed), MAGIC_TIMED) == count
 
 
 @pytest.mark.parametrize(
