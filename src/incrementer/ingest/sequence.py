@@ -129,7 +129,7 @@ class MemorySequence(SequencedLog):
         if self._dirty:
             self._dirty = False  # pragma: no mutate
             self._next_seq += 1
-        self.frame_ms = 0
+        self.frame_ms = 0  # pragma: no mutate
         return self._next_seq - 1
 
     def advance_to(self, seq: int) -> None:
