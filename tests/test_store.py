@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import re
 import sqlite3
 import subprocess
@@ -621,3 +622,44 @@ async def test_a_rotation_that_fails_changes_nothing(store: Store) -> None:
     assert kept is not None and kept.revoked_at is None
     assert await store.rotate_api_key(name, ApiKey(name, unique("id"), "01" * 32), 60)
     assert await store.revoke_api_key(other)
+
+
+async def test_a_cut_listening_connection_reconnects_and_says_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL's key watcher, its LISTEN connection terminated by the server: it logs that
+    it is not listening, reconnects under its application_name, says so, calls back once for
+    what may have changed meanwhile, and hears the next change."""
+    caplog.set_level(logging.INFO, logger="incrementer.auth")
+    await asyncio.to_thread(migrate, pg_url)
+    store = open_store(pg_url)
+    await store.open()
+    calls: list[float] = []
+    watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(time.monotonic())))
+
+    async def heard(count: int) -> None:
+        for _ in range(100):  # up to 10 s: a bound, not a timing
+            if len(calls) >= count:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{len(calls)} callbacks, wanted {count}")
+
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await heard(1)  # connected: the first callback
+        cut = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'incrementer-listen' AND datname = current_database()"
+        )
+        assert cut == 1
+        await heard(2)  # reconnected
+        assert "not listening for API key changes" in caplog.text
+        assert "listening for API key changes again" in caplog.text
+        await store.create_api_key(ApiKey(unique("cut-"), unique("id"), "ab" * 32))
+        await heard(3)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await admin.close()
+        await store.close()
