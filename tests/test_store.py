@@ -28,7 +28,13 @@ from incrementer.store import (
     Store,
     open_store,
 )
-from incrementer.store.base import SCOPES, ApiKey, DuplicateKeyName, prefix_upper_bound
+from incrementer.store.base import (
+    SCOPES,
+    ApiKey,
+    DuplicateKeyName,
+    prefix_upper_bound,
+    utc_text,
+)
 from incrementer.store.migrate import MIGRATIONS_DIR, migrate
 from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
@@ -526,7 +532,7 @@ async def test_api_keys_round_trip_through_the_store(store: Store) -> None:
         name, key.key_id, "ab" * 32, 5.5, 11, found.created_at, None, True, ("read",), "tenant/"
     )
     assert [k for k in await store.api_keys() if k.name == name] == [found]
-    with pytest.raises(DuplicateKeyName):
+    with pytest.raises(DuplicateKeyName, match=f"^{name}$"):
         await store.create_api_key(ApiKey(name, unique("id"), "cd" * 32))
 
     new = ApiKey(name, unique("id"), "ef" * 32)
@@ -616,8 +622,10 @@ async def test_a_rotation_that_fails_changes_nothing(store: Store) -> None:
     taken = ApiKey(other, unique("id"), "cd" * 32)
     await store.create_api_key(old)
     await store.create_api_key(taken)
-    with pytest.raises((BackendError, DuplicateKeyName)):  # the stores cannot tell which
+    with pytest.raises((BackendError, DuplicateKeyName)) as refused:  # the stores cannot tell which
         await store.rotate_api_key(name, ApiKey(name, taken.key_id, "ef" * 32), 60)
+    if refused.type is DuplicateKeyName:
+        assert refused.value.args == (name,)
     kept = await store.api_key(old.key_id)
     assert kept is not None and kept.revoked_at is None
     assert await store.rotate_api_key(name, ApiKey(name, unique("id"), "01" * 32), 60)
@@ -663,3 +671,42 @@ async def test_a_cut_listening_connection_reconnects_and_says_so(
             await watcher
         await admin.close()
         await store.close()
+
+
+async def test_ranking_counts_what_it_looked_at_and_listing_shows_overflow(store: Store) -> None:
+    """top_keys looks at no more than scan + 1 keys under the prefix and says how many it saw;
+    with the empty prefix (no upper bound) it ranks every key; list_keys gives each key's
+    overflowed deltas beside its value."""
+    base, node = unique("scan"), unique()
+    keys = {f"{base}/a": 1, f"{base}/b": 2, f"{base}/c": 3}
+    await store.apply_batch(node, 1, keys)
+    # scan 1: the first two keys in key order looked at (the caller refuses: more than scan)
+    assert await store.top_keys(f"{base}/", 10, 1) == ([(f"{base}/b", 2), (f"{base}/a", 1)], 2)
+    ranked = [(f"{base}/c", 3), (f"{base}/b", 2), (f"{base}/a", 1)]
+    assert await store.top_keys(f"{base}/", 10, 2) == (ranked, 3)
+    assert await store.top_keys(f"{base}/", 2, 5) == ([(f"{base}/c", 3), (f"{base}/b", 2)], 3)
+    everything, seen = await store.top_keys("", 1, 10**6)
+    assert seen >= 3 and len(everything) == 1
+    full = f"{base}/full"
+    await store.apply_batch(node, 2, {full: INT64_MAX})
+    result = await store.apply_batch(node, 3, {full: 5})
+    assert result.overflowed == {full: 5}
+    listed = await store.list_keys(f"{base}/f", 10, None, node)
+    assert listed.rows == [(full, INT64_MAX, 5)]
+
+
+def test_database_timestamps_are_read_as_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """utc_text reads a timestamp without a zone as UTC (SQLite's text), converts one with a
+    zone, and writes ISO 8601 UTC to the second, under a local zone that is not UTC."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        assert utc_text("2026-12-06 10:00:00") == "2026-12-06T10:00:00Z"
+        assert utc_text("2026-12-06T11:30:00.9+01:00") == "2026-12-06T10:30:00Z"
+        assert utc_text(datetime(2026, 12, 6, 10, 0, tzinfo=UTC)) == "2026-12-06T10:00:00Z"
+        assert utc_text(None) is None
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from incrementer.store.base import BackendError
 
 WATCH_EVERY = 0.2
+DATA_VERSION = "PRAGMA data_version"
 
 
 def create_private(path: str) -> None:
@@ -91,4 +92,4 @@ async def watch_data_version(
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchall()[0][0])
+    return int(conn.execute(DATA_VERSION).fetchall()[0][0])

@@ -15,6 +15,8 @@ from incrementer.store.base import KeyList, ManyRead, SeriesRead, Window, sum_de
 from incrementer.store.buckets import Stored, columns
 
 APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?"
+BY_KEY = " ORDER BY key LIMIT ?"
+BELOW = " AND key < ?"  # the prefix's upper bound, when it has one
 OVERFLOW = "(SELECT group_concat(delta, ',') FROM counter_overflows AS o WHERE o.key = c.key)"
 CELLS = (
     "SELECT bucket_start, value FROM counter_buckets WHERE key = ? AND granularity = ?"
@@ -91,14 +93,13 @@ def list_keys(
     node_id: str,
 ) -> KeyList:
     lower = ">" if after is not None else ">="
-    bound = " AND key < ?" if upper is not None else ""
+    bound = BELOW if upper is not None else ""
     params: tuple[object, ...] = (prefix if after is None else after,)
     if upper is not None:
         params += (upper,)
     with _snapshot(conn):
         rows = conn.execute(
-            f"SELECT key, value, {OVERFLOW} FROM counters AS c WHERE key {lower} ?{bound}"
-            " ORDER BY key LIMIT ?",
+            f"SELECT key, value, {OVERFLOW} FROM counters AS c WHERE key {lower} ?{bound}{BY_KEY}",
             (*params, limit),
         ).fetchall()
         return KeyList(
@@ -109,7 +110,7 @@ def list_keys(
 def top_keys(
     conn: sqlite3.Connection, *, prefix: str, upper: str | None, limit: int, scan: int
 ) -> tuple[list[tuple[str, int]], int]:
-    bound = " AND key < ?" if upper is not None else ""
+    bound = BELOW if upper is not None else ""
     params: tuple[object, ...] = (prefix, upper) if upper is not None else (prefix,)
     inner = f"SELECT key, value FROM counters WHERE key >= ?{bound} LIMIT ?"
     with _snapshot(conn):
