@@ -38,7 +38,7 @@ from incrementer.store.base import (
 from incrementer.store.migrate import MIGRATIONS_DIR, migrate
 from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
-from incrementer.urls import parse_database_url
+from incrementer.urls import parse_database_url, redact_url
 
 
 async def fetch_direct(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -635,9 +635,9 @@ async def test_a_rotation_that_fails_changes_nothing(store: Store) -> None:
 async def test_a_cut_listening_connection_reconnects_and_says_so(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """PostgreSQL's key watcher, its LISTEN connection terminated by the server: it logs that
-    it is not listening, reconnects under its application_name, says so, calls back once for
-    what may have changed meanwhile, and hears the next change."""
+    """PostgreSQL's key watcher, its LISTEN connection terminated by the server (twice): each
+    time it logs that it is not listening and why, reconnects under its application_name, says
+    so, calls back once for what may have changed meanwhile; then it hears the next change."""
     caplog.set_level(logging.INFO, logger="incrementer.auth")
     await asyncio.to_thread(migrate, pg_url)
     store = open_store(pg_url)
@@ -653,18 +653,27 @@ async def test_a_cut_listening_connection_reconnects_and_says_so(
         raise AssertionError(f"{len(calls)} callbacks, wanted {count}")
 
     admin = await asyncpg.connect(pg_url)
+    cut_listener = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = 'incrementer-listen' AND datname = current_database()"
+    )
+    where = redact_url(pg_url)
     try:
         await heard(1)  # connected: the first callback
-        cut = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = 'incrementer-listen' AND datname = current_database()"
-        )
-        assert cut == 1
-        await heard(2)  # reconnected
-        assert "not listening for API key changes" in caplog.text
-        assert "listening for API key changes again" in caplog.text
+        for cut in range(2):  # the second after the backoff has grown
+            assert await admin.fetchval(cut_listener) == 1
+            await heard(2 + cut)  # reconnected
+        said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
+        assert (
+            said.count(
+                f"not listening for API key changes ({where}: the listening connection closed); "
+                "reconnecting, and keys reload every --auth-refresh meanwhile"
+            )
+            == 2
+        ), said
+        assert said.count(f"listening for API key changes again ({where})") == 2, said
         await store.create_api_key(ApiKey(unique("cut-"), unique("id"), "ab" * 32))
-        await heard(3)
+        await heard(4)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
