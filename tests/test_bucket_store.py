@@ -13,6 +13,7 @@ from support import unique
 from incrementer.store import INT64_MAX, INT64_MIN, Store
 from incrementer.store.base import IdempotentBatch, Window
 from incrementer.store.buckets import Buckets, fold, taken_back, uniform
+from incrementer.store.postgres_buckets import FOLD_ON_THREAD
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 ALL = (MINUTE, HOUR, DAY)
@@ -280,3 +281,45 @@ def test_taken_back_subtracts_each_lost_batch_bucket_by_bucket() -> None:
     lost = [{9: {"a": 1}, 1: {"a": 2, "b": 2}}, {2: {"a": 1}, 1: {"d": 3, "e": 0}}, {3: {"c": 1}}]
     assert taken_back(deltas, lost) == {1: {"a": 3, "d": -3}, 3: {"c": 3}}
     assert deltas == {1: {"a": 5, "b": 2}, 2: {"a": 1}, 3: {"c": 4}}
+
+
+async def test_reads_say_the_nodes_applied_seq_the_overflow_and_an_unknown_key(
+    store: Store,
+) -> None:
+    """read_many and read_series, with and without a window: each key's total and overflowed
+    deltas (those of a key with no total too), None for a key never written, and the asking
+    node's applied_seq (0 for a node that never flushed)."""
+    node, key, full, lone, missing = unique(), unique(), unique(), unique(), unique()
+    await store.apply_batch(node, 1, {key: 4, full: INT64_MAX}, (), Buckets(ALL, {T0: {key: 4}}))
+    out = {full: 5, lone: INT64_MAX + 1}  # lone: a key whose only delta is out of range
+    assert (await store.apply_batch(node, 2, out)).overflowed == out
+    window = Window(MINUTE, T0 - HOUR, T0 + HOUR)
+    for read in (
+        await store.read_many([key, full, lone, missing], node),
+        await store.read_many([key, full, lone, missing], node, window),
+    ):
+        assert read.applied_seq == 2
+        assert read.values == {
+            key: (4, 0),
+            full: (INT64_MAX, 5),
+            lone: (None, INT64_MAX + 1),
+            missing: (None, 0),
+        }
+    assert (await store.read_many([key], unique())).applied_seq == 0
+    series = await store.read_series(key, window, node)
+    assert (series.value, series.applied_seq, series.stored.points()) == (4, 2, {T0: 4})
+    unknown = await store.read_series(missing, window, unique())
+    assert (unknown.value, unknown.applied_seq, unknown.stored.points()) == (None, 0, {})
+
+
+async def test_a_flush_of_many_keys_across_buckets_lands_whole(store: Store) -> None:
+    """More keys than are folded on the event loop (FOLD_ON_THREAD), each with deltas in two
+    minutes: every key's total and both of its minute buckets land."""
+    node = unique()
+    keys = [unique("many") for _ in range(FOLD_ON_THREAD + 10)]
+    deltas = {T0: dict.fromkeys(keys, 2), T0 + 60: dict.fromkeys(keys, 3)}
+    await store.apply_batch(node, 1, totals_of(deltas), (), Buckets(ALL, deltas))
+    read = await store.read_many(keys, node, Window(MINUTE, T0, T0 + 120))
+    assert read.values == dict.fromkeys(keys, (5, 0))
+    points = {k: w.points() for k, w in read.windows.items()}
+    assert points == {k: {T0: 2, T0 + 60: 3} for k in keys}
