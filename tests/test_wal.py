@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from incrementer.ingest.wal_reader import (
     MAGIC_SCOPED,
     MAGIC_TIMED,
     SEQ,
+    TIME,
     TIMES_COUNT,
     count_entries,
     decode_payload,
@@ -884,3 +886,33 @@ def test_decoding_a_scoped_batch_record_cut_short_says_where(records: bytes, err
     record = b"\x05\x00key:K" + bytes(32) + BATCH_RANGE.pack(0, len(_ENTRIES))
     [batch] = decode_payload(_keyed(_ENTRIES, record), MAGIC_SCOPED).batches
     assert batch.key == "key:K" and batch.entries == [("ab", 1), ("c", -2)]
+
+
+def _timed(times: bytes) -> bytes:
+    return FRAME_TIME.pack(1_000) + ENTRIES_LEN.pack(len(_ENTRIES)) + _ENTRIES + times
+
+
+_TIMES_AT = FRAME_TIME.size + ENTRIES_LEN.size + len(_ENTRIES)
+
+
+@pytest.mark.parametrize(
+    ("times", "error"),
+    [
+        (b"", f"truncated times count at offset {_TIMES_AT}"),
+        (b"\x01\x00", f"truncated times count at offset {_TIMES_AT}"),
+        (TIMES_COUNT.pack(1), f"times run past the payload end at offset {_TIMES_AT + 4}"),
+        (
+            TIMES_COUNT.pack(1) + TIME.pack(len(_ENTRIES), 5),
+            f"a time points past the entries (offset {len(_ENTRIES)})",
+        ),
+    ],
+    ids=["no count", "count cut", "time missing", "time past the entries"],
+)
+def test_decoding_malformed_own_times_says_where(times: bytes, error: str) -> None:
+    """decode_payload() refuses a timed payload whose own times are cut short or point past
+    its entries, naming the offset; a time on the last entry is that entry's."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(error)}$"):
+        decode_payload(_timed(times), MAGIC_TIMED)
+    last = len(_ENTRIES) - ENTRY.size - 1  # the entry ("c", -2)
+    decoded = decode_payload(_timed(TIMES_COUNT.pack(1) + TIME.pack(last, 5)), MAGIC_TIMED)
+    assert decoded.times == [1_000, 5]
