@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from proxy import proxy_to
 from support import pg_database, unique
 
 from incrementer.store import (
@@ -719,3 +720,36 @@ def test_database_timestamps_are_read_as_utc_whatever_the_local_zone(
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+async def test_a_key_watcher_started_while_the_database_is_away_waits_for_it(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL's key watcher started while the database cannot be reached: one log line
+    says it is not listening (not one per attempt), it keeps trying with backoff, and once the
+    database is back it says it is listening again and calls back once."""
+    caplog.set_level(logging.INFO, logger="incrementer.auth")
+    await asyncio.to_thread(migrate, pg_url)
+    async with proxy_to(pg_url) as (proxy, url):
+        store = open_store(url)
+        await store.open()
+        await proxy.cut()
+        calls: list[float] = []
+        watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(1.0)))
+        try:
+            await asyncio.sleep(2.0)  # attempts at 0, 0.5 and 1.5 s, all refused
+            assert calls == []
+            await proxy.restore()
+            for _ in range(150):  # up to 15 s: a bound, not a timing
+                if calls:
+                    break
+                await asyncio.sleep(0.1)
+            assert calls == [1.0]
+            said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
+            assert len([m for m in said if m.startswith("not listening")]) == 1, said
+            assert said[-1] == f"listening for API key changes again ({redact_url(url)})", said
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await store.close()
