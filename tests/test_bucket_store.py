@@ -323,3 +323,16 @@ async def test_a_flush_of_many_keys_across_buckets_lands_whole(store: Store) -> 
     assert read.values == dict.fromkeys(keys, (5, 0))
     points = {k: w.points() for k, w in read.windows.items()}
     assert points == {k: {T0: 2, T0 + 60: 3} for k in keys}
+
+
+async def test_a_bucket_delta_that_alone_leaves_64_bits_isolates_its_key(store: Store) -> None:
+    """A key whose total is in range but one of whose minutes alone is not (a huge count and a
+    correction in the next minute): its delta goes to counter_overflows, none of its buckets
+    move, and the other keys of the batch land."""
+    node, key, fine = unique(), unique(), unique()
+    deltas = {T0: {key: INT64_MAX + 1, fine: 1}, T0 + 60: {key: -10}}
+    result = await store.apply_batch(node, 1, totals_of(deltas), (), Buckets(ALL, deltas))
+    assert result.overflowed == {key: INT64_MAX - 9}
+    assert (await store.read(key, node)).value is None
+    assert await stored(store, key, MINUTE, node) == {}
+    assert await stored(store, fine, MINUTE, node) == {T0: 1}

@@ -46,7 +46,7 @@ from incrementer.store.pglink import (
     server_settings,
     statement_timeout,
 )
-from incrementer.store.postgres_buckets import BucketedWrite
+from incrementer.store.postgres_buckets import BucketedWrite, lone_out_of_range
 from incrementer.urls import redact_url, scrub
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
@@ -260,7 +260,9 @@ class PostgresStore:
         if buckets is not None and not buckets.granularities:
             buckets = None
         base = dict(deltas)
-        isolated: set[str] = set()  # keys set aside for overflow by an earlier round
+        # Keys set aside for overflow: a bucket delta that alone leaves 64 bits, then those an
+        # earlier round found overflowing.
+        isolated = lone_out_of_range(buckets) if buckets is not None else set()
         with self._errors():
             async with self._connection() as conn:
                 for _ in range(MAX_UPSERT_ROUNDS):
