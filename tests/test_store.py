@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 from proxy import proxy_to
-from support import pg_database, unique
+from support import pg_database, unique, wait_until
 
 from incrementer.store import (
     INT64_MAX,
@@ -562,35 +562,38 @@ async def test_a_watcher_hears_of_key_changes_made_by_another_store(
     or revokes a key, and not while nothing changes: SQLite's data_version, PostgreSQL's NOTIFY
     to a LISTENing connection (which also calls back once when it connects, for what changed
     while nobody listened)."""
-    calls: list[float] = []
-    watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(time.monotonic())))
     other = open_store(db_url)
     await other.open()
     try:
-        await asyncio.sleep(1.0)  # several looks at an unchanged file; the LISTEN set up
-        assert len(calls) == (1 if db_url.startswith("postgres") else 0)
-        quiet = len(calls)
-        await asyncio.sleep(1.0)
-        assert len(calls) == quiet
-        name = unique("watched-")
-        await other.create_api_key(ApiKey(name, unique("id"), "ab" * 32))
-        for _ in range(100):  # up to 10 s: a bound, not a timing
-            if calls:
-                break
-            await asyncio.sleep(0.1)
-        assert calls, "the creation was not heard"
-        heard = len(calls)
-        assert await other.revoke_api_key(name)
-        for _ in range(100):
-            if len(calls) > heard:
-                break
-            await asyncio.sleep(0.1)
-        assert len(calls) > heard, "the revocation was not heard"
+        async with watching(store) as calls:
+            await asyncio.sleep(1.0)  # several looks at an unchanged file; the LISTEN set up
+            assert len(calls) == (1 if db_url.startswith("postgres") else 0)
+            quiet = len(calls)
+            await asyncio.sleep(1.0)
+            assert len(calls) == quiet
+            name = unique("watched-")
+            await other.create_api_key(ApiKey(name, unique("id"), "ab" * 32))
+            await wait_until(lambda: calls, 10)
+            assert calls, "the creation was not heard"
+            heard = len(calls)
+            assert await other.revoke_api_key(name)
+            await wait_until(lambda: len(calls) > heard, 10)
+            assert len(calls) > heard, "the revocation was not heard"
+    finally:
+        await other.close()
+
+
+@contextlib.asynccontextmanager
+async def watching(store: Store) -> AsyncIterator[list[float]]:
+    """The times store.watch_api_keys called back, while it runs in a task of its own."""
+    calls: list[float] = []
+    watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(time.monotonic())))
+    try:
+        yield calls
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await other.close()
 
 
 async def test_listing_and_ranking_stay_inside_the_prefix(store: Store) -> None:
@@ -643,16 +646,6 @@ async def test_a_cut_listening_connection_reconnects_and_says_so(
     await asyncio.to_thread(migrate, pg_url)
     store = open_store(pg_url)
     await store.open()
-    calls: list[float] = []
-    watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(time.monotonic())))
-
-    async def heard(count: int) -> None:
-        for _ in range(100):  # up to 10 s: a bound, not a timing
-            if len(calls) >= count:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{len(calls)} callbacks, wanted {count}")
-
     admin = await asyncpg.connect(pg_url)
     cut_listener = (
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -660,25 +653,23 @@ async def test_a_cut_listening_connection_reconnects_and_says_so(
     )
     where = redact_url(pg_url)
     try:
-        await heard(1)  # connected: the first callback
-        for cut in range(2):  # the second after the backoff has grown
-            assert await admin.fetchval(cut_listener) == 1
-            await heard(2 + cut)  # reconnected
-        said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
-        assert (
-            said.count(
-                f"not listening for API key changes ({where}: the listening connection closed); "
-                "reconnecting, and keys reload every --auth-refresh meanwhile"
-            )
-            == 2
-        ), said
-        assert said.count(f"listening for API key changes again ({where})") == 2, said
-        await store.create_api_key(ApiKey(unique("cut-"), unique("id"), "ab" * 32))
-        await heard(4)
+        async with watching(store) as calls:
+            await wait_until(lambda: calls, 10)  # connected: the first callback
+            for cut in range(2):  # the second after the backoff has grown
+                assert await admin.fetchval(cut_listener) == 1
+                await wait_until(lambda cut=cut: len(calls) >= 2 + cut, 10)  # reconnected
+            said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
+            assert (
+                said.count(
+                    f"not listening for API key changes ({where}: the listening connection "
+                    "closed); reconnecting, and keys reload every --auth-refresh meanwhile"
+                )
+                == 2
+            ), said
+            assert said.count(f"listening for API key changes again ({where})") == 2, said
+            await store.create_api_key(ApiKey(unique("cut-"), unique("id"), "ab" * 32))
+            await wait_until(lambda: len(calls) >= 4, 10)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
         await admin.close()
         await store.close()
 
@@ -718,7 +709,7 @@ def test_database_timestamps_are_read_as_utc_whatever_the_local_zone(
         assert utc_text(datetime(2026, 12, 6, 10, 0, tzinfo=UTC)) == "2026-12-06T10:00:00Z"
         assert utc_text(None) is None
     finally:
-        monkeypatch.delenv("TZ")
+        monkeypatch.undo()  # the TZ the run had, if any
         time.tzset()
 
 
@@ -734,22 +725,15 @@ async def test_a_key_watcher_started_while_the_database_is_away_waits_for_it(
         store = open_store(url)
         await store.open()
         await proxy.cut()
-        calls: list[float] = []
-        watcher = asyncio.create_task(store.watch_api_keys(lambda: calls.append(1.0)))
         try:
-            await asyncio.sleep(2.0)  # attempts at 0, 0.5 and 1.5 s, all refused
-            assert calls == []
-            await proxy.restore()
-            for _ in range(150):  # up to 15 s: a bound, not a timing
-                if calls:
-                    break
-                await asyncio.sleep(0.1)
-            assert calls == [1.0]
-            said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
-            assert len([m for m in said if m.startswith("not listening")]) == 1, said
-            assert said[-1] == f"listening for API key changes again ({redact_url(url)})", said
+            async with watching(store) as calls:
+                await asyncio.sleep(2.0)  # attempts at 0, 0.5 and 1.5 s, all refused
+                assert calls == []
+                await proxy.restore()
+                await wait_until(lambda: calls, 15)
+                assert len(calls) == 1
+                said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
+                assert len([m for m in said if m.startswith("not listening")]) == 1, said
+                assert said[-1] == f"listening for API key changes again ({redact_url(url)})", said
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
             await store.close()
