@@ -138,6 +138,19 @@ class ApiKey:
     """Set: the key may only use counters whose names start with it."""
 
 
+def lone_out_of_range(deltas: Mapping[int, Mapping[str, int]]) -> set[str]:
+    """The keys one of whose bucket deltas (bucket start -> key -> delta) alone leaves signed
+    64 bits (with negative increments the key's total may not): such a delta cannot be written,
+    nor sent to PostgreSQL as a bigint, so both stores set its key aside for counter_overflows
+    before writing."""
+    return {
+        k
+        for per_key in deltas.values()
+        for k, d in per_key.items()
+        if not INT64_MIN <= d <= INT64_MAX
+    }
+
+
 def scopes_text(scopes: tuple[str, ...]) -> str:
     """The scopes as stored: comma-separated, in SCOPES' order."""
     return ",".join(s for s in SCOPES if s in scopes)

@@ -29,6 +29,7 @@ from incrementer.store.base import (
     ManyRead,
     SeriesRead,
     Window,
+    lone_out_of_range,
     losers,
     prefix_upper_bound,
     scopes_of,
@@ -46,7 +47,7 @@ from incrementer.store.pglink import (
     server_settings,
     statement_timeout,
 )
-from incrementer.store.postgres_buckets import BucketedWrite, lone_out_of_range
+from incrementer.store.postgres_buckets import BucketedWrite
 from incrementer.urls import redact_url, scrub
 
 # Anything that means "the database failed or is unreachable": the flusher keeps the batch and
@@ -262,7 +263,7 @@ class PostgresStore:
         base = dict(deltas)
         # Keys set aside for overflow: a bucket delta that alone leaves 64 bits, then those an
         # earlier round found overflowing.
-        isolated = lone_out_of_range(buckets) if buckets is not None else set()
+        isolated = lone_out_of_range(buckets.deltas) if buckets is not None else set()
         with self._errors():
             async with self._connection() as conn:
                 for _ in range(MAX_UPSERT_ROUNDS):

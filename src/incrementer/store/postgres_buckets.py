@@ -244,12 +244,5 @@ async def find_overflows(conn: Any, upserts: Mapping[str, int], buckets: Buckets
     return bad
 
 
-def lone_out_of_range(buckets: Buckets) -> set[str]:
-    """The keys one of whose bucket deltas alone leaves signed 64 bits (with negative
-    increments the total may not): such a delta cannot even be sent as a bigint, so its key is
-    set aside for counter_overflows before the first statement, as SQLite's write does."""
-    return {k for per_key in buckets.deltas.values() for k, d in per_key.items() if not _fits(d)}
-
-
 def _fits(value: int) -> bool:
     return INT64_MIN <= value <= INT64_MAX

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping
 
-from incrementer.store.base import INT64_MAX, INT64_MIN
+from incrementer.store.base import INT64_MAX, INT64_MIN, lone_out_of_range
 from incrementer.store.buckets import Buckets, Folded, Slot, columns, fold, without
 
 # Well under SQLite's bound-parameter limit (999 before 3.32), so any build accepts the IN list.
@@ -36,7 +36,7 @@ def write(
     was written here (the caller writes the others)."""
     lengths = buckets.granularities
     kept = without(buckets.deltas, set(overflowed))
-    alone = {k for per_key in kept.values() for k, d in per_key.items() if not _fits(d)}
+    alone = lone_out_of_range(kept)
     if alone:
         _isolate(alone, deltas, overflowed)
         kept = without(kept, alone)
