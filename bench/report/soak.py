@@ -3,7 +3,6 @@ the RSS slope after the warm-up, and the targets."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from bench.harness.metrics import Samples
@@ -86,18 +85,12 @@ def rss_slope(samples: list[tuple[float, int, int, float]], after: float) -> flo
 def p99_step(periods: list[Period], after: int) -> float | None:
     """The largest ratio between the p99s of two consecutive periods past the first `after`
     (the larger over the smaller)."""
-    periods = periods[after:]
-    steps = [
-        max(a.p99_ms, b.p99_ms) / min(a.p99_ms, b.p99_ms)
-        for a, b in itertools.pairwise(periods)
-        if min(a.p99_ms, b.p99_ms) > 0
-    ]
-    return max(steps, default=None)
+    return p99_drift(periods, after, 1)
 
 
 def p99_drift(periods: list[Period], after: int, cycle: int) -> float | None:
-    """The largest ratio between the p99s of two periods of the same traffic (one key-space
-    cycle apart), both past the first `after` (the larger over the smaller)."""
+    """The largest ratio between the p99s of two periods `cycle` apart (one key-space cycle:
+    the same traffic), both past the first `after` (the larger over the smaller)."""
     if cycle < 1:
         return None
     periods = periods[after:]
