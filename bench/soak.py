@@ -4,11 +4,14 @@ idempotent retries. It reports whether memory, file descriptors, latency and lag
 whether the totals are exact.
 
     .venv/bin/python -m bench.soak [--duration 1800] [--period 60] [--restart-every 300]
-                                   [--rate R] [--ceiling-seconds 10] [--results DIR]
+                                   [--rate R] [--ceiling-seconds 10] [--database-nice N]
+                                   [--results DIR]
 
 - `incrementer serve` (wal, --auth required) on a PostgreSQL cluster of its own (initdb, pg_ctl:
   bench/harness/cluster.py), which is restarted (`pg_ctl restart -m fast`) every --restart-every
   seconds: the service keeps acknowledging from its WAL and flushes once the database is back;
+  with --database-nice N the cluster runs at that CPU niceness, as a database on a host of its
+  own would take nothing from the service's cores;
 - the ceiling: wrk closed-loop for --ceiling-seconds; then wrk paced at half of it (or --rate),
   one run per --period, each on new keys; the key space climbs from 10 to 1,000,000 within each
   cycle as long as the warm-up, and starts again at 10: the warm-up reaches the largest working
@@ -91,7 +94,7 @@ async def main(args: argparse.Namespace) -> int:
         return 2
     run_id = uuid.uuid4().hex[:8]
     workdir = WORK / f"soak-{run_id}"
-    cluster = Cluster(free_port())
+    cluster = Cluster(free_port(), nice=args.database_nice)
     await asyncio.to_thread(cluster.init)
     await asyncio.to_thread(cluster.start)
     try:
@@ -124,7 +127,7 @@ async def soak(args: argparse.Namespace, cluster: Cluster, workdir: Path, prefix
         result = Soak(
             args.duration, args.period, args.restart_every, ceiling.rps, rate,
             time.strftime("%Y-%m-%d-%H%M", time.gmtime()), IDEMPOTENCY_WINDOW,
-            cycle_periods(args.duration, args.period),
+            cycle_periods(args.duration, args.period), args.database_nice,
         )  # fmt: skip
         result.expected += ceiling.acked_value
         result.unknown += ceiling.sent - ceiling.requests + ceiling.socket_errors
@@ -300,6 +303,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=10.0,
         help="seconds of the ceiling measurement (10)",
+    )
+    parser.add_argument(
+        "--database-nice",
+        type=int,
+        default=0,
+        help="the PostgreSQL cluster's CPU niceness (0: the service's own priority)",
     )
     parser.add_argument(
         "--results", default=str(RESULTS), help="where the report goes (bench/results)"

@@ -74,10 +74,11 @@ class Namespace:
         then nothing more comes back from port (its acknowledgement included), so the client
         cannot know whether the transaction committed.
 
-        The rule that drops the answers goes in first (it matches nothing until a COMMIT is
-        seen; the two rules match opposite directions, so their order in the chain does not
-        matter): added second, a COMMIT passing between the two commands would get its answer
-        through and the cut would fall on the next transaction before its COMMIT was sent."""
+        The rule that drops the answers goes in first, and it is the order of the two
+        commands that matters, not their order in the chain (they match opposite directions,
+        and this one matches nothing until a COMMIT is seen): added second, a COMMIT passing
+        between the two commands would get its answer through and the cut would fall on the
+        next transaction before its COMMIT was sent."""
         self.iptables(
             "-A", "INPUT", "-p", "tcp", "--sport", str(port),
             "-m", "recent", "--name", "commit_seen", "--rcheck", "-j", "DROP",

@@ -121,7 +121,10 @@ async def test_every_bucket_is_exact_after_kill_9_during_the_load(
     keys = [unique("x") for _ in range(8)]
     load = Batches(keys, seed=11, count=300)
     acknowledged: set[str] = set()
-    args = bucket_args(tmp_path, db_url)
+    # A flush every 0.05 s, never stretched: the third commit comes while the load still runs
+    # (stretched to 16x a flush of this load, two commits can take in all of it, and no third
+    # comes at all).
+    args = bucket_args(tmp_path, db_url, "--flush-interval-max", "0.05")
     server = spawn(args, env={"INCREMENTER_FAULT_CRASH_AFTER_COMMITS": "3"})
     await load.send(server.url, acknowledged, stop_after=10)
     assert server.proc.wait(30) == 137  # the crash point: killed with a commit not yet seen

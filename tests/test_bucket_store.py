@@ -14,6 +14,7 @@ from incrementer.store import INT64_MAX, INT64_MIN, Store
 from incrementer.store.base import IdempotentBatch, Window
 from incrementer.store.buckets import Buckets, fold, taken_back, uniform
 from incrementer.store.postgres_buckets import FOLD_ON_THREAD
+from incrementer.store.sqlite_buckets import READ_CHUNK
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
 ALL = (MINUTE, HOUR, DAY)
@@ -94,6 +95,16 @@ async def test_totals_counted_with_buckets_off_are_in_no_bucket(store: Store) ->
     await store.apply_batch(node, 1, {key: 10}, (), Buckets(ALL, deltas))
     assert (await store.read(key, node)).value == 10
     assert await stored(store, key, MINUTE, node) == {T0: 3}
+
+
+async def test_bucket_deltas_with_no_granularity_kept_add_to_the_total_only(store: Store) -> None:
+    """A flush handing bucket deltas but no granularity to keep them in writes the totals and
+    no bucket at all."""
+    node, key = unique(), unique()
+    await store.apply_batch(node, 1, {key: 5}, (), Buckets((), {T0: {key: 5}}))
+    assert (await store.read(key, node)).value == 5
+    for length in ALL:
+        assert await stored(store, key, length, node) == {}
 
 
 async def test_only_the_kept_granularities_are_written(store: Store) -> None:
@@ -314,7 +325,8 @@ async def test_reads_say_the_nodes_applied_seq_the_overflow_and_an_unknown_key(
 
 async def test_a_flush_of_many_keys_across_buckets_lands_whole(store: Store) -> None:
     """More keys than are folded on the event loop (FOLD_ON_THREAD), each with deltas in two
-    minutes: every key's total and both of its minute buckets land."""
+    minutes: every key's total and both of its minute buckets land; a second flush in the next
+    minute, of more keys than SQLite reads in two statements, rolls each one's current minute."""
     node = unique()
     keys = [unique("many") for _ in range(FOLD_ON_THREAD + 10)]
     deltas = {T0: dict.fromkeys(keys, 2), T0 + 60: dict.fromkeys(keys, 3)}
@@ -323,6 +335,12 @@ async def test_a_flush_of_many_keys_across_buckets_lands_whole(store: Store) -> 
     assert read.values == dict.fromkeys(keys, (5, 0))
     points = {k: w.points() for k, w in read.windows.items()}
     assert points == {k: {T0: 2, T0 + 60: 3} for k in keys}
+    rolling = keys[: 2 * READ_CHUNK + 10]  # more than SQLite reads in two statements
+    later = {T0 + 120: dict.fromkeys(rolling, 4)}
+    await store.apply_batch(node, 2, totals_of(later), (), Buckets(ALL, later))
+    read = await store.read_many(rolling, node, Window(MINUTE, T0, T0 + 180))
+    points = {k: w.points() for k, w in read.windows.items()}
+    assert points == {k: {T0: 2, T0 + 60: 3, T0 + 120: 4} for k in rolling}
 
 
 async def test_a_bucket_delta_that_alone_leaves_64_bits_isolates_its_key(store: Store) -> None:
@@ -336,3 +354,117 @@ async def test_a_bucket_delta_that_alone_leaves_64_bits_isolates_its_key(store: 
     assert (await store.read(key, node)).value is None
     assert await stored(store, key, MINUTE, node) == {}
     assert await stored(store, fine, MINUTE, node) == {T0: 1}
+
+
+async def test_a_key_whose_total_is_taken_back_keeps_its_other_bucket_deltas(
+    store: Store,
+) -> None:
+    """A key whose only net delta in a flush is an idempotent batch applied before, beside a
+    correction that cancels across two minutes (+3 then -3): its total is left alone, and the
+    correction still lands minute by minute, while the hour and the day it falls in are
+    unchanged. Another key in the batch has a total and no bucket deltas (counted with buckets
+    off): it gets its total and no bucket."""
+    a, b, key, plain = unique(), unique(), unique(), unique()
+    digest = "cd" * 32
+    first = IdempotentBatch(unique("ik"), digest, {key: 4}, {T0 + 120: {key: 4}})
+    await store.apply_batch(a, 1, {key: 4}, [first], Buckets(ALL, {T0 + 120: {key: 4}}))
+    again = IdempotentBatch(first.key, digest, {key: 4}, {T0 + 120: {key: 4}})
+    deltas = {T0: {key: 3}, T0 + 60: {key: -3}, T0 + 120: {key: 4}}
+    totals = totals_of(deltas) | {plain: 2}
+    result = await store.apply_batch(b, 1, totals, [again], Buckets(ALL, deltas))
+    assert result.duplicates == {first.key: digest}
+    assert (await store.read(key, a)).value == 4
+    assert (await store.read(plain, a)).value == 2
+    assert await stored(store, plain, MINUTE, a) == {}
+    assert await stored(store, key, MINUTE, a) == {T0: 3, T0 + 60: -3, T0 + 120: 4}
+    assert await stored(store, key, HOUR, a) == {T0: 4}
+    assert await stored(store, key, DAY, a) == {T0: 4}
+
+
+async def test_late_deltas_that_cancel_within_an_older_bucket_leave_it_unwritten(
+    store: Store,
+) -> None:
+    """Two late deltas for one older hour that sum to zero within a flush (+5 and -5 in two of
+    its minutes): the minutes hold them, the hour holds nothing, and the current buckets roll
+    on as usual."""
+    node, key = unique(), unique()
+    now = T0 + 2 * HOUR
+    await store.apply_batch(node, 1, {key: 1}, (), Buckets(ALL, {now: {key: 1}}))
+    deltas = {T0 + 600: {key: 5}, T0 + 1200: {key: -5}, now: {key: 1}}
+    await store.apply_batch(node, 2, totals_of(deltas), (), Buckets(ALL, deltas))
+    assert (await store.read(key, node)).value == 2
+    assert await stored(store, key, MINUTE, node) == {T0 + 600: 5, T0 + 1200: -5, now: 2}
+    assert await stored(store, key, HOUR, node) == {now: 2}
+    assert await stored(store, key, DAY, node) == {T0: 2}
+
+
+@pytest.mark.parametrize(
+    ("lengths", "step"), [((MINUTE, HOUR), MINUTE), (ALL, HOUR)], ids=["hour", "day"]
+)
+async def test_a_coarser_current_bucket_that_would_overflow_alone_isolates_its_key(
+    store: Store, lengths: tuple[int, ...], step: int
+) -> None:
+    """The key's current hour (or day) would leave 64 bits while its finer buckets roll on and
+    its total fits (a negative delta a day before): the key is isolated, every bucket and the
+    total unchanged, and the other keys of the batch land, a key counted only with buckets
+    off until now (no inline bucket yet) among them."""
+    node, key, fine, plain = unique(), unique(), unique(), unique()
+    await store.apply_batch(node, 1, {plain: 1})
+    for seq, deltas in enumerate(({T0 - DAY: {key: -100}}, {T0: {key: INT64_MAX - 10}}), 2):
+        await store.apply_batch(node, seq, totals_of(deltas), (), Buckets(lengths, deltas))
+    deltas = {T0 + step: {key: 50, fine: 2, plain: 3}}
+    result = await store.apply_batch(node, 4, totals_of(deltas), (), Buckets(lengths, deltas))
+    assert result.overflowed == {key: 50}
+    assert (await store.read(key, node)).value == INT64_MAX - 110
+    for length in lengths:
+        assert await stored(store, key, length, node) == {T0 - DAY: -100, T0: INT64_MAX - 10}
+    assert await stored(store, fine, lengths[-1], node) == {T0: 2}
+    assert (await store.read(plain, node)).value == 4
+    assert await stored(store, plain, lengths[0], node) == {T0 + step: 3}
+
+
+async def test_a_current_bucket_and_an_older_one_overflowing_in_one_flush_isolate_both_keys(
+    store: Store,
+) -> None:
+    """One key whose current day would leave 64 bits and another whose older minute would, in
+    the same flush: both are isolated, neither's buckets move, the third key lands."""
+    node, current, older, fine = unique(), unique(), unique(), unique()
+    setup = {T0 - DAY: {current: -100}, T0: {older: INT64_MAX}}
+    await store.apply_batch(node, 1, totals_of(setup), (), Buckets(ALL, setup))
+    setup = {T0: {current: INT64_MAX - 10}, T0 + HOUR: {older: -10}}
+    await store.apply_batch(node, 2, totals_of(setup), (), Buckets(ALL, setup))
+    deltas = {T0: {older: 5}, T0 + HOUR: {current: 50, fine: 2}}
+    result = await store.apply_batch(node, 3, totals_of(deltas), (), Buckets(ALL, deltas))
+    assert result.overflowed == {current: 50, older: 5}
+    assert await stored(store, current, DAY, node) == {T0 - DAY: -100, T0: INT64_MAX - 10}
+    assert await stored(store, older, MINUTE, node) == {T0: INT64_MAX, T0 + HOUR: -10}
+    assert await stored(store, fine, MINUTE, node) == {T0 + HOUR: 2}
+
+
+async def test_a_flush_whose_every_delta_was_applied_before_writes_nothing(store: Store) -> None:
+    """A flush holding only an idempotent batch across two minutes that another node applied
+    first: all of it is taken back, nothing is written, and the first copy stands."""
+    a, b, key = unique(), unique(), unique()
+    digest = "ef" * 32
+    deltas = {T0: {key: 2}, T0 + 60: {key: 3}}
+    first = IdempotentBatch(unique("ik"), digest, {key: 5}, deltas)
+    await store.apply_batch(a, 1, {key: 5}, [first], Buckets(ALL, deltas))
+    again = IdempotentBatch(first.key, digest, {key: 5}, deltas)
+    result = await store.apply_batch(b, 1, {key: 5}, [again], Buckets(ALL, deltas))
+    assert (result.applied, result.duplicates, result.overflowed) == (
+        True, {first.key: digest}, {},
+    )  # fmt: skip
+    assert (await store.read(key, a)).value == 5
+    assert await stored(store, key, MINUTE, a) == {T0: 2, T0 + 60: 3}
+
+
+async def test_a_current_bucket_that_summed_to_zero_rolls_to_nothing(store: Store) -> None:
+    """A key's current minute brought back to zero (+3, then -3 in the next flush) rolls into
+    no counter_buckets row when the next minute starts: the series shows only the new minute,
+    and the hour still holds the 1."""
+    node, key = unique(), unique()
+    for seq, deltas in enumerate(({T0: {key: 3}}, {T0: {key: -3}}, {T0 + 60: {key: 1}}), 1):
+        await store.apply_batch(node, seq, totals_of(deltas), (), Buckets(ALL, deltas))
+    assert await stored(store, key, MINUTE, node) == {T0 + 60: 1}
+    assert await stored(store, key, HOUR, node) == {T0: 1}
+    assert (await store.read(key, node)).value == 1

@@ -21,7 +21,8 @@ def test_incr_at_a_time_then_series_and_read_many(tmp_path: Path) -> None:
     buckets; series gives every bucket zero-filled with its total, read_many totals and counts
     over a window, in one request each."""
     key, other = unique("c"), unique("c")
-    then = datetime.now(UTC) - timedelta(minutes=30)
+    # At a whole minute, so that a time 0.9 s later is in the same second and the same minute.
+    then = (datetime.now(UTC) - timedelta(minutes=30)).replace(second=0, microsecond=0)
     with (
         sqlite_server(tmp_path, "--buckets", "minute,hour,day") as (server, _),
         Client(server.url) as client,

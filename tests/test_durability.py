@@ -263,7 +263,7 @@ async def test_corrupt_wal_middle_stops_startup_naming_file_and_offset(
 async def test_flush_interval_stretches_while_flushes_are_slow(tmp_path: Path, pg_url: str) -> None:
     """A flush held up by the database (here: a row lock for 1 s) stretches the interval
     to --flush-interval-max; the next quick flush brings it back down. (A quick flush means
-    under 0.25 s here: the interval after it is max(0.2, 4 x its duration).)"""
+    under 0.125 s here: the interval after it is max(0.2, STRETCH x its duration), below 2.)"""
     import asyncpg
 
     settings = settings_for(tmp_path, pg_url, flush_interval=0.2, flush_interval_max=2.0)
@@ -272,7 +272,7 @@ async def test_flush_interval_stretches_while_flushes_are_slow(tmp_path: Path, p
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         assert (await client.post("/increment", json=body)).status_code == 202
         await wait_until(lambda: svc.flusher.commits >= 1 and not svc.flusher.pending_keys())
-        assert svc.flusher.interval < 1.0
+        assert svc.flusher.interval < 2.0
         blocker = await asyncpg.connect(pg_url)
         try:
             async with blocker.transaction():
@@ -285,9 +285,9 @@ async def test_flush_interval_stretches_while_flushes_are_slow(tmp_path: Path, p
         finally:
             await blocker.close()
         await wait_until(lambda: svc.flusher.commits > commits)
-        assert svc.flusher.interval == 2.0  # STRETCH (4) x (>= 0.5 s), capped
+        assert svc.flusher.interval == 2.0  # STRETCH (16) x (>= 0.5 s), capped
         commits = svc.flusher.commits
         assert (await client.post("/increment", json=body)).status_code == 202
         await wait_until(lambda: svc.flusher.commits > commits)
-        assert svc.flusher.interval < 1.0
+        assert svc.flusher.interval < 2.0
         assert (await db_totals(pg_url, [key]))[key] == 3

@@ -27,6 +27,7 @@ from support import (
 )
 
 from incrementer.store import INT64_MAX, INT64_MIN, BackendError, Store
+from incrementer.store.base import Window
 from incrementer.urls import parse_database_url
 
 
@@ -542,3 +543,71 @@ async def test_a_projection_adds_each_pending_delta_by_the_rule_the_flush_applie
         assert flusher.project(unique(), seq - 1, 3) == (3, 0, False)
         await allow_writes(sqlite_url, "incrementer_nodes", ledger)
         await wait_until(lambda: totals_are(sqlite_url, {key: 12, low: INT64_MIN, high: INT64_MAX}))
+
+
+async def test_a_bucket_projection_adds_each_pending_delta_where_the_flush_will(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Flusher.project_buckets(), which series reads answer with: each pending delta lands in its
+    own bucket, only for buckets inside the window, the batch in flight only when its seq is above
+    the snapshot's; a part the flush would set aside for overflow (its total off the 64-bit
+    range, or a coalesced delta that alone leaves it) adds to no bucket, judged against the value
+    the parts before it leave."""
+    key, low, high = unique("projb-"), unique("low-"), unique("high-")
+    mixed, top = unique("mixed-"), unique("top-")
+    settings = settings_for(tmp_path, sqlite_url, allow_negative=True, buckets="minute,hour")
+    now = int(time.time())
+    then, later = now - 1800, now - 60
+    m_then, m_later = then - then % 60, later - later % 60
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        first = await client.post(
+            "/increments",
+            json=[{"key": k, "value": 5, "at": then} for k in (key, mixed)],
+        )
+        assert first.status_code == 202
+        await wait_until(lambda: svc.flusher.inflight is not None and svc.metrics.flush_failures)
+        later_ones = [(key, 7), (low, INT64_MIN), (high, INT64_MAX), (high, INT64_MAX)]
+        for name, value in [*later_ones, (mixed, -7), (top, INT64_MAX)]:
+            answer = await client.post(
+                "/increment", json={"key": name, "value": value, "at": later}
+            )
+            assert answer.status_code == 202
+        flusher = svc.flusher
+        assert flusher.inflight is not None
+        seq = flusher.inflight.seq
+
+        def minutes(start: int, end: int) -> Window:
+            return Window(60, start, end)
+
+        whole = minutes(m_then, m_later + 60)
+        assert flusher.project_buckets(key, whole, seq - 1, 0) == {m_then: 5, m_later: 7}
+        assert flusher.project_buckets(key, whole, seq, 0) == {m_later: 7}
+        assert flusher.project_buckets(key, minutes(m_then + 60, m_later + 60), seq - 1, 0) == {
+            m_later: 7
+        }
+        assert flusher.project_buckets(key, minutes(m_then, m_later), seq - 1, 0) == {m_then: 5}
+        hours: dict[int, int] = {}
+        for at, value in ((then, 5), (later, 7)):
+            hours[at - at % 3600] = hours.get(at - at % 3600, 0) + value
+        day = Window(3600, now - 86400, now + 3600)
+        assert flusher.project_buckets(key, day, seq - 1, 0) == hours
+        assert flusher.project_buckets(key, whole, seq, INT64_MAX - 7) == {m_later: 7}
+        assert flusher.project_buckets(key, whole, seq, INT64_MAX - 6) == {}
+        assert flusher.project_buckets(key, whole, seq - 1, INT64_MAX - 12) == {
+            m_then: 5,
+            m_later: 7,
+        }
+        assert flusher.project_buckets(key, whole, seq - 1, INT64_MAX - 11) == {m_then: 5}
+        assert flusher.project_buckets(key, whole, seq - 1, INT64_MIN) == {m_then: 5, m_later: 7}
+        assert flusher.project_buckets(low, whole, seq, 0) == {m_later: INT64_MIN}
+        assert flusher.project_buckets(low, whole, seq - 1, 0) == {m_later: INT64_MIN}
+        assert flusher.project_buckets(top, whole, seq, 0) == {m_later: INT64_MAX}
+        # the batch in flight would overflow (set aside), the buffer's -7 then fits
+        assert flusher.project_buckets(mixed, whole, seq - 1, INT64_MAX - 2) == {m_later: -7}
+        assert flusher.project_buckets(low, whole, seq, -1) == {}
+        assert flusher.buffer.deltas[high] == 2 * INT64_MAX  # coalesced past 64 bits
+        assert flusher.project_buckets(high, whole, seq, -INT64_MAX) == {}
+        assert flusher.project_buckets(unique(), whole, seq - 1, 0) == {}
+        await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+        await wait_until(lambda: totals_are(sqlite_url, {key: 12, low: INT64_MIN, mixed: -2}))

@@ -30,12 +30,21 @@ from support import (
     wait_until,
 )
 
-from incrementer.ingest.idempotency import Ledger, digest, encode
+from incrementer.ingest.idempotency import (
+    ALLOWANCE_SLOTS,
+    MAX_KEY_LENGTH,
+    Allowance,
+    Ledger,
+    digest,
+    encode,
+    parse_key,
+)
+from incrementer.ingest.validate import BadRequest
 from incrementer.ingest.wal import SegmentIO, WriteAheadLog, summarize
 from incrementer.ingest.wal_reader import ENTRY, HEADER, MAGIC, SEQ, segment_name
 from incrementer.service import Service
 from incrementer.store import open_store
-from incrementer.store.base import IdempotentBatch, scoped
+from incrementer.store.base import IdempotentBatch, losers, scoped, taken_back, unscoped
 from incrementer.store.migrate import migrate
 
 REPLAYED = "idempotent-replayed"
@@ -163,7 +172,11 @@ async def test_invalid_keys_get_400_and_change_nothing(
     async with instance(tmp_path, sqlite_url, "one") as svc:
         (answer,) = await exchange(svc.url, request, 1)
     assert answer.status == 400, why
-    assert msgspec.json.decode(answer.body)["error"] == "invalid_idempotency_key", why
+    assert msgspec.json.decode(answer.body) == {
+        "error": "invalid_idempotency_key",
+        "detail": "Idempotency-Key must be 1 to 128 visible ASCII characters (no spaces); a "
+        "random UUID is a good key.",
+    }, why
     assert await db_totals(sqlite_url, [a]) == {}
 
 
@@ -242,6 +255,35 @@ async def test_copies_unflushed_on_two_instances_are_applied_once(
     assert not any(REPLAYED in r.headers for r in answers)
     totals = await db_totals(db_url, [a, b])
     assert totals == ({a: 5, b: 11} if bodies == "same" else {a: 50, b: 10})
+
+
+async def test_one_flush_settles_each_of_its_keys_by_its_own_outcome(
+    tmp_path: Path, db_url: str
+) -> None:
+    """One flush holding six idempotent batches: two whose copies another instance applied
+    first with the same body (duplicates), two with another body (conflicts), two nobody else
+    sent (applied). Each is counted under its own outcome, every one of them."""
+    keys = {
+        name: unique(f"idem-{name}-") for name in ("dup1", "dup2", "con1", "con2", "new1", "new2")
+    }
+    counter = unique()
+    async with (
+        httpx.AsyncClient() as client,
+        instance(tmp_path, db_url, "one", flush_interval=5) as one,
+        instance(tmp_path, db_url, "two", flush_interval=5) as two,
+    ):
+        for name, key in keys.items():
+            assert (await send(client, one.url, [(counter, 1)], key)).status_code == 202
+            if name.startswith("dup"):
+                assert (await send(client, two.url, [(counter, 1)], key)).status_code == 202
+            if name.startswith("con"):
+                assert (await send(client, two.url, [(counter, 2)], key)).status_code == 202
+        settled = one.metrics.idempotent_settled
+    # Both stopped, "two" first: its final flush commits its copies, "one"'s then finds them.
+    assert {o: settled[o] for o in ("applied", "duplicate", "conflict")} == {
+        "applied": 2, "duplicate": 2, "conflict": 2,
+    }  # fmt: skip
+    assert await db_totals(db_url, [counter]) == {counter: 2 + 2 * 1 + 2 * 2}
 
 
 async def test_after_a_conflict_the_losing_instance_answers_for_the_winning_body(
@@ -346,7 +388,7 @@ async def test_expired_keys_are_swept(tmp_path: Path, db_url: str) -> None:
 
 
 async def _missing(store: Any, key: str) -> bool:
-    return await store.idempotency_digest(scoped("ip:127.0.0.1", key)) is None
+    return await store.idempotency_digest(scoped("ip:127.0.0.1", key), "") is None
 
 
 class FailingWrites(SegmentIO):
@@ -450,7 +492,7 @@ async def test_store_applies_each_key_once_across_nodes(tmp_path: Path, db_url: 
         copy = IdempotentBatch(key, "d1", {a: 5})
         second = await store.apply_batch("node-b", 1, {a: 5 + 1, b: 2}, [copy])
         again = await store.apply_batch("node-b", 2, {a: 5}, [IdempotentBatch(key, "d2", {a: 5})])
-        assert await store.idempotency_digest(key) == "d1"
+        assert await store.idempotency_digest(key, "d2") == "d1"
     finally:
         await store.close()
     assert first.applied and first.duplicates == {}
@@ -519,9 +561,121 @@ def test_ledger_expiry_counts_every_key_gone_and_keeps_one_exactly_at_the_window
     assert ledger.known("held", now=12.0) is None
 
 
+def test_a_settled_key_settled_again_is_the_newest() -> None:
+    """A key settled again (found in the database after it was settled here) counts from its
+    new time: it outlives keys settled between the two, and the limit evicts those first."""
+    ledger = Ledger(window=10.0, limit=10)
+    ledger.settle("a", "d", now=0.0)
+    ledger.settle("b", "d", now=1.0)
+    ledger.settle("a", "d", now=5.0)
+    assert ledger.expire(now=12.0) == 1  # b, 11 s old; a is 7 s old
+    assert ledger.known("a", now=12.0) == "d" and ledger.known("b", now=12.0) is None
+    full = Ledger(window=10.0, limit=2)
+    full.settle("a", "d", now=0.0)
+    full.settle("b", "d", now=1.0)
+    full.settle("a", "d", now=2.0)
+    full.settle("c", "d", now=3.0)  # past the limit: the oldest settled is now b
+    assert full.known("a", now=3.0) == "d" and full.known("b", now=3.0) is None
+
+
+def test_a_key_is_1_to_128_visible_ascii_characters() -> None:
+    """parse_key takes each visible ASCII character, 0x21 '!' to 0x7e '~', one to 128 of them,
+    and refuses anything else (DEL, a space, nothing, one too many)."""
+    assert MAX_KEY_LENGTH == 128
+    for good in (b"k", b"!~", b"x" * 128, bytes(range(0x21, 0x7F))[:128]):
+        assert parse_key(good) == good.decode()
+    for bad in (b"", b"a\x7f", b"a b", b"\x20", b"x" * 129, "é".encode()):
+        with pytest.raises(BadRequest):
+            parse_key(bad)
+
+
+def test_scoped_keys_split_at_the_last_newline() -> None:
+    """A principal's name may hold a newline, a key cannot: the scope splits at the last one."""
+    assert unscoped(scoped("team\nA", "k-1")) == ("team\nA", "k-1")
+    assert unscoped(scoped("", "k")) == ("", "k")
+
+
+def test_of_two_batches_under_one_key_in_a_flush_only_the_first_wins() -> None:
+    """losers(): a batch whose key this transaction inserted wins once; a second batch under
+    that key in the same flush, and any batch whose key it did not insert, lost."""
+    first, second, other = (IdempotentBatch(k, "d", {"x": 1}) for k in ("k", "k", "o"))
+    assert losers([first, second, other], {"k"}) == [second, other]
+    assert losers([first, other], {"k", "o"}) == []
+
+
+def test_taking_back_lost_batches_leaves_exactly_the_rest() -> None:
+    """taken_back(): the deltas without those of the lost batches, in any order, also when one
+    lost batch takes a key to 0 (dropped) and a later one holds the same key again, with a
+    delta or with 0 (its increments summed to nothing)."""
+    flushed = {"x": 5, "y": 2}  # x: +5 and -3 lost, +3 kept; y: kept
+    lost = [IdempotentBatch("a", "d", {"x": 5}), IdempotentBatch("b", "d", {"x": -3})]
+    assert taken_back(flushed, lost) == {"x": 3, "y": 2}
+    zero = [IdempotentBatch("a", "d", {"x": 5}), IdempotentBatch("b", "d", {"x": 0})]
+    assert taken_back({"x": 5}, zero) == {}
+    assert taken_back({"x": 5, "y": 2}, [IdempotentBatch("a", "d", {"y": 2})]) == {"x": 5}
+
+
 def test_settings_reject_a_window_that_is_not_positive() -> None:
     """--idempotency-window must be a positive number of seconds."""
     from incrementer.config import ConfigError, Settings
 
     with pytest.raises(ConfigError, match="idempotency-window"):
         replace(Settings(), idempotency_window=0)
+
+
+def test_allowance_counts_a_window_and_forgets_after_it() -> None:
+    """Keys count for at least the window (and at most a slot more): the limit holds in any
+    window, the wait says when the oldest stop counting, and a principal idle past the window
+    is forgotten."""
+    allowance = Allowance(limit=3, window=80.0)  # slots of 10 s
+    assert ALLOWANCE_SLOTS == 8
+    for now in (1.0, 2.0, 15.0):
+        assert allowance.wait("p", now) == 0.0
+        allowance.charge("p", now)
+    assert allowance.used("p", 15.0) == 3
+    assert allowance.wait("p", 85.0) == pytest.approx(5.0)  # slot 0 counts until 90 s
+    assert allowance.wait("q", 85.0) == 0.0
+    assert allowance.used("p", 90.0) == 1  # the keys of slot 0 went; the one at 15 s stays
+    assert allowance.wait("p", 90.0) == 0.0
+    allowance.expire(95.0)
+    assert "p" in allowance.counts
+    allowance.expire(100.0)  # the key of 15 s counted 85 s, past the window of 80 s
+    assert allowance.counts == {}
+
+
+def test_allowance_of_one_key_counts_it_to_the_window_s_end() -> None:
+    """With a limit of 1: a principal never seen may take in a key; its key counts for the whole
+    window, to its last instant (here where now / slot lands on a whole number that floor
+    division does not), and no longer than a slot after it; the wait for a short window is a
+    fraction of a second."""
+    allowance = Allowance(limit=1, window=0.8)  # slots of 0.1 s
+    assert ALLOWANCE_SLOTS == 8
+    assert allowance.used("new", 1.0) == 0 and allowance.wait("new", 1.0) == 0.0
+    allowance.charge("p", 1.0)
+    assert 0.0 < allowance.wait("p", 1.0) <= 0.9
+    assert allowance.used("p", 1.8) == 1  # 0.8 s: the window
+    assert allowance.used("p", 1.95) == 0  # 0.95 s: past the window and a slot
+    allowance.expire(1.95)
+    assert allowance.counts == {}
+
+
+def test_no_limit_counts_nothing() -> None:
+    """--idempotency-keys-per-client 0: no limit, and nothing is kept per principal."""
+    allowance = Allowance(limit=0, window=60.0)
+    for _ in range(100):
+        allowance.charge("p", 1.0)
+    assert allowance.wait("p", 1.0) == 0.0 and allowance.counts == {}
+
+
+def test_expiry_forgets_exactly_the_principals_whose_keys_no_longer_count() -> None:
+    """Of two principals, the one whose last key left the window is forgotten and the other is
+    kept with its count; later both are gone."""
+    allowance = Allowance(limit=5, window=80.0)  # slots of 10 s
+    assert ALLOWANCE_SLOTS == 8
+    allowance.charge("early", 1.0)
+    allowance.charge("late", 50.0)
+    allowance.charge("late", 51.0)
+    allowance.expire(95.0)  # the key of 1 s counted 94 s; those of 50 s, 45 s
+    assert allowance.counts == {"late": {5: 2}}
+    allowance.expire(145.0)
+    assert allowance.counts == {}

@@ -33,7 +33,7 @@ from support import (
 )
 
 from incrementer.config import ConfigError, Settings
-from incrementer.ingest.idempotency import ALLOWANCE_SLOTS, Allowance, digest, encode
+from incrementer.ingest.idempotency import digest, encode
 from incrementer.ingest.wal import WriteAheadLog, summarize
 from incrementer.ingest.wal_reader import (
     BATCH_RANGE,
@@ -295,34 +295,6 @@ async def _keyed(conn: Conn, key: str, items: Items) -> Response:
     answer = conn.collector.done[-1]
     assert answer.status in (202, 429), json.loads(answer.body)
     return answer
-
-
-def test_allowance_counts_a_window_and_forgets_after_it() -> None:
-    """Keys count for at least the window (and at most a slot more): the limit holds in any
-    window, the wait says when the oldest stop counting, and a principal idle past the window
-    is forgotten."""
-    allowance = Allowance(limit=3, window=80.0)  # slots of 10 s
-    assert ALLOWANCE_SLOTS == 8
-    for now in (1.0, 2.0, 15.0):
-        assert allowance.wait("p", now) == 0.0
-        allowance.charge("p", now)
-    assert allowance.used("p", 15.0) == 3
-    assert allowance.wait("p", 85.0) == pytest.approx(5.0)  # slot 0 counts until 90 s
-    assert allowance.wait("q", 85.0) == 0.0
-    assert allowance.used("p", 90.0) == 1  # the keys of slot 0 went; the one at 15 s stays
-    assert allowance.wait("p", 90.0) == 0.0
-    allowance.expire(95.0)
-    assert "p" in allowance.counts
-    allowance.expire(100.0)  # the key of 15 s counted 85 s, past the window of 80 s
-    assert allowance.counts == {}
-
-
-def test_no_limit_counts_nothing() -> None:
-    """--idempotency-keys-per-client 0: no limit, and nothing is kept per principal."""
-    allowance = Allowance(limit=0, window=60.0)
-    for _ in range(100):
-        allowance.charge("p", 1.0)
-    assert allowance.wait("p", 1.0) == 0.0 and allowance.counts == {}
 
 
 def test_settings_refuse_a_negative_allowance() -> None:

@@ -5,6 +5,7 @@ retries ends with exact totals and writes its report. Latency and memory targets
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from support import skip_or_fail
 
 from bench.harness import machine
-from bench.harness.cluster import binaries
+from bench.harness.cluster import Cluster, binaries
+from bench.harness.targets import free_port
 from bench.report.soak import Period, p99_drift, p99_step
 from bench.soak import churn, cycle_periods
 
@@ -50,7 +52,8 @@ def test_a_short_soak_keeps_the_totals_exact(tmp_path: Path) -> None:
         skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     done = subprocess.run(
         [sys.executable, "-m", "bench.soak", "--duration", "30", "--period", "5",
-         "--restart-every", "10", "--ceiling-seconds", "3", "--results", str(tmp_path)],
+         "--restart-every", "10", "--ceiling-seconds", "3", "--database-nice", "5",
+         "--results", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     reports = list(tmp_path.glob("soak-*.md"))
@@ -61,7 +64,24 @@ def test_a_short_soak_keeps_the_totals_exact(tmp_path: Path) -> None:
     periods = [line for line in report.splitlines() if line.startswith("| ") and "," in line]
     assert len([p for p in periods if p.split("|")[1].strip().isdigit()]) == 6, report
     assert "the old key refused at the end: yes" in report
+    assert "--database-nice 5`" in report and "cluster (at nice 5:" in report
     assert "| p99, period to period at the same traffic (2 periods apart) |" in report
     restarts = next(line for line in report.splitlines() if "database restarts" in line)
     assert restarts.count(" s") >= 2, restarts
     assert "counted once: 0;" not in report
+
+
+def test_a_niced_cluster_serves_at_its_niceness_through_a_restart() -> None:
+    """`--database-nice`: the cluster's server runs at the niceness asked, and so does the server
+    a restart starts (the soak restarts its database every few minutes)."""
+    if binaries() is None:
+        skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    cluster = Cluster(free_port(), nice=7)
+    try:
+        cluster.init()
+        for step in (cluster.start, cluster.restart):
+            step()
+            pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+    finally:
+        cluster.destroy()

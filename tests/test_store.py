@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import re
 import sqlite3
 import subprocess
@@ -28,17 +29,20 @@ from incrementer.store import (
     BackendError,
     Store,
     open_store,
+    pg_listen,
 )
 from incrementer.store.base import (
     SCOPES,
     ApiKey,
     DuplicateKeyName,
+    IdempotentBatch,
     prefix_upper_bound,
     utc_text,
 )
 from incrementer.store.migrate import MIGRATIONS_DIR, migrate
 from incrementer.store.postgres import ENCODE_PIECE, PostgresStore
 from incrementer.store.sqlite import SQLiteStore
+from incrementer.store.sqlite_file import DatabaseFile
 from incrementer.urls import parse_database_url, redact_url
 
 
@@ -584,6 +588,31 @@ async def test_a_watcher_hears_of_key_changes_made_by_another_store(
 
 
 @contextlib.asynccontextmanager
+async def store_behind_proxy(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[tuple[Any, str, Store]]:
+    """A migrated database behind a proxy the test can cut or freeze, a store opened through it
+    (its URL is the proxy's), and the key watcher's log lines captured from INFO up."""
+    caplog.set_level(logging.INFO, logger="incrementer.auth")
+    await asyncio.to_thread(migrate, pg_url)
+    async with proxy_to(pg_url) as (proxy, url):
+        store = open_store(url)
+        await store.open()
+        try:
+            yield proxy, url, store
+        finally:
+            await store.close()
+
+
+def not_listening(url: str) -> str:
+    """The key watcher's line when its connection times out."""
+    return (
+        f"not listening for API key changes ({redact_url(url)}: TimeoutError); "
+        "reconnecting, and keys reload every --auth-refresh meanwhile"
+    )
+
+
+@contextlib.asynccontextmanager
 async def watching(store: Store) -> AsyncIterator[list[float]]:
     """The times store.watch_api_keys called back, while it runs in a task of its own."""
     calls: list[float] = []
@@ -614,8 +643,9 @@ async def test_listing_and_ranking_stay_inside_the_prefix(store: Store) -> None:
     assert empty.rows == [] and empty.applied_seq == 1
     assert (await store.list_keys(f"{base}/none/", 5, None, node)).applied_seq == 1
     assert (await store.list_keys(f"{base}/", 5, None, unique())).applied_seq == 0
+    assert (await store.list_keys(f"{base}/none/", 5, None, unique())).applied_seq == 0
     with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
-        await store.list_keys(f"{base}/", -1)
+        await store.list_keys(f"{base}/", -1, None, node)
 
 
 async def test_a_rotation_that_fails_changes_nothing(store: Store) -> None:
@@ -719,21 +749,145 @@ async def test_a_key_watcher_started_while_the_database_is_away_waits_for_it(
     """PostgreSQL's key watcher started while the database cannot be reached: one log line
     says it is not listening (not one per attempt), it keeps trying with backoff, and once the
     database is back it says it is listening again and calls back once."""
-    caplog.set_level(logging.INFO, logger="incrementer.auth")
-    await asyncio.to_thread(migrate, pg_url)
-    async with proxy_to(pg_url) as (proxy, url):
-        store = open_store(url)
-        await store.open()
+    async with store_behind_proxy(pg_url, caplog) as (proxy, url, store):
         await proxy.cut()
-        try:
-            async with watching(store) as calls:
-                await asyncio.sleep(2.0)  # attempts at 0, 0.5 and 1.5 s, all refused
-                assert calls == []
-                await proxy.restore()
-                await wait_until(lambda: calls, 15)
-                assert len(calls) == 1
-                said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
-                assert len([m for m in said if m.startswith("not listening")]) == 1, said
-                assert said[-1] == f"listening for API key changes again ({redact_url(url)})", said
-        finally:
-            await store.close()
+        async with watching(store) as calls:
+            await asyncio.sleep(2.0)  # attempts at 0, 0.5 and 1.5 s, all refused
+            assert calls == []
+            await proxy.restore()
+            await wait_until(lambda: calls, 15)
+            assert len(calls) == 1
+            said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
+            assert len([m for m in said if m.startswith("not listening")]) == 1, said
+            assert said[-1] == f"listening for API key changes again ({redact_url(url)})", said
+
+
+async def test_a_silent_listening_connection_is_found_by_its_keepalive_ping(
+    pg_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's key watcher pings its quiet LISTEN connection every KEEPALIVE (0.2 s here):
+    on a healthy link the pings pass unnoticed (no reconnection, no log line); when the link goes
+    silent without a reset (the proxy stops passing bytes), the next ping goes unanswered and
+    the watcher says it is not listening."""
+    monkeypatch.setattr(pg_listen, "KEEPALIVE", 0.2)
+    async with (
+        store_behind_proxy(pg_url, caplog) as (proxy, url, store),
+        watching(store) as calls,
+    ):
+        await wait_until(lambda: calls, 10)
+        await asyncio.sleep(1.2)  # six pings
+        said = [r.getMessage() for r in caplog.records if r.name == "incrementer.auth"]
+        assert (len(calls), said) == (1, [])
+        proxy.freeze()
+        await wait_until(lambda: caplog.records, 10)
+        assert [r.getMessage() for r in caplog.records] == [not_listening(url)]
+        await proxy.cut()  # the frozen connections reset: the store closes at once
+
+
+async def test_a_listening_connection_that_never_answers_its_opening_is_given_up(
+    pg_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's key watcher connecting to a database that accepts the connection and never
+    answers (the proxy frozen from the start): the attempt ends after CONNECT_TIMEOUT (0.3 s
+    here) and the watcher says it is not listening, and keeps trying."""
+    monkeypatch.setattr(pg_listen, "CONNECT_TIMEOUT", 0.3)
+    async with store_behind_proxy(pg_url, caplog) as (proxy, url, store):
+        proxy.freeze()
+        async with watching(store) as calls:
+            await wait_until(lambda: caplog.records, 10)
+            assert [r.getMessage() for r in caplog.records] == [not_listening(url)]
+            assert calls == []
+        await proxy.cut()
+
+
+async def test_an_overflow_and_a_batch_applied_before_in_one_flush(store: Store) -> None:
+    """One flush holding a delta that would take its counter past 64 bits and an idempotent batch
+    another node applied first: the overflowing delta is set aside, the duplicate taken back,
+    and the rest lands, in one commit."""
+    a, b = unique(), unique()
+    full, key, other = unique("full"), unique(), unique()
+    await store.apply_batch(a, 1, {full: INT64_MAX})
+    digest = "ab" * 32
+    first = IdempotentBatch(unique("ik"), digest, {key: 4})
+    await store.apply_batch(a, 2, {key: 4}, [first])
+    again = IdempotentBatch(first.key, digest, {key: 4})
+    result = await store.apply_batch(b, 1, {full: 7, key: 4, other: 1}, [again])
+    assert (result.applied, result.overflowed, result.duplicates) == (
+        True, {full: 7}, {first.key: digest},
+    )  # fmt: skip
+    assert (await store.read(full, a)).value == INT64_MAX
+    assert (await store.read(full, a)).overflow == 7
+    assert (await store.read(key, a)).value == 4
+    assert (await store.read(other, a)).value == 1
+
+
+def test_the_sqlite_file_check_says_what_became_of_the_file(tmp_path: Path) -> None:
+    """DatabaseFile.check(): nothing to say before the file is remembered or while the path
+    names it; a BackendError naming the path once it was replaced by another file, once it was
+    deleted, and when it cannot be looked at."""
+    path = tmp_path / "counters.db"
+    watched = DatabaseFile(str(path))
+    watched.check()  # not yet remembered: nothing to compare with
+    path.write_bytes(b"one")
+    watched.remember()
+    watched.check()
+    tail = (
+        " while the service ran: flushes are refused, as they would go to a file no one will "
+        "read again; unflushed increments stay in the WAL. Put the file back, or restart the "
+        "service to open what the path names now"
+    )
+    other = tmp_path / "other.db"
+    other.write_bytes(b"two")
+    os.replace(other, path)
+    with pytest.raises(BackendError) as replaced:
+        watched.check()
+    assert str(replaced.value) == f"SQLite {path} was replaced by another file{tail}"
+    path.unlink()
+    with pytest.raises(BackendError) as deleted:
+        watched.check()
+    assert str(deleted.value) == f"SQLite {path} was deleted{tail}"
+    (tmp_path / "plain").write_bytes(b"")
+    inside_a_file = DatabaseFile(str(tmp_path / "plain" / "counters.db"))
+    inside_a_file.identity = (0, 0)
+    with pytest.raises(BackendError) as unreadable:
+        inside_a_file.check()
+    assert str(unreadable.value) == (
+        f"SQLite {inside_a_file.path}: cannot check the file: [Errno 20] Not a directory: "
+        f"'{inside_a_file.path}'"
+    )
+
+
+async def test_a_read_only_sqlite_store_reads_and_creates_nothing(tmp_path: Path) -> None:
+    """The SQLite store the CLI's looking commands open (read_only): at a path with no database
+    it says so and creates no file; on a database it reads what the service wrote, whatever the
+    path holds (a space, a '?'), and refuses writes, as the service's own reading connection
+    does (query_only)."""
+    missing = tmp_path / "none.db"
+    store = open_store(f"sqlite:///{missing}", read_only=True)
+    with pytest.raises(BackendError) as refused:
+        await store.open()
+    assert str(refused.value) == (
+        f"no SQLite database at {missing} (`incrementer migrate` or the service creates it)"
+    )
+    assert not missing.exists()
+    path = tmp_path / "a dir?" / "counters.db"
+    path.parent.mkdir()
+    url = f"sqlite:///{path}"
+    await asyncio.to_thread(migrate, url)
+    writer = open_store(url)
+    await writer.open()
+    node, key = unique(), unique()
+    await writer.apply_batch(node, 1, {key: 3})
+    assert isinstance(writer, SQLiteStore)
+    with pytest.raises(BackendError, match="attempt to write a readonly database"):
+        await writer._read(lambda conn: conn.execute("DELETE FROM counters").fetchall())
+    await writer.close()
+    reader = open_store(url, read_only=True)
+    await reader.open()
+    try:
+        assert (await reader.read(key, node)).value == 3
+        assert isinstance(reader, SQLiteStore)
+        with pytest.raises(BackendError, match="attempt to write a readonly database"):
+            await reader._read(lambda conn: conn.execute("DELETE FROM counters").fetchall())
+    finally:
+        await reader.close()

@@ -1,9 +1,13 @@
 """The store at its edges, engine by engine: exact int64 limits, a lone out-of-range delta,
-an unopened store, missing directories, and one SQLite connection per thread under load."""
+an unopened store, missing directories, the SQLite file's mode, its errors and its close, the
+migration URL, and one SQLite connection per thread under load."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,9 @@ from support import db_totals, unique
 
 from incrementer.store import INT64_MAX, INT64_MIN, Store, open_store
 from incrementer.store.base import BackendError
-from incrementer.store.migrate import migrate
-from incrementer.store.sqlite import SQLiteStore
+from incrementer.store.migrate import _postgres_yoyo_url, migrate
+from incrementer.store.sqlite import MIGRATE_HINT, SQLiteStore
+from incrementer.store.sqlite_file import create_private
 from incrementer.urls import redact_url
 
 
@@ -42,11 +47,12 @@ async def test_one_delta_outside_int64_is_parked_alone(
 async def test_an_unopened_store_refuses_every_call(db_url: str) -> None:
     """Every call on a store that was never opened raises RuntimeError 'not open'."""
     store = open_store(db_url)
-    with pytest.raises(RuntimeError, match="is not open"):
+    not_open = f"^{type(store).__name__} is not open$"
+    with pytest.raises(RuntimeError, match=not_open):
         await store.ping()
-    with pytest.raises(RuntimeError, match="is not open"):
+    with pytest.raises(RuntimeError, match=not_open):
         await store.apply_batch(unique(), 1, {unique(): 1})
-    with pytest.raises(RuntimeError, match="is not open"):
+    with pytest.raises(RuntimeError, match=not_open):
         await store.read(unique(), unique())
     await store.close()  # closing what was never opened is harmless
 
@@ -55,10 +61,17 @@ async def test_sqlite_file_in_missing_directories_is_refused(tmp_path: Path) -> 
     """Migrating, or opening, an SQLite file whose directory does not exist (or is a file) is
     refused, naming the directory, and creates nothing: a mistyped path must not quietly start
     an empty database of counters."""
-    for url_path in (tmp_path / "a" / "b" / "counters.db", tmp_path / "file" / "counters.db"):
-        (tmp_path / "file").touch()
-        with pytest.raises(BackendError, match=f"its directory {url_path.parent} "):
+    (tmp_path / "file").touch()
+    for url_path, what in (
+        (tmp_path / "a" / "b" / "counters.db", "does not exist"),
+        (tmp_path / "file" / "counters.db", "is not a directory"),
+    ):
+        with pytest.raises(BackendError) as refused:
             await asyncio.to_thread(migrate, f"sqlite:///{url_path}")
+        assert str(refused.value) == (
+            f"SQLite database {url_path}: its directory {url_path.parent} {what} (incrementer "
+            "creates the database file, never directories: create it, or correct the path)"
+        )
         store = SQLiteStore(str(url_path))
         with pytest.raises(BackendError, match="never directories"):
             await store.open()
@@ -66,12 +79,116 @@ async def test_sqlite_file_in_missing_directories_is_refused(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+async def migrated_store(path: Path) -> SQLiteStore:
+    """An SQLite store on a migrated file at path, not opened yet."""
+    await asyncio.to_thread(migrate, f"sqlite:///{path}")
+    return SQLiteStore(str(path))
+
+
+def test_a_new_sqlite_file_is_owner_only_and_an_existing_one_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """The database file is created 0600 whatever the umask (it holds the API keys' hashes);
+    a file already there keeps its mode and its bytes."""
+    path = tmp_path / "counters.db"
+    old = os.umask(0)
+    try:
+        create_private(str(path))
+    finally:
+        os.umask(old)
+    assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    kept = tmp_path / "kept.db"
+    kept.write_bytes(b"kept")
+    kept.chmod(0o640)
+    create_private(str(kept))
+    assert kept.read_bytes() == b"kept" and stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+
+async def test_an_sqlite_error_names_the_file_and_hints_at_migrate_for_a_missing_table(
+    tmp_path: Path,
+) -> None:
+    """A missing table (a database never migrated) says to run `incrementer migrate`; another
+    error (a file that is not a database) says only what SQLite said."""
+    fresh = SQLiteStore(str(tmp_path / "fresh.db"))
+    await fresh.open()
+    try:
+        with pytest.raises(BackendError) as missing:
+            await fresh.read("k", "node")
+    finally:
+        await fresh.close()
+    assert str(missing.value).startswith(f"SQLite {tmp_path / 'fresh.db'}: no such table")
+    assert str(missing.value).endswith(f" ({MIGRATE_HINT})")
+    (tmp_path / "garbage.db").write_bytes(b"not a database, " * 64)
+    garbage = SQLiteStore(str(tmp_path / "garbage.db"))
+    with pytest.raises(BackendError) as other:
+        await garbage.open()
+    assert str(other.value) == f"SQLite {tmp_path / 'garbage.db'}: file is not a database"
+
+
+def test_migrate_gives_libpq_a_connect_timeout_unless_the_url_has_one() -> None:
+    """yoyo's URL for PostgreSQL: the psycopg backend, and a connect_timeout appended as the
+    first query parameter or after the others, never a second one; the URL is split at its
+    first '://' only."""
+    url = _postgres_yoyo_url
+    assert url("postgresql://u@h:5/db", 7) == "postgresql+psycopg://u@h:5/db?connect_timeout=7"
+    assert url("postgres://u@h/db?sslmode=disable", 7) == (
+        "postgresql+psycopg://u@h/db?sslmode=disable&connect_timeout=7"
+    )
+    assert url("postgresql://h/db?connect_timeout=2", 7) == (
+        "postgresql+psycopg://h/db?connect_timeout=2"
+    )
+    assert url("postgresql://h/db?application_name=a://b", 7) == (
+        "postgresql+psycopg://h/db?application_name=a://b&connect_timeout=7"
+    )
+
+
+async def test_closing_a_store_whose_writer_hangs_gives_up_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """close(timeout): past it, a writer thread stuck in its work (a hung disk) is left to
+    finish on its own and close returns; a read-only store (no writer) closes its reader."""
+    path = tmp_path / "counters.db"
+    store = await migrated_store(path)
+    await store.open()
+    writer = store._writer
+    assert writer is not None
+    release = threading.Event()
+    ending = threading.Timer(10, release.set)  # the stuck work ends, whatever happens
+    ending.start()
+    stuck = asyncio.get_running_loop().run_in_executor(writer, release.wait)
+    await store.close(timeout=0.2)
+    assert not release.is_set(), "close waited for the stuck writer"
+    release.set()
+    ending.cancel()
+    await stuck
+    reader = SQLiteStore(str(path), read_only=True)
+    await reader.open()
+    assert reader._read_conn is not None
+    await reader.close()
+    assert reader._read_conn is None
+
+
+async def test_an_sqlite_store_s_trace_sees_the_statements_of_both_connections(
+    tmp_path: Path,
+) -> None:
+    """store.trace, set before open, receives every statement the writer and the reader run."""
+    seen: list[str] = []
+    store = await migrated_store(tmp_path / "counters.db")
+    store.trace = seen.append
+    await store.open()
+    try:
+        await store.apply_batch("node", 1, {"k": 1})
+        assert (await store.read("k", "node")).value == 1
+    finally:
+        await store.close()
+    assert "BEGIN IMMEDIATE" in seen and "PRAGMA query_only = 1" in seen
+
+
 async def test_sqlite_store_serves_concurrent_calls_and_closes_clean(sqlite_url: str) -> None:
     """Many flushes and reads at once on one SQLite store all succeed (each connection stays on
     its own thread) and add up; after close no connection is left (the -wal file is gone)."""
-    await asyncio.to_thread(migrate, sqlite_url)
     path = sqlite_url.removeprefix("sqlite:///")
-    store = SQLiteStore(path)
+    store = await migrated_store(Path(path))
     await store.open()
     node, keys = unique(), [unique() for _ in range(5)]
     try:

@@ -839,6 +839,26 @@ def test_a_scan_after_damage_names_the_first_valid_frame_that_follows(tmp_path: 
     assert not scan.tail_only
 
 
+def test_a_false_magic_inside_the_damage_is_passed_over_for_the_next_frame(
+    tmp_path: Path,
+) -> None:
+    """Damage holding a magic of its own (a payload overwritten with frame-like bytes): the scan
+    tries it, finds no valid frame there, and resumes at the frame right after the damage, not
+    at a later one."""
+    path = _log_with_frames(tmp_path)
+    offsets = frame_offsets(path)
+    assert len(offsets) >= 4
+    data = bytearray(path.read_bytes())
+    start = offsets[1] + HEADER.size
+    assert offsets[2] - start >= len(MAGIC) + 1
+    data[start : start + len(MAGIC)] = MAGIC  # frame 2's payload: a false magic, a bad crc
+    path.write_bytes(bytes(data))
+    scan = scan_segment(path, 1)
+    assert (scan.damage, scan.damage_offset, scan.resume_offset) == (
+        "crc mismatch", offsets[1], offsets[2],
+    )  # fmt: skip
+
+
 def test_an_idempotent_batchs_own_times_come_back_on_their_own_entries(tmp_path: Path) -> None:
     """The times some increments of an idempotent batch carry (own_times: offsets into its
     encoded entries) come back from the WAL on those entries, after plain entries in the same
@@ -916,3 +936,39 @@ def test_decoding_malformed_own_times_says_where(times: bytes, error: str) -> No
     last = len(_ENTRIES) - ENTRY.size - 1  # the entry ("c", -2)
     decoded = decode_payload(_timed(TIMES_COUNT.pack(1) + TIME.pack(last, 5)), MAGIC_TIMED)
     assert decoded.times == [1_000, 5]
+
+
+@pytest.mark.parametrize(
+    ("payload", "magic", "error"),
+    [
+        (FRAME_TIME.pack(1_000)[:-1], MAGIC_TIMED, "truncated frame time"),
+        (
+            FRAME_TIME.pack(1_000),
+            MAGIC_TIMED,
+            f"truncated entries length at byte offset {FRAME_TIME.size}",
+        ),
+        (
+            ENTRY.pack(5, 1) + b"ab",
+            MAGIC,
+            f"entry key runs past the payload end ({ENTRY.size + 5} > {ENTRY.size + 2})",
+        ),
+        (_ENTRIES + b"\x01", MAGIC, f"truncated entry at payload offset {len(_ENTRIES)}"),
+    ],
+    ids=["frame time cut", "frame time only", "key cut", "entry cut"],
+)
+def test_decoding_a_cut_payload_says_what_and_where(
+    payload: bytes, magic: bytes, error: str
+) -> None:
+    """decode_payload() names what is cut short in a frame's payload: its frame time, the
+    entries' length after a whole frame time, an entry's key, an entry's header."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(error)}$"):
+        decode_payload(payload, magic)
+
+
+def test_an_untimed_frame_decodes_with_no_times_and_a_timed_one_with_its_frame_time() -> None:
+    """A frame written with buckets off holds no times; a timed frame with no own times gives
+    each entry the frame's time."""
+    plain = decode_payload(_ENTRIES, MAGIC)
+    assert (plain.entries, plain.batches, plain.times) == ([("ab", 1), ("c", -2)], [], [])
+    timed = decode_payload(_timed(TIMES_COUNT.pack(0)), MAGIC_TIMED)
+    assert (timed.entries, timed.times) == ([("ab", 1), ("c", -2)], [1_000, 1_000])

@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -32,10 +33,12 @@ from support import (
 )
 
 from incrementer.ingest.wal import SegmentIO, WriteAheadLog
+from incrementer.service import Service
 
 
 class DiskFault(SegmentIO):
-    """The real system calls, unless told to fail (or, for fdatasync, to wait first)."""
+    """The real system calls, unless told to fail (or, for fdatasync, to wait while `hold` is
+    cleared)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,7 +46,8 @@ class DiskFault(SegmentIO):
         self.sync_errors: list[int] = []
         self.synced_fds: list[int] = []
         self.failed_fds: list[int] = []
-        self.hold: threading.Event | None = None
+        self.hold = threading.Event()
+        self.hold.set()
         self.entered = threading.Event()
 
     def write(self, fd: int, data: memoryview) -> int:
@@ -53,8 +57,7 @@ class DiskFault(SegmentIO):
 
     def fdatasync(self, fd: int) -> None:
         self.entered.set()
-        if self.hold is not None:
-            self.hold.wait(30)
+        self.hold.wait(30)
         if self.sync_errors:
             self.failed_fds.append(fd)
             code = self.sync_errors.pop(0)
@@ -63,13 +66,14 @@ class DiskFault(SegmentIO):
         super().fdatasync(fd)
 
 
-def batch_request(items: list[tuple[str, int]]) -> bytes:
+def batch_request(items: list[tuple[str, int]], idempotency_key: str = "") -> bytes:
     import msgspec
 
     body = msgspec.json.encode([{"key": k, "value": v} for k, v in items])
+    keyed = b"Idempotency-Key: %s\r\n" % idempotency_key.encode() if idempotency_key else b""
     return (
         b"POST /increments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body)
+        b"Content-Length: %d\r\n%s\r\n" % (len(body), keyed)
     ) + body
 
 
@@ -79,6 +83,24 @@ def inject(svc: object) -> DiskFault:
     disk = DiskFault()
     wal.io = disk
     return disk
+
+
+@contextlib.asynccontextmanager
+async def held_fsync(
+    svc: Service, first: bytes
+) -> AsyncIterator[tuple[DiskFault, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """One connection whose first request is logged and then held in its fdatasync until the
+    test sets disk.hold again (on the way out in any case)."""
+    disk = inject(svc)
+    disk.hold.clear()
+    reader, writer = await asyncio.open_connection(*host_port(svc.url))
+    try:
+        writer.write(first)
+        assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
+        yield disk, reader, writer
+    finally:
+        disk.hold.set()
+        writer.close()
 
 
 @pytest.mark.parametrize("durability", ["wal", "wal-fsync"])
@@ -139,21 +161,41 @@ async def test_wal_fsync_sends_no_202_before_its_fdatasync_returns(
 ) -> None:
     """In wal-fsync mode the 202 leaves only after the fdatasync covering it has returned."""
     settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
-    async with run_service(settings) as svc:
-        disk = inject(svc)
-        disk.hold = threading.Event()
-        reader, writer = await asyncio.open_connection(*host_port(svc.url))
-        try:
-            writer.write(increment_request(unique("held-"), 1))
-            assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reader.read(1), 0.5)  # the fsync is still held
-            disk.hold.set()
-            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert answer.startswith(b"HTTP/1.1 202 ")
-        finally:
-            disk.hold.set()
-            writer.close()
+    async with (
+        run_service(settings) as svc,
+        held_fsync(svc, increment_request(unique("held-"), 1)) as (disk, reader, _),
+    ):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.5)  # the fsync is still held
+        disk.hold.set()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert answer.startswith(b"HTTP/1.1 202 ")
+
+
+async def test_a_failed_write_behind_a_held_fsync_is_answered_in_request_order(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """wal-fsync, one connection, two pipelined increments: the first logged and its fdatasync
+    held, the second's WAL write failing meanwhile. The second's 503 waits behind the first's
+    answer, which leaves once the fsync returns: 202, then 503, in the order they were asked."""
+    settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
+    async with (
+        run_service(settings) as svc,
+        held_fsync(svc, increment_request(unique("first-"), 1)) as held,
+    ):
+        disk, reader, writer = held
+        disk.write_error = errno.EIO
+        writer.write(increment_request(unique("second-"), 1))
+        await wait_until(lambda: svc.metrics.wal_failures["write"] >= 1, 10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.5)  # nothing may overtake the first
+        disk.hold.set()
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert first.startswith(b"HTTP/1.1 202 "), first
+        length = int(re.search(rb"content-length: (\d+)", first.lower())[1])  # type: ignore[index]
+        await asyncio.wait_for(reader.readexactly(length), 10)
+        second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert second.startswith(b"HTTP/1.1 503 "), second
 
 
 async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_for_the_database(
@@ -265,13 +307,8 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
     key = unique("order-")
     settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
     async with run_service(settings) as svc:
-        disk = inject(svc)
-        disk.hold = threading.Event()
-        disk.sync_errors = [errno.EIO]
-        reader, writer = await asyncio.open_connection(*host_port(svc.url))
-        try:
-            writer.write(increment_request(key, 1))
-            assert await asyncio.to_thread(disk.entered.wait, 10), "no fdatasync started"
+        async with held_fsync(svc, increment_request(key, 1)) as (disk, reader, writer):
+            disk.sync_errors = [errno.EIO]  # the held fdatasync fails once let go
             writer.write(increment_request(key, 2) + get_request(counter_path(key)))
             await asyncio.sleep(0.2)  # the second tick is written behind the held fsync
             disk.hold.set()
@@ -280,9 +317,6 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
             assert await db_totals(sqlite_url, [key]) == {key: 3}, "answered before durable"
             read = await asyncio.wait_for(reader.readuntil(b'"value":3}'), 10)
             assert b"200 OK" in read
-        finally:
-            disk.hold.set()
-            writer.close()
         assert svc.server is not None
         await wait_until(lambda: all(c.unreleased == 0 for c in svc.server.connections))
 
@@ -355,7 +389,8 @@ async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
     """One failed WAL write refusing two pipelined increments: one error line saying what failed
     and how many requests were refused, one failure counted, the detail kept for /readyz; a
     probe write a second later succeeds and one line says so, with how long the outage lasted,
-    its code and the requests refused meanwhile. A second outage counts its own."""
+    its code and the requests refused meanwhile. A second outage counts its own, an idempotent
+    batch (written after its database lookup) among them."""
     async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
         disk, gate = inject(svc), svc.gate
         assert gate is not None
@@ -375,13 +410,16 @@ async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
             disk.write_error = errno.EIO  # a second outage counts from zero, every refusal
             [again] = await exchange(svc.url, increment_request(unique("c-"), 1), 1)
             [more] = await exchange(svc.url, increment_request(unique("d-"), 1), 1)
+            keyed = batch_request([(unique("e-"), 1)], idempotency_key=unique("k-"))
+            [late] = await exchange(svc.url, keyed, 1)
             disk.write_error = 0
             await wait_until(lambda: not gate.failure, timeout=10)
-        assert [a.status for a in answers] == [503, 503] and again.status == more.status == 503
-        assert svc.metrics.wal_failures["write"] == 3
+        assert [a.status for a in answers] == [503, 503]
+        assert again.status == more.status == late.status == 503
+        assert svc.metrics.wal_failures["write"] == 4
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert len(lines) == 4, lines  # nothing else, no error from a timer callback either
-    assert lines[3][1].endswith(" s of wal_write_failed; 2 requests were refused meanwhile")
+    assert lines[3][1].endswith(" s of wal_write_failed; 3 requests were refused meanwhile")
     assert lines[0] == (
         "ERROR",
         "WAL write failed: [Errno 5] Input/output error; 2 requests refused with 503; "

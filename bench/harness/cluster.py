@@ -30,14 +30,17 @@ def _version(path: str) -> int:
 
 
 class Cluster:
-    """One cluster on 127.0.0.1:port: init() once, then start(), stop(), restart(), destroy()."""
+    """One cluster on 127.0.0.1:port: init() once, then start(), stop(), restart(), destroy().
+    With `nice` above 0 its server processes run at that lower CPU priority: on a machine it
+    shares with the service, the database then takes what the service leaves idle."""
 
-    def __init__(self, port: int, bin_dir: Path | None = None) -> None:
+    def __init__(self, port: int, bin_dir: Path | None = None, nice: int = 0) -> None:
         found = bin_dir or binaries()
         if found is None:
             raise FileNotFoundError("no PostgreSQL server binaries under /usr/lib/postgresql")
         self.bin_dir = found
         self.port = port
+        self.nice = nice
         self.dir = Path(tempfile.mkdtemp(prefix="incrementer-pg-"))
         self.data = self.dir / "data"
         self.url = f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres"
@@ -84,6 +87,8 @@ class Cluster:
         command = [str(self.bin_dir / tool), *map(str, args)]
         if os.geteuid() == 0:
             command = ["runuser", "-u", "postgres", "--", *command]
+        if self.nice:  # the server `pg_ctl start` runs inherits it
+            command = ["nice", "-n", str(self.nice), *command]
         return command
 
     def _run(self, tool: str, *args: object) -> None:

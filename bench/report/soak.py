@@ -43,6 +43,8 @@ class Soak:
     idempotency_window: float = 0.0
     cycle: int = 0
     """Periods per climb of the key space from 10 to 1M (the same traffic recurs this far apart)."""
+    database_nice: int = 0
+    """The PostgreSQL cluster's CPU niceness (0: the service's own priority)."""
     periods: list[Period] = field(default_factory=list)
     samples: list[tuple[float, int, int, float]] = field(default_factory=list)
     """(seconds since the start, RSS bytes, open fds, /readyz lag) every second."""
@@ -135,13 +137,19 @@ def render(soak: Soak) -> str:
          f"{soak.unknown + soak.idempotent_unknown:,}",
          "acknowledged <= total <= acknowledged + unanswered", soak.exact),
     ]  # fmt: skip
+    nice_flag = f" --database-nice {soak.database_nice}" if soak.database_nice else ""
+    nice_text = (
+        f" (at nice {soak.database_nice}: it takes the CPU the service leaves idle)"
+        if soak.database_nice
+        else " (at the service's CPU priority)"
+    )
     lines = [
         f"# Soak {soak.started} (UTC)",
         "",
         f"`python -m bench.soak --duration {soak.duration:g} --period {soak.period:g} "
-        f"--restart-every {soak.restart_every:g}`: incrementer (wal, --auth required, "
-        f"--idempotency-window {soak.idempotency_window:g}) on its own "
-        f"PostgreSQL cluster, wrk paced at {soak.rate:,.0f} requests/s (half the ceiling of "
+        f"--restart-every {soak.restart_every:g}{nice_flag}`: incrementer (wal, --auth "
+        f"required, --idempotency-window {soak.idempotency_window:g}) on its own "
+        f"PostgreSQL cluster{nice_text}, wrk paced at {soak.rate:,.0f} requests/s (half the ceiling of "
         f"{soak.ceiling:,.0f} measured at the start), each period on new keys, the key space "
         f"climbing from 10 to 1M once per warm-up ({warm:g} s) and again after it.",
         "",

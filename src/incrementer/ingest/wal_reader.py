@@ -149,7 +149,7 @@ def decode_payload(payload: bytes, magic: bytes) -> Payload:
     if magic == MAGIC:
         return Payload(decode_entries(payload), [], [])
     start = 0
-    frame_ms = 0
+    frame_ms = 0  # pragma: no mutate (read only in a timed frame, which sets it)
     timed = magic in TIMED_MAGICS
     if timed:
         if len(payload) < FRAME_TIME.size:
@@ -159,7 +159,7 @@ def decode_payload(payload: bytes, magic: bytes) -> Payload:
     entries_end = _entries_end(payload, start, len(payload))
     section = payload[start + ENTRIES_LEN.size : entries_end]
     offset = entries_end
-    own: dict[int, int] = {}
+    own: dict[int, int] = {}  # pragma: no mutate (read only in a timed frame, which sets it)
     if timed:
         own, offset = _own_times(payload, offset, len(section))
     entries, offsets = _entries_at(section)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, overload
 
 from incrementer.store.buckets import Buckets, Stored
 
@@ -156,6 +156,18 @@ def scopes_text(scopes: tuple[str, ...]) -> str:
     return ",".join(s for s in SCOPES if s in scopes)
 
 
+# The columns a new API key is inserted with, created_at aside (each engine's own now).
+NEW_KEY_COLUMNS = "name, key_id, key_hash, rate, burst, scopes, prefix"
+
+
+def new_key_values(
+    key: ApiKey,
+) -> tuple[str, str, str, float | None, int | None, str, str | None]:
+    """The values of NEW_KEY_COLUMNS for key, in their order."""
+    scopes = scopes_text(key.scopes)
+    return (key.name, key.key_id, key.key_hash, key.rate, key.burst, scopes, key.prefix)
+
+
 def scopes_of(text: str) -> tuple[str, ...]:
     """The stored text's scopes, in SCOPES' order (a name this version does not know is
     dropped: a key never gains a right from an unknown word)."""
@@ -163,8 +175,13 @@ def scopes_of(text: str) -> tuple[str, ...]:
     return tuple(s for s in SCOPES if s in named)
 
 
+@overload
+def utc_text(value: datetime | str) -> str: ...
+@overload
+def utc_text(value: None) -> None: ...
 def utc_text(value: datetime | str | None) -> str | None:
-    """A database timestamp as ISO 8601 UTC to the second; a value without a zone is UTC."""
+    """A database timestamp as ISO 8601 UTC to the second; a value without a zone is UTC. None
+    (a column that may be NULL) stays None."""
     if value is None:
         return None
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
@@ -262,7 +279,7 @@ class Store(Protocol):
         Raises BackendError on any database failure; nothing is applied then.
         """
 
-    async def idempotency_digest(self, key: str, digest: str = "") -> str | None:
+    async def idempotency_digest(self, key: str, digest: str) -> str | None:
         """The digest stored for a scoped idempotency key, or None if the database does not
         have it. A row stored before keys were scoped (LEGACY_PRINCIPAL) under the same key
         counts too, but only when its digest is `digest`: it may be the same batch, sent before
@@ -285,9 +302,7 @@ class Store(Protocol):
         """A key's stored buckets in the window, its total and node_id's applied_seq, one
         snapshot (GET /counters/{key}/series)."""
 
-    async def list_keys(
-        self, prefix: str, limit: int, after: str | None = None, node_id: str = ""
-    ) -> KeyList:
+    async def list_keys(self, prefix: str, limit: int, after: str | None, node_id: str) -> KeyList:
         """Up to limit keys that start with prefix (and sort after `after`, when given), in key
         order, with their values and overflowed deltas and node_id's applied_seq, one snapshot
         (GET /counters?prefix=...)."""

@@ -29,11 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from incrementer.periods import NAMES
 
 Slot = tuple[int | None, int]
 """An inline bucket as stored: (its start, or None when the key has none yet; its value)."""
+EMPTY: Final[Slot] = (None, 0)
+"""No inline bucket of that granularity. The start and value columns are written together, so
+a row's value is set exactly when its start is."""
 Cell = tuple[str, int, int]
 """A counter_buckets row's key: (counter key, granularity in seconds, bucket start)."""
 
@@ -64,6 +68,10 @@ class Folded:
     """The new inline buckets of each key with bucket deltas, one slot per granularity."""
     cells: dict[Cell, int]
     """Deltas to add to counter_buckets rows (never 0)."""
+    late: set[Cell]
+    """The cells that took a delta for a bucket before the inline one: only those can have a
+    row already. A rolled cell is a new row (the inline bucket only moves forward, so no row
+    of its start was written before it rolled), holding just the value it rolled with."""
 
 
 def fold(
@@ -76,7 +84,8 @@ def fold(
     both engines follow (the PostgreSQL upsert in SQL, SQLite here)."""
     inline: dict[str, list[Slot]] = {}
     cells: dict[Cell, int] = {}
-    empty: list[Slot] = [(None, 0)] * len(lengths)
+    late: set[Cell] = set()
+    empty: list[Slot] = [EMPTY] * len(lengths)
     for finest in sorted(deltas):
         starts = [finest - finest % length for length in lengths]
         for key, delta in deltas[finest].items():
@@ -93,8 +102,10 @@ def fold(
                     _add(cells, (key, lengths[i], kept), value)
                     slots[i] = (start, delta)
                 else:
-                    _add(cells, (key, lengths[i], start), delta)
-    return Folded(inline, cells)
+                    cell = (key, lengths[i], start)
+                    late.add(cell)
+                    _add(cells, cell, delta)
+    return Folded(inline, cells, late)
 
 
 def _add(cells: dict[Cell, int], cell: Cell, delta: int) -> None:

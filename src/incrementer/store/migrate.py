@@ -75,7 +75,7 @@ def _sqlite_yoyo_url(path: str) -> str:
     # names containing '?', '#' or '%' intact.
     check_directory(path)
     create_private(path)
-    return "sqlite:///" + quote(path)
+    return "sqlite:///" + quote(path)  # pragma: no mutate (yoyo lowercases the scheme)
 
 
 def _postgres_yoyo_url(dsn: str, connect_timeout: int) -> str:
@@ -84,4 +84,4 @@ def _postgres_yoyo_url(dsn: str, connect_timeout: int) -> str:
     rest = dsn.partition("://")[2]
     if "connect_timeout=" not in rest:
         rest += ("&" if "?" in rest else "?") + f"connect_timeout={connect_timeout}"
-    return "postgresql+psycopg://" + rest
+    return "postgresql+psycopg://" + rest  # pragma: no mutate (yoyo lowercases the scheme)

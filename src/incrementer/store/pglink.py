@@ -61,7 +61,7 @@ def tune_socket(sock: Any, timeout: float) -> None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     idle = _probe_interval(timeout)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # pragma: no mutate
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, PROBES)

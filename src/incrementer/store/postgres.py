@@ -19,6 +19,7 @@ from incrementer.store import postgres_reads as reads
 from incrementer.store.base import (
     INT64_MAX,
     INT64_MIN,
+    NEW_KEY_COLUMNS,
     ApiKey,
     ApplyResult,
     BackendError,
@@ -31,9 +32,9 @@ from incrementer.store.base import (
     Window,
     lone_out_of_range,
     losers,
+    new_key_values,
     prefix_upper_bound,
     scopes_of,
-    scopes_text,
     sum_deltas,
     taken_back,
     unscoped,
@@ -153,7 +154,7 @@ SELECT_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY name, created_at"
 SELECT_KEYS_ACTIVE = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {ACTIVE} ORDER BY name, created_at"
 SELECT_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1 AND {ACTIVE}"
 INSERT_KEY = (
-    "INSERT INTO api_keys (name, key_id, key_hash, rate, burst, scopes, prefix, created_at)"
+    f"INSERT INTO api_keys ({NEW_KEY_COLUMNS}, created_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, now())"
 )
 REVOKE_KEY = f"UPDATE api_keys SET revoked_at = now() WHERE name = $1 AND {ACTIVE}"
@@ -317,7 +318,7 @@ class PostgresStore:
             duplicates.update((b.key, stored[unscoped(b.key)]) for b in lost)
         return lost
 
-    async def idempotency_digest(self, key: str, digest: str = "") -> str | None:
+    async def idempotency_digest(self, key: str, digest: str) -> str | None:
         principal, unscoped_key = unscoped(key)
         with self._errors():
             async with self._connection() as conn:
@@ -331,7 +332,7 @@ class PostgresStore:
             status = await self._require_pool().execute(
                 SWEEP_IDEMPOTENCY_KEYS, round(older_than * 1000)
             )
-        return int(status.rsplit(" ", 1)[-1])  # pragma: no mutate
+        return reads.rows_affected(status)
 
     async def read(self, key: str, node_id: str) -> KeyRead:
         with self._errors():
@@ -356,9 +357,7 @@ class PostgresStore:
             async with self._connection() as conn:
                 return await reads.read_series(conn, key, window, node_id)
 
-    async def list_keys(
-        self, prefix: str, limit: int, after: str | None = None, node_id: str = ""
-    ) -> KeyList:
+    async def list_keys(self, prefix: str, limit: int, after: str | None, node_id: str) -> KeyList:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         with self._errors():
@@ -470,7 +469,7 @@ class PostgresStore:
 
 
 def _api_key(row: Any) -> ApiKey:
-    created, revoked = utc_text(row[5]) or "", utc_text(row[6])
+    created, revoked = utc_text(row[5]), utc_text(row[6])  # created_at: NOT NULL
     scopes = scopes_of(row[8])
     return ApiKey(
         row[0], row[1], row[2], row[3], row[4], created, revoked, bool(row[7]), scopes, row[9]
@@ -479,16 +478,7 @@ def _api_key(row: Any) -> ApiKey:
 
 async def _insert_key(conn: Any, key: ApiKey) -> None:
     """On a pool or a connection: both have execute()."""
-    await conn.execute(
-        INSERT_KEY,
-        key.name,
-        key.key_id,
-        key.key_hash,
-        key.rate,
-        key.burst,
-        scopes_text(key.scopes),
-        key.prefix,
-    )
+    await conn.execute(INSERT_KEY, *new_key_values(key))
 
 
 @asynccontextmanager

@@ -28,7 +28,7 @@ from typing import Any
 
 from incrementer.periods import NAMES
 from incrementer.store.base import INT64_MAX, INT64_MIN
-from incrementer.store.buckets import Buckets, Slot, columns, fold, uniform
+from incrementer.store.buckets import EMPTY, Buckets, Slot, columns, fold, uniform
 
 # Separator of the joined texts (postgres.py's SEPARATOR); a key holding it goes as arrays.
 SEPARATOR = "\x1f"
@@ -41,6 +41,31 @@ INSERT_CELLS = (
     " AS t(k, g, s, v) ORDER BY 1, 2, 3"
     " ON CONFLICT (key, granularity, bucket_start)"
     " DO UPDATE SET value = counter_buckets.value + excluded.value"
+)
+
+
+# The bucketed upsert, filled in by _statement for the granularities kept.
+UPSERT = (
+    "WITH up AS ("
+    "INSERT INTO counters AS c (key, value, created_at, updated_at, {insert_columns})"
+    " SELECT k, v, now(), now(), {bucket_values} FROM {source}"
+    ' ORDER BY k COLLATE "C"'
+    " ON CONFLICT (key) DO UPDATE SET value = c.value + excluded.value,"
+    " updated_at = excluded.updated_at, {sets}"
+    " RETURNING key, {outs})"
+    " INSERT INTO counter_buckets (key, granularity, bucket_start, value)"
+    " SELECT up.key, x.g, x.s, x.v FROM up CROSS JOIN LATERAL (VALUES {moved}) AS x(g, s, v)"
+    " WHERE ({any_moved}) AND x.s IS NOT NULL AND x.v <> 0 ORDER BY 1, 2, 3"
+    " ON CONFLICT (key, granularity, bucket_start)"
+    " DO UPDATE SET value = counter_buckets.value + excluded.value"
+)
+# One granularity's bucket moved out of a row: (granularity, start, value) of the row `up`.
+MOVED = "({}, up.{}, up.{})"
+# The stored values of the older buckets a flush adds to (overflow check).
+SELECT_CELLS = (
+    "SELECT t.k, t.g, t.s, b.value FROM unnest($1::text[], $2::integer[], $3::bigint[])"
+    " AS t(k, g, s) JOIN counter_buckets AS b"
+    " ON b.key = t.k AND b.granularity = t.g AND b.bucket_start = t.s"
 )
 
 
@@ -69,24 +94,20 @@ def _sets(lengths: Sequence[int]) -> str:
 
 
 def _statement(lengths: Sequence[int], source: str, bucket_values: Sequence[str]) -> str:
-    """The bucketed upsert: `source` yields (k, v, <per granularity start and value>...)."""
-    insert_columns = ", ".join("{}, {}".format(*columns(length)) for length in lengths)
-    outs = ["{}, {}".format(*_out(length)) for length in lengths]
-    moved = ", ".join("({}, up.{}, up.{})".format(length, *_out(length)) for length in lengths)
-    any_moved = " OR ".join(f"up.{_out(length)[0]} IS NOT NULL" for length in lengths)
-    return (
-        "WITH up AS ("
-        f"INSERT INTO counters AS c (key, value, created_at, updated_at, {insert_columns})"
-        f" SELECT k, v, now(), now(), {', '.join(bucket_values)} FROM {source}"
-        ' ORDER BY k COLLATE "C"'
-        " ON CONFLICT (key) DO UPDATE SET value = c.value + excluded.value,"
-        f" updated_at = excluded.updated_at, {_sets(lengths)}"
-        f" RETURNING key, {', '.join(outs)})"
-        " INSERT INTO counter_buckets (key, granularity, bucket_start, value)"
-        f" SELECT up.key, x.g, x.s, x.v FROM up CROSS JOIN LATERAL (VALUES {moved}) AS x(g, s, v)"
-        f" WHERE ({any_moved}) AND x.s IS NOT NULL AND x.v <> 0 ORDER BY 1, 2, 3"
-        " ON CONFLICT (key, granularity, bucket_start)"
-        " DO UPDATE SET value = counter_buckets.value + excluded.value"
+    """UPSERT for these granularities: `source` yields (k, v, <per granularity start and
+    value>...). The separators joining the names are not mutated: `OR` reads the same in any
+    case, and a moved bucket's start and value are NULL together."""
+    return UPSERT.format(
+        insert_columns=", ".join("{}, {}".format(*columns(length)) for length in lengths),
+        bucket_values=", ".join(bucket_values),
+        source=source,
+        sets=_sets(lengths),
+        outs=", ".join("{}, {}".format(*_out(length)) for length in lengths),
+        moved=", ".join(MOVED.format(length, *_out(length)) for length in lengths),
+        any_moved=" OR ".join(  # pragma: no mutate
+            f"up.{_out(length)[0]} IS NOT NULL"  # pragma: no mutate
+            for length in lengths
+        ),
     )
 
 
@@ -132,26 +153,29 @@ class BucketedWrite:
         self.upserts = upserts
         self.buckets = buckets
         self.lengths = buckets.granularities
-        self._statement = ""
-        self._args: list[Any] = []
-        self._cells: list[Any] = []
+        # Set by prepare() before any use.
+        self._statement = ""  # pragma: no mutate
+        self._args: list[Any] = []  # pragma: no mutate
+        self._cells: list[Any] = []  # pragma: no mutate
 
     async def prepare(self, joined_totals: Callable[[], Awaitable[tuple[str, str] | None]]) -> None:
         """Build the statement's arguments (`joined_totals`: the totals' joined texts,
         postgres.py's _joined, which a uniform batch sends as they are)."""
-        start = uniform(self.upserts, self.buckets)
+        # Which statement and form carry the batch changes nothing but speed (the same rows):
+        # the choices below are not mutated.
+        start = uniform(self.upserts, self.buckets)  # pragma: no mutate
         if start is not None:
-            joined = await joined_totals()
+            joined = await joined_totals()  # pragma: no mutate
             starts = [start - start % length for length in self.lengths]
             if joined is not None:
                 self._statement = uniform_statement(self.lengths, True)
                 self._args = [*joined, *starts]
             else:
-                self._statement = uniform_statement(self.lengths, False)
+                self._statement = uniform_statement(self.lengths, False)  # pragma: no mutate
                 self._args = [list(self.upserts), list(self.upserts.values()), *starts]
             return
         work = (self.lengths, self.upserts, self.buckets.deltas)
-        if len(self.upserts) > FOLD_ON_THREAD:
+        if len(self.upserts) > FOLD_ON_THREAD:  # pragma: no mutate
             self._statement, self._args, self._cells = await asyncio.to_thread(_general, *work)
         else:
             self._statement, self._args, self._cells = _general(*work)
@@ -177,19 +201,20 @@ def _general(
     if not keys:
         return "", [], _cell_arrays(folded.cells)
     totals = [upserts.get(k, 0) for k in keys]
-    empty: list[Slot] = [(None, 0)] * len(lengths)
+    empty: list[Slot] = [EMPTY] * len(lengths)
     per_key = [folded.inline.get(k, empty) for k in keys]
     columns_: list[list[int | None]] = []
     for i in range(len(lengths)):
         columns_.append([slots[i][0] for slots in per_key])
         columns_.append([slots[i][1] if slots[i][0] is not None else None for slots in per_key])
     joined = SEPARATOR.join(keys)
-    if joined.count(SEPARATOR) == len(keys) - 1 and len(keys) > 1:
+    # Which form carries the keys changes nothing but speed: both write the same rows.
+    if joined.count(SEPARATOR) == len(keys) - 1 and len(keys) > 1:  # pragma: no mutate
         args: list[Any] = [joined, ",".join(map(str, totals))]
         args += [",".join("" if x is None else str(x) for x in column) for column in columns_]
         return general_statement(lengths, True), args, _cell_arrays(folded.cells)
     return (
-        general_statement(lengths, False),
+        general_statement(lengths, False),  # pragma: no mutate (None reads the same)
         [keys, totals, *columns_],
         _cell_arrays(folded.cells),
     )
@@ -220,7 +245,7 @@ async def find_overflows(conn: Any, upserts: Mapping[str, int], buckets: Buckets
     values = {row[0]: int(row[1]) for row in rows}
     current: dict[str, list[Slot]] = {
         row[0]: [
-            (row[2 + 2 * i], int(row[3 + 2 * i] or 0)) if row[2 + 2 * i] is not None else (None, 0)
+            (row[2 + 2 * i], int(row[3 + 2 * i])) if row[2 + 2 * i] is not None else EMPTY
             for i in range(len(lengths))
         ]
         for row in rows
@@ -231,12 +256,7 @@ async def find_overflows(conn: Any, upserts: Mapping[str, int], buckets: Buckets
     for per_key in buckets.deltas.values():
         bad.update(k for k, d in per_key.items() if not _fits(d))
     if folded.cells:
-        found = await conn.fetch(
-            "SELECT t.k, t.g, t.s, b.value FROM unnest($1::text[], $2::integer[], $3::bigint[])"  # pragma: no mutate
-            " AS t(k, g, s) JOIN counter_buckets AS b"  # pragma: no mutate
-            " ON b.key = t.k AND b.granularity = t.g AND b.bucket_start = t.s",  # pragma: no mutate
-            *_cell_arrays(folded.cells)[:3],
-        )
+        found = await conn.fetch(SELECT_CELLS, *_cell_arrays(folded.cells)[:3])
         stored = {(r[0], r[1], r[2]): int(r[3]) for r in found}
         bad.update(
             k for (k, g, s), d in folded.cells.items() if not _fits(stored.get((k, g, s), 0) + d)

@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from incrementer.store.base import KeyList, ManyRead, SeriesRead, Window, sum_deltas
-from incrementer.store.buckets import Stored, columns
+from incrementer.store.buckets import EMPTY, Stored, columns
 
 APPLIED = "(SELECT applied_seq FROM incrementer_nodes WHERE node_id = $2)"
 SELECT_APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = $1"
@@ -89,8 +89,9 @@ def top_statement(bounded: bool) -> str:
 
 
 def _stored(starts: list[int] | None, values: list[int] | None, start: Any, value: Any) -> Stored:
-    cells = dict(zip(starts or [], map(int, values or []), strict=True))
-    inline = (None, 0) if start is None else (int(start), int(value or 0))
+    # strict: the two arrays come from one aggregate, so they are never of different lengths.
+    cells = dict(zip(starts or [], map(int, values or []), strict=True))  # pragma: no mutate
+    inline = EMPTY if start is None else (int(start), int(value))
     return Stored(cells, inline)
 
 
@@ -160,5 +161,10 @@ async def top_keys(
 
 
 async def sweep(conn: Any, length: int, before: int, limit: int) -> int:
-    status = await conn.execute(SWEEP, length, before, limit)
-    return int(status.rsplit(" ", 1)[-1])
+    return rows_affected(await conn.execute(SWEEP, length, before, limit))
+
+
+def rows_affected(status: str) -> int:
+    """The row count of a command's status, "DELETE 12": always two words, so splitting at any
+    space, from either end, gives the same count."""
+    return int(status.rsplit(" ", 1)[-1])  # pragma: no mutate

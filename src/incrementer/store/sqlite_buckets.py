@@ -13,10 +13,13 @@ import sqlite3
 from collections.abc import Mapping
 
 from incrementer.store.base import INT64_MAX, INT64_MIN, lone_out_of_range
-from incrementer.store.buckets import Buckets, Folded, Slot, columns, fold, without
+from incrementer.store.buckets import EMPTY, Buckets, Folded, Slot, columns, fold, without
 
 # Well under SQLite's bound-parameter limit (999 before 3.32), so any build accepts the IN list.
 READ_CHUNK = 500
+SELECT_CELL = (
+    "SELECT value FROM counter_buckets WHERE key = ? AND granularity = ? AND bucket_start = ?"
+)
 UPSERT_CELL = (
     "INSERT INTO counter_buckets (key, granularity, bucket_start, value) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (key, granularity, bucket_start) DO UPDATE"
@@ -36,18 +39,20 @@ def write(
     was written here (the caller writes the others)."""
     lengths = buckets.granularities
     kept = without(buckets.deltas, set(overflowed))
-    alone = lone_out_of_range(kept)
+    # Spares a fold: the loop below would find these keys too (SQLite takes any Python int here).
+    alone = lone_out_of_range(kept)  # pragma: no mutate
     if alone:
         _isolate(alone, deltas, overflowed)
         kept = without(kept, alone)
     keys = list(set().union(*(per_key.keys() for per_key in kept.values())))
     current = _inline(conn, lengths, keys)
-    negative = any(d < 0 for per_key in kept.values() for d in per_key.values())
     while True:
         folded = fold(lengths, current, kept)
         bad = {k for k, slots in folded.inline.items() if not all(_fits(v) for _, v in slots)}
-        if negative:  # only then can a counter_buckets row leave 64 bits while its total fits
-            bad |= _overflowing_cells(conn, folded)
+        # A counter_buckets row can leave 64 bits while its key's total fits, whatever the signs
+        # in this batch: a negative delta of an earlier flush may have left the total below it.
+        # (A rolled bucket is a new row; only late deltas' rows are read.)
+        bad |= _overflowing_cells(conn, folded)
         if not bad:
             break
         _isolate(bad, deltas, overflowed)
@@ -90,22 +95,20 @@ def _inline(
         ).fetchall()
         for row in rows:
             found[row[0]] = [
-                (None, 0) if row[1 + 2 * i] is None else (row[1 + 2 * i], row[2 + 2 * i] or 0)
+                EMPTY if row[1 + 2 * i] is None else (row[1 + 2 * i], row[2 + 2 * i])
                 for i in range(len(lengths))
             ]
     return found
 
 
 def _overflowing_cells(conn: sqlite3.Connection, folded: Folded) -> set[str]:
+    """The keys one of whose counter_buckets rows would leave 64 bits with this batch's deltas:
+    a late cell's row looked up by its primary key, a rolled cell new."""
     bad = set()
-    for (key, length, start), delta in folded.cells.items():
-        row = conn.execute(
-            "SELECT value FROM counter_buckets WHERE key = ? AND granularity = ?"  # pragma: no mutate
-            " AND bucket_start = ?",  # pragma: no mutate
-            (key, length, start),
-        ).fetchone()
+    for cell, delta in folded.cells.items():
+        row = conn.execute(SELECT_CELL, cell).fetchone() if cell in folded.late else None
         if not _fits((row[0] if row else 0) + delta):
-            bad.add(key)
+            bad.add(cell[0])
     return bad
 
 

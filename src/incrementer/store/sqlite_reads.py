@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from incrementer.store.base import KeyList, ManyRead, SeriesRead, Window, sum_deltas
-from incrementer.store.buckets import Stored, columns
+from incrementer.store.buckets import EMPTY, Stored, columns
 
 APPLIED = "SELECT applied_seq FROM incrementer_nodes WHERE node_id = ?"
 BY_KEY = " ORDER BY key LIMIT ?"
@@ -47,7 +47,7 @@ def _stored(conn: sqlite3.Connection, key: str, window: Window, inline: Any) -> 
     """The key's counter_buckets rows in the window, and its inline bucket (start, value)."""
     cells = dict(conn.execute(CELLS, (key, window.length, window.start, window.end)).fetchall())
     start, value = inline
-    return Stored(cells, (None, 0) if start is None else (int(start), int(value or 0)))
+    return Stored(cells, EMPTY if start is None else (int(start), int(value)))
 
 
 def read_series(conn: sqlite3.Connection, *, key: str, window: Window, node_id: str) -> SeriesRead:
@@ -56,7 +56,7 @@ def read_series(conn: sqlite3.Connection, *, key: str, window: Window, node_id: 
         row = conn.execute(
             f"SELECT value, {start}, {value} FROM counters WHERE key = ?", (key,)
         ).fetchone()
-        stored = _stored(conn, key, window, row[1:] if row else (None, 0))
+        stored = _stored(conn, key, window, row[1:] if row else EMPTY)
         return SeriesRead(None if row is None else int(row[0]), _applied(conn, node_id), stored)
 
 
@@ -79,7 +79,7 @@ def read_many(
             else:
                 values[key] = (int(row[0]), sum_deltas(row[1]))
             if window is not None:
-                windows[key] = _stored(conn, key, window, row[2:] if row else (None, 0))
+                windows[key] = _stored(conn, key, window, row[2:] if row else EMPTY)
         return ManyRead(_applied(conn, node_id), values, windows)
 
 

@@ -23,7 +23,7 @@ from incrementer_client._batching import (
     full,
     read_answer,
 )
-from incrementer_client._endpoint import base_url
+from incrementer_client._endpoint import http_options
 from incrementer_client._reading import (
     Series,
     Time,
@@ -79,18 +79,7 @@ class AsyncClient:
         self._stop_at = float("inf")
         self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
-        headers = {"Content-Type": "application/json", "User-Agent": "incrementer-client"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.AsyncClient(
-            base_url=base_url(url),
-            headers=headers,
-            timeout=timeout,
-            transport=transport,
-            # A redirect is answered as a refusal, never followed: the API key goes only to
-            # the origin it was given for (httpx's default, made explicit).
-            follow_redirects=False,
-        )
+        self._http = httpx.AsyncClient(transport=transport, **http_options(url, api_key, timeout))
 
     # the caller's side
 

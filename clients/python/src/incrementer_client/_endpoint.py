@@ -9,6 +9,7 @@ Those are refused for good, as a 4xx is: dropped, logged, and raised by flush() 
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 import httpx
 
@@ -35,6 +36,22 @@ def base_url(url: str) -> str:
     if parsed.query or parsed.fragment:
         raise ValueError(f"server URL {url!r} must not have a query or a fragment")
     return str(parsed).rstrip("/")
+
+
+def http_options(url: str, api_key: str | None, timeout: float | None) -> dict[str, Any]:
+    """What the sync and the async client give their httpx client: the checked base URL, the
+    headers every request carries (the key as a Bearer token), and no redirects followed: a
+    redirect is answered as a refusal, so the API key goes only to the origin it was given for
+    (httpx's default, made explicit)."""
+    headers = {"Content-Type": "application/json", "User-Agent": "incrementer-client"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return {
+        "base_url": base_url(url),
+        "headers": headers,
+        "timeout": timeout,
+        "follow_redirects": False,
+    }
 
 
 def permanent(exc: BaseException) -> bool:

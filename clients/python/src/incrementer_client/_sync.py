@@ -25,7 +25,7 @@ from incrementer_client._batching import (
     full,
     read_answer,
 )
-from incrementer_client._endpoint import base_url
+from incrementer_client._endpoint import http_options
 from incrementer_client._reading import (
     Series,
     Time,
@@ -96,18 +96,7 @@ class Client:
         self._finished = False  # the sending thread is done with the connections
         self._abandoned = False  # close() gave up waiting for the sending thread
         self._timeout = timeout
-        headers = {"Content-Type": "application/json", "User-Agent": "incrementer-client"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(
-            base_url=base_url(url),
-            headers=headers,
-            timeout=timeout,
-            transport=transport,
-            # A redirect is answered as a refusal, never followed: the API key goes only to
-            # the origin it was given for (httpx's default, made explicit).
-            follow_redirects=False,
-        )
+        self._http = httpx.Client(transport=transport, **http_options(url, api_key, timeout))
         self._thread = threading.Thread(target=self._run, name="incrementer-client", daemon=True)
         self._thread.start()
         self._exit_hook: Callable[[], None] | None = None
