@@ -71,18 +71,27 @@ IDEMPOTENT_ITEMS = 5
 TOTALS_TIMEOUT = 60.0
 
 
-def churn(index: int, cycle: int) -> int:
-    """Keys of period index: from KEYS_FROM to KEYS_TO evenly on a log scale over each cycle of
-    `cycle` periods, then from KEYS_FROM again."""
-    if cycle <= 1:
+def churn(index: int, climb: int) -> int:
+    """Keys of period index: up from KEYS_FROM to KEYS_TO evenly on a log scale over `climb`
+    periods, then down again the same way, and so on (a triangle: no period's key space is
+    more than one step from the one before)."""
+    if climb <= 1:
         return KEYS_TO
-    growth: float = (KEYS_TO / KEYS_FROM) ** (index % cycle / (cycle - 1))
+    steps = climb - 1
+    position = index % (2 * steps)
+    height = position if position <= steps else 2 * steps - position
+    growth: float = (KEYS_TO / KEYS_FROM) ** (height / steps)
     return round(KEYS_FROM * growth)
 
 
-def cycle_periods(duration: float, period: float) -> int:
+def climb_periods(duration: float, period: float) -> int:
     """Periods per climb from 10 keys to 1M: those of the warm-up, at least two."""
     return max(2, math.ceil(warmup(duration) / period))
+
+
+def cycle_periods(duration: float, period: float) -> int:
+    """Periods between two with the same traffic: one climb up and one down."""
+    return 2 * (climb_periods(duration, period) - 1)
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -166,7 +175,7 @@ async def _period(
     result: Soak,
     start: float,
 ) -> None:
-    keys = churn(index, cycle_periods(result.duration, result.period))
+    keys = churn(index, climb_periods(result.duration, result.period))
     began = time.monotonic() - start
     run = await run_wrk(
         Load(

@@ -17,17 +17,24 @@ from bench.harness import machine
 from bench.harness.cluster import Cluster, binaries
 from bench.harness.targets import free_port
 from bench.report.soak import Period, p99_drift, p99_step
-from bench.soak import churn, cycle_periods
+from bench.soak import churn, climb_periods, cycle_periods
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_churn_climbs_from_10_keys_to_a_million_once_per_warm_up() -> None:
-    """The key space of the soak's periods climbs from 10 to 1,000,000 on a log scale within
-    each cycle as long as the warm-up (five minutes of one-minute periods), then starts again."""
-    assert [churn(i, 5) for i in range(7)] == [10, 178, 3162, 56234, 1000000, 10, 178]
-    assert cycle_periods(1800, 60) == 5
-    assert cycle_periods(30, 5) == 2
+def test_churn_climbs_from_10_keys_to_a_million_and_back_one_step_a_period() -> None:
+    """The key space of the soak's periods climbs from 10 to 1,000,000 on a log scale over the
+    warm-up (a third of the run: ten one-minute periods of thirty), then comes back down the same
+    way and climbs again: no period's key space is more than one step (3.6-fold) from the
+    one before, and the same traffic recurs one climb and one descent later."""
+    assert cycle_periods(1800, 60) == 18 and climb_periods(1800, 60) == 10
+    keys = [churn(i, 10) for i in range(30)]
+    assert keys[:10] == [10, 36, 129, 464, 1668, 5995, 21544, 77426, 278256, 1000000]
+    assert keys[10:19] == keys[8::-1]  # back down to 10
+    assert keys[18:28] == keys[:10] and keys[28] == keys[10]
+    steps = [max(a, b) / min(a, b) for a, b in zip(keys, keys[1:], strict=False)]
+    assert max(steps) <= 3.6
+    assert climb_periods(30, 5) == 2 and cycle_periods(30, 5) == 2
     assert [churn(i, 2) for i in range(3)] == [10, 1000000, 10]
 
 

@@ -10,7 +10,6 @@ from bench.report.cells import md_table
 
 RSS_SLOPE_MAX = 1.0  # MiB per 10 minutes, after the warm-up
 P99_STEP_MAX = 2.0  # one period's p99 over the one before, either way
-WARMUP_MAX = 300.0  # seconds; at most a third of the run
 COLUMNS = [
     "period", "keys", "req/s", "p99 ms", "persisted lag p99 s", "oldest pending max s",
     "RSS MiB", "fds", "db restarts",
@@ -42,7 +41,8 @@ class Soak:
     started: str
     idempotency_window: float = 0.0
     cycle: int = 0
-    """Periods per climb of the key space from 10 to 1M (the same traffic recurs this far apart)."""
+    """Periods from one with some traffic to the next with the same: a climb of the key space
+    from 10 to 1M and the way back down."""
     database_nice: int = 0
     """The PostgreSQL cluster's CPU niceness (0: the service's own priority)."""
     periods: list[Period] = field(default_factory=list)
@@ -66,8 +66,9 @@ class Soak:
 
 
 def warmup(duration: float) -> float:
-    """Seconds left out of the RSS slope: the buffer, the WAL and the pools reach their size."""
-    return min(WARMUP_MAX, duration / 3)
+    """Seconds left out of the RSS slope and the p99 steps, a third of the run: the key space's
+    first climb to its largest, in which the buffer, the WAL and the pools reach their size."""
+    return duration / 3
 
 
 def rss_slope(samples: list[tuple[float, int, int, float]], after: float) -> float | None:
@@ -151,7 +152,8 @@ def render(soak: Soak) -> str:
         f"required, --idempotency-window {soak.idempotency_window:g}) on its own "
         f"PostgreSQL cluster{nice_text}, wrk paced at {soak.rate:,.0f} requests/s (half the ceiling of "
         f"{soak.ceiling:,.0f} measured at the start), each period on new keys, the key space "
-        f"climbing from 10 to 1M once per warm-up ({warm:g} s) and again after it.",
+        f"climbing from 10 to 1M over the warm-up ({warm:g} s), then down and up again the same "
+        f"way, one step a period.",
         "",
         "## Targets",
         "",
