@@ -13,10 +13,12 @@ whether the totals are exact.
   with --database-nice N the cluster runs at that CPU niceness, as a database on a host of its
   own would take nothing from the service's cores;
 - the ceiling: wrk closed-loop for --ceiling-seconds; then wrk paced at half of it (or --rate),
-  one run per --period, each on new keys; the key space climbs from 10 to 1,000,000 within each
-  cycle as long as the warm-up, and starts again at 10: the warm-up reaches the largest working
-  set, and every cycle after it repeats the same traffic, so memory that still grows is a leak and
-  not the scenario (a single climb over the whole run grows the working set until its end);
+  one run per --period, each on new keys; the key space climbs from 10 to 1,000,000 on a log
+  scale over the warm-up (the first third of the run), then comes back down the same way and
+  climbs again, one step a period (3.6-fold with the defaults): the warm-up reaches the largest
+  working set, so memory that still grows after it is a leak and not the scenario, and no period's
+  traffic jumps from the one before (a real key space grows and shrinks; it does not fall from a
+  million keys to ten in a minute);
 - half-way, the API key is rotated (the old one keeps working for two periods, then is revoked:
   the load moves to the new key, and the old one must then get 401);
 - beside the load, idempotent batches, each sent two or three times under its Idempotency-Key,
@@ -25,10 +27,10 @@ whether the totals are exact.
 - every second the service's RSS, open file descriptors and /readyz lag are sampled.
 
 The report (bench/results/soak-DATE.md) has one row per period (p99, lag, RSS, fds) and the targets:
-RSS growing less than 1 MiB per 10 minutes after the warm-up (the first third of the run, at most 5
-minutes); p99 within 2x from one period to the next, and within 2x of the period one cycle before,
-which had the same traffic (within a cycle it changes by design: from 10 keys to 1M a flush goes
-from a handful of rows to tens of thousands, written by PostgreSQL on the same machine); totals
+RSS growing less than 1 MiB per 10 minutes after the warm-up (the first third of the run); p99
+within 2x from one period to the next after it, and within 2x of the period one cycle before,
+which had the same traffic (from 10 keys to 1M a flush goes from a handful of rows to tens of
+thousands, written by PostgreSQL on the same machine, so p99 climbs with the key space); totals
 exact (the database sum of the run's keys equals the acknowledged increments, each idempotent batch
 once). Exit status 1 when the totals are not exact (the other targets are reported, not enforced:
 they need a quiet machine), 2 when wrk or PostgreSQL's binaries are missing.
