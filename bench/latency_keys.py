@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import machine
@@ -44,11 +45,13 @@ KEYS = (10, 32, 100, 316, 1000, 3162, 10000, 31623, 100000)
 SCHED_AFTER = 1.0  # seconds into a wrk run before perf starts recording
 
 
+@dataclass(frozen=True)
 class Run:
     """One wrk run at one key count, with its scheduler waits when recorded."""
 
-    def __init__(self, keys: int, load: LoadResult, waits: sched.Waits | None) -> None:
-        self.keys, self.load, self.waits = keys, load, waits
+    keys: int
+    load: LoadResult
+    waits: sched.Waits | None
 
     @property
     def p99(self) -> float:
@@ -115,12 +118,17 @@ async def measure(args: argparse.Namespace, cluster: Cluster) -> tuple[float, fl
 async def record(pid: int, seconds: float) -> sched.Waits:
     """`perf sched record` on every CPU for a few seconds of the run under way, read back."""
     await asyncio.sleep(SCHED_AFTER)
-    length = max(1.0, min(4.0, seconds - 2 * SCHED_AFTER))
+    length = recording_seconds(seconds)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "sched.data"
         await _run("perf", "sched", "record", "-a", "-o", str(data), "--", "sleep", f"{length:g}")
         text = await _run("perf", "sched", "timehist", "-w", "-i", str(data))
     return sched.waits(sched.parse(text), pid)
+
+
+def recording_seconds(run_seconds: float) -> float:
+    """How long perf records inside a run: up to 4 s, a second clear of either end."""
+    return max(1.0, min(4.0, run_seconds - 2 * SCHED_AFTER))
 
 
 async def _run(*argv: str) -> str:
@@ -150,7 +158,9 @@ def render(
     args: argparse.Namespace, started: str, rate: float, ceiling: float, runs: list[Run]
 ) -> str:
     nice = f" --database-nice {args.database_nice}" if args.database_nice else ""
-    flags = f"--seconds {args.seconds:g} --rounds {args.rounds}{nice}" + (
+    listed = "" if tuple(args.keys) == KEYS else f"--keys {','.join(map(str, args.keys))} "
+    paced = f" --rate {args.rate:g}" if args.rate else ""
+    flags = f"{listed}--seconds {args.seconds:g} --rounds {args.rounds}{paced}{nice}" + (
         " --sched" if args.sched else ""
     )
     by_keys: dict[int, list[Run]] = {}
@@ -173,7 +183,12 @@ def render(
         f"`python -m bench.latency_keys {flags}`: incrementer (wal, --auth required) on its own "
         f"PostgreSQL cluster, wrk paced at {rate:,.0f} requests/s "
         + (f"(half the ceiling of {ceiling:,.0f} measured at the start)" if ceiling else "(--rate)")
-        + f", {args.seconds:g} s at each key count, each on new keys.",
+        + f", {args.seconds:g} s at each key count, each on new keys"
+        + (
+            f"; `perf sched` recorded {recording_seconds(args.seconds):g} s of each run."
+            if args.sched
+            else "."
+        ),
         "",
         md_table(columns, rows),
         "",

@@ -73,10 +73,15 @@ def test_a_short_run_writes_p99_by_key_count_and_the_loops_waits(tmp_path: Path)
     reports = list(tmp_path.glob("latency-keys-*.md"))
     assert done.returncode == 0 and len(reports) == 1, done.stdout + done.stderr
     report = reports[0].read_text()
-    rows = {line.split("|")[1].strip(): line.split("|") for line in report.splitlines()[4:]}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in report.splitlines()
+        if line.startswith("| ")
+    }
     assert {"10", "3,162"} <= rows.keys(), report
     for key in ("10", "3,162"):
         p99, ran = float(rows[key][2]), float(rows[key][4])
         assert p99 > 0 and ran > 0, report  # the loop thread was found in the recording
+    assert "`perf sched` recorded 2 s of each run." in report
     assert "Largest p99 step between neighbouring key counts of one round: " in report
     assert "x\n" in report.split("Largest p99 step")[1]
