@@ -5,6 +5,7 @@ retries ends with exact totals and writes its report. Latency and memory targets
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_churn_climbs_from_10_keys_to_a_million_and_back_one_step_a_period() -> 
     assert keys[:10] == [10, 36, 129, 464, 1668, 5995, 21544, 77426, 278256, 1000000]
     assert keys[10:19] == keys[8::-1]  # back down to 10
     assert keys[18:28] == keys[:10] and keys[28] == keys[10]
-    steps = [max(a, b) / min(a, b) for a, b in zip(keys, keys[1:], strict=False)]
+    steps = [max(a, b) / min(a, b) for a, b in itertools.pairwise(keys)]
     assert max(steps) <= 3.6
     assert climb_periods(30, 5) == 2 and cycle_periods(30, 5) == 2
     assert [churn(i, 2) for i in range(3)] == [10, 1000000, 10]
