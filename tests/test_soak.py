@@ -17,7 +17,7 @@ from support import skip_or_fail
 from bench.harness import machine
 from bench.harness.cluster import Cluster, binaries
 from bench.harness.targets import free_port
-from bench.report.soak import Period, p99_drift, p99_step
+from bench.report.soak import Period, Soak, p99_drift, p99_step, render
 from bench.soak import churn, climb_periods, cycle_periods
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,19 @@ def test_p99_is_judged_against_the_next_period_and_the_same_traffic_a_cycle_late
     assert p99_step(periods[:-1], 1) == pytest.approx(3.3 / 1.1)
     assert p99_drift(periods, 1, 2) == pytest.approx(7.0 / 3.3)
     assert p99_drift(periods[:-1], 1, 2) == pytest.approx(1.2 / 1.0)
+
+
+def test_a_run_too_short_for_the_cycle_comparison_says_so_and_does_not_fail_it() -> None:
+    """40 one-minute periods climb over 14 (the warm-up) and recur 26 apart: after the warm-up
+    no two periods are a cycle apart, and the report says the comparison was not made ("-")
+    rather than that it failed; a cycle that fits is judged."""
+    soak = Soak(2400, 60, 300, 2.0, 1.0, "now", cycle=26)
+    soak.periods = [Period(i, 10, 1.0, 1.0 + i % 2 * 0.5, 0, 0) for i in range(40)]
+    line = next(x for x in render(soak).splitlines() if "at the same traffic" in x)
+    assert line.endswith("| no two that far apart after the warm-up | <= 2x | - |"), line
+    soak.cycle = 12
+    line = next(x for x in render(soak).splitlines() if "at the same traffic" in x)
+    assert line.endswith("| 1.00x | <= 2x | yes |"), line
 
 
 def test_a_short_soak_keeps_the_totals_exact(tmp_path: Path) -> None:

@@ -133,7 +133,8 @@ def render(soak: Soak) -> str:
         ("p99, period to period", _fmt(step, "x"), f"<= {P99_STEP_MAX:g}x",
          step is not None and step <= P99_STEP_MAX),
         (f"p99, period to period at the same traffic ({soak.cycle} periods apart)",
-         _fmt(drift, "x"), f"<= {P99_STEP_MAX:g}x", drift is not None and drift <= P99_STEP_MAX),
+         _fmt(drift, "x") if drift is not None else "no two that far apart after the warm-up",
+         f"<= {P99_STEP_MAX:g}x", None if drift is None else drift <= P99_STEP_MAX),
         ("totals", f"{soak.total:,}: acknowledged {want:,}, unanswered "
          f"{soak.unknown + soak.idempotent_unknown:,}",
          "acknowledged <= total <= acknowledged + unanswered", soak.exact),
@@ -159,7 +160,7 @@ def render(soak: Soak) -> str:
         "",
         md_table(
             ["target", "measured", "bound", "met"],
-            [[name, got, bound, "yes" if met else "NO"] for name, got, bound, met in verdicts],
+            [[name, got, bound, _met(met)] for name, got, bound, met in verdicts],
         ),
         "",
         "## Per period",
@@ -184,6 +185,11 @@ def render(soak: Soak) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _met(met: bool | None) -> str:
+    """yes, NO, or - when the run was too short to judge."""
+    return "-" if met is None else ("yes" if met else "NO")
 
 
 def _fmt(x: float | None, unit: str) -> str:
