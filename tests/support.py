@@ -103,6 +103,12 @@ class Spawned:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def stop_cleanly(self) -> None:
+        """SIGTERM, and assert that it drained cleanly (exit status 0), showing the end of its
+        log when it did not."""
+        code = self.stop()
+        assert code == 0, f"exit status {code}; the end of its log:\n{self.read_log()[-4000:]}"
+
     def read_log(self) -> str:
         if self.proc.poll() is not None:
             time.sleep(0.2)  # let the pump thread take the last lines
@@ -179,7 +185,7 @@ def sqlite_server(tmp_path: Path, *flags: str) -> Iterator[tuple[Spawned, str]]:
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
     with spawned(serve_args(tmp_path, database_url, "--flush-interval", "0.05", *flags)) as server:
         yield server, database_url
-        assert server.stop() == 0, server.read_log()
+        server.stop_cleanly()
 
 
 def run_cli(

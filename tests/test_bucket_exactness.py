@@ -148,7 +148,7 @@ async def test_every_bucket_is_exact_after_kill_9_during_the_load(
         )
         found = await bucket_mismatches(server.url, load.oracle, dict(load.totals))
         assert any(line.startswith(f"{victim} minute") for line in found), found
-        assert server.stop() == 0
+        server.stop_cleanly()
 
 
 async def test_an_idempotent_batch_sent_to_two_instances_counts_once_in_every_bucket(
@@ -182,7 +182,7 @@ async def test_an_idempotent_batch_sent_to_two_instances_counts_once_in_every_bu
                     assert resp.json()["sum"] == len(load.batches)
     finally:
         for server in (first, second):
-            assert server.stop() == 0
+            server.stop_cleanly()
 
 
 async def test_a_wal_written_with_buckets_off_replays_into_the_totals_only(
@@ -220,13 +220,13 @@ async def test_a_wal_written_with_buckets_off_replays_into_the_totals_only(
                     assert [p for p in resp.json()["points"] if p[1]] == [
                         [periods.bucket_start(at, 60), 5]
                     ]
-        assert server.stop() == 0
+        server.stop_cleanly()
     server = spawn(on)
     await send(server, timed)
     kill(server.proc)
     with spawned(off) as server:  # a timed frame read with buckets off: the total counts it
         await wait_until(lambda: totals_are(sqlite_url, {timed: 10}))
-        assert server.stop() == 0
+        server.stop_cleanly()
 
 
 async def test_a_workers_group_keeps_every_bucket_exact(tmp_path: Path, pg_url: str) -> None:

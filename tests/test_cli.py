@@ -261,7 +261,7 @@ def test_wal_inspect_reads_every_worker_of_a_workers_data_dir(tmp_path: Path) ->
         for _ in range(20):  # new connections: the kernel spreads them over both workers
             assert httpx.post(f"{group.url}/increment", json={"key": "w", "value": 1}).is_success
     finally:
-        assert group.stop() == 0
+        group.stop_cleanly()
     assert not (data_dir / "wal").exists()
     args = ("wal", "inspect", "--data-dir", str(data_dir), "--database-url", database_url)
     told = run_cli(*args, cwd=tmp_path)

@@ -167,6 +167,6 @@ async def test_each_worker_keeps_a_share_per_client_address(
                 accepted = statuses.count(202)
                 assert 1 <= accepted <= 2, statuses  # one batch per worker, at most
                 assert statuses.count(503) == 16 - accepted
-        assert server.stop() == 0  # the workers flush everything on their way out
+        server.stop_cleanly()  # the workers flush everything on their way out
     expected = dict.fromkeys(taken, 1) | {f"{prefix}-b{i}": 1 for i in range(8)}
     assert await db_totals(sqlite_url, list(expected)) == expected

@@ -32,7 +32,7 @@ async def test_host_port_reaches_the_server_over_plain_http(tmp_path: Path) -> N
             sync_client.incr(key, 2)
         async with AsyncClient("localhost:" + host_port.rsplit(":", 1)[1]) as async_client:
             await async_client.incr(key, 3)
-        assert server.stop() == 0
+        server.stop_cleanly()
     assert await db_totals(database_url, [key]) == {key: 5}
 
 

@@ -138,7 +138,7 @@ def test_json_logs_and_default_sqlite_quickstart(tmp_path: Path) -> None:
     """`incrementer serve` with no options works from an empty directory (embedded SQLite),
     and --log-format json emits one JSON object per line."""
     with spawned(["--log-format", "json"], cwd=tmp_path) as server:
-        assert server.stop() == 0
+        server.stop_cleanly()
     lines = [json.loads(line) for line in server.read_log().splitlines() if line.strip()]
     assert any("listening on http://127.0.0.1:" in line["message"] for line in lines)
     assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)

@@ -125,7 +125,7 @@ def test_environment_file_names_real_settings_and_starts_the_service(tmp_path: P
     with spawned([], env=active) as server:  # spawn adds --port 0: a free port
         assert httpx.get(server.url + "/metrics").status_code == 401
         assert httpx.get(server.url + "/readyz").status_code == 200
-        assert server.stop() == 0
+        server.stop_cleanly()
 
 
 def _deny_write_execute() -> None:

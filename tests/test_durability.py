@@ -99,7 +99,7 @@ async def test_crash_after_commit_before_recycle_does_not_double_apply(
     pending = summarize(tmp_path / "data" / "wal")
     assert pending.records >= 50, "the crash should leave the applied records in the WAL"
     with spawned(args) as server:
-        assert server.stop() == 0
+        server.stop_cleanly()
     assert "replayed" not in server.read_log()
     assert result.acked == {key: 50}
     assert await db_totals(db_url, [key]) == {key: 50}
@@ -236,7 +236,7 @@ async def test_torn_wal_tail_is_cut_and_the_rest_replayed(tmp_path: Path, sqlite
     with segment.open("ab") as f:
         f.write(b"IWAL\x40\x00\x00\x00\x09")  # a header promising 64 bytes that never came
     with spawned(args) as server:
-        assert server.stop() == 0
+        server.stop_cleanly()
     log = server.read_log()
     assert "replayed 3 increments" in log
     assert "WAL torn tail dropped" in log  # the tmp path holds "torn" too: match the warning

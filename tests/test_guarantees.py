@@ -196,7 +196,7 @@ async def test_shed_increments_are_not_logged_so_a_restart_does_not_apply_them(
         kill(server.proc)
     await allow_writes(sqlite_url, "incrementer_nodes", ledger)
     with spawned(args) as server:  # replays the WAL, and flushes it on the way out
-        assert server.stop() == 0
+        server.stop_cleanly()
     assert await db_totals(sqlite_url, pending + refused) == expected
 
 

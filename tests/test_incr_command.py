@@ -39,7 +39,7 @@ def test_host_port_is_a_url(tmp_path: Path) -> None:
         bare = run_cli("incr", key, "5", "--url", host_port, "--timeout", PATIENT)
         port = host_port.rsplit(":", 1)[1]
         from_env = run_cli("incr", key, env={"INCREMENTER_URL": f"localhost:{port}"})
-        assert server.stop() == 0
+        server.stop_cleanly()
     assert (bare.returncode, bare.stderr) == (0, ""), bare.stderr
     assert (from_env.returncode, from_env.stderr) == (0, ""), from_env.stderr
     assert totals(database_url, [key]) == {key: 6}
@@ -157,7 +157,7 @@ def test_a_server_that_comes_up_while_it_retries_counts_once(tmp_path: Path) -> 
             with spawned(args) as server:
                 rest = incr.stderr.read()
                 assert incr.wait(60) == 0, first + rest
-                assert server.stop() == 0
+                server.stop_cleanly()
         finally:
             if incr.poll() is None:
                 incr.kill()

@@ -79,7 +79,7 @@ async def test_redis_going_away_and_back(tmp_path: Path, sqlite_url: str, mode: 
                 await wait_until(lambda: "reachable again" in server.read_log(), timeout=15)
                 assert await metric("incrementer_rate_limit_store_up") == 1.0
                 assert (await client.get("/readyz")).json()["warnings"] == []
-            assert server.stop() == 0
+            server.stop_cleanly()
     log = server.read_log()
     assert f"limits fail {mode}" in log
     assert ":***@127.0.0.1" in log
@@ -124,6 +124,6 @@ async def test_a_store_refusing_the_password_fails_over_to_the_local_share(
                     for _ in range(12)
                 ]
             assert 202 in statuses and 429 in statuses
-            assert server.stop() == 0
+            server.stop_cleanly()
     log = server.read_log()
     assert "unreachable" in log and SECRET not in log

@@ -203,7 +203,7 @@ async def test_every_metric_name_used_exists_on_a_live_server(
         async with httpx.AsyncClient(base_url=group.url) as client:
             in_group, _ = _exported((await client.get("/metrics")).text)
     finally:
-        assert group.stop() == 0
+        group.stop_cleanly()
     assert "incrementer_workers" in in_group and "incrementer_workers" not in exported
     for name, labels in in_group.items():
         exported.setdefault(name, set()).update(labels)
@@ -248,7 +248,7 @@ async def test_the_ready_gauge_of_a_group_is_the_groups_verdict(
             await conn.close()
     finally:
         os.kill(frozen, signal.SIGCONT)
-        assert group.stop() == 0
+        group.stop_cleanly()
 
 
 async def _equals(value: Awaitable[float], expected: float) -> bool:

@@ -167,7 +167,7 @@ async def under_load(tmp_path: Path, database_url: str, *flags: str) -> AsyncIte
                 await wait_until(lambda: _flushed(observed), timeout=20)
             stop_watch.set()
             await watcher
-            assert server.stop() == 0, server.read_log()
+            server.stop_cleanly()
 
 
 def _flushed(observed: Observed) -> bool:

@@ -42,7 +42,7 @@ async def test_a_read_on_the_writing_connection_sees_the_write(tmp_path: Path) -
         for conn in conns.values():
             await conn.close()
     finally:
-        assert group.stop() == 0
+        group.stop_cleanly()
     assert elsewhere.status == 404
     detail = json.loads(elsewhere.body)["detail"]
     assert "Unflushed increments on other instances (or other --workers processes)" in detail

@@ -263,7 +263,7 @@ def test_scopes_hold_in_a_workers_group(tmp_path: Path, sqlite_url: str) -> None
                 assert read.status_code == 200
                 workers.add(read.json()["worker"])
                 assert forbidden(client.get(counter_path(key), headers=bearer(writer)))
-        assert server.stop() == 0
+        server.stop_cleanly()
     assert asyncio.run(db_totals(sqlite_url, [key])) == {key: 12}
     assert workers == {0, 1}
 

@@ -88,7 +88,7 @@ def test_start_log_of_a_subprocess_hides_the_query_password(tmp_path: Path, pg_u
     """The start-up line names the database without its password."""
     url = f"{pg_url}?password={SECRET}"
     with spawned(serve_args(tmp_path, url)) as server:
-        assert server.stop() == 0
+        server.stop_cleanly()
     log = server.read_log()
     assert "password=***" in log
     assert SECRET not in log

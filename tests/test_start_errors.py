@@ -93,7 +93,7 @@ def test_a_data_dir_is_refused_by_a_database_it_did_not_write_for(
         assert (
             httpx.post(f"{first.url}/increment", json={"key": key, "value": 2}).status_code == 202
         )
-        assert first.stop() == 0
+        first.stop_cleanly()
     for command in (["serve"], ["wal", "drain"]):
         proc = run_cli(*command, "--database-url", pg_url, "--data-dir", "data", cwd=tmp_path)
         line = failure_line(proc)
@@ -104,9 +104,9 @@ def test_a_data_dir_is_refused_by_a_database_it_did_not_write_for(
     own = ["--data-dir", "pg-data", "--database-url", pg_url]
     with spawned(own, cwd=tmp_path) as on_postgres:
         assert httpx.post(f"{on_postgres.url}/increment", json={"key": key, "value": 5}).is_success
-        assert on_postgres.stop() == 0
+        on_postgres.stop_cleanly()
     renamed = pg_url.replace("@127.0.0.1:", "@localhost:")
     assert renamed != pg_url
     with spawned(["--data-dir", "pg-data", "--database-url", renamed], cwd=tmp_path) as again:
-        assert again.stop() == 0
+        again.stop_cleanly()
     assert asyncio.run(db_totals(pg_url, [key])) == {key: 5}

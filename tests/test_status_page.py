@@ -297,12 +297,12 @@ def test_the_start_log_names_the_status_page(tmp_path: Path) -> None:
     worker count and one server clock."""
     database_url = f"sqlite:///{tmp_path / 'counters.db'}"
     with spawned(serve_args(tmp_path, database_url, "--log-level", "info")) as alone:
-        assert alone.stop() == 0
+        alone.stop_cleanly()
     group = spawn_group(serve_args(tmp_path, database_url, "--log-level", "info"), 2)
     try:
         metrics = httpx.get(f"{group.url}/metrics").text
     finally:
-        assert group.stop() == 0
+        group.stop_cleanly()
     # What the page reads from a group: its worker count, and one clock (the answering worker's).
     assert re.search(r"^incrementer_workers 2\.0$", metrics, re.MULTILINE), metrics
     assert len(re.findall(r"^incrementer_clock_seconds ", metrics, re.MULTILINE)) == 1

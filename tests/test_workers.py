@@ -247,7 +247,7 @@ async def test_metrics_describe_the_whole_group(tmp_path: Path, sqlite_url: str)
         for conn in conns.values():
             await conn.close()
     finally:
-        assert group.stop() == 0
+        group.stop_cleanly()
 
 
 async def _has(samples: object, series: str, value: float) -> bool:
@@ -305,7 +305,7 @@ async def test_readyz_answers_for_the_whole_group(tmp_path: Path, sqlite_url: st
             await conn.close()
     finally:
         os.kill(frozen, signal.SIGCONT)
-        assert group.stop() == 0
+        group.stop_cleanly()
 
 
 async def _status_is(answer: object, status: int) -> bool:
@@ -337,7 +337,7 @@ async def test_a_read_adds_only_the_answering_workers_unflushed_delta(
         for conn in conns.values():
             await conn.close()
     finally:
-        assert group.stop() == 0
+        group.stop_cleanly()
 
 
 async def _equals(got: object, want: int) -> bool:
