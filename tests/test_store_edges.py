@@ -275,6 +275,34 @@ async def test_postgres_connections_carry_the_database_timeout_at_both_ends(pg_u
     assert store.command_timeout == 30.0
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["service", "read-only"])
+async def test_postgres_connections_are_named_and_read_only_when_asked(
+    pg_url: str, read_only: bool
+) -> None:
+    """Every connection shows as `incrementer` in pg_stat_activity; a store opened read-only (the
+    CLI's reading commands) has PostgreSQL itself refuse its writes, and only then."""
+    from incrementer.store.postgres import PostgresStore
+
+    await asyncio.to_thread(migrate, pg_url)
+    store = PostgresStore(pg_url, read_only=read_only)
+    await store.open()
+    try:
+        async with store._connection() as conn:
+            shown = [
+                await conn.fetchval(f"SHOW {name}")
+                for name in ("application_name", "default_transaction_read_only")
+            ]
+        write = store.apply_batch(unique(), 1, {unique(): 1})
+        if read_only:
+            with pytest.raises(BackendError, match="read-only transaction"):
+                await write
+        else:
+            assert (await write).applied
+    finally:
+        await store.close()
+    assert shown == ["incrementer", "on" if read_only else "off"]
+
+
 async def test_an_overflow_is_found_among_many_keys(store: Store, db_url: str) -> None:
     """A counter that would leave 64 bits is found however many keys the batch has (past the
     chunks SQLite reads current values in): it alone is parked, the other keys apply."""
