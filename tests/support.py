@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -573,3 +574,15 @@ class ErrorLog(logging.Handler):
 
     def since(self, mark: int) -> list[str]:
         return [f"{r.name}: {r.getMessage()}" for r in self.records[mark:]]
+
+
+@contextlib.contextmanager
+def writes_blocked(sqlite_url: str) -> Iterator[None]:
+    """Another connection holds SQLite's write lock: every flush waits and retries."""
+    blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()

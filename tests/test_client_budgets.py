@@ -5,9 +5,6 @@ stays pending, as it does while a database is slow or down."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,23 +18,12 @@ from support import (
     totals_are,
     unique,
     wait_until,
+    writes_blocked,
 )
 
 # --max-pending-keys 40 gives each client 10 new keys between two cuts (a quarter); a cut comes
 # at 20 dirty keys (--flush-max-keys) and never by time.
 HELD = {"max_pending_keys": 40, "flush_max_keys": 20, "flush_interval": 600, "lag_bound": 3600}
-
-
-@contextlib.contextmanager
-def writes_blocked(sqlite_url: str) -> Iterator[None]:
-    """Another connection holds SQLite's write lock: every flush waits and retries."""
-    blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
 
 
 def batch(keys: list[str]) -> list[dict[str, object]]:

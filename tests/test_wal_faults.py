@@ -30,6 +30,7 @@ from support import (
     spawned,
     unique,
     wait_until,
+    writes_blocked,
 )
 
 from incrementer.ingest.wal import SegmentIO, WriteAheadLog
@@ -319,6 +320,32 @@ async def test_answers_held_across_a_failed_fsync_leave_in_order_once_committed(
             assert b"200 OK" in read
         assert svc.server is not None
         await wait_until(lambda: all(c.unreleased == 0 for c in svc.server.connections))
+
+
+async def test_an_answer_synced_behind_a_failed_fsync_waits_for_the_earlier_one(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A request whose fsync fails waits for the database; the next request on that connection,
+    whose own fsync succeeds, is not answered before it (HTTP answers leave in request order):
+    nothing leaves while the database holds its write lock, then both 202s in a row."""
+    key = unique("behind-")
+    settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
+    async with run_service(settings) as svc:
+        with contextlib.ExitStack() as blocked:
+            blocked.enter_context(writes_blocked(sqlite_url))  # before anything can be flushed
+            async with held_fsync(svc, increment_request(key, 1)) as (disk, reader, writer):
+                disk.sync_errors = [errno.EIO]
+                disk.hold.set()
+                await wait_until(lambda: svc.metrics.wal_failures["fsync"] == 1)
+                synced = sum(svc.metrics.fsync_seconds.counts)
+                writer.write(increment_request(key, 2))
+                await wait_until(lambda: sum(svc.metrics.fsync_seconds.counts) > synced)
+                with pytest.raises(TimeoutError):  # answered out of order, or lost
+                    await asyncio.wait_for(reader.read(1), 0.5)
+                blocked.close()  # the database takes the flush
+                answers = [await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) for _ in "ab"]
+                assert all(a.startswith(b"HTTP/1.1 202 ") for a in answers), answers
+    assert await db_totals(sqlite_url, [key]) == {key: 3}
 
 
 async def test_a_failed_write_takes_increments_back_out_of_their_buckets(
