@@ -255,6 +255,39 @@ async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
     }
 
 
+async def test_an_idempotent_batch_in_flight_holds_its_keys_twice_against_the_budget(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """An idempotent batch counts its keys against --max-pending-keys twice until its flush
+    commits (its new keys, and what it holds for a replay): cut into a flush the database keeps
+    refusing, its 3 keys leave room for 10 - 3 - 3 = 4 new keys, and the fifth is refused."""
+    prefix = unique()
+    settings = settings_for(
+        tmp_path,
+        sqlite_url,
+        flush_interval=600.0,
+        lag_bound=3600.0,
+        flush_max_keys=3,
+        max_pending_keys=10,
+        max_pending_keys_per_client=10,  # one client: the whole budget is its share
+    )
+    async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
+        ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
+        held = [{"key": f"{prefix}-held-{i}", "value": 1} for i in range(3)]
+        resp = await client.post("/increments", json=held, headers={"Idempotency-Key": prefix})
+        assert resp.status_code == 202, resp.text
+        await wait_until(lambda: _flush_failures(client))
+        assert svc.flusher is not None and svc.flusher.inflight is not None
+        statuses = [
+            (await client.post("/increment", json={"key": f"{prefix}-{i}", "value": 1})).status_code
+            for i in range(5)
+        ]
+        assert statuses == [202] * 4 + [503]
+        await allow_writes(sqlite_url, "incrementer_nodes", ledger)
+    expected = {f"{prefix}-held-{i}": 1 for i in range(3)} | {f"{prefix}-{i}": 1 for i in range(4)}
+    assert await db_totals(sqlite_url, [*expected, f"{prefix}-4"]) == expected
+
+
 # --- reads and readiness while the database refuses or is gone --------------------------------
 
 
