@@ -416,7 +416,8 @@ async def test_wal_fsync_mode_acknowledges_only_after_the_fsync(
 
 async def test_wal_mode_fsyncs_on_its_interval(tmp_path: Path, sqlite_url: str) -> None:
     """In --durability wal, what was written to the WAL is fdatasynced by the periodic sync
-    (--fsync-interval) without any request waiting for it, again after each new write."""
+    (--fsync-interval) without any request waiting for it, again after each new write, and
+    not at all while nothing new was written."""
     settings = settings_for(tmp_path, sqlite_url, durability="wal", fsync_interval=0.05)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         wal = svc.wal
@@ -426,6 +427,12 @@ async def test_wal_mode_fsyncs_on_its_interval(tmp_path: Path, sqlite_url: str) 
             assert resp.status_code == 202
             written = wal.written_bytes
             await wait_until(lambda: wal.synced_bytes >= written > 0)  # noqa: B023
+            gate = svc.gate
+            assert gate is not None
+            await wait_until(lambda: not gate._syncing)  # noqa: B023 (its callback has run)
+            fsyncs = sum(svc.metrics.fsync_seconds.counts)
+            await asyncio.sleep(0.3)  # six idle intervals
+            assert sum(svc.metrics.fsync_seconds.counts) == fsyncs, "synced nothing new"
     assert await db_totals(sqlite_url, ["periodic"]) == {"periodic": 3}
 
 

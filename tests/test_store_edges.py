@@ -292,6 +292,7 @@ async def test_postgres_connections_are_named_and_read_only_when_asked(
                 await conn.fetchval(f"SHOW {name}")
                 for name in ("application_name", "default_transaction_read_only")
             ]
+        assert store._pool is not None and store._pool.get_max_size() == 4  # the default
         write = store.apply_batch(unique(), 1, {unique(): 1})
         if read_only:
             with pytest.raises(BackendError, match="read-only transaction"):
@@ -301,6 +302,26 @@ async def test_postgres_connections_are_named_and_read_only_when_asked(
     finally:
         await store.close()
     assert shown == ["incrementer", "on" if read_only else "off"]
+
+
+async def test_a_postgres_that_never_answers_fails_the_open_at_the_connect_timeout() -> None:
+    """A listener that takes the TCP connection and never answers PostgreSQL's start-up (a
+    frozen server): open() gives up after the connect timeout derived from --database-timeout
+    (here 0.5 s), with a clear error, rather than after asyncpg's minute."""
+    import socket
+
+    from incrementer.store.postgres import PostgresStore
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nobody ever reads or writes
+        port = silent.getsockname()[1]
+        store = PostgresStore(f"postgresql://root@127.0.0.1:{port}/none", timeout=1.0)
+        with pytest.raises(
+            BackendError,
+            match=r"^cannot connect to PostgreSQL at .*: no answer within the connect timeout \(0\.5 s\)$",
+        ):
+            await asyncio.wait_for(store.open(), 20)
 
 
 async def test_an_overflow_is_found_among_many_keys(store: Store, db_url: str) -> None:

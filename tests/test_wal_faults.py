@@ -226,6 +226,8 @@ async def test_after_a_failed_fsync_the_segment_is_abandoned_and_the_202_waits_f
         assert failed_fd not in disk.synced_fds[synced_before:], "synced the failed file again"
         assert svc.metrics.wal_failures["fsync"] == 1
         await wait_until(lambda: _ready(client), timeout=10)
+        said = [r.getMessage() for r in caplog.records if r.name == "incrementer.durability"]
+        assert said[-1].startswith("WAL healthy again (an fsync succeeded) after "), said
         disk.sync_errors = [errno.EIO]
         assert (await client.post("/increment", json={"key": key, "value": 8})).status_code == 202
         assert svc.metrics.wal_failures["fsync"] == 2

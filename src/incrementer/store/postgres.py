@@ -194,21 +194,25 @@ class PostgresStore:
 
     async def open(self) -> None:
         """Create the pool and its first connection, so a wrong host or password fails here."""
+        connecting = connect_timeout(self.timeout)
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=self.min_size,
                 max_size=self.max_size,
-                timeout=connect_timeout(self.timeout),
+                timeout=connecting,
                 command_timeout=self.command_timeout,
                 server_settings=self._server_settings(),
                 connection_class=connection_class(self.timeout),
             )
         except (*DB_ERRORS, ValueError) as exc:
             # ValueError: asyncpg's complaint about a malformed DSN.
-            raise BackendError(
-                f"cannot connect to PostgreSQL at {self._where}: {self._describe(exc)}"
-            ) from exc
+            why = (
+                f"no answer within the connect timeout ({connecting:g} s)"
+                if isinstance(exc, TimeoutError)
+                else self._describe(exc)
+            )
+            raise BackendError(f"cannot connect to PostgreSQL at {self._where}: {why}") from exc
 
     def _server_settings(self) -> dict[str, str]:
         settings = {"application_name": "incrementer", **server_settings(self.timeout)}
