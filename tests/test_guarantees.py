@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -499,6 +500,44 @@ async def test_flush_failures_are_counted_and_logged_first_and_every_20th(
         f"flush failed (attempt {n}" for n in [1, *range(20, failures + 1, 20)]
     ]
     assert 20 <= failures < 40 or len(attempts) > 2, failures
+
+
+async def test_a_bug_in_a_flush_is_logged_whole_and_the_batch_retried(
+    tmp_path: Path,
+    sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception of ours while a batch is applied (not a database error) is logged with its
+    traceback and counted as a failed flush; the flusher keeps the batch, retries it, and it
+    lands once."""
+    key = unique("bug-")
+    async with (
+        run_service(settings_for(tmp_path, sqlite_url)) as svc,
+        httpx.AsyncClient(base_url=svc.url) as client,
+    ):
+        apply_batch = svc.store.apply_batch
+        calls = 0
+
+        async def buggy(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug")
+            return await apply_batch(*args, **kwargs)
+
+        monkeypatch.setattr(svc.store, "apply_batch", buggy)
+        with caplog.at_level("WARNING", logger="incrementer.flush"):
+            assert (await client.post("/increment", json={"key": key, "value": 5})).status_code
+            await wait_until(lambda: totals_are(sqlite_url, {key: 5}))
+        assert svc.metrics.flush_failures == 1
+    [bug] = [r for r in caplog.records if r.getMessage().startswith("internal error applying")]
+    assert bug.exc_info is not None and bug.exc_info[0] is RuntimeError
+    said = [r.getMessage() for r in caplog.records if "flush failed" in r.getMessage()]
+    assert said == [
+        "flush failed (attempt 1), retrying with backoff: internal error: RuntimeError('a bug')"
+    ]
+    assert calls == 2
 
 
 async def test_a_flush_the_database_never_answers_is_reported_within_the_timeout(
