@@ -173,6 +173,34 @@ async def test_wal_fsync_sends_no_202_before_its_fdatasync_returns(
         assert answer.startswith(b"HTTP/1.1 202 ")
 
 
+async def test_writes_made_during_an_fsync_share_the_next_one(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """wal-fsync groups its fsyncs: three requests written one after another while an fsync is
+    held wait for one more fdatasync between them, not one each, and all get their 202."""
+    settings = settings_for(tmp_path, sqlite_url, durability="wal-fsync")
+    async with (
+        run_service(settings) as svc,
+        held_fsync(svc, increment_request(unique("held-"), 1)) as (disk, reader, _),
+    ):
+        wal = svc.wal
+        assert wal is not None
+        others = [await asyncio.open_connection(*host_port(svc.url)) for _ in range(3)]
+        try:
+            for _, writer in others:  # each written in a tick of its own
+                written = wal.written_bytes
+                writer.write(increment_request(unique("during-"), 1))
+                await wait_until(lambda: wal.written_bytes > written)  # noqa: B023
+            disk.hold.set()
+            for other in (reader, *(r for r, _ in others)):
+                answer = await asyncio.wait_for(other.readuntil(b"\r\n\r\n"), 10)
+                assert answer.startswith(b"HTTP/1.1 202 ")
+        finally:
+            for _, writer in others:
+                writer.close()
+        assert len(disk.synced_fds) == 2  # the held one, then one for the three
+
+
 async def test_a_failed_write_behind_a_held_fsync_is_answered_in_request_order(
     tmp_path: Path, sqlite_url: str
 ) -> None:
