@@ -256,37 +256,42 @@ async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
     }
 
 
-async def test_an_idempotent_batch_in_flight_holds_its_keys_twice_against_the_budget(
+async def test_an_idempotent_batch_holds_its_keys_twice_against_the_budget(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     """An idempotent batch counts its keys against --max-pending-keys twice until its flush
-    commits (its new keys, and what it holds for a replay): cut into a flush the database keeps
-    refusing, its 3 keys leave room for 10 - 3 - 3 = 4 new keys, and the fifth is refused."""
+    commits (its new keys, and what it holds for a replay). Batch A's 4 keys, cut into a flush
+    the database refuses, leave room for 10 - 4 - 4 = 2; batch B's 1 key fills it (1 + 1) and
+    a new key is refused. Once A commits, B, still in the buffer, leaves 10 - 1 to the keys."""
     prefix = unique()
     settings = settings_for(
         tmp_path,
         sqlite_url,
         flush_interval=600.0,
         lag_bound=3600.0,
-        flush_max_keys=3,
+        flush_max_keys=4,
         max_pending_keys=10,
         max_pending_keys_per_client=10,  # one client: the whole budget is its share
     )
+    a = [{"key": f"{prefix}-a{i}", "value": 1} for i in range(4)]
+    b = [{"key": f"{prefix}-b", "value": 1}]
+    refused = f"{prefix}-refused"
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         ledger = await refuse_writes(sqlite_url, "incrementer_nodes", "1")
-        held = [{"key": f"{prefix}-held-{i}", "value": 1} for i in range(3)]
-        resp = await client.post("/increments", json=held, headers={"Idempotency-Key": prefix})
+        resp = await client.post("/increments", json=a, headers={"Idempotency-Key": f"{prefix}a"})
         assert resp.status_code == 202, resp.text
         await wait_until(lambda: _flush_failures(client))
         assert svc.flusher is not None and svc.flusher.inflight is not None
-        statuses = [
-            (await client.post("/increment", json={"key": f"{prefix}-{i}", "value": 1})).status_code
-            for i in range(5)
-        ]
-        assert statuses == [202] * 4 + [503]
+        resp = await client.post("/increments", json=b, headers={"Idempotency-Key": f"{prefix}b"})
+        assert resp.status_code == 202, resp.text
+        resp = await client.post("/increment", json={"key": refused, "value": 1})
+        assert resp.status_code == 503, resp.text
         await allow_writes(sqlite_url, "incrementer_nodes", ledger)
-    expected = {f"{prefix}-held-{i}": 1 for i in range(3)} | {f"{prefix}-{i}": 1 for i in range(4)}
-    assert await db_totals(sqlite_url, [*expected, f"{prefix}-4"]) == expected
+        flusher = svc.flusher
+        await wait_until(lambda: flusher.inflight is None)  # A committed, B still buffered
+        assert flusher.intake.key_budget == 10 - 1
+    expected = {item["key"]: 1 for item in a + b}
+    assert await db_totals(sqlite_url, [*expected, refused]) == expected
 
 
 # --- reads and readiness while the database refuses or is gone --------------------------------
@@ -502,15 +507,18 @@ async def test_flush_failures_are_counted_and_logged_first_and_every_20th(
     assert 20 <= failures < 40 or len(attempts) > 2, failures
 
 
-async def test_a_bug_in_a_flush_is_logged_whole_and_the_batch_retried(
+@pytest.mark.parametrize("applied", [False, True], ids=["before-the-commit", "after-the-commit"])
+async def test_a_bug_in_a_flush_is_logged_whole_and_the_batch_retried_exactly_once(
     tmp_path: Path,
     sqlite_url: str,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    applied: bool,
 ) -> None:
     """An exception of ours while a batch is applied (not a database error) is logged with its
-    traceback and counted as a failed flush; the flusher keeps the batch, retries it, and it
-    lands once."""
+    traceback and counted as a failed flush; the flusher keeps the batch and retries it. Raised
+    after the commit (the answer lost), the retry finds the batch applied and skips it, saying
+    so. Either way the key counts once, the recovery is said once, and the next flushes are plain."""
     key = unique("bug-")
     async with (
         run_service(settings_for(tmp_path, sqlite_url)) as svc,
@@ -522,22 +530,32 @@ async def test_a_bug_in_a_flush_is_logged_whole_and_the_batch_retried(
         async def buggy(*args: Any, **kwargs: Any) -> Any:
             nonlocal calls
             calls += 1
-            if calls == 1:
-                raise RuntimeError("a bug")
-            return await apply_batch(*args, **kwargs)
+            if calls > 1:
+                return await apply_batch(*args, **kwargs)
+            if applied:
+                await apply_batch(*args, **kwargs)
+            raise RuntimeError("a bug")
 
         monkeypatch.setattr(svc.store, "apply_batch", buggy)
-        with caplog.at_level("WARNING", logger="incrementer.flush"):
-            assert (await client.post("/increment", json={"key": key, "value": 5})).status_code
-            await wait_until(lambda: totals_are(sqlite_url, {key: 5}))
-        assert svc.metrics.flush_failures == 1
+        with caplog.at_level("INFO", logger="incrementer.flush"):
+            for value, total in ((5, 5), (7, 12), (1, 13)):
+                resp = await client.post("/increment", json={"key": key, "value": value})
+                assert resp.status_code == 202
+                await wait_until(lambda: totals_are(sqlite_url, {key: total}))  # noqa: B023
+        metrics = svc.metrics
+        assert (metrics.flush_failures, metrics.skipped_batches) == (1, int(applied))
+        assert metrics.flushed_keys == (2 if applied else 3)
+    assert calls == 4
+    said = [r.getMessage() for r in caplog.records]
     [bug] = [r for r in caplog.records if r.getMessage().startswith("internal error applying")]
     assert bug.exc_info is not None and bug.exc_info[0] is RuntimeError
-    said = [r.getMessage() for r in caplog.records if "flush failed" in r.getMessage()]
-    assert said == [
+    assert [m for m in said if "flush failed" in m] == [
         "flush failed (attempt 1), retrying with backoff: internal error: RuntimeError('a bug')"
     ]
-    assert calls == 2
+    assert said.count("database reachable again, flushing resumed") == 1
+    seq = bug.getMessage().removeprefix("internal error applying batch seq=")
+    skipped = f"batch seq={seq} was already applied; skipped (exactly-once)"
+    assert said.count(skipped) == int(applied)
 
 
 async def test_a_flush_the_database_never_answers_is_reported_within_the_timeout(
