@@ -245,6 +245,9 @@ async def test_an_overflowed_counter_reads_the_same_before_and_after_its_flush(
         await wait_until(lambda: totals_are(db_url, {plain: 2}))
         after = {key: (await client.get(counter_path(key))).json() for key in expected}
         assert after == expected
+        await wait_until(lambda: svc.metrics.flushes == 1)
+        # Flushed keys count only the keys written: the two set aside count as overflowed.
+        assert (svc.metrics.flushed_keys, svc.metrics.overflowed_keys) == (1, 2)
         assert await db_totals(db_url, expected) == {near: INT64_MAX - 5, plain: 2}
 
 
