@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -972,3 +973,27 @@ def test_an_untimed_frame_decodes_with_no_times_and_a_timed_one_with_its_frame_t
     assert (plain.entries, plain.batches, plain.times) == ([("ab", 1), ("c", -2)], [], [])
     timed = decode_payload(_timed(TIMES_COUNT.pack(0)), MAGIC_TIMED)
     assert (timed.entries, timed.times) == ([("ab", 1), ("c", -2)], [1_000, 1_000])
+
+
+def test_a_sync_after_a_new_segment_fsyncs_the_directory_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new segment's directory entry is made durable by the next sync (a file fdatasynced in
+    a directory never fsynced can vanish in a power cut); a sync with no new segment leaves the
+    directory alone."""
+    synced_dirs: list[int] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            synced_dirs.append(status.st_ino)
+        fsync(fd)
+
+    with WriteAheadLog.open(tmp_path) as wal:
+        monkeypatch.setattr(os, "fsync", spy)
+        for value in (1, 2):
+            wal.append(b"a", value)
+            wal.write()
+            wal.sync()
+            assert synced_dirs == [tmp_path.stat().st_ino]
