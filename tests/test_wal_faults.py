@@ -440,6 +440,22 @@ async def test_a_refused_increment_keeps_the_connection_header_its_202_had(
     )
 
 
+async def test_the_first_requests_of_a_service_refused_by_the_wal_are_counted_as_refused(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A WAL write that fails before anything was ever written: the single increment and the
+    batch it held count as 503s, nothing as accepted."""
+    async with run_service(settings_for(tmp_path, sqlite_url)) as svc:
+        inject(svc).write_error = errno.EIO
+        single = increment_request(unique("first-"), 1)
+        answers = await exchange(svc.url, single + batch_request([(unique("b-"), 1)]), 2)
+        assert [a.status for a in answers] == [503, 503]
+        requests = svc.metrics.requests
+        assert svc.metrics.accepted_requests == 0
+        assert requests.get(("increments", 202), 0) == 0
+        assert (requests[("increment", 503)], requests[("increments", 503)]) == (1, 1)
+
+
 async def test_a_wal_outage_is_logged_once_with_its_cost_and_once_at_recovery(
     tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
