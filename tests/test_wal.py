@@ -7,6 +7,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from incrementer.ingest.wal_reader import (
     TIMES_COUNT,
     count_entries,
     decode_payload,
+    replay_frames,
     scan_segment,
     segment_name,
 )
@@ -342,6 +344,41 @@ def test_a_scan_names_the_damage_its_offset_and_the_bytes_left(
         f"{path}: {reason} at byte offset {offset} ({left} bytes to the end of the file)"
     )
     assert scan.tail_only and scan.resume_offset is None
+
+
+@dataclass
+class _Replayed:
+    path: Path
+    last_seq: int
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data, last: data[: last + 7], "incomplete frame header"),
+        (lambda data, last: data[: last + HEADER.size], "incomplete payload"),
+        (lambda data, last: data[:last] + b"not a frame header at all", "bad magic"),
+    ],
+    ids=["short-header", "header-only", "garbage"],
+)
+def test_replay_refuses_damage_it_meets_naming_the_file_and_offset(
+    tmp_path: Path, damage: Callable[[bytes, int], bytes], reason: str
+) -> None:
+    """Replay reads what the open scan found whole; a segment damaged since (a file changed
+    under it) stops it with the damage, the file and the byte offset, the frames before it
+    replayed."""
+    path = _log_with_frames(tmp_path)
+    data = path.read_bytes()
+    last = frame_offsets(path)[-1]
+    path.write_bytes(damage(data, last))
+    replayed = []
+    with pytest.raises(WalCorruptError) as raised:
+        for frame in replay_frames([_Replayed(path, len(FRAMES))], 0):
+            replayed.append(frame.seq)
+    assert str(raised.value) == (
+        f"{path}: {reason} at byte offset {last} during replay; the log was left untouched"
+    )
+    assert replayed == list(range(1, len(FRAMES)))
 
 
 @pytest.mark.parametrize(
