@@ -542,6 +542,9 @@ async def test_a_bug_in_a_flush_is_logged_whole_and_the_batch_retried_exactly_on
                 resp = await client.post("/increment", json={"key": key, "value": value})
                 assert resp.status_code == 202
                 await wait_until(lambda: totals_are(sqlite_url, {key: total}))  # noqa: B023
+        flusher = svc.flusher
+        assert flusher is not None
+        await wait_until(lambda: flusher.inflight is None)  # the last commit recorded too
         metrics = svc.metrics
         assert (metrics.flush_failures, metrics.skipped_batches) == (1, int(applied))
         assert metrics.flushed_keys == (2 if applied else 3)
