@@ -27,6 +27,7 @@ from support import (
     wait_until,
 )
 
+from incrementer.config import Settings
 from incrementer.store import INT64_MAX, INT64_MIN, BackendError, Store
 from incrementer.store.base import Window
 from incrementer.urls import parse_database_url
@@ -210,6 +211,20 @@ async def _flush_failures(client: httpx.AsyncClient) -> bool:
     raise AssertionError("/metrics has no incrementer_flush_failures_total")
 
 
+def _sized_flushes(tmp_path: Path, sqlite_url: str, max_pending_keys: int) -> Settings:
+    """Settings whose only flushes are cut at 4 keys (the interval far away), for one client
+    holding the whole --max-pending-keys budget."""
+    return settings_for(
+        tmp_path,
+        sqlite_url,
+        flush_interval=600.0,
+        lag_bound=3600.0,
+        flush_max_keys=4,
+        max_pending_keys=max_pending_keys,
+        max_pending_keys_per_client=max_pending_keys,
+    )
+
+
 async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
     tmp_path: Path, sqlite_url: str
 ) -> None:
@@ -221,15 +236,7 @@ async def test_a_batch_of_new_keys_counts_the_keys_already_pending(
     new = [f"{prefix}-new-{i}" for i in range(6)]
     # No flush during the test: the interval is far away and the buffer stays under
     # --flush-max-keys until the last batch, so the three pending keys are all in the buffer.
-    settings = settings_for(
-        tmp_path,
-        sqlite_url,
-        flush_interval=600.0,
-        lag_bound=3600.0,
-        flush_max_keys=4,
-        max_pending_keys=8,
-        max_pending_keys_per_client=8,  # one client: the whole budget is its share
-    )
+    settings = _sized_flushes(tmp_path, sqlite_url, max_pending_keys=8)
     async with run_service(settings) as svc, httpx.AsyncClient(base_url=svc.url) as client:
         for key in pending:
             assert (
@@ -264,15 +271,7 @@ async def test_an_idempotent_batch_holds_its_keys_twice_against_the_budget(
     the database refuses, leave room for 10 - 4 - 4 = 2; batch B's 1 key fills it (1 + 1) and
     a new key is refused. Once A commits, B, still in the buffer, leaves 10 - 1 to the keys."""
     prefix = unique()
-    settings = settings_for(
-        tmp_path,
-        sqlite_url,
-        flush_interval=600.0,
-        lag_bound=3600.0,
-        flush_max_keys=4,
-        max_pending_keys=10,
-        max_pending_keys_per_client=10,  # one client: the whole budget is its share
-    )
+    settings = _sized_flushes(tmp_path, sqlite_url, max_pending_keys=10)
     a = [{"key": f"{prefix}-a{i}", "value": 1} for i in range(4)]
     b = [{"key": f"{prefix}-b", "value": 1}]
     refused = f"{prefix}-refused"
