@@ -679,3 +679,15 @@ def test_expiry_forgets_exactly_the_principals_whose_keys_no_longer_count() -> N
     assert allowance.counts == {"late": {5: 2}}
     allowance.expire(145.0)
     assert allowance.counts == {}
+
+
+def test_a_ledger_limits_each_principal_s_new_keys_and_expires_that_count() -> None:
+    """A ledger built with per_client holds that limit over its window, and its expire() forgets
+    the principals whose keys no longer count."""
+    ledger = Ledger(window=80.0, per_client=2)
+    for now in (1.0, 2.0):
+        assert ledger.allowance.wait("p", now) == 0.0
+        ledger.allowance.charge("p", now)
+    assert ledger.allowance.wait("p", 3.0) > 0.0
+    ledger.expire(now=200.0)
+    assert ledger.allowance.counts == {}

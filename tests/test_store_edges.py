@@ -8,8 +8,10 @@ import asyncio
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 from support import db_totals, unique
 
@@ -252,6 +254,8 @@ async def test_postgres_connections_carry_the_database_timeout_at_both_ends(pg_u
     assert (pglink.connect_timeout(3.0), pglink.statement_timeout(3.0)) == (1.5, 30.0)
     assert pglink.server_settings(0.2)["tcp_keepalives_idle"] == "1"  # whole seconds, at least 1
     assert pglink.server_settings(10.0)["tcp_keepalives_interval"] == "3"
+    # Under a millisecond still sets one: 0 would mean no limit at all to PostgreSQL and TCP.
+    assert pglink.server_settings(0.0001)["tcp_user_timeout"] == "1"
     store = PostgresStore(pg_url, timeout=3.0)
     await store.open()
     try:
@@ -280,11 +284,12 @@ async def test_postgres_connections_are_named_and_read_only_when_asked(
     pg_url: str, read_only: bool
 ) -> None:
     """Every connection shows as `incrementer` in pg_stat_activity; a store opened read-only (the
-    CLI's reading commands) has PostgreSQL itself refuse its writes, and only then."""
+    CLI's reading commands) has PostgreSQL itself refuse its writes, and only then: a store
+    is not read-only unless asked. The pool holds one connection open and opens up to four."""
     from incrementer.store.postgres import PostgresStore
 
     await asyncio.to_thread(migrate, pg_url)
-    store = PostgresStore(pg_url, read_only=read_only)
+    store = PostgresStore(pg_url, read_only=True) if read_only else PostgresStore(pg_url)
     await store.open()
     try:
         async with store._connection() as conn:
@@ -292,7 +297,8 @@ async def test_postgres_connections_are_named_and_read_only_when_asked(
                 await conn.fetchval(f"SHOW {name}")
                 for name in ("application_name", "default_transaction_read_only")
             ]
-        assert store._pool is not None and store._pool.get_max_size() == 4  # the default
+        pool = store._pool
+        assert pool is not None and (pool.get_min_size(), pool.get_max_size()) == (1, 4)
         write = store.apply_batch(unique(), 1, {unique(): 1})
         if read_only:
             with pytest.raises(BackendError, match="read-only transaction"):
@@ -334,3 +340,33 @@ async def test_an_overflow_is_found_among_many_keys(store: Store, db_url: str) -
     assert result.applied and result.overflowed == {high: 1}
     totals = await db_totals(db_url, [high, *list(others)[-3:]])
     assert totals == {high: INT64_MAX, **dict.fromkeys(list(others)[-3:], 1)}
+
+
+async def test_close_lets_a_query_end_inside_its_limit_and_cuts_one_still_running_at_it(
+    pg_url: str,
+) -> None:
+    """close(limit) waits for a connection in use to come back, so a query that ends inside the
+    limit ends with its answer; one still running at the limit is cut off (the connection
+    terminated) then, not at the store's own close_timeout (here a minute)."""
+    from incrementer.store.postgres import PostgresStore
+
+    async def sleep_on(store: PostgresStore, seconds: float, started: asyncio.Event) -> str:
+        async with store._connection() as conn:
+            started.set()
+            return str(await conn.fetchval("SELECT 'done' FROM pg_sleep($1)", seconds))
+
+    for seconds, limit in ((0.1, 0.9), (60.0, 0.5)):
+        store = PostgresStore(pg_url, close_timeout=60.0)
+        await store.open()
+        started = asyncio.Event()
+        query = asyncio.create_task(sleep_on(store, seconds, started))
+        await started.wait()
+        began = time.monotonic()
+        await store.close(limit)
+        closed_after = time.monotonic() - began
+        if seconds < limit:
+            assert await query == "done"
+        else:
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+                await query
+            assert closed_after < 30.0, "waited for close_timeout, not the limit given"

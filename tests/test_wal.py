@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import stat
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,6 +347,23 @@ def test_a_scan_names_the_damage_its_offset_and_the_bytes_left(
     assert scan.tail_only and scan.resume_offset is None
 
 
+_MALFORMED = ENTRY.pack(5, 1) + b"ab"  # a key of 5 bytes with 2 present
+
+
+def _frame(seq: int, payload: bytes) -> bytes:
+    """A frame whose crc holds, whatever its payload."""
+    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(seq)))
+    return HEADER.pack(MAGIC, len(payload), seq, crc) + payload
+
+
+def _decode_error(payload: bytes) -> str:
+    try:
+        decode_payload(payload, MAGIC)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("the payload decoded")
+
+
 @dataclass
 class _Replayed:
     path: Path
@@ -358,8 +376,18 @@ class _Replayed:
         (lambda data, last: data[: last + 7], "incomplete frame header"),
         (lambda data, last: data[: last + HEADER.size], "incomplete payload"),
         (lambda data, last: data[:last] + b"not a frame header at all", "bad magic"),
+        (
+            lambda data, last: data[:last] + _frame(len(FRAMES) + 3, data[last + HEADER.size :]),
+            f"frame seq {len(FRAMES) + 3} where seq {len(FRAMES)} was expected: frames "
+            f"{len(FRAMES)}..{len(FRAMES) + 2} are missing (a deleted segment, or a database "
+            "whose applied seq 0 is behind this log)",
+        ),
+        (
+            lambda data, last: data[:last] + _frame(len(FRAMES), _MALFORMED),
+            f"malformed payload: {_decode_error(_MALFORMED)}",
+        ),
     ],
-    ids=["short-header", "header-only", "garbage"],
+    ids=["short-header", "header-only", "garbage", "seq-gap", "malformed-payload"],
 )
 def test_replay_refuses_damage_it_meets_naming_the_file_and_offset(
     tmp_path: Path, damage: Callable[[bytes, int], bytes], reason: str
@@ -848,17 +876,13 @@ def test_decoding_a_malformed_batch_record_says_where(records: bytes, error: str
 def test_a_frame_with_a_good_crc_and_a_malformed_payload_is_a_problem(tmp_path: Path) -> None:
     """A frame whose crc holds but whose payload cannot be read (written by a bug, never by a
     torn write) is counted as a frame of no increments and named as a problem."""
-    import zlib
-
-    payload = ENTRY.pack(5, 1) + b"ab"  # a key of 5 bytes with 2 present
-    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
     path = tmp_path / segment_name(1)
-    path.write_bytes(HEADER.pack(MAGIC, len(payload), 1, crc) + payload)
+    path.write_bytes(_frame(1, _MALFORMED))
     summary = summarize(tmp_path)
     assert (summary.frames, summary.records, summary.last_seq) == (1, 0, 1)
     assert summary.problems == [
         f"{path}: frame seq 1: malformed payload: entry key runs past the payload end at byte "
-        f"offset {HEADER.size + len(payload)}"
+        f"offset {HEADER.size + len(_MALFORMED)}"
     ]
 
 
@@ -1017,7 +1041,7 @@ def test_a_sync_after_a_new_segment_fsyncs_the_directory_once(
 ) -> None:
     """A new segment's directory entry is made durable by the next sync (a file fdatasynced in
     a directory never fsynced can vanish in a power cut); a sync with no new segment leaves the
-    directory alone."""
+    directory alone, as does the first sync of a log reopened onto its last segment."""
     synced_dirs: list[int] = []
     fsync = os.fsync
 
@@ -1034,3 +1058,9 @@ def test_a_sync_after_a_new_segment_fsyncs_the_directory_once(
             wal.write()
             wal.sync()
             assert synced_dirs == [tmp_path.stat().st_ino]
+    synced_dirs.clear()
+    with WriteAheadLog.open(tmp_path) as wal:
+        wal.append(b"a", 3)
+        wal.write()
+        wal.sync()
+    assert synced_dirs == [] and segments(tmp_path) == [segment_name(1)]
