@@ -5,6 +5,7 @@ migration URL, and one SQLite connection per thread under load."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import threading
@@ -370,3 +371,18 @@ async def test_close_lets_a_query_end_inside_its_limit_and_cuts_one_still_runnin
             with pytest.raises(asyncpg.ConnectionDoesNotExistError):
                 await query
             assert closed_after < 30.0, "waited for close_timeout, not the limit given"
+
+
+def test_migrate_says_which_migrations_it_applies_and_where(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first migration of a database logs the ids it applies, in order, and the database;
+    a second one applies nothing and says nothing."""
+    url = f"sqlite:///{tmp_path}/counters.db"
+    with caplog.at_level(logging.INFO, logger="incrementer.store.migrate"):
+        applied = migrate(url)
+        assert len(applied) > 1 and applied == sorted(applied)
+        assert migrate(url) == []
+    assert [r.getMessage() for r in caplog.records if r.name == "incrementer.store.migrate"] == [
+        f"applying migrations {', '.join(applied)} to {redact_url(url)}"
+    ]
