@@ -386,3 +386,27 @@ def test_migrate_says_which_migrations_it_applies_and_where(
     assert [r.getMessage() for r in caplog.records if r.name == "incrementer.store.migrate"] == [
         f"applying migrations {', '.join(applied)} to {redact_url(url)}"
     ]
+
+
+def test_a_failing_migration_and_a_held_lock_are_named_with_the_database(tmp_path: Path) -> None:
+    """A migration the database refuses (here a table of the same name made by hand) fails with
+    the database and the database's own reason; a migration lock held elsewhere past
+    lock_timeout fails naming the database and yoyo's word on the lock."""
+    import sqlite3
+
+    import yoyo
+
+    taken = tmp_path / "taken.db"
+    with sqlite3.connect(taken) as conn:
+        conn.execute("CREATE TABLE counters (name TEXT)")
+    url = f"sqlite:///{taken}"
+    with pytest.raises(BackendError) as failed:
+        migrate(url)
+    assert str(failed.value) == f"migrating {redact_url(url)} failed: table counters already exists"
+
+    url = f"sqlite:///{tmp_path}/locked.db"
+    holder = yoyo.get_backend(url)
+    with holder.lock(), pytest.raises(BackendError) as waited:
+        migrate(url, lock_timeout=0.2)
+    assert str(waited.value).startswith(f"migrating {redact_url(url)}: Process ")
+    assert "has locked this database" in str(waited.value)
