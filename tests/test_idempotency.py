@@ -321,7 +321,9 @@ async def test_concurrent_retries_to_two_instances_are_applied_once(
     async with (
         instance(tmp_path, db_url, "one", flush_interval=0.02) as one,
         instance(tmp_path, db_url, "two", flush_interval=0.02) as two,
-        httpx.AsyncClient(limits=httpx.Limits(max_connections=40)) as client,
+        # 300 requests queue for 40 connections, served by two services on this loop: a slow
+        # machine takes seconds, so the wait is not httpx's default of 5 s.
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=40), timeout=60.0) as client,
     ):
         for round_number in range(3):
             idem = [unique("idem-") for _ in keys]
