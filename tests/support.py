@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ import pytest
 
 from incrementer.auth.keyring import new_key
 from incrementer.config import Settings
+from incrementer.ingest.wal_reader import HEADER, MAGIC, SEQ
 from incrementer.service import Service
 from incrementer.store import open_store
 from incrementer.store.base import ApiKey
@@ -586,3 +588,10 @@ def writes_blocked(sqlite_url: str) -> Iterator[None]:
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def hand_frame(seq: int, payload: bytes, magic: bytes = MAGIC) -> bytes:
+    """A WAL frame built by hand, its crc right whatever the payload holds (old formats, damage
+    the crc cannot see)."""
+    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(seq)))
+    return HEADER.pack(magic, len(payload), seq, crc) + payload

@@ -20,6 +20,7 @@ from proxy import proxy_to
 from support import (
     db_totals,
     exchange,
+    hand_frame,
     kill,
     run_service,
     serve_args,
@@ -41,7 +42,7 @@ from incrementer.ingest.idempotency import (
 )
 from incrementer.ingest.validate import BadRequest
 from incrementer.ingest.wal import SegmentIO, WriteAheadLog, summarize
-from incrementer.ingest.wal_reader import ENTRY, HEADER, MAGIC, SEQ, segment_name
+from incrementer.ingest.wal_reader import ENTRY, segment_name
 from incrementer.service import Service
 from incrementer.store import open_store
 from incrementer.store.base import IdempotentBatch, losers, scoped, taken_back, unscoped
@@ -506,11 +507,8 @@ async def test_store_applies_each_key_once_across_nodes(tmp_path: Path, db_url: 
 def test_old_plain_frames_replay_beside_keyed_ones(tmp_path: Path) -> None:
     """A segment written in the format before idempotent batches (plain frames, by hand) is read
     as it was, and frames with batches after it replay their batches and entries."""
-    import zlib
-
     payload = ENTRY.pack(3, 7) + b"old" + ENTRY.pack(0, 1)  # an empty key is a plain entry
-    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
-    (tmp_path / segment_name(1)).write_bytes(HEADER.pack(MAGIC, len(payload), 1, crc) + payload)
+    (tmp_path / segment_name(1)).write_bytes(hand_frame(1, payload))
     items = [(b"k", "k", 2), (b"j", "j", 3)]
     encoded = encode(items)
     with WriteAheadLog.open(tmp_path) as wal:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ from support import (
     add_api_key,
     db_execute,
     db_totals,
+    hand_frame,
     run_service,
     serve_args,
     settings_for,
@@ -38,9 +38,7 @@ from incrementer.ingest.wal import WriteAheadLog, summarize
 from incrementer.ingest.wal_reader import (
     BATCH_RANGE,
     ENTRIES_LEN,
-    HEADER,
     MAGIC_KEYED,
-    SEQ,
     segment_name,
 )
 from incrementer.service import Service
@@ -343,11 +341,9 @@ async def test_a_batch_logged_before_the_upgrade_replays_and_settles_under_no_on
         + digest(encoded)
         + BATCH_RANGE.pack(0, len(encoded))
     )
-    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
     wal_dir = tmp_path / "data" / "wal"
     wal_dir.mkdir(parents=True)
-    frame = HEADER.pack(MAGIC_KEYED, len(payload), 1, crc) + payload
-    (wal_dir / segment_name(1)).write_bytes(frame)
+    (wal_dir / segment_name(1)).write_bytes(hand_frame(1, payload, MAGIC_KEYED))
     async with instance(tmp_path, db_url, flush_interval=5) as svc, httpx.AsyncClient() as client:
         pending = await send(client, svc.url, [(counter, 6)], key)
         assert svc.flusher is not None

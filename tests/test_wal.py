@@ -6,12 +6,12 @@ import logging
 import os
 import re
 import stat
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import hand_frame
 
 from incrementer.ingest import idempotency
 from incrementer.ingest.sequence import MemorySequence
@@ -33,7 +33,6 @@ from incrementer.ingest.wal_reader import (
     MAGIC_KEYED,
     MAGIC_SCOPED,
     MAGIC_TIMED,
-    SEQ,
     TIME,
     TIMES_COUNT,
     count_entries,
@@ -111,7 +110,7 @@ def test_longest_key_round_trips(tmp_path: Path) -> None:
     assert replay_all(tmp_path) == [(1, [(key, 1)])]
 
 
-def test_seal_groups_appends_into_one_frame(tmp_path: Path) -> None:
+def test_seal_groups_appends_into_onehand_frame(tmp_path: Path) -> None:
     """Appends between two seals share a seq; a seal with nothing appended takes no seq."""
     with WriteAheadLog.open(tmp_path) as wal:
         assert wal.seal() == 0
@@ -152,7 +151,7 @@ def test_seq_continues_across_reopen(tmp_path: Path) -> None:
     assert segments(tmp_path) == [segment_name(1)]
 
 
-def test_close_seals_and_writes_the_open_frame(tmp_path: Path) -> None:
+def test_close_seals_and_writes_the_openhand_frame(tmp_path: Path) -> None:
     """Entries appended but never written are on disk after close()."""
     with WriteAheadLog.open(tmp_path) as wal:
         wal.append(b"k", 9)
@@ -350,12 +349,6 @@ def test_a_scan_names_the_damage_its_offset_and_the_bytes_left(
 _MALFORMED = ENTRY.pack(5, 1) + b"ab"  # a key of 5 bytes with 2 present
 
 
-def _frame(seq: int, payload: bytes) -> bytes:
-    """A frame whose crc holds, whatever its payload."""
-    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(seq)))
-    return HEADER.pack(MAGIC, len(payload), seq, crc) + payload
-
-
 def _decode_error(payload: bytes) -> str:
     try:
         decode_payload(payload, MAGIC)
@@ -377,13 +370,15 @@ class _Replayed:
         (lambda data, last: data[: last + HEADER.size], "incomplete payload"),
         (lambda data, last: data[:last] + b"not a frame header at all", "bad magic"),
         (
-            lambda data, last: data[:last] + _frame(len(FRAMES) + 3, data[last + HEADER.size :]),
+            lambda data, last: (
+                data[:last] + hand_frame(len(FRAMES) + 3, data[last + HEADER.size :])
+            ),
             f"frame seq {len(FRAMES) + 3} where seq {len(FRAMES)} was expected: frames "
             f"{len(FRAMES)}..{len(FRAMES) + 2} are missing (a deleted segment, or a database "
             "whose applied seq 0 is behind this log)",
         ),
         (
-            lambda data, last: data[:last] + _frame(len(FRAMES), _MALFORMED),
+            lambda data, last: data[:last] + hand_frame(len(FRAMES), _MALFORMED),
             f"malformed payload: {_decode_error(_MALFORMED)}",
         ),
     ],
@@ -526,7 +521,7 @@ def test_flipped_byte_before_valid_frames_is_refused(tmp_path: Path) -> None:
     _assert_refused(tmp_path, path, offset)
 
 
-def test_damage_is_not_a_torn_tail_when_a_magic_inside_a_key_precedes_the_next_frame(
+def test_damage_is_not_a_torn_tail_when_a_magic_inside_a_key_precedes_the_nexthand_frame(
     tmp_path: Path,
 ) -> None:
     """The search for a valid frame after damage looks past a key that holds the magic bytes: the
@@ -877,7 +872,7 @@ def test_a_frame_with_a_good_crc_and_a_malformed_payload_is_a_problem(tmp_path: 
     """A frame whose crc holds but whose payload cannot be read (written by a bug, never by a
     torn write) is counted as a frame of no increments and named as a problem."""
     path = tmp_path / segment_name(1)
-    path.write_bytes(_frame(1, _MALFORMED))
+    path.write_bytes(hand_frame(1, _MALFORMED))
     summary = summarize(tmp_path)
     assert (summary.frames, summary.records, summary.last_seq) == (1, 0, 1)
     assert summary.problems == [
@@ -901,7 +896,7 @@ def test_a_scan_after_damage_names_the_first_valid_frame_that_follows(tmp_path: 
     assert not scan.tail_only
 
 
-def test_a_false_magic_inside_the_damage_is_passed_over_for_the_next_frame(
+def test_a_false_magic_inside_the_damage_is_passed_over_for_the_nexthand_frame(
     tmp_path: Path,
 ) -> None:
     """Damage holding a magic of its own (a payload overwritten with frame-like bytes): the scan

@@ -4,8 +4,9 @@ kinds replays both."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
+
+from support import hand_frame
 
 from incrementer.ingest.idempotency import digest, encode, own_times
 from incrementer.ingest.wal import WriteAheadLog, summarize
@@ -16,7 +17,6 @@ from incrementer.ingest.wal_reader import (
     MAGIC_SCOPED,
     MAGIC_TIMED,
     MAGIC_TIMED_SCOPED,
-    SEQ,
     segment_name,
 )
 
@@ -67,8 +67,7 @@ def test_frames_written_with_buckets_off_keep_the_old_format(tmp_path: Path) -> 
     """Without a frame time a log writes what it wrote before time buckets existed: a plain
     frame is the hand-built old frame byte for byte, a batch's frame is MAGIC_SCOPED."""
     payload = ENTRY.pack(3, 7) + b"old"
-    crc = zlib.crc32(payload, zlib.crc32(SEQ.pack(1)))
-    old = HEADER.pack(MAGIC, len(payload), 1, crc) + payload
+    old = hand_frame(1, payload)
     items = [(b"k", "k", 2)]
     with WriteAheadLog.open(tmp_path / "log") as wal:
         wal.append(b"old", 7)
